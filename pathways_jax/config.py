@@ -1,0 +1,207 @@
+"""The base experiment config and its validation.
+
+Every experiment file in `experiments/` starts from `base_config()` and overrides fields. The
+ConfigDict is locked and type-safe, so a misspelled key or a wrong type on the command line fails
+at once with the key's name (ml_collections raises; `validate` adds the semantic checks).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the offending key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.name = 'experiment'
+  c.objective = 'autoregressive'  # 'autoregressive' | 'diffusion'
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 0  # 0: take it from the tokenizer (rounded up to a multiple of 8)
+  m.d_model = 128
+  m.num_layers = 2
+  m.num_heads = 4
+  m.num_kv_heads = 4  # < num_heads: grouped-query attention
+  m.head_dim = 0  # 0: d_model // num_heads
+  m.mlp_dim = 512
+  m.max_len = 512
+  m.causal = True
+  m.tie_embeddings = True
+  m.rope_theta = 10_000.0
+  m.norm_eps = 1e-5
+  m.dtype = 'float32'  # activation / compute dtype: 'float32' | 'bfloat16'
+  m.param_dtype = 'float32'
+  m.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
+  m.scan_layers = False
+  m.attention = 'xla'  # 'xla' | 'pallas' | 'cudnn'
+  m.init_std = 0.02
+
+  c.data = d = ml_collections.ConfigDict()
+  d.corpus = 'stdlib'  # 'stdlib' | 'synthetic' | 'path' | 'tfds'
+  d.path = ''  # for corpus='path': a text/JSONL file or a folder of them
+  d.tfds_name = ''  # for corpus='tfds', e.g. 'lm1b'
+  d.tfds_data_dir = ''
+  d.text_field = 'text'  # JSONL / TFDS feature holding the document text
+  d.max_documents = 0  # 0: all; else the first N documents (quick runs)
+  d.tokenizer = 'sentencepiece'  # 'sentencepiece' | 'byte'
+  d.vocab_size = 1024  # sentencepiece vocabulary size to train
+  d.tokenizer_path = ''  # an existing .model file; '' trains one (cached)
+  d.cache_dir = ''  # '' -> ~/.cache/pathways_jax
+  d.seq_len = 128
+  d.batch_size = 16  # global batch (rows), across all processes
+  d.eval_batches = 8
+  d.shuffle = True
+  d.synthetic = ml_collections.ConfigDict()
+  d.synthetic.num_people = 200
+  d.synthetic.num_stories = 200
+  d.synthetic.num_arithmetic = 2000
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 300
+  t.lr = 3e-3
+  t.min_lr_ratio = 0.1
+  t.schedule = 'cosine'  # 'cosine' | 'wsd' | 'constant'
+  t.warmup_steps = 30
+  t.decay_fraction = 0.2  # WSD: fraction of steps spent decaying
+  t.weight_decay = 0.1
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.grad_clip = 1.0
+  t.grad_accum = 1
+  t.z_loss = 0.0
+  t.log_every = 10
+  t.eval_every = 100
+  t.checkpoint_every = 100
+  t.keep_checkpoints = 2
+  t.async_checkpoints = True
+  t.peak_flops = 0.0  # per device; 0: measure the matmul peak at start-up (CPU) or look it up
+  t.progress_bar = True
+
+  c.sample = s = ml_collections.ConfigDict()
+  s.prompts = ('def ', 'import ', 'class ')
+  s.max_new_tokens = 48
+  s.temperature = 0.8
+  s.top_k = 0
+  s.top_p = 0.0
+  s.min_p = 0.1
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  return c
+
+
+_CHOICES = {
+    'objective': ('autoregressive', 'diffusion'),
+    'model.dtype': ('float32', 'bfloat16'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.remat': ('none', 'full', 'dots'),
+    'model.attention': ('xla', 'pallas', 'cudnn'),
+    'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds'),
+    'data.tokenizer': ('sentencepiece', 'byte'),
+    'train.schedule': ('cosine', 'wsd', 'constant'),
+}
+
+
+def _get(cfg, dotted):
+  node = cfg
+  for part in dotted.split('.'):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Semantic checks that ml_collections' type safety cannot express."""
+  for key, choices in _CHOICES.items():
+    value = _get(cfg, key)
+    if value is not None and value not in choices:
+      raise ConfigError(f'config.{key}={value!r} is not one of {choices}')
+  m, d, t = cfg.model, cfg.data, cfg.train
+  positive = {'model.d_model': m.d_model, 'model.num_layers': m.num_layers,
+              'model.num_heads': m.num_heads, 'model.num_kv_heads': m.num_kv_heads,
+              'model.mlp_dim': m.mlp_dim, 'data.seq_len': d.seq_len,
+              'data.batch_size': d.batch_size, 'train.grad_accum': t.grad_accum,
+              'train.log_every': t.log_every, 'train.eval_every': t.eval_every,
+              'train.checkpoint_every': t.checkpoint_every}
+  for key, value in positive.items():
+    if value <= 0:
+      raise ConfigError(f'config.{key} must be positive, got {value}')
+  if t.steps < 0:
+    raise ConfigError(f'config.train.steps must be >= 0, got {t.steps}')
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f'config.model.num_heads={m.num_heads} is not a multiple of '
+                      f'config.model.num_kv_heads={m.num_kv_heads}')
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(f'config.model.d_model={m.d_model} is not divisible by '
+                      f'config.model.num_heads={m.num_heads} (or set model.head_dim)')
+  if (m.head_dim or m.d_model // m.num_heads) % 2:
+    raise ConfigError('the head dimension must be even for RoPE')
+  if d.seq_len > m.max_len:
+    raise ConfigError(f'config.data.seq_len={d.seq_len} exceeds config.model.max_len={m.max_len}')
+  if d.batch_size % t.grad_accum:
+    raise ConfigError(f'config.data.batch_size={d.batch_size} is not divisible by '
+                      f'config.train.grad_accum={t.grad_accum}')
+  if d.corpus == 'path' and not d.path:
+    raise ConfigError("config.data.corpus='path' needs config.data.path")
+  if d.corpus == 'tfds' and not d.tfds_name:
+    raise ConfigError("config.data.corpus='tfds' needs config.data.tfds_name")
+  if not 0.0 <= t.min_lr_ratio <= 1.0:
+    raise ConfigError(f'config.train.min_lr_ratio={t.min_lr_ratio} is not in [0, 1]')
+  if t.warmup_steps > max(t.steps, 1) and t.steps > 0:
+    raise ConfigError(f'config.train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}')
+  if cfg.objective == 'diffusion' and m.causal:
+    raise ConfigError("config.objective='diffusion' needs config.model.causal=False")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model section as a hashable dataclass (Linen module attributes must be hashable)."""
+  vocab_size: int
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0
+  mlp_dim: int = 512
+  max_len: int = 512
+  causal: bool = True
+  tie_embeddings: bool = True
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  remat: str = 'none'
+  scan_layers: bool = False
+  attention: str = 'xla'
+  init_std: float = 0.02
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, vocab_size: int | None = None) -> 'ModelConfig':
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dict(model_cfg).items() if k in fields}
+    if vocab_size is not None and not values.get('vocab_size'):
+      values['vocab_size'] = vocab_size
+    if not values.get('vocab_size'):
+      raise ConfigError('model.vocab_size is unknown: set it or let the tokenizer provide it')
+    return cls(**values)
+
+  def replace(self, **kw) -> 'ModelConfig':
+    return dataclasses.replace(self, **kw)
+
+
+def round_vocab(n: int, multiple: int = 8) -> int:
+  return -(-n // multiple) * multiple

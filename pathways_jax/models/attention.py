@@ -1,0 +1,83 @@
+"""Attention: rotary embeddings, the mask rule, and the backend dispatch.
+
+One mask rule serves every model in the project: a query attends to a key iff both carry the same
+non-padding segment id (packed documents never see each other) and, for causal models, the key's
+position is not after the query's. Keys may come from a KV cache, which is how AR decoding and the
+Fast-dLLM block caches both work.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+_LOG = logging.getLogger(__name__)
+
+
+def rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half form), computed in float32."""
+  d = x_BLHD.shape[-1]
+  freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
+  angle_BLF = positions_BL[..., None].astype(jnp.float32) * freq
+  sin = jnp.sin(angle_BLF)[:, :, None, :]
+  cos = jnp.cos(angle_BLF)[:, :, None, :]
+  x = x_BLHD.astype(jnp.float32)
+  x1, x2 = x[..., : d // 2], x[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLHD.dtype)
+
+
+def attention_mask(q_segment_BL, kv_segment_BS, q_positions_BL, kv_positions_BS, causal):
+  """Boolean [B, L, S]: same segment, key not padding, and (if causal) key not in the future."""
+  mask = (q_segment_BL[:, :, None] == kv_segment_BS[:, None, :]) & (kv_segment_BS[:, None, :] != 0)
+  if causal:
+    mask &= kv_positions_BS[:, None, :] <= q_positions_BL[:, :, None]
+  return mask
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+  _LOG.warning(msg)
+
+
+def _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale):
+  """Grouped-query attention with plain einsums (K kv-heads shared by H/K query heads each)."""
+  b, l, h, d = q_BLHD.shape
+  kh = k_BSKD.shape[2]
+  q = q_BLHD.reshape(b, l, kh, h // kh, d)
+  logits = jnp.einsum('blkgd,bskd->bkgls', q, k_BSKD, preferred_element_type=jnp.float32)
+  logits = logits * scale
+  logits = jnp.where(mask_BLS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
+  out = jnp.einsum('bkgls,bskd->blkgd', probs, v_BSKD)
+  return out.reshape(b, l, h, d)
+
+
+def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_BL,
+           kv_positions_BS, causal: bool, implementation: str = 'xla',
+           packed: bool = True) -> jax.Array:
+  """Dispatches to the configured attention backend; returns [B, L, H, D].
+
+  `packed=False` promises that segments are trivial (one document per row, no cache), which lets
+  kernels that cannot take segment ids run.
+  """
+  scale = q_BLHD.shape[-1] ** -0.5
+  self_attention = q_BLHD.shape[1] == k_BSKD.shape[1]
+  if implementation == 'pallas':
+    if self_attention:
+      from kernels_pallas import flash_attention as fa  # pylint: disable=g-import-not-at-top
+      return fa.flash_attention(q_BLHD, k_BSKD, v_BSKD, causal=causal,
+                                segment_ids_BL=q_segment_BL if packed else None, sm_scale=scale)
+    _warn_once("attention='pallas' has no KV-cache path; using 'xla' for cached decoding")
+  elif implementation == 'cudnn':
+    if jax.default_backend() != 'gpu':
+      _warn_once(f"attention='cudnn' needs a GPU (backend is {jax.default_backend()}); using 'xla'")
+    elif packed or not self_attention:
+      _warn_once("attention='cudnn' takes no segment ids or cache here; using 'xla'")
+    else:
+      return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, is_causal=causal,
+                                          scale=scale, implementation='cudnn')
+  mask = attention_mask(q_segment_BL, kv_segment_BS, q_positions_BL, kv_positions_BS, causal)
+  return _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask, scale)

@@ -1,0 +1,218 @@
+"""The Llama-style transformer shared by every model family in the project.
+
+RMSNorm, RoPE, SwiGLU, MHA/GQA, no biases, tied or untied embeddings, and one switch `causal`:
+AR models use `causal=True`, LLaDA uses the same network with `causal=False`.
+
+    model = Transformer(ModelConfig(...))
+    logits_BLV = model.apply({'params': p}, tokens_BL)
+    logits_BLV, cache = model.apply({'params': p}, tokens_BL, positions_BL=..., cache=cache,
+                                    cache_index=i)   # KV-cache decoding
+
+The dense layers run on a 2-D residual stream [B*L, D]: on CPU, XLA lowers 2-D matmuls markedly
+faster than the batched 3-D form (measured in benchmarks/train_throughput.py).
+
+Parameter layout (logical axis names in brackets), the contract that growth, sharding rules and
+checkpoints rely on:
+  embed/embedding [vocab, embed]            unembed [embed, vocab] (untied only)
+  blocks_i/ or blocks/ (scan, leading [layers]):
+    attn_norm/scale [embed]  attn/wq [embed, heads, head_dim]  attn/wk, attn/wv [embed, kv, head_dim]
+    attn/wo [heads, head_dim, embed]  mlp_norm/scale [embed]
+    mlp/w_gate, mlp/w_up [embed, mlp]  mlp/w_down [mlp, embed]
+  final_norm/scale [embed]
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pathways_jax.config import ModelConfig
+from pathways_jax.models import attention as attn_lib
+
+Cache = dict[str, jax.Array]
+
+
+def _dtype(name: str):
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
+
+
+def _param(module, name, shape, axes, std, cfg: ModelConfig):
+  init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+  return module.param(name, init, shape, _dtype(cfg.param_dtype))
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), _dtype(self.cfg.param_dtype))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (normed * scale.astype(jnp.float32)).astype(_dtype(self.cfg.dtype))
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  packed: bool = True
+
+  @nn.compact
+  def __call__(self, x_TD, batch, positions_BL, segment_BL, kv_segment_BS, kv_positions_BS,
+               layer_cache, cache_index):
+    cfg = self.cfg
+    dt = _dtype(cfg.dtype)
+    d, h, kh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+    std_out = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    wq = _param(self, 'wq', (d, h, hd), ('embed', 'heads', 'head_dim'), cfg.init_std, cfg)
+    wk = _param(self, 'wk', (d, kh, hd), ('embed', 'kv', 'head_dim'), cfg.init_std, cfg)
+    wv = _param(self, 'wv', (d, kh, hd), ('embed', 'kv', 'head_dim'), cfg.init_std, cfg)
+    wo = _param(self, 'wo', (h, hd, d), ('heads', 'head_dim', 'embed'), std_out, cfg)
+    b, l = batch
+    q = (x_TD @ wq.astype(dt).reshape(d, h * hd)).reshape(b, l, h, hd)
+    k = (x_TD @ wk.astype(dt).reshape(d, kh * hd)).reshape(b, l, kh, hd)
+    v = (x_TD @ wv.astype(dt).reshape(d, kh * hd)).reshape(b, l, kh, hd)
+    q = nn.with_logical_constraint(q, ('activation_batch', 'activation_length', 'activation_heads', None))
+    q = attn_lib.rope(q, positions_BL, cfg.rope_theta)
+    k = attn_lib.rope(k, positions_BL, cfg.rope_theta)
+    new_cache = None
+    if layer_cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(layer_cache['k'], k.astype(layer_cache['k'].dtype),
+                                              cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(layer_cache['v'], v.astype(layer_cache['v'].dtype),
+                                              cache_index, axis=1)
+      new_cache = {'k': k, 'v': v}
+    out = attn_lib.attend(q, k.astype(dt), v.astype(dt), q_segment_BL=segment_BL,
+                          kv_segment_BS=kv_segment_BS, q_positions_BL=positions_BL,
+                          kv_positions_BS=kv_positions_BS, causal=cfg.causal,
+                          implementation=cfg.attention,
+                          packed=self.packed or layer_cache is not None)
+    out_TD = out.reshape(b * l, h * hd) @ wo.astype(dt).reshape(h * hd, d)
+    return out_TD, new_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_TD):
+    cfg = self.cfg
+    dt = _dtype(cfg.dtype)
+    std_out = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    w_gate = _param(self, 'w_gate', (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), cfg.init_std, cfg)
+    w_up = _param(self, 'w_up', (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), cfg.init_std, cfg)
+    w_down = _param(self, 'w_down', (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'), std_out, cfg)
+    hidden = nn.silu(x_TD @ w_gate.astype(dt)) * (x_TD @ w_up.astype(dt))
+    hidden = nn.with_logical_constraint(hidden, ('activation_tokens', 'activation_mlp'))
+    return hidden @ w_down.astype(dt)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block. Signature doubles as the nn.scan body: (carry, per-layer) -> ..."""
+  cfg: ModelConfig
+  batch: tuple[int, int]
+  packed: bool = True
+
+  @nn.compact
+  def __call__(self, x_TD, layer_cache, positions_BL, segment_BL, kv_segment_BS, kv_positions_BS,
+               cache_index):
+    attn_out, new_cache = Attention(self.cfg, self.packed, name='attn')(
+        RMSNorm(self.cfg, name='attn_norm')(x_TD), self.batch, positions_BL, segment_BL,
+        kv_segment_BS, kv_positions_BS, layer_cache, cache_index)
+    x_TD = x_TD + attn_out
+    x_TD = x_TD + MLP(self.cfg, name='mlp')(RMSNorm(self.cfg, name='mlp_norm')(x_TD))
+    x_TD = nn.with_logical_constraint(x_TD, ('activation_tokens', 'activation_embed'))
+    return x_TD, new_cache
+
+
+def _remat(block_cls, policy: str):
+  if policy == 'none':
+    return block_cls
+  jax_policy = {'full': None,
+                'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[policy]
+  return nn.remat(block_cls, policy=jax_policy, prevent_cse=True)
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
+               segment_ids_BL: jax.Array | None = None, cache: Cache | None = None,
+               cache_index: Any = 0, return_hidden: bool = False):
+    cfg = self.cfg
+    b, l = tokens_BL.shape
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32) + cache_index, (b, l))
+    packed = segment_ids_BL is not None or cache is not None
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones((b, l), jnp.int32)
+    kv_segment, kv_positions = segment_ids_BL, positions_BL
+    if cache is not None:
+      kv_segment = jax.lax.dynamic_update_slice_in_dim(cache['segment_ids'], segment_ids_BL,
+                                                       cache_index, axis=1)
+      kv_positions = jax.lax.dynamic_update_slice_in_dim(cache['positions'], positions_BL,
+                                                         cache_index, axis=1)
+
+    embedding = self.param(
+        'embed', nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                              ('vocab', 'embed')),
+        (cfg.vocab_size, cfg.d_model), _dtype(cfg.param_dtype))
+    x_TD = jnp.take(embedding, tokens_BL.reshape(-1), axis=0).astype(_dtype(cfg.dtype))
+    x_TD = nn.with_logical_constraint(x_TD, ('activation_tokens', 'activation_embed'))
+
+    block_cls = _remat(Block, cfg.remat)
+    shared = (positions_BL, segment_ids_BL, kv_segment, kv_positions, cache_index)
+    new_layer_caches = None
+    if cfg.scan_layers:
+      layer_caches = None if cache is None else {'k': cache['k'], 'v': cache['v']}
+      scanned = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                                 nn.broadcast), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_TD, new_layer_caches = scanned(cfg, (b, l), packed, name='blocks')(x_TD, layer_caches, *shared)
+    else:
+      outs = []
+      for i in range(cfg.num_layers):
+        layer_cache = None if cache is None else {'k': cache['k'][i], 'v': cache['v'][i]}
+        x_TD, c = block_cls(cfg, (b, l), packed, name=f'blocks_{i}')(x_TD, layer_cache, *shared)
+        outs.append(c)
+      if cache is not None:
+        new_layer_caches = {'k': jnp.stack([c['k'] for c in outs]),
+                            'v': jnp.stack([c['v'] for c in outs])}
+
+    h_TD = RMSNorm(cfg, name='final_norm')(x_TD)
+    if return_hidden:
+      out = h_TD.reshape(b, l, cfg.d_model)
+    else:
+      if cfg.tie_embeddings:
+        unembed_DV = embedding.T
+      else:
+        unembed_DV = self.param(
+            'unembed', nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                    ('embed', 'vocab')),
+            (cfg.d_model, cfg.vocab_size), _dtype(cfg.param_dtype))
+      logits = jnp.dot(h_TD, unembed_DV.astype(h_TD.dtype), preferred_element_type=jnp.float32)
+      out = logits.reshape(b, l, cfg.vocab_size)
+    if cache is None:
+      return out
+    return out, {**new_layer_caches, 'segment_ids': kv_segment, 'positions': kv_positions}
+
+
+def unembedding(params, cfg: ModelConfig) -> jax.Array:
+  """The [D, V] output matrix (for losses that take hidden states, e.g. the fused cross-entropy)."""
+  return params['embed'].T if cfg.tie_embeddings else params['unembed']
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> Cache:
+  """An empty KV cache: every slot has segment 0, so nothing attends to it until written."""
+  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
+          'segment_ids': jnp.zeros((batch_size, max_len), jnp.int32),
+          'positions': jnp.zeros((batch_size, max_len), jnp.int32)}
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(params))

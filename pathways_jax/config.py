@@ -57,6 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.batch_size = 16  # global batch (rows), across all processes
   d.eval_batches = 8
   d.shuffle = True
+  # Special token ids are fixed project-wide (pathways_jax.data.tokenizers); read them from here.
+  d.pad_id = 0
+  d.bos_id = 1
+  d.eos_id = 2
+  d.mask_id = 3
   d.synthetic = ml_collections.ConfigDict()
   d.synthetic.num_people = 200
   d.synthetic.num_stories = 200
@@ -83,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.async_checkpoints = True
   t.peak_flops = 0.0  # per device; 0: measure the matmul peak at start-up (CPU) or look it up
   t.progress_bar = True
+  t.stop_at = 0  # stop (with a checkpoint) after this step, keeping the schedule of train.steps
 
   c.sample = s = ml_collections.ConfigDict()
   s.prompts = ('def ', 'import ', 'class ')

@@ -1,0 +1,116 @@
+"""Sample from a trained run directory.
+
+    python -m pathways_jax.sample --workdir=runs/quickstart --prompt='def ' [--prompt=...]
+        [--max_new_tokens=64 --temperature=0.8 --top_p=0.9 --min_p=0.05 --step=N]
+
+AR runs decode with the KV cache; diffusion (LLaDA) runs use the diffusion sampler.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+
+_ARGS = flags
+
+
+def _encode_prompts(tokenizer, prompts):
+  """Left-padded [B, P] prompt ids (BOS + text) and the mask of real tokens."""
+  ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+  width = max(len(x) for x in ids)
+  tokens = np.full((len(ids), width), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(ids), width), bool)
+  for i, x in enumerate(ids):
+    tokens[i, width - len(x):] = x
+    mask[i, width - len(x):] = True
+  return tokens, mask
+
+
+def sample_texts(cfg, model, params, tokenizer, *, key, prompts=None, **overrides) -> list[str]:
+  """Prompt + continuation strings for `prompts` (default: config.sample.prompts)."""
+  s = dict(cfg.sample)
+  s.update({k: v for k, v in overrides.items() if v is not None})
+  prompts = list(prompts if prompts is not None else s['prompts'])
+  if not prompts:
+    return []
+  tokens, mask = _encode_prompts(tokenizer, prompts)
+  new = min(s['max_new_tokens'], model.cfg.max_len - tokens.shape[1])
+  if new < 1:
+    raise ValueError(f'prompts of {tokens.shape[1]} tokens leave no room within model.max_len='
+                     f'{model.cfg.max_len}')
+  if model.cfg.causal:
+    from pathways_jax.sampling import autoregressive  # pylint: disable=g-import-not-at-top
+    out = autoregressive.generate(model, params, tokens, key=key, max_new_tokens=new,
+                                  temperature=s['temperature'], top_k=s['top_k'],
+                                  top_p=s['top_p'], min_p=s['min_p'], prompt_mask_BP=mask,
+                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  else:
+    from pathways_jax.sampling import diffusion  # pylint: disable=g-import-not-at-top
+    block = s.get('block_length') or new
+    new = max(block, (new // block) * block)
+    out = diffusion.generate(model, params, tokens, mask_id=tokenizer.mask_id, key=key,
+                             gen_length=new, steps=s.get('steps') or new, block_length=block,
+                             temperature=s.get('diffusion_temperature', 0.0),
+                             prompt_mask_BP=mask)
+  out = np.asarray(out)
+  texts = []
+  for i, prompt in enumerate(prompts):
+    gen = [int(t) for t in out[i, tokens.shape[1]:]]
+    if tokenizer.eos_id in gen:
+      gen = gen[:gen.index(tokenizer.eos_id)]
+    texts.append(prompt + tokenizer.decode(gen))
+  return texts
+
+
+def load_run(workdir: str, step: int | None = None):
+  """(cfg, model, params, tokenizer) from a run directory's config.json and newest checkpoint."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import checkpoint as ckpt_lib, loop, optimizer, state as state_lib  # pylint: disable=g-import-not-at-top,multiple-import
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir} is not a run directory (no config.json)')
+  with open(path) as f:
+    cfg = config_lib.base_config()
+    cfg.unlock()
+    cfg.update(ml_collections.ConfigDict(json.load(f)))
+  tokenizer, _, model, mesh, rules = loop.build(cfg)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {ckpt.directory}')
+  tx = optimizer.make_optimizer(cfg.train)
+  example = np.zeros((1, cfg.data.seq_len), np.int32)
+  abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
+  params = ckpt.restore_params(step, abstract, shardings)
+  ckpt.close()
+  return cfg, model, params, tokenizer
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  cfg, model, params, tokenizer = load_run(f.workdir, f.step)
+  texts = sample_texts(cfg, model, params, tokenizer, key=jax.random.key(f.seed),
+                       prompts=f.prompt or None, max_new_tokens=f.max_new_tokens,
+                       temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p)
+  for t in texts:
+    print(t)
+    print('-' * 40)
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'run directory', required=True)
+  flags.DEFINE_multi_string('prompt', [], 'prompt(s); default: the config\'s sample.prompts')
+  flags.DEFINE_integer('step', None, 'checkpoint step (default: newest)')
+  flags.DEFINE_integer('max_new_tokens', None, 'tokens to generate')
+  flags.DEFINE_float('temperature', None, '0 = greedy')
+  flags.DEFINE_integer('top_k', None, 'keep the k most likely tokens')
+  flags.DEFINE_float('top_p', None, 'nucleus sampling mass')
+  flags.DEFINE_float('min_p', None, 'keep tokens with p >= min_p * p_max')
+  flags.DEFINE_integer('seed', 0, 'sampling seed')
+  sys.exit(app.run(main))

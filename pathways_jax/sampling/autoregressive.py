@@ -1,0 +1,148 @@
+"""Autoregressive sampling: KV-cache prefill + a jitted decode loop, with the usual filters.
+
+    tokens_BT = generate(model, params, prompt_BP, key=key, max_new_tokens=64,
+                         temperature=0.8, top_p=0.9)
+
+Given the `Transformer` module, decoding uses its KV cache (one forward over the prompt, then one
+token per step). Given any other `apply_fn(params, tokens_BL) -> logits_BLV`, it recomputes the
+whole fixed-size buffer each step (slower, same result for causal models).
+Prompts of different lengths are left-padded; pass `prompt_mask_BP` (True = real token).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pathways_jax.models.transformer import Transformer, init_cache
+
+_NEG = -1e30
+
+
+def filter_logits(logits_BV: jax.Array, *, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, min_p: float | None = None) -> jax.Array:
+  """Temperature, then top-k, top-p (nucleus) and min-p; removed tokens get -inf-like logits.
+
+  top-p keeps the smallest set of most likely tokens whose probability reaches top_p; min-p keeps
+  tokens with p >= min_p * p_max. The most likely token always survives.
+  """
+  logits = logits_BV.astype(jnp.float32) / max(temperature, 1e-6)
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, _NEG, logits)
+  if top_p is not None and 0.0 < top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep_sorted = mass_before < top_p
+    # The threshold is the smallest kept logit; ties with it are kept too.
+    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, _NEG, logits)
+  if min_p is not None and min_p > 0.0:
+    probs = jax.nn.softmax(logits, axis=-1)
+    logits = jnp.where(probs < min_p * probs.max(axis=-1, keepdims=True), _NEG, logits)
+  return logits
+
+
+def sample_token(key, logits_BV, *, temperature, top_k=None, top_p=None, min_p=None):
+  if temperature == 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  filtered = filter_logits(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p,
+                           min_p=min_p)
+  return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+def _left_pad_layout(prompt_mask_BP):
+  """Segment ids (1 real, 0 pad) and positions that start at 0 on each row's first real token."""
+  mask = prompt_mask_BP.astype(jnp.int32)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  return mask, positions
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
+                                             'top_p', 'min_p', 'eos_id', 'pad_id'))
+def _generate_cached(model, params, prompt_BP, prompt_mask_BP, key, *, max_new_tokens,
+                     temperature, top_k, top_p, min_p, eos_id, pad_id):
+  b, p = prompt_BP.shape
+  total = p + max_new_tokens
+  cache = init_cache(model.cfg, b, total, dtype=jnp.dtype(model.cfg.dtype))
+  segments, positions = _left_pad_layout(prompt_mask_BP)
+  logits, cache = model.apply({'params': params}, prompt_BP, positions_BL=positions,
+                              segment_ids_BL=segments, cache=cache, cache_index=0)
+  next_pos = positions[:, -1] + 1  # [B]
+  sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+  first = sample_token(jax.random.fold_in(key, 0), logits[:, -1], **sampling)
+  out = jnp.concatenate([prompt_BP, jnp.full((b, max_new_tokens), pad_id, prompt_BP.dtype)], 1)
+  out = out.at[:, p].set(first)
+  done = (first == eos_id) if eos_id is not None else jnp.zeros((b,), bool)
+
+  def body(i, carry):
+    out, cache, done = carry
+    token = jax.lax.dynamic_slice_in_dim(out, p + i, 1, axis=1)
+    logits, cache = model.apply({'params': params}, token, positions_BL=(next_pos + i)[:, None],
+                                segment_ids_BL=jnp.ones((b, 1), jnp.int32), cache=cache,
+                                cache_index=p + i)
+    nxt = sample_token(jax.random.fold_in(key, i + 1), logits[:, 0], **sampling)
+    nxt = jnp.where(done, pad_id, nxt)
+    if eos_id is not None:
+      done = done | (nxt == eos_id)
+    out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None].astype(out.dtype), p + i + 1, 1)
+    return out, cache, done
+
+  out, _, _ = jax.lax.fori_loop(0, max_new_tokens - 1, body, (out, cache, done))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=('apply_fn', 'max_new_tokens', 'temperature',
+                                             'top_k', 'top_p', 'min_p', 'eos_id', 'pad_id'))
+def _generate_recompute(apply_fn, params, prompt_BP, key, *, max_new_tokens, temperature, top_k,
+                        top_p, min_p, eos_id, pad_id):
+  b, p = prompt_BP.shape
+  out = jnp.concatenate([prompt_BP, jnp.full((b, max_new_tokens), pad_id, prompt_BP.dtype)], 1)
+  sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+  def body(i, carry):
+    out, done = carry
+    logits = jax.lax.dynamic_slice_in_dim(apply_fn(params, out), p + i - 1, 1, axis=1)[:, 0]
+    nxt = jnp.where(done, pad_id, sample_token(jax.random.fold_in(key, i), logits, **sampling))
+    if eos_id is not None:
+      done = done | (nxt == eos_id)
+    return jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None].astype(out.dtype), p + i, 1), done
+
+  out, _ = jax.lax.fori_loop(0, max_new_tokens, body, (out, jnp.zeros((b,), bool)))
+  return out
+
+
+def generate(apply_fn_or_model, params, prompt_BP, *, key, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, prompt_mask_BP=None, eos_id: int | None = None,
+             pad_id: int = 0) -> jax.Array:
+  """Returns [B, P + max_new_tokens]: the prompts followed by sampled tokens.
+
+  `temperature=0` is greedy. After a row emits `eos_id`, the rest of the row is `pad_id`.
+  """
+  prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
+  if prompt_BP.ndim != 2 or prompt_BP.shape[1] == 0:
+    raise ValueError(f'prompt_BP must be [batch, length>0], got shape {prompt_BP.shape}')
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
+  if temperature < 0:
+    raise ValueError(f'temperature must be >= 0, got {temperature}')
+  kw = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k or None,
+            top_p=top_p or None, min_p=min_p or None, eos_id=eos_id, pad_id=pad_id)
+  if isinstance(apply_fn_or_model, Transformer):
+    model = apply_fn_or_model
+    if not model.cfg.causal:
+      raise ValueError('autoregressive generate needs a causal model; use sampling.diffusion for '
+                       'LLaDA models')
+    if prompt_BP.shape[1] + max_new_tokens > model.cfg.max_len:
+      raise ValueError(f'prompt ({prompt_BP.shape[1]}) + max_new_tokens ({max_new_tokens}) '
+                       f'exceeds model.max_len={model.cfg.max_len}')
+    mask = (jnp.ones_like(prompt_BP, bool) if prompt_mask_BP is None
+            else jnp.asarray(prompt_mask_BP, bool))
+    return _generate_cached(model, params, prompt_BP, mask, key, **kw)
+  if prompt_mask_BP is not None:
+    raise ValueError('left-padded prompts need the Transformer module (for segment ids), not a '
+                     'plain apply_fn')
+  return _generate_recompute(apply_fn_or_model, params, prompt_BP, key, **kw)

@@ -1,0 +1,63 @@
+"""Orbax checkpoints of the train state together with the data-iterator state.
+
+Layout: WORKDIR/checkpoints/<step>/{state,data}. Saves are asynchronous (orbax writes to a temporary
+directory and renames it when complete, so a crash mid-save never leaves a half checkpoint that
+looks finished). Restoring takes the target shardings, so a checkpoint restores onto any mesh.
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'data'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> None:
+    items = {'state': ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state, shardings, data_iterator=None):
+    """Restores `state` (placed with `shardings`) and, if given, the iterator in place."""
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    items = {'state': ocp.args.StandardRestore(target)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many types; the user needs the path and step
+      raise CheckpointError(
+          f'checkpoint {os.path.join(self.directory, str(step))} could not be restored '
+          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). It was left '
+          'untouched: move it aside to resume from an earlier one, or use a new --workdir.') from e
+    return restored['state']
+
+  def restore_params(self, step: int, abstract_state, shardings):
+    """Only the params (sampling, evaluation, growth); the data iterator is not needed."""
+    return self.restore(step, abstract_state, shardings).params
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,248 @@
+"""The training loop: config -> mesh -> data -> model -> state -> steps, with checkpoints and metrics.
+
+`train(cfg, workdir)` resumes automatically from the newest checkpoint in `workdir`. Everything a
+resumed run needs (state, data-iterator position) is in the checkpoint, and randomness is keyed by
+step, so a resumed run computes exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from pathways_jax import config as config_lib
+from pathways_jax import parallel
+from pathways_jax.models.transformer import Transformer, count_params
+from pathways_jax.train import checkpoint as ckpt_lib
+from pathways_jax.train import metrics as metrics_lib
+from pathways_jax.train import optimizer as opt_lib
+from pathways_jax.train import state as state_lib
+from pathways_jax.train import step as step_lib
+
+_LOG = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. a non-finite loss); saved work is intact."""
+
+
+def check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_probe')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise TrainingError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from e
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps (then it saves and exits)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if hasattr(signal, 'SIGTERM') and _is_main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _is_main_thread():
+  import threading  # pylint: disable=g-import-not-at-top
+  return threading.current_thread() is threading.main_thread()
+
+
+def build(cfg, *, mesh=None):
+  """Tokenizer, model config, model, mesh and rules for a config (shared with sampling/eval)."""
+  from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  config_lib.validate(cfg)
+  mesh = mesh or parallel.make_mesh(cfg)
+  tokenizer = tokenizers.get_tokenizer(cfg.data)
+  vocab = cfg.model.vocab_size or config_lib.round_vocab(tokenizer.vocab_size)
+  if vocab < tokenizer.vocab_size:
+    raise config_lib.ConfigError(f'config.model.vocab_size={vocab} is smaller than the '
+                                 f'tokenizer vocabulary ({tokenizer.vocab_size})')
+  model_cfg = config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab)
+  return tokenizer, model_cfg, Transformer(model_cfg), mesh, parallel.logical_rules(cfg)
+
+
+def _global_batch(batch, mesh):
+  sharding = parallel.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def evaluate(eval_fn, params, batches, mesh, rules) -> dict:
+  totals = {}
+  for batch in batches:
+    m = step_lib.run_with_rules(mesh, rules, eval_fn, params, _global_batch(batch, mesh))
+    for k, v in m.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  out = {f'val_{k}': v / max(len(batches), 1) for k, v in totals.items() if k != 'num_tokens'}
+  if 'val_ce' in out:
+    out['val_ppl'] = float(np.exp(min(out['val_ce'], 50.0)))
+  return out
+
+
+def _versions() -> dict:
+  import flax, optax, orbax.checkpoint, grain  # pylint: disable=g-import-not-at-top,multiple-import
+  return {'python': platform.python_version(), 'jax': jax.__version__, 'flax': flax.__version__,
+          'optax': optax.__version__, 'orbax': orbax.checkpoint.__version__,
+          'grain': getattr(grain, '__version__', 'unknown')}
+
+
+def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final results dict."""
+  from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  check_workdir(workdir)
+  tokenizer, model_cfg, model, mesh, rules = build(cfg)
+  is_lead = jax.process_index() == 0
+  dp = parallel.data_parallel_size(mesh)
+  if cfg.data.batch_size % dp or (cfg.data.batch_size // cfg.train.grad_accum) % dp:
+    raise config_lib.ConfigError(
+        f'config.data.batch_size={cfg.data.batch_size} (per micro-batch '
+        f'{cfg.data.batch_size // cfg.train.grad_accum}) is not divisible by the {dp} '
+        'data-parallel devices (mesh.data x mesh.fsdp)')
+  if is_lead:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+
+  tx = opt_lib.make_optimizer(cfg.train)
+  example = np.zeros((cfg.data.batch_size, cfg.data.seq_len), np.int32)
+  abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
+  pcount, pindex = jax.process_count(), jax.process_index()
+  train_iter = pipeline.make_train_iterator(cfg, tokenizer, process_index=pindex,
+                                            process_count=pcount,
+                                            vocab_size=model_cfg.vocab_size)
+  eval_batches = pipeline.make_eval_batches(cfg, tokenizer, process_index=pindex,
+                                            process_count=pcount)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints,
+                               async_save=cfg.train.async_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(start, abstract, shardings, train_iter)
+    _LOG.info('resumed from step %d', start)
+  else:
+    state = state_lib.init_state(model, tx, example, jax.random.key(cfg.seed), mesh, rules)
+    start = 0
+
+  train_fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
+  eval_fn = step_lib.jit_eval_step(cfg, model, shardings.params, mesh)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_lead)
+  peak, peak_source = metrics_lib.peak_flops_per_device(cfg.train.peak_flops)
+  fpt = metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  n_params = count_params(state.params)
+  stop = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
+  if is_lead and not quiet:
+    print(f'model: {n_params / 1e6:.2f}M params, {model_cfg.num_layers} layers, d={model_cfg.d_model}, '
+          f'vocab={model_cfg.vocab_size} ({tokenizer.name}); objective={cfg.objective}; '
+          f'mesh={dict(mesh.shape)}; peak={peak / 1e9:.1f} GFLOP/s/device ({peak_source})')
+
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=stop, initial=start, disable=quiet or not is_lead or not cfg.train.progress_bar,
+             dynamic_ncols=True, desc='train')
+  last = {'step': start}
+  pending, t_last, step = [], time.perf_counter(), start
+  status = 'completed'
+
+  def check_finite():
+    bad = int(state.bad_step)
+    if bad >= 0:
+      raise TrainingError(
+          f'non-finite loss or gradient at step {bad}: stopped without saving; the last good '
+          f'checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is intact. Lower train.lr, '
+          'raise train.warmup_steps or check the data.')
+
+  with _Preemption() as preempt:
+    try:
+      while step < stop:
+        batch = _global_batch(next(train_iter), mesh)
+        state, m = step_lib.run_with_rules(mesh, rules, train_fn, state, batch)
+        step += 1
+        pending.append(m)
+        if step % cfg.train.log_every == 0 or step == stop:
+          fetched = jax.device_get(pending)
+          check_finite()
+          now = time.perf_counter()
+          tps = len(pending) * tokens_per_step / (now - t_last)
+          scalars = {k: float(np.mean([p[k] for p in fetched])) for k in fetched[0]}
+          scalars.update(lr=opt_lib.lr_at(cfg.train, step - 1), tokens_per_s=tps,
+                         mfu=tps * fpt / (peak * jax.device_count()),
+                         tokens=step * tokens_per_step)
+          writer.write(step, scalars)
+          last.update(scalars, step=step)
+          bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f'{tps:,.0f}', refresh=False)
+          pending, t_last = [], time.perf_counter()
+        bar.update(1)
+        if step % cfg.train.eval_every == 0 and step != stop:
+          val = evaluate(eval_fn, state.params, eval_batches, mesh, rules)
+          writer.write(step, val)
+          t_last = time.perf_counter()  # eval time is not training throughput
+        if step % cfg.train.checkpoint_every == 0 and step != stop:
+          check_finite()
+          ckpt.save(step, state, train_iter)
+        if preempt.requested:
+          check_finite()
+          ckpt.save(step, state, train_iter, force=True)
+          status = 'preempted'
+          if is_lead:
+            print(f'SIGTERM: saved checkpoint at step {step}; rerun the same command to resume.')
+          break
+      else:
+        check_finite()
+        if ckpt.latest_step() != step:
+          ckpt.save(step, state, train_iter, force=True)
+    finally:
+      bar.close()
+      ckpt.wait()
+
+  results = {'status': status, 'step': step, 'train_loss': last.get('loss'),
+             'tokens': step * tokens_per_step, 'params': n_params,
+             'flops_per_token': fpt, 'total_flops': fpt * step * tokens_per_step,
+             'tokens_per_s': last.get('tokens_per_s'), 'mfu': last.get('mfu')}
+  if status == 'completed':
+    val = evaluate(eval_fn, state.params, eval_batches, mesh, rules)
+    writer.write(step, val)
+    results.update(val)
+    if is_lead and not quiet:
+      print('validation: ' + ', '.join(f'{k}={v:.4f}' for k, v in sorted(val.items())))
+    from pathways_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
+    samples = sample_lib.sample_texts(cfg, model, state.params, tokenizer,
+                                      key=jax.random.key(cfg.seed + 2))
+    results['samples'] = samples
+    if is_lead:
+      writer.write_text(step, 'samples', '\n\n'.join(samples))
+      if not quiet:
+        print('samples:')
+        for s in samples:
+          print('  ' + s.replace('\n', '\n  '))
+  writer.close()
+  ckpt.close()
+  results.update(config=json.loads(cfg.to_json_best_effort()), versions=_versions(),
+                 device={'kind': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
+                         'count': jax.device_count(), 'processes': jax.process_count(),
+                         'peak_flops_per_device': peak, 'peak_source': peak_source},
+                 argv=sys.argv)
+  if is_lead:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=2, default=str)
+  return results

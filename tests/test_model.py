@@ -1,0 +1,94 @@
+"""The transformer: causality, packing isolation, KV cache, layouts and dtypes."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pathways_jax.config import ModelConfig
+from pathways_jax.models.transformer import Transformer, init_cache, unembedding
+
+
+def _model(**kw):
+  cfg = ModelConfig(**{**dict(vocab_size=48, d_model=32, num_layers=2, num_heads=4,
+                              num_kv_heads=2, mlp_dim=64, max_len=64), **kw})
+  model = Transformer(cfg)
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, cfg.vocab_size)
+  params = nn.unbox(model.init(jax.random.key(1), tokens)['params'])
+  return model, params, tokens
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_future_token_changes_past_logits_only_when_bidirectional(causal):
+  model, params, tokens = _model(causal=causal)
+  changed = tokens.at[:, 8].set((tokens[:, 8] + 1) % 48)
+  a = model.apply({'params': params}, tokens)
+  b = model.apply({'params': params}, changed)
+  past_diff = float(jnp.abs(a[:, :8] - b[:, :8]).max())
+  if causal:
+    assert past_diff == 0.0
+  else:
+    assert past_diff > 1e-4
+  assert float(jnp.abs(a[:, 8:] - b[:, 8:]).max()) > 1e-4
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_packed_documents_do_not_see_each_other(causal):
+  model, params, tokens = _model(causal=causal)
+  seg = jnp.array([[1] * 5 + [2] * 7] * 2)
+  pos = jnp.array([list(range(5)) + list(range(7))] * 2)
+  packed = model.apply({'params': params}, tokens, positions_BL=pos, segment_ids_BL=seg)
+  first = model.apply({'params': params}, tokens[:, :5])
+  second = model.apply({'params': params}, tokens[:, 5:])
+  np.testing.assert_allclose(packed[:, :5], first, atol=1e-5)
+  np.testing.assert_allclose(packed[:, 5:], second, atol=1e-5)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_kv_cache_decoding_equals_full_recompute(scan):
+  model, params, tokens = _model(scan_layers=scan)
+  full = model.apply({'params': params}, tokens)
+  cache = init_cache(model.cfg, 2, 16)
+  logits, cache = model.apply({'params': params}, tokens[:, :7], cache=cache, cache_index=0)
+  outs = [logits]
+  for i in range(7, 12):
+    logits, cache = model.apply({'params': params}, tokens[:, i:i + 1], cache=cache,
+                                cache_index=i)
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
+
+
+def test_scan_and_unrolled_layouts_compute_the_same_function():
+  model_u, params_u, tokens = _model(scan_layers=False)
+  model_s, _, _ = _model(scan_layers=True)
+  stacked = {k: v for k, v in params_u.items() if not k.startswith('blocks_')}
+  stacked['blocks'] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
+                                             *[params_u[f'blocks_{i}'] for i in range(2)])
+  np.testing.assert_allclose(model_s.apply({'params': stacked}, tokens),
+                             model_u.apply({'params': params_u}, tokens), atol=1e-5)
+
+
+def test_remat_and_untied_and_mha_variants_run_and_differentiate():
+  for kw in [dict(remat='full'), dict(remat='dots'), dict(tie_embeddings=False),
+             dict(num_kv_heads=4)]:
+    model, params, tokens = _model(**kw)
+    grads = jax.grad(lambda p: model.apply({'params': p}, tokens).sum())(params)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
+  model, params, tokens = _model(tie_embeddings=False)
+  assert 'unembed' in params and unembedding(params, model.cfg).shape == (32, 48)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  model32, params, tokens = _model()
+  model16 = Transformer(model32.cfg.replace(dtype='bfloat16'))
+  a = model32.apply({'params': params}, tokens)
+  b = model16.apply({'params': params}, tokens)
+  assert b.dtype == jnp.float32  # logits are float32 whatever the compute dtype
+  assert float(jnp.abs(a - b).max()) < 0.05
+
+
+def test_return_hidden_times_unembedding_gives_logits():
+  model, params, tokens = _model()
+  h = model.apply({'params': params}, tokens, return_hidden=True)
+  np.testing.assert_allclose(h @ unembedding(params, model.cfg),
+                             model.apply({'params': params}, tokens), atol=1e-5)

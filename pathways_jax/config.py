@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.tfds_name = ''  # for corpus='tfds', e.g. 'lm1b'
   d.tfds_data_dir = ''
   d.text_field = 'text'  # JSONL / TFDS feature holding the document text
+  d.document_separator = '\n\n'  # corpus='path' text files: blank lines; '' = one doc per file
   d.max_documents = 0  # 0: all; else the first N documents (quick runs)
   d.tokenizer = 'sentencepiece'  # 'sentencepiece' | 'byte'
   d.vocab_size = 1024  # sentencepiece vocabulary size to train
@@ -63,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.eos_id = 2
   d.mask_id = 3
   d.synthetic = ml_collections.ConfigDict()
+  d.synthetic.seed = 0  # the world's seed, apart from the training seed: same world across runs
   d.synthetic.num_people = 200
   d.synthetic.num_stories = 200
   d.synthetic.num_arithmetic = 2000

@@ -7,6 +7,7 @@ at once with the key's name (ml_collections raises; `validate` adds the semantic
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any
 
 import ml_collections
@@ -165,8 +166,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.data.corpus='tfds' needs config.data.tfds_name")
   if not 0.0 <= t.min_lr_ratio <= 1.0:
     raise ConfigError(f'config.train.min_lr_ratio={t.min_lr_ratio} is not in [0, 1]')
-  if t.warmup_steps > max(t.steps, 1) and t.steps > 0:
-    raise ConfigError(f'config.train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}')
+  if t.warmup_steps < 0:
+    raise ConfigError(f'config.train.warmup_steps must be >= 0, got {t.warmup_steps}')
   if cfg.objective == 'diffusion' and m.causal:
     raise ConfigError("config.objective='diffusion' needs config.model.causal=False")
 
@@ -213,3 +214,12 @@ class ModelConfig:
 
 def round_vocab(n: int, multiple: int = 8) -> int:
   return -(-n // multiple) * multiple
+
+
+def experiment_runner(config_path: str):
+  """The config file's `run(cfg, workdir)` if it defines one (experiments of several runs)."""
+  path = config_path.split(':')[0]
+  spec = importlib.util.spec_from_file_location('_experiment_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return getattr(module, 'run', None)

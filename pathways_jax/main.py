@@ -10,7 +10,6 @@ workdir)` in their config file; main calls it instead of the plain trainer.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 
@@ -26,21 +25,13 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'multi-host: number
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'multi-host: this process (0-based)')
 
 
-def _experiment_runner(config_path: str):
-  """The config module's `run(cfg, workdir)` if it defines one (multi-run experiments)."""
-  path = config_path.split(':')[0]
-  spec = importlib.util.spec_from_file_location('_experiment_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return getattr(module, 'run', None)
-
-
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   logging.getLogger('absl').setLevel(logging.WARNING)
+  logging.getLogger('jax').setLevel(logging.WARNING)
   from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from pathways_jax.data import corpora  # pylint: disable=g-import-not-at-top
   from pathways_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
@@ -49,7 +40,7 @@ def main(argv) -> int:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   cfg = _CONFIG.value
   try:
-    runner = _experiment_runner(flags.FLAGS['config'].config_filename) or loop.train
+    runner = config_lib.experiment_runner(flags.FLAGS['config'].config_filename) or loop.train
     runner(cfg, _WORKDIR.value)
   except (config_lib.ConfigError, loop.TrainingError, checkpoint.CheckpointError,
           corpora.DataError, FileNotFoundError) as e:

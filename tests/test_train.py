@@ -1,0 +1,214 @@
+"""The trainer end to end: learning, exact resume, preemption, NaN handling, bad input, sweeps."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pathways_jax import config as config_lib
+from pathways_jax import parallel, sweep
+from pathways_jax.models.transformer import Transformer
+from pathways_jax.train import loop, optimizer, state as state_lib, step as step_lib
+
+from helpers import REPO, cli, cli_overrides, tiny_config
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r['loss'] for r in rows if 'loss' in r}
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
+  cfg = tiny_config('/unused', **{'train.steps': 20, 'train.lr': 1e-2})
+  model = Transformer(config_lib.ModelConfig.from_config(cfg.model, vocab_size=64))
+  mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules()
+  tx = optimizer.make_optimizer(cfg.train)
+  tokens = np.random.default_rng(0).integers(4, 64, (4, 32)).astype(np.int32)
+  batch = {'tokens': tokens, 'segment_ids': np.ones_like(tokens),
+           'positions': np.tile(np.arange(32, dtype=np.int32), (4, 1))}
+  _, shardings = state_lib.abstract_state_and_shardings(model, tx, tokens, mesh, rules)
+  state = state_lib.init_state(model, tx, tokens, jax.random.key(0), mesh, rules)
+  fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
+  losses = []
+  for _ in range(20):
+    state, m = step_lib.run_with_rules(mesh, rules, fn, state, batch)
+    losses.append(float(m['loss']))
+  assert losses[-1] < losses[0] - 0.5, losses
+  assert int(state.step) == 20 and int(state.bad_step) == -1
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+  cfg = tiny_config('/unused')
+  model = Transformer(config_lib.ModelConfig.from_config(cfg.model, vocab_size=64))
+  mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules()
+  tx = optimizer.make_optimizer(cfg.train)
+  tokens = np.random.default_rng(0).integers(4, 64, (4, 32)).astype(np.int32)
+  batch = {'tokens': tokens, 'segment_ids': np.ones_like(tokens),
+           'positions': np.tile(np.arange(32, dtype=np.int32), (4, 1))}
+  outs = []
+  for accum in (1, 2):
+    cfg.train.grad_accum = accum
+    _, shardings = state_lib.abstract_state_and_shardings(model, tx, tokens, mesh, rules)
+    state = state_lib.init_state(model, tx, tokens, jax.random.key(0), mesh, rules)
+    fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
+    state, m = step_lib.run_with_rules(mesh, rules, fn, state, batch)
+    outs.append((float(m['loss']), state.params))
+  assert abs(outs[0][0] - outs[1][0]) < 1e-5
+  diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), outs[0][1], outs[1][1])
+  assert max(jax.tree_util.tree_leaves(diffs)) < 1e-5
+
+
+def test_non_finite_step_keeps_the_last_good_state():
+  cfg = tiny_config('/unused')
+  model = Transformer(config_lib.ModelConfig.from_config(cfg.model, vocab_size=64))
+  mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules()
+  tx = optimizer.make_optimizer(cfg.train)
+  tokens = np.ones((4, 32), np.int32)
+  batch = {'tokens': tokens, 'segment_ids': np.ones_like(tokens),
+           'positions': np.tile(np.arange(32, dtype=np.int32), (4, 1))}
+  _, shardings = state_lib.abstract_state_and_shardings(model, tx, tokens, mesh, rules)
+  state = state_lib.init_state(model, tx, tokens, jax.random.key(0), mesh, rules)
+  poisoned = state.replace(params={**state.params, 'embed': state.params['embed'] * jnp.nan})
+  fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
+  before = jax.device_get(poisoned.params['final_norm']['scale'])
+  after, _ = step_lib.run_with_rules(mesh, rules, fn, poisoned, batch)
+  assert int(after.bad_step) == 0
+  np.testing.assert_array_equal(jax.device_get(after.params['final_norm']['scale']), before)
+
+
+def test_run_writes_the_run_directory_and_samples(tmp_path):
+  cfg = tiny_config(str(tmp_path / 'cache'))
+  results = loop.train(cfg, str(tmp_path / 'run'), quiet=True)
+  run = tmp_path / 'run'
+  for name in ('metrics.jsonl', 'results.json', 'config.json', 'tensorboard', 'checkpoints'):
+    assert (run / name).exists(), name
+  row = json.loads((run / 'metrics.jsonl').read_text().splitlines()[0])
+  for key in ('step', 'loss', 'lr', 'tokens_per_s', 'mfu'):
+    assert key in row
+  assert results['status'] == 'completed' and results['step'] == 8
+  assert np.isfinite(results['val_loss']) and results['samples'][0].startswith('Ab')
+  assert sorted(int(p.name) for p in (run / 'checkpoints').iterdir() if p.name.isdigit()) == [4, 8]
+  # Sampling from the run directory (what `python -m pathways_jax.sample` does).
+  from pathways_jax import sample  # pylint: disable=g-import-not-at-top
+  c2, model, params, tok = sample.load_run(str(run))
+  texts = sample.sample_texts(c2, model, params, tok, key=jax.random.key(0), prompts=['Q'],
+                              temperature=0.0)
+  assert texts[0].startswith('Q')
+
+
+def test_resume_after_a_clean_stop_is_bit_identical(tmp_path):
+  cache = str(tmp_path / 'cache')
+  full = tmp_path / 'full'
+  loop.train(tiny_config(cache), str(full), quiet=True)
+  part = tmp_path / 'part'
+  loop.train(tiny_config(cache, **{'train.stop_at': 4}), str(part), quiet=True)
+  assert max(_losses(part)) == 4
+  loop.train(tiny_config(cache), str(part), quiet=True)
+  assert _losses(part) == _losses(full)
+
+
+def test_sigterm_saves_and_the_resumed_run_is_bit_identical(tmp_path):
+  cache = str(tmp_path / 'cache')
+  flags_ = cli_overrides('experiments/quickstart.py', cache) + ['--config.train.steps=60',
+                                                                '--config.train.checkpoint_every=1000']
+  ref = tmp_path / 'ref'
+  done = cli('pathways_jax.main', *flags_, f'--workdir={ref}')
+  assert done.returncode == 0, done.stderr[-2000:]
+  run = tmp_path / 'run'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
+  proc = subprocess.Popen([sys.executable, '-m', 'pathways_jax.main', *flags_, f'--workdir={run}'],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  metrics = run / 'metrics.jsonl'
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-2000:]
+  assert 'SIGTERM: saved checkpoint' in out
+  stopped = max(_losses(run))
+  assert 5 <= stopped < 60
+  again = cli('pathways_jax.main', *flags_, f'--workdir={run}')
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert _losses(run) == _losses(ref)
+
+
+@pytest.mark.parametrize('flag,message', [
+    ('--config.train.no_such_key=1', 'no_such_key'),
+    ('--config.train.steps=abc', 'steps'),
+    ('--config.model.num_kv_heads=3', 'num_kv_heads'),
+    ('--config.objective=magic', 'objective'),
+])
+def test_bad_config_fails_at_once_naming_the_key(tmp_path, flag, message):
+  out = cli('pathways_jax.main', '--config=experiments/quickstart.py', f'--workdir={tmp_path}/r',
+            flag)
+  assert out.returncode != 0
+  assert message in out.stderr + out.stdout
+  assert 'Traceback' not in out.stderr or 'no_such_key' in message or 'steps' in message
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+  cache = str(tmp_path / 'cache')
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  with pytest.raises(loop.TrainingError, match='not writable'):
+    loop.train(tiny_config(cache), str(blocker / 'run'), quiet=True)
+  from pathways_jax.data import corpora  # pylint: disable=g-import-not-at-top
+  with pytest.raises(corpora.DataError, match='nope'):
+    loop.train(tiny_config(cache, **{'data.corpus': 'path', 'data.path': str(tmp_path / 'nope')}),
+               str(tmp_path / 'r1'), quiet=True)
+  with pytest.raises(config_lib.ConfigError, match='vocab_size'):
+    loop.train(tiny_config(cache, **{'model.vocab_size': 100}), str(tmp_path / 'r2'), quiet=True)
+  out = cli('pathways_jax.main', *cli_overrides('experiments/quickstart.py', cache),
+            '--config.data.corpus=path', f'--config.data.path={tmp_path}/missing.txt',
+            f'--workdir={tmp_path}/r3')
+  assert out.returncode == 1 and out.stderr.strip().startswith('error:')
+  assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_exploding_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
+  cfg = tiny_config(str(tmp_path / 'cache'), **{
+      'train.lr': 1e9, 'train.grad_clip': 0.0, 'train.warmup_steps': 0,
+      'train.checkpoint_every': 1, 'train.steps': 30, 'train.schedule': 'constant'})
+  cfg.train.lr = 0.0  # step 0 is harmless and gets checkpointed...
+  run = tmp_path / 'run'
+  loop.train(tiny_config(str(tmp_path / 'cache'), **{'train.steps': 1}), str(run), quiet=True)
+  ckpt_before = sorted(p.name for p in (run / 'checkpoints').iterdir())
+  cfg = tiny_config(str(tmp_path / 'cache'), **{
+      'train.lr': 1e30, 'train.grad_clip': 0.0, 'train.warmup_steps': 0, 'train.steps': 30,
+      'train.schedule': 'constant', 'train.checkpoint_every': 1})
+  with pytest.raises(loop.TrainingError, match=r'non-finite loss or gradient at step \d+'):
+    loop.train(cfg, str(run), quiet=True)
+  # Resumed from step 1; nothing after the first non-finite step was saved.
+  steps = sorted(int(p.name) for p in (run / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps[0] >= 1 and str(steps[0]) in ckpt_before + [str(s) for s in steps]
+
+
+def test_sweep_runs_every_combination_and_skips_finished_runs(tmp_path):
+  cfg = tiny_config(str(tmp_path / 'cache'), **{'train.steps': 3})
+  calls = []
+
+  def runner(c, wd):
+    calls.append(wd)
+    return loop.train(c, wd, quiet=True)
+
+  rows = sweep.run_sweep(cfg, str(tmp_path / 'sw'), 'train.lr=1e-3,3e-3;model.num_layers=1,2',
+                         ['val_loss', 'step'], runner=runner)
+  assert len(rows) == 4 and len(calls) == 4
+  assert {(r['train.lr'], r['model.num_layers']) for r in rows} == {
+      ('1e-3', '1'), ('1e-3', '2'), ('3e-3', '1'), ('3e-3', '2')}
+  assert all(r['step'] == 3 for r in rows)
+  assert (tmp_path / 'sw' / 'sweep.csv').exists() and (tmp_path / 'sw' / 'sweep.md').exists()
+  sweep.run_sweep(cfg, str(tmp_path / 'sw'), 'train.lr=1e-3,3e-3;model.num_layers=1,2',
+                  ['val_loss'], runner=runner)
+  assert len(calls) == 4  # all finished: nothing re-run
+  with pytest.raises(config_lib.ConfigError, match='nope'):
+    sweep.run_sweep(cfg, str(tmp_path / 'sw2'), 'train.nope=1', [], runner=runner)

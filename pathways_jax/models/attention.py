@@ -62,12 +62,19 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_B
 
   `packed=False` promises that segments are trivial (one document per row, no cache), which lets
   kernels that cannot take segment ids run.
+
+  'pallas' (kernels_pallas.flash_attention) applies causality by index order, which equals the
+  position order whenever positions increase within each segment (always so for packed rows).
+  Off GPU/TPU it runs the Pallas interpreter: correct, but only fast enough for tests.
   """
   scale = q_BLHD.shape[-1] ** -0.5
   self_attention = q_BLHD.shape[1] == k_BSKD.shape[1]
   if implementation == 'pallas':
     if self_attention:
       from kernels_pallas import flash_attention as fa  # pylint: disable=g-import-not-at-top
+      if jax.default_backend() not in ('gpu', 'tpu'):
+        _warn_once(f"attention='pallas' on {jax.default_backend()} runs the Pallas interpreter "
+                   '(slow: meant for tests)')
       return fa.flash_attention(q_BLHD, k_BSKD, v_BSKD, causal=causal,
                                 segment_ids_BL=q_segment_BL if packed else None, sm_scale=scale)
     _warn_once("attention='pallas' has no KV-cache path; using 'xla' for cached decoding")

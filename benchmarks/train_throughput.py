@@ -1,0 +1,186 @@
+"""Training throughput of the tiny config: pathways_jax vs the same model in PyTorch eager.
+
+    python benchmarks/train_throughput.py [--config=experiments/quickstart.py] [--steps=30] [--json]
+
+Both sides run the same architecture (Llama-style, GQA, SwiGLU, RoPE, tied embeddings), batch
+and AdamW update in the same process, alternating rounds so machine noise hits both alike. MFU is
+measured against the f32 matmul peak measured at start-up (pathways_jax.train.metrics).
+The PyTorch column needs the `bench` extra (torch); without it the script reports JAX alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pathways_jax import config as config_lib, parallel  # noqa: E402
+from pathways_jax.models.transformer import Transformer  # noqa: E402
+from pathways_jax.train import metrics, optimizer, state as state_lib, step as step_lib  # noqa: E402
+
+
+def jax_runner(cfg, model_cfg):
+  model = Transformer(model_cfg)
+  mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules()
+  tx = optimizer.make_optimizer(cfg.train)
+  b, l = cfg.data.batch_size, cfg.data.seq_len
+  rng = np.random.default_rng(0)
+  batch = {'tokens': rng.integers(4, model_cfg.vocab_size, (b, l)).astype(np.int32),
+           'segment_ids': np.ones((b, l), np.int32),
+           'positions': np.tile(np.arange(l, dtype=np.int32), (b, 1))}
+  _, shardings = state_lib.abstract_state_and_shardings(model, tx, batch['tokens'], mesh, rules)
+  state = state_lib.init_state(model, tx, batch['tokens'], jax.random.key(0), mesh, rules)
+  fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
+  batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+  holder = {'state': state}
+
+  def run(steps):
+    s = holder['state']
+    for _ in range(steps):
+      s, m = step_lib.run_with_rules(mesh, rules, fn, s, batch)
+    jax.block_until_ready(m['loss'])
+    holder['state'] = s
+
+  return run
+
+
+def torch_runner(cfg, model_cfg):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  d, h, kh = model_cfg.d_model, model_cfg.num_heads, model_cfg.num_kv_heads
+  hd, f, v = model_cfg.dim_per_head, model_cfg.mlp_dim, model_cfg.vocab_size
+  b, l = cfg.data.batch_size, cfg.data.seq_len
+
+  class Block(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.n1, self.n2 = torch.nn.RMSNorm(d, eps=1e-5), torch.nn.RMSNorm(d, eps=1e-5)
+      self.wq = torch.nn.Linear(d, h * hd, bias=False)
+      self.wkv = torch.nn.Linear(d, 2 * kh * hd, bias=False)
+      self.wo = torch.nn.Linear(h * hd, d, bias=False)
+      self.gate_up = torch.nn.Linear(d, 2 * f, bias=False)
+      self.down = torch.nn.Linear(f, d, bias=False)
+
+    def forward(self, x, cos, sin):
+      y = self.n1(x)
+      q = self.wq(y).view(b, l, h, hd).transpose(1, 2)
+      k, val = self.wkv(y).view(b, l, 2, kh, hd).permute(2, 0, 3, 1, 4)
+      q, k = rope(q, cos, sin), rope(k, cos, sin)
+      a = F.scaled_dot_product_attention(q, k, val, is_causal=True, enable_gqa=kh != h)
+      x = x + self.wo(a.transpose(1, 2).reshape(b, l, h * hd))
+      g, u = self.gate_up(self.n2(x)).chunk(2, dim=-1)
+      return x + self.down(F.silu(g) * u)
+
+  def rope(x, cos, sin):
+    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+  class Model(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.embed = torch.nn.Embedding(v, d)
+      self.blocks = torch.nn.ModuleList([Block() for _ in range(model_cfg.num_layers)])
+      self.norm = torch.nn.RMSNorm(d, eps=1e-5)
+
+    def forward(self, tokens):
+      freq = model_cfg.rope_theta ** (-torch.arange(0, hd, 2).float() / hd)
+      ang = torch.arange(l).float()[:, None] * freq
+      cos, sin = ang.cos(), ang.sin()
+      x = self.embed(tokens)
+      for blk in self.blocks:
+        x = blk(x, cos, sin)
+      return self.norm(x) @ self.embed.weight.T
+
+  model = Model()
+  opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.b1, cfg.train.b2),
+                          weight_decay=cfg.train.weight_decay)
+  tokens = torch.randint(4, v, (b, l))
+
+  def run(steps):
+    for _ in range(steps):
+      logits = model(tokens)
+      loss = F.cross_entropy(logits[:, :-1].reshape(-1, v), tokens[:, 1:].reshape(-1))
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+      opt.step()
+
+  return run, torch.__version__, torch.get_num_threads()
+
+
+def time_rounds(runners: dict, steps: int, rounds: int) -> dict:
+  """Best-of-rounds seconds per step, alternating runners each round."""
+  best = {k: math.inf for k in runners}
+  for r in runners.values():
+    r(2)  # compile / warm up
+  for _ in range(rounds):
+    for k, r in runners.items():
+      t0 = time.perf_counter()
+      r(steps)
+      best[k] = min(best[k], (time.perf_counter() - t0) / steps)
+  return best
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--config', default='experiments/quickstart.py')
+  ap.add_argument('--steps', type=int, default=20)
+  ap.add_argument('--rounds', type=int, default=3)
+  ap.add_argument('--no_torch', action='store_true')
+  ap.add_argument('--json', action='store_true')
+  args = ap.parse_args()
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('cfg', args.config)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config()
+  vocab = cfg.model.vocab_size or config_lib.round_vocab(cfg.data.vocab_size)
+  model_cfg = config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab)
+  peak = metrics.measure_matmul_peak()
+  fpt = metrics.flops_per_token(model_cfg, cfg.data.seq_len)
+  tokens = cfg.data.batch_size * cfg.data.seq_len
+
+  runners = {'pathways_jax': jax_runner(cfg, model_cfg)}
+  torch_info = None
+  if not args.no_torch:
+    try:
+      run, version, threads = torch_runner(cfg, model_cfg)
+      runners['pytorch_eager'] = run
+      torch_info = {'version': version, 'threads': threads}
+    except ImportError:
+      print('(torch not installed: install the `bench` extra for the PyTorch column)')
+  best = time_rounds(runners, args.steps, args.rounds)
+
+  rows = {k: {'tokens_per_s': tokens / s, 'mfu': tokens / s * fpt / peak} for k, s in best.items()}
+  dims = {k: getattr(model_cfg, k) for k in ('num_layers', 'd_model', 'num_heads', 'num_kv_heads',
+                                              'mlp_dim', 'vocab_size')}
+  dims.update(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size)
+  ratio = (rows['pathways_jax']['tokens_per_s'] / rows['pytorch_eager']['tokens_per_s']
+           if 'pytorch_eager' in rows else None)
+  print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}, measured f32 matmul peak '
+        f'{peak / 1e9:.1f} GFLOP/s; model {dims}; {fpt / 1e6:.2f} MFLOP/token')
+  print(f"{'implementation':<16} {'tokens/s':>10} {'MFU':>7}")
+  for k, r in rows.items():
+    print(f"{k:<16} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%}")
+  if ratio:
+    print(f'ratio pathways_jax / pytorch_eager: {ratio:.2f}x')
+  if args.json:
+    print(json.dumps({**dims, 'tokens_per_s': rows['pathways_jax']['tokens_per_s'],
+                      'mfu': rows['pathways_jax']['mfu'], 'matmul_peak_flops': peak,
+                      'pytorch_tokens_per_s': rows.get('pytorch_eager', {}).get('tokens_per_s'),
+                      'ratio_vs_pytorch': ratio, 'torch': torch_info,
+                      'device': jax.devices()[0].device_kind}))
+
+
+if __name__ == '__main__':
+  main()

@@ -19,6 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 run: $(STAMP)
 	$(PY) -m pathways_jax.main --config=experiments/quickstart.py --workdir=runs/quickstart
+	$(PY) -m pathways_jax.main --config=experiments/quickstart_llada.py --workdir=runs/quickstart_llada
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests

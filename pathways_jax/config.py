@@ -93,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.progress_bar = True
   t.stop_at = 0  # stop (with a checkpoint) after this step, keeping the schedule of train.steps
 
+  c.diffusion = df = ml_collections.ConfigDict()  # LLaDA (objective='diffusion')
+  df.eps = 1e-3  # p_mask = (1 - eps) t + eps
+  df.random_length_prob = 0.01  # LLaDA: 1% of batches cut to a random length (no recompiles)
+
   c.sample = s = ml_collections.ConfigDict()
   s.prompts = ('def ', 'import ', 'class ')
   s.max_new_tokens = 48
@@ -100,6 +104,12 @@ def base_config() -> ml_collections.ConfigDict:
   s.top_k = 0
   s.top_p = 0.0
   s.min_p = 0.1
+  # Diffusion (LLaDA) sampling; steps/block_length 0 = one token per step, one block.
+  s.steps = 0
+  s.block_length = 0
+  s.diffusion_temperature = 0.0
+  s.cache = ''  # '' | 'prefix' | 'dual' (Fast-dLLM)
+  s.threshold = 0.0  # > 0: Fast-dLLM confidence-threshold parallel decoding
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

@@ -50,12 +50,17 @@ def sample_texts(cfg, model, params, tokenizer, *, key, prompts=None, **override
                                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
   else:
     from pathways_jax.sampling import diffusion  # pylint: disable=g-import-not-at-top
-    block = s.get('block_length') or new
-    new = max(block, (new // block) * block)
+    block = min(s.get('block_length') or new, new)
+    new = (new // block) * block
+    blocks = new // block
+    steps = s.get('steps') or new
+    steps = max(blocks, (steps // blocks) * blocks)  # LLaDA needs steps divisible by blocks
     out = diffusion.generate(model, params, tokens, mask_id=tokenizer.mask_id, key=key,
-                             gen_length=new, steps=s.get('steps') or new, block_length=block,
+                             gen_length=new, steps=steps, block_length=block,
                              temperature=s.get('diffusion_temperature', 0.0),
-                             prompt_mask_BP=mask)
+                             cache=s.get('cache') or None, threshold=s.get('threshold') or None,
+                             prompt_mask_BP=mask, eos_id=tokenizer.eos_id,
+                             eos_low_confidence=True)
   out = np.asarray(out)
   texts = []
   for i, prompt in enumerate(prompts):

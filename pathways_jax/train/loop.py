@@ -90,14 +90,14 @@ def _global_batch(batch, mesh):
           for k, v in batch.items()}
 
 
-def evaluate(eval_fn, params, batches, mesh, rules) -> dict:
+def evaluate(eval_fn, params, batches, mesh, rules, *, perplexity: bool = True) -> dict:
   totals = {}
   for batch in batches:
     m = step_lib.run_with_rules(mesh, rules, eval_fn, params, _global_batch(batch, mesh))
     for k, v in m.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   out = {f'val_{k}': v / max(len(batches), 1) for k, v in totals.items() if k != 'num_tokens'}
-  if 'val_ce' in out:
+  if perplexity and 'val_ce' in out:  # for diffusion, ce is over masked tokens: no perplexity
     out['val_ppl'] = float(np.exp(min(out['val_ce'], 50.0)))
   return out
 
@@ -194,7 +194,8 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
           pending, t_last = [], time.perf_counter()
         bar.update(1)
         if step % cfg.train.eval_every == 0 and step != stop:
-          val = evaluate(eval_fn, state.params, eval_batches, mesh, rules)
+          val = evaluate(eval_fn, state.params, eval_batches, mesh, rules,
+                         perplexity=cfg.objective == 'autoregressive')
           writer.write(step, val)
           t_last = time.perf_counter()  # eval time is not training throughput
         if step % cfg.train.checkpoint_every == 0 and step != stop:
@@ -220,7 +221,8 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
              'flops_per_token': fpt, 'total_flops': fpt * step * tokens_per_step,
              'tokens_per_s': last.get('tokens_per_s'), 'mfu': last.get('mfu')}
   if status == 'completed':
-    val = evaluate(eval_fn, state.params, eval_batches, mesh, rules)
+    val = evaluate(eval_fn, state.params, eval_batches, mesh, rules,
+                         perplexity=cfg.objective == 'autoregressive')
     writer.write(step, val)
     results.update(val)
     if is_lead and not quiet:

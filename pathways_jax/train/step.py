@@ -17,8 +17,13 @@ from pathways_jax.objectives import autoregressive
 from pathways_jax.train.state import TrainState
 
 
-def model_loss(cfg, model, params, batch, key):
-  """Loss and metrics of one (micro)batch under the configured objective."""
+def model_loss(cfg, model, params, batch, key, aux=None):
+  """Loss and metrics of one (micro)batch under the configured objective.
+
+  `aux` carries whatever else an objective needs inside the jitted step and is not trained
+  (e.g. a frozen reference model's params for RHO-1); None for the plain objectives.
+  """
+  del aux
   tokens, segments, positions = batch['tokens'], batch['segment_ids'], batch['positions']
   if cfg.objective == 'autoregressive':
     logits = model.apply({'params': params}, tokens, positions_BL=positions,
@@ -44,14 +49,14 @@ def _split_micro(batch, num_micro):
       lambda x: x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:]), batch)
 
 
-def train_step(state: TrainState, batch, *, cfg, model, tx, loss_fn: Callable) -> tuple:
+def train_step(state: TrainState, batch, aux=None, *, cfg, model, tx, loss_fn: Callable) -> tuple:
   """One optimizer update (with gradient accumulation over `train.grad_accum` micro-batches).
 
   A non-finite loss or gradient leaves params and optimizer state untouched and records the step
   in `bad_step`, so the loop can stop with the last good state intact.
   """
   key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
-  grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(cfg, model, p, b, k), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(cfg, model, p, b, k, aux), has_aux=True)
   num_micro = cfg.train.grad_accum
   if num_micro == 1:
     (loss, metrics), grads = grad_fn(state.params, batch, key)
@@ -85,23 +90,31 @@ def train_step(state: TrainState, batch, *, cfg, model, tx, loss_fn: Callable) -
   return new_state, metrics
 
 
-def eval_step(params, batch, *, cfg, model, loss_fn: Callable):
+def eval_step(params, batch, aux=None, *, cfg, model, loss_fn: Callable):
   key = jax.random.fold_in(jax.random.key(cfg.seed + 1), 0)  # fixed: eval is deterministic
-  loss, metrics = loss_fn(cfg, model, params, batch, key)
+  loss, metrics = loss_fn(cfg, model, params, batch, key, aux)
   return {**metrics, 'loss': loss}
 
 
-def jit_train_step(cfg, model, tx, state_shardings, mesh, loss_fn=model_loss):
+def jit_train_step(cfg, model, tx, state_shardings, mesh, loss_fn=model_loss,
+                   aux_shardings=None):
+  """jit(train_step) with explicit shardings; takes (state, batch) or, with aux_shardings,
+  (state, batch, aux)."""
   batch_sharding = parallel.batch_sharding(mesh)
   fn = functools.partial(train_step, cfg=cfg, model=model, tx=tx, loss_fn=loss_fn)
-  return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
+  in_shardings = (state_shardings, batch_sharding)
+  if aux_shardings is not None:
+    in_shardings += (aux_shardings,)
+  return jax.jit(fn, in_shardings=in_shardings,
                  out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(cfg, model, param_shardings, mesh, loss_fn=model_loss):
+def jit_eval_step(cfg, model, param_shardings, mesh, loss_fn=model_loss, aux_shardings=None):
   fn = functools.partial(eval_step, cfg=cfg, model=model, loss_fn=loss_fn)
-  return jax.jit(fn, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
-                 out_shardings=parallel.replicated(mesh))
+  in_shardings = (param_shardings, parallel.batch_sharding(mesh))
+  if aux_shardings is not None:
+    in_shardings += (aux_shardings,)
+  return jax.jit(fn, in_shardings=in_shardings, out_shardings=parallel.replicated(mesh))
 
 
 def run_with_rules(mesh, rules, fn, *args):

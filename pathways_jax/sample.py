@@ -99,13 +99,19 @@ def load_run(workdir: str, step: int | None = None):
 def main(argv):
   del argv
   f = flags.FLAGS
-  cfg, model, params, tokenizer = load_run(f.workdir, f.step)
-  texts = sample_texts(cfg, model, params, tokenizer, key=jax.random.key(f.seed),
-                       prompts=f.prompt or None, max_new_tokens=f.max_new_tokens,
-                       temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p)
+  from pathways_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  try:
+    cfg, model, params, tokenizer = load_run(f.workdir, f.step)
+    texts = sample_texts(cfg, model, params, tokenizer, key=jax.random.key(f.seed),
+                         prompts=f.prompt or None, max_new_tokens=f.max_new_tokens,
+                         temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p)
+  except (FileNotFoundError, CheckpointError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   for t in texts:
     print(t)
     print('-' * 40)
+  return 0
 
 
 if __name__ == '__main__':
@@ -118,4 +124,4 @@ if __name__ == '__main__':
   flags.DEFINE_float('top_p', None, 'nucleus sampling mass')
   flags.DEFINE_float('min_p', None, 'keep tokens with p >= min_p * p_max')
   flags.DEFINE_integer('seed', 0, 'sampling seed')
-  sys.exit(app.run(main))
+  app.run(lambda argv: sys.exit(main(argv)))

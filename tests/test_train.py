@@ -212,3 +212,28 @@ def test_sweep_runs_every_combination_and_skips_finished_runs(tmp_path):
   assert len(calls) == 4  # all finished: nothing re-run
   with pytest.raises(config_lib.ConfigError, match='nope'):
     sweep.run_sweep(cfg, str(tmp_path / 'sw2'), 'train.nope=1', [], runner=runner)
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_is_left_in_place(tmp_path):
+  from pathways_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  cache, run = str(tmp_path / 'cache'), tmp_path / 'run'
+  loop.train(tiny_config(cache, **{'train.steps': 4}), str(run), quiet=True)
+  state_dir = run / 'checkpoints' / '4' / 'state'
+  files = [p for p in state_dir.rglob('*') if p.is_file() and p.stat().st_size > 0]
+  for p in files:
+    p.write_bytes(b'garbage')
+  with pytest.raises(checkpoint.CheckpointError, match=r'checkpoints/4'):
+    loop.train(tiny_config(cache, **{'train.steps': 8}), str(run), quiet=True)
+  assert state_dir.exists()
+
+
+def test_sample_cli_prints_continuations(tmp_path):
+  run = tmp_path / 'run'
+  loop.train(tiny_config(str(tmp_path / 'cache'), **{'train.steps': 2}), str(run), quiet=True)
+  out = cli('pathways_jax.sample', f'--workdir={run}', '--prompt=Ab', '--prompt=Cd',
+            '--max_new_tokens=4', '--temperature=0')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.count('-' * 40) == 2 and out.stdout.startswith('Ab')
+  bad = cli('pathways_jax.sample', f'--workdir={tmp_path}/none')
+  assert bad.returncode == 1 and bad.stderr.strip().startswith('error:')
+  assert 'not a run directory' in bad.stderr

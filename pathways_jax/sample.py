@@ -53,7 +53,7 @@ def sample_texts(cfg, model, params, tokenizer, *, key, prompts=None, **override
     block = min(s.get('block_length') or new, new)
     new = (new // block) * block
     blocks = new // block
-    steps = s.get('steps') or new
+    steps = min(s.get('steps') or new, new)
     steps = max(blocks, (steps // blocks) * blocks)  # LLaDA needs steps divisible by blocks
     out = diffusion.generate(model, params, tokens, mask_id=tokenizer.mask_id, key=key,
                              gen_length=new, steps=steps, block_length=block,

@@ -16,9 +16,11 @@ Design (see docs/kernels.md):
 - Causal block skipping is done with loop bounds, not masks: blocks above the diagonal are never
   visited, and blocks fully below it run a mask-free loop body. Only the diagonal band (and the
   block that holds the end of an odd-length sequence) pays for the iota/compare/select.
-- Arrays are transposed to head-major [B, H, L, D] before the kernels: each grid cell then reads
-  contiguous [block, D] tiles, and the same BlockSpecs are legal for Triton and for Mosaic (TPU
-  needs the last two block dims to be full or (8, 128)-aligned, which [.., L, D] tiles are).
+- Layout: on GPU (and in the interpreter) the kernels read [B, L, H, D] as given — a Triton tile
+  is a strided pointer block, so a [block, D] slice of one head costs nothing extra, and the
+  activations are never transposed. Mosaic (TPU) needs the last two block dims full or
+  (8, 128)-aligned, which a one-head slice of [.., H, D] is not, so there the arrays are made
+  head-major [B, H, L, D] first. Per-row statistics (lse, delta) are always [B, H, L, 1].
 - Lengths are padded to a multiple of the block sizes here, not in the caller; padded keys are
   masked, padded queries are dropped on the way out.
 """
@@ -94,6 +96,11 @@ class _Static:
   groups: int  # H // K
   segments: bool
   lowering: str  # 'triton' | 'mosaic' | 'interpret'
+  layout: str  # 'BLHD' | 'BHLD': how q/k/v/o and their gradients are laid out for the kernels
+
+
+def _layout_for(lowering: str) -> str:
+  return 'BHLD' if lowering == 'mosaic' else 'BLHD'
 
 
 def _resolve_lowering(interpret) -> str:
@@ -166,17 +173,26 @@ def _q_steps(j, bq: int, bk: int, st: _Static):
   return start, clean, end
 
 
-def _block_index(axis_size: int, st: _Static):
-  """The Q (or K/V) block this program owns. Triton launches grid axis 0 fastest; for causal
-  attention the last Q blocks carry the most work, so they go first to shorten the tail."""
+def _reversed(st: _Static, owns_q: bool) -> bool:
+  """Triton launches grid axis 0 fastest. Under a causal mask the last Q blocks carry the most
+  work (and the first K/V blocks, already first), so Q-owning grids run back to front: the heavy
+  programs start first and the tail of the launch is short."""
+  return st.causal and owns_q and st.lowering == 'triton'
+
+
+def _block_index(axis_size: int, st: _Static, owns_q: bool = True):
+  """The Q (or K/V) block this program owns; must agree with `_grid`'s index maps."""
   pid = pl.program_id(2 if st.lowering == 'mosaic' else 0)
-  if st.causal and st.lowering == 'triton':
-    return axis_size - 1 - pid
-  return pid
+  return axis_size - 1 - pid if _reversed(st, owns_q) else pid
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernels. Refs are per (batch, head): Q-like tiles [block, D], full-length K/V [Lp, D].
+# Kernels. Refs are per (batch, head): Q-like tiles [block, D], full-length K/V [Lp, D]; the dkv
+# kernel also sees the G query heads of its kv head ([Lp, G, D] or [G, Lp, D] by layout).
+
+
+def _group_rows(ref, g, rows, st: _Static):
+  return ref[rows, g, :] if st.layout == 'BLHD' else ref[g, rows, :]
 
 
 def _fwd_kernel(*refs, st: _Static):
@@ -260,7 +276,7 @@ def _dkv_kernel(*refs, st: _Static):
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref) = refs
     qseg_ref = kseg_ref = None
   bq, bk = st.blocks.block_q_dkv, st.blocks.block_k_dkv
-  j = _block_index(st.padded_length // bk, st)
+  j = _block_index(st.padded_length // bk, st, owns_q=False)
   k, v = k_ref[...], v_ref[...]
   k_seg = None if kseg_ref is None else kseg_ref[...]
   c = st.scale * LOG2E
@@ -270,8 +286,8 @@ def _dkv_kernel(*refs, st: _Static):
   def step(qi, carry, g, masked):
     dk, dv = carry
     rows = pl.ds(pl.multiple_of(qi * bq, bq), bq)
-    q = q_ref[g, rows, :]
-    do = do_ref[g, rows, :]
+    q = _group_rows(q_ref, g, rows, st)
+    do = _group_rows(do_ref, g, rows, st)
     s = _dot_nt(q, k) * c
     q_seg = None if qseg_ref is None else qseg_ref[rows, :]
     mask = _mask(qi * bq, j * bk, s.shape, causal=st.causal and masked, kv_len=None,
@@ -300,13 +316,13 @@ def _dkv_kernel(*refs, st: _Static):
 # pallas_call plumbing.
 
 
-def _grid(n_blocks: int, b: int, h: int, st: _Static):
+def _grid(n_blocks: int, b: int, h: int, st: _Static, owns_q: bool = True):
   """Grid and an index-map adapter. Triton: the block axis first (adjacent programs share K/V in
   L2). Mosaic: the block axis last (consecutive steps keep the same K/V tile, so it is not
   re-copied into VMEM). Index maps are written as f(block, batch, head)."""
   if st.lowering == 'mosaic':
     return (b, h, n_blocks), lambda f: (lambda bi, hi, i: f(i, bi, hi))
-  if st.causal and st.lowering == 'triton':
+  if _reversed(st, owns_q):
     return (n_blocks, b, h), lambda f: (lambda i, bi, hi: f(n_blocks - 1 - i, bi, hi))
   return (n_blocks, b, h), lambda f: f
 
@@ -329,9 +345,9 @@ def _call(kernel, name, grid, in_specs, out_specs, out_shape, st: _Static):
       compiler_params=_compiler_params(st, len(grid)))
 
 
-def _seg_specs(block: int | None, lp: int, adapt, *, kv_block: bool):
-  """Specs for q segments [B, Lp, 1] and kv segments [B, 1, Lp]; `block` is the tile the grid
-  walks (None: full length), on the q side or, for the dkv kernel, on the kv side."""
+def _seg_specs(block: int, lp: int, adapt, *, kv_block: bool):
+  """Specs for q segments [B, Lp, 1] and kv segments [B, 1, Lp]: the side the grid walks gets
+  its [block] tile (the kv side for the dkv kernel, else the q side), the other side is whole."""
   full_q = pl.BlockSpec((None, lp, 1), adapt(lambda i, b, h: (b, 0, 0)))
   full_k = pl.BlockSpec((None, 1, lp), adapt(lambda i, b, h: (b, 0, 0)))
   if kv_block:
@@ -339,13 +355,41 @@ def _seg_specs(block: int | None, lp: int, adapt, *, kv_block: bool):
   return [pl.BlockSpec((None, block, 1), adapt(lambda i, b, h: (b, i, 0))), full_k]
 
 
+def _seq_spec(block: int, d: int, adapt, st: _Static, kv_head: bool = False):
+  """[block, D] rows of one head; rows of block index i, or all rows when block == Lp. With
+  `kv_head`, the head is the kv head serving query head hi (GQA)."""
+  whole = block == st.padded_length
+  g = st.groups if kv_head else 1
+
+  def index(i, bi, hi):
+    row, head = (0 if whole else i), lax.div(hi, g)
+    return (bi, head, row, 0) if st.layout == 'BHLD' else (bi, row, head, 0)
+  shape = (None, None, block, d) if st.layout == 'BHLD' else (None, block, None, d)
+  return pl.BlockSpec(shape, adapt(index))
+
+
+def _group_spec(d: int, adapt, st: _Static):
+  """All rows of the G query heads that share kv head ki."""
+  g, lp = st.groups, st.padded_length
+  if st.layout == 'BHLD':
+    return pl.BlockSpec((None, g, lp, d), adapt(lambda j, bi, ki: (bi, ki, 0, 0)))
+  return pl.BlockSpec((None, lp, g, d), adapt(lambda j, bi, ki: (bi, 0, ki, 0)))
+
+
+def _dims(x, st: _Static):
+  """(batch, heads, padded length, head dim) of an array in the kernel layout."""
+  if st.layout == 'BHLD':
+    return x.shape
+  b, lp, h, d = x.shape
+  return b, h, lp, d
+
+
 def _forward(q, k, v, segs, st: _Static):
-  b, h, lp, d = q.shape
-  g = st.groups
+  b, h, lp, d = _dims(q, st)
   bq = st.blocks.block_q
   grid, adapt = _grid(lp // bq, b, h, st)
-  tile = pl.BlockSpec((None, None, bq, d), adapt(lambda i, bi, hi: (bi, hi, i, 0)))
-  kv_full = pl.BlockSpec((None, None, lp, d), adapt(lambda i, bi, hi: (bi, hi // g, 0, 0)))
+  tile = _seq_spec(bq, d, adapt, st)
+  kv_full = _seq_spec(lp, d, adapt, st, kv_head=True)
   row = pl.BlockSpec((None, None, bq, 1), adapt(lambda i, bi, hi: (bi, hi, i, 0)))
   in_specs = [tile, kv_full, kv_full]
   if st.segments:
@@ -357,16 +401,16 @@ def _forward(q, k, v, segs, st: _Static):
 
 
 def _backward(q, k, v, segs, o, lse, do, st: _Static):
-  b, h, lp, d = q.shape
-  kh = k.shape[1]
-  g = st.groups
+  b, h, lp, d = _dims(q, st)
+  kh = h // st.groups
   # delta_i = sum_d dO_id O_id: a cheap bandwidth-bound reduction that XLA fuses well.
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  delta = (delta if st.layout == 'BHLD' else jnp.swapaxes(delta, 1, 2))[..., None]
 
   bq = st.blocks.block_q_dq
   grid, adapt = _grid(lp // bq, b, h, st)
-  tile = pl.BlockSpec((None, None, bq, d), adapt(lambda i, bi, hi: (bi, hi, i, 0)))
-  kv_full = pl.BlockSpec((None, None, lp, d), adapt(lambda i, bi, hi: (bi, hi // g, 0, 0)))
+  tile = _seq_spec(bq, d, adapt, st)
+  kv_full = _seq_spec(lp, d, adapt, st, kv_head=True)
   row = pl.BlockSpec((None, None, bq, 1), adapt(lambda i, bi, hi: (bi, hi, i, 0)))
   in_specs = [tile, kv_full, kv_full, tile, row, row]
   if st.segments:
@@ -375,11 +419,11 @@ def _backward(q, k, v, segs, o, lse, do, st: _Static):
              jax.ShapeDtypeStruct(q.shape, q.dtype), st)(q, k, v, do, lse, delta, *segs)
 
   bk = st.blocks.block_k_dkv
-  grid, adapt = _grid(lp // bk, b, kh, st)
+  grid, adapt = _grid(lp // bk, b, kh, st, owns_q=False)
   # One program per K/V tile and kv head; it reads the G query heads that share that kv head.
-  group = pl.BlockSpec((None, g, lp, d), adapt(lambda j, bi, ki: (bi, ki, 0, 0)))
-  group_row = pl.BlockSpec((None, g, lp, 1), adapt(lambda j, bi, ki: (bi, ki, 0, 0)))
-  kv_tile = pl.BlockSpec((None, None, bk, d), adapt(lambda j, bi, ki: (bi, ki, j, 0)))
+  group = _group_spec(d, adapt, st)
+  group_row = pl.BlockSpec((None, st.groups, lp, 1), adapt(lambda j, bi, ki: (bi, ki, 0, 0)))
+  kv_tile = _seq_spec(bk, d, adapt, st)
   in_specs = [group, kv_tile, kv_tile, group, group_row, group_row]
   if st.segments:
     in_specs += _seg_specs(bk, lp, adapt, kv_block=True)
@@ -394,14 +438,17 @@ def _backward(q, k, v, segs, o, lse, do, st: _Static):
 
 
 def _to_kernel_layout(x_BLHD, st: _Static):
-  x_BHLD = jnp.swapaxes(x_BLHD, 1, 2)
-  dp = _padded_head_dim(st)
-  return jnp.pad(x_BHLD, ((0, 0), (0, 0), (0, st.padded_length - st.length),
-                          (0, dp - st.head_dim)))
+  pad_l, pad_d = st.padded_length - st.length, _padded_head_dim(st) - st.head_dim
+  if pad_l or pad_d:
+    x_BLHD = jnp.pad(x_BLHD, ((0, 0), (0, pad_l), (0, 0), (0, pad_d)))
+  return jnp.swapaxes(x_BLHD, 1, 2) if st.layout == 'BHLD' else x_BLHD
 
 
-def _from_kernel_layout(x_BHLD, st: _Static):
-  return jnp.swapaxes(x_BHLD[:, :, :st.length, :st.head_dim], 1, 2)
+def _from_kernel_layout(x, st: _Static):
+  x_BLHD = jnp.swapaxes(x, 1, 2) if st.layout == 'BHLD' else x
+  if x_BLHD.shape[1] != st.length or x_BLHD.shape[3] != st.head_dim:
+    x_BLHD = x_BLHD[:, :st.length, :, :st.head_dim]
+  return x_BLHD
 
 
 def _padded_head_dim(st: _Static) -> int:
@@ -482,7 +529,8 @@ def flash_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, *,
   tile = math.lcm(*sizes)
   st = _Static(causal=bool(causal), scale=float(d ** -0.5 if sm_scale is None else sm_scale),
                blocks=blocks, length=l, padded_length=-(-l // tile) * tile, head_dim=d,
-               groups=h // kh, segments=segment_ids_BL is not None, lowering=lowering)
+               groups=h // kh, segments=segment_ids_BL is not None, lowering=lowering,
+               layout=_layout_for(lowering))
   return _flash(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, st)
 
 

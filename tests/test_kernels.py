@@ -78,22 +78,26 @@ def _attention_case(b, l, h, kh, d, *, causal, segments, dtype, block_sizes=None
 
 
 ATTENTION_CASES = [
-    # (b, l, h, kh, d, causal, segments, block_sizes): odd lengths, GQA 1/2/4, both masks,
-    # default blocks (clamped to the length) and mixed small blocks, with and without packing.
-    pytest.param(1, 37, 4, 2, 16, True, False, None, id='causal-gqa2-L37'),
-    pytest.param(2, 50, 2, 2, 32, False, True, fa.BlockSizes(16, 32, 16, 32, 32, 16),
+    # (b, l, h, kh, d, causal, segments, block_sizes, layout): odd lengths, GQA 1/2/4, both
+    # masks, default blocks (clamped to the length) and mixed small blocks, with and without
+    # packing; the GPU layout ([B, L, H, D] tiles) and, once, the TPU one (head-major).
+    # Bidirectional without segments (LLaDA) is also covered by the Transformer test below.
+    pytest.param(1, 37, 4, 2, 16, True, False, None, 'BLHD', id='causal-gqa2-L37'),
+    pytest.param(2, 50, 2, 2, 32, False, True, fa.BlockSizes(16, 32, 16, 32, 32, 16), 'BLHD',
                  id='bidir-segments-L50-blocks16/32'),
-    pytest.param(2, 64, 4, 1, 16, True, True, fa.BlockSizes(32, 16, 16, 16, 16, 32),
+    pytest.param(2, 64, 4, 1, 16, True, True, fa.BlockSizes(32, 16, 16, 16, 16, 32), 'BLHD',
                  id='causal-segments-mqa-L64-blocks32/16'),
-    pytest.param(1, 45, 2, 2, 16, False, False, fa.BlockSizes(16, 16, 32, 16, 16, 32),
-                 id='bidir-L45-blocks16/32'),
+    pytest.param(2, 45, 4, 2, 16, True, True, fa.BlockSizes(16, 16, 32, 16, 16, 32), 'BHLD',
+                 id='causal-segments-gqa2-L45-blocks16/32-headmajor'),
 ]
 
 
-@pytest.mark.parametrize('b,l,h,kh,d,causal,segments,block_sizes', ATTENTION_CASES)
-def test_flash_attention_float32(b, l, h, kh, d, causal, segments, block_sizes):
-  (ours, ref, _, xla), row_ok = _attention_case(b, l, h, kh, d, causal=causal, segments=segments,
-                                                dtype=jnp.float32, block_sizes=block_sizes)
+@pytest.mark.parametrize('b,l,h,kh,d,causal,segments,block_sizes,layout', ATTENTION_CASES)
+def test_flash_attention_float32(b, l, h, kh, d, causal, segments, block_sizes, layout):
+  with mock.patch.object(fa, '_layout_for', lambda lowering: layout):
+    (ours, ref, _, xla), row_ok = _attention_case(b, l, h, kh, d, causal=causal,
+                                                  segments=segments, dtype=jnp.float32,
+                                                  block_sizes=block_sizes)
   for name, a, r in zip(('out', 'dq', 'dk', 'dv'), ours, ref):
     assert np.all(np.isfinite(a)), name
     np.testing.assert_allclose(a, r, **F32_TOL, err_msg=f'{name} vs reference_attention')

@@ -1,0 +1,630 @@
+"""The reversal curse at toy scale: an AR model and a LLaDA model on the same facts.
+
+    python -m pathways_jax.main --config=experiments/reversal.py --workdir=runs/reversal \
+        [--config.data.facts_file=people.jsonl] [--config.reversal.num_test=50 ...]
+
+A world of made-up people (`pathways_jax.data.synthetic`), in two groups:
+  background  every fact stated in BOTH directions ("{name} is {D}." and "{D} is {name}."), in
+              the paraphrase templates 0..3 of each direction;
+  test        facts stated ONLY name-first (templates 0..3). `data.facts_file` (JSONL lines with
+              `name` and `description`) replaces the generated test group; the background stays.
+Template 4 of each direction is held out of training for everyone.
+
+Each training row is one fact sentence: bos, the sentence, eos, then eos padding to the row length
+(LLaDA's SFT format: the padding is masked and trained like any token, so the model learns where an
+answer ends). An AR model and a LLaDA model of the same size and tokenizer are trained on the same
+rows; each trains until it knows the forward facts of the test group (greedy exact match on a seen
+name-first template >= `reversal.target_forward`, checked every `reversal.check_every` steps) or
+until its step cap. LLaDA's recipe: the pretraining loss on a `1 - sft_fraction` share of the rows
+(any token may be masked: this is what teaches description -> name) and, on the other rows, the
+SFT loss with the sentence's prompt never masked (prompt -> answer, the way the forward question is
+asked). A control LLaDA run (the background group name-first only, the same number of sentences,
+the same steps as the main LLaDA run) shows what the two-way background contributes.
+
+Evaluation on the test people only (greedy decoding, exact match of the answer phrase):
+  forward            name-first prompt of a seen template -> description (mean over templates 0..3)
+  forward_heldout    the held-out name-first template 4
+  reverse            description-first prompt of a template seen for the background -> name
+  reverse_heldout    the held-out description-first template 4
+  llada_infill       LLaDA fills the masked name slot of the name-first training sentence
+  *_rank_reverse     rank of the true name among all names for the reverse prompt (template 0):
+                     AR by sum log p(name + '.'); LLaDA by the masked score: the whole name slot
+                     masked at once, sum of log p of its tokens (the l = L term of LLaDA's bound,
+                     one forward pass per prompt and name length)
+Results go to WORKDIR/results.json (fractions in [0, 1]; steps and training FLOPs per model).
+"""
+
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import random
+import time
+
+import ml_collections
+import numpy as np
+
+from pathways_jax.config import base_config
+
+_LOG = logging.getLogger(__name__)
+TRAIN_TEMPLATES = (0, 1, 2, 3)
+HELDOUT_TEMPLATE = 4
+
+
+def get_config():
+  c = base_config()
+  c.name = 'reversal'
+  c.seed = 0
+  c.data.corpus = 'synthetic'  # the world; rows are built by this experiment, not the pipeline
+  c.data.tokenizer = 'sentencepiece'
+  c.data.vocab_size = 512
+  c.data.batch_size = 32
+  c.data.seq_len = 0  # 0: the longest sentence, rounded up to a multiple of 8
+  c.data.facts_file = ''  # JSONL {name, description}: replaces the generated test group
+  c.model.d_model = 128
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 4
+  c.model.mlp_dim = 384
+  c.model.max_len = 64
+  c.train.lr = 3e-3
+  c.train.schedule = 'constant'
+  c.train.warmup_steps = 100
+  c.train.weight_decay = 0.0
+  c.train.log_every = 100
+  c.reversal = r = ml_collections.ConfigDict()
+  r.world_seed = 0
+  r.num_background = 80
+  r.num_test = 40
+  r.ar_max_steps = 2000
+  r.llada_max_steps = 3000
+  r.check_every = 250
+  r.target_forward = 0.9  # stop once this fraction of forward facts is known (seen template)
+  r.sft_fraction = 0.5  # LLaDA: share of rows trained with the prompt never masked
+  r.control = True  # also train the control LLaDA (background name-first only)
+  r.eval_limit = 0  # > 0: evaluate only the first N test people (quick runs)
+  return c
+
+
+# ------------------------------------------------------------------------------------- the world
+
+@dataclasses.dataclass(frozen=True)
+class Entity:
+  """What a fact sentence needs of a person (synthetic.Person or a line of the facts file)."""
+  name: str
+  first_name: str
+  description: str
+  city: str
+
+
+def _entity(p) -> Entity:
+  return Entity(p.name, p.first_name, p.description, p.city)
+
+
+def load_facts_file(path: str, cities) -> list[Entity]:
+  from pathways_jax.data.corpora import DataError
+  out = []
+  with open(path, encoding='utf-8') as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f'{path}:{lineno}: invalid JSON ({e.msg})') from None
+      if not isinstance(rec, dict) or not isinstance(rec.get('name'), str) or not isinstance(
+          rec.get('description'), str) or not rec['name'].strip() or not rec['description'].strip():
+        raise DataError(f'{path}:{lineno}: needs non-empty string fields "name" and "description"')
+      name, desc = ' '.join(rec['name'].split()), ' '.join(rec['description'].split()).rstrip('.')
+      city = random.Random(f'reversal/{name}').choice(cities)
+      out.append(Entity(name, name.split()[0], desc, city))
+  if not out:
+    raise DataError(f'{path}: no facts')
+  return out
+
+
+def make_groups(cfg) -> tuple[list[Entity], list[Entity]]:
+  from pathways_jax.data import synthetic
+  from pathways_jax.data.corpora import DataError
+  r = cfg.reversal
+  n_test = 0 if cfg.data.facts_file else r.num_test
+  world = synthetic.make_world(r.world_seed, r.num_background + n_test)
+  people = [_entity(p) for p in world.people]
+  background, test = people[:r.num_background], people[r.num_background:]
+  if cfg.data.facts_file:
+    test = load_facts_file(cfg.data.facts_file, world.cities)
+  names = [p.name for p in background + test]
+  descs = [p.description.lower() for p in background + test]
+  if len(set(names)) != len(names) or len(set(descs)) != len(descs):
+    raise DataError('names and descriptions must be unique across the test and background groups')
+  return background, test
+
+
+# ----------------------------------------------------------------------------------- tokenizing
+
+@dataclasses.dataclass
+class Row:
+  tokens: list[int]  # bos + sentence + eos (no padding)
+  prompt_len: int  # tokens before the answer (bos included)
+  answer: tuple[int, int]  # token range of the answer phrase
+  name: tuple[int, int]  # token range of the (first) full name
+  text: str
+  answer_text: str
+
+
+def encode_fact(tok, person: Entity, direction: str, template: int) -> Row:
+  """The fact as tokens, pieces tokenized separately so the name and answer spans are exact.
+
+  Cuts are made before the space that starts the name / answer (and before the final '.'), so
+  every prompt ends on a word and every answer starts with its own leading-space token.
+  """
+  from pathways_jax.data import synthetic
+  f = synthetic.fact_sentence(person, direction, template)
+  text = f.text
+  ns = text.find(person.name)
+  spans = {'answer': (f.answer_start, f.answer_end), 'name': (ns, ns + len(person.name))}
+  cuts = {0, len(text)}
+  for s, e in spans.values():
+    cuts |= {s - 1 if s > 0 and text[s - 1] == ' ' else s, e}
+  cuts = sorted(cuts)
+  ids, starts = [tok.bos_id], {}
+  for a, b in zip(cuts[:-1], cuts[1:]):
+    starts[a] = len(ids)
+    ids += list(tok.encode(text[a:b]))
+  starts[len(text)] = len(ids)
+
+  def rng(s, e):
+    s = s - 1 if s > 0 and text[s - 1] == ' ' else s
+    return starts[s], starts[e]
+
+  ids.append(tok.eos_id)
+  a = rng(*spans['answer'])
+  return Row(ids, a[0], a, rng(*spans['name']), text, f.answer)
+
+
+def make_tokenizer(background, test, vocab_size: int, cache_dir: str):
+  """A sentencepiece model trained on every sentence of both groups (all templates)."""
+  import hashlib
+  from pathways_jax.data import synthetic, tokenizers
+  texts = [synthetic.fact_sentence(p, d, t).text for p in background + test
+           for d in synthetic.DIRECTIONS for t in range(synthetic.NUM_TEMPLATES[d])]
+  key = hashlib.blake2b(repr((texts, vocab_size)).encode(), digest_size=10).hexdigest()
+  prefix = os.path.join(cache_dir, f'reversal-sp{vocab_size}-{key}')
+  if os.path.isfile(prefix + '.model'):
+    return tokenizers.SentencePieceTokenizer.from_file(prefix + '.model')
+  return tokenizers.train_sentencepiece(texts, vocab_size, prefix)
+
+
+def training_rows(tok, background, test, *, control: bool) -> list[Row]:
+  """Main: background both ways (8 sentences each), test name-first (4 each).
+  Control: background name-first only, each sentence twice (the same sentence count)."""
+  rows = []
+  for p in background:
+    for t in TRAIN_TEMPLATES:
+      rows.append(encode_fact(tok, p, 'name_first', t))
+      rows.append(encode_fact(tok, p, 'name_first' if control else 'description_first', t))
+  for p in test:
+    rows += [encode_fact(tok, p, 'name_first', t) for t in TRAIN_TEMPLATES]
+  return rows
+
+
+def to_arrays(rows: list[Row], seq_len: int, eos_id: int):
+  """tokens [N, L] (eos-padded), prompt [N, L] bool (bos + prompt), real [N, L] bool (not padding)."""
+  n = len(rows)
+  tokens = np.full((n, seq_len), eos_id, np.int32)
+  prompt = np.zeros((n, seq_len), bool)
+  real = np.zeros((n, seq_len), bool)
+  for i, r in enumerate(rows):
+    tokens[i, :len(r.tokens)] = r.tokens
+    prompt[i, :r.prompt_len] = True
+    real[i, :len(r.tokens)] = True
+  return tokens, prompt, real
+
+
+# ------------------------------------------------------------------------------------- training
+
+def _loss_fn(kind: str, model, mask_id: int, sft_fraction: float):
+  import jax
+  import jax.numpy as jnp
+  from pathways_jax.objectives import autoregressive
+  from pathways_jax.objectives import diffusion
+
+  def ar_loss(params, batch, key):
+    del key
+    tokens = batch['tokens']
+    logits = model.apply({'params': params}, tokens)
+    # Targets up to and including the first eos; the eos padding after it carries no target.
+    return autoregressive.loss(logits, tokens, batch['real'].astype(jnp.int32))
+
+  def llada_loss(params, batch, key):
+    tokens, prompt = batch['tokens'], batch['prompt']
+    k_row, k_mask = jax.random.split(key)
+    b, l = tokens.shape
+    sft_row = jax.random.uniform(k_row, (b,)) < sft_fraction
+    maskable = jnp.arange(l)[None, :] > 0  # bos is never masked
+    noisy, masked, p_mask = diffusion.forward_process(k_mask, tokens, mask_id=mask_id,
+                                                      valid_BL=maskable)
+    protect = prompt & sft_row[:, None]
+    noisy, masked = diffusion.unmask_prompt(noisy, masked, tokens, protect)
+    logits = model.apply({'params': params}, noisy)
+    pt_valid = maskable & ~sft_row[:, None]
+    pt, m = diffusion.loss(logits, tokens, masked, p_mask, valid_BL=pt_valid)
+    sft, _ = diffusion.sft_loss(logits, tokens, masked, p_mask, prompt | ~maskable,
+                                valid_BL=maskable & sft_row[:, None])
+    has_pt, has_sft = jnp.any(~sft_row), jnp.any(sft_row)
+    total = jnp.where(has_pt, pt, 0.0) * (1 - sft_fraction) + jnp.where(has_sft, sft, 0.0) * (
+        sft_fraction)
+    return total, {'ce': m['ce'], 'accuracy': m['accuracy']}
+
+  return ar_loss if kind == 'ar' else llada_loss
+
+
+def train_model(kind: str, cfg, model_cfg, arrays, *, max_steps: int, check_fn=None,
+                log_path: str | None = None, quiet: bool = False, fixed_steps: bool = False):
+  """Trains until check_fn(params) >= target (every check_every steps) or max_steps.
+
+  Returns (params, steps, history) where history lists the checks (step, forward accuracy).
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from pathways_jax.models.transformer import Transformer
+  from pathways_jax.train import optimizer as opt_lib
+
+  r = cfg.reversal
+  model = Transformer(model_cfg)
+  tcfg = ml_collections.ConfigDict(cfg.train.to_dict())
+  tcfg.steps = max_steps
+  tx = opt_lib.make_optimizer(tcfg)
+  tokens, prompt, real = arrays
+  n, seq_len = tokens.shape
+  bs = min(cfg.data.batch_size, n)
+  seed = cfg.seed + (0 if kind == 'ar' else 1)
+  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))['params'])
+  opt_state = tx.init(params)
+  loss_fn = _loss_fn(kind, model, cfg.data.mask_id, float(r.sft_fraction))
+
+  @jax.jit
+  def step_fn(params, opt_state, batch, step):
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {**metrics, 'loss': loss}
+
+  rng = np.random.default_rng(seed)
+  order, pos = rng.permutation(n), 0
+  history, step, t0 = [], 0, time.time()
+  log = open(log_path, 'a') if log_path else None
+  try:
+    while step < max_steps:
+      if pos + bs > n:
+        order, pos = rng.permutation(n), 0
+      idx = order[pos:pos + bs]
+      pos += bs
+      batch = {'tokens': tokens[idx], 'prompt': prompt[idx], 'real': real[idx]}
+      params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.int32(step))
+      step += 1
+      if step % cfg.train.log_every == 0 and log:
+        m = {k: float(v) for k, v in metrics.items()}
+        log.write(json.dumps({'model': kind, 'step': step, **m,
+                              'elapsed_s': round(time.time() - t0, 1)}) + '\n')
+        log.flush()
+      if check_fn is not None and (step % r.check_every == 0 or step == max_steps):
+        acc = check_fn(params)
+        history.append((step, acc))
+        if not quiet:
+          print(f'[{kind}] step {step}: loss {float(metrics["loss"]):.3f}, forward (seen) '
+                f'{acc:.3f}, {time.time() - t0:.0f}s', flush=True)
+        if log:
+          log.write(json.dumps({'model': kind, 'step': step, 'check_forward': acc}) + '\n')
+          log.flush()
+        if acc >= r.target_forward and not fixed_steps:
+          break
+  finally:
+    if log:
+      log.close()
+  return params, step, history, time.time() - t0
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+def _left_pad(seqs, pad_id, width=0):
+  p = max([width] + [len(s) for s in seqs])
+  out = np.full((len(seqs), p), pad_id, np.int32)
+  mask = np.zeros((len(seqs), p), bool)
+  for i, s in enumerate(seqs):
+    out[i, p - len(s):] = s
+    mask[i, p - len(s):] = True
+  return out, mask
+
+
+def _answer_text(tok, ids) -> str:
+  ids = [int(i) for i in ids]
+  if tok.eos_id in ids:
+    ids = ids[:ids.index(tok.eos_id)]
+  ids = [i for i in ids if i > 3]
+  return tok.decode(ids).split('.')[0].strip()
+
+
+_LOG_PROBS = {}
+
+
+def _log_probs(model, params, tokens_BL):
+  """log_softmax(model(tokens)), jitted once per model."""
+  import jax
+  if model not in _LOG_PROBS:
+    _LOG_PROBS[model] = jax.jit(
+        lambda p, t: jax.nn.log_softmax(model.apply({'params': p}, t).astype('float32'), -1))
+  return _LOG_PROBS[model](params, tokens_BL)
+
+
+class Evaluator:
+  """Greedy exact match, infilling and ranking on a list of test people."""
+
+  def __init__(self, tok, model, params, kind, seq_len, gen_length, mask_id=3, batch=256,
+               prompt_width=0):
+    self.tok, self.model, self.params, self.kind = tok, model, params, kind
+    self.prompt_width = prompt_width
+    self.seq_len, self.gen_length, self.mask_id, self.batch = seq_len, gen_length, mask_id, batch
+
+  def generate(self, prompts: list[list[int]]) -> list[list[int]]:
+    import jax
+    from pathways_jax.sampling import autoregressive as ar_samp
+    from pathways_jax.sampling import diffusion as d_samp
+    outs = []
+    for s in range(0, len(prompts), self.batch):
+      chunk = prompts[s:s + self.batch]
+      # One fixed shape (prompt width, batch rows) per model: a single compile for every query.
+      chunk = chunk + [chunk[-1]] * (self.batch - len(chunk))
+      x, m = _left_pad(chunk, 0, self.prompt_width)
+      if self.kind == 'ar':
+        y = ar_samp.generate(self.model, self.params, x, key=jax.random.key(0),
+                             max_new_tokens=self.gen_length, temperature=0.0, prompt_mask_BP=m,
+                             eos_id=self.tok.eos_id)
+      else:
+        y = d_samp.generate(self.model, self.params, x, mask_id=self.mask_id,
+                            key=jax.random.key(0), gen_length=self.gen_length,
+                            steps=self.gen_length, block_length=self.gen_length, prompt_mask_BP=m)
+      outs += [list(map(int, row)) for row in np.asarray(y)[:, x.shape[1]:]]
+    return outs[:len(prompts)]
+
+  def exact_match(self, rows: list[Row]) -> float:
+    gens = self.generate([r.tokens[:r.prompt_len] for r in rows])
+    return float(np.mean([_answer_text(self.tok, g) == r.answer_text.strip()
+                          for g, r in zip(gens, rows)]))
+
+  def infill_name(self, rows: list[Row]) -> float:
+    import jax
+    from pathways_jax.sampling import diffusion as d_samp
+    tokens, _, _ = to_arrays(rows, self.seq_len, self.tok.eos_id)
+    for i, r in enumerate(rows):
+      tokens[i, r.name[0]:r.name[1]] = self.mask_id
+    steps = max(r.name[1] - r.name[0] for r in rows)
+    correct = []
+    for s in range(0, len(rows), self.batch):
+      y = np.asarray(d_samp.infill(self.model, self.params, tokens[s:s + self.batch],
+                                   mask_id=self.mask_id, key=jax.random.key(0), steps=steps))
+      for row, r in zip(y, rows[s:s + self.batch]):
+        correct.append(list(row[r.name[0]:r.name[1]]) == r.tokens[r.name[0]:r.name[1]])
+    return float(np.mean(correct))
+
+  def rank_names(self, rows: list[Row], candidates: list[list[int]]) -> dict:
+    """rows: reverse prompts of the test people; candidates[j]: token ids of name j.
+    Returns top-1 accuracy and mean reciprocal rank of each row's own name."""
+    apply = lambda p, t: _log_probs(self.model, p, t)
+    kmax = max(len(c) for c in candidates)
+    cand_index = {tuple(c): j for j, c in enumerate(candidates)}
+    top1, rr = [], []
+    for r in rows:
+      prompt = r.tokens[:r.prompt_len]
+      suffix = r.tokens[r.answer[1]:]  # '.' and eos
+      true = tuple(r.tokens[r.answer[0]:r.answer[1]])
+      scores = np.zeros(len(candidates))
+      if self.kind == 'ar':
+        seqs = [prompt + list(c) + suffix[:1] for c in candidates]
+        x = np.full((len(seqs), self.seq_len + kmax), self.tok.eos_id, np.int32)
+        for j, s in enumerate(seqs):
+          x[j, :len(s)] = s
+        lp = np.asarray(apply(self.params, x))
+        for j, s in enumerate(seqs):
+          t = np.arange(len(prompt), len(s))
+          scores[j] = lp[j, t - 1, np.asarray(s)[t]].sum()
+      else:
+        by_len = {}
+        for j, c in enumerate(candidates):
+          by_len.setdefault(len(c), []).append(j)
+        x = np.full((kmax, self.seq_len + kmax), self.tok.eos_id, np.int32)
+        for k in range(1, kmax + 1):  # row k - 1: the prompt, k masks, '.', eos padding
+          s = prompt + [self.mask_id] * k + suffix
+          x[k - 1, :len(s)] = s
+        lp = np.asarray(apply(self.params, x))
+        for k in by_len:
+          i = k - 1
+          pos = np.arange(len(prompt), len(prompt) + k)
+          for j in by_len[k]:
+            scores[j] = lp[i, pos, np.asarray(candidates[j])].sum()
+      own = scores[cand_index[true]]
+      rank = 1 + int(np.sum(scores > own))
+      top1.append(rank == 1)
+      rr.append(1.0 / rank)
+    return {'top1': float(np.mean(top1)), 'mrr': float(np.mean(rr))}
+
+
+def evaluate_model(ev: Evaluator, tok, test, background) -> dict:
+  out = {}
+  fwd = [encode_fact(tok, p, 'name_first', t) for p in test for t in TRAIN_TEMPLATES]
+  out['forward'] = ev.exact_match(fwd)
+  out['forward_heldout'] = ev.exact_match(
+      [encode_fact(tok, p, 'name_first', HELDOUT_TEMPLATE) for p in test])
+  rev = [encode_fact(tok, p, 'description_first', t) for p in test for t in TRAIN_TEMPLATES]
+  out['reverse'] = ev.exact_match(rev)
+  out['reverse_heldout'] = ev.exact_match(
+      [encode_fact(tok, p, 'description_first', HELDOUT_TEMPLATE) for p in test])
+  if ev.kind == 'llada':
+    out['infill_reverse'] = ev.infill_name([encode_fact(tok, p, 'name_first', 0) for p in test])
+  cands = [encode_fact(tok, p, 'description_first', 0) for p in background + test]
+  cand_ids = [c.tokens[c.answer[0]:c.answer[1]] for c in cands]
+  rank = ev.rank_names([encode_fact(tok, p, 'description_first', 0) for p in test], cand_ids)
+  out['rank_reverse'] = rank['top1']
+  out['rank_reverse_mrr'] = rank['mrr']
+  return out
+
+
+# ------------------------------------------------------------------------------------------ run
+
+def save_model(workdir: str, kind: str, model_cfg, params) -> None:
+  """WORKDIR/{kind}.msgpack (params) and {kind}.json (model config): for benchmarks, notebooks."""
+  from flax import serialization
+  with open(os.path.join(workdir, f'{kind}.msgpack'), 'wb') as f:
+    f.write(serialization.to_bytes(params))
+  with open(os.path.join(workdir, f'{kind}.json'), 'w') as f:
+    json.dump(dataclasses.asdict(model_cfg), f)
+
+
+def load_model(workdir: str, kind: str):
+  """(Transformer, params) saved by `run`."""
+  import jax
+  import jax.numpy as jnp
+  from flax import serialization
+  from pathways_jax import config as config_lib
+  from pathways_jax.models.transformer import Transformer
+  with open(os.path.join(workdir, f'{kind}.json')) as f:
+    mcfg = config_lib.ModelConfig(**json.load(f))
+  model = Transformer(mcfg)
+  import flax.linen as nn
+  target = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
+                                                      jnp.zeros((1, 8), jnp.int32))['params']))
+  target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), target)
+  with open(os.path.join(workdir, f'{kind}.msgpack'), 'rb') as f:
+    params = serialization.from_bytes(target, f.read())
+  return model, params
+
+
+def load_tokenizer(workdir: str):
+  import glob
+  from pathways_jax.data import tokenizers
+  path = sorted(glob.glob(os.path.join(workdir, 'reversal-sp*.model')))[-1]
+  return tokenizers.SentencePieceTokenizer.from_file(path)
+
+
+def run(cfg, workdir: str, quiet: bool = False) -> dict:
+  import jax
+  from pathways_jax import config as config_lib
+  from pathways_jax.models.transformer import Transformer
+  from pathways_jax.train import metrics as metrics_lib
+
+  os.makedirs(workdir, exist_ok=True)
+  r = cfg.reversal
+  t_start = time.time()
+  background, test = make_groups(cfg)
+  tok = make_tokenizer(background, test, cfg.data.vocab_size, workdir)
+  main_rows = training_rows(tok, background, test, control=False)
+  from pathways_jax.data import synthetic
+  all_len = max(len(encode_fact(tok, p, d, t).tokens) for p in background + test
+                for d in synthetic.DIRECTIONS for t in range(synthetic.NUM_TEMPLATES[d]))
+  seq_len = cfg.data.seq_len or -(-all_len // 8) * 8
+  if seq_len < all_len:
+    raise config_lib.ConfigError(f'config.data.seq_len={seq_len} is shorter than the longest '
+                                 f'sentence ({all_len} tokens)')
+  max_answer = max(encode_fact(tok, p, d, 0).answer[1] - encode_fact(tok, p, d, 0).answer[0]
+                   for p in test for d in synthetic.DIRECTIONS)
+  gen_length = -(-(max_answer + 2) // 4) * 4  # answer, '.', eos, rounded up
+  prompt_width = max(encode_fact(tok, p, d, t).prompt_len for p in background + test
+                     for d in synthetic.DIRECTIONS for t in range(synthetic.NUM_TEMPLATES[d]))
+  vocab = config_lib.round_vocab(tok.vocab_size)
+  base_model = config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab).replace(
+      max_len=max(cfg.model.max_len, seq_len + gen_length))
+  ar_cfg, ll_cfg = base_model.replace(causal=True), base_model.replace(causal=False)
+  eval_test = test[:r.eval_limit] if r.eval_limit > 0 else test
+  eval_batch = min(256, len(TRAIN_TEMPLATES) * len(eval_test))
+  check_rows = [encode_fact(tok, p, 'name_first', 0) for p in eval_test]
+  log_path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(log_path):
+    os.remove(log_path)
+  if not quiet:
+    print(f'reversal: {len(background)} background + {len(test)} test people, '
+          f'{len(main_rows)} training sentences, seq_len {seq_len}, vocab {vocab}, '
+          f'{jax.device_count()} {jax.devices()[0].platform} device(s)', flush=True)
+
+  def checker(kind, mcfg):
+    model = Transformer(mcfg)
+    return lambda params: Evaluator(tok, model, params, kind, seq_len, gen_length,
+                                    prompt_width=prompt_width, batch=eval_batch).exact_match(
+        check_rows)
+
+  arrays = to_arrays(main_rows, seq_len, tok.eos_id)
+  results: dict = {}
+  models = {}
+  for kind, mcfg, cap in (('ar', ar_cfg, r.ar_max_steps), ('llada', ll_cfg, r.llada_max_steps)):
+    params, steps, hist, secs = train_model(kind, cfg, mcfg, arrays, max_steps=cap,
+                                            check_fn=checker(kind, mcfg), log_path=log_path,
+                                            quiet=quiet)
+    ev = Evaluator(tok, Transformer(mcfg), params, kind, seq_len, gen_length,
+                   prompt_width=prompt_width, batch=eval_batch)
+    res = evaluate_model(ev, tok, eval_test, background)
+    fpt = metrics_lib.flops_per_token(mcfg, seq_len)
+    results.update({f'{kind}_{k}': v for k, v in res.items()})
+    results[f'{kind}_steps'] = steps
+    results[f'{kind}_train_flops'] = fpt * steps * min(cfg.data.batch_size, len(main_rows)) * seq_len
+    results[f'{kind}_train_seconds'] = round(secs, 1)
+    results[f'{kind}_forward_checks'] = hist
+    models[kind] = (mcfg, params)
+    save_model(workdir, kind, mcfg, params)
+    if not quiet:
+      print(f'[{kind}] ' + ', '.join(f'{k} {v:.3f}' for k, v in res.items()), flush=True)
+  if r.control:
+    crows = training_rows(tok, background, test, control=True)
+    params, steps, hist, secs = train_model(
+        'llada_control', cfg, ll_cfg, to_arrays(crows, seq_len, tok.eos_id),
+        max_steps=results['llada_steps'], check_fn=checker('llada', ll_cfg), log_path=log_path,
+        quiet=quiet, fixed_steps=True)
+    ev = Evaluator(tok, Transformer(ll_cfg), params, 'llada', seq_len, gen_length,
+                   prompt_width=prompt_width, batch=eval_batch)
+    res = evaluate_model(ev, tok, eval_test, background)
+    results.update({f'llada_{k}_control': v for k, v in res.items()})
+    results['llada_control_steps'] = steps
+    results['llada_control_train_seconds'] = round(secs, 1)
+    if not quiet:
+      print('[llada control] ' + ', '.join(f'{k} {v:.3f}' for k, v in res.items()), flush=True)
+  results['llada_rank_method'] = ('masked score: name slot fully masked, sum log p of its tokens '
+                                  '(one forward pass per prompt and name length)')
+  results['ar_rank_method'] = "sum log p(name + '.' | prompt)"
+  n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(models['ar'][1])))
+  results.update({
+      'num_test': len(eval_test), 'num_background': len(background),
+      'num_candidates': len(background) + len(test), 'train_sentences': len(main_rows),
+      'seq_len': seq_len, 'gen_length': gen_length, 'prompt_width': prompt_width, 'params': n_params,
+      'batch_size': min(cfg.data.batch_size, len(main_rows)),
+      'facts_file': cfg.data.facts_file or None,
+      'wall_seconds': round(time.time() - t_start, 1),
+      'device': f'{jax.devices()[0].platform} x{jax.device_count()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)',
+      'date': time.strftime('%Y-%m-%d'),
+      'config': cfg.to_dict(),
+      'versions': {'jax': jax.__version__, 'python': platform.python_version()},
+  })
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2, default=str)
+  if not quiet:
+    print(format_table(results), flush=True)
+  return results
+
+
+def format_table(res: dict) -> str:
+  g = lambda k: f'{res[k]:.2f}' if isinstance(res.get(k), (int, float)) else '-'
+  lines = ['| model | forward | forward (held-out tmpl) | reverse | reverse (held-out tmpl) | '
+           'infill name | rank reverse (top-1) | steps | train FLOPs |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for kind, label, suf in (('ar', 'AR', ''), ('llada', 'LLaDA', ''),
+                           ('llada', 'LLaDA control', '_control')):
+    if f'{kind}_forward{suf}' not in res:
+      continue
+    steps = res.get(f'{kind}_steps' if not suf else 'llada_control_steps', '-')
+    flops = res.get(f'{kind}_train_flops') if not suf else res.get('llada_train_flops')
+    lines.append(f'| {label} | {g(f"{kind}_forward{suf}")} | {g(f"{kind}_forward_heldout{suf}")} | '
+                 f'{g(f"{kind}_reverse{suf}")} | {g(f"{kind}_reverse_heldout{suf}")} | '
+                 f'{g(f"{kind}_infill_reverse{suf}")} | {g(f"{kind}_rank_reverse{suf}")} | '
+                 f'{steps} | {flops:.2e} |')
+  return '\n'.join(lines)

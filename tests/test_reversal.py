@@ -1,0 +1,98 @@
+"""The reversal-curse experiment: a tiny smoke run (fast) and the full run (slow, `make reproduce`)."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from helpers import REPO
+
+_PATH = os.path.join(REPO, 'experiments', 'reversal.py')
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location('reversal_experiment', _PATH)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _tiny_config(mod, **reversal):
+  cfg = mod.get_config()
+  cfg.data.vocab_size = 320
+  cfg.data.batch_size = 16
+  cfg.model.d_model = 32
+  cfg.model.num_layers = 1
+  cfg.model.num_heads = 2
+  cfg.model.num_kv_heads = 2
+  cfg.model.mlp_dim = 64
+  cfg.train.warmup_steps = 2
+  cfg.train.log_every = 5
+  r = cfg.reversal
+  r.num_background, r.num_test = 6, 3
+  r.ar_max_steps, r.llada_max_steps, r.check_every = 10, 10, 10
+  for k, v in reversal.items():
+    setattr(r, k, v)
+  return cfg
+
+
+RESULT_KEYS = ('ar_forward', 'ar_reverse', 'llada_forward', 'llada_reverse', 'llada_infill_reverse',
+               'ar_forward_heldout', 'ar_reverse_heldout', 'llada_forward_heldout',
+               'llada_reverse_heldout', 'ar_rank_reverse', 'llada_rank_reverse',
+               'llada_reverse_control')
+
+
+def test_tiny_reversal_run(tmp_path):
+  mod = _module()
+  res = mod.run(_tiny_config(mod), str(tmp_path), quiet=True)
+  on_disk = json.loads((tmp_path / 'results.json').read_text())
+  for k in RESULT_KEYS:
+    assert 0.0 <= on_disk[k] <= 1.0, k
+    assert on_disk[k] == res[k]
+  for kind in ('ar', 'llada'):
+    assert on_disk[f'{kind}_steps'] == 10
+    assert on_disk[f'{kind}_train_flops'] > 0
+  assert on_disk['llada_control_steps'] == on_disk['llada_steps']
+  assert (tmp_path / 'metrics.jsonl').read_text().count('\n') >= 4
+  model, params = mod.load_model(str(tmp_path), 'llada')  # saved for benchmarks/notebooks
+  assert not model.cfg.causal and params
+
+
+def test_rows_and_facts_file(tmp_path):
+  mod = _module()
+  facts = tmp_path / 'people.jsonl'
+  facts.write_text('{"name": "Ada Quill", "description": "the author of the tin atlas"}\n'
+                   '\n{"name": "Bo Venn", "description": "the keeper of the salt bell."}\n')
+  cfg = _tiny_config(mod)
+  cfg.data.facts_file = str(facts)
+  background, test = mod.make_groups(cfg)
+  assert [p.name for p in test] == ['Ada Quill', 'Bo Venn'] and len(background) == 6
+  tok = mod.make_tokenizer(background, test, 320, str(tmp_path))
+  rows = mod.training_rows(tok, background, test, control=False)
+  control = mod.training_rows(tok, background, test, control=True)
+  assert len(rows) == len(control) == 6 * 8 + 2 * 4
+  # Test people appear name-first only; the control has no description-first sentence at all.
+  assert not any(r.text.startswith('The author of the tin atlas') for r in rows)
+  assert all('Bo Venn' not in r.text or r.text.index('Bo Venn') < r.text.index('the keeper')
+             for r in rows)
+  r = mod.encode_fact(tok, test[1], 'description_first', 0)
+  assert tok.decode(r.tokens[r.answer[0]:r.answer[1]]).strip() == 'Bo Venn'
+  assert r.name == r.answer and r.tokens[0] == tok.bos_id and r.tokens[-1] == tok.eos_id
+  f = mod.encode_fact(tok, test[0], 'name_first', 2)  # "Ask about {name} and ... {first} is ..."
+  assert tok.decode(f.tokens[f.name[0]:f.name[1]]).strip() == 'Ada Quill'
+  assert tok.decode(f.tokens[f.answer[0]:f.answer[1]]).strip() == 'the author of the tin atlas'
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"name": "X"}\n')
+  cfg.data.facts_file = str(bad)
+  with pytest.raises(ValueError, match='bad.jsonl:1'):
+    mod.make_groups(cfg)
+
+
+@pytest.mark.slow
+def test_full_reversal_run(tmp_path):
+  """The default run (about 15-40 min on 2 CPU cores): the claims the README reports."""
+  mod = _module()
+  res = mod.run(mod.get_config(), str(tmp_path), quiet=True)
+  assert res['ar_forward'] >= 0.8
+  assert res['ar_reverse'] <= 0.05
+  assert res['llada_reverse'] >= res['ar_reverse'] + 0.3

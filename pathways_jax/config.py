@@ -69,6 +69,13 @@ def base_config() -> ml_collections.ConfigDict:
   d.synthetic.num_people = 200
   d.synthetic.num_stories = 200
   d.synthetic.num_arithmetic = 2000
+  # Random-token spans written over the TRAIN split (RHO-1 experiments); batches then carry a
+  # per-token `noise` field. fraction 0: off, nothing changes.
+  d.noise = ml_collections.ConfigDict()
+  d.noise.fraction = 0.0  # expected share of the tokens overwritten
+  d.noise.span_min = 4
+  d.noise.span_max = 32
+  d.noise.seed = 0  # apart from the training seed: the same noisy stream across runs
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 300
@@ -96,6 +103,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion = df = ml_collections.ConfigDict()  # LLaDA (objective='diffusion')
   df.eps = 1e-3  # p_mask = (1 - eps) t + eps
   df.random_length_prob = 0.01  # LLaDA: 1% of batches cut to a random length (no recompiles)
+
+  # RHO-1 selective language modelling (docs/rho1.md): train on the top `ratio` of the targets by
+  # score; the base objective stays `objective` (autoregressive or diffusion).
+  c.selective = sl = ml_collections.ConfigDict()
+  sl.enabled = False
+  sl.ratio = 0.6  # fraction of the valid targets kept, in (0, 1]
+  sl.per_sequence = False  # rank within each row instead of across the global batch
+  sl.score = 'excess'  # 'excess' | 'reference_loss' | 'reference_entropy' | 'random' | 'oracle'
+  sl.mode = 'online'  # 'online': reference forward inside the step | 'offline': cached L_ref
+  sl.reference = rf = ml_collections.ConfigDict()  # the reference model (a run directory)
+  rf.workdir = ''  # its run dir (config.json + checkpoints); '' = WORKDIR/reference
+  rf.step = 0  # checkpoint step; 0 = the newest
+  rf.steps = 0  # > 0: train it first (ordinary pipeline) when rf.workdir has no checkpoint yet
+  rf.corpus = ''  # its high-quality data: '' = data.corpus, always without data.noise
+  rf.path = ''  # for rf.corpus='path'
+  rf.max_documents = 0  # > 0: only the first N documents (a small clean slice)
+  rf.d_model = 0  # 0: the model section's value
+  rf.num_layers = 0
+  rf.mlp_dim = 0
 
   c.sample = s = ml_collections.ConfigDict()
   s.prompts = ('def ', 'import ', 'class ')
@@ -127,6 +153,8 @@ _CHOICES = {
     'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds'),
     'data.tokenizer': ('sentencepiece', 'byte'),
     'train.schedule': ('cosine', 'wsd', 'constant'),
+    'selective.score': ('excess', 'reference_loss', 'reference_entropy', 'random', 'oracle'),
+    'selective.mode': ('online', 'offline'),
 }
 
 
@@ -180,6 +208,33 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.train.warmup_steps must be >= 0, got {t.warmup_steps}')
   if cfg.objective == 'diffusion' and m.causal:
     raise ConfigError("config.objective='diffusion' needs config.model.causal=False")
+  _validate_selective(cfg)
+
+
+def _validate_selective(cfg) -> None:
+  noise = cfg.data.get('noise')
+  if noise is not None:
+    if not 0.0 <= noise.fraction < 1.0:
+      raise ConfigError(f'config.data.noise.fraction={noise.fraction} is not in [0, 1)')
+    if not 1 <= noise.span_min <= noise.span_max:
+      raise ConfigError('config.data.noise needs 1 <= span_min <= span_max, got '
+                        f'{noise.span_min}, {noise.span_max}')
+  sl = cfg.get('selective')
+  if sl is None or not sl.enabled:
+    return
+  if not 0.0 < sl.ratio <= 1.0:
+    raise ConfigError(f'config.selective.ratio={sl.ratio} is not in (0, 1]')
+  if sl.mode == 'offline' and cfg.objective == 'diffusion':
+    raise ConfigError("config.selective.mode='offline' is for objective='autoregressive': LLaDA's "
+                      "reference loss depends on the mask drawn at each step (use 'online')")
+  if sl.mode == 'offline' and sl.score == 'reference_entropy':
+    raise ConfigError("config.selective.score='reference_entropy' needs mode='online' (the cache "
+                      'holds losses only)')
+  if sl.score == 'oracle' and not (noise is not None and noise.fraction > 0):
+    raise ConfigError("config.selective.score='oracle' needs known noise "
+                      '(config.data.noise.fraction > 0)')
+  if cfg.train.z_loss:
+    raise ConfigError('config.selective.enabled does not support config.train.z_loss')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,15 @@ makes everything after packing pure index arithmetic:
     processes (a run can resume on a different host count);
   * the iterator state is the next batch index, so `get_state()/set_state()` (or
     `grain.checkpoint.CheckpointSave/CheckpointRestore` in an orbax Composite) resumes exactly.
+
+Two optional extras, off by default (the three fields above are then all a batch holds):
+
+  noise        [B, L]  int32 1 where `data.noise` overwrote the token with a random one (train split
+                       only; `inject_noise`: seeded spans over the flat token array, so the noisy
+                       stream is the same in every run and packs like the tokens)
+  <row field>  [B, L]  per-row arrays attached by the caller (`row_fields=`), indexed by the packed
+                       row, e.g. RHO-1's offline reference losses: shuffling, process slices and
+                       resume move them with their rows
 """
 from __future__ import annotations
 
@@ -165,14 +174,67 @@ def pack(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.
   return row_ptr, piece_start, piece_len
 
 
-class PackedRows:
-  """Random-access rows of packed documents: `rows[r]` -> dict of int32 [seq_len] arrays."""
+def inject_noise(tokens: np.ndarray, lengths: np.ndarray, *, fraction: float, span_min: int,
+                 span_max: int, seed: int, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
+  """Overwrites random spans of the flat token array with random ids in [low, high).
 
-  def __init__(self, tokens: np.ndarray, lengths: np.ndarray, seq_len: int):
+  Spans (lengths uniform in [span_min, span_max]) and the gaps between them (geometric, with the
+  mean that makes the spans cover `fraction` of the tokens) are laid over the whole array; each
+  document's bos and eos stay intact. Returns (noisy tokens, bool noise mask), same shape.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  n = tokens.size
+  noise = np.zeros(n, bool)
+  if fraction <= 0 or n == 0:
+    return tokens.copy(), noise
+  rng = np.random.default_rng([int(seed), 0x5E1EC7])
+  mean_span = (span_min + span_max) / 2
+  mean_gap = mean_span * (1 - fraction) / fraction
+  count = int(n / (mean_span + mean_gap) * 1.2) + 16
+  spans = rng.integers(span_min, span_max + 1, count)
+  gaps = rng.geometric(1.0 / (1.0 + mean_gap), count) - 1
+  starts = np.cumsum(gaps + np.concatenate([[0], spans[:-1]]))
+  keep = starts < n
+  starts, ends = starts[keep], np.minimum(starts[keep] + spans[keep], n)
+  delta = np.zeros(n + 1, np.int64)
+  np.add.at(delta, starts, 1)
+  np.add.at(delta, ends, -1)
+  noise = np.cumsum(delta[:-1]) > 0
+  doc_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+  noise[doc_start] = False  # bos
+  noise[doc_start + np.asarray(lengths, np.int64) - 1] = False  # eos
+  out = tokens.copy()
+  out[noise] = rng.integers(low, high, int(noise.sum()), dtype=np.int32)
+  return out, noise
+
+
+class PackedRows:
+  """Random-access rows of packed documents: `rows[r]` -> dict of int32 [seq_len] arrays.
+
+  With `noise` (bool, aligned to `tokens`) rows also carry the `noise` field; `attach` adds
+  per-row arrays of shape [len(rows), seq_len].
+  """
+
+  def __init__(self, tokens: np.ndarray, lengths: np.ndarray, seq_len: int,
+               noise: np.ndarray | None = None):
     self.tokens = np.asarray(tokens, np.int32)
     self.seq_len = seq_len
     self.num_documents = len(lengths)
     self.row_ptr, self.piece_start, self.piece_len = pack(lengths, seq_len)
+    self.noise = None if noise is None else np.asarray(noise, bool)
+    if self.noise is not None and self.noise.shape != self.tokens.shape:
+      raise ValueError(f'noise shape {self.noise.shape} != tokens shape {self.tokens.shape}')
+    self.row_fields: dict[str, np.ndarray] = {}
+
+  def attach(self, name: str, values: np.ndarray) -> None:
+    """Serves `values[r]` as field `name` of row r (values: [len(rows), seq_len])."""
+    values = np.asarray(values)
+    if values.shape != (len(self), self.seq_len):
+      raise ValueError(f'row field {name!r} has shape {values.shape}, the packed rows are '
+                       f'{(len(self), self.seq_len)}: it was made for other rows')
+    if name in ('tokens', 'segment_ids', 'positions', 'noise'):
+      raise ValueError(f'row field {name!r} would replace a pipeline field')
+    self.row_fields[name] = values
 
   def __len__(self) -> int:
     return len(self.row_ptr) - 1
@@ -188,15 +250,21 @@ class PackedRows:
 
   def __getitem__(self, r: int) -> dict[str, np.ndarray]:
     L = self.seq_len
-    out = {k: np.zeros([L], np.int32) for k in ('tokens', 'segment_ids', 'positions')}
+    keys = ('tokens', 'segment_ids', 'positions') + (('noise',) if self.noise is not None else ())
+    out = {k: np.zeros([L], np.int32) for k in keys}
+    out.update({k: np.zeros([L], v.dtype) for k, v in self.row_fields.items()})
     if r < 0 or r >= len(self):  # rows past the end are padding (eval batches fill up with them)
       return out
+    for k, v in self.row_fields.items():
+      out[k][:] = v[r]
     pos = 0
     for j in range(self.row_ptr[r], self.row_ptr[r + 1]):
       s, n = self.piece_start[j], self.piece_len[j]
       out['tokens'][pos:pos + n] = self.tokens[s:s + n]
       out['segment_ids'][pos:pos + n] = j - self.row_ptr[r] + 1
       out['positions'][pos:pos + n] = np.arange(n)
+      if self.noise is not None:
+        out['noise'][pos:pos + n] = self.noise[s:s + n]
       pos += n
     return out
 
@@ -205,7 +273,13 @@ def load_packed_rows(cfg, tokenizer, split: str, *, vocab_size: int | None = Non
   """The packed rows of `split`, their token ids checked against `vocab_size`."""
   tokens, lengths = load_tokens(cfg.data, tokenizer, split)
   check_token_ids(tokens, vocab_size or tokenizer.vocab_size)
-  return PackedRows(tokens, lengths, cfg.data.seq_len)
+  noise_cfg, noise = cfg.data.get('noise'), None
+  if split == 'train' and noise_cfg is not None and noise_cfg.fraction > 0:
+    tokens, noise = inject_noise(tokens, lengths, fraction=noise_cfg.fraction,
+                                 span_min=noise_cfg.span_min, span_max=noise_cfg.span_max,
+                                 seed=noise_cfg.seed, low=tokenizers_lib.NUM_SPECIAL,
+                                 high=tokenizer.vocab_size)
+  return PackedRows(tokens, lengths, cfg.data.seq_len, noise=noise)
 
 
 # ---------------------------------------------------------------------------------------- batch
@@ -251,10 +325,16 @@ def data_seed(seed: int) -> int:
 
 
 def make_train_dataset(cfg, tokenizer, *, process_index: int = 0, process_count: int = 1,
-                       vocab_size: int | None = None) -> grain.MapDataset:
-  """The endless `grain.MapDataset` of this process's training batches (index k = step k)."""
+                       vocab_size: int | None = None, row_fields: dict | None = None
+                       ) -> grain.MapDataset:
+  """The endless `grain.MapDataset` of this process's training batches (index k = step k).
+
+  `row_fields` {name: [num_rows, L] array} ride along with their packed rows (see `PackedRows`).
+  """
   _check_processes(cfg, process_index, process_count)
   rows = load_packed_rows(cfg, tokenizer, 'train', vocab_size=vocab_size)
+  for name, values in (row_fields or {}).items():
+    rows.attach(name, values)
   ds = grain.MapDataset.source(rows)
   if cfg.data.shuffle:
     ds = ds.shuffle(seed=data_seed(cfg.seed))  # indices past one epoch draw a fresh permutation
@@ -262,7 +342,8 @@ def make_train_dataset(cfg, tokenizer, *, process_index: int = 0, process_count:
 
 
 def make_train_iterator(cfg, tokenizer, *, process_index: int = 0, process_count: int = 1,
-                        vocab_size: int | None = None) -> grain.DatasetIterator:
+                        vocab_size: int | None = None, row_fields: dict | None = None
+                        ) -> grain.DatasetIterator:
   """A checkpointable iterator of dicts `tokens/segment_ids/positions`, each int32 [B, L].
 
   B = cfg.data.batch_size // process_count. `vocab_size` (default: the tokenizer's) bounds the
@@ -270,7 +351,8 @@ def make_train_iterator(cfg, tokenizer, *, process_index: int = 0, process_count
   `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` in an orbax Composite.
   """
   ds = make_train_dataset(cfg, tokenizer, process_index=process_index,
-                          process_count=process_count, vocab_size=vocab_size)
+                          process_count=process_count, vocab_size=vocab_size,
+                          row_fields=row_fields)
   # Rows are in memory and cheap; worker threads would only fight over the GIL (2 cores).
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 

@@ -23,6 +23,7 @@ from pathways_jax.models.transformer import Transformer, count_params
 from pathways_jax.train import checkpoint as ckpt_lib
 from pathways_jax.train import metrics as metrics_lib
 from pathways_jax.train import optimizer as opt_lib
+from pathways_jax.train import selective as selective_lib
 from pathways_jax.train import state as state_lib
 from pathways_jax.train import step as step_lib
 
@@ -129,9 +130,13 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   example = np.zeros((cfg.data.batch_size, cfg.data.seq_len), np.int32)
   abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
   pcount, pindex = jax.process_count(), jax.process_index()
+  # config.selective (RHO-1): the reference, its params (the step's aux) or cached L_ref rows.
+  sel = selective_lib.setup(cfg, workdir, tokenizer, mesh, rules, vocab_size=model_cfg.vocab_size)
+  sel_kwargs, sel_args = (sel.step_kwargs, sel.args) if sel else ({}, ())
   train_iter = pipeline.make_train_iterator(cfg, tokenizer, process_index=pindex,
                                             process_count=pcount,
-                                            vocab_size=model_cfg.vocab_size)
+                                            vocab_size=model_cfg.vocab_size,
+                                            row_fields=sel and sel.row_fields)
   eval_batches = pipeline.make_eval_batches(cfg, tokenizer, process_index=pindex,
                                             process_count=pcount)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints,
@@ -144,7 +149,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
     state = state_lib.init_state(model, tx, example, jax.random.key(cfg.seed), mesh, rules)
     start = 0
 
-  train_fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
+  train_fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh, **sel_kwargs)
   eval_fn = step_lib.jit_eval_step(cfg, model, shardings.params, mesh)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_lead)
   peak, peak_source = metrics_lib.peak_flops_per_device(cfg.train.peak_flops)
@@ -176,7 +181,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
     try:
       while step < stop:
         batch = _global_batch(next(train_iter), mesh)
-        state, m = step_lib.run_with_rules(mesh, rules, train_fn, state, batch)
+        state, m = step_lib.run_with_rules(mesh, rules, train_fn, state, batch, *sel_args)
         step += 1
         pending.append(m)
         if step % cfg.train.log_every == 0 or step == stop:

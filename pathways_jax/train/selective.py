@@ -1,0 +1,381 @@
+"""RHO-1 in the trainer: the reference model, online/offline scoring, the selective step loss.
+
+The pure selection and loss live in `pathways_jax.objectives.selective`; this module connects them
+to the trainer (config section `selective`, see docs/rho1.md):
+
+  * `reference_config(cfg)` / `ensure_reference(cfg, workdir)`: the reference is an ordinary run
+    (its own run dir, config.json and checkpoints) on the high-quality data that
+    `selective.reference` names (the corpus without `data.noise`, optionally only its first N
+    documents); `selective.reference.steps > 0` trains it first when its run dir has no checkpoint.
+    Any compatible run dir (same tokenizer, same model family) works as well.
+  * `load_reference(...)`: the reference's own ModelConfig (from its config.json) and its params,
+    placed on the training mesh with shardings derived by the same logical-axis rules as the model.
+  * online scoring: the frozen reference params are the train step's `aux` argument and the
+    reference forward runs inside the jitted step (`make_loss_fn`). For LLaDA both models see the
+    same noisy batch (one mask and one t).
+  * offline scoring (autoregressive only): `score_rows` runs the reference once over every packed
+    training row and caches L_ref as a [num_rows, seq_len] array (`ref_loss[r, i]` = loss of
+    predicting token i+1 of row r; last column 0), keyed by a hash of the packed rows and the
+    reference checkpoint. The pipeline serves it beside the tokens as the per-row field
+    `ref_loss`, so shuffling, process slices and resume stay aligned by construction.
+  * scores 'random' (a uniformly random `ratio` of the targets: the control) and 'oracle' (every
+    target that is not known noise: the upper bound) need no reference.
+
+`setup(cfg, workdir, tokenizer, mesh, rules)` returns what `train.loop.train` needs (None when
+`selective.enabled` is False).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pathways_jax import config as config_lib
+from pathways_jax import parallel
+from pathways_jax.objectives import selective as selective_lib
+
+_LOG = logging.getLogger(__name__)
+NEEDS_REFERENCE = ('excess', 'reference_loss', 'reference_entropy')
+REF_LOSS = 'ref_loss'  # the batch field of offline reference losses
+
+
+def enabled(cfg) -> bool:
+  sl = cfg.get('selective')
+  return bool(sl is not None and sl.enabled)
+
+
+def needs_reference(cfg) -> bool:
+  return enabled(cfg) and cfg.selective.score in NEEDS_REFERENCE
+
+
+# ------------------------------------------------------------------------------------ reference
+
+def reference_workdir(cfg, workdir: str) -> str:
+  return cfg.selective.reference.workdir or os.path.join(workdir, 'reference')
+
+
+def reference_config(cfg):
+  """The config of the reference run: the same run on the high-quality data, no selection.
+
+  `selective.reference` names the data (corpus/path/max_documents; `data.noise` is always off)
+  and the size (d_model/num_layers/mlp_dim, 0 = the model's) and `steps`. The tokenizer is the
+  training run's: a sentencepiece model is pinned by its file so a smaller corpus cannot retrain it.
+  """
+  rf = cfg.selective.reference
+  ref = copy.deepcopy(cfg)
+  ref.unlock()
+  ref.name = f'{cfg.name}-reference'
+  ref.selective.enabled = False
+  ref.data.noise.fraction = 0.0
+  if rf.corpus:
+    ref.data.corpus = rf.corpus
+  if rf.path:
+    ref.data.path = rf.path
+  if rf.max_documents:
+    ref.data.max_documents = rf.max_documents
+  for key in ('d_model', 'num_layers', 'mlp_dim'):
+    if rf[key]:
+      ref.model[key] = rf[key]
+  if rf.steps:
+    ref.train.steps = rf.steps
+  ref.train.stop_at = 0
+  if cfg.data.tokenizer == 'sentencepiece' and not cfg.data.tokenizer_path:
+    from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+    name = getattr(tokenizers.get_tokenizer(cfg.data), 'name', '')
+    if name.startswith('sentencepiece:'):  # loaded from (or trained into) a cached model file
+      ref.data.tokenizer_path = name.split(':', 1)[1]
+  ref.lock()
+  return ref
+
+
+def _has_checkpoint(ref_dir: str) -> bool:
+  ckpt_dir = os.path.join(ref_dir, 'checkpoints')
+  return os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+
+
+def ensure_reference(cfg, workdir: str, *, quiet: bool = True) -> str:
+  """The reference run dir; trains it first (`selective.reference.steps` > 0) if it has none."""
+  ref_dir = reference_workdir(cfg, workdir)
+  if _has_checkpoint(ref_dir):
+    return ref_dir
+  if cfg.selective.reference.steps <= 0:
+    raise FileNotFoundError(
+        f'selective: no reference checkpoint in {ref_dir}; set config.selective.reference.workdir '
+        'to a trained run dir, or config.selective.reference.steps > 0 to train one there')
+  from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
+  _LOG.info('selective: training the reference in %s', ref_dir)
+  loop.train(reference_config(cfg), ref_dir, quiet=quiet)
+  return ref_dir
+
+
+def read_run_config(run_dir: str):
+  path = os.path.join(run_dir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{run_dir} is not a run directory (no config.json)')
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    ref_cfg = config_lib.base_config()
+    ref_cfg.unlock()
+    ref_cfg.update(ml_collections.ConfigDict(json.load(f)))
+  return ref_cfg
+
+
+@dataclasses.dataclass
+class Reference:
+  run_dir: str
+  step: int
+  cfg: Any
+  model: Any  # Transformer of the reference's own ModelConfig
+  params: Any  # placed with `shardings` on the training mesh
+  shardings: Any
+
+
+def load_reference(cfg, ref_dir: str, tokenizer, mesh, rules) -> Reference:
+  """The reference's model and params from its run dir, on the training mesh and rules."""
+  from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  from pathways_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import checkpoint as ckpt_lib, optimizer, state as state_lib  # pylint: disable=g-import-not-at-top,multiple-import
+  ref_cfg = read_run_config(ref_dir)
+  ref_tok = tokenizers.get_tokenizer(ref_cfg.data)
+  if getattr(ref_tok, 'fingerprint', None) != getattr(tokenizer, 'fingerprint', None):
+    raise config_lib.ConfigError(
+        f'selective: the reference in {ref_dir} uses another tokenizer '
+        f'({getattr(ref_tok, "fingerprint", "?")} vs {getattr(tokenizer, "fingerprint", "?")})')
+  vocab = ref_cfg.model.vocab_size or config_lib.round_vocab(ref_tok.vocab_size)
+  model_cfg = config_lib.ModelConfig.from_config(ref_cfg.model, vocab_size=vocab)
+  causal = cfg.objective == 'autoregressive'
+  if model_cfg.causal != causal:
+    raise config_lib.ConfigError(
+        f'selective: the reference in {ref_dir} is {"causal" if model_cfg.causal else "bidirectional"}'
+        f', the objective {cfg.objective!r} needs a {"causal" if causal else "bidirectional"} one')
+  if model_cfg.max_len < cfg.data.seq_len:
+    raise config_lib.ConfigError(f'selective: the reference max_len={model_cfg.max_len} < '
+                                 f'data.seq_len={cfg.data.seq_len}')
+  model = Transformer(model_cfg)
+  ckpt = ckpt_lib.Checkpointer(ref_dir, keep=ref_cfg.train.keep_checkpoints, async_save=False)
+  step = cfg.selective.reference.step or ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'selective: no checkpoint in {ckpt.directory}')
+  tx = optimizer.make_optimizer(ref_cfg.train)
+  example = np.zeros((cfg.data.batch_size, cfg.data.seq_len), np.int32)
+  abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
+  params = ckpt.restore_params(step, abstract, shardings)
+  ckpt.close()
+  return Reference(ref_dir, int(step), ref_cfg, model, params, shardings.params)
+
+
+# ------------------------------------------------------------------------------------- the loss
+
+def _ar_reference(ref_model, ref_params, batch, with_entropy: bool):
+  tokens, segments = batch['tokens'], batch['segment_ids']
+  logits = ref_model.apply({'params': jax.lax.stop_gradient(ref_params)}, tokens,
+                           positions_BL=batch['positions'], segment_ids_BL=segments)
+  ref, _ = selective_lib.ar_token_losses(logits, tokens, segments)
+  ent = selective_lib.token_entropy(logits[:, :-1]) if with_entropy else None
+  return jax.lax.stop_gradient(ref), ent
+
+
+def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model=None,
+                   return_selected: bool = False):
+  """(loss, metrics) of one batch under `cfg.selective` for the configured base objective.
+
+  The reference loss comes from `batch['ref_loss']` (offline) or from `ref_model` applied with
+  `ref_params` (online). With `return_selected`, also the bool selection (AR: [B, L-1]).
+  """
+  sl = cfg.selective
+  tokens, segments, positions = batch['tokens'], batch['segment_ids'], batch['positions']
+  noise = batch.get('noise')
+  score = sl.score
+  if score == 'oracle' and noise is None:
+    raise config_lib.ConfigError("selective.score='oracle' needs batches with a `noise` field "
+                                 '(config.data.noise.fraction > 0)')
+  need_ref = score in NEEDS_REFERENCE
+  if cfg.objective == 'autoregressive':
+    logits = model.apply({'params': params}, tokens, positions_BL=positions,
+                         segment_ids_BL=segments)
+    tok, valid = selective_lib.ar_token_losses(logits, tokens, segments)
+    noise_t = None if noise is None else noise[:, 1:].astype(bool)
+    ent = None
+    if not need_ref:
+      ref = jnp.zeros_like(tok)
+    elif REF_LOSS in batch:
+      ref = batch[REF_LOSS][:, :-1].astype(jnp.float32)
+    else:
+      ref, ent = _ar_reference(ref_model, ref_params, batch, score == 'reference_entropy')
+    weights, n_positions = None, None
+  elif cfg.objective == 'diffusion':
+    from pathways_jax.objectives import diffusion  # pylint: disable=g-import-not-at-top
+    # Exactly the draws of step.model_loss, so the uniform and selective arms see the same masks.
+    key_length, key_mask = jax.random.split(key)
+    in_row = segments != 0
+    if cfg.diffusion.random_length_prob > 0:
+      in_row &= diffusion.random_length_mask(key_length, *tokens.shape,
+                                             prob=cfg.diffusion.random_length_prob)
+    noisy, masked, p_mask = diffusion.forward_process(key_mask, tokens, mask_id=cfg.data.mask_id,
+                                                      eps=cfg.diffusion.eps, valid_BL=in_row)
+    kw = dict(positions_BL=positions, segment_ids_BL=segments * in_row)
+    logits = model.apply({'params': params}, noisy, **kw)
+    tok, weights, valid = selective_lib.diffusion_token_losses(logits, tokens, masked & in_row,
+                                                               p_mask)
+    noise_t = None if noise is None else noise.astype(bool)
+    ent = None
+    if need_ref:
+      ref_logits = ref_model.apply({'params': jax.lax.stop_gradient(ref_params)}, noisy, **kw)
+      ref, _, _ = selective_lib.diffusion_token_losses(ref_logits, tokens, masked & in_row, p_mask)
+      ref = jax.lax.stop_gradient(ref)
+      if score == 'reference_entropy':
+        ent = selective_lib.token_entropy(ref_logits)
+    else:
+      ref = jnp.zeros_like(tok)
+    n_positions = in_row.astype(jnp.float32).sum()  # LLaDA's denominator (B*L without padding)
+  else:
+    raise ValueError(f'unknown objective {cfg.objective!r}')
+
+  ratio, score_BL, kind = sl.ratio, None, score
+  if score == 'random':
+    score_BL, kind = jax.random.uniform(jax.random.fold_in(key, 0x5E1), tok.shape), 'excess'
+  elif score == 'oracle':  # keep exactly the clean targets: rank clean above noise, k = #clean
+    clean = valid & ~noise_t
+    score_BL, kind = clean.astype(jnp.float32), 'excess'
+    ratio = clean.sum() / jnp.maximum(valid.sum(), 1)  # traced: num_kept rounds it to #clean
+  normalizer = None
+  if n_positions is not None:  # LLaDA: sum of CE/p_mask over kept tokens / (ratio * positions)
+    normalizer = ((in_row & ~noise_t).astype(jnp.float32).sum() if score == 'oracle'
+                  else ratio * n_positions)
+  loss, metrics = selective_lib.loss(tok, ref, valid, ratio, per_sequence=sl.per_sequence,
+                                     score=kind, ref_entropy_BL=ent, score_BL=score_BL,
+                                     weights_BL=weights, normalizer=normalizer, noise_BL=noise_t)
+  if return_selected:
+    s = score_BL if score_BL is not None else selective_lib.selection_score(
+        tok, ref, score=kind, ref_entropy_BL=ent)
+    return loss, metrics, selective_lib.select_tokens(s, valid, ratio,
+                                                      per_sequence=sl.per_sequence)
+  return loss, metrics
+
+
+def make_loss_fn(ref_model=None) -> Callable:
+  """A loss with `step.model_loss`'s signature; `aux` is the reference params (online) or None."""
+  from pathways_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  def loss_fn(cfg, model, params, batch, key, aux=None):
+    if not enabled(cfg):
+      return step_lib.model_loss(cfg, model, params, batch, key)
+    return selective_loss(cfg, model, params, batch, key, aux, ref_model=ref_model)
+  return loss_fn
+
+
+# ------------------------------------------------------------------------------ offline scoring
+
+def rows_key(rows, ref: Reference) -> str:
+  """Identity of (the packed rows, the reference checkpoint): the cache is valid iff both match."""
+  h = hashlib.blake2b(digest_size=12)
+  for a in (rows.tokens, rows.row_ptr, rows.piece_start, rows.piece_len):
+    h.update(np.ascontiguousarray(a).tobytes())
+  h.update(repr((rows.seq_len, os.path.abspath(ref.run_dir), ref.step)).encode())
+  return h.hexdigest()
+
+
+def score_rows(cfg, rows, ref: Reference, mesh, rules) -> np.ndarray:
+  """float32 [len(rows), L]: the reference's next-token loss at every position of every row.
+
+  Column i of row r is the loss of predicting token i+1 (0 where there is no valid target and in
+  the last column). Runs in batches of `data.batch_size` rows: the same shapes as the train step.
+  """
+  if jax.process_count() > 1:
+    raise config_lib.ConfigError('selective: offline scoring runs on one process; score once '
+                                 'with a single process (the cache is then read by every one)')
+  from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  B, L = cfg.data.batch_size, rows.seq_len
+
+  def fn(params, batch):
+    ref_BL, _ = _ar_reference(ref.model, params, batch, False)
+    valid = selective_lib.ar_token_losses(jnp.zeros(batch['tokens'].shape + (1,)),
+                                          batch['tokens'], batch['segment_ids'])[1]
+    ref_BL = jnp.where(valid, ref_BL, 0.0)
+    return jnp.pad(ref_BL, ((0, 0), (0, 1)))
+
+  jitted = jax.jit(fn, in_shardings=(ref.shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=parallel.replicated(mesh))
+  out = np.zeros((len(rows), L), np.float32)
+  for start in range(0, len(rows), B):
+    batch = pipeline._stack([rows[start + i] for i in range(B)])  # pylint: disable=protected-access
+    batch = {k: batch[k] for k in ('tokens', 'segment_ids', 'positions')}
+    res = np.asarray(step_lib.run_with_rules(mesh, rules, jitted, ref.params,
+                                             jax.device_put(batch, parallel.batch_sharding(mesh))))
+    n = min(B, len(rows) - start)
+    out[start:start + n] = res[:n]
+  return out
+
+
+def offline_ref_losses(cfg, tokenizer, ref: Reference, mesh, rules, *, vocab_size=None
+                       ) -> np.ndarray:
+  """The cached L_ref of the training rows (computed and saved under the reference run dir)."""
+  from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  rows = pipeline.load_packed_rows(cfg, tokenizer, 'train', vocab_size=vocab_size)
+  path = os.path.join(ref.run_dir, 'ref_loss', f'{rows_key(rows, ref)}.npy')
+  if os.path.exists(path):
+    try:
+      cached = np.load(path)
+      if cached.shape == (len(rows), rows.seq_len):
+        return cached
+    except (OSError, ValueError):
+      pass  # a corrupt cache entry is recomputed, never trusted
+  _LOG.info('selective: scoring %d rows with the reference -> %s', len(rows), path)
+  values = score_rows(cfg, rows, ref, mesh, rules)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    np.save(f, values)
+  os.replace(tmp, path)
+  return values
+
+
+# ------------------------------------------------------------------------------------ the setup
+
+@dataclasses.dataclass
+class Setup:
+  """What `train.loop.train` needs for a selective run."""
+  loss_fn: Callable
+  args: tuple  # extra arguments of the jitted train step after (state, batch)
+  aux_shardings: Any  # None when the step takes no aux (offline, or no reference)
+  row_fields: dict | None  # per-row fields for the pipeline (offline L_ref)
+  reference: Reference | None
+
+  @property
+  def step_kwargs(self) -> dict:
+    return {'loss_fn': self.loss_fn, 'aux_shardings': self.aux_shardings}
+
+
+def setup(cfg, workdir: str, tokenizer, mesh, rules, *, vocab_size=None) -> Setup | None:
+  """None unless `selective.enabled`; else the loss, the step's aux and the pipeline's fields."""
+  if not enabled(cfg):
+    return None
+  if not needs_reference(cfg):
+    return Setup(make_loss_fn(), (), None, None, None)
+  ref = load_reference(cfg, ensure_reference(cfg, workdir), tokenizer, mesh, rules)
+  if cfg.selective.mode == 'offline':
+    values = offline_ref_losses(cfg, tokenizer, ref, mesh, rules, vocab_size=vocab_size)
+    return Setup(make_loss_fn(ref.model), (), None, {REF_LOSS: values}, ref)
+  return Setup(make_loss_fn(ref.model), (ref.params,), ref.shardings, None, ref)
+
+
+def train_step_fn(cfg, model, tx, state_shardings, mesh, sel: Setup | None):
+  """`step.jit_train_step` for a selective run (or the plain one when `sel` is None)."""
+  from pathways_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  if sel is None:
+    return step_lib.jit_train_step(cfg, model, tx, state_shardings, mesh)
+  return step_lib.jit_train_step(cfg, model, tx, state_shardings, mesh, **sel.step_kwargs)
+
+
+__all__ = ('setup', 'Setup', 'selective_loss', 'make_loss_fn', 'reference_config',
+           'ensure_reference', 'load_reference', 'score_rows', 'offline_ref_losses', 'Reference',
+           'REF_LOSS')

@@ -1,0 +1,206 @@
+"""RHO-1 in the trainer: noise through the pipeline, online = offline selection, the experiment."""
+import importlib.util
+import json
+import os
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from pathways_jax import config as config_lib
+from pathways_jax import parallel
+from pathways_jax.data import pipeline, tokenizers
+from pathways_jax.models.transformer import Transformer
+from pathways_jax.train import selective, step as step_lib
+
+from helpers import REPO, tiny_config
+
+
+def _rho1_module():
+  spec = importlib.util.spec_from_file_location('rho1', os.path.join(REPO, 'experiments', 'rho1.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _noisy_config(cache, **kw):
+  overrides = {'data.noise.fraction': 0.33, 'data.batch_size': 8, 'selective.enabled': True,
+               'selective.reference.steps': 2, 'selective.reference.max_documents': 20}
+  overrides.update(kw)
+  return tiny_config(cache, **overrides)
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  """A tiny reference trained with the ordinary pipeline on a clean slice (2 steps)."""
+  root = tmp_path_factory.mktemp('rho1')
+  cache = str(root / 'cache')
+  cfg = _noisy_config(cache)
+  ref_dir = selective.ensure_reference(cfg, str(root / 'run'))
+  return cache, ref_dir
+
+
+def test_noise_rides_through_packing_and_only_in_train(tmp_path):
+  cfg = _noisy_config(str(tmp_path))
+  tok = tokenizers.get_tokenizer(cfg.data)
+  noisy = pipeline.load_packed_rows(cfg, tok, 'train')
+  clean_cfg = _noisy_config(str(tmp_path), **{'data.noise.fraction': 0.0})
+  clean = pipeline.load_packed_rows(clean_cfg, tok, 'train')
+  assert clean.noise is None and set(clean[0]) == {'tokens', 'segment_ids', 'positions'}
+  assert len(noisy) == len(clean)  # same packing: noise overwrites, never inserts
+  n_noise = n_tok = n_changed = 0
+  for r in range(len(noisy)):
+    a, b = noisy[r], clean[r]
+    np.testing.assert_array_equal(a['segment_ids'], b['segment_ids'])
+    flag = a['noise'].astype(bool)
+    np.testing.assert_array_equal(a['tokens'][~flag], b['tokens'][~flag])
+    # bos and eos intact (a piece of a long document may start mid-document)
+    assert not flag[(b['tokens'] == tok.bos_id) | (b['tokens'] == tok.eos_id)].any()
+    n_noise += flag.sum()
+    n_tok += (a['segment_ids'] > 0).sum()
+    n_changed += (a['tokens'] != b['tokens'])[flag].sum()
+  assert 0.25 < n_noise / n_tok < 0.40, n_noise / n_tok
+  assert n_changed > 0.95 * n_noise
+  batch = next(pipeline.make_train_iterator(cfg, tok))
+  assert batch['noise'].shape == batch['tokens'].shape
+  assert 'noise' not in pipeline.make_eval_batches(cfg, tok)[0]  # validation stays clean
+
+
+def _setup(cfg):
+  tok = tokenizers.get_tokenizer(cfg.data)
+  mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules(cfg)
+  model_cfg = config_lib.ModelConfig.from_config(cfg.model, config_lib.round_vocab(tok.vocab_size))
+  model = Transformer(model_cfg)
+  params = model.init(jax.random.key(1), np.zeros((1, cfg.data.seq_len), np.int32))['params']
+  return tok, mesh, rules, model, nn.unbox(params)
+
+
+@contextlib.contextmanager
+def _on(mesh, rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def test_online_and_offline_select_the_same_tokens(reference_run):
+  cache, ref_dir = reference_run
+  cfg = _noisy_config(cache, **{'selective.reference.workdir': ref_dir})
+  tok, mesh, rules, model, params = _setup(cfg)
+  ref = selective.load_reference(cfg, ref_dir, tok, mesh, rules)
+  values = selective.offline_ref_losses(cfg, tok, ref, mesh, rules)
+  online = pipeline.make_train_iterator(cfg, tok)
+  offline = pipeline.make_train_iterator(cfg, tok, row_fields={selective.REF_LOSS: values})
+  offline.set_state(online.get_state())  # state is the batch index: resume stays aligned
+  fn = jax.jit(lambda p, rp, b, k: selective.selective_loss(cfg, model, p, b, k, rp,
+                                                            ref_model=ref.model,
+                                                            return_selected=True))
+  key = jax.random.key(0)
+  for _ in range(3):
+    b_on, b_off = next(online), next(offline)
+    np.testing.assert_array_equal(b_on['tokens'], b_off['tokens'])
+    with _on(mesh, rules):  # the cached L_ref is the online reference forward, row by row
+      ref_on, _ = jax.jit(lambda rp, b: selective._ar_reference(ref.model, rp, b, False))(  # pylint: disable=protected-access
+          ref.params, b_on)
+    valid = np.asarray(selective.selective_lib.ar_token_losses(
+        np.zeros(b_on['tokens'].shape + (1,), np.float32), b_on['tokens'], b_on['segment_ids'])[1])
+    np.testing.assert_allclose(np.asarray(ref_on)[valid], b_off[selective.REF_LOSS][:, :-1][valid],
+                               rtol=1e-6, atol=1e-6)
+    with _on(mesh, rules):
+      l_on, m_on, s_on = fn(params, ref.params, b_on, key)
+      l_off, m_off, s_off = fn(params, None, b_off, key)
+    np.testing.assert_array_equal(np.asarray(s_on), np.asarray(s_off))
+    assert np.asarray(s_on).sum() > 0
+    np.testing.assert_allclose(float(l_on), float(l_off), rtol=1e-6)
+    for k in ('excess_kept', 'excess_dropped', 'noise_share_kept', 'noise_recall_dropped'):
+      np.testing.assert_allclose(float(m_on[k]), float(m_off[k]), rtol=1e-5, atol=1e-6)
+  # Resume: a fresh offline iterator restored to batch 1 serves batch 1's rows and L_ref.
+  again = pipeline.make_train_iterator(cfg, tok, row_fields={selective.REF_LOSS: values})
+  again.set_state(json.loads(json.dumps(offline.get_state())))
+  nxt, ref_nxt = next(offline), next(again)
+  np.testing.assert_array_equal(nxt[selective.REF_LOSS], ref_nxt[selective.REF_LOSS])
+
+
+def test_offline_cache_rejects_other_rows(tmp_path):
+  rows = pipeline.PackedRows(np.arange(40, dtype=np.int32) % 9 + 4, np.array([10, 30]), 16)
+  with pytest.raises(ValueError, match='made for other rows'):
+    rows.attach(selective.REF_LOSS, np.zeros((len(rows) + 1, 16), np.float32))
+
+
+@pytest.mark.parametrize('objective', ['autoregressive', 'diffusion'])
+def test_ratio_one_is_the_plain_objective_and_noise_metrics(tmp_path, objective):
+  kw = {'objective': objective, 'model.causal': objective == 'autoregressive',
+        'selective.ratio': 1.0, 'selective.score': 'random'}
+  cfg = _noisy_config(str(tmp_path), **kw)
+  tok, mesh, rules, model, params = _setup(cfg)
+  batch = next(pipeline.make_train_iterator(cfg, tok))
+  key = jax.random.key(3)
+  with _on(mesh, rules):
+    plain, _ = step_lib.model_loss(cfg, model, params, batch, key)
+    sel, m = selective.selective_loss(cfg, model, params, batch, key)
+  np.testing.assert_allclose(float(sel), float(plain), rtol=1e-5)
+  assert float(m['selected_fraction']) == 1.0 and float(m['noise_recall_dropped']) == 0.0
+  # The oracle keeps exactly the clean targets: no noise kept, all of it dropped.
+  cfg.selective.score = 'oracle'
+  with _on(mesh, rules):
+    _, m = selective.selective_loss(cfg, model, params, batch, key)
+  assert float(m['noise_share_kept']) == 0.0 and float(m['noise_recall_dropped']) == 1.0
+  # A random 60%: about 60% of the targets, the noise share unchanged on average.
+  cfg.selective.score, cfg.selective.ratio = 'random', 0.6
+  with _on(mesh, rules):
+    _, m = selective.selective_loss(cfg, model, params, batch, key)
+  assert abs(float(m['selected_fraction']) - 0.6) < 0.01
+
+
+def test_config_rejects_offline_llada_and_oracle_without_noise():
+  cfg = config_lib.base_config()
+  cfg.selective.enabled = True
+  cfg.objective, cfg.model.causal, cfg.selective.mode = 'diffusion', False, 'offline'
+  with pytest.raises(config_lib.ConfigError, match='offline'):
+    config_lib.validate(cfg)
+  cfg = config_lib.base_config()
+  cfg.selective.enabled, cfg.selective.score = True, 'oracle'
+  with pytest.raises(config_lib.ConfigError, match='oracle'):
+    config_lib.validate(cfg)
+
+
+def test_experiment_smoke(reference_run, tmp_path):
+  """experiments/rho1.py end to end at toy size: reference, two arms, results.json."""
+  cache, ref_dir = reference_run
+  rho1 = _rho1_module()
+  cfg = rho1.tiny(rho1.get_config(), cache)
+  cfg.rho1.arms = 'uniform,slm'
+  cfg.rho1.llada = False
+  cfg.train.steps = 8
+  cfg.data.batch_size = 8
+  cfg.selective.reference.workdir = ref_dir
+  res = rho1.run(cfg, str(tmp_path / 'run'))
+  with open(tmp_path / 'run' / 'results.json') as f:
+    saved = json.load(f)
+  for key in ('uniform_val', 'slm_val', 'ref_val', 'token_savings', 'noise_share_of_targets'):
+    assert key in saved and key in res
+  assert np.isfinite([saved['uniform_val'], saved['slm_val'], saved['ref_val']]).all()
+  slm = saved['autoregressive']['arms']['slm']
+  assert 0.55 < slm['selected_fraction'] < 0.65 and 'noise_recall_dropped' in slm
+  assert 0.25 < saved['noise_share_of_targets'] < 0.4
+
+
+RESULTS = os.path.join(REPO, 'runs', 'rho1')
+
+
+@pytest.mark.slow
+def test_full_experiment_reproduces(tmp_path):
+  """The default experiment (about 15-30 min on 2 CPU cores); asserts what our run showed."""
+  from helpers import cli
+  workdir = str(tmp_path / 'rho1')
+  out = cli('pathways_jax.main', '--config=experiments/rho1.py', f'--workdir={workdir}',
+            timeout=4 * 3600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(os.path.join(workdir, 'results.json')) as f:
+    r = json.load(f)
+  # Filled in from the measured run (README 'Results: RHO-1').
+  assert r['slm_val'] < r['uniform_val']
+  assert r['oracle_val'] < r['uniform_val']
+  assert r['random_val'] > r['slm_val']
+  assert r['token_savings'] is not None and r['token_savings'] > 1.0

@@ -141,6 +141,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+
+  # Growth inside a run (docs/growth.md): config.model trains until growth.at_step (or at_tokens),
+  # then grows by depth_factor x width_factor (pathways_jax.growth) and training goes on.
+  c.growth = gr = ml_collections.ConfigDict()
+  gr.depth_factor = 1  # 1 and width_factor 1: no growth
+  gr.width_factor = 1
+  gr.at_step = 0  # grow after this many steps (0: grow the initial model before training)
+  gr.at_tokens = 0  # > 0: instead of at_step, the first step with >= this many tokens seen
+  gr.method = 'stack'  # 'stack' | 'interleave' | 'zero' | 'random'
+  gr.width_method = 'direct'  # 'direct' | 'zero'
+  gr.optimizer = 'fresh'  # 'fresh' (new AdamW state) | 'map' (moments grown like the params)
+  gr.rewarmup_steps = 0  # LR ramp 0 -> the global schedule's value over this many steps
+  gr.noise = 0.0  # multiplicative noise on the grown weight matrices
+  gr.split_noise = 0.0  # width 'direct': uneven fan-in split (stays function-preserving)
   return c
 
 
@@ -153,6 +167,9 @@ _CHOICES = {
     'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds'),
     'data.tokenizer': ('sentencepiece', 'byte'),
     'train.schedule': ('cosine', 'wsd', 'constant'),
+    'growth.method': ('stack', 'interleave', 'zero', 'random'),
+    'growth.width_method': ('direct', 'zero'),
+    'growth.optimizer': ('fresh', 'map'),
     'selective.score': ('excess', 'reference_loss', 'reference_entropy', 'random', 'oracle'),
     'selective.mode': ('online', 'offline'),
 }
@@ -208,6 +225,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.train.warmup_steps must be >= 0, got {t.warmup_steps}')
   if cfg.objective == 'diffusion' and m.causal:
     raise ConfigError("config.objective='diffusion' needs config.model.causal=False")
+  gr = cfg.get('growth')
+  if gr is not None:
+    for key in ('depth_factor', 'width_factor'):
+      if gr[key] < 1:
+        raise ConfigError(f'config.growth.{key} must be >= 1 (growth cannot shrink a model), '
+                          f'got {gr[key]}')
+    for key in ('at_step', 'at_tokens', 'rewarmup_steps'):
+      if gr[key] < 0:
+        raise ConfigError(f'config.growth.{key} must be >= 0, got {gr[key]}')
+    if gr.at_step and gr.at_tokens:
+      raise ConfigError('config.growth.at_step and config.growth.at_tokens are both set: '
+                        'give one')
   _validate_selective(cfg)
 
 
@@ -279,6 +308,22 @@ class ModelConfig:
 
 def round_vocab(n: int, multiple: int = 8) -> int:
   return -(-n // multiple) * multiple
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run directory was started with (WORKDIR/config.json), over `base_config()`."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ConfigError(f'{workdir} is not a run directory (no config.json): give --config')
+  with open(path) as f:
+    saved = json.load(f)
+  cfg = base_config()
+  cfg.unlock()
+  cfg.update(ml_collections.ConfigDict(saved))
+  cfg.lock()
+  return cfg
 
 
 def experiment_runner(config_path: str):

@@ -39,8 +39,15 @@ def main(argv) -> int:
     from pathways_jax import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   cfg = _CONFIG.value
+  if cfg is None:  # no --config: continue a run directory (e.g. one made by pathways_jax.grow)
+    try:
+      cfg = config_lib.load_run_config(_WORKDIR.value or '.')
+    except config_lib.ConfigError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
   try:
-    runner = config_lib.experiment_runner(flags.FLAGS['config'].config_filename) or loop.train
+    config_file = flags.FLAGS['config'].config_filename
+    runner = (config_file and config_lib.experiment_runner(config_file)) or loop.train
     runner(cfg, _WORKDIR.value)
   except (config_lib.ConfigError, loop.TrainingError, checkpoint.CheckpointError,
           corpora.DataError, FileNotFoundError) as e:

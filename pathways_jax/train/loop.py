@@ -21,6 +21,7 @@ from pathways_jax import config as config_lib
 from pathways_jax import parallel
 from pathways_jax.models.transformer import Transformer, count_params
 from pathways_jax.train import checkpoint as ckpt_lib
+from pathways_jax.train import growth_phase
 from pathways_jax.train import metrics as metrics_lib
 from pathways_jax.train import optimizer as opt_lib
 from pathways_jax.train import selective as selective_lib
@@ -127,6 +128,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
       f.write(cfg.to_json_best_effort(indent=2))
 
   tx = opt_lib.make_optimizer(cfg.train)
+  growth = growth_phase.Growth(cfg, model_cfg)  # config.growth: the model grows mid-run
   example = np.zeros((cfg.data.batch_size, cfg.data.seq_len), np.int32)
   abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
   pcount, pindex = jax.process_count(), jax.process_index()
@@ -142,6 +144,8 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints,
                                async_save=cfg.train.async_checkpoints)
   start = ckpt.latest_step()
+  if start is not None and growth.grown_by(start):  # checkpoints from growth.at_step on are grown
+    model_cfg, model, tx, abstract, shardings = growth.parts(start, example, mesh, rules)
   if start is not None:
     state = ckpt.restore(start, abstract, shardings, train_iter)
     _LOG.info('resumed from step %d', start)
@@ -155,18 +159,41 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   peak, peak_source = metrics_lib.peak_flops_per_device(cfg.train.peak_flops)
   fpt = metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  def grow(state):
+    """The growth (growth.at_step): new state, model, optimizer, shardings and jitted steps."""
+    nonlocal model_cfg, model, tx, shardings, train_fn, eval_fn, fpt, n_params
+    evaluate_now = lambda p: evaluate(eval_fn, p, eval_batches, mesh, rules,
+                                      perplexity=cfg.objective == 'autoregressive')['val_loss']
+    before = evaluate_now(state.params)
+    state, model_cfg, model, tx, shardings = growth.grow_state(state, example, mesh, rules)
+    train_fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh, **sel_kwargs)
+    eval_fn = step_lib.jit_eval_step(cfg, model, shardings.params, mesh)
+    fpt = metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len)
+    n_params = count_params(state.params)
+    after = evaluate_now(state.params)
+    writer.write(step, {'growth_val_loss_before': before, 'growth_val_loss_after': after})
+    last.update(growth_val_loss_before=before, growth_val_loss_after=after)
+    if is_lead and not quiet:
+      print(f'step {step}: grew to {model_cfg.num_layers} layers, d={model_cfg.d_model}, '
+            f'{n_params / 1e6:.2f}M params; val loss {before:.4f} -> {after:.4f}')
+    return state
+
   n_params = count_params(state.params)
   stop = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
   if is_lead and not quiet:
     print(f'model: {n_params / 1e6:.2f}M params, {model_cfg.num_layers} layers, d={model_cfg.d_model}, '
           f'vocab={model_cfg.vocab_size} ({tokenizer.name}); objective={cfg.objective}; '
           f'mesh={dict(mesh.shape)}; peak={peak / 1e9:.1f} GFLOP/s/device ({peak_source})')
+    for line in growth.describe():
+      print(line)
 
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=stop, initial=start, disable=quiet or not is_lead or not cfg.train.progress_bar,
              dynamic_ncols=True, desc='train')
   last = {'step': start}
   pending, t_last, step = [], time.perf_counter(), start
+  if growth.due(step, model_cfg):  # growth.at_step=0: grow the initial model
+    state = grow(state)
   status = 'completed'
 
   def check_finite():
@@ -184,13 +211,15 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
         state, m = step_lib.run_with_rules(mesh, rules, train_fn, state, batch, *sel_args)
         step += 1
         pending.append(m)
+        if growth.due(step, model_cfg):  # before this step's eval and checkpoint
+          state = grow(state)
         if step % cfg.train.log_every == 0 or step == stop:
           fetched = jax.device_get(pending)
           check_finite()
           now = time.perf_counter()
           tps = len(pending) * tokens_per_step / (now - t_last)
           scalars = {k: float(np.mean([p[k] for p in fetched])) for k in fetched[0]}
-          scalars.update(lr=opt_lib.lr_at(cfg.train, step - 1), tokens_per_s=tps,
+          scalars.update(lr=growth.lr_at(step - 1), flops=growth.flops(step), tokens_per_s=tps,
                          mfu=tps * fpt / (peak * jax.device_count()),
                          tokens=step * tokens_per_step)
           writer.write(step, scalars)
@@ -223,8 +252,13 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
 
   results = {'status': status, 'step': step, 'train_loss': last.get('loss'),
              'tokens': step * tokens_per_step, 'params': n_params,
-             'flops_per_token': fpt, 'total_flops': fpt * step * tokens_per_step,
+             'flops_per_token': fpt, 'total_flops': growth.flops(step),
              'tokens_per_s': last.get('tokens_per_s'), 'mfu': last.get('mfu')}
+  if growth.enabled:
+    results['growth'] = {'at_step': growth.at_step, 'num_layers': model_cfg.num_layers,
+                         'd_model': model_cfg.d_model,
+                         'val_loss_before': last.get('growth_val_loss_before'),
+                         'val_loss_after': last.get('growth_val_loss_after')}
   if status == 'completed':
     val = evaluate(eval_fn, state.params, eval_batches, mesh, rules,
                          perplexity=cfg.objective == 'autoregressive')

@@ -186,12 +186,9 @@ def test_experiment_smoke(reference_run, tmp_path):
   assert 0.25 < saved['noise_share_of_targets'] < 0.4
 
 
-RESULTS = os.path.join(REPO, 'runs', 'rho1')
-
-
 @pytest.mark.slow
 def test_full_experiment_reproduces(tmp_path):
-  """The default experiment (about 15-30 min on 2 CPU cores); asserts what our run showed."""
+  """The default experiment (all arms + LLaDA; about 10-20 min on 2 idle CPU cores)."""
   from helpers import cli
   workdir = str(tmp_path / 'rho1')
   out = cli('pathways_jax.main', '--config=experiments/rho1.py', f'--workdir={workdir}',
@@ -199,8 +196,13 @@ def test_full_experiment_reproduces(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   with open(os.path.join(workdir, 'results.json')) as f:
     r = json.load(f)
-  # Filled in from the measured run (README 'Results: RHO-1').
-  assert r['slm_val'] < r['uniform_val']
-  assert r['oracle_val'] < r['uniform_val']
-  assert r['random_val'] > r['slm_val']
-  assert r['token_savings'] is not None and r['token_savings'] > 1.0
+  for key in ('uniform_val', 'slm_val', 'slm_seq_val', 'random_val', 'oracle_val', 'ref_val',
+              'token_savings', 'llada_uniform_val', 'llada_slm_val', 'llada_ref_val'):
+    assert key in r, key
+  # What our runs showed (README 'Results: RHO-1'): the excess-loss selection keeps far less noise
+  # than the stream holds and drops most of it (a random mask keeps the stream's share).
+  share = r['noise_share_of_targets']
+  arms = r['autoregressive']['arms']
+  assert arms['slm']['noise_share_kept'] < 0.6 * share
+  assert arms['slm']['noise_recall_dropped'] > 0.6
+  assert abs(arms['random']['noise_share_kept'] - share) < 0.05

@@ -46,7 +46,7 @@ def main(argv) -> int:
       print(f'error: {e}', file=sys.stderr)
       return 1
   try:
-    config_file = flags.FLAGS['config'].config_filename
+    config_file = _CONFIG.value is not None and flags.FLAGS['config'].config_filename
     runner = (config_file and config_lib.experiment_runner(config_file)) or loop.train
     runner(cfg, _WORKDIR.value)
   except (config_lib.ConfigError, loop.TrainingError, checkpoint.CheckpointError,

@@ -33,11 +33,13 @@ def _decay_mask(params):
       lambda path, _: not any(getattr(k, 'key', None) == 'scale' for k in path), params)
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
+def make_optimizer(train_cfg, lr_schedule: optax.Schedule | None = None
+                   ) -> optax.GradientTransformation:
+  """AdamW on `schedule(train_cfg)`, or on `lr_schedule` (e.g. the post-growth schedule)."""
   t = train_cfg
   return optax.chain(
       optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
-      optax.adamw(schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+      optax.adamw(lr_schedule or schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
                   mask=_decay_mask),
   )
 

@@ -1,0 +1,125 @@
+"""Growth inside a run (config.growth), the offline grow command, and the G_stack experiment."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from pathways_jax import config as config_lib
+from pathways_jax.train import growth_phase, loop
+
+from helpers import REPO, cli, tiny_config
+
+GROW = {'growth.depth_factor': 2, 'growth.at_step': 4, 'growth.rewarmup_steps': 2}
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _losses(workdir):
+  return {r['step']: r['loss'] for r in _rows(workdir) if 'loss' in r}
+
+
+def _gstack_module():
+  spec = importlib.util.spec_from_file_location('gstack', os.path.join(REPO, 'experiments',
+                                                                       'gstack.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('optimizer', ['fresh', 'map'])
+def test_resume_across_the_growth_equals_the_uninterrupted_run(tmp_path, optimizer):
+  cache = str(tmp_path / 'cache')
+  kw = {**GROW, 'growth.optimizer': optimizer, 'train.checkpoint_every': 100}
+  full = tmp_path / 'full'
+  res = loop.train(tiny_config(cache, **kw), str(full), quiet=True)
+  # Stopped before the growth (checkpoint 3: small model), then after it (checkpoint 6: grown).
+  part = tmp_path / 'part'
+  for stop in (3, 6, 0):
+    loop.train(tiny_config(cache, **kw, **{'train.stop_at': stop}), str(part), quiet=True)
+  assert _losses(part) == _losses(full)
+  assert res['growth']['num_layers'] == 4 and res['growth']['at_step'] == 4
+  cfg = tiny_config(cache, **kw)
+  g = growth_phase.Growth(cfg, loop.build(cfg)[1])
+  assert g.model_cfg_at(3).num_layers == 2 and g.model_cfg_at(4).num_layers == 4
+  assert res['total_flops'] == g.flops(8) and g.flops(8) > 8 / 2 * g.flops(1) * 1.5
+
+
+def test_growth_changes_the_model_and_zero_preserves_the_loss(tmp_path):
+  cache = str(tmp_path / 'cache')
+  small = loop.train(tiny_config(cache, **{'train.steps': 4}), str(tmp_path / 'small'),
+                     quiet=True)
+  res = loop.train(tiny_config(cache, **GROW, **{'growth.method': 'zero',
+                                                 'growth.width_factor': 2}),
+                   str(tmp_path / 'zero'), quiet=True)
+  assert res['growth']['num_layers'] == 4 and res['growth']['d_model'] == 64
+  assert res['params'] > 3 * small['params']
+  before, after = res['growth']['val_loss_before'], res['growth']['val_loss_after']
+  assert abs(before - after) < 1e-5, (before, after)
+  rows = [r for r in _rows(tmp_path / 'zero') if 'lr' in r]
+  # Re-warmup after the growth: the first grown update has LR 0, then it ramps back.
+  assert rows[4]['lr'] == 0.0 and rows[5]['lr'] > 0.0
+
+
+def test_bad_growth_config_is_a_clear_error(tmp_path):
+  cfg = tiny_config(str(tmp_path), **{'growth.depth_factor': 2, 'growth.at_step': 99})
+  with pytest.raises(config_lib.ConfigError, match='growth step 99 is after the last step'):
+    loop.train(cfg, str(tmp_path / 'run'), quiet=True)
+  cfg = tiny_config(str(tmp_path), **{'growth.depth_factor': 2, 'growth.at_step': 2,
+                                       'growth.at_tokens': 100})
+  with pytest.raises(config_lib.ConfigError, match='both set'):
+    config_lib.validate(cfg)
+
+
+def test_offline_grow_command_continues_like_in_run_growth(tmp_path):
+  cache = str(tmp_path / 'cache')
+  src, dst = tmp_path / 'src', tmp_path / 'dst'
+  loop.train(tiny_config(cache, **{'train.stop_at': 4}), str(src), quiet=True)
+  out = cli('pathways_jax.grow', f'--from={src}', f'--workdir={dst}', '--depth_factor=2',
+            '--method=stack', '--rewarmup_steps=2')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'python -m pathways_jax.main --workdir=' in out.stdout
+  with open(dst / 'config.json') as f:
+    saved = json.load(f)
+  assert saved['growth']['at_step'] == 4 and saved['growth']['depth_factor'] == 2
+  out = cli('pathways_jax.main', f'--workdir={dst}')  # no --config: the run's own config.json
+  assert out.returncode == 0, out.stderr[-2000:]
+  ref = tmp_path / 'ref'
+  loop.train(tiny_config(cache, **GROW), str(ref), quiet=True)
+  grown = _losses(dst)
+  assert grown and grown == {s: v for s, v in _losses(ref).items() if s > 4}
+  again = cli('pathways_jax.grow', f'--from={src}', f'--workdir={dst}', '--depth_factor=2')
+  assert again.returncode == 1 and 'already holds checkpoints' in again.stderr
+
+
+def test_gstack_experiment_smoke(tmp_path):
+  gstack = _gstack_module()
+  cfg = tiny_config(str(tmp_path / 'cache'), **{
+      'model.num_layers': 4, 'train.steps': 12, 'train.log_every': 4})
+  cfg.unlock()
+  cfg.gstack = gstack.get_config().gstack
+  cfg.lock()
+  cfg.gstack.growth_factor = 2
+  cfg.gstack.small_fraction = 0.25
+  cfg.gstack.evals = 3
+  cfg.gstack.arms = 'scratch,stack,small_only,zero'
+  cfg.gstack.llada = False
+  out = gstack.run(cfg, str(tmp_path / 'run'))
+  with open(tmp_path / 'run' / 'results.json') as f:
+    saved = json.load(f)
+  assert set(saved['arms']) == {'scratch', 'stack', 'small_only', 'zero'}
+  for key in ('scratch_final_val', 'stack_final_val', 'speedup', 'small_only_final_val'):
+    assert key in saved
+  arms = out['arms']
+  scratch_flops = arms['scratch']['flops']
+  for name in ('stack', 'small_only', 'zero'):  # equal FLOPs budgets, to within one step
+    assert abs(arms[name]['flops'] - scratch_flops) < 0.1 * scratch_flops, name
+  growth = arms['zero']['growth']
+  assert abs(growth['val_loss_before'] - growth['val_loss_after']) < 1e-5
+  assert arms['stack']['growth']['num_layers'] == 4
+  assert all(b[0] > a[0] for a, b in zip(arms['stack']['curve'], arms['stack']['curve'][1:]))
+  assert gstack.flops_to_reach([(1.0, 3.0), (3.0, 1.0)], 2.0) == 2.0
+  assert gstack.flops_to_reach([(1.0, 3.0)], 2.0) is None

@@ -59,7 +59,7 @@ def get_config():
   c.seed = 0
   c.data.corpus = 'synthetic'  # the world; rows are built by this experiment, not the pipeline
   c.data.tokenizer = 'sentencepiece'
-  c.data.vocab_size = 512
+  c.data.vocab_size = 2048  # whole words: a name is 2 tokens, a description 5 (512 spells them)
   c.data.batch_size = 32
   c.data.seq_len = 0  # 0: the longest sentence, rounded up to a multiple of 8
   c.data.facts_file = ''  # JSONL {name, description}: replaces the generated test group
@@ -79,10 +79,10 @@ def get_config():
   r.num_background = 80
   r.num_test = 40
   r.ar_max_steps = 2000
-  r.llada_max_steps = 3000
+  r.llada_max_steps = 6000
   r.check_every = 250
   r.target_forward = 0.9  # stop once this fraction of forward facts is known (seen template)
-  r.sft_fraction = 0.5  # LLaDA: share of rows trained with the prompt never masked
+  r.sft_fraction = 0.25  # LLaDA: share of rows trained with the prompt never masked
   r.control = True  # also train the control LLaDA (background name-first only)
   r.eval_limit = 0  # > 0: evaluate only the first N test people (quick runs)
   return c

@@ -137,10 +137,21 @@ def base_config() -> ml_collections.ConfigDict:
   s.cache = ''  # '' | 'prefix' | 'dual' (Fast-dLLM)
   s.threshold = 0.0  # > 0: Fast-dLLM confidence-threshold parallel decoding
 
+  # Mesh axis sizes within a slice (-1: the rest); dcn_*: across slices (see parallel.py).
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
+  c.mesh.rules = ()  # ((logical_name, mesh_axis | (axes, ...) | None), ...) over the defaults
+  # The hardware a config is meant for; `--dry_run` compiles for it and checks that it fits.
+  c.pod = ml_collections.ConfigDict()
+  c.pod.name = ''
+  c.pod.devices = 0  # 0: the product of the mesh sizes
+  c.pod.hbm_gib = 0.0  # memory per device; 0: not checked
+  c.pod.peak_flops = 0.0  # per device, for the time estimate (else train.peak_flops)
 
   # Growth inside a run (docs/growth.md): config.model trains until growth.at_step (or at_tokens),
   # then grows by depth_factor x width_factor (pathways_jax.growth) and training goes on.

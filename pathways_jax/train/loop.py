@@ -87,9 +87,7 @@ def build(cfg, *, mesh=None):
 
 
 def _global_batch(batch, mesh):
-  sharding = parallel.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return parallel.global_batch(batch, mesh)
 
 
 def evaluate(eval_fn, params, batches, mesh, rules, *, perplexity: bool = True) -> dict:
@@ -117,12 +115,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   check_workdir(workdir)
   tokenizer, model_cfg, model, mesh, rules = build(cfg)
   is_lead = jax.process_index() == 0
-  dp = parallel.data_parallel_size(mesh)
-  if cfg.data.batch_size % dp or (cfg.data.batch_size // cfg.train.grad_accum) % dp:
-    raise config_lib.ConfigError(
-        f'config.data.batch_size={cfg.data.batch_size} (per micro-batch '
-        f'{cfg.data.batch_size // cfg.train.grad_accum}) is not divisible by the {dp} '
-        'data-parallel devices (mesh.data x mesh.fsdp)')
+  parallel.check_batch(cfg, mesh)
   if is_lead:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
@@ -131,7 +124,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   growth = growth_phase.Growth(cfg, model_cfg)  # config.growth: the model grows mid-run
   example = np.zeros((cfg.data.batch_size, cfg.data.seq_len), np.int32)
   abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
-  pcount, pindex = jax.process_count(), jax.process_index()
+  pindex, pcount = parallel.process_batch_slice(mesh)  # this process's rows of each batch
   # config.selective (RHO-1): the reference, its params (the step's aux) or cached L_ref rows.
   sel = selective_lib.setup(cfg, workdir, tokenizer, mesh, rules, vocab_size=model_cfg.vocab_size)
   sel_kwargs, sel_args = (sel.step_kwargs, sel.args) if sel else ({}, ())

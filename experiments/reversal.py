@@ -573,6 +573,8 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
     results[f'{kind}_forward_checks'] = hist
     models[kind] = (mcfg, params)
     save_model(workdir, kind, mcfg, params)
+    with open(os.path.join(workdir, 'results.partial.json'), 'w') as f:  # survives a stopped run
+      json.dump(results, f, indent=2, default=str)
     if not quiet:
       print(f'[{kind}] ' + ', '.join(f'{k} {v:.3f}' for k, v in res.items()), flush=True)
   if r.control:

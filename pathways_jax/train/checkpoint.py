@@ -6,6 +6,7 @@ looks finished). Restoring takes the target shardings, so a checkpoint restores 
 """
 from __future__ import annotations
 
+import json
 import os
 
 import grain
@@ -40,7 +41,8 @@ class Checkpointer:
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
     items = {'state': ocp.args.StandardRestore(target)}
-    if data_iterator is not None:
+    other_count = None if data_iterator is None else self._data_state_of_other_count(step)
+    if data_iterator is not None and other_count is None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -49,7 +51,25 @@ class Checkpointer:
           f'checkpoint {os.path.join(self.directory, str(step))} could not be restored '
           f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). It was left '
           'untouched: move it aside to resume from an earlier one, or use a new --workdir.') from e
+    if other_count is not None:
+      data_iterator.set_state(other_count)
     return restored['state']
+
+  def _data_state_of_other_count(self, step: int):
+    """The iterator state saved by a run with another process count, if that is what is there.
+
+    grain names the file by process index and count. Our iterator state (the next global batch
+    index) does not depend on either, so any process's file resumes a run on N processes.
+    """
+    data_dir = os.path.join(self.directory, str(step), 'data')
+    mine = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    if not os.path.isdir(data_dir) or os.path.exists(os.path.join(data_dir, mine)):
+      return None
+    saved = sorted(f for f in os.listdir(data_dir) if f.startswith('process_'))
+    if not saved:
+      return None
+    with open(os.path.join(data_dir, saved[0])) as f:
+      return json.load(f)
 
   def restore_params(self, step: int, abstract_state, shardings):
     """Only the params (sampling, evaluation, growth); the data iterator is not needed."""

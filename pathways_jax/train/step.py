@@ -45,8 +45,11 @@ def model_loss(cfg, model, params, batch, key, aux=None):
 
 
 def _split_micro(batch, num_micro):
+  # Micro-batch i = rows i, i + M, i + 2M, ...: with the batch split over the data-parallel
+  # devices, every device keeps its own rows in every micro-batch (no resharding between them).
   return jax.tree_util.tree_map(
-      lambda x: x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:]), batch)
+      lambda x: x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1),
+      batch)
 
 
 def train_step(state: TrainState, batch, aux=None, *, cfg, model, tx, loss_fn: Callable) -> tuple:

@@ -1,0 +1,269 @@
+"""Scale-out on CPU: strategies on 8 fake devices, two real processes, failures, the dry run.
+
+Everything runs in subprocesses, because the fake device count (XLA_FLAGS) must be set before JAX
+starts and each multi-host process is its own JAX runtime. Tiny models, a few steps each.
+"""
+import contextlib
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from helpers import REPO, cli_overrides
+
+PY = sys.executable
+
+
+def _shared_dir(tmp_path_factory, name):
+  """A directory all xdist workers of this session share (each worker has its own basetemp)."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent
+  path = base / name
+  path.mkdir(exist_ok=True)
+  return path
+
+
+@contextlib.contextmanager
+def _once(directory):
+  with open(directory / '.lock', 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_JAX_CACHE = None  # the persistent compilation cache the subprocesses share (set by a fixture)
+
+
+def _env(devices: int | None) -> dict:
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
+  env.pop('XLA_FLAGS', None)
+  if _JAX_CACHE:  # several runs compile the same programs (init, steps): compile them once
+    env.update(JAX_COMPILATION_CACHE_DIR=_JAX_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  if devices:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def _free_port() -> int:
+  """A free port no other test of this session (any xdist worker) has been given."""
+  used_file = os.path.join(_JAX_CACHE, '..', 'ports.txt')
+  with open(used_file + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    used = set(open(used_file).read().split()) if os.path.exists(used_file) else set()
+    while True:
+      with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+      if str(port) not in used:
+        break
+    with open(used_file, 'a') as f:
+      f.write(f'{port}\n')
+  return port
+
+
+def _main(*args, devices=None, **kw) -> subprocess.Popen:
+  return subprocess.Popen([PY, '-m', 'pathways_jax.main', *args], cwd=REPO, env=_env(devices),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _finish(proc, timeout=300) -> str:
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def _losses(workdir) -> dict:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  global _JAX_CACHE
+  _JAX_CACHE = str(_shared_dir(tmp_path_factory, 'jax_cache'))
+  return str(_shared_dir(tmp_path_factory, 'data_cache'))
+
+
+def _flags(cache, *extra):
+  """The tiny CLI config, FSDP inside each 4-device process and data parallel across the two."""
+  return cli_overrides('experiments/quickstart.py', cache) + [
+      '--config.data.batch_size=8', '--config.data.eval_batches=0', '--config.sample.prompts=()',
+      '--config.train.steps=6', '--config.train.checkpoint_every=1000',
+      '--config.mesh.data=1', '--config.mesh.fsdp=-1', '--config.mesh.dcn_data=2', *extra]
+
+
+# --------------------------------------------------------------------------- 8 fake devices
+
+@pytest.fixture(scope='module')
+def sharding_results(tmp_path_factory, cache):
+  """tests/sharding_worker.py's measurements, computed once per session even under xdist."""
+  shared = _shared_dir(tmp_path_factory, 'sharding')
+  out = shared / 'out.json'
+  with _once(shared):
+    if not out.exists():
+      done = subprocess.run([PY, os.path.join(REPO, 'tests', 'sharding_worker.py'), str(out)],
+                            cwd=REPO, env={**_env(8), 'CACHE': cache}, capture_output=True,
+                            text=True, timeout=600)
+      assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(out.read_text())
+
+
+def test_every_strategy_matches_the_one_device_losses(sharding_results):
+  r = sharding_results
+  assert r['devices'] == 8
+  assert r['mesh']['fsdp_tp'] == {'data': 1, 'fsdp': 2, 'tensor': 4}
+  for name, losses in r['losses'].items():
+    np.testing.assert_allclose(losses, r['one_device'], rtol=2e-6, atol=2e-6, err_msg=name)
+  # Each strategy really shards what it should: w_gate is [embed 32, mlp 64], wq [32, 8 heads, 4].
+  assert r['w_gate_shard'] == {'dp': [32, 64], 'fsdp': [4, 64], 'tp': [32, 8],
+                               'fsdp_tp': [16, 16]}
+  assert r['wq_shard'] == {'dp': [32, 8, 4], 'fsdp': [4, 8, 4], 'tp': [32, 1, 4],
+                           'fsdp_tp': [16, 2, 4]}
+  # Initialised directly into its shardings, with the same values as on one device.
+  assert r['sharded_init_max_diff'] == 0.0
+
+
+def test_fsdp_holds_at_most_a_sixth_of_the_data_parallel_state(sharding_results):
+  dp, fsdp = sharding_results['state_bytes']['dp'], sharding_results['state_bytes']['fsdp']
+  assert dp > 0 and fsdp <= dp / 6, (dp, fsdp)
+
+
+def test_a_checkpoint_restores_onto_another_mesh_with_the_same_next_loss(sharding_results):
+  r = sharding_results['reshard']
+  assert r['fsdp2_tp4_w_gate_shard'] == [16, 16] and r['one_device_w_gate_shard'] == [32, 64]
+  assert r['fsdp2_tp4_step'] == r['one_device_step'] == 3
+  np.testing.assert_allclose([r['fsdp2_tp4'], r['one_device']], [r['fsdp8']] * 2, rtol=2e-6)
+
+
+@pytest.mark.parametrize('case,message', [
+    ('mesh_product', r'data x fsdp x tensor = \[3, 2, 1\] = 6 devices, but 8 are available'),
+    ('batch', r'batch_size=4 .* not divisible by the 8 data-parallel devices'),
+    ('rule_axis', r"rule for 'embed' names mesh axis 'model'"),
+    ('dcn_slices', r'8 devices do not split into 3 equal slices'),
+])
+def test_bad_mesh_inputs_fail_the_trainer_clearly(sharding_results, case, message):
+  assert __import__('re').search(message, sharding_results['errors'][case]), \
+      sharding_results['errors'][case]
+
+
+# ------------------------------------------------------------------------ two real processes
+
+def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(tmp_path, cache):
+  port = _free_port()
+  mp, ref = tmp_path / 'mp', tmp_path / 'ref'
+  procs = [_main(*_flags(cache, '--config.train.stop_at=4'), f'--workdir={mp}',
+                 f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                 f'--process_id={i}', '--heartbeat_timeout_s=30', devices=4) for i in (0, 1)]
+  ref_proc = _main(*_flags(cache), f'--workdir={ref}', devices=8)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f'process {i}:\n{out[-3000:]}\nother:\n{outs[1 - i][-3000:]}'
+  _finish(ref_proc)
+  assert "mesh={'data': 2, 'fsdp': 4, 'tensor': 1}" in outs[0]
+  assert 'model:' not in outs[1]  # only process 0 logs
+  assert sorted(os.listdir(mp / 'checkpoints' / '4' / 'data')) == [
+      'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+  assert max(_losses(mp)) == 4
+  # Resume the two-process checkpoint in one process on one device (a different mesh, too).
+  _finish(_main(*_flags(cache, '--config.mesh.dcn_data=1', '--config.mesh.fsdp=1',
+                        '--config.mesh.data=-1'), f'--workdir={mp}'))
+  got, want = _losses(mp), _losses(ref)
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)],
+                             rtol=2e-6)
+
+
+def _wait_for_line(proc, text, timeout) -> str:
+  """Reads proc's output until it contains `text`; fails after `timeout` seconds."""
+  seen, deadline = b'', time.time() + timeout
+  while time.time() < deadline and text.encode() not in seen:
+    ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+    if ready:  # raw reads: nothing is left in a Python buffer that select cannot see
+      chunk = os.read(proc.stdout.fileno(), 1 << 16)
+      if not chunk:
+        break
+      seen += chunk
+  if text.encode() not in seen:
+    raise AssertionError(f'no {text!r} within {timeout} s:\n' + seen.decode()[-3000:])
+  return seen.decode()
+
+
+def test_a_dead_process_makes_the_other_exit_nonzero_soon(tmp_path, cache):
+  # The same run as above (its programs are in the compilation cache); process 1 is killed once
+  # both have initialised and process 0 has entered the training loop.
+  port = _free_port()
+  procs = [_main(*_flags(cache), f'--workdir={tmp_path / "run"}',
+                 f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                 f'--process_id={i}', '--heartbeat_timeout_s=20', devices=4) for i in (0, 1)]
+  try:
+    _wait_for_line(procs[0], 'model:', 240)
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    out, _ = procs[0].communicate(timeout=120)
+    waited = time.time() - t0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  assert procs[0].returncode != 0
+  assert waited < 60, waited
+  assert 'another task died' in out or 'unhealthy' in out, out[-2000:]
+
+
+def test_an_unreachable_coordinator_fails_the_cli_with_one_line(tmp_path, cache):
+  port = _free_port()
+  t0 = time.time()
+  proc = _main('--config=experiments/quickstart.py', f'--workdir={tmp_path}/r',
+               f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--process_id=1',
+               '--init_timeout_s=2')
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 1
+  last = out.strip().splitlines()[-1]
+  assert last.startswith(f'error: cannot reach the coordinator at 127.0.0.1:{port} within 2 s')
+  assert 'Traceback' not in out
+  assert time.time() - t0 < 60
+
+
+# ---------------------------------------------------------------------------------- dry run
+
+def test_dry_run_compiles_a_pod_config_on_fake_devices(cache):
+  out = _finish(_main('--config=experiments/pods/ar_1b_8xh100.py', '--dry_run'))
+  assert "8 fake CPU devices), mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
+  assert 'per-device memory (compiled memory analysis)' in out
+  assert 'of 80 GiB HBM: fits' in out
+  assert 'FLOPs per step: ' in out and 'steps: 150,000' in out
+
+
+def test_dry_run_rejects_a_config_that_does_not_fit_or_has_no_device_count(cache):
+  tiny = cli_overrides('experiments/quickstart.py', cache)
+  proc = _main(*tiny, '--dry_run', '--dry_run_devices=4', '--config.mesh.fsdp=2',
+               '--config.pod.hbm_gib=0.0001')
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 1, out[-3000:]
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in out and 'DOES NOT FIT' in out
+  assert out.strip().splitlines()[-1].startswith('error: dry run: estimated peak')
+  proc = _main(*tiny, '--dry_run')
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 1 and 'give --dry_run_devices=N' in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', sorted(f for f in os.listdir(os.path.join(REPO, 'experiments',
+                                                                            'pods'))
+                                        if f.endswith('.py')))
+def test_every_pod_config_passes_the_dry_run(name):
+  out = _finish(_main(f'--config=experiments/pods/{name}', '--dry_run'), timeout=900)
+  assert 'HBM: fits' in out, out[-3000:]

@@ -125,7 +125,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                heartbeat_timeout_seconds=heartbeat_timeout_s,
                                shutdown_timeout_seconds=shutdown_timeout_s)
   except (ValueError, RuntimeError) as e:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if not explicit and 'should be defined' in first:
+      raise DistributedError(
+          f'{"--multihost" if auto_detect else cluster}: JAX found no cluster to join (Cloud TPU, '
+          'SLURM, Open MPI, Kubernetes) — give --coordinator_address, --num_processes and '
+          f'--process_id instead ({first})') from e
     how = 'explicit flags' if explicit else f'auto-detection ({cluster or "--multihost"})'
-    raise DistributedError(f'jax.distributed.initialize failed with {how}: '
-                           f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
+    raise DistributedError(f'jax.distributed.initialize failed with {how}: {first}') from e
   return True

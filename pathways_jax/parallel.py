@@ -19,6 +19,7 @@ and the inner `mesh.data/fsdp/tensor` factor inside a slice (ICI), as MaxText do
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Sequence
@@ -253,19 +254,24 @@ def process_batch_slice(mesh) -> tuple[int, int]:
   """(index, count): this process feeds rows [index*G/count, (index+1)*G/count) of each batch.
 
   `count` is the number of distinct row blocks the processes hold; processes whose devices differ
-  only along `tensor` hold the same rows (count < process_count), and one process of a run over
-  several processes always holds one contiguous block (the mesh orders devices by process).
+  only along `tensor` hold the same rows (count < process_count). A mesh whose devices give a
+  process anything but one aligned block of rows is a ConfigError.
   """
   if jax.process_count() == 1:
     return 0, 1
+  return _process_batch_slice(mesh, jax.process_index())
+
+
+@functools.lru_cache(maxsize=16)
+def _process_batch_slice(mesh, process_index: int) -> tuple[int, int]:
   dp = data_parallel_size(mesh)
   # Batch-shard index of each device: its flat position over the (data, fsdp) mesh axes.
   order = [MESH_AXES.index(a) for a in BATCH_AXES] + [MESH_AXES.index('tensor')]
   devs = np.asarray(mesh.devices).transpose(order).reshape(dp, -1)
-  mine = sorted({i for i in range(dp) for d in devs[i] if d.process_index == jax.process_index()})
+  mine = sorted({i for i in range(dp) for d in devs[i] if d.process_index == process_index})
   k = len(mine)
   if not mine or dp % k or mine != list(range(mine[0], mine[0] + k)) or mine[0] % k:
-    raise ConfigError(f'mesh {dict(mesh.shape)}: process {jax.process_index()} holds batch '
+    raise ConfigError(f'mesh {dict(mesh.shape)}: process {process_index} holds batch '
                       f'shards {mine} of {dp}, not one aligned contiguous block; order the '
                       'mesh so that each process owns whole data/fsdp blocks')
   return mine[0] // k, dp // k

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from pathways_jax import config as config_lib
 from pathways_jax import distributed, parallel
 
-from helpers import tiny_config
+from helpers import cli, tiny_config
 
 
 def _cfg(**mesh):
@@ -111,6 +111,37 @@ def test_strided_micro_batches_keep_each_devices_rows():
   assert micro.tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
 
 
+class _Dev:
+  def __init__(self, process_index):
+    self.process_index = process_index
+
+
+class _Mesh:
+  def __init__(self, shape, owners):
+    self.shape = dict(zip(parallel.MESH_AXES, shape))
+    self.devices = np.vectorize(_Dev, otypes=[object])(np.asarray(owners).reshape(shape))
+
+
+@pytest.mark.parametrize('shape,owners,want', [
+    ((2, 4, 1), [0] * 4 + [1] * 4, [(0, 2), (1, 2)]),  # DP across processes, FSDP inside
+    ((1, 8, 1), [0] * 4 + [1] * 4, [(0, 2), (1, 2)]),  # FSDP across both
+    ((1, 1, 8), [0] * 4 + [1] * 4, [(0, 1), (0, 1)]),  # TP across both: same rows for both
+    ((2, 2, 2), [0] * 4 + [1] * 4, [(0, 2), (1, 2)]),
+    ((1, 2, 4), [0, 0, 1, 1, 0, 0, 1, 1], [(0, 1), (0, 1)]),  # tensor split over processes
+    ((4, 1, 1), [0, 1, 2, 3], [(0, 4), (1, 4), (2, 4), (3, 4)]),
+])
+def test_each_process_feeds_the_rows_its_devices_hold(shape, owners, want):
+  mesh = _Mesh(shape, owners)
+  got = [parallel._process_batch_slice(mesh, p) for p in range(len(want))]  # pylint: disable=protected-access
+  assert got == want
+
+
+def test_a_mesh_that_scatters_a_processes_rows_is_a_clear_error():
+  mesh = _Mesh((4, 1, 1), [0, 1, 0, 1])
+  with pytest.raises(config_lib.ConfigError, match='not one aligned contiguous block'):
+    parallel._process_batch_slice(mesh, 0)  # pylint: disable=protected-access
+
+
 def test_one_process_feeds_the_whole_batch():
   mesh = parallel.make_mesh(_cfg())
   assert parallel.process_batch_slice(mesh) == (0, 1)
@@ -165,3 +196,11 @@ def test_unreachable_coordinator_is_a_clear_error_in_bounded_time():
                      f'127.0.0.1:{port} within 1 s'):
     distributed.wait_for_coordinator(f'127.0.0.1:{port}', 1)
   assert time.monotonic() - t0 < 10
+
+
+def test_multihost_without_a_cluster_is_a_one_line_error(tmp_path):
+  out = cli('pathways_jax.main', '--config=experiments/quickstart.py', f'--workdir={tmp_path}/r',
+            '--multihost', timeout=120)
+  assert out.returncode == 1
+  assert out.stderr.strip().startswith('error: --multihost: JAX found no cluster to join')
+  assert len(out.stderr.strip().splitlines()) == 1

@@ -221,8 +221,8 @@ def run(cfg, workdir: str) -> dict:
   ratio = _flops_per_step(cfg, small) / _flops_per_step(cfg, target)
   log(f'gstack: target {target.num_layers}L d={target.d_model}, small {small.num_layers}L '
       f'(g={cfg.gstack.growth_factor}); small step = {ratio:.3f} target steps; budget '
-      f'{cfg.train.steps} target steps ({cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len:,}'
-      ' tokens)')
+      f'{cfg.train.steps} target steps '
+      f'({cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len:,} tokens)')
   ref = None
   if cfg.gstack.reference:
     with open(os.path.join(cfg.gstack.reference, 'results.json')) as f:
@@ -267,7 +267,8 @@ def run(cfg, workdir: str) -> dict:
 
 def table(out: dict) -> str:
   """A markdown table of the arms (and the LLaDA arms)."""
-  rows = ['| arm | final val loss | FLOPs | speedup at scratch\'s final loss |', '|---|---|---|---|']
+  rows = ["| arm | final val loss | FLOPs | speedup at scratch's final loss |",
+          '|---|---|---|---|']
   groups = [out.get('arms', {})] + ([{k: v for k, v in out['llada'].items() if k != 'speedup'}]
                                    if out.get('llada') else [])
   for group in groups:

@@ -58,6 +58,7 @@ def grow_run(src: str, dst: str, *, depth_factor: int = 1, width_factor: int = 1
   gr.method, gr.width_method, gr.optimizer = method, width_method, optimizer
   gr.rewarmup_steps, gr.noise = int(rewarmup_steps), float(noise)
   gr.at_step, gr.at_tokens = int(step), 0
+  new.train.stop_at = 0  # the source's stop (e.g. a stop_at at N) is not the grown run's
   for item in overrides:
     if '=' not in item:
       raise config_lib.ConfigError(f'--set {item!r} is not of the form key=value')

@@ -39,8 +39,8 @@ def make_optimizer(train_cfg, lr_schedule: optax.Schedule | None = None
   t = train_cfg
   return optax.chain(
       optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
-      optax.adamw(lr_schedule or schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
-                  mask=_decay_mask),
+      optax.adamw(lr_schedule or schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
+                  weight_decay=t.weight_decay, mask=_decay_mask),
   )
 
 

@@ -143,5 +143,7 @@ def test_gstack_full_run_reproduces(tmp_path):
   assert abs(arms['stack_d0']['final_val'] - res['scratch_final_val']) < 0.1
   zero = arms['zero']['growth']
   assert abs(zero['val_loss_before'] - zero['val_loss_after']) < 1e-4
+  llada = res['llada']
+  assert llada['llada_stack']['final_val'] < llada['llada_scratch']['final_val']
   # What the run also showed: the small model alone wins at this budget (no compute-optimality).
   assert res['small_only_final_val'] < res['scratch_final_val']

@@ -178,11 +178,11 @@ _CHOICES = {
     'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds'),
     'data.tokenizer': ('sentencepiece', 'byte'),
     'train.schedule': ('cosine', 'wsd', 'constant'),
+    'selective.score': ('excess', 'reference_loss', 'reference_entropy', 'random', 'oracle'),
+    'selective.mode': ('online', 'offline'),
     'growth.method': ('stack', 'interleave', 'zero', 'random'),
     'growth.width_method': ('direct', 'zero'),
     'growth.optimizer': ('fresh', 'map'),
-    'selective.score': ('excess', 'reference_loss', 'reference_entropy', 'random', 'oracle'),
-    'selective.mode': ('online', 'offline'),
 }
 
 

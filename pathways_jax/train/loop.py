@@ -152,6 +152,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   peak, peak_source = metrics_lib.peak_flops_per_device(cfg.train.peak_flops)
   fpt = metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+
   def grow(state):
     """The growth (growth.at_step): new state, model, optimizer, shardings and jitted steps."""
     nonlocal model_cfg, model, tx, shardings, train_fn, eval_fn, fpt, n_params

@@ -21,11 +21,11 @@ def get_config():
   c.model.num_heads = 4
   c.model.num_kv_heads = 2
   c.model.mlp_dim = 384
-  c.train.steps = 500
+  c.train.steps = 300
   c.train.lr = 3e-3
   c.train.warmup_steps = 50
   c.train.log_every = 10
-  c.train.eval_every = 250
-  c.train.checkpoint_every = 250
+  c.train.eval_every = 150
+  c.train.checkpoint_every = 150
   c.sample.prompts = ('def ', 'import os\n', 'class ')
   return c

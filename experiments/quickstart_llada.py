@@ -23,12 +23,12 @@ def get_config():
   c.model.num_heads = 4
   c.model.num_kv_heads = 4
   c.model.mlp_dim = 384
-  c.train.steps = 500
+  c.train.steps = 300
   c.train.lr = 3e-3
   c.train.schedule = 'wsd'
   c.train.warmup_steps = 50
-  c.train.eval_every = 250
-  c.train.checkpoint_every = 250
+  c.train.eval_every = 150
+  c.train.checkpoint_every = 150
   c.sample.prompts = ('def ', 'import os\n', 'class ')
   c.sample.max_new_tokens = 32
   c.sample.steps = 32

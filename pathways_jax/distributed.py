@@ -134,3 +134,43 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     how = 'explicit flags' if explicit else f'auto-detection ({cluster or "--multihost"})'
     raise DistributedError(f'jax.distributed.initialize failed with {how}: {first}') from e
   return True
+
+
+BARRIER_TIMEOUT_S = 3600
+_barriers = 0
+
+
+def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+  """Waits until every process gets here (the coordination service's barrier, not a collective)."""
+  global _barriers
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  if jax.process_count() == 1 or client is None:
+    return
+  _barriers += 1  # every process creates the same barriers in the same order (SPMD)
+  client.wait_at_barrier(f'pathways_jax/{name}/{_barriers}', timeout_s * 1000)
+
+
+def compile_then_sync(jitted, name: str):
+  """`jitted`, whose first call in a multi-process run compiles, waits for every process, runs.
+
+  CPU collectives (gloo) give processes 30 s (fixed in jaxlib) to meet at the first collective of
+  a device group; a process still compiling longer than that on a busy host fails the run. The
+  barrier has no such limit. The compiled executable is cached, so the call itself does not
+  compile again. One process: `jitted` unchanged.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return jitted
+  compiled = []
+
+  def call(*args):
+    if not compiled:
+      jitted.lower(*args).compile()
+      barrier(name)
+      compiled.append(True)
+    return jitted(*args)
+
+  call.lower = jitted.lower
+  return call

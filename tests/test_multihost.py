@@ -223,6 +223,18 @@ def test_a_dead_process_makes_the_other_exit_nonzero_soon(tmp_path, cache):
   assert 'another task died' in out or 'unhealthy' in out, out[-2000:]
 
 
+def test_a_process_late_to_the_first_collective_is_waited_for(cache):
+  # gloo lets processes meet at a first collective at most 30 s apart; a host still compiling
+  # would miss that. The train/eval steps compile, then wait at a barrier (no such limit).
+  port = _free_port()
+  procs = [subprocess.Popen([PY, os.path.join(REPO, 'tests', 'skew_worker.py'), str(i), str(port),
+                             '35'], cwd=REPO, env=_env(2), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+  for i, p in enumerate(procs):
+    out = _finish(p, timeout=180)
+    assert f'process {i}: sum 6.0' in out
+
+
 def test_an_unreachable_coordinator_fails_the_cli_with_one_line(tmp_path, cache):
   port = _free_port()
   t0 = time.time()

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pathways_jax import parallel
+from pathways_jax import distributed, parallel
 from pathways_jax.objectives import autoregressive
 from pathways_jax.train.state import TrainState
 
@@ -108,8 +108,9 @@ def jit_train_step(cfg, model, tx, state_shardings, mesh, loss_fn=model_loss,
   in_shardings = (state_shardings, batch_sharding)
   if aux_shardings is not None:
     in_shardings += (aux_shardings,)
-  return jax.jit(fn, in_shardings=in_shardings,
-                 out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+  return distributed.compile_then_sync(jax.jit(
+      fn, in_shardings=in_shardings, out_shardings=(state_shardings, parallel.replicated(mesh)),
+      donate_argnums=0), 'train_step')
 
 
 def jit_eval_step(cfg, model, param_shardings, mesh, loss_fn=model_loss, aux_shardings=None):
@@ -117,7 +118,8 @@ def jit_eval_step(cfg, model, param_shardings, mesh, loss_fn=model_loss, aux_sha
   in_shardings = (param_shardings, parallel.batch_sharding(mesh))
   if aux_shardings is not None:
     in_shardings += (aux_shardings,)
-  return jax.jit(fn, in_shardings=in_shardings, out_shardings=parallel.replicated(mesh))
+  return distributed.compile_then_sync(
+      jax.jit(fn, in_shardings=in_shardings, out_shardings=parallel.replicated(mesh)), 'eval_step')
 
 
 def run_with_rules(mesh, rules, fn, *args):

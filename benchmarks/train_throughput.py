@@ -26,7 +26,8 @@ from pathways_jax.models.transformer import Transformer  # noqa: E402
 from pathways_jax.train import metrics, optimizer, state as state_lib, step as step_lib  # noqa: E402
 
 
-def jax_runner(cfg, model_cfg):
+def jax_step(cfg, model_cfg):
+  """The project's jitted train step on a fixed random batch: (step_fn, state, batch, mesh, rules)."""
   model = Transformer(model_cfg)
   mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules()
   tx = optimizer.make_optimizer(cfg.train)
@@ -39,6 +40,11 @@ def jax_runner(cfg, model_cfg):
   state = state_lib.init_state(model, tx, batch['tokens'], jax.random.key(0), mesh, rules)
   fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
   batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+  return fn, state, batch, mesh, rules
+
+
+def jax_runner(cfg, model_cfg):
+  fn, state, batch, mesh, rules = jax_step(cfg, model_cfg)
   holder = {'state': state}
 
   def run(steps):
@@ -131,6 +137,16 @@ def time_rounds(runners: dict, steps: int, rounds: int) -> dict:
   return best
 
 
+def load_config(path: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('cfg', path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config()
+  vocab = cfg.model.vocab_size or config_lib.round_vocab(cfg.data.vocab_size)
+  return cfg, config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--config', default='experiments/quickstart.py')
@@ -139,13 +155,7 @@ def main():
   ap.add_argument('--no_torch', action='store_true')
   ap.add_argument('--json', action='store_true')
   args = ap.parse_args()
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('cfg', args.config)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config()
-  vocab = cfg.model.vocab_size or config_lib.round_vocab(cfg.data.vocab_size)
-  model_cfg = config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab)
+  cfg, model_cfg = load_config(args.config)
   peak = metrics.measure_matmul_peak()
   fpt = metrics.flops_per_token(model_cfg, cfg.data.seq_len)
   tokens = cfg.data.batch_size * cfg.data.seq_len

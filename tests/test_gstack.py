@@ -74,6 +74,21 @@ def test_bad_growth_config_is_a_clear_error(tmp_path):
     config_lib.validate(cfg)
 
 
+def test_growth_plan_and_guideline_lines_for_the_dry_run(tmp_path):
+  """What the dry run (and the start-up) prints for config.growth: the layer map and the paper's
+  G_stack guideline, which at toy size asks for more tokens than the whole run and says so."""
+  cfg = tiny_config(str(tmp_path), **GROW)
+  _, model_cfg, _, _, _ = loop.build(cfg)
+  lines = growth_phase.describe(cfg, model_cfg)
+  assert len(lines) == 2, lines
+  assert 'after step 4' in lines[0] and '2L d=32 -> 4L d=32' in lines[0]
+  assert 'layer sources [0, 1, 0, 1]' in lines[0] and 'optimizer fresh' in lines[0]
+  assert lines[1].startswith('G_stack guideline (Du et al. 2024')
+  assert 'g=4 recommended' in lines[1] and 'configured: 512 tokens, g=2' in lines[1]
+  assert 'beyond the whole run' in lines[1]
+  assert growth_phase.describe(tiny_config(str(tmp_path)), model_cfg) == []  # no growth
+
+
 def test_offline_grow_command_continues_like_in_run_growth(tmp_path):
   cache = str(tmp_path / 'cache')
   src, dst = tmp_path / 'src', tmp_path / 'dst'

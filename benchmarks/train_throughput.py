@@ -138,11 +138,7 @@ def time_rounds(runners: dict, steps: int, rounds: int) -> dict:
 
 
 def load_config(path: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('cfg', path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config()
+  cfg = config_lib.config_from_file(path)
   vocab = cfg.model.vocab_size or config_lib.round_vocab(cfg.data.vocab_size)
   return cfg, config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab)
 

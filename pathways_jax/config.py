@@ -327,7 +327,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   import os  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise ConfigError(f'{workdir} is not a run directory (no config.json): give --config')
+    raise ConfigError(f'{workdir} is not a run directory (no config.json)')
   with open(path) as f:
     saved = json.load(f)
   cfg = base_config()
@@ -337,10 +337,18 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   return cfg
 
 
-def experiment_runner(config_path: str):
-  """The config file's `run(cfg, workdir)` if it defines one (experiments of several runs)."""
-  path = config_path.split(':')[0]
+def _load_config_module(path: str):
   spec = importlib.util.spec_from_file_location('_experiment_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return getattr(module, 'run', None)
+  return module
+
+
+def config_from_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file, so one experiment can start from another's config."""
+  return _load_config_module(path).get_config()
+
+
+def experiment_runner(config_path: str):
+  """The config file's `run(cfg, workdir)` if it defines one (experiments of several runs)."""
+  return getattr(_load_config_module(config_path.split(':')[0]), 'run', None)

@@ -48,7 +48,7 @@ def main(argv) -> int:
     try:
       cfg = config_lib.load_run_config(_WORKDIR.value or '.')
     except config_lib.ConfigError as e:
-      print(f'error: {e}', file=sys.stderr)
+      print(f'error: {e}: give --config', file=sys.stderr)
       return 1
   if _DRY_RUN.value:  # before anything starts a JAX backend: it needs N fake devices
     from pathways_jax import dry_run  # pylint: disable=g-import-not-at-top

@@ -7,8 +7,6 @@ AR runs decode with the KV cache; diffusion (LLaDA) runs use the diffusion sampl
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import jax
@@ -73,26 +71,12 @@ def sample_texts(cfg, model, params, tokenizer, *, key, prompts=None, **override
 
 def load_run(workdir: str, step: int | None = None):
   """(cfg, model, params, tokenizer) from a run directory's config.json and newest checkpoint."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from pathways_jax.train import checkpoint as ckpt_lib, loop, optimizer, state as state_lib  # pylint: disable=g-import-not-at-top,multiple-import
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{workdir} is not a run directory (no config.json)')
-  with open(path) as f:
-    cfg = config_lib.base_config()
-    cfg.unlock()
-    cfg.update(ml_collections.ConfigDict(json.load(f)))
+  from pathways_jax.train import checkpoint as ckpt_lib, loop  # pylint: disable=g-import-not-at-top,multiple-import
+  cfg = config_lib.load_run_config(workdir)
   tokenizer, _, model, mesh, rules = loop.build(cfg)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, async_save=False)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {ckpt.directory}')
-  tx = optimizer.make_optimizer(cfg.train)
   example = np.zeros((1, cfg.data.seq_len), np.int32)
-  abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
-  params = ckpt.restore_params(step, abstract, shardings)
-  ckpt.close()
+  _, params, _ = ckpt_lib.restore_run_params(workdir, model, cfg.train, example, mesh, rules, step)
   return cfg, model, params, tokenizer
 
 

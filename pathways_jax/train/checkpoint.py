@@ -81,3 +81,24 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def restore_run_params(workdir: str, model, train_cfg, example_BL, mesh, rules,
+                       step: int | None = None):
+  """(step, params, param shardings) from a run directory's checkpoint `step` (default: the newest).
+
+  For sampling, evaluation and reference models: the params land on `mesh` under `rules`, whatever
+  mesh the run was trained on; the optimizer state is only described (by `train_cfg`), never read.
+  """
+  from pathways_jax.train import optimizer, state as state_lib  # pylint: disable=g-import-not-at-top,multiple-import
+  ckpt = Checkpointer(workdir, keep=train_cfg.keep_checkpoints, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {ckpt.directory}')
+    tx = optimizer.make_optimizer(train_cfg)
+    abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example_BL, mesh, rules)
+    params = ckpt.restore_params(step, abstract, shardings)
+  finally:
+    ckpt.close()
+  return int(step), params, shardings.params

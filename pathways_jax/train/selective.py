@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 from typing import Any, Callable
@@ -116,18 +115,6 @@ def ensure_reference(cfg, workdir: str, *, quiet: bool = True) -> str:
   return ref_dir
 
 
-def read_run_config(run_dir: str):
-  path = os.path.join(run_dir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{run_dir} is not a run directory (no config.json)')
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  with open(path) as f:
-    ref_cfg = config_lib.base_config()
-    ref_cfg.unlock()
-    ref_cfg.update(ml_collections.ConfigDict(json.load(f)))
-  return ref_cfg
-
-
 @dataclasses.dataclass
 class Reference:
   run_dir: str
@@ -142,8 +129,8 @@ def load_reference(cfg, ref_dir: str, tokenizer, mesh, rules) -> Reference:
   """The reference's model and params from its run dir, on the training mesh and rules."""
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   from pathways_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
-  from pathways_jax.train import checkpoint as ckpt_lib, optimizer, state as state_lib  # pylint: disable=g-import-not-at-top,multiple-import
-  ref_cfg = read_run_config(ref_dir)
+  from pathways_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  ref_cfg = config_lib.load_run_config(ref_dir)
   ref_tok = tokenizers.get_tokenizer(ref_cfg.data)
   if getattr(ref_tok, 'fingerprint', None) != getattr(tokenizer, 'fingerprint', None):
     raise config_lib.ConfigError(
@@ -160,16 +147,10 @@ def load_reference(cfg, ref_dir: str, tokenizer, mesh, rules) -> Reference:
     raise config_lib.ConfigError(f'selective: the reference max_len={model_cfg.max_len} < '
                                  f'data.seq_len={cfg.data.seq_len}')
   model = Transformer(model_cfg)
-  ckpt = ckpt_lib.Checkpointer(ref_dir, keep=ref_cfg.train.keep_checkpoints, async_save=False)
-  step = cfg.selective.reference.step or ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'selective: no checkpoint in {ckpt.directory}')
-  tx = optimizer.make_optimizer(ref_cfg.train)
   example = np.zeros((cfg.data.batch_size, cfg.data.seq_len), np.int32)
-  abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
-  params = ckpt.restore_params(step, abstract, shardings)
-  ckpt.close()
-  return Reference(ref_dir, int(step), ref_cfg, model, params, shardings.params)
+  step, params, shardings = ckpt_lib.restore_run_params(
+      ref_dir, model, ref_cfg.train, example, mesh, rules, cfg.selective.reference.step or None)
+  return Reference(ref_dir, step, ref_cfg, model, params, shardings)
 
 
 # ------------------------------------------------------------------------------------- the loss

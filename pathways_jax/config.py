@@ -352,3 +352,24 @@ def config_from_file(path: str) -> ml_collections.ConfigDict:
 def experiment_runner(config_path: str):
   """The config file's `run(cfg, workdir)` if it defines one (experiments of several runs)."""
   return getattr(_load_config_module(config_path.split(':')[0]), 'run', None)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """`app.run(..., flags_parser=parse_flags)` for the CLIs: an override of a key the config lacks
+  (`--config.train.no_such_key=1`) exits with one line naming it instead of a traceback.
+
+  ml_collections raises AttributeError for such a key while absl parses the flags; absl's own
+  flag errors (e.g. a wrong type) get the same one-line form.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'FATAL Flags parsing error: {e}')
+  except (AttributeError, KeyError) as e:
+    missing = str(e).strip('"\'')
+    bad = [a for a in argv[1:] if a.startswith('--config.') and
+           missing in a.split('=', 1)[0].split('.')]
+    where = bad[0].split('=', 1)[0] if bad else repr(missing)
+    sys.exit(f'FATAL Flags parsing error: {where}: the config has no key {missing!r}')

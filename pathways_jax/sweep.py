@@ -141,4 +141,5 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  from pathways_jax.config import parse_flags  # pylint: disable=g-import-not-at-top
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

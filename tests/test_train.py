@@ -152,7 +152,7 @@ def test_bad_config_fails_at_once_naming_the_key(tmp_path, flag, message):
             flag)
   assert out.returncode != 0
   assert message in out.stderr + out.stdout
-  assert 'Traceback' not in out.stderr or 'no_such_key' in message or 'steps' in message
+  assert 'Traceback' not in out.stderr, out.stderr[-2000:]
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):

@@ -60,6 +60,8 @@ def main(argv=None):
 
   import jax
   import ml_collections
+  from pathways_jax.data import facts
+  from pathways_jax.eval import facts as facts_eval
   from pathways_jax.sampling import autoregressive as ar_samp
   from pathways_jax.sampling import diffusion as d_samp
 
@@ -73,17 +75,17 @@ def main(argv=None):
   ar_model, ar_params = rev.load_model(run_dir, 'ar')
   ll_model, ll_params = rev.load_model(run_dir, 'llada')
 
-  rows = [rev.encode_fact(tok, p, 'name_first', 0) for p in background + test]
-  rows += [rev.encode_fact(tok, p, 'description_first', 0) for p in background]
+  rows = [facts.encode_fact(tok, p, 'name_first', 0) for p in background + test]
+  rows += [facts.encode_fact(tok, p, 'description_first', 0) for p in background]
   rng = np.random.default_rng(0)
   rows = [rows[i] for i in rng.permutation(len(rows))[:args.max_prompts]]
-  prompt, pmask = rev._left_pad([r.tokens[:r.prompt_len] for r in rows], 0)  # pylint: disable=protected-access
+  prompt, pmask = facts_eval.left_pad([r.tokens[:r.prompt_len] for r in rows], 0)
   B, G = len(rows), args.gen_length
   answers = [r.answer_text.strip() for r in rows]
 
   def accuracy(out):
     gen = np.asarray(out)[:, prompt.shape[1]:]
-    return float(np.mean([rev._answer_text(tok, g) == a for g, a in zip(gen, answers)]))  # pylint: disable=protected-access
+    return float(np.mean([facts_eval.answer_text(tok, g) == a for g, a in zip(gen, answers)]))
 
   key = jax.random.key(0)
   common = dict(mask_id=cfg.data.mask_id, key=key, gen_length=G, steps=G,

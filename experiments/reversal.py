@@ -40,13 +40,14 @@ import json
 import logging
 import os
 import platform
-import random
 import time
 
 import ml_collections
 import numpy as np
 
 from pathways_jax.config import base_config
+from pathways_jax.data.facts import Entity, Row, encode_fact, entity_of, load_facts_file, to_arrays
+from pathways_jax.eval.facts import Evaluator
 
 _LOG = logging.getLogger(__name__)
 TRAIN_TEMPLATES = (0, 1, 2, 3)
@@ -90,48 +91,13 @@ def get_config():
 
 # ------------------------------------------------------------------------------------- the world
 
-@dataclasses.dataclass(frozen=True)
-class Entity:
-  """What a fact sentence needs of a person (synthetic.Person or a line of the facts file)."""
-  name: str
-  first_name: str
-  description: str
-  city: str
-
-
-def _entity(p) -> Entity:
-  return Entity(p.name, p.first_name, p.description, p.city)
-
-
-def load_facts_file(path: str, cities) -> list[Entity]:
-  from pathways_jax.data.corpora import DataError
-  out = []
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f'{path}:{lineno}: invalid JSON ({e.msg})') from None
-      if not isinstance(rec, dict) or not isinstance(rec.get('name'), str) or not isinstance(
-          rec.get('description'), str) or not rec['name'].strip() or not rec['description'].strip():
-        raise DataError(f'{path}:{lineno}: needs non-empty string fields "name" and "description"')
-      name, desc = ' '.join(rec['name'].split()), ' '.join(rec['description'].split()).rstrip('.')
-      city = random.Random(f'reversal/{name}').choice(cities)
-      out.append(Entity(name, name.split()[0], desc, city))
-  if not out:
-    raise DataError(f'{path}: no facts')
-  return out
-
-
 def make_groups(cfg) -> tuple[list[Entity], list[Entity]]:
   from pathways_jax.data import synthetic
   from pathways_jax.data.corpora import DataError
   r = cfg.reversal
   n_test = 0 if cfg.data.facts_file else r.num_test
   world = synthetic.make_world(r.world_seed, r.num_background + n_test)
-  people = [_entity(p) for p in world.people]
+  people = [entity_of(p) for p in world.people]
   background, test = people[:r.num_background], people[r.num_background:]
   if cfg.data.facts_file:
     test = load_facts_file(cfg.data.facts_file, world.cities)
@@ -143,46 +109,6 @@ def make_groups(cfg) -> tuple[list[Entity], list[Entity]]:
 
 
 # ----------------------------------------------------------------------------------- tokenizing
-
-@dataclasses.dataclass
-class Row:
-  tokens: list[int]  # bos + sentence + eos (no padding)
-  prompt_len: int  # tokens before the answer (bos included)
-  answer: tuple[int, int]  # token range of the answer phrase
-  name: tuple[int, int]  # token range of the (first) full name
-  text: str
-  answer_text: str
-
-
-def encode_fact(tok, person: Entity, direction: str, template: int) -> Row:
-  """The fact as tokens, pieces tokenized separately so the name and answer spans are exact.
-
-  Cuts are made before the space that starts the name / answer (and before the final '.'), so
-  every prompt ends on a word and every answer starts with its own leading-space token.
-  """
-  from pathways_jax.data import synthetic
-  f = synthetic.fact_sentence(person, direction, template)
-  text = f.text
-  ns = text.find(person.name)
-  spans = {'answer': (f.answer_start, f.answer_end), 'name': (ns, ns + len(person.name))}
-  cuts = {0, len(text)}
-  for s, e in spans.values():
-    cuts |= {s - 1 if s > 0 and text[s - 1] == ' ' else s, e}
-  cuts = sorted(cuts)
-  ids, starts = [tok.bos_id], {}
-  for a, b in zip(cuts[:-1], cuts[1:]):
-    starts[a] = len(ids)
-    ids += list(tok.encode(text[a:b]))
-  starts[len(text)] = len(ids)
-
-  def rng(s, e):
-    s = s - 1 if s > 0 and text[s - 1] == ' ' else s
-    return starts[s], starts[e]
-
-  ids.append(tok.eos_id)
-  a = rng(*spans['answer'])
-  return Row(ids, a[0], a, rng(*spans['name']), text, f.answer)
-
 
 def make_tokenizer(background, test, vocab_size: int, cache_dir: str):
   """A sentencepiece model trained on every sentence of both groups (all templates)."""
@@ -208,19 +134,6 @@ def training_rows(tok, background, test, *, control: bool) -> list[Row]:
   for p in test:
     rows += [encode_fact(tok, p, 'name_first', t) for t in TRAIN_TEMPLATES]
   return rows
-
-
-def to_arrays(rows: list[Row], seq_len: int, eos_id: int):
-  """tokens [N, L] (eos-padded), prompt [N, L] bool (bos + prompt), real [N, L] bool (not padding)."""
-  n = len(rows)
-  tokens = np.full((n, seq_len), eos_id, np.int32)
-  prompt = np.zeros((n, seq_len), bool)
-  real = np.zeros((n, seq_len), bool)
-  for i, r in enumerate(rows):
-    tokens[i, :len(r.tokens)] = r.tokens
-    prompt[i, :r.prompt_len] = True
-    real[i, :len(r.tokens)] = True
-  return tokens, prompt, real
 
 
 # ------------------------------------------------------------------------------------- training
@@ -330,128 +243,6 @@ def train_model(kind: str, cfg, model_cfg, arrays, *, max_steps: int, check_fn=N
 
 
 # ----------------------------------------------------------------------------------- evaluation
-
-def _left_pad(seqs, pad_id, width=0):
-  p = max([width] + [len(s) for s in seqs])
-  out = np.full((len(seqs), p), pad_id, np.int32)
-  mask = np.zeros((len(seqs), p), bool)
-  for i, s in enumerate(seqs):
-    out[i, p - len(s):] = s
-    mask[i, p - len(s):] = True
-  return out, mask
-
-
-def _answer_text(tok, ids) -> str:
-  ids = [int(i) for i in ids]
-  if tok.eos_id in ids:
-    ids = ids[:ids.index(tok.eos_id)]
-  ids = [i for i in ids if i > 3]
-  return tok.decode(ids).split('.')[0].strip()
-
-
-_LOG_PROBS = {}
-
-
-def _log_probs(model, params, tokens_BL):
-  """log_softmax(model(tokens)), jitted once per model."""
-  import jax
-  if model not in _LOG_PROBS:
-    _LOG_PROBS[model] = jax.jit(
-        lambda p, t: jax.nn.log_softmax(model.apply({'params': p}, t).astype('float32'), -1))
-  return _LOG_PROBS[model](params, tokens_BL)
-
-
-class Evaluator:
-  """Greedy exact match, infilling and ranking on a list of test people."""
-
-  def __init__(self, tok, model, params, kind, seq_len, gen_length, mask_id=3, batch=256,
-               prompt_width=0):
-    self.tok, self.model, self.params, self.kind = tok, model, params, kind
-    self.prompt_width = prompt_width
-    self.seq_len, self.gen_length, self.mask_id, self.batch = seq_len, gen_length, mask_id, batch
-
-  def generate(self, prompts: list[list[int]]) -> list[list[int]]:
-    import jax
-    from pathways_jax.sampling import autoregressive as ar_samp
-    from pathways_jax.sampling import diffusion as d_samp
-    outs = []
-    for s in range(0, len(prompts), self.batch):
-      chunk = prompts[s:s + self.batch]
-      # One fixed shape (prompt width, batch rows) per model: a single compile for every query.
-      chunk = chunk + [chunk[-1]] * (self.batch - len(chunk))
-      x, m = _left_pad(chunk, 0, self.prompt_width)
-      if self.kind == 'ar':
-        y = ar_samp.generate(self.model, self.params, x, key=jax.random.key(0),
-                             max_new_tokens=self.gen_length, temperature=0.0, prompt_mask_BP=m,
-                             eos_id=self.tok.eos_id)
-      else:
-        y = d_samp.generate(self.model, self.params, x, mask_id=self.mask_id,
-                            key=jax.random.key(0), gen_length=self.gen_length,
-                            steps=self.gen_length, block_length=self.gen_length, prompt_mask_BP=m)
-      outs += [list(map(int, row)) for row in np.asarray(y)[:, x.shape[1]:]]
-    return outs[:len(prompts)]
-
-  def exact_match(self, rows: list[Row]) -> float:
-    gens = self.generate([r.tokens[:r.prompt_len] for r in rows])
-    return float(np.mean([_answer_text(self.tok, g) == r.answer_text.strip()
-                          for g, r in zip(gens, rows)]))
-
-  def infill_name(self, rows: list[Row]) -> float:
-    import jax
-    from pathways_jax.sampling import diffusion as d_samp
-    tokens, _, _ = to_arrays(rows, self.seq_len, self.tok.eos_id)
-    for i, r in enumerate(rows):
-      tokens[i, r.name[0]:r.name[1]] = self.mask_id
-    steps = max(r.name[1] - r.name[0] for r in rows)
-    correct = []
-    for s in range(0, len(rows), self.batch):
-      y = np.asarray(d_samp.infill(self.model, self.params, tokens[s:s + self.batch],
-                                   mask_id=self.mask_id, key=jax.random.key(0), steps=steps))
-      for row, r in zip(y, rows[s:s + self.batch]):
-        correct.append(list(row[r.name[0]:r.name[1]]) == r.tokens[r.name[0]:r.name[1]])
-    return float(np.mean(correct))
-
-  def rank_names(self, rows: list[Row], candidates: list[list[int]]) -> dict:
-    """rows: reverse prompts of the test people; candidates[j]: token ids of name j.
-    Returns top-1 accuracy and mean reciprocal rank of each row's own name."""
-    apply = lambda p, t: _log_probs(self.model, p, t)
-    kmax = max(len(c) for c in candidates)
-    cand_index = {tuple(c): j for j, c in enumerate(candidates)}
-    top1, rr = [], []
-    for r in rows:
-      prompt = r.tokens[:r.prompt_len]
-      suffix = r.tokens[r.answer[1]:]  # '.' and eos
-      true = tuple(r.tokens[r.answer[0]:r.answer[1]])
-      scores = np.zeros(len(candidates))
-      if self.kind == 'ar':
-        seqs = [prompt + list(c) + suffix[:1] for c in candidates]
-        x = np.full((len(seqs), self.seq_len + kmax), self.tok.eos_id, np.int32)
-        for j, s in enumerate(seqs):
-          x[j, :len(s)] = s
-        lp = np.asarray(apply(self.params, x))
-        for j, s in enumerate(seqs):
-          t = np.arange(len(prompt), len(s))
-          scores[j] = lp[j, t - 1, np.asarray(s)[t]].sum()
-      else:
-        by_len = {}
-        for j, c in enumerate(candidates):
-          by_len.setdefault(len(c), []).append(j)
-        x = np.full((kmax, self.seq_len + kmax), self.tok.eos_id, np.int32)
-        for k in range(1, kmax + 1):  # row k - 1: the prompt, k masks, '.', eos padding
-          s = prompt + [self.mask_id] * k + suffix
-          x[k - 1, :len(s)] = s
-        lp = np.asarray(apply(self.params, x))
-        for k in by_len:
-          i = k - 1
-          pos = np.arange(len(prompt), len(prompt) + k)
-          for j in by_len[k]:
-            scores[j] = lp[i, pos, np.asarray(candidates[j])].sum()
-      own = scores[cand_index[true]]
-      rank = 1 + int(np.sum(scores > own))
-      top1.append(rank == 1)
-      rr.append(1.0 / rank)
-    return {'top1': float(np.mean(top1)), 'mrr': float(np.mean(rr))}
-
 
 def evaluate_model(ev: Evaluator, tok, test, background) -> dict:
   out = {}

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from helpers import REPO
+from pathways_jax.data import facts
 
 _PATH = os.path.join(REPO, 'experiments', 'reversal.py')
 
@@ -60,11 +61,11 @@ def test_tiny_reversal_run(tmp_path):
 
 def test_rows_and_facts_file(tmp_path):
   mod = _module()
-  facts = tmp_path / 'people.jsonl'
-  facts.write_text('{"name": "Ada Quill", "description": "the author of the tin atlas"}\n'
+  facts_file = tmp_path / 'people.jsonl'
+  facts_file.write_text('{"name": "Ada Quill", "description": "the author of the tin atlas"}\n'
                    '\n{"name": "Bo Venn", "description": "the keeper of the salt bell."}\n')
   cfg = _tiny_config(mod)
-  cfg.data.facts_file = str(facts)
+  cfg.data.facts_file = str(facts_file)
   background, test = mod.make_groups(cfg)
   assert [p.name for p in test] == ['Ada Quill', 'Bo Venn'] and len(background) == 6
   tok = mod.make_tokenizer(background, test, 320, str(tmp_path))
@@ -75,10 +76,10 @@ def test_rows_and_facts_file(tmp_path):
   assert not any(r.text.startswith('The author of the tin atlas') for r in rows)
   assert all('Bo Venn' not in r.text or r.text.index('Bo Venn') < r.text.index('the keeper')
              for r in rows)
-  r = mod.encode_fact(tok, test[1], 'description_first', 0)
+  r = facts.encode_fact(tok, test[1], 'description_first', 0)
   assert tok.decode(r.tokens[r.answer[0]:r.answer[1]]).strip() == 'Bo Venn'
   assert r.name == r.answer and r.tokens[0] == tok.bos_id and r.tokens[-1] == tok.eos_id
-  f = mod.encode_fact(tok, test[0], 'name_first', 2)  # "Ask about {name} and ... {first} is ..."
+  f = facts.encode_fact(tok, test[0], 'name_first', 2)  # "Ask about {name} and ... {first} is ..."
   assert tok.decode(f.tokens[f.name[0]:f.name[1]]).strip() == 'Ada Quill'
   assert tok.decode(f.tokens[f.answer[0]:f.answer[1]]).strip() == 'the author of the tin atlas'
   bad = tmp_path / 'bad.jsonl'

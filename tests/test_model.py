@@ -92,3 +92,12 @@ def test_return_hidden_times_unembedding_gives_logits():
   h = model.apply({'params': params}, tokens, return_hidden=True)
   np.testing.assert_allclose(h @ unembedding(params, model.cfg),
                              model.apply({'params': params}, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_logits_window_is_a_slice_of_the_full_logits(tie):
+  model, params, tokens = _model(tie_embeddings=tie, causal=False)
+  full = model.apply({'params': params}, tokens)
+  window = jax.jit(lambda p, t, s: model.apply({'params': p}, t, logits_window=(s, 4)))
+  for start in (0, 5, 8):  # a traced start: one compile for every block
+    np.testing.assert_allclose(window(params, tokens, start), full[:, start:start + 4], atol=1e-5)

@@ -141,7 +141,14 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
                segment_ids_BL: jax.Array | None = None, cache: Cache | None = None,
-               cache_index: Any = 0, return_hidden: bool = False):
+               cache_index: Any = 0, return_hidden: bool = False,
+               logits_window: tuple[Any, int] | None = None):
+    """Logits [B, L, V] (or hidden states [B, L, D] with `return_hidden`).
+
+    `logits_window=(start, length)`: logits of positions [start, start + length) only, [B, length,
+    V] (`start` may be traced): a sampler that reads one block of a long row skips the rest of the
+    unembedding, the largest matmul of a small model.
+    """
     cfg = self.cfg
     b, l = tokens_BL.shape
     if positions_BL is None:
@@ -194,8 +201,13 @@ class Transformer(nn.Module):
             'unembed', nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                     ('embed', 'vocab')),
             (cfg.d_model, cfg.vocab_size), _dtype(cfg.param_dtype))
+      rows = l
+      if logits_window is not None:
+        start, rows = logits_window
+        h_TD = jax.lax.dynamic_slice_in_dim(h_TD.reshape(b, l, cfg.d_model), start, rows,
+                                            axis=1).reshape(b * rows, cfg.d_model)
       logits = jnp.dot(h_TD, unembed_DV.astype(h_TD.dtype), preferred_element_type=jnp.float32)
-      out = logits.reshape(b, l, cfg.vocab_size)
+      out = logits.reshape(b, rows, cfg.vocab_size)
     if cache is None:
       return out
     return out, {**new_layer_caches, 'segment_ids': kv_segment, 'positions': kv_positions}

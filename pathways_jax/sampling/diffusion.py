@@ -52,11 +52,6 @@ class _Forward:
   def __eq__(self, other):
     return isinstance(other, _Forward) and self._key() == other._key()
 
-  def head(self, params, hidden_BLD):
-    from pathways_jax.models.transformer import unembedding  # pylint: disable=g-import-not-at-top
-    w = unembedding(nn.meta.unbox(params), self.module.cfg)
-    return jnp.dot(hidden_BLD, w.astype(hidden_BLD.dtype), preferred_element_type=jnp.float32)
-
   def full(self, params, tokens_BS, positions_BS, segments_BS, start, length, *, use_segments,
            with_cache):
     """Logits of positions [start, start+length) from a forward pass over the whole row.
@@ -67,28 +62,25 @@ class _Forward:
       logits = self.fn(params, tokens_BS)
       return jax.lax.dynamic_slice_in_dim(logits, start, length, axis=1), None
     kw = dict(positions_BL=positions_BS, segment_ids_BL=segments_BS) if use_segments else {}
-    cache = None
     if with_cache:
       from pathways_jax.models.transformer import init_cache  # pylint: disable=g-import-not-at-top
       cfg = self.module.cfg
       empty = init_cache(cfg, tokens_BS.shape[0], tokens_BS.shape[1],
                          jnp.bfloat16 if cfg.dtype == 'bfloat16' else jnp.float32)
-      hidden, cache = self.module.apply({'params': params}, tokens_BS, positions_BL=positions_BS,
-                                        segment_ids_BL=segments_BS, cache=empty, cache_index=0,
-                                        return_hidden=True)
-    else:
-      hidden = self.module.apply({'params': params}, tokens_BS, return_hidden=True, **kw)
+      return self.module.apply({'params': params}, tokens_BS, positions_BL=positions_BS,
+                               segment_ids_BL=segments_BS, cache=empty, cache_index=0,
+                               logits_window=(start, length))
     # Only the current block's logits are ever used: unembed just those positions.
-    return self.head(params, jax.lax.dynamic_slice_in_dim(hidden, start, length, axis=1)), cache
+    return self.module.apply({'params': params}, tokens_BS, logits_window=(start, length),
+                             **kw), None
 
   def cached(self, params, tokens_BS, positions_BS, segments_BS, cache, start, length, *,
              window):
     """Runs only positions [start, start+window) against `cache`; logits of the first `length`."""
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, window, axis=1)
-    hidden, cache = self.module.apply({'params': params}, sl(tokens_BS), positions_BL=sl(positions_BS),
-                                      segment_ids_BL=sl(segments_BS), cache=cache,
-                                      cache_index=start, return_hidden=True)
-    return self.head(params, hidden[:, :length]), cache
+    return self.module.apply({'params': params}, sl(tokens_BS), positions_BL=sl(positions_BS),
+                             segment_ids_BL=sl(segments_BS), cache=cache, cache_index=start,
+                             logits_window=(0, length))
 
 
 def num_transfer_tokens(masked_count_B: jax.Array, steps: int) -> jax.Array:

@@ -34,7 +34,7 @@ def _reversal():
   return mod
 
 
-def _ensure_run(rev, run_dir):
+def _ensure_run(rev, run_dir, *, train_seq_len=0, sft_fraction=None):
   if run_dir and all(os.path.exists(os.path.join(run_dir, f)) for f in
                      ('ar.msgpack', 'llada.msgpack', 'results.json')):
     return run_dir
@@ -42,6 +42,9 @@ def _ensure_run(rev, run_dir):
   cfg = rev.get_config()
   cfg.reversal.num_background, cfg.reversal.num_test = 40, 20
   cfg.reversal.control = False
+  cfg.data.seq_len = train_seq_len  # rows eos-padded to this length (0: the longest sentence)
+  if sft_fraction is not None:
+    cfg.reversal.sft_fraction = sft_fraction
   print(f'training a small AR/LLaDA pair in {run_dir} (no models given) ...', flush=True)
   rev.run(cfg, run_dir, quiet=True)
   return run_dir
@@ -56,6 +59,11 @@ def main(argv=None):
   ap.add_argument('--max_prompts', type=int, default=256)
   ap.add_argument('--repeats', type=int, default=3)
   ap.add_argument('--json_out', default='')
+  ap.add_argument('--train_seq_len', type=int, default=0,
+                  help='only when the pair is trained here: training rows eos-padded to this length, '
+                       'so that prompt + gen_length stays within the lengths the model was trained on')
+  ap.add_argument('--sft_fraction', type=float, default=None,
+                  help="only when the pair is trained here: LLaDA's SFT share (experiment default if unset)")
   args = ap.parse_args(argv)
 
   import jax
@@ -66,7 +74,8 @@ def main(argv=None):
   from pathways_jax.sampling import diffusion as d_samp
 
   rev = _reversal()
-  run_dir = _ensure_run(rev, args.run_dir)
+  run_dir = _ensure_run(rev, args.run_dir, train_seq_len=args.train_seq_len,
+                        sft_fraction=args.sft_fraction)
   with open(os.path.join(run_dir, 'results.json')) as f:
     run_res = json.load(f)
   cfg = ml_collections.ConfigDict(run_res['config'])

@@ -51,6 +51,16 @@ def cli(module: str, *args, timeout=300, **kw) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def run_on_fake_devices(code: str, devices: int = 8, timeout=300) -> str:
+  """Runs `code` in a fresh Python on `devices` fake CPU devices (the flag must precede JAX's
+  start, hence a subprocess); returns its stdout + stderr."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  out = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=timeout, check=False)
+  return out.stdout + out.stderr
+
+
 def cli_overrides(cfg_path: str, cache: str) -> list[str]:
   """Command-line flags equivalent to tiny_config for experiments/quickstart-like files."""
   return [f'--config={cfg_path}', f'--config.data.cache_dir={cache}',

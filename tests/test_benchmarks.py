@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import REPO
+from helpers import REPO
 
 _TINY_CONFIG = '''
 from pathways_jax.config import base_config

@@ -1,8 +1,5 @@
 """Growth operators: function preservation, layer placement, optimizer moments, errors, sharding."""
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
@@ -12,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import run_on_fake_devices
 from pathways_jax import growth
 from pathways_jax.config import ModelConfig
 from pathways_jax.models.transformer import Transformer
@@ -327,9 +325,5 @@ _SHARDED = textwrap.dedent('''
 
 
 def test_growth_under_fsdp_and_tensor_sharding():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, '-c', _SHARDED], env=env, cwd=root, capture_output=True,
-                       text=True, timeout=300)
-  assert 'SHARDED_OK' in out.stdout, out.stdout + out.stderr
+  out = run_on_fake_devices(_SHARDED)
+  assert 'SHARDED_OK' in out, out

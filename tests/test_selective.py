@@ -1,7 +1,4 @@
 """RHO-1 selection and loss: against a plain numpy sort, edge cases, gradients, sharding."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -9,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import run_on_fake_devices
 from pathways_jax.objectives import autoregressive, selective
 
 
@@ -185,9 +183,5 @@ _SHARDED = textwrap.dedent('''
 
 
 def test_sharded_selection_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, '-c', _SHARDED], env=env, cwd=root, capture_output=True,
-                       text=True, timeout=300)
-  assert 'SHARDED_OK' in out.stdout, out.stdout + out.stderr
+  out = run_on_fake_devices(_SHARDED)
+  assert 'SHARDED_OK' in out, out

@@ -27,7 +27,10 @@ The ablation over k uses the sweep runner with only the SLM arm and the shared r
     python -m pathways_jax.sweep --config=experiments/rho1.py --workdir=runs/rho1_k \
         --grid='selective.ratio=0.4,0.6,0.8,1.0' --config.rho1.arms=slm \
         --config.rho1.llada=False --config.selective.reference.workdir=runs/rho1/reference \
-        --fields=slm_val,token_savings
+        --fields=slm_val
+
+(no uniform arm there, so no `token_savings`: compare the curves with WORKDIR/uniform of the main
+run). `experiments/rho1_diagnose.py` looks at the tokens a finished SLM arm keeps and drops.
 """
 from __future__ import annotations
 
@@ -78,7 +81,9 @@ def get_config():
   # The reference sees 100 steps of shuffled clean rows: 410k tokens, a random ~3% slice of the
   # clean corpus. A slice of the first N files (max_documents) is a narrow domain: with N = 12 or
   # 100 the reference reached only ~3.0 on the clean validation set (the arms reach ~1.5), and
-  # SLM then fell far behind uniform (README).
+  # SLM then fell far behind uniform (README). With this 100-step reference (2.035 alone) SLM
+  # leads early and ends behind uniform; a 300-step one (1.276 alone) put SLM ahead throughout
+  # (README: the pilot). The default stays the weak reference until all arms are rerun.
   rf.max_documents = 0
   rf.steps = 100
   c.rho1 = r = ml_collections.ConfigDict()

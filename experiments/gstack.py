@@ -5,7 +5,8 @@
     python -m pathways_jax.sweep --config=experiments/gstack.py --workdir=runs/gstack_g \
         --grid='gstack.growth_factor=2,4,8' --config.gstack.arms=stack \
         --config.gstack.llada=False --config.gstack.reference=runs/gstack \
-        --fields=speedup,stack_final_val,scratch_final_val
+        --fields=speedup,stack_final_val,scratch_final_val,d_tokens
+    # and the same with --workdir=runs/gstack_d --grid='gstack.small_fraction=0.05,0.1,0.2,0.4'
 
 The target is `config.model` (8 layers by default). The FLOPs budget is `train.steps` steps of the
 target (scratch). Arms, each a normal training run in WORKDIR/<arm> (resumable; finished arms are
@@ -22,7 +23,10 @@ skipped), all with the same data order, batch and global LR schedule shape:
 FLOPs are counted with `train.metrics.flops_per_token` per model, so a small-model step costs
 ~1/g of a target step. Validation loss against cumulative training FLOPs is recorded for every
 arm; speedup = FLOPs_scratch / FLOPs_arm - 1 where FLOPs_arm is where the arm's validation
-curve (linearly interpolated) first reaches scratch's final validation loss.
+curve (linearly interpolated) first reaches scratch's final validation loss, counting only the
+grown (target-size) model's part of a growth arm's curve (from the loss measured right after the
+growth on): a small model trained long enough can reach scratch's loss on its own before the
+growth (`small_reached_scratch_final` says when it did).
 `gstack.llada=True` repeats scratch and stack with the LLaDA objective (bidirectional model,
 masked-diffusion loss; val loss = the diffusion bound on held-out rows, fixed masks).
 
@@ -138,17 +142,28 @@ def arm_configs(cfg, arms=None, objective: str = 'autoregressive') -> dict:
   return out
 
 
-def val_curve(workdir: str, cfg) -> list[tuple[float, float]]:
-  """[(cumulative training FLOPs, validation loss)] of a finished arm."""
+def val_curve(workdir: str, cfg, grown_only: bool = False) -> list[tuple[float, float]]:
+  """[(cumulative training FLOPs, validation loss)] of a finished arm.
+
+  grown_only: for an arm that grew, only the grown (target-size) model's part of the curve: the
+  validation loss measured right after the growth, then the evaluations from the growth step on.
+  (An arm without growth returns its whole curve.)
+  """
   from pathways_jax.train import growth_phase, loop  # pylint: disable=g-import-not-at-top
   _, model_cfg, _, _, _ = loop.build(cfg)
   flops = growth_phase.Growth(cfg, model_cfg).flops
-  curve = {}
+  curve, grown_at = {}, None
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     for line in f:
       row = json.loads(line)
       if 'val_loss' in row:
         curve[row['step']] = row['val_loss']
+      if 'growth_val_loss_after' in row:
+        grown_at = (row['step'], row['growth_val_loss_after'])
+  if grown_only and grown_at is not None:
+    step, after = grown_at
+    curve = {s: v for s, v in curve.items() if s >= step}  # evals at the growth step follow it
+    curve.setdefault(step, after)
   return [(flops(s), v) for s, v in sorted(curve.items())]
 
 
@@ -191,15 +206,22 @@ def _train_arm(name, arm_cfg, workdir, log) -> dict:
 
 def _summarise(arm_cfgs, results, workdir, reference=None, scratch_name='scratch') -> dict:
   curves = {n: val_curve(os.path.join(workdir, n), arm_cfgs[n]) for n in results}
+  grown = {n: val_curve(os.path.join(workdir, n), arm_cfgs[n], grown_only=True) for n in results}
   entries = {n: {'final_val': r['val_loss'], 'flops': r['total_flops'], 'steps': r['step'],
                  'params': r['params'], 'wall_s': r.get('wall_s'), 'curve': curves[n],
                  'growth': r.get('growth')} for n, r in results.items()}
   scratch = entries.get(scratch_name) or reference
   if scratch is not None:
-    for e in entries.values():
-      reach = flops_to_reach(e['curve'], scratch['final_val'])
+    target = scratch['final_val']
+    for n, e in entries.items():
+      # The speedup is the grown (target-size) model's: with a long enough d the small model
+      # alone can reach scratch's loss before the growth, which says nothing about growth.
+      reach = flops_to_reach(grown[n], target)
       e['flops_to_scratch_final'] = reach
       e['speedup'] = None if reach is None else scratch['flops'] / reach - 1
+      if e['growth'] and grown[n]:
+        e['small_reached_scratch_final'] = any(v <= target for f, v in curves[n]
+                                               if f < grown[n][0][0])
   return entries
 
 

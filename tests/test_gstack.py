@@ -140,6 +140,35 @@ def test_gstack_experiment_smoke(tmp_path):
   assert gstack.flops_to_reach([(1.0, 3.0)], 2.0) is None
 
 
+def test_gstack_speedup_counts_only_the_grown_model(tmp_path):
+  """A small model trained long enough can reach scratch's loss before the growth (it did at
+  gstack.small_fraction=0.4); the speedup must come from the grown model's part of the curve."""
+  gstack = _gstack_module()
+  cfg = tiny_config(str(tmp_path / 'cache'), **GROW)
+  run = tmp_path / 'stack'
+  run.mkdir()
+  rows = [{'step': 2, 'val_loss': 1.0},  # the small model, already below scratch's 1.8
+          {'step': 4, 'growth_val_loss_before': 0.9, 'growth_val_loss_after': 3.0},
+          {'step': 4, 'val_loss': 2.9},  # the eval at the growth step is the grown model's
+          {'step': 6, 'val_loss': 2.0}, {'step': 8, 'val_loss': 1.6}]
+  with open(run / 'metrics.jsonl', 'w') as f:
+    f.write(''.join(json.dumps(r) + '\n' for r in rows))
+  _, model_cfg, _, _, _ = loop.build(cfg)
+  flops = growth_phase.Growth(cfg, model_cfg).flops
+  assert gstack.val_curve(str(run), cfg) == [(flops(s), v) for s, v in
+                                             [(2, 1.0), (4, 2.9), (6, 2.0), (8, 1.6)]]
+  grown = gstack.val_curve(str(run), cfg, grown_only=True)
+  assert grown == [(flops(4), 2.9), (flops(6), 2.0), (flops(8), 1.6)]
+  res = {'val_loss': 1.6, 'total_flops': flops(8), 'step': 8, 'params': 1,
+         'growth': {'at_step': 4}}
+  scratch = {'final_val': 1.8, 'flops': 2 * flops(8)}
+  e = gstack._summarise({'stack': cfg}, {'stack': res}, str(tmp_path), reference=scratch)['stack']
+  reach = flops(6) + (flops(8) - flops(6)) * (2.0 - 1.8) / (2.0 - 1.6)
+  assert e['flops_to_scratch_final'] == pytest.approx(reach)
+  assert e['speedup'] == pytest.approx(scratch['flops'] / reach - 1)
+  assert e['small_reached_scratch_final'] is True
+
+
 @pytest.mark.slow
 def test_gstack_full_run_reproduces(tmp_path):
   """The default experiment (all arms + LLaDA; ~1-1.5 h on a busy 2-core CPU). Asserts only what

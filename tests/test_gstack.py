@@ -191,3 +191,16 @@ def test_gstack_full_run_reproduces(tmp_path):
   assert llada['llada_stack']['final_val'] < llada['llada_scratch']['final_val']
   # What the run also showed: the small model alone wins at this budget (no compute-optimality).
   assert res['small_only_final_val'] < res['scratch_final_val']
+
+
+def test_llada_growth_at_tokens_preserves_the_function_with_zero(tmp_path):
+  # The diffusion objective grows like AR; `growth.at_tokens` picks the step from the token count.
+  tokens_per_step = 4 * 32  # tiny_config: batch 4 x seq_len 32
+  res = loop.train(tiny_config(str(tmp_path / 'cache'), **{
+      'objective': 'diffusion', 'model.causal': False, 'growth.depth_factor': 2,
+      'growth.at_tokens': 3 * tokens_per_step + 1, 'growth.method': 'zero',
+      'growth.rewarmup_steps': 2}), str(tmp_path / 'llada'), quiet=True)
+  assert res['growth']['at_step'] == 4 and res['growth']['num_layers'] == 4
+  # The eval masks are fixed, and zero growth keeps the function: the same validation loss.
+  before, after = res['growth']['val_loss_before'], res['growth']['val_loss_after']
+  assert abs(before - after) < 1e-5, (before, after)

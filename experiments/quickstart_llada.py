@@ -1,9 +1,9 @@
 """The second half of `make run`: experiments/llada_tiny.py (the quickstart model as LLaDA, masked
-diffusion) for 300 steps, then samples.
+diffusion) for 180 steps, then samples.
 
     python -m pathways_jax.main --config=experiments/quickstart_llada.py --workdir=runs/quickstart_llada
 
-Same data, size and step count as experiments/quickstart.py, bidirectional, LLaDA's loss; samples
+Same data and size as experiments/quickstart.py, bidirectional, LLaDA's loss; samples
 come from the semi-autoregressive low-confidence sampler (blocks of 8 tokens).
 """
 import os
@@ -14,9 +14,9 @@ from pathways_jax.config import config_from_file
 def get_config():
   c = config_from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'llada_tiny.py'))
   c.name = 'quickstart_llada'
-  c.train.steps = 300
+  c.train.steps = 180
   c.train.log_every = 10
-  c.train.eval_every = 150
-  c.train.checkpoint_every = 150
+  c.train.eval_every = 90
+  c.train.checkpoint_every = 90
   c.sample.prompts = ('def ', 'import os\n', 'class ')
   return c

@@ -70,6 +70,8 @@ def main():
   ap.add_argument('--top', type=int, default=25)
   ap.add_argument('--single_core', action='store_true')
   args = ap.parse_args()
+  if args.steps < 1 or args.top < 1:
+    ap.error('--steps and --top must be >= 1')
   if args.single_core:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
@@ -77,9 +79,13 @@ def main():
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import train_throughput as tt  # pylint: disable=g-import-not-at-top
+  from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from pathways_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  cfg, model_cfg = tt.load_config(args.config)
+  try:
+    cfg, model_cfg = tt.load_config(args.config)
+  except config_lib.ConfigError as e:
+    ap.error(str(e))
   fn, state, batch, mesh, rules = tt.jax_step(cfg, model_cfg)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     info = _parse_hlo(fn.lower(state, batch).compile().as_text())

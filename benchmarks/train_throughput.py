@@ -151,7 +151,12 @@ def main():
   ap.add_argument('--no_torch', action='store_true')
   ap.add_argument('--json', action='store_true')
   args = ap.parse_args()
-  cfg, model_cfg = load_config(args.config)
+  if args.steps < 1 or args.rounds < 1:
+    ap.error('--steps and --rounds must be >= 1')
+  try:
+    cfg, model_cfg = load_config(args.config)
+  except config_lib.ConfigError as e:
+    ap.error(str(e))
   peak = metrics.measure_matmul_peak()
   fpt = metrics.flops_per_token(model_cfg, cfg.data.seq_len)
   tokens = cfg.data.batch_size * cfg.data.seq_len

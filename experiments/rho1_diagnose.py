@@ -55,6 +55,12 @@ def main(argv):
   rho1 = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(rho1)
   wd = _WORKDIR.value
+  missing = [arm for arm in ('reference', 'slm', 'uniform')
+             if not os.path.isfile(os.path.join(wd, arm, 'config.json'))]
+  if missing:
+    print(f'error: {wd} lacks finished arm(s) {missing}: run experiments/rho1.py there first',
+          file=sys.stderr)
+    return 1
   cfg = rho1.get_config()
   cfg.selective.enabled = False
   tokenizer, _, _, mesh, rules = loop.build(cfg)

@@ -338,6 +338,9 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def _load_config_module(path: str):
+  import os  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path) or not path.endswith('.py'):
+    raise ConfigError(f'config file {path!r} is not a .py file that exists')
   spec = importlib.util.spec_from_file_location('_experiment_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -346,7 +349,10 @@ def _load_config_module(path: str):
 
 def config_from_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file, so one experiment can start from another's config."""
-  return _load_config_module(path).get_config()
+  module = _load_config_module(path)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path!r} defines no get_config()')
+  return module.get_config()
 
 
 def experiment_runner(config_path: str):

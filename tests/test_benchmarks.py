@@ -43,3 +43,14 @@ def test_profile_step_breaks_the_step_down(tmp_path):
   assert 'matmul' in kinds  # the model's dots were found in the trace and mapped to the HLO
   # Every op group is listed (--top is larger than their number): both passes of the blocks.
   assert 'fwd Transformer/blocks_*' in stdout and 'bwd Transformer/blocks_*' in stdout
+
+
+def test_benchmarks_reject_bad_arguments_in_one_line(tmp_path):
+  for script, args, message in [
+      ('train_throughput.py', ['--config=nope.py', '--no_torch'], 'is not a .py file that exists'),
+      ('profile_step.py', ['--config=README.md'], 'is not a .py file that exists'),
+      ('profile_step.py', ['--steps=0'], '--steps and --top must be >= 1')]:
+    out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
+                         capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+    assert out.returncode == 2 and message in out.stderr and 'Traceback' not in out.stderr, (
+        script, out.stderr[-2000:])

@@ -4,9 +4,9 @@
 
 The Python standard library (byte tokens, rows of 128), with random-token spans (4-32 tokens)
 written over about a third of the training targets (`data.noise`; the positions are known) and a
-clean validation split. A weak reference (`selective.reference`: the same network trained for
-a third of the steps on the clean corpus, i.e. on a random ~3% slice of it) scores the tokens. Arms at equal training tokens
-(`train.steps` x batch):
+clean validation split. A reference trained on a small clean slice (`selective.reference`: the
+same network, as many steps as an arm but on clean rows, i.e. a random ~9% slice of the clean
+corpus) scores the tokens. Arms at equal training tokens (`train.steps` x batch):
 
   uniform    the plain loss on every target
   slm        RHO-1: the top `selective.ratio` (k = 0.6) of the whole batch by excess loss
@@ -78,14 +78,17 @@ def get_config():
   c.selective.mode = 'online'
   rf = c.selective.reference
   rf.workdir = ''  # '' = WORKDIR/reference (the LLaDA one: WORKDIR/llada/reference)
-  # The reference sees 100 steps of shuffled clean rows: 410k tokens, a random ~3% slice of the
-  # clean corpus. A slice of the first N files (max_documents) is a narrow domain: with N = 12 or
-  # 100 the reference reached only ~3.0 on the clean validation set (the arms reach ~1.5), and
-  # SLM then fell far behind uniform (README). With this 100-step reference (2.035 alone) SLM
-  # leads early and ends behind uniform; a 300-step one (1.276 alone) put SLM ahead throughout
-  # (README: the pilot). The default stays the weak reference until all arms are rerun.
+  # The reference sees 300 steps of shuffled clean rows: 1.2M tokens, a random ~9% slice of the
+  # clean corpus, and alone reaches 1.276 on the clean validation set -- better than every arm's
+  # 300 steps on the noisy stream, worse than a model trained on the whole clean corpus. Weaker
+  # references were tried first (README): a slice of the first N files (max_documents = 12 or
+  # 100, a narrow domain, ~3.0 alone) put SLM far behind uniform; a 100-step reference (2.035
+  # alone) put SLM ahead early and behind at the end, because it is bad at many clean tokens and
+  # SLM then drops them (experiments/rho1_diagnose.py: ~22% of clean targets dropped, carrying
+  # most of SLM's deficit). RHO-1's reference is a model trained on clean data, not an untrained
+  # one: weak means small data here, not few steps.
   rf.max_documents = 0
-  rf.steps = 100
+  rf.steps = 300
   c.rho1 = r = ml_collections.ConfigDict()
   r.arms = ','.join(ARMS)
   r.llada = True  # also the LLaDA variant (uniform vs SLM)

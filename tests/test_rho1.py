@@ -188,7 +188,7 @@ def test_experiment_smoke(reference_run, tmp_path):
 
 @pytest.mark.slow
 def test_full_experiment_reproduces(tmp_path):
-  """The default experiment (all arms + LLaDA; about 10-20 min on 2 idle CPU cores)."""
+  """The default experiment (all arms + LLaDA; about 20-25 min on 2 idle CPU cores)."""
   from helpers import cli
   workdir = str(tmp_path / 'rho1')
   out = cli('pathways_jax.main', '--config=experiments/rho1.py', f'--workdir={workdir}',
@@ -206,8 +206,10 @@ def test_full_experiment_reproduces(tmp_path):
   assert arms['slm']['noise_share_kept'] < 0.6 * share
   assert arms['slm']['noise_recall_dropped'] > 0.6
   assert abs(arms['random']['noise_share_kept'] - share) < 0.05
-  # SLM is ahead of uniform early (step 100: 2.003 vs 2.159 in our run) ...
+  # With the default reference (300 clean steps) SLM is ahead of uniform at step 100 (1.944 vs
+  # 2.159 in our run) and at the end (1.372 vs 1.467), reaching uniform's final loss with fewer
+  # tokens (token_savings 1.39). A 100-step reference put SLM behind at the end (README).
   at = lambda arm, step: dict(arms[arm]['curve'])[step * 32 * 128]
   assert at('slm', 100) < at('uniform', 100)
-  # ... and, with this reference, behind at the end (1.619 vs 1.467).
-  assert r['slm_val'] > r['uniform_val']
+  assert r['slm_val'] < r['uniform_val']
+  assert r['token_savings'] is not None and r['token_savings'] > 1.0

@@ -40,7 +40,8 @@ def _tiny_config(mod, **reversal):
 RESULT_KEYS = ('ar_forward', 'ar_reverse', 'llada_forward', 'llada_reverse', 'llada_infill_reverse',
                'ar_forward_heldout', 'ar_reverse_heldout', 'llada_forward_heldout',
                'llada_reverse_heldout', 'ar_rank_reverse', 'llada_rank_reverse',
-               'llada_reverse_control')
+               'llada_reverse_control', 'llada_probe_name_in_training_sentence',
+               'llada_probe_name_after_question', 'llada_probe_name_after_question_background')
 
 
 def test_tiny_reversal_run(tmp_path):
@@ -105,3 +106,23 @@ def test_full_reversal_run(tmp_path):
   assert res['llada_forward'] >= 0.75
   assert res['ar_reverse'] <= 0.05
   assert res['llada_infill_reverse'] >= 0.15
+
+
+def test_slot_token_accuracy_probe():
+  """The probe masks exactly the slot, runs one pass, and scores argmax per slot token."""
+  import jax
+  import jax.numpy as jnp
+  from pathways_jax.eval.facts import Evaluator
+
+  class EchoModel:  # echoes every visible token, predicts 10 at a mask: an unmasked slot scores 1
+    def apply(self, variables, tokens):
+      return jax.nn.one_hot(jnp.where(tokens == 3, 10, tokens), 16) * 10.0
+
+  class Tok:
+    eos_id = 2
+
+  rows = [facts.Row([1, 10, 11, 12, 2], 1, (3, 4), (1, 3), '', ''),
+          facts.Row([1, 10, 10, 5, 2], 1, (3, 4), (1, 3), '', '')]
+  ev = Evaluator(Tok(), EchoModel(), None, 'llada', seq_len=6, gen_length=2, mask_id=3)
+  assert ev.slot_token_accuracy(rows) == 0.75  # slot tokens 10, 11 | 10, 10
+  assert ev.slot_token_accuracy(rows, span='answer') == 0.0  # 12 | 5

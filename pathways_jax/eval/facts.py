@@ -5,6 +5,7 @@ of the name slot, and ranking the true name among candidates.
     ev.exact_match(rows)                 # fraction of rows whose generated answer is exact
     ev.infill_name(rows)                 # LLaDA: the name slot masked and filled in place
     ev.rank_names(rows, candidate_ids)   # top-1 and MRR of the true name
+    ev.slot_token_accuracy(rows)         # LLaDA: name slot masked, one pass, argmax per token
 
 AR decoding uses the KV-cache sampler, LLaDA the low-confidence sampler one token per step in one
 block; both greedy, on one fixed (batch, prompt width) shape so each model compiles once.
@@ -98,6 +99,22 @@ class Evaluator:
       for row, r in zip(y, rows[s:s + self.batch]):
         correct.append(list(row[r.name[0]:r.name[1]]) == r.tokens[r.name[0]:r.name[1]])
     return float(np.mean(correct))
+
+  def slot_token_accuracy(self, rows: list[Row], span: str = 'name') -> float:
+    """LLaDA probe: every token of each row's `span` ('name' or 'answer') masked at once, one
+    forward pass; the fraction of those tokens whose argmax is right. Unlike `infill_name` it
+    needs no decoding order, so it shows what the model stores about the slot before sampling."""
+    tokens, _, _ = to_arrays(rows, self.seq_len, self.tok.eos_id)
+    spans = [getattr(r, span) for r in rows]
+    noisy = tokens.copy()
+    for i, (a, b) in enumerate(spans):
+      noisy[i, a:b] = self.mask_id
+    hits = []
+    for s in range(0, len(rows), self.batch):
+      pred = np.asarray(log_probs(self.model, self.params, noisy[s:s + self.batch])).argmax(-1)
+      for j, (a, b) in enumerate(spans[s:s + self.batch]):
+        hits += list(pred[j, a:b] == tokens[s + j, a:b])
+    return float(np.mean(hits))
 
   def rank_names(self, rows: list[Row], candidates: list[list[int]]) -> dict:
     """rows: reverse prompts of the test people; candidates[j]: token ids of name j.

@@ -92,20 +92,22 @@ def test_rows_and_facts_file(tmp_path):
 
 @pytest.mark.slow
 def test_full_reversal_run(tmp_path):
-  """The default run (AR ~250 steps, LLaDA and control up to 6000 each; est. 20-30 min on 2 idle
-  CPU cores, over an hour on the shared ones).
+  """The default run (AR ~250 steps, LLaDA and control up to 6000 each; 18 min measured on the
+  2-core CPU, 2026-11-28).
 
-  Asserts only what the recorded run (README, 2026-11-27) showed: both models learn the forward
-  facts, AR never answers the reverse question, and LLaDA can fill the masked name slot of the
-  trained sentence (which AR cannot do at all). That run did NOT show LLaDA answering the reverse
-  question (0.00), so that is not asserted.
+  Asserts only what the recorded run (README) showed: both models learn the forward facts, AR
+  never answers the reverse question, LLaDA can fill the masked name slot of the trained sentence
+  (which AR cannot do at all: 0.17 recorded) and, for background people, recovers the name after
+  the description-first question (probe 0.83). That run did NOT show LLaDA answering the reverse
+  question for test people (0.00), so that is not asserted.
   """
   mod = _module()
   res = mod.run(mod.get_config(), str(tmp_path), quiet=True)
   assert res['ar_forward'] >= 0.9
   assert res['llada_forward'] >= 0.75
   assert res['ar_reverse'] <= 0.05
-  assert res['llada_infill_reverse'] >= 0.15
+  assert res['llada_infill_reverse'] >= 0.1
+  assert res['llada_probe_name_after_question_background'] >= 0.5
 
 
 def test_slot_token_accuracy_probe():

@@ -186,7 +186,7 @@ def train_model(kind: str, cfg, model_cfg, arrays, *, max_steps: int, check_fn=N
   The learning-rate schedule spans `schedule_steps` (default max_steps): the control run stops at
   the main LLaDA run's step count but follows its schedule (the main run's cap).
 
-  Returns (params, steps, history) where history lists the checks (step, forward accuracy).
+  Returns (params, steps, history, seconds); history lists the checks (step, forward accuracy).
   """
   import flax.linen as nn
   import jax

@@ -128,3 +128,5 @@ def test_slot_token_accuracy_probe():
   ev = Evaluator(Tok(), EchoModel(), None, 'llada', seq_len=6, gen_length=2, mask_id=3)
   assert ev.slot_token_accuracy(rows) == 0.75  # slot tokens 10, 11 | 10, 10
   assert ev.slot_token_accuracy(rows, span='answer') == 0.0  # 12 | 5
+  with pytest.raises(ValueError, match='span'):
+    ev.slot_token_accuracy(rows, span='prompt')

@@ -188,7 +188,8 @@ def test_experiment_smoke(reference_run, tmp_path):
 
 @pytest.mark.slow
 def test_full_experiment_reproduces(tmp_path):
-  """The default experiment (all arms + LLaDA; about 20-25 min on 2 idle CPU cores)."""
+  """The default experiment (all arms + LLaDA; single 300-step arms took 143-151 s on the idle
+  2-core CPU; the whole run was not timed in one piece)."""
   from helpers import cli
   workdir = str(tmp_path / 'rho1')
   out = cli('pathways_jax.main', '--config=experiments/rho1.py', f'--workdir={workdir}',

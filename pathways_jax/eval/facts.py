@@ -104,6 +104,8 @@ class Evaluator:
     """LLaDA probe: every token of each row's `span` ('name' or 'answer') masked at once, one
     forward pass; the fraction of those tokens whose argmax is right. Unlike `infill_name` it
     needs no decoding order, so it shows what the model stores about the slot before sampling."""
+    if span not in ('name', 'answer'):
+      raise ValueError(f"span must be 'name' or 'answer', got {span!r}")
     tokens, _, _ = to_arrays(rows, self.seq_len, self.tok.eos_id)
     spans = [getattr(r, span) for r in rows]
     noisy = tokens.copy()

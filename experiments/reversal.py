@@ -15,7 +15,7 @@ Each training row is one fact sentence: bos, the sentence, eos, then eos padding
 answer ends). An AR model and a LLaDA model of the same size and tokenizer are trained on the same
 rows; each trains until it knows the forward facts of the test group (greedy exact match on a seen
 name-first template >= `reversal.target_forward`, checked every `reversal.check_every` steps) or
-until its step cap. LLaDA's recipe: the pretraining loss on a `1 - sft_fraction` share of the rows
+until its step cap; with `reversal.stop_at_target=False` every model trains to its cap. LLaDA's recipe: the pretraining loss on a `1 - sft_fraction` share of the rows
 (any token may be masked: this is what teaches description -> name) and, on the other rows, the
 SFT loss with the sentence's prompt never masked (prompt -> answer, the way the forward question is
 asked). A control LLaDA run (the background group name-first only, the same number of sentences,
@@ -87,6 +87,7 @@ def get_config():
   r.llada_max_steps = 6000
   r.check_every = 250
   r.target_forward = 0.9  # stop once this fraction of forward facts is known (seen template)
+  r.stop_at_target = True  # False: train every model to its cap (checks are still recorded)
   r.sft_fraction = 0.25  # LLaDA: share of rows trained with the prompt never masked
   r.control = True  # also train the control LLaDA (background name-first only)
   r.eval_limit = 0  # > 0: evaluate only the first N test people (quick runs)
@@ -242,7 +243,7 @@ def train_model(kind: str, cfg, model_cfg, arrays, *, max_steps: int, check_fn=N
         if log:
           log.write(json.dumps({'model': kind, 'step': step, 'check_forward': acc}) + '\n')
           log.flush()
-        if acc >= r.target_forward and not fixed_steps:
+        if acc >= r.target_forward and r.stop_at_target and not fixed_steps:
           break
   finally:
     if log:
@@ -324,8 +325,14 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
   from pathways_jax.models.transformer import Transformer
   from pathways_jax.train import metrics as metrics_lib
 
-  os.makedirs(workdir, exist_ok=True)
   r = cfg.reversal
+  if not 0.0 < r.target_forward <= 1.0:
+    raise config_lib.ConfigError(f'config.reversal.target_forward={r.target_forward} must be in '
+                                 '(0, 1]; to train past it set config.reversal.stop_at_target=False')
+  for key in ('ar_max_steps', 'llada_max_steps', 'check_every'):
+    if r[key] < 1:
+      raise config_lib.ConfigError(f'config.reversal.{key}={r[key]} must be at least 1')
+  os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
   background, test = make_groups(cfg)
   tok = make_tokenizer(background, test, cfg.data.vocab_size, workdir)

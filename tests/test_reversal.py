@@ -90,6 +90,32 @@ def test_rows_and_facts_file(tmp_path):
     mod.make_groups(cfg)
 
 
+def test_stop_at_target_and_bad_reversal_keys(tmp_path):
+  """A model that knows its facts stops at the first check, unless stop_at_target=False."""
+  import numpy as np
+  from pathways_jax import config as config_lib
+  mod = _module()
+  cfg = _tiny_config(mod, check_every=3)
+  mcfg = config_lib.ModelConfig.from_config(cfg.model, vocab_size=64).replace(causal=False)
+  tokens = np.random.default_rng(0).integers(4, 64, (8, 8)).astype(np.int32)
+  prompt = np.broadcast_to(np.arange(8) < 2, (8, 8)).copy()  # bos + one prompt token
+  arrays = (tokens, prompt, np.ones((8, 8), bool))
+  always = lambda params: 1.0
+  _, steps, hist, _ = mod.train_model('llada', cfg, mcfg, arrays, max_steps=10, check_fn=always,
+                                      quiet=True)
+  assert steps == 3 and hist == [(3, 1.0)]
+  cfg.reversal.stop_at_target = False
+  _, steps, hist, _ = mod.train_model('llada', cfg, mcfg, arrays, max_steps=10, check_fn=always,
+                                      quiet=True)
+  assert steps == 10 and [s for s, _ in hist] == [3, 6, 9, 10]
+  for key, value, match in (('target_forward', 1.5, 'stop_at_target'),
+                            ('llada_max_steps', 0, 'llada_max_steps')):
+    bad = _tiny_config(mod, **{key: value})
+    with pytest.raises(config_lib.ConfigError, match=match):
+      mod.run(bad, str(tmp_path / key), quiet=True)
+  assert not (tmp_path / 'target_forward').exists()  # refused before touching the workdir
+
+
 @pytest.mark.slow
 def test_full_reversal_run(tmp_path):
   """The default run (AR ~250 steps, LLaDA and control up to 6000 each; 18 min measured on the

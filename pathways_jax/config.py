@@ -365,7 +365,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   (`--config.train.no_such_key=1`) exits with one line naming it instead of a traceback.
 
   ml_collections raises AttributeError for such a key while absl parses the flags; absl's own
-  flag errors (e.g. a wrong type) get the same one-line form.
+  flag errors (e.g. a wrong type) get the same one-line form. An AttributeError or KeyError that
+  no `--config.` override explains (a bug inside a config file's get_config, say) is re-raised
+  with its traceback rather than misreported as a missing key.
   """
   import sys  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -377,5 +379,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     missing = str(e).strip('"\'')
     bad = [a for a in argv[1:] if a.startswith('--config.') and
            missing in a.split('=', 1)[0].split('.')]
-    where = bad[0].split('=', 1)[0] if bad else repr(missing)
-    sys.exit(f'FATAL Flags parsing error: {where}: the config has no key {missing!r}')
+    if not bad:
+      raise
+    sys.exit(f"FATAL Flags parsing error: {bad[0].split('=', 1)[0]}: the config has no key "
+             f'{missing!r}')

@@ -155,6 +155,16 @@ def test_bad_config_fails_at_once_naming_the_key(tmp_path, flag, message):
   assert 'Traceback' not in out.stderr, out.stderr[-2000:]
 
 
+def test_a_bug_inside_a_config_file_is_not_reported_as_a_missing_key(tmp_path):
+  buggy = tmp_path / 'buggy.py'
+  buggy.write_text('import ml_collections\n\ndef get_config():\n'
+                   '  return ml_collections.ConfigDict().not_there\n')
+  out = cli('pathways_jax.main', f'--config={buggy}', f'--workdir={tmp_path}/r')
+  assert out.returncode != 0
+  assert 'no key' not in out.stderr and 'not_there' in out.stderr
+  assert 'Traceback' in out.stderr  # the config's own bug, with where it happened
+
+
 def test_bad_inputs_give_one_line_errors(tmp_path):
   cache = str(tmp_path / 'cache')
   blocker = tmp_path / 'file'

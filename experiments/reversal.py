@@ -13,13 +13,15 @@ Template 4 of each direction is held out of training for everyone.
 Each training row is one fact sentence: bos, the sentence, eos, then eos padding to the row length
 (LLaDA's SFT format: the padding is masked and trained like any token, so the model learns where an
 answer ends). An AR model and a LLaDA model of the same size and tokenizer are trained on the same
-rows; each trains until it knows the forward facts of the test group (greedy exact match on a seen
-name-first template >= `reversal.target_forward`, checked every `reversal.check_every` steps) or
-until its step cap; with `reversal.stop_at_target=False` every model trains to its cap. LLaDA's recipe: the pretraining loss on a `1 - sft_fraction` share of the rows
-(any token may be masked: this is what teaches description -> name) and, on the other rows, the
-SFT loss with the sentence's prompt never masked (prompt -> answer, the way the forward question is
-asked). A control LLaDA run (the background group name-first only, the same number of sentences,
-the same steps as the main LLaDA run) shows what the two-way background contributes.
+rows, each to its step cap (AR 2000, LLaDA 12000). Every `reversal.check_every` steps the forward
+facts of the test group are checked (greedy exact match on a seen name-first template); the first
+check at `reversal.target_forward` is reported as `{model}_steps_to_target` ("steps to know the
+facts"), and `reversal.stop_at_target=True` stops a model there instead. LLaDA's recipe: the
+pretraining loss on a `1 - sft_fraction` share of the rows (any token may be masked: this is what
+teaches description -> name) and, on the other rows, the SFT loss with the sentence's prompt never
+masked (prompt -> answer, the way the forward question is asked). A control LLaDA run (the
+background group name-first only, the same number of sentences, the same steps as the main LLaDA
+run) shows what the two-way background contributes.
 
 Evaluation on the test people only (greedy decoding, exact match of the answer phrase):
   forward            name-first prompt of a seen template -> description (mean over templates 0..3)
@@ -84,10 +86,13 @@ def get_config():
   r.num_background = 80
   r.num_test = 40
   r.ar_max_steps = 2000
-  r.llada_max_steps = 6000
+  # LLaDA trains on past the forward criterion: the reverse answers appear only once the trained
+  # sentences are nearly memorised (6000 steps, stopping at the criterion: reverse 0.00; 12000
+  # steps: 0.07, see the README). AR gets its whole (cheap) cap too, so neither stops early.
+  r.llada_max_steps = 12000
   r.check_every = 250
   r.target_forward = 0.9  # stop once this fraction of forward facts is known (seen template)
-  r.stop_at_target = True  # False: train every model to its cap (checks are still recorded)
+  r.stop_at_target = False  # True: stop a model at its first check >= target_forward
   r.sft_fraction = 0.25  # LLaDA: share of rows trained with the prompt never masked
   r.control = True  # also train the control LLaDA (background name-first only)
   r.eval_limit = 0  # > 0: evaluate only the first N test people (quick runs)
@@ -383,6 +388,9 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
     fpt = metrics_lib.flops_per_token(mcfg, seq_len)
     results.update({f'{kind}_{k}': v for k, v in res.items()})
     results[f'{kind}_steps'] = steps
+    # The first check at the forward target: the 'steps to know the facts' of each model, also
+    # when it trains on past it (stop_at_target=False).
+    results[f'{kind}_steps_to_target'] = next((s for s, a in hist if a >= r.target_forward), None)
     results[f'{kind}_train_flops'] = fpt * steps * min(cfg.data.batch_size, len(main_rows)) * seq_len
     results[f'{kind}_train_seconds'] = round(secs, 1)
     results[f'{kind}_forward_checks'] = hist
@@ -432,13 +440,15 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
 def format_table(res: dict) -> str:
   g = lambda k: f'{res[k]:.2f}' if isinstance(res.get(k), (int, float)) else '-'
   lines = ['| model | forward | forward (held-out tmpl) | reverse | reverse (held-out tmpl) | '
-           'infill name | rank reverse (top-1) | steps | train FLOPs |',
+           'infill name | rank reverse (top-1) | steps (to forward target) | train FLOPs |',
            '|---|---|---|---|---|---|---|---|---|']
   for kind, label, suf in (('ar', 'AR', ''), ('llada', 'LLaDA', ''),
                            ('llada', 'LLaDA control', '_control')):
     if f'{kind}_forward{suf}' not in res:
       continue
     steps = res.get(f'{kind}_steps' if not suf else 'llada_control_steps', '-')
+    if not suf:
+      steps = f"{steps} ({res.get(f'{kind}_steps_to_target') or 'never'})"
     flops = res.get(f'{kind}_train_flops') if not suf else res.get('llada_train_flops')
     lines.append(f'| {label} | {g(f"{kind}_forward{suf}")} | {g(f"{kind}_forward_heldout{suf}")} | '
                  f'{g(f"{kind}_reverse{suf}")} | {g(f"{kind}_reverse_heldout{suf}")} | '

@@ -42,6 +42,8 @@ def _ensure_run(rev, run_dir, *, train_seq_len=0, sft_fraction=None):
   cfg = rev.get_config()
   cfg.reversal.num_background, cfg.reversal.num_test = 40, 20
   cfg.reversal.control = False
+  # A pair for timing, not the reversal result: stop each model once it knows the forward facts.
+  cfg.reversal.stop_at_target, cfg.reversal.llada_max_steps = True, 6000
   cfg.data.seq_len = train_seq_len  # rows eos-padded to this length (0: the longest sentence)
   if sft_fraction is not None:
     cfg.reversal.sft_fraction = sft_fraction

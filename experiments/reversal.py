@@ -34,6 +34,10 @@ Evaluation on the test people only (greedy decoding, exact match of the answer p
                      masked at once, sum of log p of its tokens (the l = L term of LLaDA's bound,
                      one forward pass per prompt and name length)
 Results go to WORKDIR/results.json (fractions in [0, 1]; steps and training FLOPs per model).
+Each finished model is saved at once (WORKDIR/{ar,llada}.msgpack, results.partial.json), so the
+same command on a stopped run resumes model by model: the finished models are reused, the one
+that was training starts again from scratch (this experiment keeps its own small loop, without
+the trainer's step checkpoints).
 """
 
 
@@ -324,6 +328,29 @@ def load_tokenizer(workdir: str):
   return tokenizers.SentencePieceTokenizer.from_file(path)
 
 
+def _finished_models(partial_path: str, config_json: dict) -> dict:
+  """The results of the models an earlier, stopped run of the same config finished ({} if none).
+
+  The unit of resumption is a whole model: its params are saved (`save_model`) and its
+  evaluation written to results.partial.json as soon as it is done.
+  """
+  if not os.path.exists(partial_path):
+    return {}
+  try:
+    with open(partial_path) as f:
+      partial = json.load(f)
+  except (OSError, ValueError):
+    _LOG.warning('ignoring unreadable %s: training every model again', partial_path)
+    return {}
+  if partial.pop('config', None) != config_json:
+    return {}
+  workdir = os.path.dirname(partial_path)
+  for kind in ('ar', 'llada'):  # a result without its saved params cannot be resumed
+    if f'{kind}_steps' in partial and not os.path.exists(os.path.join(workdir, f'{kind}.msgpack')):
+      return {}
+  return partial
+
+
 def run(cfg, workdir: str, quiet: bool = False) -> dict:
   import jax
   from pathways_jax import config as config_lib
@@ -362,7 +389,14 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
   eval_batch = min(256, len(TRAIN_TEMPLATES) * len(eval_test))
   check_rows = [encode_fact(tok, p, 'name_first', 0) for p in eval_test]
   log_path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(log_path):
+  partial_path = os.path.join(workdir, 'results.partial.json')
+  config_json = json.loads(json.dumps(cfg.to_dict(), default=str))
+  results = _finished_models(partial_path, config_json)
+  resumed = [k for k in ('ar', 'llada', 'llada_control') if f'{k}_steps' in results]
+  if resumed and not quiet:
+    print(f'resuming {workdir}: {", ".join(resumed)} already trained and evaluated with this config '
+          '(results.partial.json); training the rest', flush=True)
+  if not results and os.path.exists(log_path):
     os.remove(log_path)
   if not quiet:
     print(f'reversal: {len(background)} background + {len(test)} test people, '
@@ -375,10 +409,16 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
                                     prompt_width=prompt_width, batch=eval_batch).exact_match(
         check_rows)
 
+  def save_partial():
+    with open(partial_path, 'w') as f:  # survives a stopped run, which resumes from it
+      json.dump({**results, 'config': config_json}, f, indent=2, default=str)
+
   arrays = to_arrays(main_rows, seq_len, tok.eos_id)
-  results: dict = {}
   models = {}
   for kind, mcfg, cap in (('ar', ar_cfg, r.ar_max_steps), ('llada', ll_cfg, r.llada_max_steps)):
+    if f'{kind}_steps' in results:  # finished before an earlier run of this config stopped
+      models[kind] = (mcfg, load_model(workdir, kind)[1])
+      continue
     params, steps, hist, secs = train_model(kind, cfg, mcfg, arrays, max_steps=cap,
                                             check_fn=checker(kind, mcfg), log_path=log_path,
                                             quiet=quiet)
@@ -396,11 +436,10 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
     results[f'{kind}_forward_checks'] = hist
     models[kind] = (mcfg, params)
     save_model(workdir, kind, mcfg, params)
-    with open(os.path.join(workdir, 'results.partial.json'), 'w') as f:  # survives a stopped run
-      json.dump(results, f, indent=2, default=str)
+    save_partial()
     if not quiet:
       print(f'[{kind}] ' + ', '.join(f'{k} {v:.3f}' for k, v in res.items()), flush=True)
-  if r.control:
+  if r.control and 'llada_control_steps' not in results:
     crows = training_rows(tok, background, test, control=True)
     params, steps, hist, secs = train_model(
         'llada_control', cfg, ll_cfg, to_arrays(crows, seq_len, tok.eos_id),
@@ -412,6 +451,7 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
     results.update({f'llada_{k}_control': v for k, v in res.items()})
     results['llada_control_steps'] = steps
     results['llada_control_train_seconds'] = round(secs, 1)
+    save_partial()
     if not quiet:
       print('[llada control] ' + ', '.join(f'{k} {v:.3f}' for k, v in res.items()), flush=True)
   results['llada_rank_method'] = ('masked score: name slot fully masked, sum log p of its tokens '
@@ -424,7 +464,8 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
       'seq_len': seq_len, 'gen_length': gen_length, 'prompt_width': prompt_width, 'params': n_params,
       'batch_size': min(cfg.data.batch_size, len(main_rows)),
       'facts_file': cfg.data.facts_file or None,
-      'wall_seconds': round(time.time() - t_start, 1),
+      'wall_seconds': round(time.time() - t_start, 1),  # this invocation only
+      'resumed_models': resumed,  # finished by an earlier, stopped invocation
       'device': f'{jax.devices()[0].platform} x{jax.device_count()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)',
       'date': time.strftime('%Y-%m-%d'),
       'config': cfg.to_dict(),

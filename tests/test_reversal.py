@@ -62,6 +62,28 @@ def test_tiny_reversal_run(tmp_path):
   assert not model.cfg.causal and params
 
 
+def test_a_stopped_run_resumes_with_the_models_it_finished(tmp_path):
+  """A run stopped during the control keeps AR and LLaDA; the same config retrains only the rest."""
+  mod = _module()
+  cfg = _tiny_config(mod)
+  first = mod.run(cfg, str(tmp_path), quiet=True)
+  partial_path = tmp_path / 'results.partial.json'
+  partial = json.loads(partial_path.read_text())
+  partial = {k: v for k, v in partial.items() if 'control' not in k}  # stopped during the control
+  partial_path.write_text(json.dumps(partial))
+  (tmp_path / 'results.json').unlink()
+  log_before = (tmp_path / 'metrics.jsonl').read_text()
+  again = mod.run(cfg, str(tmp_path), quiet=True)
+  assert again['resumed_models'] == ['ar', 'llada'] and first['resumed_models'] == []
+  for k in RESULT_KEYS:
+    assert again[k] == first[k], k
+  log = (tmp_path / 'metrics.jsonl').read_text()
+  assert log.startswith(log_before) and len(log) > len(log_before)  # kept; the control appended
+  assert log.count('"model": "ar"') == log_before.count('"model": "ar"')  # AR not retrained
+  changed = _tiny_config(mod, sft_fraction=0.5)  # another config: nothing is reused
+  assert mod.run(changed, str(tmp_path), quiet=True)['resumed_models'] == []
+
+
 def test_rows_and_facts_file(tmp_path):
   mod = _module()
   facts_file = tmp_path / 'people.jsonl'

@@ -148,8 +148,8 @@ def test_full_reversal_run(tmp_path):
 
   Asserts what the recorded run (README) showed, with a margin: both models learn the forward
   facts, AR (nearly) never answers the reverse question (1 of 160 recorded), LLaDA answers some
-  (11 of 160: 0.07) and the control, whose background is name-first only, none; LLaDA fills the
-  masked name slot of the trained sentence (0.85), which AR cannot do at all.
+  (11 of 160: 0.07; 8 with seed 1) and the control, whose background is name-first only, none;
+  LLaDA fills the masked name slot of the trained sentence (0.85), which AR cannot do at all.
   """
   mod = _module()
   res = mod.run(mod.get_config(), str(tmp_path), quiet=True)

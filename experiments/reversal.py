@@ -332,7 +332,8 @@ def _finished_models(partial_path: str, config_json: dict) -> dict:
   """The results of the models an earlier, stopped run of the same config finished ({} if none).
 
   The unit of resumption is a whole model: its params are saved (`save_model`) and its
-  evaluation written to results.partial.json as soon as it is done.
+  evaluation written to results.partial.json as soon as it is done. `reversal.control` is left out
+  of the comparison, so the control can be added to a run that finished without it.
   """
   if not os.path.exists(partial_path):
     return {}
@@ -342,7 +343,12 @@ def _finished_models(partial_path: str, config_json: dict) -> dict:
   except (OSError, ValueError):
     _LOG.warning('ignoring unreadable %s: training every model again', partial_path)
     return {}
-  if partial.pop('config', None) != config_json:
+  def comparable(c):  # the control flag does not change the other models: it may be switched on
+    c = json.loads(json.dumps(c))
+    c.get('reversal', {}).pop('control', None)
+    return c
+
+  if comparable(partial.pop('config', None) or {}) != comparable(config_json):
     return {}
   workdir = os.path.dirname(partial_path)
   for kind in ('ar', 'llada'):  # a result without its saved params cannot be resumed

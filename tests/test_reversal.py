@@ -63,23 +63,27 @@ def test_tiny_reversal_run(tmp_path):
 
 
 def test_a_stopped_run_resumes_with_the_models_it_finished(tmp_path):
-  """A run stopped during the control keeps AR and LLaDA; the same config retrains only the rest."""
+  """A run stopped during the control keeps AR and LLaDA; the same config retrains only the rest.
+
+  A run without the control looks to a resumed run like one stopped before the control, so this
+  also checks that `reversal.control` can be switched on for a finished run.
+  """
   mod = _module()
-  cfg = _tiny_config(mod)
-  first = mod.run(cfg, str(tmp_path), quiet=True)
-  partial_path = tmp_path / 'results.partial.json'
-  partial = json.loads(partial_path.read_text())
-  partial = {k: v for k, v in partial.items() if 'control' not in k}  # stopped during the control
-  partial_path.write_text(json.dumps(partial))
+  first = mod.run(_tiny_config(mod, control=False), str(tmp_path), quiet=True)
+  assert first['resumed_models'] == [] and 'llada_reverse_control' not in first
   (tmp_path / 'results.json').unlink()
   log_before = (tmp_path / 'metrics.jsonl').read_text()
-  again = mod.run(cfg, str(tmp_path), quiet=True)
-  assert again['resumed_models'] == ['ar', 'llada'] and first['resumed_models'] == []
+  again = mod.run(_tiny_config(mod), str(tmp_path), quiet=True)
+  assert again['resumed_models'] == ['ar', 'llada']
   for k in RESULT_KEYS:
-    assert again[k] == first[k], k
+    if 'control' not in k:
+      assert again[k] == first[k], k
+  assert 0.0 <= again['llada_reverse_control'] <= 1.0
   log = (tmp_path / 'metrics.jsonl').read_text()
   assert log.startswith(log_before) and len(log) > len(log_before)  # kept; the control appended
   assert log.count('"model": "ar"') == log_before.count('"model": "ar"')  # AR not retrained
+  assert mod.run(_tiny_config(mod), str(tmp_path), quiet=True)['resumed_models'] == [
+      'ar', 'llada', 'llada_control']  # all finished: nothing is trained again
   changed = _tiny_config(mod, sft_fraction=0.5)  # another config: nothing is reused
   assert mod.run(changed, str(tmp_path), quiet=True)['resumed_models'] == []
 

@@ -45,6 +45,16 @@ def tiny_config(tmp_cache: str, **overrides):
   return c
 
 
+def session_dir(tmp_path_factory, name: str):
+  """A directory all xdist workers of this session share (each worker has its own basetemp)."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent
+  path = base / name
+  path.mkdir(exist_ok=True)
+  return path
+
+
 def cli(module: str, *args, timeout=300, **kw) -> subprocess.CompletedProcess:
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
   return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,

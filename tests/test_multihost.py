@@ -17,19 +17,9 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, cli_overrides
+from helpers import REPO, cli_overrides, session_dir
 
 PY = sys.executable
-
-
-def _shared_dir(tmp_path_factory, name):
-  """A directory all xdist workers of this session share (each worker has its own basetemp)."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    base = base.parent
-  path = base / name
-  path.mkdir(exist_ok=True)
-  return path
 
 
 @contextlib.contextmanager
@@ -42,15 +32,12 @@ def _once(directory):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-_JAX_CACHE = None  # the persistent compilation cache the subprocesses share (set by a fixture)
+_SHARED = None  # this session's directory shared by the xdist workers (set by a fixture)
 
 
 def _env(devices: int | None) -> dict:
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
-  env.pop('XLA_FLAGS', None)
-  if _JAX_CACHE:  # several runs compile the same programs (init, steps): compile them once
-    env.update(JAX_COMPILATION_CACHE_DIR=_JAX_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.pop('XLA_FLAGS', None)  # (the session's compilation cache comes through os.environ)
   if devices:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return env
@@ -58,7 +45,7 @@ def _env(devices: int | None) -> dict:
 
 def _free_port() -> int:
   """A free port no other test of this session (any xdist worker) has been given."""
-  used_file = os.path.join(_JAX_CACHE, '..', 'ports.txt')
+  used_file = os.path.join(_SHARED, 'ports.txt')
   with open(used_file + '.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     used = set(open(used_file).read().split()) if os.path.exists(used_file) else set()
@@ -91,9 +78,9 @@ def _losses(workdir) -> dict:
 
 @pytest.fixture(scope='module')
 def cache(tmp_path_factory):
-  global _JAX_CACHE
-  _JAX_CACHE = str(_shared_dir(tmp_path_factory, 'jax_cache'))
-  return str(_shared_dir(tmp_path_factory, 'data_cache'))
+  global _SHARED
+  _SHARED = str(session_dir(tmp_path_factory, 'multihost'))
+  return str(session_dir(tmp_path_factory, 'data_cache'))
 
 
 def _flags(cache, *extra):
@@ -109,7 +96,7 @@ def _flags(cache, *extra):
 @pytest.fixture(scope='module')
 def sharding_results(tmp_path_factory, cache):
   """tests/sharding_worker.py's measurements, computed once per session even under xdist."""
-  shared = _shared_dir(tmp_path_factory, 'sharding')
+  shared = session_dir(tmp_path_factory, 'sharding')
   out = shared / 'out.json'
   with _once(shared):
     if not out.exists():

@@ -55,6 +55,15 @@ def session_dir(tmp_path_factory, name: str):
   return path
 
 
+def xla_flags(devices: int | None = None) -> str:
+  """This session's XLA_FLAGS (see conftest.py), with `devices` fake CPU devices if given."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  if devices:
+    flags.append(f'--xla_force_host_platform_device_count={devices}')
+  return ' '.join(flags)
+
+
 def cli(module: str, *args, timeout=300, **kw) -> subprocess.CompletedProcess:
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
   return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
@@ -64,8 +73,7 @@ def cli(module: str, *args, timeout=300, **kw) -> subprocess.CompletedProcess:
 def run_on_fake_devices(code: str, devices: int = 8, timeout=300) -> str:
   """Runs `code` in a fresh Python on `devices` fake CPU devices (the flag must precede JAX's
   start, hence a subprocess); returns its stdout + stderr."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags(devices)}
   out = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=timeout, check=False)
   return out.stdout + out.stderr

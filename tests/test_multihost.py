@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, cli_overrides, session_dir
+from helpers import REPO, cli_overrides, session_dir, xla_flags
 
 PY = sys.executable
 
@@ -37,9 +37,7 @@ _SHARED = None  # this session's directory shared by the xdist workers (set by a
 
 def _env(devices: int | None) -> dict:
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
-  env.pop('XLA_FLAGS', None)  # (the session's compilation cache comes through os.environ)
-  if devices:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = xla_flags(devices)  # the compilation cache comes through os.environ
   return env
 
 

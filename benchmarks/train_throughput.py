@@ -57,7 +57,9 @@ def jax_runner(cfg, model_cfg):
   return run
 
 
-def torch_runner(cfg, model_cfg):
+def torch_runner(cfg, model_cfg, attention: bool = True, mlp: bool = True):
+  """(run, torch version, threads); `attention=False` / `mlp=False` leave that part out of every
+  block (benchmarks/step_parts.py times the step without them)."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
@@ -81,8 +83,11 @@ def torch_runner(cfg, model_cfg):
       q = self.wq(y).view(b, l, h, hd).transpose(1, 2)
       k, val = self.wkv(y).view(b, l, 2, kh, hd).permute(2, 0, 3, 1, 4)
       q, k = rope(q, cos, sin), rope(k, cos, sin)
-      a = F.scaled_dot_product_attention(q, k, val, is_causal=True, enable_gqa=kh != h)
+      a = (F.scaled_dot_product_attention(q, k, val, is_causal=True, enable_gqa=kh != h)
+           if attention else q)
       x = x + self.wo(a.transpose(1, 2).reshape(b, l, h * hd))
+      if not mlp:
+        return x
       g, u = self.gate_up(self.n2(x)).chunk(2, dim=-1)
       return x + self.down(F.silu(g) * u)
 

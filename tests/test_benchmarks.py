@@ -1,6 +1,7 @@
 """The benchmark scripts run and print what RESULTS.md quotes (smoke: one step, tiny model)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -49,8 +50,21 @@ def test_benchmarks_reject_bad_arguments_in_one_line(tmp_path):
   for script, args, message in [
       ('train_throughput.py', ['--config=nope.py', '--no_torch'], 'is not a .py file that exists'),
       ('profile_step.py', ['--config=README.md'], 'is not a .py file that exists'),
-      ('profile_step.py', ['--steps=0'], '--steps and --top must be >= 1')]:
+      ('profile_step.py', ['--steps=0'], '--steps and --top must be >= 1'),
+      ('step_parts.py', ['--rounds=0'], '--steps and --rounds must be >= 1')]:
     out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     assert out.returncode == 2 and message in out.stderr and 'Traceback' not in out.stderr, (
         script, out.stderr[-2000:])
+
+
+def test_step_parts_times_the_step_without_attention_and_without_the_mlp(tmp_path):
+  stdout = _run(tmp_path, 'step_parts.py', '--no_torch', '--steps=1', '--rounds=1')
+  rows = {line[:14].strip(): line[14:].split() for line in stdout.splitlines()[2:5]}
+  assert set(rows) == {'full', 'no attention', 'no MLP'}, stdout
+  for cells in rows.values():  # 'best / median' for pathways_jax alone
+    assert len(cells) == 3 and float(cells[0]) > 0 and float(cells[2]) > 0, stdout
+  assert 'cost of attention' in stdout and 'cost of MLP' in stdout
+  # The variants really are different programs: each leaves out its part's matmuls.
+  dots = dict(re.findall(r'(full|no attention|no MLP) (\d+)', stdout.split('dot ops')[1]))
+  assert int(dots['full']) > int(dots['no attention']) and int(dots['full']) > int(dots['no MLP'])

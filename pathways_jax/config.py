@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
   m.scan_layers = False
   m.attention = 'xla'  # 'xla' | 'pallas' | 'cudnn'
+  # 'xla' causal self-attention in this many query blocks, each attending only to the keys up to
+  # its end, so the masked upper triangle is mostly skipped (1: one block, the full [L, L] scores).
+  m.causal_query_blocks = 4
   m.init_std = 0.02
 
   c.data = d = ml_collections.ConfigDict()
@@ -236,6 +239,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.train.warmup_steps must be >= 0, got {t.warmup_steps}')
   if cfg.objective == 'diffusion' and m.causal:
     raise ConfigError("config.objective='diffusion' needs config.model.causal=False")
+  if m.get('causal_query_blocks', 1) < 1:
+    raise ConfigError(f'config.model.causal_query_blocks must be >= 1, got {m.causal_query_blocks}')
   gr = cfg.get('growth')
   if gr is not None:
     for key in ('depth_factor', 'width_factor'):
@@ -297,6 +302,7 @@ class ModelConfig:
   remat: str = 'none'
   scan_layers: bool = False
   attention: str = 'xla'
+  causal_query_blocks: int = 4
   init_std: float = 0.02
 
   @property

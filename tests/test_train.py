@@ -146,6 +146,7 @@ def test_sigterm_saves_and_the_resumed_run_is_bit_identical(tmp_path):
     ('--config.train.steps=abc', 'steps'),
     ('--config.model.num_kv_heads=3', 'num_kv_heads'),
     ('--config.objective=magic', 'objective'),
+    ('--config.model.causal_query_blocks=0', 'causal_query_blocks must be >= 1'),
 ])
 def test_bad_config_fails_at_once_naming_the_key(tmp_path, flag, message):
   out = cli('pathways_jax.main', '--config=experiments/quickstart.py', f'--workdir={tmp_path}/r',

@@ -88,7 +88,9 @@ class Attention(nn.Module):
                           kv_segment_BS=kv_segment_BS, q_positions_BL=positions_BL,
                           kv_positions_BS=kv_positions_BS, causal=cfg.causal,
                           implementation=cfg.attention,
-                          packed=self.packed or layer_cache is not None)
+                          packed=self.packed or layer_cache is not None,
+                          kv_from_cache=layer_cache is not None,
+                          causal_query_blocks=cfg.causal_query_blocks)
     out_TD = out.reshape(b * l, h * hd) @ wo.astype(dt).reshape(h * hd, d)
     return out_TD, new_cache
 

@@ -155,6 +155,9 @@ def main():
   ap.add_argument('--rounds', type=int, default=3)
   ap.add_argument('--no_torch', action='store_true')
   ap.add_argument('--json', action='store_true')
+  ap.add_argument('--also_query_blocks', default='',
+                  help='comma-separated model.causal_query_blocks values to time as extra JAX '
+                       'rows in the same run, e.g. 1 (the full [L, L] scores)')
   args = ap.parse_args()
   if args.steps < 1 or args.rounds < 1:
     ap.error('--steps and --rounds must be >= 1')
@@ -167,6 +170,14 @@ def main():
   tokens = cfg.data.batch_size * cfg.data.seq_len
 
   runners = {'pathways_jax': jax_runner(cfg, model_cfg)}
+  try:
+    extra_blocks = [int(b) for b in args.also_query_blocks.split(',') if b.strip()]
+  except ValueError:
+    ap.error(f'--also_query_blocks={args.also_query_blocks!r} is not a comma-separated list of ints')
+  if any(b < 1 for b in extra_blocks):
+    ap.error('--also_query_blocks values must be >= 1')
+  for b in extra_blocks:
+    runners[f'pathways_jax qb={b}'] = jax_runner(cfg, model_cfg.replace(causal_query_blocks=b))
   torch_info = None
   if not args.no_torch:
     try:
@@ -185,9 +196,10 @@ def main():
            if 'pytorch_eager' in rows else None)
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}, measured f32 matmul peak '
         f'{peak / 1e9:.1f} GFLOP/s; model {dims}; {fpt / 1e6:.2f} MFLOP/token')
-  print(f"{'implementation':<16} {'tokens/s':>10} {'MFU':>7}")
+  print(f"{'implementation':<20} {'tokens/s':>10} {'MFU':>7}   (pathways_jax: causal_query_blocks="
+        f"{model_cfg.causal_query_blocks})")
   for k, r in rows.items():
-    print(f"{k:<16} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%}")
+    print(f"{k:<20} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%}")
   if ratio:
     print(f'ratio pathways_jax / pytorch_eager: {ratio:.2f}x')
   if args.json:

@@ -30,7 +30,9 @@ def _run(tmp_path, script, *args):
 
 
 def test_train_throughput_json_line(tmp_path):
-  stdout = _run(tmp_path, 'train_throughput.py', '--no_torch', '--steps=1', '--rounds=1', '--json')
+  stdout = _run(tmp_path, 'train_throughput.py', '--no_torch', '--steps=1', '--rounds=1', '--json',
+                '--also_query_blocks=1')
+  assert 'causal_query_blocks=4' in stdout and 'pathways_jax qb=1' in stdout
   row = json.loads(stdout.strip().splitlines()[-1])
   assert row['num_layers'] == 2 and row['d_model'] == 32 and row['batch_size'] == 4
   assert row['tokens_per_s'] > 0 and 0 < row['mfu'] and row['matmul_peak_flops'] > 0
@@ -51,7 +53,8 @@ def test_benchmarks_reject_bad_arguments_in_one_line(tmp_path):
       ('train_throughput.py', ['--config=nope.py', '--no_torch'], 'is not a .py file that exists'),
       ('profile_step.py', ['--config=README.md'], 'is not a .py file that exists'),
       ('profile_step.py', ['--steps=0'], '--steps and --top must be >= 1'),
-      ('step_parts.py', ['--rounds=0'], '--steps and --rounds must be >= 1')]:
+      ('step_parts.py', ['--rounds=0'], '--steps and --rounds must be >= 1'),
+      ('train_throughput.py', ['--no_torch', '--also_query_blocks=x'], 'not a comma-separated')]:
     out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     assert out.returncode == 2 and message in out.stderr and 'Traceback' not in out.stderr, (

@@ -41,8 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
   m.scan_layers = False
   m.attention = 'xla'  # 'xla' | 'pallas' | 'cudnn'
-  # 'xla' causal self-attention in this many query blocks, each attending only to the keys up to
-  # its end, so the masked upper triangle is mostly skipped (1: one block, the full [L, L] scores).
+  # 'xla' causal self-attention in up to this many query blocks (of >= 32 queries each), each
+  # attending only to the keys up to its end, so the masked upper triangle is mostly skipped
+  # (1: one block, the full [L, L] scores).
   m.causal_query_blocks = 4
   m.init_std = 0.02
 

@@ -35,7 +35,6 @@ import jax.numpy as jnp  # noqa: E402
 import train_throughput as tt  # noqa: E402
 from pathways_jax import config as config_lib  # noqa: E402
 from pathways_jax.models import attention as attn_lib, transformer  # noqa: E402
-from pathways_jax.train import step as step_lib  # noqa: E402
 
 PARTS = {'full': {}, 'no attention': {'attention': False}, 'no MLP': {'mlp': False}}
 
@@ -64,16 +63,8 @@ def _without(attention: bool = True, mlp: bool = True):
 def jax_part_runner(cfg, model_cfg, **parts):
   """(run, number of dots in the compiled step) for the step without `parts`; traced and
   compiled inside the swap, so later calls reuse that executable."""
-  fn, state, batch, mesh, rules = tt.jax_step(cfg, model_cfg)
-  holder = {'state': state}
-
-  def run(steps):
-    s = holder['state']
-    for _ in range(steps):
-      s, m = step_lib.run_with_rules(mesh, rules, fn, s, batch)
-    jax.block_until_ready(m['loss'])
-    holder['state'] = s
-
+  step = fn, state, batch, mesh, rules = tt.jax_step(cfg, model_cfg)
+  run = tt.jax_runner(cfg, model_cfg, step)
   with _without(**parts):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       hlo = fn.lower(state, batch).compile().as_text()

@@ -43,8 +43,9 @@ def jax_step(cfg, model_cfg):
   return fn, state, batch, mesh, rules
 
 
-def jax_runner(cfg, model_cfg):
-  fn, state, batch, mesh, rules = jax_step(cfg, model_cfg)
+def jax_runner(cfg, model_cfg, step=None):
+  """run(steps): `steps` train steps of jax_step's (or the given `step` tuple's) function."""
+  fn, state, batch, mesh, rules = step or jax_step(cfg, model_cfg)
   holder = {'state': state}
 
   def run(steps):

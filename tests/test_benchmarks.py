@@ -54,6 +54,7 @@ def test_benchmarks_reject_bad_arguments_in_one_line(tmp_path):
       ('profile_step.py', ['--config=README.md'], 'is not a .py file that exists'),
       ('profile_step.py', ['--steps=0'], '--steps and --top must be >= 1'),
       ('step_parts.py', ['--rounds=0'], '--steps and --rounds must be >= 1'),
+      ('step_parts.py', ['--config=nope.py', '--no_torch'], 'is not a .py file that exists'),
       ('train_throughput.py', ['--no_torch', '--also_query_blocks=x'], 'not a comma-separated')]:
     out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)

@@ -121,6 +121,13 @@ def test_causal_query_blocks_compute_the_same_function(blocks):
     return jnp.sum(jnp.sin(logits) * weight), logits
 
   assert attn_lib.MIN_QUERY_BLOCK * 3 <= 100 < attn_lib.MIN_QUERY_BLOCK * 4
+
+  def score_dots(m):  # the blocked path really runs: two attention einsums per block and layer
+    jaxpr = jax.make_jaxpr(lambda p: loss(p, m)[0])(params)
+    return sum(str(e.primitive) == 'dot_general' for e in jaxpr.jaxpr.eqns)
+
+  extra = 2 * (min(blocks, 3) - 1) * model.cfg.num_layers
+  assert score_dots(blocked) == score_dots(model) + extra
   grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
   (_, want), g_want = grad_fn(params, model)
   (_, got), g_got = grad_fn(params, blocked)

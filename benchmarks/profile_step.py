@@ -72,6 +72,9 @@ def main():
   args = ap.parse_args()
   if args.steps < 1 or args.top < 1:
     ap.error('--steps and --top must be >= 1')
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from pathways_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reuse_freed_memory()  # as the trainer does, before the backend starts
   if args.single_core:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 

@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import train_throughput as tt  # noqa: E402
-from pathways_jax import config as config_lib  # noqa: E402
+from pathways_jax import config as config_lib, host_memory  # noqa: E402
 from pathways_jax.models import attention as attn_lib, transformer  # noqa: E402
 
 PARTS = {'full': {}, 'no attention': {'attention': False}, 'no MLP': {'mlp': False}}
@@ -79,6 +79,7 @@ def main():
   ap.add_argument('--rounds', type=int, default=6)
   ap.add_argument('--no_torch', action='store_true')
   args = ap.parse_args()
+  host_memory.reuse_freed_memory()  # as the trainer does, before the backend starts
   if args.steps < 1 or args.rounds < 1:
     ap.error('--steps and --rounds must be >= 1')
   try:

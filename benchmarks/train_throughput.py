@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pathways_jax import config as config_lib, parallel  # noqa: E402
+from pathways_jax import config as config_lib, host_memory, parallel  # noqa: E402
 from pathways_jax.models.transformer import Transformer  # noqa: E402
 from pathways_jax.train import metrics, optimizer, state as state_lib, step as step_lib  # noqa: E402
 
@@ -160,6 +160,7 @@ def main():
                   help='comma-separated model.causal_query_blocks values to time as extra JAX '
                        'rows in the same run, e.g. 1 (the full [L, L] scores)')
   args = ap.parse_args()
+  host_malloc = 'reuse' if host_memory.reuse_freed_memory() else 'default'  # before the backend
   if args.steps < 1 or args.rounds < 1:
     ap.error('--steps and --rounds must be >= 1')
   try:
@@ -196,7 +197,8 @@ def main():
   ratio = (rows['pathways_jax']['tokens_per_s'] / rows['pytorch_eager']['tokens_per_s']
            if 'pytorch_eager' in rows else None)
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}, measured f32 matmul peak '
-        f'{peak / 1e9:.1f} GFLOP/s; model {dims}; {fpt / 1e6:.2f} MFLOP/token')
+        f'{peak / 1e9:.1f} GFLOP/s; model {dims}; {fpt / 1e6:.2f} MFLOP/token; host malloc: '
+        f'{host_malloc}')
   print(f"{'implementation':<20} {'tokens/s':>10} {'MFU':>7}   (pathways_jax: causal_query_blocks="
         f"{model_cfg.causal_query_blocks})")
   for k, r in rows.items():
@@ -208,7 +210,7 @@ def main():
                       'mfu': rows['pathways_jax']['mfu'], 'matmul_peak_flops': peak,
                       'pytorch_tokens_per_s': rows.get('pytorch_eager', {}).get('tokens_per_s'),
                       'ratio_vs_pytorch': ratio, 'torch': torch_info,
-                      'device': jax.devices()[0].device_kind}))
+                      'device': jax.devices()[0].device_kind, 'host_malloc': host_malloc}))
 
 
 if __name__ == '__main__':

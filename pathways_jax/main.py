@@ -42,6 +42,8 @@ def main(argv) -> int:
     raise app.UsageError('--workdir is required')
   logging.getLogger('absl').setLevel(logging.WARNING)
   logging.getLogger('jax').setLevel(logging.WARNING)
+  from pathways_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reuse_freed_memory()  # before anything starts the JAX backend's threads
   from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   cfg = _CONFIG.value
   if cfg is None:  # no --config: continue a run directory (e.g. one made by pathways_jax.grow)

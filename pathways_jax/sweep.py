@@ -20,6 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from pathways_jax import host_memory
 from pathways_jax.config import ConfigError, experiment_runner
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file',
@@ -130,6 +131,7 @@ def main(argv) -> int:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
+  host_memory.reuse_freed_memory()  # before anything starts the JAX backend's threads
   try:
     os.makedirs(_WORKDIR.value, exist_ok=True)
     runner = experiment_runner(flags.FLAGS['config'].config_filename)

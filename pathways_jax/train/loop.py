@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from pathways_jax import config as config_lib
+from pathways_jax import host_memory
 from pathways_jax import parallel
 from pathways_jax.models.transformer import Transformer, count_params
 from pathways_jax.train import checkpoint as ckpt_lib
@@ -112,6 +113,7 @@ def _versions() -> dict:
 def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final results dict."""
   from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  host_memory.reuse_freed_memory()  # a no-op if the CLI already did it, before the backend
   check_workdir(workdir)
   tokenizer, model_cfg, model, mesh, rules = build(cfg)
   is_lead = jax.process_index() == 0
@@ -186,6 +188,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
              dynamic_ncols=True, desc='train')
   last = {'step': start}
   pending, t_last, step = [], time.perf_counter(), start
+  trimmed_after = None  # the train_fn whose compilation garbage has been handed back
   if growth.due(step, model_cfg):  # growth.at_step=0: grow the initial model
     state = grow(state)
   status = 'completed'
@@ -203,6 +206,9 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
       while step < stop:
         batch = _global_batch(next(train_iter), mesh)
         state, m = step_lib.run_with_rules(mesh, rules, train_fn, state, batch, *sel_args)
+        if trimmed_after is not train_fn:  # its first call compiled it
+          host_memory.release_free_memory()
+          trimmed_after = train_fn
         step += 1
         pending.append(m)
         if growth.due(step, model_cfg):  # before this step's eval and checkpoint
@@ -225,6 +231,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
           val = evaluate(eval_fn, state.params, eval_batches, mesh, rules,
                          perplexity=cfg.objective == 'autoregressive')
           writer.write(step, val)
+          host_memory.release_free_memory()  # the eval step's compilation, the first time
           t_last = time.perf_counter()  # eval time is not training throughput
         if step % cfg.train.checkpoint_every == 0 and step != stop:
           check_finite()
@@ -275,7 +282,8 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   results.update(config=json.loads(cfg.to_json_best_effort()), versions=_versions(),
                  device={'kind': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
                          'count': jax.device_count(), 'processes': jax.process_count(),
-                         'peak_flops_per_device': peak, 'peak_source': peak_source},
+                         'peak_flops_per_device': peak, 'peak_source': peak_source,
+                         'host_malloc': 'reuse' if host_memory.reuse_freed_memory() else 'default'},
                  argv=sys.argv)
   if is_lead:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:

@@ -12,6 +12,10 @@ the subprocesses through the environment:
   and layout passes still run; only the code generation is less optimised. A tiny training run
   (tests/helpers.tiny_config, no cache) took 4.5 s instead of 8.9 s this way. Set
   PATHWAYS_TEST_XLA_OPT_LEVEL=default to run the suite with XLA's default code generation.
+
+The suite also runs with glibc's default malloc (PATHWAYS_HOST_MALLOC=default, unless set):
+pathways_jax.host_memory speeds up training steps but slows compiling by about a quarter, and
+these tests mostly compile. tests/test_host_memory.py turns it on where it tests it.
 """
 import os
 
@@ -32,6 +36,7 @@ def pytest_configure(config):
   level = os.environ.get('PATHWAYS_TEST_XLA_OPT_LEVEL', '0')
   if _OPT_FLAG not in flags and level != 'default':
     os.environ['XLA_FLAGS'] = f'{flags} {_OPT_FLAG}={level}'.strip()
+  os.environ.setdefault('PATHWAYS_HOST_MALLOC', 'default')
 
 
 @pytest.fixture(scope='session', autouse=True)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, cli, cli_overrides
 
 # A jitted function whose temporary buffer (the [4096, 4096] intermediates, 64 MiB each) is far
 # over glibc's mmap threshold: by default every call maps it afresh and faults in every page.
@@ -52,3 +52,24 @@ def test_reuse_stops_per_call_page_faults():
   quiet = [n for n in reuse['faults_per_call'] if n < pages / 10]
   assert len(quiet) >= len(reuse['faults_per_call']) // 2, reuse
   assert max(quiet) < 100, reuse
+
+
+def test_training_with_reuse_gives_the_same_losses(tmp_path, monkeypatch):
+  """The CLI turns reuse on before JAX starts, and the trainer hands pages back after compiling.
+  Only where the memory comes from changes: the losses are the same to the bit."""
+  flags_ = cli_overrides('experiments/quickstart.py', str(tmp_path / 'cache')) + [
+      '--config.train.steps=6', '--config.train.eval_every=3', '--config.train.checkpoint_every=100']
+  runs = {}
+  for mode in ('default', 'reuse'):
+    monkeypatch.setenv('PATHWAYS_HOST_MALLOC', mode)
+    out = cli('pathways_jax.main', *flags_, f'--workdir={tmp_path / mode}')
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(tmp_path / mode / 'metrics.jsonl') as f:
+      losses = {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
+    with open(tmp_path / mode / 'results.json') as f:
+      runs[mode] = (losses, json.load(f))
+  glibc = platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'
+  assert runs['reuse'][1]['device']['host_malloc'] == ('reuse' if glibc else 'default')
+  assert runs['default'][1]['device']['host_malloc'] == 'default'
+  assert len(runs['reuse'][0]) == 6 and runs['reuse'][0] == runs['default'][0]
+  assert runs['reuse'][1]['val_loss'] == runs['default'][1]['val_loss']

@@ -35,8 +35,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6 * matmul_params + attn
 
 
-def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
-  """Best observed FLOP/s of a float32 n x n matmul on the default device (the CPU 'peak')."""
+def measure_matmul_peak(n: int = 1024, repeats: int = 30) -> float:
+  """Best observed FLOP/s of a float32 n x n matmul on the default device (the CPU 'peak').
+
+  30 repeats (~0.6 s on 2 cores): with 5, a busy moment of a shared machine could pull the best
+  down to 112-131 GFLOP/s where 30 found 134-146 in the same process, inflating MFU.
+  """
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()

@@ -41,6 +41,7 @@ the trainer's step checkpoints).
 """
 
 
+import copy
 import dataclasses
 import json
 import logging
@@ -344,7 +345,7 @@ def _finished_models(partial_path: str, config_json: dict) -> dict:
     _LOG.warning('ignoring unreadable %s: training every model again', partial_path)
     return {}
   def comparable(c):  # the control flag does not change the other models: it may be switched on
-    c = json.loads(json.dumps(c))
+    c = copy.deepcopy(c)
     c.get('reversal', {}).pop('control', None)
     return c
 
@@ -352,7 +353,16 @@ def _finished_models(partial_path: str, config_json: dict) -> dict:
     return {}
   workdir = os.path.dirname(partial_path)
   for kind in ('ar', 'llada'):  # a result without its saved params cannot be resumed
-    if f'{kind}_steps' in partial and not os.path.exists(os.path.join(workdir, f'{kind}.msgpack')):
+    if f'{kind}_steps' not in partial:
+      continue
+    path = os.path.join(workdir, f'{kind}.msgpack')
+    if not os.path.exists(path):
+      return {}
+    try:
+      load_model(workdir, kind)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # truncated, corrupt, other shapes
+      _LOG.warning('ignoring unreadable %s (%s: %s): training every model again', path,
+                   type(e).__name__, e)
       return {}
   return partial
 

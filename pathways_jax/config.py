@@ -306,6 +306,12 @@ class ModelConfig:
   causal_query_blocks: int = 4
   init_std: float = 0.02
 
+  def __post_init__(self):
+    # config.validate() names the key for configs; this catches a ModelConfig built in code.
+    if self.causal_query_blocks < 1:
+      raise ConfigError(f'model.causal_query_blocks={self.causal_query_blocks} must be >= 1 '
+                        '(1: one block, the full [L, L] scores)')
+
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.d_model // self.num_heads

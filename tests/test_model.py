@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathways_jax.config import ModelConfig
+from pathways_jax.config import ConfigError, ModelConfig
 from pathways_jax.models import attention as attn_lib
 from pathways_jax.models.transformer import Transformer, init_cache, unembedding
 
@@ -102,6 +102,13 @@ def test_logits_window_is_a_slice_of_the_full_logits(tie):
   window = jax.jit(lambda p, t, s: model.apply({'params': p}, t, logits_window=(s, 4)))
   for start in (0, 5, 8):  # a traced start: one compile for every block
     np.testing.assert_allclose(window(params, tokens, start), full[:, start:start + 4], atol=1e-5)
+
+
+def test_a_model_config_built_in_code_rejects_zero_query_blocks():
+  with pytest.raises(ConfigError, match='causal_query_blocks=0'):
+    ModelConfig(vocab_size=64, causal_query_blocks=0)
+  with pytest.raises(ConfigError, match='causal_query_blocks=-1'):
+    ModelConfig(vocab_size=64).replace(causal_query_blocks=-1)
 
 
 @pytest.mark.parametrize('blocks', [2, 3, 5])

@@ -84,6 +84,15 @@ def test_a_stopped_run_resumes_with_the_models_it_finished(tmp_path):
   assert log.count('"model": "ar"') == log_before.count('"model": "ar"')  # AR not retrained
   assert mod.run(_tiny_config(mod), str(tmp_path), quiet=True)['resumed_models'] == [
       'ar', 'llada', 'llada_control']  # all finished: nothing is trained again
+  cfg = _tiny_config(mod)
+  config_json = json.loads(json.dumps(cfg.to_dict(), default=str))
+  partial = str(tmp_path / 'results.partial.json')
+  assert mod._finished_models(partial, config_json)  # pylint: disable=protected-access
+  params = tmp_path / 'ar.msgpack'
+  good = params.read_bytes()
+  params.write_bytes(good[:len(good) // 2])  # a truncated params file: train everything again
+  assert mod._finished_models(partial, config_json) == {}  # pylint: disable=protected-access
+  params.write_bytes(good)
   changed = _tiny_config(mod, sft_fraction=0.5)  # another config: nothing is reused
   assert mod.run(changed, str(tmp_path), quiet=True)['resumed_models'] == []
 

@@ -7,6 +7,7 @@ AR runs decode with the KV cache; diffusion (LLaDA) runs use the diffusion sampl
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 import jax
@@ -83,6 +84,8 @@ def load_run(workdir: str, step: int | None = None):
 def main(argv):
   del argv
   f = flags.FLAGS
+  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's INFO lines would bury the text
+  logging.getLogger('jax').setLevel(logging.WARNING)
   from pathways_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   try:
     cfg, model, params, tokenizer = load_run(f.workdir, f.step)

@@ -13,17 +13,18 @@ allocated on the main thread, mostly escape this.
   * M_MMAP_MAX = 0: no allocation is served by a one-off `mmap`;
   * M_TRIM_THRESHOLD = 2 GiB - 1: freed memory at the top of the heap stays mapped.
 The temporary buffer is then the same already-mapped memory in every step (faults per step drop
-from ~39,000 to a few thousand; the speed-up is in benchmarks/RESULTS.md). The price is that the
-process does not give freed memory back to the OS, as PyTorch's and JAX's device allocators
-already behave.
+from ~39,000 to none once the heap has grown to fit; the speed-up is in benchmarks/RESULTS.md).
+The prices: the process keeps freed memory instead of giving it back to the OS, as PyTorch's and
+JAX's device allocators already do; and compiling is about a quarter slower, because the
+compiler's threads then share one malloc lock.
 
 Call it before JAX starts its CPU backend (the CLIs do so first thing): threads that have
 already allocated keep their own arenas. `PATHWAYS_HOST_MALLOC=default` leaves malloc alone.
 It does nothing off glibc (macOS, musl).
 
-Compiling a step frees hundreds of MB that the heap would then keep (the quickstart process
-held 1.2 GB instead of 0.68 GB). `release_free_memory()` (glibc's malloc_trim) hands free heap
-pages back once; the trainer calls it after each compilation, leaving ~0.78 GB.
+Compiling a step frees hundreds of MB that the heap would then keep (the benchmark step's
+process held 1.2 GB instead of 0.68 GB). `release_free_memory()` (glibc's malloc_trim) hands the
+free heap pages back once; the trainer calls it after each compilation (0.64-0.78 GB then).
 """
 from __future__ import annotations
 
@@ -52,9 +53,14 @@ def _glibc():
     return None
 
 
-@functools.lru_cache(maxsize=None)
+_enabled = False  # set by reuse_freed_memory(), once per process
+
+
 def reuse_freed_memory() -> bool:
-  """Sets the malloc options above; True if they were set (glibc, not disabled by env)."""
+  """Sets the malloc options above; True if they are set (glibc, not disabled by env)."""
+  global _enabled
+  if _enabled:
+    return True
   if os.environ.get('PATHWAYS_HOST_MALLOC', '').lower() == 'default':
     return False
   libc = _glibc()
@@ -64,11 +70,12 @@ def reuse_freed_memory() -> bool:
   for option, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
                         (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)):
     ok &= libc.mallopt(ctypes.c_int(option), ctypes.c_int(value)) == 1
-  return bool(ok)
+  _enabled = bool(ok)
+  return _enabled
 
 
 def release_free_memory() -> None:
   """Returns the heap's free pages to the OS (after compiling); a no-op unless
   reuse_freed_memory() has set the options."""
-  if reuse_freed_memory.cache_info().currsize and reuse_freed_memory():
+  if _enabled:
     _glibc().malloc_trim(ctypes.c_size_t(0))

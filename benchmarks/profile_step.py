@@ -74,7 +74,10 @@ def main():
     ap.error('--steps and --top must be >= 1')
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from pathways_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reuse_freed_memory()  # as the trainer does, before the backend starts
+  try:
+    host_memory.reuse_freed_memory()  # as the trainer does, before the backend starts
+  except ValueError as e:
+    ap.error(str(e))
   if args.single_core:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 

@@ -79,7 +79,10 @@ def main():
   ap.add_argument('--rounds', type=int, default=6)
   ap.add_argument('--no_torch', action='store_true')
   args = ap.parse_args()
-  host_memory.reuse_freed_memory()  # as the trainer does, before the backend starts
+  try:
+    host_memory.reuse_freed_memory()  # as the trainer does, before the backend starts
+  except ValueError as e:
+    ap.error(str(e))
   if args.steps < 1 or args.rounds < 1:
     ap.error('--steps and --rounds must be >= 1')
   try:

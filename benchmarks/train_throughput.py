@@ -160,7 +160,10 @@ def main():
                   help='comma-separated model.causal_query_blocks values to time as extra JAX '
                        'rows in the same run, e.g. 1 (the full [L, L] scores)')
   args = ap.parse_args()
-  host_malloc = 'reuse' if host_memory.reuse_freed_memory() else 'default'  # before the backend
+  try:
+    host_malloc = 'reuse' if host_memory.reuse_freed_memory() else 'default'  # before the backend
+  except ValueError as e:
+    ap.error(str(e))
   if args.steps < 1 or args.rounds < 1:
     ap.error('--steps and --rounds must be >= 1')
   try:
@@ -175,7 +178,8 @@ def main():
   try:
     extra_blocks = [int(b) for b in args.also_query_blocks.split(',') if b.strip()]
   except ValueError:
-    ap.error(f'--also_query_blocks={args.also_query_blocks!r} is not a comma-separated list of ints')
+    ap.error(f'--also_query_blocks={args.also_query_blocks!r} is not a comma-separated list of '
+             'ints')
   if any(b < 1 for b in extra_blocks):
     ap.error('--also_query_blocks values must be >= 1')
   for b in extra_blocks:

@@ -56,12 +56,22 @@ def _glibc():
 _enabled = False  # set by reuse_freed_memory(), once per process
 
 
+_MODES = ('reuse', 'default')
+
+
 def reuse_freed_memory() -> bool:
-  """Sets the malloc options above; True if they are set (glibc, not disabled by env)."""
+  """Sets the malloc options above; True if they are set (glibc, not disabled by env).
+
+  Raises ValueError if PATHWAYS_HOST_MALLOC is set to anything but 'reuse' or 'default'.
+  """
   global _enabled
   if _enabled:
     return True
-  if os.environ.get('PATHWAYS_HOST_MALLOC', '').lower() == 'default':
+  mode = os.environ.get('PATHWAYS_HOST_MALLOC', '').strip().lower() or 'reuse'
+  if mode not in _MODES:
+    raise ValueError(f'PATHWAYS_HOST_MALLOC={os.environ["PATHWAYS_HOST_MALLOC"]!r} must be one '
+                     f'of {", ".join(_MODES)} (or unset)')
+  if mode == 'default':
     return False
   libc = _glibc()
   if libc is None:
@@ -79,3 +89,8 @@ def release_free_memory() -> None:
   reuse_freed_memory() has set the options."""
   if _enabled:
     _glibc().malloc_trim(ctypes.c_size_t(0))
+
+
+def enabled() -> bool:
+  """Whether reuse_freed_memory() has set the options in this process."""
+  return _enabled

@@ -43,7 +43,11 @@ def main(argv) -> int:
   logging.getLogger('absl').setLevel(logging.WARNING)
   logging.getLogger('jax').setLevel(logging.WARNING)
   from pathways_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reuse_freed_memory()  # before anything starts the JAX backend's threads
+  try:
+    host_memory.reuse_freed_memory()  # before anything starts the JAX backend's threads
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   cfg = _CONFIG.value
   if cfg is None:  # no --config: continue a run directory (e.g. one made by pathways_jax.grow)

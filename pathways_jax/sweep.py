@@ -131,7 +131,11 @@ def main(argv) -> int:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
-  host_memory.reuse_freed_memory()  # before anything starts the JAX backend's threads
+  try:
+    host_memory.reuse_freed_memory()  # before anything starts the JAX backend's threads
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   try:
     os.makedirs(_WORKDIR.value, exist_ok=True)
     runner = experiment_runner(flags.FLAGS['config'].config_filename)

@@ -49,15 +49,21 @@ def test_profile_step_breaks_the_step_down(tmp_path):
 
 
 def test_benchmarks_reject_bad_arguments_in_one_line(tmp_path):
-  for script, args, message in [
-      ('train_throughput.py', ['--config=nope.py', '--no_torch'], 'is not a .py file that exists'),
-      ('profile_step.py', ['--config=README.md'], 'is not a .py file that exists'),
-      ('profile_step.py', ['--steps=0'], '--steps and --top must be >= 1'),
-      ('step_parts.py', ['--rounds=0'], '--steps and --rounds must be >= 1'),
-      ('step_parts.py', ['--config=nope.py', '--no_torch'], 'is not a .py file that exists'),
-      ('train_throughput.py', ['--no_torch', '--also_query_blocks=x'], 'not a comma-separated')]:
+  bad_malloc = {'PATHWAYS_HOST_MALLOC': 'no'}
+  for script, args, env, message in [
+      ('train_throughput.py', ['--config=nope.py', '--no_torch'], {},
+       'is not a .py file that exists'),
+      ('profile_step.py', ['--config=README.md'], {}, 'is not a .py file that exists'),
+      ('profile_step.py', ['--steps=0'], {}, '--steps and --top must be >= 1'),
+      ('step_parts.py', ['--rounds=0'], {}, '--steps and --rounds must be >= 1'),
+      ('step_parts.py', ['--config=nope.py', '--no_torch'], {}, 'is not a .py file that exists'),
+      ('train_throughput.py', ['--no_torch', '--also_query_blocks=x'], {}, 'not a comma-separated'),
+      ('train_throughput.py', ['--no_torch'], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be"),
+      ('profile_step.py', [], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be"),
+      ('step_parts.py', ['--no_torch'], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be")]:
     out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
-                         capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+                         capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+                         env={**os.environ, **env})
     assert out.returncode == 2 and message in out.stderr and 'Traceback' not in out.stderr, (
         script, out.stderr[-2000:])
 

@@ -58,7 +58,8 @@ def test_training_with_reuse_gives_the_same_losses(tmp_path, monkeypatch):
   """The CLI turns reuse on before JAX starts, and the trainer hands pages back after compiling.
   Only where the memory comes from changes: the losses are the same to the bit."""
   flags_ = cli_overrides('experiments/quickstart.py', str(tmp_path / 'cache')) + [
-      '--config.train.steps=6', '--config.train.eval_every=3', '--config.train.checkpoint_every=100']
+      '--config.train.steps=6', '--config.train.eval_every=3',
+      '--config.train.checkpoint_every=100']
   runs = {}
   for mode in ('default', 'reuse'):
     monkeypatch.setenv('PATHWAYS_HOST_MALLOC', mode)
@@ -73,3 +74,13 @@ def test_training_with_reuse_gives_the_same_losses(tmp_path, monkeypatch):
   assert runs['default'][1]['device']['host_malloc'] == 'default'
   assert len(runs['reuse'][0]) == 6 and runs['reuse'][0] == runs['default'][0]
   assert runs['reuse'][1]['val_loss'] == runs['default'][1]['val_loss']
+
+
+@pytest.mark.parametrize('module', ['pathways_jax.main', 'pathways_jax.sweep'])
+def test_a_bad_mode_is_a_one_line_error(tmp_path, monkeypatch, module):
+  monkeypatch.setenv('PATHWAYS_HOST_MALLOC', 'defualt')
+  out = cli(module, '--config=experiments/quickstart.py', f'--workdir={tmp_path / "r"}')
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+      "error: PATHWAYS_HOST_MALLOC='defualt' must be one of reuse, default (or unset)"]
+  assert not (tmp_path / 'r').exists()  # stopped before touching the run directory

@@ -188,7 +188,8 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
              dynamic_ncols=True, desc='train')
   last = {'step': start}
   pending, t_last, step = [], time.perf_counter(), start
-  trimmed_after = None  # the train_fn whose compilation garbage has been handed back
+  trimmed_after = None  # the train_fn / eval_fn whose compilation garbage was handed back
+  trimmed_eval_after = None
   if growth.due(step, model_cfg):  # growth.at_step=0: grow the initial model
     state = grow(state)
   status = 'completed'
@@ -231,7 +232,9 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
           val = evaluate(eval_fn, state.params, eval_batches, mesh, rules,
                          perplexity=cfg.objective == 'autoregressive')
           writer.write(step, val)
-          host_memory.release_free_memory()  # the eval step's compilation, the first time
+          if trimmed_eval_after is not eval_fn:  # its first call compiled it
+            host_memory.release_free_memory()
+            trimmed_eval_after = eval_fn
           t_last = time.perf_counter()  # eval time is not training throughput
         if step % cfg.train.checkpoint_every == 0 and step != stop:
           check_finite()
@@ -283,7 +286,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
                  device={'kind': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
                          'count': jax.device_count(), 'processes': jax.process_count(),
                          'peak_flops_per_device': peak, 'peak_source': peak_source,
-                         'host_malloc': 'reuse' if host_memory.reuse_freed_memory() else 'default'},
+                         'host_malloc': 'reuse' if host_memory.enabled() else 'default'},
                  argv=sys.argv)
   if is_lead:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:

@@ -143,3 +143,52 @@ def test_causal_query_blocks_compute_the_same_function(blocks):
   for a, b in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_want)):
     assert np.abs(b).max() > 1e-2  # gradients of a real size, so the tolerance means something
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _rotate_half_reference(x_BLHD, positions_BL, theta):
+  """RoPE as the papers write it: slices and a concatenation, differentiated by autodiff."""
+  d = x_BLHD.shape[-1]
+  freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  angle = positions_BL[..., None].astype(jnp.float32) * freq
+  sin, cos = jnp.sin(angle)[:, :, None], jnp.cos(angle)[:, :, None]
+  x1, x2 = x_BLHD[..., :d // 2], x_BLHD[..., d // 2:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def test_rope_and_its_handwritten_gradient_match_the_rotate_half_formula():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 3, 16))
+  pos = jnp.array([list(range(9)), [0, 1, 2, 0, 1, 2, 3, 4, 5]])
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  np.testing.assert_allclose(attn_lib.rope(x, pos, 100.0), _rotate_half_reference(x, pos, 100.0),
+                             atol=1e-6)
+  grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(jnp.tanh(f(x, pos, 100.0)) * w)))(x)
+  np.testing.assert_allclose(grad(attn_lib.rope), grad(_rotate_half_reference), atol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_dense_gradients_match_autodiff(dtype):
+  """The hand-written backward pass of `dense` (x^T materialised on CPU) gives autodiff's
+  gradients, in float32 and with bfloat16 inputs (an MLP block with a float32 output)."""
+  from pathways_jax.models.transformer import dense  # pylint: disable=g-import-not-at-top
+  ks = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(ks[0], (24, 8)).astype(dtype)
+  wg, wu = ((0.5 * jax.random.normal(k, (8, 12))).astype(dtype) for k in ks[1:3])
+  wd = (0.5 * jax.random.normal(ks[3], (12, 8))).astype(dtype)
+
+  def net(x, wg, wu, wd, dense_fn):
+    h = jax.nn.silu(dense_fn(x, wg)) * dense_fn(x, wu)
+    return jnp.sum(jnp.sin(dense_fn(h, wd, jnp.float32)))
+
+  plain_dense = lambda x, w, out=None: jnp.dot(x, w, preferred_element_type=out)
+  grads = jax.jit(jax.grad(net, argnums=(0, 1, 2, 3)), static_argnums=4)
+  got = grads(x, wg, wu, wd, dense)
+  want = grads(x, wg, wu, wd, plain_dense)
+  exact = grads(*(a.astype(jnp.float32) for a in (x, wg, wu, wd)), plain_dense)
+  for g, w, e in zip(got, want, exact):
+    assert g.dtype == w.dtype == dtype
+    g, w, e = (np.asarray(a, np.float32) for a in (g, w, e))
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    else:  # bfloat16 rounds differently inside each: as close to float32's gradient as autodiff
+      err, autodiff_err = np.linalg.norm(g - e), np.linalg.norm(w - e)
+      assert err <= 1.5 * autodiff_err + 1e-3 * np.linalg.norm(e), (err, autodiff_err)

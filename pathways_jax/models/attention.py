@@ -16,17 +16,55 @@ import jax.numpy as jnp
 _LOG = logging.getLogger(__name__)
 
 
+def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float):
+  """(cos, signed sin), each [B, L, 1, 2, D/2] float32: what `apply_rope` multiplies by."""
+  freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [D/2]
+  angle_BLF = positions_BL[..., None].astype(jnp.float32) * freq
+  sin, cos = jnp.sin(angle_BLF), jnp.cos(angle_BLF)
+  cos_BL12F = jnp.stack([cos, cos], axis=-2)[:, :, None]
+  sin_BL12F = jnp.stack([-sin, sin], axis=-2)[:, :, None]
+  # Materialised once: left to fusion, XLA recomputes sin and cos inside every consumer,
+  # per head and per gradient term.
+  return jax.lax.optimization_barrier((cos_BL12F, sin_BL12F))
+
+
+def _rotate(x_BLHD, cos_BL12F, sin_BL12F):
+  b, l, h, d = x_BLHD.shape
+  x = x_BLHD.reshape(b, l, h, 2, d // 2)
+  return (x * cos_BL12F + x[..., ::-1, :] * sin_BL12F).reshape(b, l, h, d)
+
+
+@jax.custom_vjp
+def apply_rope(x_BLHD, cos_BL12F, sin_BL12F):
+  """Rotate-half RoPE, out = [x1 cos - x2 sin, x2 cos + x1 sin], with the halves as an axis.
+
+  Written as x * cos + swap_halves(x) * sin on a [.., 2, D/2] view: no slice or concatenation
+  on the minor axis, which XLA:CPU compiles to a per-element select it does not vectorise. The
+  gradient is the inverse rotation, given explicitly so autodiff does not rebuild it from
+  slices and pads. The tables get no gradient (they depend on positions only).
+  """
+  return _rotate(x_BLHD, cos_BL12F, sin_BL12F)
+
+
+def _apply_rope_fwd(x_BLHD, cos_BL12F, sin_BL12F):
+  return _rotate(x_BLHD, cos_BL12F, sin_BL12F), (cos_BL12F, sin_BL12F)
+
+
+def _apply_rope_bwd(tables, dout_BLHD):
+  cos_BL12F, sin_BL12F = tables
+  b, l, h, d = dout_BLHD.shape
+  g = dout_BLHD.reshape(b, l, h, 2, d // 2)
+  dx = (g * cos_BL12F + (g * sin_BL12F)[..., ::-1, :]).reshape(b, l, h, d)
+  return dx, jnp.zeros_like(cos_BL12F), jnp.zeros_like(sin_BL12F)
+
+
+apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
+
+
 def rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding (rotate-half form), computed in float32."""
-  d = x_BLHD.shape[-1]
-  freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
-  angle_BLF = positions_BL[..., None].astype(jnp.float32) * freq
-  sin = jnp.sin(angle_BLF)[:, :, None, :]
-  cos = jnp.cos(angle_BLF)[:, :, None, :]
-  x = x_BLHD.astype(jnp.float32)
-  x1, x2 = x[..., : d // 2], x[..., d // 2:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BLHD.dtype)
+  cos, sin = rope_tables(positions_BL, x_BLHD.shape[-1], theta)
+  return apply_rope(x_BLHD.astype(jnp.float32), cos, sin).astype(x_BLHD.dtype)
 
 
 def attention_mask(q_segment_BL, kv_segment_BS, q_positions_BL, kv_positions_BS, causal):

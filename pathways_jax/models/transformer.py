@@ -9,7 +9,9 @@ AR models use `causal=True`, LLaDA uses the same network with `causal=False`.
                                     cache_index=i)   # KV-cache decoding
 
 The dense layers run on a 2-D residual stream [B*L, D]: on CPU, XLA lowers 2-D matmuls markedly
-faster than the batched 3-D form (measured in benchmarks/train_throughput.py).
+faster than the batched 3-D form (measured in benchmarks/train_throughput.py). Two pieces have
+hand-written gradients because XLA:CPU runs autodiff's version slowly: `dense` (the form of the
+weight gradient's matmul) and, in attention.py, `apply_rope`.
 
 Parameter layout (logical axis names in brackets), the contract that growth, sharding rules and
 checkpoints rely on:
@@ -22,6 +24,7 @@ checkpoints rely on:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -55,6 +58,37 @@ class RMSNorm(nn.Module):
     return (normed * scale.astype(jnp.float32)).astype(_dtype(self.cfg.dtype))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x_TD: jax.Array, w_DF: jax.Array, out_dtype=None) -> jax.Array:
+  """x @ w on the 2-D token stream [T, D] -> [T, F]; on CPU, with a faster weight gradient.
+
+  Autodiff computes dW = x^T dy as one dot that contracts the leading (token) axis of both
+  operands. XLA:CPU runs that form of matmul well below its row-major speed (benchmarks/
+  RESULTS.md), so on CPU the backward pass materialises x^T first: one pass over x, then a
+  plain [D, T] @ [T, F] matmul. The barrier stops XLA from folding the transpose back into the
+  dot. Other backends keep the folded form, which their matmul units take as it is.
+  """
+  return jnp.dot(x_TD, w_DF, preferred_element_type=out_dtype)
+
+
+def _dense_fwd(x_TD, w_DF, out_dtype):
+  return dense(x_TD, w_DF, out_dtype), (x_TD, w_DF)
+
+
+def _dense_bwd(out_dtype, inputs, dout_TF):
+  del out_dtype
+  x_TD, w_DF = inputs
+  dx = jnp.dot(dout_TF, w_DF.T.astype(dout_TF.dtype), preferred_element_type=jnp.float32)
+  x_DT = x_TD.T.astype(dout_TF.dtype)
+  if jax.default_backend() == 'cpu':
+    x_DT = jax.lax.optimization_barrier(x_DT)
+  dw = jnp.dot(x_DT, dout_TF, preferred_element_type=jnp.float32)
+  return dx.astype(x_TD.dtype), dw.astype(w_DF.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   packed: bool = True
@@ -71,9 +105,9 @@ class Attention(nn.Module):
     wv = _param(self, 'wv', (d, kh, hd), ('embed', 'kv', 'head_dim'), cfg.init_std, cfg)
     wo = _param(self, 'wo', (h, hd, d), ('heads', 'head_dim', 'embed'), std_out, cfg)
     b, l = batch
-    q = (x_TD @ wq.astype(dt).reshape(d, h * hd)).reshape(b, l, h, hd)
-    k = (x_TD @ wk.astype(dt).reshape(d, kh * hd)).reshape(b, l, kh, hd)
-    v = (x_TD @ wv.astype(dt).reshape(d, kh * hd)).reshape(b, l, kh, hd)
+    q = dense(x_TD, wq.astype(dt).reshape(d, h * hd)).reshape(b, l, h, hd)
+    k = dense(x_TD, wk.astype(dt).reshape(d, kh * hd)).reshape(b, l, kh, hd)
+    v = dense(x_TD, wv.astype(dt).reshape(d, kh * hd)).reshape(b, l, kh, hd)
     q = nn.with_logical_constraint(q, ('activation_batch', 'activation_length', 'activation_heads', None))
     q = attn_lib.rope(q, positions_BL, cfg.rope_theta)
     k = attn_lib.rope(k, positions_BL, cfg.rope_theta)
@@ -91,7 +125,7 @@ class Attention(nn.Module):
                           packed=self.packed or layer_cache is not None,
                           kv_from_cache=layer_cache is not None,
                           causal_query_blocks=cfg.causal_query_blocks)
-    out_TD = out.reshape(b * l, h * hd) @ wo.astype(dt).reshape(h * hd, d)
+    out_TD = dense(out.reshape(b * l, h * hd), wo.astype(dt).reshape(h * hd, d))
     return out_TD, new_cache
 
 
@@ -106,9 +140,9 @@ class MLP(nn.Module):
     w_gate = _param(self, 'w_gate', (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), cfg.init_std, cfg)
     w_up = _param(self, 'w_up', (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), cfg.init_std, cfg)
     w_down = _param(self, 'w_down', (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'), std_out, cfg)
-    hidden = nn.silu(x_TD @ w_gate.astype(dt)) * (x_TD @ w_up.astype(dt))
+    hidden = nn.silu(dense(x_TD, w_gate.astype(dt))) * dense(x_TD, w_up.astype(dt))
     hidden = nn.with_logical_constraint(hidden, ('activation_tokens', 'activation_mlp'))
-    return hidden @ w_down.astype(dt)
+    return dense(hidden, w_down.astype(dt))
 
 
 class Block(nn.Module):
@@ -208,7 +242,7 @@ class Transformer(nn.Module):
         start, rows = logits_window
         h_TD = jax.lax.dynamic_slice_in_dim(h_TD.reshape(b, l, cfg.d_model), start, rows,
                                             axis=1).reshape(b * rows, cfg.d_model)
-      logits = jnp.dot(h_TD, unembed_DV.astype(h_TD.dtype), preferred_element_type=jnp.float32)
+      logits = dense(h_TD, unembed_DV.astype(h_TD.dtype), jnp.float32)
       out = logits.reshape(b, rows, cfg.vocab_size)
     if cache is None:
       return out

@@ -167,23 +167,25 @@ def test_rope_and_its_handwritten_gradient_match_the_rotate_half_formula():
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_dense_gradients_match_autodiff(dtype):
-  """The hand-written backward pass of `dense` (x^T materialised on CPU) gives autodiff's
-  gradients, in float32 and with bfloat16 inputs (an MLP block with a float32 output)."""
+  """The hand-written backward pass of `dense` (x^T and dW behind barriers on CPU) gives
+  autodiff's gradients, in float32 and with bfloat16 inputs: an MLP block, then a tied
+  unembedding (w = embedding.T, whose transpose must stay out of the weight gradient's dot)."""
   from pathways_jax.models.transformer import dense  # pylint: disable=g-import-not-at-top
-  ks = jax.random.split(jax.random.key(0), 4)
+  ks = jax.random.split(jax.random.key(0), 5)
   x = jax.random.normal(ks[0], (24, 8)).astype(dtype)
   wg, wu = ((0.5 * jax.random.normal(k, (8, 12))).astype(dtype) for k in ks[1:3])
   wd = (0.5 * jax.random.normal(ks[3], (12, 8))).astype(dtype)
+  emb = (0.5 * jax.random.normal(ks[4], (20, 8))).astype(dtype)
 
-  def net(x, wg, wu, wd, dense_fn):
+  def net(x, wg, wu, wd, emb, dense_fn):
     h = jax.nn.silu(dense_fn(x, wg)) * dense_fn(x, wu)
-    return jnp.sum(jnp.sin(dense_fn(h, wd, jnp.float32)))
+    return jnp.sum(jnp.sin(dense_fn(dense_fn(h, wd), emb.T, jnp.float32)))
 
   plain_dense = lambda x, w, out=None: jnp.dot(x, w, preferred_element_type=out)
-  grads = jax.jit(jax.grad(net, argnums=(0, 1, 2, 3)), static_argnums=4)
-  got = grads(x, wg, wu, wd, dense)
-  want = grads(x, wg, wu, wd, plain_dense)
-  exact = grads(*(a.astype(jnp.float32) for a in (x, wg, wu, wd)), plain_dense)
+  grads = jax.jit(jax.grad(net, argnums=(0, 1, 2, 3, 4)), static_argnums=5)
+  args = (x, wg, wu, wd, emb)
+  got, want = grads(*args, dense), grads(*args, plain_dense)
+  exact = grads(*(a.astype(jnp.float32) for a in args), plain_dense)
   for g, w, e in zip(got, want, exact):
     assert g.dtype == w.dtype == dtype
     g, w, e = (np.asarray(a, np.float32) for a in (g, w, e))

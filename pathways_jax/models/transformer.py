@@ -80,9 +80,12 @@ def _dense_bwd(out_dtype, inputs, dout_TF):
   x_TD, w_DF = inputs
   dx = jnp.dot(dout_TF, w_DF.T.astype(dout_TF.dtype), preferred_element_type=jnp.float32)
   x_DT = x_TD.T.astype(dout_TF.dtype)
-  if jax.default_backend() == 'cpu':
+  on_cpu = jax.default_backend() == 'cpu'
+  if on_cpu:
     x_DT = jax.lax.optimization_barrier(x_DT)
   dw = jnp.dot(x_DT, dout_TF, preferred_element_type=jnp.float32)
+  if on_cpu:  # a tied embedding's w is embedding.T: keep that transpose out of this dot too
+    dw = jax.lax.optimization_barrier(dw)
   return dx.astype(x_TD.dtype), dw.astype(w_DF.dtype)
 
 

@@ -1,18 +1,21 @@
 """Training throughput of the tiny config: pathways_jax vs the same model in PyTorch eager.
 
-    python benchmarks/train_throughput.py [--config=experiments/quickstart.py] [--steps=30] [--json]
+    python benchmarks/train_throughput.py [--config=experiments/quickstart.py] [--steps=2]
+                                          [--rounds=30] [--json]
 
 Both sides run the same architecture (Llama-style, GQA, SwiGLU, RoPE, tied embeddings), batch
-and AdamW update in the same process, alternating rounds so machine noise hits both alike. MFU is
-measured against the f32 matmul peak measured at start-up (pathways_jax.train.metrics).
+and AdamW update in the same process, alternating short rounds so machine noise hits both alike.
+The ratio is printed two ways: of the best round times, and the median over rounds of each
+round's own ratio (the steadier figure on a shared machine). MFU is of the best round, against
+the f32 matmul peak measured at start-up (pathways_jax.train.metrics).
 The PyTorch column needs the `bench` extra (torch); without it the script reports JAX alone.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import statistics
 import sys
 import time
 
@@ -131,16 +134,28 @@ def torch_runner(cfg, model_cfg, attention: bool = True, mlp: bool = True):
 
 
 def time_rounds(runners: dict, steps: int, rounds: int) -> dict:
-  """Best-of-rounds seconds per step, alternating runners each round."""
-  best = {k: math.inf for k in runners}
+  """Seconds per step of every round, {runner: [round 1, round 2, ...]}, alternating runners
+  each round so that a slow spell of the machine hits all of them alike."""
+  seconds = {k: [] for k in runners}
   for r in runners.values():
     r(2)  # compile / warm up
   for _ in range(rounds):
     for k, r in runners.items():
       t0 = time.perf_counter()
       r(steps)
-      best[k] = min(best[k], (time.perf_counter() - t0) / steps)
-  return best
+      seconds[k].append((time.perf_counter() - t0) / steps)
+  return seconds
+
+
+def paired_ratio(seconds: dict, numerator: str, denominator: str) -> tuple[float, float, float]:
+  """(median, lower quartile, upper quartile) over rounds of numerator's time / denominator's.
+
+  Each round's two timings are taken moments apart, so their ratio is far steadier on a shared
+  machine than the ratio of two best times, which may come from different quiet spells.
+  """
+  ratios = sorted(a / b for a, b in zip(seconds[numerator], seconds[denominator]))
+  q = len(ratios) // 4
+  return statistics.median(ratios), ratios[q], ratios[-1 - q]
 
 
 def load_config(path: str):
@@ -152,8 +167,8 @@ def load_config(path: str):
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--config', default='experiments/quickstart.py')
-  ap.add_argument('--steps', type=int, default=20)
-  ap.add_argument('--rounds', type=int, default=3)
+  ap.add_argument('--steps', type=int, default=2)
+  ap.add_argument('--rounds', type=int, default=30)
   ap.add_argument('--no_torch', action='store_true')
   ap.add_argument('--json', action='store_true')
   ap.add_argument('--also_query_blocks', default='',
@@ -192,28 +207,39 @@ def main():
       torch_info = {'version': version, 'threads': threads}
     except ImportError:
       print('(torch not installed: install the `bench` extra for the PyTorch column)')
-  best = time_rounds(runners, args.steps, args.rounds)
+  seconds = time_rounds(runners, args.steps, args.rounds)
+  best = {k: min(v) for k, v in seconds.items()}
 
-  rows = {k: {'tokens_per_s': tokens / s, 'mfu': tokens / s * fpt / peak} for k, s in best.items()}
+  rows = {k: {'tokens_per_s': tokens / s, 'mfu': tokens / s * fpt / peak,
+              'median_tokens_per_s': tokens / statistics.median(seconds[k])}
+          for k, s in best.items()}
   dims = {k: getattr(model_cfg, k) for k in ('num_layers', 'd_model', 'num_heads', 'num_kv_heads',
                                               'mlp_dim', 'vocab_size')}
   dims.update(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size)
-  ratio = (rows['pathways_jax']['tokens_per_s'] / rows['pytorch_eager']['tokens_per_s']
-           if 'pytorch_eager' in rows else None)
+  ratio = paired = None
+  if 'pytorch_eager' in rows:
+    ratio = rows['pathways_jax']['tokens_per_s'] / rows['pytorch_eager']['tokens_per_s']
+    paired = paired_ratio(seconds, 'pytorch_eager', 'pathways_jax')
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}, measured f32 matmul peak '
         f'{peak / 1e9:.1f} GFLOP/s; model {dims}; {fpt / 1e6:.2f} MFLOP/token; host malloc: '
         f'{host_malloc}')
-  print(f"{'implementation':<20} {'tokens/s':>10} {'MFU':>7}   (pathways_jax: causal_query_blocks="
-        f"{model_cfg.causal_query_blocks})")
+  print(f'best and median of {args.rounds} alternating rounds of {args.steps} steps; MFU of the '
+        f'best (pathways_jax: causal_query_blocks={model_cfg.causal_query_blocks})')
+  print(f"{'implementation':<20} {'tokens/s':>10} {'median':>10} {'MFU':>7}")
   for k, r in rows.items():
-    print(f"{k:<20} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%}")
+    print(f"{k:<20} {r['tokens_per_s']:>10,.0f} {r['median_tokens_per_s']:>10,.0f} "
+          f"{r['mfu']:>7.1%}")
   if ratio:
-    print(f'ratio pathways_jax / pytorch_eager: {ratio:.2f}x')
+    print(f'ratio pathways_jax / pytorch_eager: {ratio:.2f}x of the best times; per round '
+          f'{paired[0]:.2f}x median (quartiles {paired[1]:.2f}-{paired[2]:.2f})')
   if args.json:
     print(json.dumps({**dims, 'tokens_per_s': rows['pathways_jax']['tokens_per_s'],
                       'mfu': rows['pathways_jax']['mfu'], 'matmul_peak_flops': peak,
                       'pytorch_tokens_per_s': rows.get('pytorch_eager', {}).get('tokens_per_s'),
-                      'ratio_vs_pytorch': ratio, 'torch': torch_info,
+                      'ratio_vs_pytorch': ratio,
+                      'ratio_vs_pytorch_paired_median': paired and paired[0],
+                      'median_tokens_per_s': rows['pathways_jax']['median_tokens_per_s'],
+                      'torch': torch_info,
                       'device': jax.devices()[0].device_kind, 'host_malloc': host_malloc}))
 
 

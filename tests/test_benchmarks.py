@@ -36,6 +36,17 @@ def test_train_throughput_json_line(tmp_path):
   row = json.loads(stdout.strip().splitlines()[-1])
   assert row['num_layers'] == 2 and row['d_model'] == 32 and row['batch_size'] == 4
   assert row['tokens_per_s'] > 0 and 0 < row['mfu'] and row['matmul_peak_flops'] > 0
+  assert row['median_tokens_per_s'] > 0 and row['ratio_vs_pytorch_paired_median'] is None
+
+
+def test_paired_ratio_takes_each_rounds_own_ratio():
+  """A slow spell that hits both runners in round 3 moves neither the paired median nor the
+  quartiles, where the best times of each would pair round 1 with round 2."""
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import train_throughput  # pylint: disable=g-import-not-at-top
+  seconds = {'torch': [2.0, 1.5, 9.0, 2.2, 2.0], 'jax': [1.0, 1.2, 4.5, 1.0, 1.0]}
+  assert train_throughput.paired_ratio(seconds, 'torch', 'jax') == (2.0, 2.0, 2.0)
+  assert min(seconds['torch']) / min(seconds['jax']) == 1.5
 
 
 def test_profile_step_breaks_the_step_down(tmp_path):

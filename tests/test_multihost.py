@@ -69,6 +69,13 @@ def _finish(proc, timeout=300) -> str:
   return out
 
 
+def _first_errors(out: str, n: int = 5) -> str:
+  """The first lines that look like errors: when one process fails, the other's runtime aborts
+  with pages of stack traces that push the cause out of an output's tail."""
+  lines = [l for l in out.splitlines() if 'error' in l.lower()][:n]
+  return ''.join(f'  {l[:300]}\n' for l in lines)
+
+
 def _losses(workdir) -> dict:
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
@@ -154,7 +161,8 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(tmp
   ref_proc = _main(*_flags(cache), f'--workdir={ref}', devices=8)
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f'process {i}:\n{out[-3000:]}\nother:\n{outs[1 - i][-3000:]}'
+    assert p.returncode == 0, (f'process {i}:\n{_first_errors(out)}{out[-3000:]}\nother:\n'
+                               f'{_first_errors(outs[1 - i])}{outs[1 - i][-3000:]}')
   _finish(ref_proc)
   assert "mesh={'data': 2, 'fsdp': 4, 'tensor': 1}" in outs[0]
   assert 'model:' not in outs[1]  # only process 0 logs

@@ -185,6 +185,18 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
   assert len(out.stderr.strip().splitlines()) == 1
 
 
+def test_processes_sharing_a_workdir_all_pass_its_writability_check(tmp_path):
+  # Every host of a multi-host run checks the same workdir on a shared filesystem at once; a
+  # probe file they shared was removed by one under another, which then failed as "not writable".
+  code = ('import sys; from pathways_jax.train import loop\n'
+          'for _ in range(300): loop.check_workdir(sys.argv[1])\n')
+  procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path / 'run')], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True) for _ in range(4)]
+  errors = [p.communicate(timeout=120)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0] * 4, '\n'.join(errors)[-3000:]
+  assert os.listdir(tmp_path / 'run') == []  # no probe left behind
+
+
 def test_exploding_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
   cfg = tiny_config(str(tmp_path / 'cache'), **{
       'train.lr': 1e9, 'train.grad_clip': 0.0, 'train.warmup_steps': 0,

@@ -12,6 +12,7 @@ import os
 import platform
 import signal
 import sys
+import tempfile
 import time
 
 import jax
@@ -39,10 +40,9 @@ class TrainingError(RuntimeError):
 def check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_probe')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
+    # A probe of this process's own: every host of a multi-host run checks the same workdir.
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_probe.') as f:
+      f.write(b'ok')
   except OSError as e:
     raise TrainingError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from e
 

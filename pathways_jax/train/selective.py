@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import tempfile
 from typing import Any, Callable
 
 import jax
@@ -313,8 +314,9 @@ def offline_ref_losses(cfg, tokenizer, ref: Reference, mesh, rules, *, vocab_siz
   _LOG.info('selective: scoring %d rows with the reference -> %s', len(rows), path)
   values = score_rows(cfg, rows, ref, mesh, rules)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
+  # A temp name of this process's own (pids can repeat across hosts that share the filesystem).
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.ref_loss.', suffix='.tmp')
+  with os.fdopen(fd, 'wb') as f:
     np.save(f, values)
   os.replace(tmp, path)
   return values

@@ -167,6 +167,33 @@ def test_rope_and_its_handwritten_gradient_match_the_rotate_half_formula():
   np.testing.assert_allclose(grad(attn_lib.rope), grad(_rotate_half_reference), atol=1e-6)
 
 
+@pytest.mark.parametrize('table_batch', [2, 1])
+def test_apply_rope_gives_its_tables_their_true_gradient(table_batch):
+  # Tables that depend on something differentiable (here a learned angle scale) get a real
+  # gradient, summed over the axes they broadcast along (heads; batch when table_batch=1).
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  angle = jax.random.uniform(jax.random.key(2), (table_batch, 5, 1, 1, 4))
+
+  def tables(scale):
+    a = angle * scale
+    return (jnp.concatenate([jnp.cos(a), jnp.cos(a)], axis=-2),
+            jnp.concatenate([-jnp.sin(a), jnp.sin(a)], axis=-2))
+
+  def reference(x, cos, sin):  # the same rotation, left to autodiff
+    x5 = x.reshape(2, 5, 3, 2, 4)
+    return (x5 * cos + x5[..., ::-1, :] * sin).reshape(x.shape)
+
+  def loss(rotate, scale, x):
+    return jnp.sum(jnp.tanh(rotate(x, *tables(scale))) * w)
+
+  got = jax.grad(lambda s, x: loss(attn_lib.apply_rope, s, x), argnums=(0, 1))(1.3, x)
+  want = jax.grad(lambda s, x: loss(reference, s, x), argnums=(0, 1))(1.3, x)
+  assert abs(want[0]) > 1e-2
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], atol=1e-6)
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_dense_gradients_match_autodiff(dtype):
   """The hand-written backward pass of `dense` (x^T and dW behind barriers on CPU) gives

@@ -39,24 +39,35 @@ def apply_rope(x_BLHD, cos_BL12F, sin_BL12F):
   """Rotate-half RoPE, out = [x1 cos - x2 sin, x2 cos + x1 sin], with the halves as an axis.
 
   Written as x * cos + swap_halves(x) * sin on a [.., 2, D/2] view: no slice or concatenation
-  on the minor axis. The gradient is the inverse rotation, given explicitly: autodiff's version
-  of the slicing form (pads, and sin/cos recomputed per element inside its fusions) was the
-  slowest elementwise work of the CPU step (benchmarks/RESULTS.md). The tables get no gradient
-  (they depend on positions only).
+  on the minor axis. The gradient is written out: autodiff's version of the slicing form (pads,
+  and sin/cos recomputed per element inside its fusions) was the slowest elementwise work of the
+  CPU step (benchmarks/RESULTS.md). The tables may broadcast over any axis (heads, batch); their
+  gradient is exact too, and XLA drops it when, as in `rope`, they come from integer positions.
   """
   return _rotate(x_BLHD, cos_BL12F, sin_BL12F)
 
 
 def _apply_rope_fwd(x_BLHD, cos_BL12F, sin_BL12F):
-  return _rotate(x_BLHD, cos_BL12F, sin_BL12F), (cos_BL12F, sin_BL12F)
+  return _rotate(x_BLHD, cos_BL12F, sin_BL12F), (x_BLHD, cos_BL12F, sin_BL12F)
 
 
-def _apply_rope_bwd(tables, dout_BLHD):
-  cos_BL12F, sin_BL12F = tables
+def _sum_to_shape(x, shape):
+  """Sums `x` over the axes a `shape`-d operand was broadcast along (the transpose of that)."""
+  lead = x.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
+                                    if n == 1 and x.shape[lead + i] != 1)
+  return x.sum(axis=axes, keepdims=True).reshape(shape) if axes else x
+
+
+def _apply_rope_bwd(res, dout_BLHD):
+  x_BLHD, cos_BL12F, sin_BL12F = res
   b, l, h, d = dout_BLHD.shape
   g = dout_BLHD.reshape(b, l, h, 2, d // 2)
+  x = x_BLHD.reshape(b, l, h, 2, d // 2)
   dx = (g * cos_BL12F + (g * sin_BL12F)[..., ::-1, :]).reshape(b, l, h, d)
-  return dx, jnp.zeros_like(cos_BL12F), jnp.zeros_like(sin_BL12F)
+  dcos = _sum_to_shape(g * x, jnp.shape(cos_BL12F)).astype(cos_BL12F.dtype)
+  dsin = _sum_to_shape(g * x[..., ::-1, :], jnp.shape(sin_BL12F)).astype(sin_BL12F.dtype)
+  return dx.astype(x_BLHD.dtype), dcos, dsin
 
 
 apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)

@@ -236,3 +236,14 @@ def test_no_weight_gradient_contracts_the_token_axis_of_both_operands_on_cpu():
                     hlo)
   assert len(dims) >= 7 * model.cfg.num_layers  # the weight gradients are among them
   assert '0' not in dims, dims
+
+
+def test_dense_picks_its_weight_gradient_by_the_platform_it_is_lowered_for():
+  """The CPU form (x^T and dW behind optimization barriers) only in a CPU lowering; a GPU or TPU
+  lowering from this same CPU process keeps autodiff's form, with no barrier."""
+  from pathways_jax.models.transformer import dense  # pylint: disable=g-import-not-at-top
+  x, w = jnp.ones((16, 8)), jnp.ones((8, 4))
+  grad = jax.jit(jax.grad(lambda x, w: jnp.sum(dense(x, w) ** 2), argnums=1))
+  for platform, barriers in (('cpu', 2), ('cuda', 0), ('tpu', 0)):
+    text = jax.export.export(grad, platforms=[platform])(x, w).mlir_module()
+    assert text.count('stablehlo.optimization_barrier') == barriers, (platform, text)

@@ -66,7 +66,9 @@ def dense(x_TD: jax.Array, w_DF: jax.Array, out_dtype=None) -> jax.Array:
   operands. XLA:CPU runs that form of matmul well below its row-major speed (benchmarks/
   RESULTS.md), so on CPU the backward pass materialises x^T first: one pass over x, then a
   plain [D, T] @ [T, F] matmul. The barrier stops XLA from folding the transpose back into the
-  dot. Other backends keep autodiff's form (the CPU form has not been measured there).
+  dot. Other platforms keep autodiff's form (the CPU form has not been measured there); the
+  choice is made per platform when the step is lowered (`jax.lax.platform_dependent`), not by
+  the process's default backend.
   """
   return jnp.dot(x_TD, w_DF, preferred_element_type=out_dtype)
 
@@ -75,17 +77,22 @@ def _dense_fwd(x_TD, w_DF, out_dtype):
   return dense(x_TD, w_DF, out_dtype), (x_TD, w_DF)
 
 
+def _weight_grad(x_TD, dout_TF):
+  return jnp.dot(x_TD.T.astype(dout_TF.dtype), dout_TF, preferred_element_type=jnp.float32)
+
+
+def _weight_grad_cpu(x_TD, dout_TF):
+  x_DT = jax.lax.optimization_barrier(x_TD.T.astype(dout_TF.dtype))
+  dw = jnp.dot(x_DT, dout_TF, preferred_element_type=jnp.float32)
+  # A tied embedding's w is embedding.T: keep that transpose out of this dot too.
+  return jax.lax.optimization_barrier(dw)
+
+
 def _dense_bwd(out_dtype, inputs, dout_TF):
   del out_dtype
   x_TD, w_DF = inputs
   dx = jnp.dot(dout_TF, w_DF.T.astype(dout_TF.dtype), preferred_element_type=jnp.float32)
-  x_DT = x_TD.T.astype(dout_TF.dtype)
-  on_cpu = jax.default_backend() == 'cpu'
-  if on_cpu:
-    x_DT = jax.lax.optimization_barrier(x_DT)
-  dw = jnp.dot(x_DT, dout_TF, preferred_element_type=jnp.float32)
-  if on_cpu:  # a tied embedding's w is embedding.T: keep that transpose out of this dot too
-    dw = jax.lax.optimization_barrier(dw)
+  dw = jax.lax.platform_dependent(x_TD, dout_TF, cpu=_weight_grad_cpu, default=_weight_grad)
   return dx.astype(x_TD.dtype), dw.astype(w_DF.dtype)
 
 

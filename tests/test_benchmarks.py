@@ -71,7 +71,12 @@ def test_benchmarks_reject_bad_arguments_in_one_line(tmp_path):
       ('train_throughput.py', ['--no_torch', '--also_query_blocks=x'], {}, 'not a comma-separated'),
       ('train_throughput.py', ['--no_torch'], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be"),
       ('profile_step.py', [], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be"),
-      ('step_parts.py', ['--no_torch'], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be")]:
+      ('step_parts.py', ['--no_torch'], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be"),
+      ('ab_step.py', ['--variant=x: model.nope=1'], {}, "the config has no key 'model.nope'"),
+      ('ab_step.py', ['--variant=x: model.num_heads=3'], {}, 'is not a multiple of'),
+      ('ab_step.py', ['--variant=x model.num_heads=2'], {}, 'is not "NAME: KEY=VALUE'),
+      ('ab_step.py', ['--variant=a: train.lr=1', '--variant=a: train.lr=2'], {}, 'names repeat'),
+      ('ab_step.py', ['--rounds=0'], {}, '--steps and --rounds must be >= 1')]:
     out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
                          env={**os.environ, **env})
@@ -89,3 +94,28 @@ def test_step_parts_times_the_step_without_attention_and_without_the_mlp(tmp_pat
   # The variants really are different programs: each leaves out its part's matmuls.
   dots = dict(re.findall(r'(full|no attention|no MLP) (\d+)', stdout.split('dot ops')[1]))
   assert int(dots['full']) > int(dots['no attention']) and int(dots['full']) > int(dots['no MLP'])
+
+
+def test_ab_step_times_config_and_compiler_option_variants_against_the_baseline(tmp_path):
+  stdout = _run(tmp_path, 'ab_step.py', '--rounds=2',
+                '--variant=qb1: model.causal_query_blocks=1',
+                '--variant=conc: xla.xla_cpu_enable_concurrency_optimized_scheduler=true')
+  assert '  qb1: model.causal_query_blocks=1' in stdout
+  assert '  conc: xla.xla_cpu_enable_concurrency_optimized_scheduler=True' in stdout
+  rows = {line.split()[0]: line.split()[1:] for line in stdout.splitlines()
+          if line.split()[:1] and line.split()[0] in ('base', 'qb1', 'conc')}
+  assert set(rows) == {'base', 'qb1', 'conc'}, stdout
+  assert rows['base'][2:] == ['1.000', '[1.000-1.000]']  # the baseline against itself
+  for cells in rows.values():  # best ms, median ms, paired median, [quartiles]
+    assert float(cells[0]) > 0 and float(cells[1]) > 0 and float(cells[2]) > 0, stdout
+
+
+def test_ab_step_rejects_a_compiler_option_xla_does_not_know(tmp_path):
+  cfg = tmp_path / 'tiny.py'
+  cfg.write_text(_TINY_CONFIG)
+  out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'ab_step.py'),
+                        f'--config={cfg}', '--variant=x: xla.no_such_option=1'],
+                       capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
+                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode == 2 and "--variant 'x' does not compile" in out.stderr
+  assert 'no_such_option' in out.stderr and 'Traceback' not in out.stderr, out.stderr[-2000:]

@@ -1,0 +1,165 @@
+"""A/B of the train step: variants of a config or of XLA's compiler options, timed side by side.
+
+    python benchmarks/ab_step.py [--config=experiments/quickstart.py] [--rounds=150] [--steps=1]
+        --variant 'qb1: model.causal_query_blocks=1'
+        --variant 'conc: xla.xla_cpu_enable_concurrency_optimized_scheduler=true'
+        [--variant 'NAME: KEY=VALUE KEY=VALUE ...'] [--torch]
+
+Each variant is the benchmark's step (train_throughput.jax_step: the config's model, AdamW, a fixed
+random batch) with config overrides (`model.causal_query_blocks=1`) and/or XLA compiler options
+(`xla.NAME=VALUE`, passed to `compile(compiler_options=...)`). All are compiled first, in one
+process; then every round runs each variant for --steps steps, in turn. The figure to quote is
+the median over rounds of each variant's time divided by the baseline's in the same round, with
+its quartiles: on a shared VM, whole-run timings drift by more than the 2-5% effects this is for,
+while a round's timings are taken moments apart (benchmarks/RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+
+from pathways_jax import config as config_lib, host_memory  # noqa: E402
+import train_throughput as tt  # noqa: E402
+
+BASELINE = 'base'
+
+
+class VariantError(ValueError):
+  """A --variant that cannot be built; the message names it."""
+
+
+def _value(text: str):
+  if text.lower() in ('true', 'false'):
+    return text.lower() == 'true'
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare string, e.g. an XLA enum name
+
+
+def parse_variant(spec: str) -> tuple[str, dict, dict]:
+  """'NAME: KEY=VALUE ...' -> (name, config overrides, XLA compiler options)."""
+  name, sep, body = spec.partition(':')
+  name = name.strip()
+  if not sep or not name or not body.split():
+    raise VariantError(f'--variant {spec!r} is not "NAME: KEY=VALUE [KEY=VALUE ...]"')
+  if name == BASELINE:
+    raise VariantError(f'--variant name {BASELINE!r} is the unchanged config\'s; pick another')
+  overrides, options = {}, {}
+  for item in body.split():
+    key, eq, value = item.partition('=')
+    if not eq or not key or not value:
+      raise VariantError(f'--variant {name!r}: {item!r} is not KEY=VALUE')
+    if key.startswith('xla.'):
+      options[key[4:]] = _value(value)
+    else:
+      overrides[key] = _value(value)
+  return name, overrides, options
+
+
+def apply_overrides(cfg, overrides: dict, name: str):
+  """A copy of `cfg` with the overrides set; unknown keys and wrong types are VariantErrors."""
+  cfg = cfg.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = cfg
+    for part in parents:
+      if part not in node or not hasattr(node[part], 'keys'):
+        raise VariantError(f'--variant {name!r}: the config has no key {key!r}')
+      node = node[part]
+    if leaf not in node:
+      raise VariantError(f'--variant {name!r}: the config has no key {key!r}')
+    if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise VariantError(f'--variant {name!r}: {key}={value!r}: {e}') from e
+  try:
+    config_lib.validate(cfg)
+  except config_lib.ConfigError as e:
+    raise VariantError(f'--variant {name!r}: {e}') from e
+  return cfg
+
+
+def compiled_runner(cfg, options: dict, name: str):
+  """run(steps) for the step of `cfg` compiled with XLA `options`, on its own copy of the state."""
+  vocab = cfg.model.vocab_size or config_lib.round_vocab(cfg.data.vocab_size)
+  model_cfg = config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab)
+  fn, state, batch, mesh, rules = tt.jax_step(cfg, model_cfg)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    try:
+      compiled = fn.lower(state, batch).compile(compiler_options=options or None)
+    except Exception as e:  # XLA's own message, e.g. "No such compile option"  # pylint: disable=broad-except
+      raise VariantError(f'--variant {name!r} does not compile: '
+                         f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
+  holder = {'state': state}
+
+  def run(steps):
+    s = holder['state']
+    for _ in range(steps):
+      s, m = compiled(s, batch)
+    jax.block_until_ready(m['loss'])
+    holder['state'] = s
+
+  return run
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--config', default='experiments/quickstart.py')
+  ap.add_argument('--variant', action='append', default=[],
+                  help="'NAME: KEY=VALUE ...' with config keys (model.causal_query_blocks=1) or "
+                       'XLA compiler options (xla.NAME=VALUE); repeat for more variants')
+  ap.add_argument('--rounds', type=int, default=150)
+  ap.add_argument('--steps', type=int, default=1)
+  ap.add_argument('--torch', action='store_true',
+                  help='also time the same model in PyTorch eager (the `bench` extra)')
+  args = ap.parse_args()
+  if args.steps < 1 or args.rounds < 1:
+    ap.error('--steps and --rounds must be >= 1')
+  try:
+    host_memory.reuse_freed_memory()  # before the backend starts, as in the trainer
+    cfg, model_cfg = tt.load_config(args.config)
+    variants = [parse_variant(v) for v in args.variant]
+    names = [BASELINE] + [n for n, _, _ in variants]
+    if len(set(names)) != len(names):
+      raise VariantError(f'--variant names repeat: {names[1:]}')
+    configs = {name: (apply_overrides(cfg, overrides, name), options)  # all checked first
+               for name, overrides, options in variants}
+    runners = {BASELINE: compiled_runner(cfg, {}, BASELINE)}
+    for name, (variant_cfg, options) in configs.items():
+      runners[name] = compiled_runner(variant_cfg, options, name)
+  except (ValueError, config_lib.ConfigError) as e:  # VariantError, ConfigError, malloc mode
+    ap.error(str(e))
+  if args.torch:
+    try:
+      runners['pytorch_eager'] = tt.torch_runner(cfg, model_cfg)[0]
+    except ImportError:
+      print('(torch not installed: install the `bench` extra for the PyTorch row)')
+  seconds = tt.time_rounds(runners, args.steps, args.rounds)
+
+  print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}; {args.config}; '
+        f'{args.rounds} alternating rounds of {args.steps} step(s)')
+  for name, overrides, options in variants:
+    print(f'  {name}: ' + ' '.join([f'{k}={v!r}' for k, v in overrides.items()] +
+                                   [f'xla.{k}={v!r}' for k, v in options.items()]))
+  print(f"{'variant':<16} {'best ms':>8} {'median ms':>10}   time / {BASELINE}'s, per round: "
+        'median [quartiles]')
+  for name, s in seconds.items():
+    med, lo, hi = tt.paired_ratio(seconds, name, BASELINE)
+    print(f'{name:<16} {1e3 * min(s):>8.1f} {1e3 * statistics.median(s):>10.1f}   '
+          f'{med:.3f} [{lo:.3f}-{hi:.3f}]')
+
+
+if __name__ == '__main__':
+  main()

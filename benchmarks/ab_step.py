@@ -24,7 +24,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 
 from pathways_jax import config as config_lib, host_memory  # noqa: E402
@@ -95,23 +94,11 @@ def compiled_runner(cfg, options: dict, name: str):
   """run(steps) for the step of `cfg` compiled with XLA `options`, on its own copy of the state."""
   vocab = cfg.model.vocab_size or config_lib.round_vocab(cfg.data.vocab_size)
   model_cfg = config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab)
-  fn, state, batch, mesh, rules = tt.jax_step(cfg, model_cfg)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    try:
-      compiled = fn.lower(state, batch).compile(compiler_options=options or None)
-    except Exception as e:  # XLA's own message, e.g. "No such compile option"  # pylint: disable=broad-except
-      raise VariantError(f'--variant {name!r} does not compile: '
-                         f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
-  holder = {'state': state}
-
-  def run(steps):
-    s = holder['state']
-    for _ in range(steps):
-      s, m = compiled(s, batch)
-    jax.block_until_ready(m['loss'])
-    holder['state'] = s
-
-  return run
+  try:
+    return tt.compiled_runner(cfg, model_cfg, options or None)[0]
+  except Exception as e:  # XLA's own message, e.g. "No such compile option"  # pylint: disable=broad-except
+    raise VariantError(f'--variant {name!r} does not compile: '
+                       f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
 
 
 def main():

@@ -14,7 +14,7 @@ in one process, alternating, and prints best and median ms per step:
 
 The differences are what attention and the MLP cost in each framework. This is a diagnostic: the
 JAX variants are made by swapping the model's MLP class and attention function while the step is
-traced, never by a switch in the model itself.
+compiled (ahead of time: the executables are fixed then), never by a switch in the model itself.
 """
 from __future__ import annotations
 
@@ -61,15 +61,11 @@ def _without(attention: bool = True, mlp: bool = True):
 
 
 def jax_part_runner(cfg, model_cfg, **parts):
-  """(run, number of dots in the compiled step) for the step without `parts`; traced and
-  compiled inside the swap, so later calls reuse that executable."""
-  step = fn, state, batch, mesh, rules = tt.jax_step(cfg, model_cfg)
-  run = tt.jax_runner(cfg, model_cfg, step)
+  """(run, number of dots in the compiled step) for the step without `parts`: compiled ahead of
+  time inside the swap, so every run executes that program."""
   with _without(**parts):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      hlo = fn.lower(state, batch).compile().as_text()
-    run(1)
-  return run, len(re.findall(r' dot\(', hlo))
+    run, compiled = tt.compiled_runner(cfg, model_cfg)
+  return run, len(re.findall(r' dot\(', compiled.as_text()))
 
 
 def main():

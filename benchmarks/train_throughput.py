@@ -61,6 +61,25 @@ def jax_runner(cfg, model_cfg, step=None):
   return run
 
 
+def compiled_runner(cfg, model_cfg, compiler_options: dict | None = None):
+  """(run(steps), compiled): jax_step's function compiled ahead of time, with XLA's
+  `compiler_options`, on its own state. The executable is fixed here, so whatever the model code
+  is while this is called (benchmarks/step_parts.py swaps parts in) is what every run times."""
+  fn, state, batch, mesh, rules = jax_step(cfg, model_cfg)
+  compiled = step_lib.run_with_rules(
+      mesh, rules, lambda: fn.lower(state, batch).compile(compiler_options=compiler_options))
+  holder = {'state': state}
+
+  def run(steps):
+    s = holder['state']
+    for _ in range(steps):
+      s, m = compiled(s, batch)
+    jax.block_until_ready(m['loss'])
+    holder['state'] = s
+
+  return run, compiled
+
+
 def torch_runner(cfg, model_cfg, attention: bool = True, mlp: bool = True):
   """(run, torch version, threads); `attention=False` / `mlp=False` leave that part out of every
   block (benchmarks/step_parts.py times the step without them)."""

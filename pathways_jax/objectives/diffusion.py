@@ -95,6 +95,23 @@ def random_length_mask(key: jax.Array, batch_size: int, seq_len: int, *, prob: f
   return jnp.broadcast_to(jnp.arange(seq_len) < length, (batch_size, seq_len))
 
 
+def pretraining_draws(key: jax.Array, tokens_BL: jax.Array, segment_ids_BL: jax.Array, *,
+                      mask_id: int, eps: float = 1e-3, random_length_prob: float = 0.0):
+  """One batch's pretraining randomness: (noisy_BL, masked_BL, p_mask_BL, valid_BL).
+
+  The random-length cut (with probability `random_length_prob`), then the forward process on the
+  valid positions. The train step and the selective (RHO-1) loss both draw through this, so that
+  for the same key a uniform and a selective arm see the same masks.
+  """
+  key_length, key_mask = jax.random.split(key)
+  valid_BL = segment_ids_BL != 0
+  if random_length_prob > 0:
+    valid_BL &= random_length_mask(key_length, *tokens_BL.shape, prob=random_length_prob)
+  noisy_BL, masked_BL, p_mask_BL = forward_process(key_mask, tokens_BL, mask_id=mask_id, eps=eps,
+                                                   valid_BL=valid_BL)
+  return noisy_BL, masked_BL, p_mask_BL, valid_BL
+
+
 def loss(logits_BLV: jax.Array, tokens_BL: jax.Array, masked_BL: jax.Array, p_mask_BL: jax.Array,
          *, valid_BL: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
   """LLaDA pretraining loss: sum over masked tokens of CE / p_mask, divided by B * L.

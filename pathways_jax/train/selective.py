@@ -195,14 +195,10 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
     weights, n_positions = None, None
   elif cfg.objective == 'diffusion':
     from pathways_jax.objectives import diffusion  # pylint: disable=g-import-not-at-top
-    # Exactly the draws of step.model_loss, so the uniform and selective arms see the same masks.
-    key_length, key_mask = jax.random.split(key)
-    in_row = segments != 0
-    if cfg.diffusion.random_length_prob > 0:
-      in_row &= diffusion.random_length_mask(key_length, *tokens.shape,
-                                             prob=cfg.diffusion.random_length_prob)
-    noisy, masked, p_mask = diffusion.forward_process(key_mask, tokens, mask_id=cfg.data.mask_id,
-                                                      eps=cfg.diffusion.eps, valid_BL=in_row)
+    # The draws of step.model_loss, so the uniform and selective arms see the same masks.
+    noisy, masked, p_mask, in_row = diffusion.pretraining_draws(
+        key, tokens, segments, mask_id=cfg.data.mask_id, eps=cfg.diffusion.eps,
+        random_length_prob=cfg.diffusion.random_length_prob)
     kw = dict(positions_BL=positions, segment_ids_BL=segments * in_row)
     logits = model.apply({'params': params}, noisy, **kw)
     tok, weights, valid = selective_lib.diffusion_token_losses(logits, tokens, masked & in_row,

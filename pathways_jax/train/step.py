@@ -31,13 +31,9 @@ def model_loss(cfg, model, params, batch, key, aux=None):
     return autoregressive.loss(logits, tokens, segments, z_loss=cfg.train.z_loss)
   if cfg.objective == 'diffusion':
     from pathways_jax.objectives import diffusion  # pylint: disable=g-import-not-at-top
-    key_length, key_mask = jax.random.split(key)
-    valid = segments != 0
-    if cfg.diffusion.random_length_prob > 0:
-      valid &= diffusion.random_length_mask(key_length, *tokens.shape,
-                                            prob=cfg.diffusion.random_length_prob)
-    noisy, masked, p_mask = diffusion.forward_process(key_mask, tokens, mask_id=cfg.data.mask_id,
-                                                      eps=cfg.diffusion.eps, valid_BL=valid)
+    noisy, masked, p_mask, valid = diffusion.pretraining_draws(
+        key, tokens, segments, mask_id=cfg.data.mask_id, eps=cfg.diffusion.eps,
+        random_length_prob=cfg.diffusion.random_length_prob)
     logits = model.apply({'params': params}, noisy, positions_BL=positions,
                          segment_ids_BL=segments * valid)
     return diffusion.loss(logits, tokens, masked, p_mask, valid_BL=valid)

@@ -8,7 +8,8 @@
 Each variant is the benchmark's step (train_throughput.jax_step: the config's model, AdamW, a fixed
 random batch) with config overrides (`model.causal_query_blocks=1`) and/or XLA compiler options
 (`xla.NAME=VALUE`, passed to `compile(compiler_options=...)`). All are compiled first, in one
-process; then every round runs each variant for --steps steps, in turn. The figure to quote is
+process; then every round runs each variant for --steps steps, in a shuffled order (see
+train_throughput.time_rounds). The figure to quote is
 the median over rounds of each variant's time divided by the baseline's in the same round, with
 its quartiles: on a shared VM, whole-run timings drift by more than the 2-5% effects this is for,
 while a round's timings are taken moments apart (benchmarks/RESULTS.md).

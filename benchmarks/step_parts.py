@@ -4,7 +4,7 @@
                                     [--no_torch]
 
 Times the benchmark's train step (benchmarks/train_throughput.py) three ways in each framework,
-in one process, alternating, and prints best and median ms per step:
+in one process, in rounds of a shuffled order, and prints best and median ms per step:
 
   full          the step as it is;
   no attention  the core attention (scores, mask, softmax, PV) replaced by `out = q`; the q/k/v/o
@@ -24,7 +24,6 @@ import os
 import re
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,14 +96,8 @@ def main():
         runners[('pytorch_eager', name)] = tt.torch_runner(cfg, model_cfg, **parts)[0]
     except ImportError:
       print('(torch not installed: install the `bench` extra for the PyTorch column)')
-  for run in runners.values():
-    run(1)  # warm up (PyTorch's allocator; JAX is compiled already)
-  ms = {k: [] for k in runners}
-  for _ in range(args.rounds):
-    for k, run in runners.items():
-      t0 = time.perf_counter()
-      run(args.steps)
-      ms[k].append((time.perf_counter() - t0) / args.steps * 1e3)
+  seconds = tt.time_rounds(runners, args.steps, args.rounds)  # shuffled order, every round
+  ms = {k: [1e3 * x for x in v] for k, v in seconds.items()}
 
   frameworks = sorted({f for f, _ in runners}, key=['pathways_jax', 'pytorch_eager'].index)
   print(f'{args.config}: ms per train step, best / median of {args.rounds} rounds of '

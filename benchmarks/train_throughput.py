@@ -4,7 +4,8 @@
                                           [--rounds=30] [--json]
 
 Both sides run the same architecture (Llama-style, GQA, SwiGLU, RoPE, tied embeddings), batch
-and AdamW update in the same process, alternating short rounds so machine noise hits both alike.
+and AdamW update in the same process, in short rounds (both sides once per round, in a shuffled
+order) so machine noise hits both alike.
 The ratio is printed two ways: of the best round times, and the median over rounds of each
 round's own ratio (the steadier figure on a shared machine). MFU is of the best round, against
 the f32 matmul peak measured at start-up (pathways_jax.train.metrics).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -152,16 +154,20 @@ def torch_runner(cfg, model_cfg, attention: bool = True, mlp: bool = True):
   return run, torch.__version__, torch.get_num_threads()
 
 
-def time_rounds(runners: dict, steps: int, rounds: int) -> dict:
-  """Seconds per step of every round, {runner: [round 1, round 2, ...]}, alternating runners
-  each round so that a slow spell of the machine hits all of them alike."""
+def time_rounds(runners: dict, steps: int, rounds: int, seed: int = 0) -> dict:
+  """Seconds per step of every round, {runner: [round 1, round 2, ...]}: every runner once per
+  round, so that a slow spell of the machine hits all of them alike, in an order shuffled each
+  round. A fixed order would bias the pairs: whatever runs after PyTorch starts with XLA's
+  thread pool idle (about 1.5 ms slower on this VM, benchmarks/RESULTS.md), always the same one."""
   seconds = {k: [] for k in runners}
   for r in runners.values():
     r(2)  # compile / warm up
+  order, rng = list(runners), random.Random(seed)
   for _ in range(rounds):
-    for k, r in runners.items():
+    rng.shuffle(order)
+    for k in order:
       t0 = time.perf_counter()
-      r(steps)
+      runners[k](steps)
       seconds[k].append((time.perf_counter() - t0) / steps)
   return seconds
 
@@ -242,7 +248,7 @@ def main():
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}, measured f32 matmul peak '
         f'{peak / 1e9:.1f} GFLOP/s; model {dims}; {fpt / 1e6:.2f} MFLOP/token; host malloc: '
         f'{host_malloc}')
-  print(f'best and median of {args.rounds} alternating rounds of {args.steps} steps; MFU of the '
+  print(f'best and median of {args.rounds} rounds (shuffled order) of {args.steps} steps; MFU of the '
         f'best (pathways_jax: causal_query_blocks={model_cfg.causal_query_blocks})')
   print(f"{'implementation':<20} {'tokens/s':>10} {'median':>10} {'MFU':>7}")
   for k, r in rows.items():

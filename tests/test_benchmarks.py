@@ -49,6 +49,21 @@ def test_paired_ratio_takes_each_rounds_own_ratio():
   assert min(seconds['torch']) / min(seconds['jax']) == 1.5
 
 
+def test_time_rounds_runs_every_runner_once_per_round_in_a_shuffled_order():
+  """No runner always runs right after the same one (after PyTorch, XLA starts from an idle pool:
+  a fixed order would always charge that to the same runner)."""
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import train_throughput  # pylint: disable=g-import-not-at-top
+  calls = []
+  runners = {k: (lambda steps, k=k: calls.append(k)) for k in ('base', 'variant', 'torch')}
+  seconds = train_throughput.time_rounds(runners, steps=1, rounds=30)
+  rounds = [calls[3 + 3 * i:6 + 3 * i] for i in range(30)]  # after one warm-up call each
+  assert all(sorted(r) == ['base', 'torch', 'variant'] for r in rounds)
+  after_torch = {r[r.index('torch') + 1] for r in rounds if r.index('torch') < 2}
+  assert after_torch == {'base', 'variant'}
+  assert all(len(v) == 30 for v in seconds.values())
+
+
 def test_profile_step_breaks_the_step_down(tmp_path):
   stdout = _run(tmp_path, 'profile_step.py', '--steps=1', '--top=500', '--single_core')
   assert 'ms per step' in stdout

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import os
 import statistics
 import sys
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from pathways_jax import config as config_lib, host_memory  # noqa: E402
+from pathways_jax import config as config_lib, host_memory, sweep  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
 BASELINE = 'base'
@@ -37,17 +38,18 @@ class VariantError(ValueError):
   """A --variant that cannot be built; the message names it."""
 
 
-def _value(text: str):
+def _option_value(text: str):
+  """An XLA option's value: a bool, a number, or a bare string (an enum name, a list)."""
   if text.lower() in ('true', 'false'):
     return text.lower() == 'true'
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    return text  # a bare string, e.g. an XLA enum name
+    return text
 
 
 def parse_variant(spec: str) -> tuple[str, dict, dict]:
-  """'NAME: KEY=VALUE ...' -> (name, config overrides, XLA compiler options)."""
+  """'NAME: KEY=VALUE ...' -> (name, config overrides as text, XLA compiler options)."""
   name, sep, body = spec.partition(':')
   name = name.strip()
   if not sep or not name or not body.split():
@@ -60,31 +62,18 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
     if not eq or not key or not value:
       raise VariantError(f'--variant {name!r}: {item!r} is not KEY=VALUE')
     if key.startswith('xla.'):
-      options[key[4:]] = _value(value)
+      options[key[4:]] = _option_value(value)
     else:
-      overrides[key] = _value(value)
+      overrides[key] = value
   return name, overrides, options
 
 
 def apply_overrides(cfg, overrides: dict, name: str):
-  """A copy of `cfg` with the overrides set; unknown keys and wrong types are VariantErrors."""
-  cfg = cfg.copy_and_resolve_references()
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = cfg
-    for part in parents:
-      if part not in node or not hasattr(node[part], 'keys'):
-        raise VariantError(f'--variant {name!r}: the config has no key {key!r}')
-      node = node[part]
-    if leaf not in node:
-      raise VariantError(f'--variant {name!r}: the config has no key {key!r}')
-    if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
-      value = float(value)
-    try:
-      node[leaf] = value
-    except TypeError as e:
-      raise VariantError(f'--variant {name!r}: {key}={value!r}: {e}') from e
+  """A copy of `cfg` with the overrides set (the sweep runner's typed setter), validated."""
+  cfg = copy.deepcopy(cfg)
   try:
+    for key, text in overrides.items():
+      sweep.apply_override(cfg, key, text)
     config_lib.validate(cfg)
   except config_lib.ConfigError as e:
     raise VariantError(f'--variant {name!r}: {e}') from e
@@ -93,10 +82,8 @@ def apply_overrides(cfg, overrides: dict, name: str):
 
 def compiled_runner(cfg, options: dict, name: str):
   """run(steps) for the step of `cfg` compiled with XLA `options`, on its own copy of the state."""
-  vocab = cfg.model.vocab_size or config_lib.round_vocab(cfg.data.vocab_size)
-  model_cfg = config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab)
   try:
-    return tt.compiled_runner(cfg, model_cfg, options or None)[0]
+    return tt.compiled_runner(cfg, tt.model_config(cfg), options or None)[0]
   except Exception as e:  # XLA's own message, e.g. "No such compile option"  # pylint: disable=broad-except
     raise VariantError(f'--variant {name!r} does not compile: '
                        f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
@@ -139,7 +126,7 @@ def main():
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}; {args.config}; '
         f'{args.rounds} alternating rounds of {args.steps} step(s)')
   for name, overrides, options in variants:
-    print(f'  {name}: ' + ' '.join([f'{k}={v!r}' for k, v in overrides.items()] +
+    print(f'  {name}: ' + ' '.join([f'{k}={v}' for k, v in overrides.items()] +
                                    [f'xla.{k}={v!r}' for k, v in options.items()]))
   print(f"{'variant':<16} {'best ms':>8} {'median ms':>10}   time / {BASELINE}'s, per round: "
         'median [quartiles]')

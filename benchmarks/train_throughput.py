@@ -48,21 +48,6 @@ def jax_step(cfg, model_cfg):
   return fn, state, batch, mesh, rules
 
 
-def jax_runner(cfg, model_cfg, step=None):
-  """run(steps): `steps` train steps of jax_step's (or the given `step` tuple's) function."""
-  fn, state, batch, mesh, rules = step or jax_step(cfg, model_cfg)
-  holder = {'state': state}
-
-  def run(steps):
-    s = holder['state']
-    for _ in range(steps):
-      s, m = step_lib.run_with_rules(mesh, rules, fn, s, batch)
-    jax.block_until_ready(m['loss'])
-    holder['state'] = s
-
-  return run
-
-
 def compiled_runner(cfg, model_cfg, compiler_options: dict | None = None):
   """(run(steps), compiled): jax_step's function compiled ahead of time, with XLA's
   `compiler_options`, on its own state. The executable is fixed here, so whatever the model code
@@ -183,10 +168,15 @@ def paired_ratio(seconds: dict, numerator: str, denominator: str) -> tuple[float
   return statistics.median(ratios), ratios[q], ratios[-1 - q]
 
 
+def model_config(cfg) -> config_lib.ModelConfig:
+  """The ModelConfig of a run config (vocabulary: the config's, or the data's rounded up)."""
+  vocab = cfg.model.vocab_size or config_lib.round_vocab(cfg.data.vocab_size)
+  return config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab)
+
+
 def load_config(path: str):
   cfg = config_lib.config_from_file(path)
-  vocab = cfg.model.vocab_size or config_lib.round_vocab(cfg.data.vocab_size)
-  return cfg, config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab)
+  return cfg, model_config(cfg)
 
 
 def main():
@@ -214,7 +204,7 @@ def main():
   fpt = metrics.flops_per_token(model_cfg, cfg.data.seq_len)
   tokens = cfg.data.batch_size * cfg.data.seq_len
 
-  runners = {'pathways_jax': jax_runner(cfg, model_cfg)}
+  runners = {'pathways_jax': compiled_runner(cfg, model_cfg)[0]}
   try:
     extra_blocks = [int(b) for b in args.also_query_blocks.split(',') if b.strip()]
   except ValueError:
@@ -223,7 +213,8 @@ def main():
   if any(b < 1 for b in extra_blocks):
     ap.error('--also_query_blocks values must be >= 1')
   for b in extra_blocks:
-    runners[f'pathways_jax qb={b}'] = jax_runner(cfg, model_cfg.replace(causal_query_blocks=b))
+    runners[f'pathways_jax qb={b}'] = compiled_runner(
+        cfg, model_cfg.replace(causal_query_blocks=b))[0]
   torch_info = None
   if not args.no_torch:
     try:

@@ -61,17 +61,19 @@ def _bad(old, text):
 
 
 def apply_override(cfg, key: str, text: str):
+  """Sets the dotted `key` of `cfg` from `text`, coerced to the field's type (also used by
+  benchmarks/ab_step.py); an unknown key or a bad value is a ConfigError naming it."""
   node, parts = cfg, key.split('.')
   for p in parts[:-1]:
-    if p not in node:
-      raise ConfigError(f'--grid key {key!r}: config has no field {p!r}')
+    if p not in node or not hasattr(node[p], 'keys'):
+      raise ConfigError(f'key {key!r}: the config has no field {p!r}')
     node = node[p]
   if parts[-1] not in node:
-    raise ConfigError(f'--grid key {key!r}: config has no field {parts[-1]!r}')
+    raise ConfigError(f'key {key!r}: the config has no field {parts[-1]!r}')
   try:
     node[parts[-1]] = _coerce(node[parts[-1]], text)
   except (ValueError, TypeError) as e:
-    raise ConfigError(f'--grid {key}={text}: {e}') from e
+    raise ConfigError(f'{key}={text}: {e}') from e
 
 
 def run_name(assignment: list[tuple[str, str]]) -> str:
@@ -87,7 +89,10 @@ def run_sweep(cfg, workdir: str, grid: str, fields: list[str], runner=None) -> l
   for i, assignment in enumerate(combos):
     run_cfg = copy.deepcopy(cfg)
     for key, value in assignment:
-      apply_override(run_cfg, key, value)
+      try:
+        apply_override(run_cfg, key, value)
+      except ConfigError as e:
+        raise ConfigError(f'--grid {e}') from e
     name = run_name(list(assignment))
     run_dir = os.path.join(workdir, name)
     results_path = os.path.join(run_dir, 'results.json')

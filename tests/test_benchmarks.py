@@ -87,7 +87,7 @@ def test_benchmarks_reject_bad_arguments_in_one_line(tmp_path):
       ('train_throughput.py', ['--no_torch'], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be"),
       ('profile_step.py', [], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be"),
       ('step_parts.py', ['--no_torch'], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be"),
-      ('ab_step.py', ['--variant=x: model.nope=1'], {}, "the config has no key 'model.nope'"),
+      ('ab_step.py', ['--variant=x: model.nope=1'], {}, "key 'model.nope': the config has no field"),
       ('ab_step.py', ['--variant=x: model.num_heads=3'], {}, 'is not a multiple of'),
       ('ab_step.py', ['--variant=x model.num_heads=2'], {}, 'is not "NAME: KEY=VALUE'),
       ('ab_step.py', ['--variant=a: train.lr=1', '--variant=a: train.lr=2'], {}, 'names repeat'),

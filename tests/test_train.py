@@ -233,8 +233,10 @@ def test_sweep_runs_every_combination_and_skips_finished_runs(tmp_path):
   sweep.run_sweep(cfg, str(tmp_path / 'sw'), 'train.lr=1e-3,3e-3;model.num_layers=1,2',
                   ['val_loss'], runner=runner)
   assert len(calls) == 4  # all finished: nothing re-run
-  with pytest.raises(config_lib.ConfigError, match='nope'):
+  with pytest.raises(config_lib.ConfigError, match="^--grid key 'train.nope': the config has no"):
     sweep.run_sweep(cfg, str(tmp_path / 'sw2'), 'train.nope=1', [], runner=runner)
+  with pytest.raises(config_lib.ConfigError, match='^--grid train.steps=x: '):
+    sweep.run_sweep(cfg, str(tmp_path / 'sw3'), 'train.steps=x', [], runner=runner)
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_is_left_in_place(tmp_path):

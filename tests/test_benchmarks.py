@@ -134,3 +134,17 @@ def test_ab_step_rejects_a_compiler_option_xla_does_not_know(tmp_path):
                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert out.returncode == 2 and "--variant 'x' does not compile" in out.stderr
   assert 'no_such_option' in out.stderr and 'Traceback' not in out.stderr, out.stderr[-2000:]
+
+
+def test_ab_step_variants_change_a_copy_of_the_config_with_typed_values():
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import ab_step  # pylint: disable=g-import-not-at-top
+  from pathways_jax.config import base_config  # pylint: disable=g-import-not-at-top
+  name, overrides, options = ab_step.parse_variant(
+      'v: model.causal_query_blocks=1 train.lr=2e-3 xla.xla_cpu_scheduler_type=X xla.n=3')
+  assert name == 'v' and options == {'xla_cpu_scheduler_type': 'X', 'n': 3}
+  cfg = base_config()
+  before = cfg.model.causal_query_blocks
+  got = ab_step.apply_overrides(cfg, overrides, name)
+  assert got.model.causal_query_blocks == 1 and isinstance(got.model.causal_query_blocks, int)
+  assert got.train.lr == 2e-3 and cfg.model.causal_query_blocks == before

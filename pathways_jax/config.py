@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'
   m.remat = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
   m.scan_layers = False
-  m.attention = 'xla'  # 'xla' | 'pallas' | 'cudnn'
+  m.attention = 'xla'  # 'xla' | 'cpu' (fused XLA:CPU kernel) | 'pallas' | 'cudnn'
   # 'xla' causal self-attention in up to this many query blocks (of >= 32 queries each), each
   # attending only to the keys up to its end, so the masked upper triangle is mostly skipped
   # (1: one block, the full [L, L] scores).
@@ -178,7 +178,7 @@ _CHOICES = {
     'model.dtype': ('float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'full', 'dots'),
-    'model.attention': ('xla', 'pallas', 'cudnn'),
+    'model.attention': ('xla', 'cpu', 'pallas', 'cudnn'),
     'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds'),
     'data.tokenizer': ('sentencepiece', 'byte'),
     'train.schedule': ('cosine', 'wsd', 'constant'),

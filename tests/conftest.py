@@ -40,6 +40,19 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope='session', autouse=True)
+def cpu_kernel_cache(tmp_path_factory):
+  """Builds the CPU attention kernel (kernels_cpu) once per session, from this checkout's source,
+  into the session directory; subprocesses inherit it through the environment."""
+  if os.environ.get('PATHWAYS_KERNEL_CACHE'):
+    yield os.environ['PATHWAYS_KERNEL_CACHE']
+    return
+  path = str(session_dir(tmp_path_factory, 'kernel_cache'))
+  os.environ['PATHWAYS_KERNEL_CACHE'] = path
+  yield path
+  os.environ.pop('PATHWAYS_KERNEL_CACHE', None)
+
+
+@pytest.fixture(scope='session', autouse=True)
 def jax_compilation_cache(tmp_path_factory):
   """Points this process (and, through the environment, every subprocess) at the session cache."""
   if os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # the user chose one: respect it

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -125,6 +126,36 @@ def _causal_blocked_attention(q_BLHD, k_BLKD, v_BLKD, mask_BLL, scale, num_block
   return jnp.concatenate(outs, axis=1)
 
 
+def _cpu_kernel_attention(q_BLHD, k_BSKD, v_BSKD, q_segment_BL, kv_segment_BS, q_positions_BL,
+                          kv_positions_BS, causal, scale):
+  """kernels_cpu.attention, run per batch shard when a multi-device mesh shards the batch.
+
+  XLA cannot partition a custom call: left alone, it would gather every operand onto every
+  device. Under `jax.set_mesh` the batch axis is split the way the logical rules map
+  'activation_batch'; the heads are gathered (the kernel takes all of a row's heads).
+  """
+  from kernels_cpu import attention as cpu_attention  # pylint: disable=g-import-not-at-top
+
+  def kernel(q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    return cpu_attention.attention(q, k, v, q_segment_BL=q_seg, kv_segment_BS=kv_seg,
+                                   q_positions_BL=q_pos, kv_positions_BS=kv_pos, causal=causal,
+                                   scale=scale)
+
+  args = (q_BLHD, k_BSKD, v_BSKD, q_segment_BL, kv_segment_BS, q_positions_BL, kv_positions_BS)
+  mesh = jax.sharding.get_abstract_mesh()
+  batch_axes = None
+  if not mesh.empty and mesh.size > 1:
+    batch_axes = nn.logical_to_mesh_axes(('activation_batch',))[0]
+    if isinstance(batch_axes, str):
+      batch_axes = (batch_axes,)
+    batch_axes = tuple(a for a in batch_axes or () if a in mesh.axis_names)
+  if not batch_axes:
+    return kernel(*args)
+  spec = jax.sharding.PartitionSpec(batch_axes)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                       check_vma=False)(*args)
+
+
 def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_BL,
            kv_positions_BS, causal: bool, implementation: str = 'xla',
            packed: bool = True, kv_from_cache: bool = False,
@@ -138,6 +169,10 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_B
   after each query block (_causal_blocked_attention), using as many blocks as have at least
   MIN_QUERY_BLOCK queries each. Like 'pallas', it relies on positions increasing with the index
   inside each segment, as they do in packed rows.
+
+  'cpu' (kernels_cpu.attention) is a fused kernel for XLA:CPU, forward and backward, called
+  through XLA FFI; it applies the mask rule exactly (any segments, positions and cache), and
+  gives a query that sees no key a zero output where 'xla' averages all values.
 
   'pallas' (kernels_pallas.flash_attention) applies causality by index order, which equals the
   position order whenever positions increase within each segment (always so for packed rows).
@@ -154,6 +189,19 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_B
       return fa.flash_attention(q_BLHD, k_BSKD, v_BSKD, causal=causal,
                                 segment_ids_BL=q_segment_BL if packed else None, sm_scale=scale)
     _warn_once("attention='pallas' has no KV-cache path; using 'xla' for cached decoding")
+  elif implementation == 'cpu':
+    if jax.default_backend() == 'cpu':
+      from kernels_cpu import attention as cpu_attention  # pylint: disable=g-import-not-at-top
+      try:
+        cpu_attention.ensure_built()
+      except cpu_attention.KernelBuildError as e:
+        _warn_once(f"{e}\n(attention='cpu' falls back to 'xla')")
+      else:
+        return _cpu_kernel_attention(q_BLHD, k_BSKD, v_BSKD, q_segment_BL, kv_segment_BS,
+                                     q_positions_BL, kv_positions_BS, causal, scale)
+    else:
+        _warn_once(f"attention='cpu' is the XLA:CPU kernel (backend is {jax.default_backend()}); "
+                 "using 'xla'")
   elif implementation == 'cudnn':
     if jax.default_backend() != 'gpu':
       _warn_once(f"attention='cudnn' needs a GPU (backend is {jax.default_backend()}); using 'xla'")

@@ -19,6 +19,9 @@ def get_config():
   c.model.num_heads = 4
   c.model.num_kv_heads = 2
   c.model.mlp_dim = 384
+  # The fused XLA:CPU attention kernel (kernels_cpu); off CPU, or without a C++ compiler, it
+  # falls back to 'xla' with a warning.
+  c.model.attention = 'cpu'
   c.train.steps = 600
   c.train.lr = 3e-3
   c.train.warmup_steps = 50

@@ -107,7 +107,7 @@ def test_step_parts_times_the_step_without_attention_and_without_the_mlp(tmp_pat
     assert len(cells) == 3 and float(cells[0]) > 0 and float(cells[2]) > 0, stdout
   assert 'cost of attention' in stdout and 'cost of MLP' in stdout
   # The variants really are different programs: each leaves out its part's matmuls.
-  dots = dict(re.findall(r'(full|no attention|no MLP) (\d+)', stdout.split('dot ops')[1]))
+  dots = dict(re.findall(r'(full|no attention|no MLP) (\d+)', stdout.split('custom-call ops')[1]))
   assert int(dots['full']) > int(dots['no attention']) and int(dots['full']) > int(dots['no MLP'])
 
 

@@ -189,6 +189,9 @@ def main():
   ap.add_argument('--also_query_blocks', default='',
                   help='comma-separated model.causal_query_blocks values to time as extra JAX '
                        'rows in the same run, e.g. 1 (the full [L, L] scores)')
+  ap.add_argument('--also_attention', default='',
+                  help="comma-separated model.attention values to time as extra JAX rows in the "
+                       "same run, e.g. xla (the quickstart's default is the 'cpu' kernel)")
   args = ap.parse_args()
   try:
     host_malloc = 'reuse' if host_memory.reuse_freed_memory() else 'default'  # before the backend
@@ -215,6 +218,11 @@ def main():
   for b in extra_blocks:
     runners[f'pathways_jax qb={b}'] = compiled_runner(
         cfg, model_cfg.replace(causal_query_blocks=b))[0]
+  choices = config_lib.choices('model.attention')
+  for impl in (a.strip() for a in args.also_attention.split(',') if a.strip()):
+    if impl not in choices:
+      ap.error(f'--also_attention: {impl!r} is not one of {choices}')
+    runners[f'pathways_jax {impl}'] = compiled_runner(cfg, model_cfg.replace(attention=impl))[0]
   torch_info = None
   if not args.no_torch:
     try:
@@ -240,7 +248,8 @@ def main():
         f'{peak / 1e9:.1f} GFLOP/s; model {dims}; {fpt / 1e6:.2f} MFLOP/token; host malloc: '
         f'{host_malloc}')
   print(f'best and median of {args.rounds} rounds (shuffled order) of {args.steps} steps; MFU of the '
-        f'best (pathways_jax: causal_query_blocks={model_cfg.causal_query_blocks})')
+        f'best (pathways_jax: attention={model_cfg.attention}, '
+        f'causal_query_blocks={model_cfg.causal_query_blocks})')
   print(f"{'implementation':<20} {'tokens/s':>10} {'median':>10} {'MFU':>7}")
   for k, r in rows.items():
     print(f"{k:<20} {r['tokens_per_s']:>10,.0f} {r['median_tokens_per_s']:>10,.0f} "
@@ -255,7 +264,7 @@ def main():
                       'ratio_vs_pytorch': ratio,
                       'ratio_vs_pytorch_paired_median': paired and paired[0],
                       'median_tokens_per_s': rows['pathways_jax']['median_tokens_per_s'],
-                      'torch': torch_info,
+                      'attention': model_cfg.attention, 'torch': torch_info,
                       'device': jax.devices()[0].device_kind, 'host_malloc': host_malloc}))
 
 

@@ -199,6 +199,11 @@ def _get(cfg, dotted):
   return node
 
 
+def choices(key: str) -> tuple[str, ...]:
+  """The values a string-valued key such as 'model.attention' may take."""
+  return _CHOICES[key]
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Semantic checks that ml_collections' type safety cannot express."""
   for key, choices in _CHOICES.items():

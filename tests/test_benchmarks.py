@@ -15,6 +15,7 @@ def get_config():
   c.data.vocab_size, c.data.seq_len, c.data.batch_size = 256, 32, 4
   c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 32, 2, 2, 1
   c.model.mlp_dim = 64
+  c.model.attention = 'cpu'  # as the quickstart
   return c
 '''
 
@@ -31,12 +32,14 @@ def _run(tmp_path, script, *args):
 
 def test_train_throughput_json_line(tmp_path):
   stdout = _run(tmp_path, 'train_throughput.py', '--no_torch', '--steps=1', '--rounds=1', '--json',
-                '--also_query_blocks=1')
-  assert 'causal_query_blocks=4' in stdout and 'pathways_jax qb=1' in stdout
+                '--also_query_blocks=1', '--also_attention=xla')
+  assert 'attention=cpu, causal_query_blocks=4' in stdout and 'pathways_jax qb=1' in stdout
+  assert 'pathways_jax xla' in stdout
   row = json.loads(stdout.strip().splitlines()[-1])
   assert row['num_layers'] == 2 and row['d_model'] == 32 and row['batch_size'] == 4
   assert row['tokens_per_s'] > 0 and 0 < row['mfu'] and row['matmul_peak_flops'] > 0
   assert row['median_tokens_per_s'] > 0 and row['ratio_vs_pytorch_paired_median'] is None
+  assert row['attention'] == 'cpu'
 
 
 def test_paired_ratio_takes_each_rounds_own_ratio():
@@ -84,6 +87,8 @@ def test_benchmarks_reject_bad_arguments_in_one_line(tmp_path):
       ('step_parts.py', ['--rounds=0'], {}, '--steps and --rounds must be >= 1'),
       ('step_parts.py', ['--config=nope.py', '--no_torch'], {}, 'is not a .py file that exists'),
       ('train_throughput.py', ['--no_torch', '--also_query_blocks=x'], {}, 'not a comma-separated'),
+      ('train_throughput.py', ['--no_torch', '--also_attention=flash'], {},
+       "--also_attention: 'flash' is not one of"),
       ('train_throughput.py', ['--no_torch'], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be"),
       ('profile_step.py', [], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be"),
       ('step_parts.py', ['--no_torch'], bad_malloc, "PATHWAYS_HOST_MALLOC='no' must be"),

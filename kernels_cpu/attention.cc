@@ -26,7 +26,6 @@
 #include <limits>
 #include <memory>
 #include <mutex>
-#include <unordered_map>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -183,29 +182,44 @@ struct Masks {
 struct KeyRanges {
   std::vector<int> lo, hi, block_lo, block_hi;
   std::vector<char> exact;
-  KeyRanges(const Masks& m, const Dims& dm, int64_t bi) : lo(dm.l), hi(dm.l), exact(dm.l) {
+  struct Run {
+    int32_t seg;
+    int start, end;
+    bool operator<(const Run& o) const { return seg < o.seg; }
+  };
+  std::vector<Run> runs;
+
+  // Reuses its vectors: one KeyRanges per thread (thread_ranges) serves every task it runs.
+  void compute(const Masks& m, const Dims& dm, int64_t bi) {
+    lo.assign(dm.l, 0);
+    hi.assign(dm.l, 0);
+    exact.assign(dm.l, 0);
+    block_lo.clear();
+    block_hi.clear();
+    runs.clear();
     const int32_t* qs = m.q_seg + bi * dm.l;
     const int32_t* qp = m.q_pos + bi * dm.l;
     const int32_t* ks = m.kv_seg + bi * dm.s;
     const int32_t* kp = m.kv_pos + bi * dm.s;
-    std::unordered_map<int32_t, std::pair<int, int>> runs;
     bool packed = true;
     for (int j = 0; j < dm.s && packed; ++j) {
       if (j > 0 && ks[j] == ks[j - 1]) {
-        runs[ks[j]].second = j + 1;
+        runs.back().end = j + 1;
         packed = !m.causal || kp[j] >= kp[j - 1];
       } else {
-        packed = runs.emplace(ks[j], std::make_pair(j, j + 1)).second;
+        runs.push_back({ks[j], j, j + 1});
       }
     }
+    std::sort(runs.begin(), runs.end());
+    for (size_t r = 1; r < runs.size() && packed; ++r) packed = runs[r].seg != runs[r - 1].seg;
     for (int64_t i = 0; i < dm.l; ++i) {
       if (packed) {
-        const auto it = runs.find(qs[i]);
+        const auto it = std::lower_bound(runs.begin(), runs.end(), Run{qs[i], 0, 0});
         int a = 0, b = 0;
-        if (qs[i] != 0 && it != runs.end()) {
-          a = it->second.first;
-          b = m.causal ? static_cast<int>(std::upper_bound(kp + a, kp + it->second.second, qp[i]) - kp)
-                       : it->second.second;
+        if (qs[i] != 0 && it != runs.end() && it->seg == qs[i]) {
+          a = it->start;
+          b = m.causal ? static_cast<int>(std::upper_bound(kp + a, kp + it->end, qp[i]) - kp)
+                       : it->end;
         }
         lo[i] = a;
         hi[i] = std::max(a, b);
@@ -235,6 +249,22 @@ struct KeyRanges {
     }
   }
 };
+
+// Per-thread scratch, kept for the process's life: with the trainer's single malloc arena
+// (pathways_jax/host_memory.py), per-task allocations made the threads queue on its lock.
+struct Scratch {
+  KeyRanges ranges;
+  std::vector<float> kt, vt, p, dp, sums;
+};
+
+Scratch& thread_scratch(const Dims& dm) {
+  thread_local Scratch s;
+  const size_t kv = dm.d * dm.s, block = kRows * ((dm.s + 7) & ~7);
+  if (s.kt.size() < kv) s.kt.resize(kv), s.vt.resize(kv);
+  if (s.p.size() < block) s.p.resize(block), s.dp.resize(block);
+  if (s.sums.size() < kRows) s.sums.resize(kRows);
+  return s;
+}
 
 // Row r of a score block, [nj] of a row padded to ld (a multiple of 8): every entry outside the
 // query's keys, padding included, becomes -inf, in place.
@@ -327,8 +357,10 @@ ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   const long ldq = dm.h * dm.d, ldkv = dm.kh * dm.d;
   parallel_for(pool, static_cast<int>(dm.b * dm.kh), [&](int task) {
     const int64_t bi = task / dm.kh, kh = task % dm.kh;
-    const KeyRanges ranges(m, dm, bi);
-    std::vector<float> kt(dm.d * dm.s), p(kRows * round_up8(dm.s)), sums(kRows);
+    Scratch& scratch = thread_scratch(dm);
+    KeyRanges& ranges = scratch.ranges;
+    ranges.compute(m, dm, bi);
+    std::vector<float>&kt = scratch.kt, &p = scratch.p, &sums = scratch.sums;
     transpose_kv(kp + bi * dm.s * ldkv + kh * dm.d, ldkv, dm.s, dm.d, scale, kt.data());
     for (int64_t hi = kh * g; hi < (kh + 1) * g; ++hi) {
       for (int64_t i0 = 0, blk = 0; i0 < dm.l; i0 += kRows, ++blk) {
@@ -380,10 +412,10 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   const long ldq = dm.h * dm.d, ldkv = dm.kh * dm.d;
   parallel_for(pool, static_cast<int>(dm.b * dm.kh), [&](int task) {
     const int64_t bi = task / dm.kh, kh = task % dm.kh;
-    const KeyRanges ranges(m, dm, bi);
-    std::vector<float> kt(dm.d * dm.s), vt(dm.d * dm.s), p(kRows * round_up8(dm.s)),
-        dp(kRows * round_up8(dm.s));
-    std::vector<float> delta(kRows);
+    Scratch& scratch = thread_scratch(dm);
+    KeyRanges& ranges = scratch.ranges;
+    ranges.compute(m, dm, bi);
+    std::vector<float>&kt = scratch.kt, &vt = scratch.vt, &p = scratch.p, &dp = scratch.dp;
     const float* k_bk = kp + bi * dm.s * ldkv + kh * dm.d;
     transpose_kv(k_bk, ldkv, dm.s, dd, scale, kt.data());
     transpose_kv(vp + bi * dm.s * ldkv + kh * dm.d, ldkv, dm.s, dd, 1.f, vt.data());

@@ -93,7 +93,8 @@ def torch_runner(cfg, model_cfg, attention: bool = True, mlp: bool = True):
       q = self.wq(y).view(b, l, h, hd).transpose(1, 2)
       k, val = self.wkv(y).view(b, l, 2, kh, hd).permute(2, 0, 3, 1, 4)
       q, k = rope(q, cos, sin), rope(k, cos, sin)
-      a = (F.scaled_dot_product_attention(q, k, val, is_causal=True, enable_gqa=kh != h)
+      a = (F.scaled_dot_product_attention(q, k, val, is_causal=model_cfg.causal,
+                                          enable_gqa=kh != h)
            if attention else q)
       x = x + self.wo(a.transpose(1, 2).reshape(b, l, h * hd))
       if not mlp:

@@ -88,14 +88,24 @@ def build(force: bool = False) -> str:
   return path
 
 
-@functools.lru_cache(maxsize=None)
-def _register() -> None:
+def load_library() -> ctypes.CDLL:
+  """The built kernel, loaded. A cached library that cannot be loaded (a truncated file, say) is
+  rebuilt once before this gives up."""
   path = build()
   try:
-    lib = ctypes.cdll.LoadLibrary(path)
+    return ctypes.cdll.LoadLibrary(path)
+  except OSError:
+    path = build(force=True)
+  try:
+    return ctypes.cdll.LoadLibrary(path)
   except OSError as e:
-    raise KernelBuildError(f'the CPU attention kernel {path} cannot be loaded ({e}); delete it '
-                           'to rebuild') from e
+    raise KernelBuildError(f'the CPU attention kernel {path} was rebuilt but cannot be loaded '
+                           f'({e})') from e
+
+
+@functools.lru_cache(maxsize=None)
+def _register() -> None:
+  lib = load_library()
   jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(lib.PathwaysAttentionFwd), platform='cpu')
   jax.ffi.register_ffi_target(_BWD, jax.ffi.pycapsule(lib.PathwaysAttentionBwd), platform='cpu')
 

@@ -220,6 +220,15 @@ def test_the_build_is_cached_by_source_and_rebuilt_for_a_new_source(monkeypatch,
   assert cpu_attention.build() != first
 
 
+def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
+  monkeypatch.setenv('PATHWAYS_KERNEL_CACHE', str(tmp_path))
+  path = cpu_attention.build()
+  with open(path, 'r+b') as f:
+    f.truncate(100)
+  lib = cpu_attention.load_library()
+  assert lib.PathwaysAttentionFwd and os.path.getsize(path) > 100
+
+
 def test_attention_cpu_falls_back_to_xla_with_a_warning_when_the_kernel_cannot_build(
     monkeypatch, caplog):
   def fail():

@@ -339,16 +339,23 @@ void transpose_kv(const float* x, long ldx, int s, int dd, float scale, float* x
     for (int c = 0; c < dd; ++c) xt[c * s + j] = scale * x[j * ldx + c];
 }
 
+bool dims_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, Dims& dm) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || qd[3] != kd[3] || qd[0] != kd[0] || kd[2] == 0 ||
+      qd[2] % kd[2] != 0)
+    return false;
+  dm = Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
+  return true;
+}
+
 ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_seg,
                             ffi::Buffer<ffi::S32> kv_seg, ffi::Buffer<ffi::S32> q_pos,
                             ffi::Buffer<ffi::S32> kv_pos, int32_t causal, float scale,
                             ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  const auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || qd[3] != kd[3] || qd[0] != kd[0] || kd[2] == 0 ||
-      qd[2] % kd[2] != 0)
+  Dims dm;
+  if (!dims_of(q, k, dm))
     return ffi::Error::InvalidArgument("attention: q [B, L, H, D], k/v [B, S, K, D], H % K == 0");
-  const Dims dm{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
   const Masks m{q_seg.typed_data(), kv_seg.typed_data(), q_pos.typed_data(), kv_pos.typed_data(),
                 causal != 0};
   const int64_t g = dm.h / dm.kh;
@@ -397,11 +404,9 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
                             ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int32_t causal,
                             float scale, ffi::ResultBuffer<ffi::F32> dq,
                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
-  const auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || qd[3] != kd[3] || qd[0] != kd[0] || kd[2] == 0 ||
-      qd[2] % kd[2] != 0)
+  Dims dm;
+  if (!dims_of(q, k, dm))
     return ffi::Error::InvalidArgument("attention: q [B, L, H, D], k/v [B, S, K, D], H % K == 0");
-  const Dims dm{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
   const Masks m{q_seg.typed_data(), kv_seg.typed_data(), q_pos.typed_data(), kv_pos.typed_data(),
                 causal != 0};
   const int64_t g = dm.h / dm.kh;
@@ -468,36 +473,34 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
 
 }  // namespace
 
+// q, k, v, then the segment ids and positions of the queries and the keys: both handlers' first
+// arguments.
+auto BindInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PathwaysAttentionFwd, AttentionFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                              BindInputs()
                                   .Attr<int32_t>("causal")
                                   .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PathwaysAttentionBwd, AttentionBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              BindInputs()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
                                   .Attr<int32_t>("causal")
                                   .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv

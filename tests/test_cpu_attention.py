@@ -12,7 +12,7 @@ from helpers import REPO, run_on_fake_devices
 from kernels_cpu import attention as cpu_attention
 from pathways_jax.config import ModelConfig, config_from_file
 from pathways_jax.models import attention as attn_lib
-from pathways_jax.models.transformer import Transformer, init_cache
+from pathways_jax.models.transformer import Transformer
 
 
 def _packed_rows(rng, b, length, pad=3):
@@ -146,21 +146,6 @@ def test_transformer_with_cpu_attention_matches_xla_attention(causal):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   hlo = jax.jit(lambda p: loss(p, cpu_model)[0]).lower(params).as_text()
   assert 'pathways_attention_fwd' in hlo  # the kernel really runs
-
-
-def test_kv_cache_decoding_with_cpu_attention_equals_full_recompute():
-  model = _model('cpu')
-  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 48)
-  params = nn.unbox(model.init(jax.random.key(1), tokens)['params'])
-  full = model.apply({'params': params}, tokens)
-  cache = init_cache(model.cfg, 2, 16)
-  logits, cache = model.apply({'params': params}, tokens[:, :7], cache=cache, cache_index=0)
-  outs = [logits]
-  for i in range(7, 12):
-    logits, cache = model.apply({'params': params}, tokens[:, i:i + 1], cache=cache,
-                                cache_index=i)
-    outs.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
 
 
 def test_on_a_multi_device_mesh_the_kernel_runs_per_batch_shard_without_gathers():

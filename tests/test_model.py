@@ -47,9 +47,9 @@ def test_packed_documents_do_not_see_each_other(causal):
   np.testing.assert_allclose(packed[:, 5:], second, atol=1e-5)
 
 
-@pytest.mark.parametrize('scan', [False, True])
-def test_kv_cache_decoding_equals_full_recompute(scan):
-  model, params, tokens = _model(scan_layers=scan)
+@pytest.mark.parametrize('scan,attention', [(False, 'xla'), (True, 'xla'), (False, 'cpu')])
+def test_kv_cache_decoding_equals_full_recompute(scan, attention):
+  model, params, tokens = _model(scan_layers=scan, attention=attention)
   full = model.apply({'params': params}, tokens)
   cache = init_cache(model.cfg, 2, 16)
   logits, cache = model.apply({'params': params}, tokens[:, :7], cache=cache, cache_index=0)

@@ -339,14 +339,22 @@ void transpose_kv(const float* x, long ldx, int s, int dd, float scale, float* x
     for (int c = 0; c < dd; ++c) xt[c * s + j] = scale * x[j * ldx + c];
 }
 
-bool dims_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, Dims& dm) {
+// The shapes and mask inputs both handlers take first; false if the shapes do not fit.
+bool problem_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                const ffi::Buffer<ffi::S32>& q_seg, const ffi::Buffer<ffi::S32>& kv_seg,
+                const ffi::Buffer<ffi::S32>& q_pos, const ffi::Buffer<ffi::S32>& kv_pos,
+                int32_t causal, Dims& dm, Masks& m) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || qd[3] != kd[3] || qd[0] != kd[0] || kd[2] == 0 ||
       qd[2] % kd[2] != 0)
     return false;
   dm = Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
+  m = Masks{q_seg.typed_data(), kv_seg.typed_data(), q_pos.typed_data(), kv_pos.typed_data(),
+            causal != 0};
   return true;
 }
+
+constexpr char kShapeError[] = "attention: q [B, L, H, D], k/v [B, S, K, D], H % K == 0";
 
 ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_seg,
@@ -354,10 +362,9 @@ ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
                             ffi::Buffer<ffi::S32> kv_pos, int32_t causal, float scale,
                             ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   Dims dm;
-  if (!dims_of(q, k, dm))
-    return ffi::Error::InvalidArgument("attention: q [B, L, H, D], k/v [B, S, K, D], H % K == 0");
-  const Masks m{q_seg.typed_data(), kv_seg.typed_data(), q_pos.typed_data(), kv_pos.typed_data(),
-                causal != 0};
+  Masks m;
+  if (!problem_of(q, k, q_seg, kv_seg, q_pos, kv_pos, causal, dm, m))
+    return ffi::Error::InvalidArgument(kShapeError);
   const int64_t g = dm.h / dm.kh;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = out->typed_data(), *lp = lse->typed_data();
@@ -405,10 +412,9 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
                             float scale, ffi::ResultBuffer<ffi::F32> dq,
                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   Dims dm;
-  if (!dims_of(q, k, dm))
-    return ffi::Error::InvalidArgument("attention: q [B, L, H, D], k/v [B, S, K, D], H % K == 0");
-  const Masks m{q_seg.typed_data(), kv_seg.typed_data(), q_pos.typed_data(), kv_pos.typed_data(),
-                causal != 0};
+  Masks m;
+  if (!problem_of(q, k, q_seg, kv_seg, q_pos, kv_pos, causal, dm, m))
+    return ffi::Error::InvalidArgument(kShapeError);
   const int64_t g = dm.h / dm.kh;
   const int dd = static_cast<int>(dm.d);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();

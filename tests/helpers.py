@@ -92,3 +92,38 @@ def cli_overrides(cfg_path: str, cache: str) -> list[str]:
           '--config.train.log_every=1', '--config.train.eval_every=1000',
           '--config.train.progress_bar=False', '--config.train.peak_flops=1e10',
           "--config.sample.prompts=('Ab',)", '--config.sample.max_new_tokens=8']
+
+
+def packed_rows_with_padding(vocab_size: int):
+  """(tokens, positions, segment ids), [2, 100]: a row of two documents and a padding tail, and
+  a row of one document."""
+  # JAX is imported inside these helpers: conftest imports this module before JAX may start.
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  tokens = jax.random.randint(jax.random.key(2), (2, 100), 0, vocab_size)
+  seg = jnp.array([[1] * 40 + [2] * 50 + [0] * 10, [3] * 100])
+  pos = jnp.array([list(range(40)) + list(range(50)) + [0] * 10, list(range(100))])
+  return tokens, pos, seg
+
+
+def assert_same_function_on_packed_rows(want_model, got_model, params):
+  """Two Transformers with the same params give the same logits (where not padding) and the same
+  gradients on packed_rows_with_padding."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  tokens, pos, seg = packed_rows_with_padding(want_model.cfg.vocab_size)
+  weight = (seg != 0)[..., None]
+
+  def loss(p, m):
+    logits = m.apply({'params': p}, tokens, positions_BL=pos, segment_ids_BL=seg)
+    return jnp.sum(jnp.sin(logits) * weight), logits
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (_, want), g_want = grad_fn(params, want_model)
+  (_, got), g_got = grad_fn(params, got_model)
+  valid = np.asarray(seg != 0)
+  np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_want)):
+    assert np.abs(b).max() > 1e-2  # gradients of a real size, so the tolerance means something
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

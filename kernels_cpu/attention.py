@@ -163,8 +163,18 @@ def attention(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_position
 
   H must be a multiple of K (= k_BSKD.shape[2]); query head h uses kv head h // (H / K).
   """
-  if q_BLHD.shape[2] % k_BSKD.shape[2]:
-    raise ValueError(f'{q_BLHD.shape[2]} query heads do not divide into {k_BSKD.shape[2]} kv heads')
+  q, k, v = jnp.shape(q_BLHD), jnp.shape(k_BSKD), jnp.shape(v_BSKD)
+  if len(q) != 4 or len(k) != 4 or k != v or q[0] != k[0] or q[3] != k[3]:
+    raise ValueError(f'attention wants q [B, L, H, D] and k, v [B, S, K, D]; got q {q}, k {k}, '
+                     f'v {v}')
+  if q[2] % k[2]:
+    raise ValueError(f'{q[2]} query heads do not divide into {k[2]} kv heads')
+  for name, arr, want in (('q_segment_BL', q_segment_BL, q[:2]),
+                          ('q_positions_BL', q_positions_BL, q[:2]),
+                          ('kv_segment_BS', kv_segment_BS, k[:2]),
+                          ('kv_positions_BS', kv_positions_BS, k[:2])):
+    if tuple(jnp.shape(arr)) != tuple(want):
+      raise ValueError(f'{name} has shape {jnp.shape(arr)}, want {tuple(want)}')
   return _attention(q_BLHD, k_BSKD, v_BSKD,
                     *_ints(q_segment_BL, kv_segment_BS, q_positions_BL, kv_positions_BS),
                     bool(causal), float(scale))

@@ -163,6 +163,18 @@ print('SPEC', grads[0].sharding.spec)
   assert "SPEC P('data'," in out, out
 
 
+def test_mismatched_shapes_are_named_before_the_kernel_runs():
+  q, k, v, *masks = _case('packed', 2, 16, 16, 4, 2, 8)
+  kw = dict(q_segment_BL=masks[0], kv_segment_BS=masks[1], q_positions_BL=masks[2],
+            kv_positions_BS=masks[3], causal=True, scale=1.0)
+  with pytest.raises(ValueError, match='4 query heads do not divide into 3 kv heads'):
+    cpu_attention.attention(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2), **kw)
+  with pytest.raises(ValueError, match='got q .* k .* v'):
+    cpu_attention.attention(q, k[..., :4], v[..., :4], **kw)
+  with pytest.raises(ValueError, match=r'q_segment_BL has shape \(2, 15\), want \(2, 16\)'):
+    cpu_attention.attention(q, k, v, **{**kw, 'q_segment_BL': masks[0][:, :15]})
+
+
 def test_without_a_compiler_the_build_says_so(monkeypatch, tmp_path):
   monkeypatch.setenv('PATHWAYS_KERNEL_CACHE', str(tmp_path / 'kernels'))
   monkeypatch.delenv('CXX', raising=False)

@@ -7,7 +7,8 @@ Traces a few steps of the project's jitted train step with `jax.profiler` (a Per
 TensorBoard plugin needed), maps every executed op back to the compiled HLO, and prints
 
   * time by kind: `matmul` (dots and fusions holding a dot), `reduce`, `copy` (copies and
-    transposes), `elementwise` (every other fusion), `other`;
+    transposes), `elementwise` (every other fusion), `kernel` (custom calls: the 'cpu' attention),
+    `other`;
   * the top op groups: kind, output shape, and the op's source location in the model
     (`fwd` or `bwd`, i.e. under `transpose(jvp(...))`, with layer indices folded together).
 
@@ -34,12 +35,16 @@ def _parse_hlo(text: str) -> dict[str, tuple[str, str, str]]:
   for m in re.finditer(r'^%?(\S+) \([^\n]*\) -> [^\n]*\{\n(.*?)^\}', text, re.M | re.S):
     bodies[m.group(1)] = m.group(2)
   info = {}
-  for m in re.finditer(r'^\s+(?:ROOT )?%?(\S+) = (\S+) ([\w-]+)\(([^\n]*)$', text, re.M):
+  # The shape is one token, or a tuple in parentheses (a custom call's several outputs).
+  for m in re.finditer(r'^\s+(?:ROOT )?%?(\S+) = (\([^=]*?\)|\S+) ([\w-]+)\(([^\n]*)$', text,
+                       re.M):
     name, shape, op, rest = m.groups()
     called = re.search(r'calls=%?([^,\s}]+)', rest)
     body = bodies.get(called.group(1), '') if called else ''
     if op in ('dot', 'convolution') or ' dot(' in body or ' convolution(' in body:
       kind = 'matmul'
+    elif op == 'custom-call':
+      kind = 'kernel'
     elif op == 'reduce' or ' reduce(' in body or ' reduce-window(' in body:
       kind = 'reduce'
     elif op in ('copy', 'transpose') or (body and not re.search(
@@ -50,7 +55,7 @@ def _parse_hlo(text: str) -> dict[str, tuple[str, str, str]]:
     else:
       kind = 'other'
     meta = re.search(r'op_name="([^"]*)"', rest)
-    info[name] = (kind, shape.split('{')[0], meta.group(1) if meta else '')
+    info[name] = (kind, re.sub(r'\{[^}]*\}', '', shape), meta.group(1) if meta else '')
   return info
 
 

@@ -71,8 +71,9 @@ def test_profile_step_breaks_the_step_down(tmp_path):
   stdout = _run(tmp_path, 'profile_step.py', '--steps=1', '--top=500', '--single_core')
   assert 'ms per step' in stdout
   kinds = {line.split()[0] for line in stdout.splitlines() if line.split()[:1] and
-           line.split()[0] in ('matmul', 'elementwise', 'reduce', 'copy', 'other')}
+           line.split()[0] in ('matmul', 'kernel', 'elementwise', 'reduce', 'copy', 'other')}
   assert 'matmul' in kinds  # the model's dots were found in the trace and mapped to the HLO
+  assert 'kernel' in kinds  # and the 'cpu' attention's custom calls (tuple-shaped outputs)
   # Every op group is listed (--top is larger than their number): both passes of the blocks.
   assert 'fwd Transformer/blocks_*' in stdout and 'bwd Transformer/blocks_*' in stdout
 

@@ -48,7 +48,8 @@ def test_packed_documents_do_not_see_each_other(causal):
   np.testing.assert_allclose(packed[:, 5:], second, atol=1e-5)
 
 
-@pytest.mark.parametrize('scan,attention', [(False, 'xla'), (True, 'xla'), (False, 'cpu')])
+@pytest.mark.parametrize('scan,attention', [(False, 'xla'), (True, 'xla'), (False, 'cpu'),
+                                            (True, 'cpu')])
 def test_kv_cache_decoding_equals_full_recompute(scan, attention):
   model, params, tokens = _model(scan_layers=scan, attention=attention)
   full = model.apply({'params': params}, tokens)

@@ -103,14 +103,16 @@ def test_run_writes_the_run_directory_and_samples(tmp_path):
   assert texts[0].startswith('Q')
 
 
-def test_resume_after_a_clean_stop_is_bit_identical(tmp_path):
+@pytest.mark.parametrize('attention', ['xla', 'cpu'])
+def test_resume_after_a_clean_stop_is_bit_identical(tmp_path, attention):
   cache = str(tmp_path / 'cache')
   full = tmp_path / 'full'
-  loop.train(tiny_config(cache), str(full), quiet=True)
+  over = {'model.attention': attention}
+  loop.train(tiny_config(cache, **over), str(full), quiet=True)
   part = tmp_path / 'part'
-  loop.train(tiny_config(cache, **{'train.stop_at': 4}), str(part), quiet=True)
+  loop.train(tiny_config(cache, **over, **{'train.stop_at': 4}), str(part), quiet=True)
   assert max(_losses(part)) == 4
-  loop.train(tiny_config(cache), str(part), quiet=True)
+  loop.train(tiny_config(cache, **over), str(part), quiet=True)
   assert _losses(part) == _losses(full)
 
 

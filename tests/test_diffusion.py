@@ -374,9 +374,11 @@ def test_model_matches_reference_and_refreshed_caches(tiny):
     assert int(st['nfe_cached']) == 0 and int(st['nfe_full']) == 4
 
 
-def test_cached_forward_is_exact_when_fresh(tiny):
+@pytest.mark.parametrize('attention', ['xla', 'cpu'])
+def test_cached_forward_is_exact_when_fresh(tiny, attention):
   """The cached window forward against a just-filled cache equals the full forward's logits."""
   model, params = tiny
+  model = Transformer(model.cfg.replace(attention=attention))
   fwd = sd._Forward(model)
   x = np.random.default_rng(3).integers(4, V, (2, 12)).astype(np.int32)
   pos = np.broadcast_to(np.arange(12, dtype=np.int32), (2, 12))
@@ -408,6 +410,18 @@ def test_fast_dllm_caches_and_threshold_run(tiny):
     assert int(st['nfe_cached']) == int(st['steps']) - 2 > 0, extra
     step = np.asarray(st['commit_step'])
     assert (step[:, :4].max(1) < step[:, 4:].min(1)).all(), extra
+
+
+def test_the_cpu_attention_kernel_samples_what_xla_attention_samples(tiny):
+  """The Fast-dLLM caches attend over block windows and cached keys: the kernel's general mask
+  path. Greedy decoding must pick the same tokens."""
+  model, params = tiny
+  cpu_model = Transformer(model.cfg.replace(attention='cpu'))
+  prompt = np.array([[1, 5, 6, 7, 4], [1, 9, 10, 11, 12]])
+  for extra in (dict(), dict(cache='dual'), dict(cache='prefix', threshold=0.5)):
+    want = sd.generate(model, params, prompt, key=jax.random.key(0), **GEN, **extra)
+    got = sd.generate(cpu_model, params, prompt, key=jax.random.key(0), **GEN, **extra)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(extra))
 
 
 def test_left_padded_batch_equals_one_at_a_time(tiny):

@@ -61,12 +61,18 @@ def main(argv=None):
   ap.add_argument('--max_prompts', type=int, default=256)
   ap.add_argument('--repeats', type=int, default=3)
   ap.add_argument('--json_out', default='')
+  ap.add_argument('--attention', default='',
+                  help="model.attention for both models (e.g. cpu, the fused XLA:CPU kernel); "
+                       "default: what the run was trained with")
   ap.add_argument('--train_seq_len', type=int, default=0,
                   help='only when the pair is trained here: training rows eos-padded to this length, '
                        'so that prompt + gen_length stays within the lengths the model was trained on')
   ap.add_argument('--sft_fraction', type=float, default=None,
                   help="only when the pair is trained here: LLaDA's SFT share (experiment default if unset)")
   args = ap.parse_args(argv)
+  from pathways_jax.config import choices
+  if args.attention and args.attention not in choices('model.attention'):
+    ap.error(f"--attention={args.attention!r} is not one of {choices('model.attention')}")
 
   import jax
   import ml_collections
@@ -85,6 +91,10 @@ def main(argv=None):
   tok = rev.load_tokenizer(run_dir)
   ar_model, ar_params = rev.load_model(run_dir, 'ar')
   ll_model, ll_params = rev.load_model(run_dir, 'llada')
+  if args.attention:
+    from pathways_jax.models.transformer import Transformer
+    ar_model = Transformer(ar_model.cfg.replace(attention=args.attention))
+    ll_model = Transformer(ll_model.cfg.replace(attention=args.attention))
 
   rows = [facts.encode_fact(tok, p, 'name_first', 0) for p in background + test]
   rows += [facts.encode_fact(tok, p, 'description_first', 0) for p in background]
@@ -138,7 +148,8 @@ def main(argv=None):
   plain = table[0]
   n_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(ll_params))
   print(f'\n{B} prompts (synthetic facts), gen_length {G}, block {args.block_length}, greedy; '
-        f'models from {run_dir} ({n_params} params each); device: '
+        f'models from {run_dir} ({n_params} params each, attention '
+        f'{ll_model.cfg.attention}); device: '
         f'{jax.devices()[0].platform}, {os.cpu_count()} cores ({platform.machine()}); '
         f'{time.strftime("%Y-%m-%d")}\n')
   print('| method | accuracy | steps / block row | seconds | tokens/s | speed-up vs plain |')

@@ -97,7 +97,8 @@ def test_benchmarks_reject_bad_arguments_in_one_line(tmp_path):
       ('ab_step.py', ['--variant=x: model.num_heads=3'], {}, 'is not a multiple of'),
       ('ab_step.py', ['--variant=x model.num_heads=2'], {}, 'is not "NAME: KEY=VALUE'),
       ('ab_step.py', ['--variant=a: train.lr=1', '--variant=a: train.lr=2'], {}, 'names repeat'),
-      ('ab_step.py', ['--rounds=0'], {}, '--steps and --rounds must be >= 1')]:
+      ('ab_step.py', ['--rounds=0'], {}, '--steps and --rounds must be >= 1'),
+      ('diffusion_sampling.py', ['--attention=flash'], {}, "--attention='flash' is not one of")]:
     out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
                          env={**os.environ, **env})

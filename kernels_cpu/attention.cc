@@ -299,7 +299,10 @@ void scores_to_probs(const float* q_rows, long ldq, const float* kt, long ldkt, 
     const int a = std::clamp(kr.lo[i] - jlo, 0, nj), b = std::clamp(kr.hi[i] - jlo, a, nj);
     if (a == b || (!forward && lse_rows[r] == kNegInf)) {
       std::fill(pr, pr + ld, 0.f);
-      if (forward) lse_rows[r] = kNegInf, sums[r] = 1.f;
+      if (forward) {
+        lse_rows[r] = kNegInf;
+        sums[r] = 1.f;
+      }
       continue;
     }
     mask_row(pr, nj, ld, jlo, kr, i, m, dm, bi);

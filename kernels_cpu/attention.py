@@ -69,14 +69,14 @@ def build(force: bool = False) -> str:
   if os.path.exists(path) and not force:
     return path
   compiler = _compiler()
-  try:
-    os.makedirs(cache_dir(), exist_ok=True)
-  except OSError as e:
-    raise KernelBuildError(f'kernel cache directory {cache_dir()!r} cannot be created ({e}); set '
-                           'PATHWAYS_KERNEL_CACHE to a writable directory') from e
   # Built under a unique name, then renamed into place: processes building at once (test
   # workers, hosts sharing a home directory) never load a half-written library.
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=cache_dir())
+  try:
+    os.makedirs(cache_dir(), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=cache_dir())
+  except OSError as e:
+    raise KernelBuildError(f'kernel cache directory {cache_dir()!r} is not writable ({e}); set '
+                           'PATHWAYS_KERNEL_CACHE to a writable directory') from e
   os.close(fd)
   cmd = [compiler, *flags, '-I', jax.ffi.include_dir(), _SOURCE, '-o', tmp]
   result = subprocess.run(cmd, capture_output=True, text=True, check=False)

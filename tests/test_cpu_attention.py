@@ -183,6 +183,24 @@ def test_without_a_compiler_the_build_says_so(monkeypatch, tmp_path):
     cpu_attention.build()
 
 
+def test_an_unwritable_kernel_cache_is_named(monkeypatch, tmp_path):
+  cache = tmp_path / 'kernels'
+  cache.mkdir()
+  cache.chmod(0o500)
+  monkeypatch.setenv('PATHWAYS_KERNEL_CACHE', str(cache))
+  try:
+    if os.access(cache, os.W_OK):  # root ignores the mode bits; a file in the way does not
+      cache.chmod(0o700)
+      cache.rmdir()
+      cache.write_text('a file, not a directory')
+    with pytest.raises(cpu_attention.KernelBuildError,
+                       match='is not writable.*set PATHWAYS_KERNEL_CACHE'):
+      cpu_attention.build()
+  finally:
+    if cache.is_dir():
+      cache.chmod(0o700)
+
+
 def test_a_failed_compilation_names_the_command_and_leaves_no_library(monkeypatch, tmp_path):
   bad = tmp_path / 'attention.cc'
   bad.write_text('this is not C++\n')

@@ -3,19 +3,34 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Exact versions (with hashes) of every dependency, for every platform and Python >= 3.11: what
+# CI tested. `make lock` regenerates it from setup.cfg's ranges (the newest versions they allow).
+LOCK := requirements.lock
+PIP_VERSION := 26.3
+UV_VERSION := 0.13.9
 # The CPU build of torch for the PyTorch side of the benchmarks (a plain `torch` pulls a CUDA build).
 TORCH ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv run test reproduce bench clean
+.PHONY: venv lock run test test-variants reproduce bench clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q 'pip==$(PIP_VERSION)'
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# uv resolves one set of versions for every platform and Python the package supports
+# (--universal --fork-strategy fewest), so a laptop gets the versions CI ran.
+lock:
+	$(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/python -m pip install -q 'uv==$(UV_VERSION)'
+	$(VENV)-lock/bin/uv pip compile setup.cfg --extra test --universal --fork-strategy fewest \
+	  --python-version 3.11 --generate-hashes --upgrade --custom-compile-command 'make lock' \
+	  -o $(LOCK)
 
 run: $(STAMP)
 	$(PY) -m pathways_jax.main --config=experiments/quickstart.py --workdir=runs/quickstart
@@ -23,6 +38,18 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+# The fast suite four ways, to catch float tolerances that hold on one machine only
+# (docs/testing.md): as `make test` (XLA:CPU at -O0), with XLA's default code generation, and
+# with XLA's CPU thread pool (which the CPU attention kernel shares) at 1 and at 8 threads
+# (XLA reads NPROC). Every variant runs; the target fails if any did.
+TEST_VARIANTS := "" "PATHWAYS_TEST_XLA_OPT_LEVEL=default" "NPROC=1" "NPROC=8"
+test-variants: $(STAMP)
+	@failed=""; for v in $(TEST_VARIANTS); do \
+	  echo "== make test with: $${v:-(as make test)}"; \
+	  env $$v $(PY) -m pytest -q -n $(PYTEST_WORKERS) tests || failed="$$failed [$${v:-as make test}]"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "failed:$$failed"; exit 1; fi; echo "all variants passed"
 
 reproduce: $(STAMP)
 	$(PY) -m pytest -q -m slow -s tests
@@ -32,4 +59,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV)-lock runs

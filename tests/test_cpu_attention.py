@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from helpers import (REPO, assert_same_function_on_packed_rows, packed_rows_with_padding,
-                     run_on_fake_devices)
+                     requires_cxx, run_on_fake_devices)
+from numerics import assert_close, tolerance
 from kernels_cpu import attention as cpu_attention
 from pathways_jax.config import ModelConfig, config_from_file
 from pathways_jax.models import attention as attn_lib
@@ -74,19 +75,22 @@ def _both(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, dtype=jnp.float32):
     ('scattered', True, (2, 24, 24, 4, 2, 8)),
     ('scattered', False, (2, 24, 24, 4, 2, 8)),
 ])
+@requires_cxx
 def test_kernel_matches_xla_attention_in_values_and_gradients(kind, causal, shape):
   q, k, v, *masks = _case(kind, *shape)
   kernel, xla, sees = _both(q, k, v, *masks, causal)
   weight = jnp.asarray(np.random.RandomState(1).randn(*q.shape).astype(np.float32)) * sees
   got, want = jax.jit(kernel)(q, k, v), xla(q, k, v)
-  np.testing.assert_allclose(np.asarray(got) * sees, np.asarray(want) * sees, atol=2e-6)
+  terms = max(shape[1:3])  # keys summed per query; queries summed into dk, dv
+  assert_close(got, want, terms=terms, where=np.broadcast_to(sees, got.shape))
   g_got = jax.jit(jax.grad(lambda *a: jnp.sum(kernel(*a) * weight), (0, 1, 2)))(q, k, v)
   g_want = jax.grad(lambda *a: jnp.sum(xla(*a) * weight), (0, 1, 2))(q, k, v)
-  for a, b in zip(g_got, g_want):
+  for name, a, b in zip('qkv', g_got, g_want):
     assert np.abs(b).max() > 1e-2
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert_close(a, b, terms=terms, err_msg=f'd{name}')
 
 
+@requires_cxx
 def test_a_query_that_sees_no_key_gets_zero_output_and_passes_no_gradient():
   q, k, v, *masks = _case('packed', 2, 32, 32, 2, 1, 8)
   kernel, _, sees = _both(q, k, v, *masks, causal=True)
@@ -99,6 +103,7 @@ def test_a_query_that_sees_no_key_gets_zero_output_and_passes_no_gradient():
   assert np.all(np.asarray(dk)[padding] == 0) and np.all(np.asarray(dv)[padding] == 0)
 
 
+@requires_cxx
 def test_kernel_is_deterministic_bit_for_bit():
   """Resume-exactness needs it: the threads split (batch row, kv head) tasks, never a sum."""
   q, k, v, *masks = _case('packed', 4, 64, 64, 4, 2, 16)
@@ -110,13 +115,16 @@ def test_kernel_is_deterministic_bit_for_bit():
       np.testing.assert_array_equal(a, b)
 
 
+@requires_cxx
 def test_bfloat16_inputs_are_computed_in_float32_and_returned_in_bfloat16():
   q, k, v, *masks = _case('packed', 2, 32, 32, 2, 1, 16)
   kernel, xla, sees = _both(q, k, v, *masks, causal=True)
   out = kernel(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
   assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(out, np.float32) * sees, np.asarray(xla(q, k, v)) * sees,
-                             atol=0.05)
+  # The sums run in float32: only rounding q, k, v and the output to bfloat16 counts, a few
+  # eps(bfloat16) of the values' scale, whatever the number of keys.
+  assert_close(out, xla(q, k, v), dtype=jnp.bfloat16, slack=4,
+               where=np.broadcast_to(sees, out.shape))
 
 
 def _model(attention, **kw):
@@ -125,6 +133,7 @@ def _model(attention, **kw):
   return Transformer(cfg)
 
 
+@requires_cxx
 @pytest.mark.parametrize('causal', [True, False])
 def test_transformer_with_cpu_attention_matches_xla_attention(causal):
   xla_model, cpu_model = _model('xla', causal=causal), _model('cpu', causal=causal)
@@ -136,6 +145,7 @@ def test_transformer_with_cpu_attention_matches_xla_attention(causal):
   assert 'pathways_attention_fwd' in hlo  # the kernel really runs
 
 
+@requires_cxx
 def test_on_a_multi_device_mesh_the_kernel_runs_per_batch_shard_without_gathers():
   out = run_on_fake_devices('''
 import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
@@ -154,12 +164,14 @@ with jax.set_mesh(mesh), nn.logical_axis_rules((('activation_batch', ('data',)),
   print('GATHERS', g.lower(*args).compile().as_text().count('all-gather'))
   (val, grads), (ref, ref_grads) = g(*args), jax.value_and_grad(loss('xla'), (0, 1, 2))(*args)
 print('DIFF', abs(float(val) - float(ref)) / float(ref),
-      max(float(jnp.abs(a - b).max()) for a, b in zip(grads, ref_grads)))
+      max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(grads, ref_grads)))
 print('SPEC', grads[0].sharding.spec)
 ''', devices=2)
   assert 'GATHERS 0' in out, out
   value_diff, grad_diff = map(float, out.split('DIFF ')[1].split()[:2])
-  assert value_diff < 1e-5 and grad_diff < 1e-4, out
+  # Relative to the reference's scale: the loss sums 4 * 32 * 4 * 8 squares, a gradient 32 keys.
+  assert value_diff <= tolerance(1.0, terms=4 * 32 * 4 * 8), out
+  assert grad_diff <= tolerance(1.0, terms=32), out
   assert "SPEC P('data'," in out, out
 
 
@@ -201,6 +213,7 @@ def test_an_unwritable_kernel_cache_is_named(monkeypatch, tmp_path):
       cache.chmod(0o700)
 
 
+@requires_cxx
 def test_a_failed_compilation_names_the_command_and_leaves_no_library(monkeypatch, tmp_path):
   bad = tmp_path / 'attention.cc'
   bad.write_text('this is not C++\n')
@@ -211,6 +224,7 @@ def test_a_failed_compilation_names_the_command_and_leaves_no_library(monkeypatc
   assert os.listdir(tmp_path / 'kernels') == []
 
 
+@requires_cxx
 def test_the_build_is_cached_by_source_and_rebuilt_for_a_new_source(monkeypatch, tmp_path):
   monkeypatch.setenv('PATHWAYS_KERNEL_CACHE', str(tmp_path))
   first = cpu_attention.build()
@@ -223,6 +237,7 @@ def test_the_build_is_cached_by_source_and_rebuilt_for_a_new_source(monkeypatch,
   assert cpu_attention.build() != first
 
 
+@requires_cxx
 def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
   monkeypatch.setenv('PATHWAYS_KERNEL_CACHE', str(tmp_path))
   path = cpu_attention.build()

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import requires_cxx
+from numerics import assert_close
 from pathways_jax.config import ModelConfig
 from pathways_jax.models.transformer import Transformer
 from pathways_jax.objectives import diffusion as obj
@@ -112,14 +114,14 @@ def test_loss_matches_hand_computation():
   loss = jax.jit(obj.loss)
   got, metrics = loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(masked),
                           jnp.asarray(p))
-  np.testing.assert_allclose(float(got), expected, rtol=1e-6)
-  np.testing.assert_allclose(float(metrics['ce']), ce[masked].mean(), rtol=1e-6)
+  assert_close(got, expected, terms=6)
+  assert_close(metrics['ce'], ce[masked].mean(), terms=6)
   assert float(metrics['num_masked']) == 4
   # Padding (valid False) never counts; the denominator is the valid count.
   valid = np.array([[True, True, False], [True, True, True]])
   got, _ = loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(masked),
                 jnp.asarray(p), valid_BL=jnp.asarray(valid))
-  np.testing.assert_allclose(float(got), (ce * (masked & valid) / p).sum() / 5, rtol=1e-6)
+  assert_close(got, (ce * (masked & valid) / p).sum() / 5, terms=6)
 
 
 def test_sft_never_masks_prompt_and_loss_by_hand():
@@ -143,7 +145,7 @@ def test_sft_never_masks_prompt_and_loss_by_hand():
   rows = (ce * m / pm).sum(1) / (~prm).sum(1)
   got, _ = jax.jit(obj.sft_loss)(logits, jnp.asarray(toks), jnp.asarray(msk), jnp.asarray(pm),
                         jnp.asarray(prm))
-  np.testing.assert_allclose(float(got), rows.mean(), rtol=1e-6)
+  assert_close(got, rows.mean(), terms=10)
 
 
 def test_random_length_mask_one_compile():
@@ -189,7 +191,7 @@ def test_likelihood_converges_for_context_free_model():
   # Single-token answers are exact with one sample.
   one = obj.log_likelihood(fixed, None, prompt, answer[:1], mask_id=MASK, key=jax.random.key(1),
                            mc_num=4, batch_size=4)
-  np.testing.assert_allclose(one, logp[0], rtol=1e-5)
+  assert_close(one, logp[0], terms=V)
 
   # CFG: with a model whose unconditional logits differ, the estimate converges to the exact
   # log-likelihood of the guided logits u + (w + 1)(c - u).
@@ -374,7 +376,7 @@ def test_model_matches_reference_and_refreshed_caches(tiny):
     assert int(st['nfe_cached']) == 0 and int(st['nfe_full']) == 4
 
 
-@pytest.mark.parametrize('attention', ['xla', 'cpu'])
+@pytest.mark.parametrize('attention', ['xla', pytest.param('cpu', marks=requires_cxx)])
 def test_cached_forward_is_exact_when_fresh(tiny, attention):
   """The cached window forward against a just-filled cache equals the full forward's logits."""
   model, params = tiny
@@ -392,8 +394,8 @@ def test_cached_forward_is_exact_when_fresh(tiny, attention):
     prefix, _ = fwd.cached(params, x, pos, seg, kv, 4, 4, window=8)
     return full, dual, prefix
   full, dual, prefix = run(params, x)
-  np.testing.assert_allclose(dual, full[:, 4:8], atol=1e-4)
-  np.testing.assert_allclose(prefix, full[:, 4:8], atol=1e-4)
+  assert_close(dual, full[:, 4:8], terms=12)  # the same function over fewer keys
+  assert_close(prefix, full[:, 4:8], terms=12)
 
 
 def test_fast_dllm_caches_and_threshold_run(tiny):
@@ -412,6 +414,7 @@ def test_fast_dllm_caches_and_threshold_run(tiny):
     assert (step[:, :4].max(1) < step[:, 4:].min(1)).all(), extra
 
 
+@requires_cxx
 def test_the_cpu_attention_kernel_samples_what_xla_attention_samples(tiny):
   """The Fast-dLLM caches attend over block windows and cached keys: the kernel's general mask
   path. Greedy decoding must pick the same tokens."""

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import run_on_fake_devices
+from numerics import assert_close
 from pathways_jax.objectives import autoregressive, selective
 
 
@@ -87,17 +88,17 @@ def test_loss_and_gradient_only_through_selected_tokens():
   sel = selective.select_tokens(tl - ref, valid, 0.6)
   k = float(sel.sum())
   value, metrics = selective.loss(tl, ref, valid, 0.6)
-  np.testing.assert_allclose(value, float((tl * sel).sum()) / k, rtol=1e-6)
+  assert_close(value, float((tl * sel).sum()) / k, terms=tl.size)
   g_tl, g_ref = jax.grad(lambda a, b: selective.loss(a, b, valid, 0.6)[0], argnums=(0, 1))(tl, ref)
-  np.testing.assert_allclose(g_tl, np.asarray(sel, np.float32) / k, rtol=1e-6)
+  assert_close(g_tl, np.asarray(sel, np.float32) / k)
   assert not np.asarray(g_ref).any()
   assert metrics['num_selected'] == k
-  np.testing.assert_allclose(metrics['selected_fraction'], k / float(valid.sum()), rtol=1e-6)
+  assert_close(metrics['selected_fraction'], k / float(valid.sum()))
   assert metrics['excess_kept'] > metrics['excess_dropped']
   # An inf loss at a dropped position does not poison the value or the gradient.
   tl_inf = jnp.where(valid, tl, jnp.inf)
   v2, _ = selective.loss(tl_inf, ref, valid, 0.6)
-  np.testing.assert_allclose(v2, value, rtol=1e-6)
+  assert_close(v2, value, terms=tl.size)
 
 
 def test_ratio_one_is_the_ar_loss_and_noise_metrics():
@@ -110,7 +111,7 @@ def test_ratio_one_is_the_ar_loss_and_noise_metrics():
   ref, _ = selective.ar_token_losses(ref_logits, tokens, seg)
   value, _ = selective.loss(tl, ref, valid, 1.0)
   want, _ = autoregressive.loss(logits, tokens, seg)
-  np.testing.assert_allclose(value, want, rtol=1e-6)
+  assert_close(value, want, terms=logits.size)
   # Noise made obvious: noisy tokens get a large excess, so a ratio that keeps the clean ones drops
   # every noisy one.
   noise = jnp.asarray(rng.uniform(size=tl.shape) < 0.3) & valid
@@ -129,7 +130,7 @@ def test_alternative_scores():
     sel = reference_select(np.asarray(s), np.asarray(valid), 0.5)
     assert m['num_selected'] == sel.sum()
     v, _ = selective.loss(tl, ref, valid, 0.5, score=score, ref_entropy_BL=ent)
-    np.testing.assert_allclose(v, float((tl * sel).sum() / sel.sum()), rtol=1e-6)
+    assert_close(v, float((tl * sel).sum() / sel.sum()), terms=tl.size)
   with pytest.raises(ValueError, match='ref_entropy_BL'):
     selective.loss(tl, ref, valid, 0.5, score='reference_entropy')
   with pytest.raises(ValueError, match='score'):
@@ -150,15 +151,17 @@ def test_diffusion_helper_ratio_one_is_the_llada_loss():
   logp = jax.nn.log_softmax(logits, -1)
   nll = -jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0]
   want = float((jnp.where(masked, nll / p_mask, 0.0)).sum()) / (b * l)
-  np.testing.assert_allclose(value, want, rtol=1e-5)
+  assert_close(value, want, terms=logits.size)
   # Ranking ignores the 1/p_mask weights: the selection is the one of the plain excess CE.
   _, m = selective.loss(ce, ref_ce, valid, 0.5, weights_BL=w, normalizer=0.5 * b * l)
   assert m['num_selected'] == reference_select(np.asarray(ce - ref_ce), np.asarray(valid), 0.5).sum()
 
 
 _SHARDED = textwrap.dedent('''
+  import sys; sys.path.insert(0, 'tests')
   import numpy as np, jax
   from jax.sharding import NamedSharding, PartitionSpec as P
+  from numerics import assert_close
   from pathways_jax.objectives import selective
   assert len(jax.devices()) == 8, jax.devices()
   mesh = jax.make_mesh((4, 2), ('data', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -177,7 +180,7 @@ _SHARDED = textwrap.dedent('''
       got_sel, got_loss = jax.jit(f, static_argnums=2, out_shardings=(sh, None))(s, v, per_seq)
       assert len(got_sel.sharding.device_set) == 8
       np.testing.assert_array_equal(np.asarray(got_sel), np.asarray(want_sel))
-      np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+      assert_close(got_loss, want_loss, terms=score.size)
   print('SHARDED_OK')
 ''')
 

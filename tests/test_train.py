@@ -17,6 +17,7 @@ from pathways_jax.models.transformer import Transformer
 from pathways_jax.train import loop, optimizer, state as state_lib, step as step_lib
 
 from helpers import REPO, cli, cli_overrides, tiny_config
+from numerics import assert_close, assert_trees_close
 
 
 def _losses(workdir):
@@ -60,9 +61,9 @@ def test_gradient_accumulation_matches_the_full_batch():
     fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
     state, m = step_lib.run_with_rules(mesh, rules, fn, state, batch)
     outs.append((float(m['loss']), state.params))
-  assert abs(outs[0][0] - outs[1][0]) < 1e-5
-  diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), outs[0][1], outs[1][1])
-  assert max(jax.tree_util.tree_leaves(diffs)) < 1e-5
+  # Two micro-batches sum the same per-token gradients in another order.
+  assert_close(outs[1][0], outs[0][0], terms=tokens.size)
+  assert_trees_close(outs[1][1], outs[0][1], terms=tokens.size)
 
 
 def test_non_finite_step_keeps_the_last_good_state():

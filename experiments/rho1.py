@@ -229,10 +229,10 @@ def noise_share(cfg) -> float:
 
 def run_family(cfg, workdir: str, arms, *, log=print) -> dict:
   """Trains the reference (if needed) and `arms` in workdir; their validation numbers."""
-  from pathways_jax.train import selective  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import loop, selective  # pylint: disable=g-import-not-at-top,multiple-import
   t0 = time.perf_counter()
   ref_dir = os.path.abspath(selective.reference_workdir(cfg, workdir))
-  selective.ensure_reference(arm_config(cfg, 'slm', ref_dir), workdir)
+  selective.ensure_reference(arm_config(cfg, 'slm', ref_dir), workdir, train=loop.train)
   out = {'ref_val': reference_val(cfg, ref_dir), 'reference_dir': ref_dir,
          'reference_train_s': time.perf_counter() - t0, 'arms': {}}
   log(f'reference: val {out["ref_val"]:.4f}')

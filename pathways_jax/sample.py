@@ -71,14 +71,15 @@ def sample_texts(cfg, model, params, tokenizer, *, key, prompts=None, **override
 
 
 def load_run(workdir: str, step: int | None = None):
-  """(cfg, model, params, tokenizer) from a run directory's config.json and newest checkpoint."""
-  from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from pathways_jax.train import checkpoint as ckpt_lib, loop  # pylint: disable=g-import-not-at-top,multiple-import
+  """(cfg, model, params, tokenizer) from a run directory's config.json and checkpoint `step`
+  (default: the newest); only the params are read (train.frozen)."""
+  from pathways_jax import config as config_lib, parallel  # pylint: disable=g-import-not-at-top,multiple-import
+  from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
   cfg = config_lib.load_run_config(workdir)
-  tokenizer, _, model, mesh, rules = loop.build(cfg)
-  example = np.zeros((1, cfg.data.seq_len), np.int32)
-  _, params, _ = ckpt_lib.restore_run_params(workdir, model, cfg.train, example, mesh, rules, step)
-  return cfg, model, params, tokenizer
+  config_lib.validate(cfg)
+  fm = frozen.load(workdir, parallel.make_mesh(cfg), parallel.logical_rules(cfg), step=step)
+  return cfg, fm.model, fm.params, tokenizers.get_tokenizer(cfg.data)
 
 
 def main(argv):

@@ -14,7 +14,7 @@ from pathways_jax import config as config_lib
 from pathways_jax import parallel
 from pathways_jax.data import pipeline, tokenizers
 from pathways_jax.models.transformer import Transformer
-from pathways_jax.train import selective, step as step_lib
+from pathways_jax.train import loop, selective, step as step_lib
 
 from helpers import REPO, tiny_config
 from numerics import assert_close
@@ -40,7 +40,7 @@ def reference_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('rho1')
   cache = str(root / 'cache')
   cfg = _noisy_config(cache)
-  ref_dir = selective.ensure_reference(cfg, str(root / 'run'))
+  ref_dir = selective.ensure_reference(cfg, str(root / 'run'), train=loop.train)
   return cache, ref_dir
 
 

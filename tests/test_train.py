@@ -1,6 +1,7 @@
 """The trainer end to end: learning, exact resume, preemption, NaN handling, bad input, sweeps."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from pathways_jax import config as config_lib
 from pathways_jax import parallel, sweep
 from pathways_jax.models.transformer import Transformer
-from pathways_jax.train import loop, optimizer, state as state_lib, step as step_lib
+from pathways_jax.train import frozen, loop, optimizer, state as state_lib, step as step_lib
 
 from helpers import REPO, cli, cli_overrides, tiny_config
 from numerics import assert_close, assert_trees_close
@@ -200,22 +201,34 @@ def test_processes_sharing_a_workdir_all_pass_its_writability_check(tmp_path):
   assert os.listdir(tmp_path / 'run') == []  # no probe left behind
 
 
+def _tree_digest(directory) -> dict:
+  """{relative path: bytes} of every file under a directory."""
+  return {str(p.relative_to(directory)): p.read_bytes()
+          for p in sorted(directory.rglob('*')) if p.is_file()}
+
+
 def test_exploding_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
-  cfg = tiny_config(str(tmp_path / 'cache'), **{
-      'train.lr': 1e9, 'train.grad_clip': 0.0, 'train.warmup_steps': 0,
-      'train.checkpoint_every': 1, 'train.steps': 30, 'train.schedule': 'constant'})
-  cfg.train.lr = 0.0  # step 0 is harmless and gets checkpointed...
+  """The README's promise: the run stops naming the first non-finite step, no checkpoint holds
+  an update from that step on, and the last good checkpoint is never overwritten."""
   run = tmp_path / 'run'
   loop.train(tiny_config(str(tmp_path / 'cache'), **{'train.steps': 1}), str(run), quiet=True)
-  ckpt_before = sorted(p.name for p in (run / 'checkpoints').iterdir())
+  good = run / 'checkpoints' / '1'
+  good_files = _tree_digest(good)
   cfg = tiny_config(str(tmp_path / 'cache'), **{
       'train.lr': 1e30, 'train.grad_clip': 0.0, 'train.warmup_steps': 0, 'train.steps': 30,
-      'train.schedule': 'constant', 'train.checkpoint_every': 1})
-  with pytest.raises(loop.TrainingError, match=r'non-finite loss or gradient at step \d+'):
+      'train.schedule': 'constant', 'train.checkpoint_every': 1, 'train.keep_checkpoints': 100})
+  with pytest.raises(loop.TrainingError, match=r'non-finite loss or gradient at step (\d+)') as e:
     loop.train(cfg, str(run), quiet=True)
-  # Resumed from step 1; nothing after the first non-finite step was saved.
-  steps = sorted(int(p.name) for p in (run / 'checkpoints').iterdir() if p.name.isdigit())
-  assert steps[0] >= 1 and str(steps[0]) in ckpt_before + [str(s) for s in steps]
+  bad = int(re.search(r'at step (\d+)', str(e.value)).group(1))
+  assert 1 <= bad < 30  # resumed at step 1, and lr 1e30 blows up within the run
+  steps = frozen.checkpoint_steps(str(run))
+  # A checkpoint at step s holds updates 0..s-1: none may include update `bad` or a later one.
+  assert steps[0] == 1 and max(steps) <= bad, (steps, bad)
+  assert _tree_digest(good) == good_files  # the last good checkpoint before the run: untouched
+  cfg_saved = config_lib.load_run_config(str(run))
+  newest = frozen.load(str(run), parallel.make_mesh(cfg_saved), parallel.logical_rules(cfg_saved))
+  assert newest.step == max(steps)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(newest.params))
 
 
 def test_sweep_runs_every_combination_and_skips_finished_runs(tmp_path):

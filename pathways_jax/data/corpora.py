@@ -27,10 +27,10 @@ import os
 import pathlib
 import sys
 import sysconfig
-from typing import Callable, Iterable, Sequence
+from typing import Iterable
 
-VALIDATION_FRACTION = 0.02
-SPLITS = ('train', 'validation')
+from pathways_jax.data.splits import SPLITS, VALIDATION_FRACTION, split_by_hash
+
 TEXT_SUFFIXES = ('.txt', '.md', '.text')
 JSONL_SUFFIXES = ('.jsonl',)
 _STDLIB_SKIP_DIRS = frozenset(('site-packages', 'dist-packages', 'test', 'tests', 'idle_test',
@@ -39,23 +39,6 @@ _STDLIB_SKIP_DIRS = frozenset(('site-packages', 'dist-packages', 'test', 'tests'
 
 class DataError(ValueError):
   """A corpus that cannot be read; the message names the path (and line) at fault."""
-
-
-def _hash01(key: str) -> float:
-  return int.from_bytes(hashlib.blake2b(key.encode('utf-8'), digest_size=8).digest(), 'big') / 2**64
-
-
-def split_by_hash(items: Sequence, split: str, key: Callable[[object], str],
-                  fraction: float = VALIDATION_FRACTION) -> list:
-  """The items of `split`, order preserved: validation gets those whose key hashes below `fraction`."""
-  if split not in SPLITS:
-    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
-  h = [_hash01(key(x)) for x in items]
-  val = [v < fraction for v in h]
-  if not any(val) and len(items) >= 2:
-    val[min(range(len(items)), key=h.__getitem__)] = True
-  want = split == 'validation'
-  return [x for x, v in zip(items, val) if v == want]
 
 
 # ---------------------------------------------------------------------------------------- stdlib

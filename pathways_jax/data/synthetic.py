@@ -268,7 +268,7 @@ def all_documents(cfg_synthetic, seed: int) -> list[str]:
 
 def documents(cfg_synthetic, seed: int, split: str) -> list[str]:
   """The documents of `split` for corpus='synthetic' (split by document hash)."""
-  from pathways_jax.data.corpora import split_by_hash
+  from pathways_jax.data.splits import split_by_hash  # pylint: disable=g-import-not-at-top
   return split_by_hash(all_documents(cfg_synthetic, seed), split, key=lambda d: d)
 
 

@@ -128,7 +128,8 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
   pindex, pcount = parallel.process_batch_slice(mesh)  # this process's rows of each batch
   # config.selective (RHO-1): the reference, its params (the step's aux) or cached L_ref rows.
-  sel = selective_lib.setup(cfg, workdir, tokenizer, mesh, rules, vocab_size=model_cfg.vocab_size)
+  sel = selective_lib.setup(cfg, workdir, tokenizer, mesh, rules, train=train,
+                            vocab_size=model_cfg.vocab_size)
   sel_kwargs, sel_args = (sel.step_kwargs, sel.args) if sel else ({}, ())
   train_iter = pipeline.make_train_iterator(cfg, tokenizer, process_index=pindex,
                                             process_count=pcount,

@@ -8,8 +8,8 @@ to the trainer (config section `selective`, see docs/rho1.md):
     `selective.reference` names (the corpus without `data.noise`, optionally only its first N
     documents); `selective.reference.steps > 0` trains it first when its run dir has no checkpoint.
     Any compatible run dir (same tokenizer, same model family) works as well.
-  * `load_reference(...)`: the reference's own ModelConfig (from its config.json) and its params,
-    placed on the training mesh with shardings derived by the same logical-axis rules as the model.
+  * `load_reference(...)`: the reference as a frozen model (`train.frozen`): its own ModelConfig
+    and its params only, placed on the training mesh by the same logical-axis rules as the model.
   * online scoring: the frozen reference params are the train step's `aux` argument and the
     reference forward runs inside the jitted step (`make_loss_fn`). For LLaDA both models see the
     same noisy batch (one mask and one t).
@@ -41,6 +41,7 @@ import numpy as np
 from pathways_jax import config as config_lib
 from pathways_jax import parallel
 from pathways_jax.objectives import selective as selective_lib
+from pathways_jax.train import frozen as frozen_lib
 
 _LOG = logging.getLogger(__name__)
 NEEDS_REFERENCE = ('excess', 'reference_loss', 'reference_entropy')
@@ -96,62 +97,45 @@ def reference_config(cfg):
   return ref
 
 
-def _has_checkpoint(ref_dir: str) -> bool:
-  ckpt_dir = os.path.join(ref_dir, 'checkpoints')
-  return os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
-
-
-def ensure_reference(cfg, workdir: str, *, quiet: bool = True) -> str:
-  """The reference run dir; trains it first (`selective.reference.steps` > 0) if it has none."""
+def ensure_reference(cfg, workdir: str, *, train: Callable, quiet: bool = True) -> str:
+  """The reference run dir; trains it first with `train` (the trainer, `train.loop.train`) when
+  `selective.reference.steps` > 0 and the run dir has no checkpoint."""
   ref_dir = reference_workdir(cfg, workdir)
-  if _has_checkpoint(ref_dir):
+  if frozen_lib.checkpoint_steps(ref_dir):
     return ref_dir
   if cfg.selective.reference.steps <= 0:
     raise FileNotFoundError(
         f'selective: no reference checkpoint in {ref_dir}; set config.selective.reference.workdir '
         'to a trained run dir, or config.selective.reference.steps > 0 to train one there')
-  from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
   _LOG.info('selective: training the reference in %s', ref_dir)
-  loop.train(reference_config(cfg), ref_dir, quiet=quiet)
+  train(reference_config(cfg), ref_dir, quiet=quiet)
   return ref_dir
 
 
-@dataclasses.dataclass
-class Reference:
-  run_dir: str
-  step: int
-  cfg: Any
-  model: Any  # Transformer of the reference's own ModelConfig
-  params: Any  # placed with `shardings` on the training mesh
-  shardings: Any
+# The reference is a frozen model: its own ModelConfig (from its config.json) and its params only,
+# placed on the training mesh under the training rules.
+Reference = frozen_lib.FrozenModel
 
 
 def load_reference(cfg, ref_dir: str, tokenizer, mesh, rules) -> Reference:
-  """The reference's model and params from its run dir, on the training mesh and rules."""
+  """The reference's model and params from its run dir, checked against the training run."""
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  from pathways_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
-  from pathways_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  ref_cfg = config_lib.load_run_config(ref_dir)
-  ref_tok = tokenizers.get_tokenizer(ref_cfg.data)
+  ref = frozen_lib.load(ref_dir, mesh, rules, step=cfg.selective.reference.step or None)
+  ref_tok = tokenizers.get_tokenizer(ref.run_cfg.data)
   if getattr(ref_tok, 'fingerprint', None) != getattr(tokenizer, 'fingerprint', None):
     raise config_lib.ConfigError(
         f'selective: the reference in {ref_dir} uses another tokenizer '
         f'({getattr(ref_tok, "fingerprint", "?")} vs {getattr(tokenizer, "fingerprint", "?")})')
-  vocab = ref_cfg.model.vocab_size or config_lib.round_vocab(ref_tok.vocab_size)
-  model_cfg = config_lib.ModelConfig.from_config(ref_cfg.model, vocab_size=vocab)
   causal = cfg.objective == 'autoregressive'
-  if model_cfg.causal != causal:
+  if ref.model_cfg.causal != causal:
     raise config_lib.ConfigError(
-        f'selective: the reference in {ref_dir} is {"causal" if model_cfg.causal else "bidirectional"}'
-        f', the objective {cfg.objective!r} needs a {"causal" if causal else "bidirectional"} one')
-  if model_cfg.max_len < cfg.data.seq_len:
-    raise config_lib.ConfigError(f'selective: the reference max_len={model_cfg.max_len} < '
+        f'selective: the reference in {ref_dir} is '
+        f'{"causal" if ref.model_cfg.causal else "bidirectional"}, the objective '
+        f'{cfg.objective!r} needs a {"causal" if causal else "bidirectional"} one')
+  if ref.model_cfg.max_len < cfg.data.seq_len:
+    raise config_lib.ConfigError(f'selective: the reference max_len={ref.model_cfg.max_len} < '
                                  f'data.seq_len={cfg.data.seq_len}')
-  model = Transformer(model_cfg)
-  example = np.zeros((cfg.data.batch_size, cfg.data.seq_len), np.int32)
-  step, params, shardings = ckpt_lib.restore_run_params(
-      ref_dir, model, ref_cfg.train, example, mesh, rules, cfg.selective.reference.step or None)
-  return Reference(ref_dir, step, ref_cfg, model, params, shardings)
+  return ref
 
 
 # ------------------------------------------------------------------------------------- the loss
@@ -334,13 +318,15 @@ class Setup:
     return {'loss_fn': self.loss_fn, 'aux_shardings': self.aux_shardings}
 
 
-def setup(cfg, workdir: str, tokenizer, mesh, rules, *, vocab_size=None) -> Setup | None:
-  """None unless `selective.enabled`; else the loss, the step's aux and the pipeline's fields."""
+def setup(cfg, workdir: str, tokenizer, mesh, rules, *, train: Callable, vocab_size=None
+          ) -> Setup | None:
+  """None unless `selective.enabled`; else the loss, the step's aux and the pipeline's fields.
+  `train` trains the reference when it is missing (ensure_reference)."""
   if not enabled(cfg):
     return None
   if not needs_reference(cfg):
     return Setup(make_loss_fn(), (), None, None, None)
-  ref = load_reference(cfg, ensure_reference(cfg, workdir), tokenizer, mesh, rules)
+  ref = load_reference(cfg, ensure_reference(cfg, workdir, train=train), tokenizer, mesh, rules)
   if cfg.selective.mode == 'offline':
     values = offline_ref_losses(cfg, tokenizer, ref, mesh, rules, vocab_size=vocab_size)
     return Setup(make_loss_fn(ref.model), (), None, {REF_LOSS: values}, ref)

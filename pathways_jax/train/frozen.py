@@ -1,0 +1,128 @@
+"""Frozen models: a trained model loaded as an input of another run (a reference, a teacher, the
+model to sample from), never trained there.
+
+`load(run_dir, mesh, rules)` reads a run directory's params — only the params: the checkpoint's
+optimizer moments, step counters and data-iterator state are never read (orbax partial restore) —
+and places them directly in the shardings the logical-axis rules give on `mesh`, whatever mesh the
+run was trained on. The model's config comes from the run's config.json, its vocabulary size from
+the checkpoint itself (no tokenizer needed), and a run that grew mid-way (config.growth) loads as
+the model its checkpoint holds.
+
+Two models in one step are two param trees for the same kind of `apply`:
+`frozen.model.apply({'params': frozen.params}, tokens_BL, ...)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from pathways_jax import config as config_lib
+from pathways_jax import parallel
+from pathways_jax.models.transformer import Transformer
+from pathways_jax.train.checkpoint import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenModel:
+  run_dir: str
+  step: int
+  run_cfg: ml_collections.ConfigDict  # the run's config.json, over base_config()
+  model_cfg: config_lib.ModelConfig
+  model: Transformer
+  params: Any  # placed with `shardings` on the mesh it was loaded for
+  shardings: Any
+
+
+def checkpoint_steps(run_dir: str) -> list[int]:
+  """The steps of the complete checkpoints in a run directory, oldest first."""
+  ckpt_dir = os.path.join(run_dir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(int(d) for d in os.listdir(ckpt_dir)
+                if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, 'state')))
+
+
+def _state_dir(run_dir: str, step: int | None) -> tuple[int, str]:
+  steps = checkpoint_steps(run_dir)
+  if not steps:
+    raise CheckpointError(f'{run_dir} holds no checkpoint ({os.path.join(run_dir, "checkpoints")} '
+                          'has no step directory with a saved state)')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f'{run_dir} has no checkpoint at step {step} (it has {steps})')
+  return step, os.path.join(run_dir, 'checkpoints', str(step), 'state')
+
+
+def _saved_param_shapes(state_dir: str) -> dict:
+  """{path: shape} of the params the checkpoint holds, from its metadata (no array is read)."""
+  try:
+    meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  except Exception as e:  # orbax raises many types; the user needs the path
+    raise CheckpointError(f'{state_dir} is not a readable checkpoint ({type(e).__name__}: '
+                          f'{str(e).splitlines()[0] if str(e) else ""})') from e
+  if not isinstance(meta, dict) or not isinstance(meta.get('params'), dict):
+    keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+    raise CheckpointError(f'{state_dir} holds no params (its state has {keys})')
+  return {jax.tree_util.keystr(p): tuple(m.shape)
+          for p, m in jax.tree_util.tree_leaves_with_path(meta['params'])}
+
+
+def model_config_of_run(run_cfg, step: int, saved_shapes: dict) -> config_lib.ModelConfig:
+  """The ModelConfig of the params a run saved at `step` (the grown one once a growth happened)."""
+  from pathways_jax.train import growth_phase  # pylint: disable=g-import-not-at-top
+  if "['embed']" not in saved_shapes:
+    raise CheckpointError(f'the checkpoint has no embedding table; params: {sorted(saved_shapes)}')
+  vocab = saved_shapes["['embed']"][0]
+  small = config_lib.ModelConfig.from_config(run_cfg.model, vocab_size=vocab)
+  return growth_phase.Growth(run_cfg, small).model_cfg_at(step)
+
+
+def abstract_params_and_shardings(model: Transformer, mesh, rules, example_BL=None):
+  """Shapes and NamedShardings of a model's params on `mesh` under `rules` (nothing allocated)."""
+  if example_BL is None:
+    example_BL = np.zeros((1, min(8, model.cfg.max_len)), np.int32)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(lambda k: model.init(k, example_BL)['params'], jax.random.key(0))
+    shardings = parallel.logical_to_sharding(boxed, mesh, rules)
+  return nn.unbox(boxed), shardings
+
+
+def restore_params(state_dir: str, abstract_params, shardings):
+  """Only the `params` subtree of a saved train state, placed with `shardings` (partial restore:
+  no other array of the checkpoint is read)."""
+  target = {'params': jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)}
+  args = ocp.args.PyTreeRestore(item=target,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)
+  try:
+    return ocp.PyTreeCheckpointer().restore(state_dir, args=args)['params']
+  except Exception as e:  # orbax raises many types; the user needs the path
+    raise CheckpointError(f'the params in {state_dir} could not be restored ({type(e).__name__}: '
+                          f'{str(e).splitlines()[0] if str(e) else ""})') from e
+
+
+def load(run_dir: str, mesh, rules, *, step: int | None = None) -> FrozenModel:
+  """The params of `run_dir`'s checkpoint `step` (default: the newest), sharded on `mesh`."""
+  run_cfg = config_lib.load_run_config(run_dir)
+  step, state_dir = _state_dir(run_dir, step)
+  saved = _saved_param_shapes(state_dir)
+  model_cfg = model_config_of_run(run_cfg, step, saved)
+  model = Transformer(model_cfg)
+  abstract, shardings = abstract_params_and_shardings(model, mesh, rules)
+  want = {jax.tree_util.keystr(p): tuple(a.shape)
+          for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
+  if want != saved:
+    diff = sorted(set(want.items()) ^ set(saved.items()))[:6]
+    raise CheckpointError(f'the params in {state_dir} do not match the model its config.json '
+                          f'describes (first differences, path and shape: {diff})')
+  params = restore_params(state_dir, abstract, shardings)
+  return FrozenModel(os.path.abspath(run_dir), step, run_cfg, model_cfg, model, params, shardings)

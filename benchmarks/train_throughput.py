@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pathways_jax import config as config_lib, host_memory, parallel  # noqa: E402
+from pathways_jax import config as config_lib, host_memory, parallel, tasks  # noqa: E402
 from pathways_jax.models.transformer import Transformer  # noqa: E402
 from pathways_jax.train import metrics, optimizer, state as state_lib, step as step_lib  # noqa: E402
 
@@ -43,7 +43,7 @@ def jax_step(cfg, model_cfg):
            'positions': np.tile(np.arange(l, dtype=np.int32), (b, 1))}
   _, shardings = state_lib.abstract_state_and_shardings(model, tx, batch['tokens'], mesh, rules)
   state = state_lib.init_state(model, tx, batch['tokens'], jax.random.key(0), mesh, rules)
-  fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
+  fn = step_lib.jit_train_step(cfg, tasks.make(cfg, model), tx, shardings, mesh)
   batch = jax.device_put(batch, parallel.batch_sharding(mesh))
   return fn, state, batch, mesh, rules
 

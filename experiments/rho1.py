@@ -205,12 +205,14 @@ def train_metrics(run_dir: str, last: int = 10) -> dict:
 def reference_val(cfg, ref_dir: str) -> float:
   """The reference model alone, on the same clean validation batches as the arms."""
   from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from pathways_jax.train import loop, selective, step as step_lib  # pylint: disable=g-import-not-at-top,multiple-import
+  from pathways_jax import tasks  # pylint: disable=g-import-not-at-top
+  from pathways_jax.tasks import rho1 as rho1_task  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top,multiple-import
   c = copy.deepcopy(cfg)
   c.selective.enabled = False
   tokenizer, _, _, mesh, rules = loop.build(c)
-  ref = selective.load_reference(c, ref_dir, tokenizer, mesh, rules)
-  eval_fn = step_lib.jit_eval_step(c, ref.model, ref.shardings, mesh)
+  ref = rho1_task.load_reference(c, ref_dir, tokenizer, mesh, rules)
+  eval_fn = step_lib.jit_eval_step(c, tasks.make(c, ref.model), ref.shardings, mesh)
   batches = pipeline.make_eval_batches(c, tokenizer)
   return loop.evaluate(eval_fn, ref.params, batches, mesh, rules)['val_loss']
 
@@ -229,10 +231,11 @@ def noise_share(cfg) -> float:
 
 def run_family(cfg, workdir: str, arms, *, log=print) -> dict:
   """Trains the reference (if needed) and `arms` in workdir; their validation numbers."""
-  from pathways_jax.train import loop, selective  # pylint: disable=g-import-not-at-top,multiple-import
+  from pathways_jax.tasks import rho1 as rho1_task  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
-  ref_dir = os.path.abspath(selective.reference_workdir(cfg, workdir))
-  selective.ensure_reference(arm_config(cfg, 'slm', ref_dir), workdir, train=loop.train)
+  ref_dir = os.path.abspath(rho1_task.reference_workdir(cfg, workdir))
+  rho1_task.ensure_reference(arm_config(cfg, 'slm', ref_dir), workdir, train=loop.train)
   out = {'ref_val': reference_val(cfg, ref_dir), 'reference_dir': ref_dir,
          'reference_train_s': time.perf_counter() - t0, 'arms': {}}
   log(f'reference: val {out["ref_val"]:.4f}')

@@ -49,7 +49,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from pathways_jax.objectives import selective as sel  # pylint: disable=g-import-not-at-top
-  from pathways_jax.train import loop, selective  # pylint: disable=g-import-not-at-top
+  from pathways_jax.tasks import rho1 as rho1_task  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('rho1', os.path.join(REPO, 'experiments',
                                                                     'rho1.py'))
   rho1 = importlib.util.module_from_spec(spec)
@@ -68,7 +69,7 @@ def main(argv):
   def load(run_dir, step=0):
     c = copy.deepcopy(cfg)
     c.selective.reference.step = step
-    return selective.load_reference(c, run_dir, tokenizer, mesh, rules)
+    return rho1_task.load_reference(c, run_dir, tokenizer, mesh, rules)
 
   def token_losses(ref_obj, batches):
     @jax.jit

@@ -22,6 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.name = 'experiment'
   c.objective = 'autoregressive'  # 'autoregressive' | 'diffusion'
+  # What is trained (pathways_jax.tasks): a registered task name; '' = `objective`, or 'rho1' when
+  # selective.enabled. A config file may register a task of its own.
+  c.task = ''
 
   c.model = m = ml_collections.ConfigDict()
   m.vocab_size = 0  # 0: take it from the tokenizer (rounded up to a multiple of 8)

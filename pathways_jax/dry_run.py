@@ -76,7 +76,6 @@ def run(cfg, *, num_devices: int | None = None, out=print) -> dict:
   n = devices_for(cfg, num_devices)
   prepare_devices(n)
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from pathways_jax import parallel  # pylint: disable=g-import-not-at-top
   from pathways_jax.models.transformer import count_params  # pylint: disable=g-import-not-at-top
@@ -84,6 +83,7 @@ def run(cfg, *, num_devices: int | None = None, out=print) -> dict:
   from pathways_jax.train import optimizer as opt_lib  # pylint: disable=g-import-not-at-top
   from pathways_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from pathways_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from pathways_jax import tasks  # pylint: disable=g-import-not-at-top
 
   if jax.device_count() != n:
     raise config_lib.ConfigError(f'dry run: wanted {n} fake devices but JAX has '
@@ -99,13 +99,14 @@ def run(cfg, *, num_devices: int | None = None, out=print) -> dict:
   abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
   state_in = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  batch_in = {k: jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=parallel.batch_sharding(mesh))
-              for k in ('tokens', 'segment_ids', 'positions')}
-  train_fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
+  task = tasks.make(cfg, model)
+  frozen_in = task.abstract_frozen(mesh, rules)  # e.g. a reference's params, as shapes
+  batch_in = task.batch_spec(B, L, sharding=parallel.batch_sharding(mesh))
+  train_fn = step_lib.jit_train_step(cfg, task, tx, shardings, mesh, frozen_in.aux_shardings)
   with jax.set_mesh(mesh):
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     with nn.logical_axis_rules(rules):
-      compiled = train_fn.lower(state_in, batch_in).compile()
+      compiled = train_fn.lower(state_in, batch_in, *frozen_in.step_args).compile()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -140,7 +141,7 @@ def run(cfg, *, num_devices: int | None = None, out=print) -> dict:
   out(f'dry run: {cfg.name} on {name} ({n} fake CPU devices), mesh {dict(mesh.shape)}')
   out(f'  model: {n_params / 1e9:.3f}B params, {model_cfg.num_layers} layers, '
       f'd={model_cfg.d_model}, heads={model_cfg.num_heads}/{model_cfg.num_kv_heads}, '
-      f'mlp={model_cfg.mlp_dim}, vocab={model_cfg.vocab_size}, {cfg.objective}, '
+      f'mlp={model_cfg.mlp_dim}, vocab={model_cfg.vocab_size}, task {task.describe()}, '
       f'param {model_cfg.param_dtype} / compute {model_cfg.dtype}, remat={model_cfg.remat}')
   out(f'  rules: {parallel.describe_rules(rules)}')
   out(f'  batch: {B} x {L} = {tokens_per_step:,} tokens/step, {B // parallel.data_parallel_size(mesh)}'

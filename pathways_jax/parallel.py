@@ -307,3 +307,9 @@ def sharded_bytes(abstract_tree, shardings) -> int:
     shard = s.shard_shape(a.shape)
     total += math.prod(shard) * np.dtype(a.dtype).itemsize
   return total
+
+
+def run_with_rules(mesh, rules, fn, *args):
+  """Calls (and, the first time, traces) a jitted fn under the mesh and logical-axis rules."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return fn(*args)

@@ -79,8 +79,9 @@ def xla_flags(devices: int | None = None) -> str:
   return ' '.join(flags)
 
 
-def cli(module: str, *args, timeout=300, **kw) -> subprocess.CompletedProcess:
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
+def cli(module: str, *args, timeout=300, env=None, **kw) -> subprocess.CompletedProcess:
+  """`python -m module args` in the repository; `env` adds to this process's environment."""
+  env = {**os.environ, **(env or {}), 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
   return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout, **kw)
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from pathways_jax import config as config_lib
-from pathways_jax import parallel
+from pathways_jax import parallel, tasks
 from pathways_jax.models.transformer import Transformer
 from pathways_jax.train import checkpoint as ckpt_lib
 from pathways_jax.train import optimizer, state as state_lib, step as step_lib
@@ -65,7 +65,7 @@ class Run:
     self.tx = optimizer.make_optimizer(cfg.train)
     self.abstract, self.shardings = state_lib.abstract_state_and_shardings(
         self.model, self.tx, np.zeros((B, L), np.int32), self.mesh, self.rules)
-    self.fn = step_lib.jit_train_step(cfg, self.model, self.tx, self.shardings, self.mesh)
+    self.fn = step_lib.jit_train_step(cfg, tasks.make(cfg, self.model), self.tx, self.shardings, self.mesh)
     self.state = None
 
   def init(self):

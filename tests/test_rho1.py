@@ -14,7 +14,9 @@ from pathways_jax import config as config_lib
 from pathways_jax import parallel
 from pathways_jax.data import pipeline, tokenizers
 from pathways_jax.models.transformer import Transformer
-from pathways_jax.train import loop, selective, step as step_lib
+from pathways_jax import tasks
+from pathways_jax.tasks import rho1 as rho1_task
+from pathways_jax.train import loop, step as step_lib
 
 from helpers import REPO, tiny_config
 from numerics import assert_close
@@ -40,7 +42,7 @@ def reference_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('rho1')
   cache = str(root / 'cache')
   cfg = _noisy_config(cache)
-  ref_dir = selective.ensure_reference(cfg, str(root / 'run'), train=loop.train)
+  ref_dir = rho1_task.ensure_reference(cfg, str(root / 'run'), train=loop.train)
   return cache, ref_dir
 
 
@@ -89,12 +91,12 @@ def test_online_and_offline_select_the_same_tokens(reference_run):
   cache, ref_dir = reference_run
   cfg = _noisy_config(cache, **{'selective.reference.workdir': ref_dir})
   tok, mesh, rules, model, params = _setup(cfg)
-  ref = selective.load_reference(cfg, ref_dir, tok, mesh, rules)
-  values = selective.offline_ref_losses(cfg, tok, ref, mesh, rules)
+  ref = rho1_task.load_reference(cfg, ref_dir, tok, mesh, rules)
+  values = rho1_task.offline_ref_losses(cfg, tok, ref, mesh, rules)
   online = pipeline.make_train_iterator(cfg, tok)
-  offline = pipeline.make_train_iterator(cfg, tok, row_fields={selective.REF_LOSS: values})
+  offline = pipeline.make_train_iterator(cfg, tok, row_fields={rho1_task.REF_LOSS: values})
   offline.set_state(online.get_state())  # state is the batch index: resume stays aligned
-  fn = jax.jit(lambda p, rp, b, k: selective.selective_loss(cfg, model, p, b, k, rp,
+  fn = jax.jit(lambda p, rp, b, k: rho1_task.selective_loss(cfg, model, p, b, k, rp,
                                                             ref_model=ref.model,
                                                             return_selected=True))
   key = jax.random.key(0)
@@ -102,12 +104,12 @@ def test_online_and_offline_select_the_same_tokens(reference_run):
     b_on, b_off = next(online), next(offline)
     np.testing.assert_array_equal(b_on['tokens'], b_off['tokens'])
     with _on(mesh, rules):  # the cached L_ref is the online reference forward, row by row
-      ref_on, _ = jax.jit(lambda rp, b: selective._ar_reference(ref.model, rp, b, False))(  # pylint: disable=protected-access
+      ref_on, _ = jax.jit(lambda rp, b: rho1_task._ar_reference(ref.model, rp, b, False))(  # pylint: disable=protected-access
           ref.params, b_on)
-    valid = np.asarray(selective.selective_lib.ar_token_losses(
+    valid = np.asarray(rho1_task.selective.ar_token_losses(
         np.zeros(b_on['tokens'].shape + (1,), np.float32), b_on['tokens'], b_on['segment_ids'])[1])
     terms = b_on['tokens'].size  # the reference forward and the losses reduce over the batch
-    assert_close(np.asarray(ref_on)[valid], b_off[selective.REF_LOSS][:, :-1][valid], terms=terms)
+    assert_close(np.asarray(ref_on)[valid], b_off[rho1_task.REF_LOSS][:, :-1][valid], terms=terms)
     with _on(mesh, rules):
       l_on, m_on, s_on = fn(params, ref.params, b_on, key)
       l_off, m_off, s_off = fn(params, None, b_off, key)
@@ -117,16 +119,16 @@ def test_online_and_offline_select_the_same_tokens(reference_run):
     for k in ('excess_kept', 'excess_dropped', 'noise_share_kept', 'noise_recall_dropped'):
       assert_close(m_on[k], m_off[k], terms=terms, err_msg=k)
   # Resume: a fresh offline iterator restored to batch 1 serves batch 1's rows and L_ref.
-  again = pipeline.make_train_iterator(cfg, tok, row_fields={selective.REF_LOSS: values})
+  again = pipeline.make_train_iterator(cfg, tok, row_fields={rho1_task.REF_LOSS: values})
   again.set_state(json.loads(json.dumps(offline.get_state())))
   nxt, ref_nxt = next(offline), next(again)
-  np.testing.assert_array_equal(nxt[selective.REF_LOSS], ref_nxt[selective.REF_LOSS])
+  np.testing.assert_array_equal(nxt[rho1_task.REF_LOSS], ref_nxt[rho1_task.REF_LOSS])
 
 
 def test_offline_cache_rejects_other_rows(tmp_path):
   rows = pipeline.PackedRows(np.arange(40, dtype=np.int32) % 9 + 4, np.array([10, 30]), 16)
   with pytest.raises(ValueError, match='made for other rows'):
-    rows.attach(selective.REF_LOSS, np.zeros((len(rows) + 1, 16), np.float32))
+    rows.attach(rho1_task.REF_LOSS, np.zeros((len(rows) + 1, 16), np.float32))
 
 
 @pytest.mark.parametrize('objective', ['autoregressive', 'diffusion'])
@@ -138,19 +140,19 @@ def test_ratio_one_is_the_plain_objective_and_noise_metrics(tmp_path, objective)
   batch = next(pipeline.make_train_iterator(cfg, tok))
   key = jax.random.key(3)
   with _on(mesh, rules):
-    plain, _ = step_lib.model_loss(cfg, model, params, batch, key)
-    sel, m = selective.selective_loss(cfg, model, params, batch, key)
+    plain, _ = tasks.get(cfg.objective)(cfg, model).loss(params, batch, key)
+    sel, m = rho1_task.selective_loss(cfg, model, params, batch, key)
   assert_close(sel, plain, terms=batch['tokens'].size)
   assert float(m['selected_fraction']) == 1.0 and float(m['noise_recall_dropped']) == 0.0
   # The oracle keeps exactly the clean targets: no noise kept, all of it dropped.
   cfg.selective.score = 'oracle'
   with _on(mesh, rules):
-    _, m = selective.selective_loss(cfg, model, params, batch, key)
+    _, m = rho1_task.selective_loss(cfg, model, params, batch, key)
   assert float(m['noise_share_kept']) == 0.0 and float(m['noise_recall_dropped']) == 1.0
   # A random 60%: about 60% of the targets, the noise share unchanged on average.
   cfg.selective.score, cfg.selective.ratio = 'random', 0.6
   with _on(mesh, rules):
-    _, m = selective.selective_loss(cfg, model, params, batch, key)
+    _, m = rho1_task.selective_loss(cfg, model, params, batch, key)
   assert abs(float(m['selected_fraction']) - 0.6) < 0.01
 
 

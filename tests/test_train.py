@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pathways_jax import config as config_lib
-from pathways_jax import parallel, sweep
+from pathways_jax import parallel, sweep, tasks
 from pathways_jax.models.transformer import Transformer
 from pathways_jax.train import frozen, loop, optimizer, state as state_lib, step as step_lib
 
@@ -37,7 +37,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
            'positions': np.tile(np.arange(32, dtype=np.int32), (4, 1))}
   _, shardings = state_lib.abstract_state_and_shardings(model, tx, tokens, mesh, rules)
   state = state_lib.init_state(model, tx, tokens, jax.random.key(0), mesh, rules)
-  fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
+  fn = step_lib.jit_train_step(cfg, tasks.make(cfg, model), tx, shardings, mesh)
   losses = []
   for _ in range(20):
     state, m = step_lib.run_with_rules(mesh, rules, fn, state, batch)
@@ -59,7 +59,7 @@ def test_gradient_accumulation_matches_the_full_batch():
     cfg.train.grad_accum = accum
     _, shardings = state_lib.abstract_state_and_shardings(model, tx, tokens, mesh, rules)
     state = state_lib.init_state(model, tx, tokens, jax.random.key(0), mesh, rules)
-    fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
+    fn = step_lib.jit_train_step(cfg, tasks.make(cfg, model), tx, shardings, mesh)
     state, m = step_lib.run_with_rules(mesh, rules, fn, state, batch)
     outs.append((float(m['loss']), state.params))
   # Two micro-batches sum the same per-token gradients in another order.
@@ -78,7 +78,7 @@ def test_non_finite_step_keeps_the_last_good_state():
   _, shardings = state_lib.abstract_state_and_shardings(model, tx, tokens, mesh, rules)
   state = state_lib.init_state(model, tx, tokens, jax.random.key(0), mesh, rules)
   poisoned = state.replace(params={**state.params, 'embed': state.params['embed'] * jnp.nan})
-  fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh)
+  fn = step_lib.jit_train_step(cfg, tasks.make(cfg, model), tx, shardings, mesh)
   before = jax.device_get(poisoned.params['final_norm']['scale'])
   after, _ = step_lib.run_with_rules(mesh, rules, fn, poisoned, batch)
   assert int(after.bad_step) == 0

@@ -87,8 +87,8 @@ def model_config_of_run(run_cfg, step: int, saved_shapes: dict) -> config_lib.Mo
 
 def abstract_params_and_shardings(model: Transformer, mesh, rules, example_BL=None):
   """Shapes and NamedShardings of a model's params on `mesh` under `rules` (nothing allocated)."""
-  if example_BL is None:
-    example_BL = np.zeros((1, min(8, model.cfg.max_len)), np.int32)
+  if example_BL is None:  # as many rows as devices: any batch sharding divides it
+    example_BL = np.zeros((mesh.size, min(8, model.cfg.max_len)), np.int32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(lambda k: model.init(k, example_BL)['params'], jax.random.key(0))
     shardings = parallel.logical_to_sharding(boxed, mesh, rules)
@@ -110,8 +110,7 @@ def restore_params(state_dir: str, abstract_params, shardings):
                           f'{str(e).splitlines()[0] if str(e) else ""})') from e
 
 
-def load(run_dir: str, mesh, rules, *, step: int | None = None) -> FrozenModel:
-  """The params of `run_dir`'s checkpoint `step` (default: the newest), sharded on `mesh`."""
+def _describe(run_dir: str, mesh, rules, step: int | None):
   run_cfg = config_lib.load_run_config(run_dir)
   step, state_dir = _state_dir(run_dir, step)
   saved = _saved_param_shapes(state_dir)
@@ -124,5 +123,21 @@ def load(run_dir: str, mesh, rules, *, step: int | None = None) -> FrozenModel:
     diff = sorted(set(want.items()) ^ set(saved.items()))[:6]
     raise CheckpointError(f'the params in {state_dir} do not match the model its config.json '
                           f'describes (first differences, path and shape: {diff})')
+  return run_cfg, step, state_dir, model_cfg, model, abstract, shardings
+
+
+def load(run_dir: str, mesh, rules, *, step: int | None = None) -> FrozenModel:
+  """The params of `run_dir`'s checkpoint `step` (default: the newest), sharded on `mesh`."""
+  run_cfg, step, state_dir, model_cfg, model, abstract, shardings = _describe(run_dir, mesh, rules,
+                                                                              step)
   params = restore_params(state_dir, abstract, shardings)
+  return FrozenModel(os.path.abspath(run_dir), step, run_cfg, model_cfg, model, params, shardings)
+
+
+def load_abstract(run_dir: str, mesh, rules, *, step: int | None = None) -> FrozenModel:
+  """`load` without reading any array: params are ShapeDtypeStructs carrying their shardings
+  (for the dry run, and for compiling a step ahead of loading)."""
+  run_cfg, step, _, model_cfg, model, abstract, shardings = _describe(run_dir, mesh, rules, step)
+  params = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return FrozenModel(os.path.abspath(run_dir), step, run_cfg, model_cfg, model, params, shardings)

@@ -21,12 +21,12 @@ import numpy as np
 from pathways_jax import config as config_lib
 from pathways_jax import host_memory
 from pathways_jax import parallel
+from pathways_jax import tasks
 from pathways_jax.models.transformer import Transformer, count_params
 from pathways_jax.train import checkpoint as ckpt_lib
 from pathways_jax.train import growth_phase
 from pathways_jax.train import metrics as metrics_lib
 from pathways_jax.train import optimizer as opt_lib
-from pathways_jax.train import selective as selective_lib
 from pathways_jax.train import state as state_lib
 from pathways_jax.train import step as step_lib
 
@@ -91,10 +91,11 @@ def _global_batch(batch, mesh):
   return parallel.global_batch(batch, mesh)
 
 
-def evaluate(eval_fn, params, batches, mesh, rules, *, perplexity: bool = True) -> dict:
+def evaluate(eval_fn, params, batches, mesh, rules, *, perplexity: bool = True,
+             aux_args: tuple = ()) -> dict:
   totals = {}
   for batch in batches:
-    m = step_lib.run_with_rules(mesh, rules, eval_fn, params, _global_batch(batch, mesh))
+    m = step_lib.run_with_rules(mesh, rules, eval_fn, params, _global_batch(batch, mesh), *aux_args)
     for k, v in m.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   out = {f'val_{k}': v / max(len(batches), 1) for k, v in totals.items() if k != 'num_tokens'}
@@ -123,18 +124,19 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
       f.write(cfg.to_json_best_effort(indent=2))
 
   tx = opt_lib.make_optimizer(cfg.train)
+  task = tasks.make(cfg, model)  # config.task: what is trained, its loss and frozen inputs
   growth = growth_phase.Growth(cfg, model_cfg)  # config.growth: the model grows mid-run
   example = np.zeros((cfg.data.batch_size, cfg.data.seq_len), np.int32)
   abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
   pindex, pcount = parallel.process_batch_slice(mesh)  # this process's rows of each batch
-  # config.selective (RHO-1): the reference, its params (the step's aux) or cached L_ref rows.
-  sel = selective_lib.setup(cfg, workdir, tokenizer, mesh, rules, train=train,
-                            vocab_size=model_cfg.vocab_size)
-  sel_kwargs, sel_args = (sel.step_kwargs, sel.args) if sel else ({}, ())
+  # The task's frozen inputs: e.g. RHO-1's reference params (the step's aux) or cached L_ref rows.
+  frozen_in = task.setup(tasks.RunContext(cfg, workdir, tokenizer, mesh, rules,
+                                          model_cfg.vocab_size, train=train))
+  aux_args = frozen_in.step_args
   train_iter = pipeline.make_train_iterator(cfg, tokenizer, process_index=pindex,
                                             process_count=pcount,
                                             vocab_size=model_cfg.vocab_size,
-                                            row_fields=sel and sel.row_fields)
+                                            row_fields=frozen_in.row_fields)
   eval_batches = pipeline.make_eval_batches(cfg, tokenizer, process_index=pindex,
                                             process_count=pcount)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints,
@@ -142,6 +144,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   start = ckpt.latest_step()
   if start is not None and growth.grown_by(start):  # checkpoints from growth.at_step on are grown
     model_cfg, model, tx, abstract, shardings = growth.parts(start, example, mesh, rules)
+    task = task.with_model(model)
   if start is not None:
     state = ckpt.restore(start, abstract, shardings, train_iter)
     _LOG.info('resumed from step %d', start)
@@ -149,8 +152,8 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
     state = state_lib.init_state(model, tx, example, jax.random.key(cfg.seed), mesh, rules)
     start = 0
 
-  train_fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh, **sel_kwargs)
-  eval_fn = step_lib.jit_eval_step(cfg, model, shardings.params, mesh)
+  train_fn = step_lib.jit_train_step(cfg, task, tx, shardings, mesh, frozen_in.aux_shardings)
+  eval_fn = step_lib.jit_eval_step(cfg, task, shardings.params, mesh, frozen_in.aux_shardings)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_lead)
   peak, peak_source = metrics_lib.peak_flops_per_device(cfg.train.peak_flops)
   fpt = metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len)
@@ -158,13 +161,14 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
 
   def grow(state):
     """The growth (growth.at_step): new state, model, optimizer, shardings and jitted steps."""
-    nonlocal model_cfg, model, tx, shardings, train_fn, eval_fn, fpt, n_params
+    nonlocal model_cfg, model, task, tx, shardings, train_fn, eval_fn, fpt, n_params
     evaluate_now = lambda p: evaluate(eval_fn, p, eval_batches, mesh, rules,
-                                      perplexity=cfg.objective == 'autoregressive')['val_loss']
+                                      perplexity=task.perplexity, aux_args=aux_args)['val_loss']
     before = evaluate_now(state.params)
     state, model_cfg, model, tx, shardings = growth.grow_state(state, example, mesh, rules)
-    train_fn = step_lib.jit_train_step(cfg, model, tx, shardings, mesh, **sel_kwargs)
-    eval_fn = step_lib.jit_eval_step(cfg, model, shardings.params, mesh)
+    task = task.with_model(model)
+    train_fn = step_lib.jit_train_step(cfg, task, tx, shardings, mesh, frozen_in.aux_shardings)
+    eval_fn = step_lib.jit_eval_step(cfg, task, shardings.params, mesh, frozen_in.aux_shardings)
     fpt = metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len)
     n_params = count_params(state.params)
     after = evaluate_now(state.params)
@@ -179,9 +183,9 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   stop = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
   if is_lead and not quiet:
     print(f'model: {n_params / 1e6:.2f}M params, {model_cfg.num_layers} layers, d={model_cfg.d_model}, '
-          f'vocab={model_cfg.vocab_size} ({tokenizer.name}); objective={cfg.objective}; '
+          f'vocab={model_cfg.vocab_size} ({tokenizer.name}); task={task.describe()}; '
           f'mesh={dict(mesh.shape)}; peak={peak / 1e9:.1f} GFLOP/s/device ({peak_source})')
-    for line in growth.describe():
+    for line in (*frozen_in.describe, *growth.describe()):
       print(line)
 
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
@@ -206,8 +210,11 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   with _Preemption() as preempt:
     try:
       while step < stop:
-        batch = _global_batch(next(train_iter), mesh)
-        state, m = step_lib.run_with_rules(mesh, rules, train_fn, state, batch, *sel_args)
+        host_batch = next(train_iter)
+        if step == start:
+          task.check_batch(host_batch)  # a missing field is named before the step compiles
+        batch = _global_batch(host_batch, mesh)
+        state, m = step_lib.run_with_rules(mesh, rules, train_fn, state, batch, *aux_args)
         if trimmed_after is not train_fn:  # its first call compiled it
           host_memory.release_free_memory()
           trimmed_after = train_fn
@@ -231,7 +238,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
         bar.update(1)
         if step % cfg.train.eval_every == 0 and step != stop:
           val = evaluate(eval_fn, state.params, eval_batches, mesh, rules,
-                         perplexity=cfg.objective == 'autoregressive')
+                         perplexity=task.perplexity, aux_args=aux_args)
           writer.write(step, val)
           if trimmed_eval_after is not eval_fn:  # its first call compiled it
             host_memory.release_free_memory()
@@ -266,7 +273,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
                          'val_loss_after': last.get('growth_val_loss_after')}
   if status == 'completed':
     val = evaluate(eval_fn, state.params, eval_batches, mesh, rules,
-                         perplexity=cfg.objective == 'autoregressive')
+                   perplexity=task.perplexity, aux_args=aux_args)
     writer.write(step, val)
     results.update(val)
     if is_lead and not quiet:

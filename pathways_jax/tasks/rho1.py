@@ -1,4 +1,4 @@
-"""RHO-1 in the trainer: the reference model, online/offline scoring, the selective step loss.
+"""RHO-1 as a task ('rho1'): the reference model, online/offline scoring, the selective loss.
 
 The pure selection and loss live in `pathways_jax.objectives.selective`; this module connects them
 to the trainer (config section `selective`, see docs/rho1.md):
@@ -11,8 +11,8 @@ to the trainer (config section `selective`, see docs/rho1.md):
   * `load_reference(...)`: the reference as a frozen model (`train.frozen`): its own ModelConfig
     and its params only, placed on the training mesh by the same logical-axis rules as the model.
   * online scoring: the frozen reference params are the train step's `aux` argument and the
-    reference forward runs inside the jitted step (`make_loss_fn`). For LLaDA both models see the
-    same noisy batch (one mask and one t).
+    reference forward runs inside the jitted step (`Rho1Task.loss`). For LLaDA both models see
+    the same noisy batch (one mask and one t).
   * offline scoring (autoregressive only): `score_rows` runs the reference once over every packed
     training row and caches L_ref as a [num_rows, seq_len] array (`ref_loss[r, i]` = loss of
     predicting token i+1 of row r; last column 0), keyed by a hash of the packed rows and the
@@ -21,18 +21,17 @@ to the trainer (config section `selective`, see docs/rho1.md):
   * scores 'random' (a uniformly random `ratio` of the targets: the control) and 'oracle' (every
     target that is not known noise: the upper bound) need no reference.
 
-`setup(cfg, workdir, tokenizer, mesh, rules)` returns what `train.loop.train` needs (None when
-`selective.enabled` is False).
+`Rho1Task.setup` loads (or trains) the reference and returns the step's frozen inputs; validation
+measures the base objective's plain loss, so every arm is compared on the same quantity.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import logging
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,9 @@ import numpy as np
 
 from pathways_jax import config as config_lib
 from pathways_jax import parallel
-from pathways_jax.objectives import selective as selective_lib
+from pathways_jax.objectives import selective
+from pathways_jax.tasks.registry import get as get_task, register
+from pathways_jax.tasks.base import COUNT, FrozenInputs, RunContext, Task
 from pathways_jax.train import frozen as frozen_lib
 
 _LOG = logging.getLogger(__name__)
@@ -144,8 +145,8 @@ def _ar_reference(ref_model, ref_params, batch, with_entropy: bool):
   tokens, segments = batch['tokens'], batch['segment_ids']
   logits = ref_model.apply({'params': jax.lax.stop_gradient(ref_params)}, tokens,
                            positions_BL=batch['positions'], segment_ids_BL=segments)
-  ref, _ = selective_lib.ar_token_losses(logits, tokens, segments)
-  ent = selective_lib.token_entropy(logits[:, :-1]) if with_entropy else None
+  ref, _ = selective.ar_token_losses(logits, tokens, segments)
+  ent = selective.token_entropy(logits[:, :-1]) if with_entropy else None
   return jax.lax.stop_gradient(ref), ent
 
 
@@ -167,7 +168,7 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
   if cfg.objective == 'autoregressive':
     logits = model.apply({'params': params}, tokens, positions_BL=positions,
                          segment_ids_BL=segments)
-    tok, valid = selective_lib.ar_token_losses(logits, tokens, segments)
+    tok, valid = selective.ar_token_losses(logits, tokens, segments)
     noise_t = None if noise is None else noise[:, 1:].astype(bool)
     ent = None
     if not need_ref:
@@ -179,22 +180,22 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
     weights, n_positions = None, None
   elif cfg.objective == 'diffusion':
     from pathways_jax.objectives import diffusion  # pylint: disable=g-import-not-at-top
-    # The draws of step.model_loss, so the uniform and selective arms see the same masks.
+    # The draws of the 'diffusion' task, so the uniform and selective arms see the same masks.
     noisy, masked, p_mask, in_row = diffusion.pretraining_draws(
         key, tokens, segments, mask_id=cfg.data.mask_id, eps=cfg.diffusion.eps,
         random_length_prob=cfg.diffusion.random_length_prob)
     kw = dict(positions_BL=positions, segment_ids_BL=segments * in_row)
     logits = model.apply({'params': params}, noisy, **kw)
-    tok, weights, valid = selective_lib.diffusion_token_losses(logits, tokens, masked & in_row,
+    tok, weights, valid = selective.diffusion_token_losses(logits, tokens, masked & in_row,
                                                                p_mask)
     noise_t = None if noise is None else noise.astype(bool)
     ent = None
     if need_ref:
       ref_logits = ref_model.apply({'params': jax.lax.stop_gradient(ref_params)}, noisy, **kw)
-      ref, _, _ = selective_lib.diffusion_token_losses(ref_logits, tokens, masked & in_row, p_mask)
+      ref, _, _ = selective.diffusion_token_losses(ref_logits, tokens, masked & in_row, p_mask)
       ref = jax.lax.stop_gradient(ref)
       if score == 'reference_entropy':
-        ent = selective_lib.token_entropy(ref_logits)
+        ent = selective.token_entropy(ref_logits)
     else:
       ref = jnp.zeros_like(tok)
     n_positions = in_row.astype(jnp.float32).sum()  # LLaDA's denominator (B*L without padding)
@@ -212,26 +213,15 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
   if n_positions is not None:  # LLaDA: sum of CE/p_mask over kept tokens / (ratio * positions)
     normalizer = ((in_row & ~noise_t).astype(jnp.float32).sum() if score == 'oracle'
                   else ratio * n_positions)
-  loss, metrics = selective_lib.loss(tok, ref, valid, ratio, per_sequence=sl.per_sequence,
+  loss, metrics = selective.loss(tok, ref, valid, ratio, per_sequence=sl.per_sequence,
                                      score=kind, ref_entropy_BL=ent, score_BL=score_BL,
                                      weights_BL=weights, normalizer=normalizer, noise_BL=noise_t)
   if return_selected:
-    s = score_BL if score_BL is not None else selective_lib.selection_score(
+    s = score_BL if score_BL is not None else selective.selection_score(
         tok, ref, score=kind, ref_entropy_BL=ent)
-    return loss, metrics, selective_lib.select_tokens(s, valid, ratio,
+    return loss, metrics, selective.select_tokens(s, valid, ratio,
                                                       per_sequence=sl.per_sequence)
   return loss, metrics
-
-
-def make_loss_fn(ref_model=None) -> Callable:
-  """A loss with `step.model_loss`'s signature; `aux` is the reference params (online) or None."""
-  from pathways_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-
-  def loss_fn(cfg, model, params, batch, key, aux=None):
-    if not enabled(cfg):
-      return step_lib.model_loss(cfg, model, params, batch, key)
-    return selective_loss(cfg, model, params, batch, key, aux, ref_model=ref_model)
-  return loss_fn
 
 
 # ------------------------------------------------------------------------------ offline scoring
@@ -255,12 +245,11 @@ def score_rows(cfg, rows, ref: Reference, mesh, rules) -> np.ndarray:
     raise config_lib.ConfigError('selective: offline scoring runs on one process; score once '
                                  'with a single process (the cache is then read by every one)')
   from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from pathways_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   B, L = cfg.data.batch_size, rows.seq_len
 
   def fn(params, batch):
     ref_BL, _ = _ar_reference(ref.model, params, batch, False)
-    valid = selective_lib.ar_token_losses(jnp.zeros(batch['tokens'].shape + (1,)),
+    valid = selective.ar_token_losses(jnp.zeros(batch['tokens'].shape + (1,)),
                                           batch['tokens'], batch['segment_ids'])[1]
     ref_BL = jnp.where(valid, ref_BL, 0.0)
     return jnp.pad(ref_BL, ((0, 0), (0, 1)))
@@ -271,7 +260,7 @@ def score_rows(cfg, rows, ref: Reference, mesh, rules) -> np.ndarray:
   for start in range(0, len(rows), B):
     batch = pipeline._stack([rows[start + i] for i in range(B)])  # pylint: disable=protected-access
     batch = {k: batch[k] for k in ('tokens', 'segment_ids', 'positions')}
-    res = np.asarray(step_lib.run_with_rules(mesh, rules, jitted, ref.params,
+    res = np.asarray(parallel.run_with_rules(mesh, rules, jitted, ref.params,
                                              jax.device_put(batch, parallel.batch_sharding(mesh))))
     n = min(B, len(rows) - start)
     out[start:start + n] = res[:n]
@@ -302,45 +291,68 @@ def offline_ref_losses(cfg, tokenizer, ref: Reference, mesh, rules, *, vocab_siz
   return values
 
 
-# ------------------------------------------------------------------------------------ the setup
+# ------------------------------------------------------------------------------------- the task
 
-@dataclasses.dataclass
-class Setup:
-  """What `train.loop.train` needs for a selective run."""
-  loss_fn: Callable
-  args: tuple  # extra arguments of the jitted train step after (state, batch)
-  aux_shardings: Any  # None when the step takes no aux (offline, or no reference)
-  row_fields: dict | None  # per-row fields for the pipeline (offline L_ref)
-  reference: Reference | None
+@register('rho1')
+class Rho1Task(Task):
+  """Selective language modelling over the base objective `config.objective` (AR or LLaDA)."""
 
-  @property
-  def step_kwargs(self) -> dict:
-    return {'loss_fn': self.loss_fn, 'aux_shardings': self.aux_shardings}
+  def __init__(self, cfg, model):
+    super().__init__(cfg, model)
+    self.base = get_task(cfg.objective)(cfg, model)
+    self.perplexity = self.base.perplexity
+    self.ref_model = None  # set by setup when a reference scores online or offline
+
+  def with_model(self, model):
+    task = super().with_model(model)
+    task.base = self.base.with_model(model)
+    return task
+
+  def batch_fields(self):
+    fields = self.base.batch_fields()
+    if needs_reference(self.cfg) and self.cfg.selective.mode == 'offline':
+      fields[REF_LOSS] = jnp.float32
+    if self.cfg.selective.score == 'oracle':
+      fields['noise'] = jnp.int32
+    return fields
+
+  def setup(self, run: RunContext) -> FrozenInputs:
+    cfg = self.cfg
+    if not needs_reference(cfg):
+      return FrozenInputs()
+    ref = load_reference(cfg, ensure_reference(cfg, run.workdir, train=run.train), run.tokenizer,
+                         run.mesh, run.rules)
+    self.ref_model = ref.model
+    about = (f'rho1: reference {ref.run_dir} (step {ref.step}), {cfg.selective.mode} scoring',)
+    if cfg.selective.mode == 'offline':
+      values = offline_ref_losses(cfg, run.tokenizer, ref, run.mesh, run.rules,
+                                  vocab_size=run.vocab_size)
+      return FrozenInputs(row_fields={REF_LOSS: values}, describe=about)
+    return FrozenInputs(aux=ref.params, aux_shardings=ref.shardings, describe=about)
+
+  def abstract_frozen(self, mesh, rules) -> FrozenInputs:
+    """Online scoring's reference params as shapes: the model with `selective.reference`'s sizes
+    (its run directory is not read in a dry run)."""
+    if not needs_reference(self.cfg) or self.cfg.selective.mode == 'offline':
+      return FrozenInputs()
+    from pathways_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+    rf = self.cfg.selective.reference
+    sizes = {k: rf[k] for k in ('d_model', 'num_layers', 'mlp_dim') if rf[k]}
+    ref_model = Transformer(self.model.cfg.replace(**sizes))
+    self.ref_model = ref_model
+    abstract, shardings = frozen_lib.abstract_params_and_shardings(ref_model, mesh, rules)
+    aux = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 abstract, shardings)
+    return FrozenInputs(aux=aux, aux_shardings=shardings)
+
+  def loss(self, params, batch, key, aux=None):
+    loss, metrics = selective_loss(self.cfg, self.model, params, batch, key, aux,
+                                   ref_model=self.ref_model)
+    return loss, {**metrics, COUNT: metrics['num_selected']}
+
+  def eval_loss(self, params, batch, key, aux=None):
+    return self.base.loss(params, batch, key)
 
 
-def setup(cfg, workdir: str, tokenizer, mesh, rules, *, train: Callable, vocab_size=None
-          ) -> Setup | None:
-  """None unless `selective.enabled`; else the loss, the step's aux and the pipeline's fields.
-  `train` trains the reference when it is missing (ensure_reference)."""
-  if not enabled(cfg):
-    return None
-  if not needs_reference(cfg):
-    return Setup(make_loss_fn(), (), None, None, None)
-  ref = load_reference(cfg, ensure_reference(cfg, workdir, train=train), tokenizer, mesh, rules)
-  if cfg.selective.mode == 'offline':
-    values = offline_ref_losses(cfg, tokenizer, ref, mesh, rules, vocab_size=vocab_size)
-    return Setup(make_loss_fn(ref.model), (), None, {REF_LOSS: values}, ref)
-  return Setup(make_loss_fn(ref.model), (ref.params,), ref.shardings, None, ref)
-
-
-def train_step_fn(cfg, model, tx, state_shardings, mesh, sel: Setup | None):
-  """`step.jit_train_step` for a selective run (or the plain one when `sel` is None)."""
-  from pathways_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  if sel is None:
-    return step_lib.jit_train_step(cfg, model, tx, state_shardings, mesh)
-  return step_lib.jit_train_step(cfg, model, tx, state_shardings, mesh, **sel.step_kwargs)
-
-
-__all__ = ('setup', 'Setup', 'selective_loss', 'make_loss_fn', 'reference_config',
-           'ensure_reference', 'load_reference', 'score_rows', 'offline_ref_losses', 'Reference',
-           'REF_LOSS')
+__all__ = ('Rho1Task', 'selective_loss', 'reference_config', 'ensure_reference', 'load_reference',
+           'score_rows', 'offline_ref_losses', 'Reference', 'REF_LOSS')

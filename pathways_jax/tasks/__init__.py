@@ -1,0 +1,6 @@
+"""Tasks: what the trainer trains (see base.py). Built in: 'autoregressive', 'diffusion' (LLaDA
+pretraining), 'rho1' (selective language modelling over either)."""
+from pathways_jax.tasks.base import COUNT, FrozenInputs, RunContext, Task
+from pathways_jax.tasks.registry import get, make, names, register, task_name
+from pathways_jax.tasks import pretrain  # pylint: disable=unused-import  (registers its tasks)
+from pathways_jax.tasks import rho1  # pylint: disable=unused-import

@@ -1,0 +1,110 @@
+"""What a training kind is, as the trainer sees it: a Task.
+
+A task says what a batch holds (`batch_fields`, for shardings, the data pipeline and the dry run),
+what frozen inputs it needs (`setup`: frozen models' params passed to every step as `aux`, per-row
+fields served beside the tokens), and its loss over a batch — a pure function the train step
+differentiates and the eval step calls with a fixed key:
+
+    loss, metrics = task.loss(params, batch, key, aux)
+
+`metrics[COUNT]` (optional) is how many units (tokens, positions) the loss is a mean over. With
+gradient accumulation the step weights each micro-batch by it, so the loss stays the exact mean
+over the whole batch's units however they fall into micro-batches and packed rows; the step
+removes it from the metrics it logs. Tasks are registered by name (`pathways_jax.tasks.register`)
+and chosen by `config.task`; the trainer never branches on the name.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pathways_jax.config import ConfigError
+
+COUNT = 'loss_count'
+TOKEN_FIELDS = ('tokens', 'segment_ids', 'positions')
+
+
+@dataclasses.dataclass
+class RunContext:
+  """What a task's setup may use: the run's config and directory, tokenizer, mesh and rules, and
+  the trainer itself (to train a missing frozen input, e.g. RHO-1's reference)."""
+  cfg: Any
+  workdir: str
+  tokenizer: Any
+  mesh: Any
+  rules: Any
+  vocab_size: int
+  train: Callable | None = None
+
+
+@dataclasses.dataclass
+class FrozenInputs:
+  """A task's inputs that are not trained: `aux` (a pytree, e.g. a reference's params, placed
+  with `aux_shardings`) is an argument of every train and eval step; `row_fields` are per-row
+  arrays [num_rows, L] the pipeline serves beside each row's tokens."""
+  aux: Any = None
+  aux_shardings: Any = None
+  row_fields: dict[str, np.ndarray] | None = None
+  describe: tuple[str, ...] = ()  # lines the trainer prints at the start
+
+  @property
+  def step_args(self) -> tuple:
+    return () if self.aux_shardings is None else (self.aux,)
+
+
+class Task:
+  """A training kind. Subclasses set `name` (by `register`) and implement `loss`."""
+  name: ClassVar[str] = ''
+  perplexity: ClassVar[bool] = False  # validation reports exp(val_ce)
+
+  def __init__(self, cfg, model):
+    self.cfg, self.model = cfg, model
+
+  def with_model(self, model) -> 'Task':
+    """The same task for another model (after growth)."""
+    task = copy.copy(self)
+    task.model = model
+    return task
+
+  # -- the batch ------------------------------------------------------------------------------
+  def batch_fields(self) -> dict[str, Any]:
+    """Field name -> dtype of the [B, L] arrays a batch holds."""
+    return {k: jnp.int32 for k in TOKEN_FIELDS}
+
+  def batch_spec(self, batch_size: int, seq_len: int, sharding=None) -> dict:
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=sharding)
+            for k, dtype in self.batch_fields().items()}
+
+  def check_batch(self, batch: dict) -> None:
+    """A batch without a field the task needs is named before anything compiles."""
+    missing = sorted(set(self.batch_fields()) - set(batch))
+    if missing:
+      raise ConfigError(f'task {self.name!r} needs batch fields {missing}; the batch has '
+                        f'{sorted(batch)}')
+
+  # -- frozen inputs ------------------------------------------------------------------------
+  def setup(self, run: RunContext) -> FrozenInputs:
+    del run
+    return FrozenInputs()
+
+  def abstract_frozen(self, mesh, rules) -> FrozenInputs:
+    """The frozen inputs as shapes with shardings, for the dry run (nothing is read)."""
+    del mesh, rules
+    return FrozenInputs()
+
+  # -- the loss -------------------------------------------------------------------------------
+  def loss(self, params, batch: dict, key: jax.Array, aux: Any = None
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    raise NotImplementedError
+
+  def eval_loss(self, params, batch: dict, key: jax.Array, aux: Any = None):
+    """What validation measures; the training loss unless a task says otherwise."""
+    return self.loss(params, batch, key, aux)
+
+  def describe(self) -> str:
+    return self.name

@@ -1,0 +1,44 @@
+"""Pretraining tasks: next-token prediction (AR) and LLaDA's masked diffusion."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pathways_jax.objectives import autoregressive, diffusion
+from pathways_jax.tasks.base import COUNT, Task
+from pathways_jax.tasks.registry import register
+
+
+@register('autoregressive')
+class AutoregressiveTask(Task):
+  """Mean next-token cross-entropy over the targets inside each packed document (+ z-loss)."""
+  perplexity = True
+
+  def loss(self, params, batch, key, aux=None):
+    del key, aux
+    tokens, segments = batch['tokens'], batch['segment_ids']
+    logits = self.model.apply({'params': params}, tokens, positions_BL=batch['positions'],
+                              segment_ids_BL=segments)
+    loss, metrics = autoregressive.loss(logits, tokens, segments, z_loss=self.cfg.train.z_loss)
+    return loss, {**metrics, COUNT: metrics['num_tokens']}
+
+
+@register('diffusion')
+class DiffusionTask(Task):
+  """LLaDA pretraining: a random mask rate per row, CE / p_mask over masked tokens / (B * L)."""
+
+  def loss(self, params, batch, key, aux=None):
+    del aux
+    tokens, segments = batch['tokens'], batch['segment_ids']
+    noisy, masked, p_mask, valid = self.draws(batch, key)
+    logits = self.model.apply({'params': params}, noisy, positions_BL=batch['positions'],
+                              segment_ids_BL=segments * valid)
+    loss, metrics = diffusion.loss(logits, tokens, masked, p_mask, valid_BL=valid)
+    return loss, {**metrics, COUNT: valid.astype(jnp.float32).sum()}
+
+  def draws(self, batch, key: jax.Array):
+    """(noisy, masked, p_mask, valid) of a batch: the mask (and random length) LLaDA draws."""
+    c = self.cfg
+    return diffusion.pretraining_draws(key, batch['tokens'], batch['segment_ids'],
+                                       mask_id=c.data.mask_id, eps=c.diffusion.eps,
+                                       random_length_prob=c.diffusion.random_length_prob)

@@ -1,0 +1,75 @@
+"""Training a subset of the parameters (`train.trainable`): the rest stays frozen, stored once.
+
+A param's path is its keys joined by '/', e.g. 'blocks_0/attn/wq', 'final_norm/scale' (with
+`model.scan_layers`: 'blocks/attn/wq'). `train.trainable` is a regular expression; the params
+whose path it matches in full (`re.fullmatch`) are trained, the others are frozen:
+
+  * the train state (and so every checkpoint and the optimizer state) holds only the trainable
+    subtree;
+  * the frozen subtree is an argument of the jitted step, placed once with its shardings, saved
+    once in WORKDIR/frozen_params and restored from there on resume;
+  * gradients are taken with respect to the trainable subtree only, so XLA never computes the
+    frozen weights' gradients (the weight-gradient matmuls of frozen layers are dead code).
+
+Both subtrees are nested dicts with the model's keys; `merge` puts them back together (no copy:
+the leaves are the same arrays). Added trees (adapters, a value head) are trainable subtrees too.
+"""
+from __future__ import annotations
+
+import re
+
+import jax
+
+from pathways_jax.config import ConfigError
+
+
+def path_of(key_path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in key_path)
+
+
+def param_paths(params) -> list[str]:
+  return [path_of(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def _build(pairs):
+  out = {}
+  for path, leaf in pairs:
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = leaf
+  return out
+
+
+def split(params, pattern: str) -> tuple[dict, dict]:
+  """(trainable, frozen): the leaves whose path `pattern` matches in full, and the others.
+
+  A pattern that matches no param is an error listing the paths it could match.
+  """
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f'config.train.trainable={pattern!r} is not a regular expression: {e}') from e
+  trainable, frozen = [], []
+  for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    keys = tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in key_path)
+    (trainable if regex.fullmatch('/'.join(keys)) else frozen).append((keys, leaf))
+  if not trainable:
+    paths = param_paths(params)
+    raise ConfigError(f'config.train.trainable={pattern!r} matches no parameter; the paths are: '
+                      + ', '.join(paths[:40]) + (' ...' if len(paths) > 40 else ''))
+  return _build(trainable), _build(frozen)
+
+
+def merge(trainable: dict, frozen: dict | None) -> dict:
+  """The whole param tree from its two parts."""
+  if not frozen:
+    return trainable
+  out = dict(frozen)
+  for k, v in trainable.items():
+    out[k] = merge(v, out[k]) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def enabled(cfg) -> bool:
+  return bool(cfg.train.get('trainable'))

@@ -102,3 +102,30 @@ def restore_run_params(workdir: str, model, train_cfg, example_BL, mesh, rules,
   finally:
     ckpt.close()
   return int(step), params, shardings.params
+
+
+FROZEN_PARAMS = 'frozen_params'  # WORKDIR/frozen_params: the params a subset-trained run freezes
+
+
+def save_frozen_params(workdir: str, params) -> None:
+  """Saves the frozen part of a subset-trained run's params, once (train/trainable.py)."""
+  ocp.PyTreeCheckpointer().save(os.path.join(os.path.abspath(workdir), FROZEN_PARAMS), params,
+                                force=True)
+
+
+def restore_frozen_params(workdir: str, abstract, shardings):
+  """The frozen params saved by `save_frozen_params`, placed with `shardings`."""
+  path = os.path.join(os.path.abspath(workdir), FROZEN_PARAMS)
+  if not os.path.isdir(path):
+    raise CheckpointError(f'{path} is missing: a run that trains a subset (config.train.trainable)'
+                          ' keeps its frozen params there, and its checkpoints cannot resume '
+                          'without them')
+  target = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  try:
+    return ocp.PyTreeCheckpointer().restore(
+        path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  except Exception as e:  # orbax raises many types; the user needs the path
+    raise CheckpointError(f'the frozen params in {path} could not be restored '
+                          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from e

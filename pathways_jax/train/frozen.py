@@ -26,7 +26,8 @@ import orbax.checkpoint as ocp
 from pathways_jax import config as config_lib
 from pathways_jax import parallel
 from pathways_jax.models.transformer import Transformer
-from pathways_jax.train.checkpoint import CheckpointError
+from pathways_jax.train import trainable as trainable_lib
+from pathways_jax.train.checkpoint import FROZEN_PARAMS, CheckpointError, restore_frozen_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,26 +62,40 @@ def _state_dir(run_dir: str, step: int | None) -> tuple[int, str]:
   return step, os.path.join(run_dir, 'checkpoints', str(step), 'state')
 
 
+def _metadata(path: str):
+  try:
+    return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+  except Exception as e:  # orbax raises many types; the user needs the path
+    raise CheckpointError(f'{path} is not a readable checkpoint ({type(e).__name__}: '
+                          f'{str(e).splitlines()[0] if str(e) else ""})') from e
+
+
+def _shapes(tree) -> dict:
+  return {trainable_lib.path_of(p): tuple(m.shape)
+          for p, m in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _saved_param_shapes(state_dir: str) -> dict:
   """{path: shape} of the params the checkpoint holds, from its metadata (no array is read)."""
-  try:
-    meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
-  except Exception as e:  # orbax raises many types; the user needs the path
-    raise CheckpointError(f'{state_dir} is not a readable checkpoint ({type(e).__name__}: '
-                          f'{str(e).splitlines()[0] if str(e) else ""})') from e
+  meta = _metadata(state_dir)
   if not isinstance(meta, dict) or not isinstance(meta.get('params'), dict):
     keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
     raise CheckpointError(f'{state_dir} holds no params (its state has {keys})')
-  return {jax.tree_util.keystr(p): tuple(m.shape)
-          for p, m in jax.tree_util.tree_leaves_with_path(meta['params'])}
+  return _shapes(meta['params'])
+
+
+def _frozen_dir(run_dir: str) -> str | None:
+  """Where a subset-trained run keeps the params it does not train (None for other runs)."""
+  path = os.path.join(run_dir, FROZEN_PARAMS)
+  return path if os.path.isdir(path) else None
 
 
 def model_config_of_run(run_cfg, step: int, saved_shapes: dict) -> config_lib.ModelConfig:
   """The ModelConfig of the params a run saved at `step` (the grown one once a growth happened)."""
   from pathways_jax.train import growth_phase  # pylint: disable=g-import-not-at-top
-  if "['embed']" not in saved_shapes:
+  if 'embed' not in saved_shapes:
     raise CheckpointError(f'the checkpoint has no embedding table; params: {sorted(saved_shapes)}')
-  vocab = saved_shapes["['embed']"][0]
+  vocab = saved_shapes['embed'][0]
   small = config_lib.ModelConfig.from_config(run_cfg.model, vocab_size=vocab)
   return growth_phase.Growth(run_cfg, small).model_cfg_at(step)
 
@@ -114,30 +129,43 @@ def _describe(run_dir: str, mesh, rules, step: int | None):
   run_cfg = config_lib.load_run_config(run_dir)
   step, state_dir = _state_dir(run_dir, step)
   saved = _saved_param_shapes(state_dir)
-  model_cfg = model_config_of_run(run_cfg, step, saved)
+  frozen_dir = _frozen_dir(run_dir)
+  frozen_saved = _shapes(_metadata(frozen_dir)) if frozen_dir else {}
+  model_cfg = model_config_of_run(run_cfg, step, {**saved, **frozen_saved})
   model = Transformer(model_cfg)
   abstract, shardings = abstract_params_and_shardings(model, mesh, rules)
-  want = {jax.tree_util.keystr(p): tuple(a.shape)
-          for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
-  if want != saved:
-    diff = sorted(set(want.items()) ^ set(saved.items()))[:6]
+  want = _shapes(abstract)
+  if want != {**saved, **frozen_saved}:
+    diff = sorted(set(want.items()) ^ set({**saved, **frozen_saved}.items()))[:6]
     raise CheckpointError(f'the params in {state_dir} do not match the model its config.json '
                           f'describes (first differences, path and shape: {diff})')
-  return run_cfg, step, state_dir, model_cfg, model, abstract, shardings
+  return run_cfg, step, state_dir, frozen_dir, set(saved), model_cfg, model, abstract, shardings
 
 
 def load(run_dir: str, mesh, rules, *, step: int | None = None) -> FrozenModel:
-  """The params of `run_dir`'s checkpoint `step` (default: the newest), sharded on `mesh`."""
-  run_cfg, step, state_dir, model_cfg, model, abstract, shardings = _describe(run_dir, mesh, rules,
-                                                                              step)
-  params = restore_params(state_dir, abstract, shardings)
+  """The params of `run_dir`'s checkpoint `step` (default: the newest), sharded on `mesh`.
+
+  A run that trained a subset (config.train.trainable) checkpoints only that subset; the params
+  it froze come from its WORKDIR/frozen_params, and the two are merged.
+  """
+  (run_cfg, step, state_dir, frozen_dir, in_state, model_cfg, model, abstract,
+   shardings) = _describe(run_dir, mesh, rules, step)
+  if frozen_dir is None:
+    params = restore_params(state_dir, abstract, shardings)
+  else:
+    keep = lambda path: path in in_state
+    (trained, frozen), (trained_sh, frozen_sh) = (trainable_lib.partition(t, keep)
+                                                  for t in (abstract, shardings))
+    params = trainable_lib.merge(restore_params(state_dir, trained, trained_sh),
+                                 restore_frozen_params(run_dir, frozen, frozen_sh))
   return FrozenModel(os.path.abspath(run_dir), step, run_cfg, model_cfg, model, params, shardings)
 
 
 def load_abstract(run_dir: str, mesh, rules, *, step: int | None = None) -> FrozenModel:
   """`load` without reading any array: params are ShapeDtypeStructs carrying their shardings
   (for the dry run, and for compiling a step ahead of loading)."""
-  run_cfg, step, _, model_cfg, model, abstract, shardings = _describe(run_dir, mesh, rules, step)
+  run_cfg, step, _, _, _, model_cfg, model, abstract, shardings = _describe(run_dir, mesh, rules,
+                                                                             step)
   params = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return FrozenModel(os.path.abspath(run_dir), step, run_cfg, model_cfg, model, params, shardings)

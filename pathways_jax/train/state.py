@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from pathways_jax import parallel
+from pathways_jax.train import trainable as trainable_lib
 
 
 @flax.struct.dataclass
@@ -19,37 +20,58 @@ class TrainState:
   bad_step: jax.Array  # int32 scalar: first step with a non-finite loss/grad, -1 if none
 
 
-def _boxed_init(model, tx, example_BL, key):
-  boxed = model.init(key, example_BL)['params']
-  params = nn.unbox(boxed)
-  return boxed, params, tx.init(params)
+def _boxed_init(model, example_BL, key):
+  return model.init(key, example_BL)['params']
 
 
-def abstract_state_and_shardings(model, tx, example_BL, mesh, rules):
-  """Shapes and NamedShardings of the state, without allocating anything."""
+def split_state_and_shardings(model, tx, example_BL, mesh, rules, trainable: str = ''):
+  """(abstract state, state shardings, abstract frozen params, frozen shardings), nothing
+  allocated. With a `trainable` pattern (train/trainable.py) the state holds only the params it
+  matches and their optimizer state; the frozen ones are returned apart (None without one)."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed, _, opt_state = jax.eval_shape(lambda k: _boxed_init(model, tx, example_BL, k),
-                                         jax.random.key(0))
+    boxed = jax.eval_shape(lambda k: _boxed_init(model, example_BL, k), jax.random.key(0))
     param_shardings = parallel.logical_to_sharding(boxed, mesh, rules)
-    # Optimizer moments mirror the params; scalars (counts) are replicated.
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, opt_state, param_shardings,
-        transform_non_params=lambda _: parallel.replicated(mesh))
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=nn.unbox(boxed),
+  params, frozen, frozen_shardings = nn.unbox(boxed), None, None
+  if trainable:
+    params, frozen = trainable_lib.split(params, trainable)
+    param_shardings, frozen_shardings = trainable_lib.split(param_shardings, trainable)
+  opt_state = jax.eval_shape(tx.init, params)
+  # Optimizer moments mirror the params; scalars (counts) are replicated.
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, opt_state, param_shardings,
+      transform_non_params=lambda _: parallel.replicated(mesh))
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                         opt_state=opt_state, bad_step=jax.ShapeDtypeStruct((), jnp.int32))
   shardings = TrainState(step=parallel.replicated(mesh), params=param_shardings,
                          opt_state=opt_shardings, bad_step=parallel.replicated(mesh))
+  return abstract, shardings, frozen, frozen_shardings
+
+
+def abstract_state_and_shardings(model, tx, example_BL, mesh, rules):
+  """Shapes and NamedShardings of the state (every param trained), without allocating anything."""
+  abstract, shardings, _, _ = split_state_and_shardings(model, tx, example_BL, mesh, rules)
   return abstract, shardings
+
+
+def init_split_state(model, tx, example_BL, key, mesh, rules, trainable: str = ''):
+  """(state, frozen params), initialised directly into their shardings (no full copy on one
+  device); frozen is None when every param is trained."""
+  _, shardings, _, frozen_shardings = split_state_and_shardings(model, tx, example_BL, mesh,
+                                                                rules, trainable)
+
+  def init(k):
+    params = nn.unbox(_boxed_init(model, example_BL, k))
+    frozen = None
+    if trainable:
+      params, frozen = trainable_lib.split(params, trainable)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       bad_step=jnp.full((), -1, jnp.int32))
+    return state, frozen
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return jax.jit(init, out_shardings=(shardings, frozen_shardings))(key)
 
 
 def init_state(model, tx, example_BL, key, mesh, rules) -> TrainState:
   """Initialises directly into the target shardings (no full copy on one device)."""
-  _, shardings = abstract_state_and_shardings(model, tx, example_BL, mesh, rules)
-
-  def init(k):
-    _, params, opt_state = _boxed_init(model, tx, example_BL, k)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                      bad_step=jnp.full((), -1, jnp.int32))
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return jax.jit(init, out_shardings=shardings)(key)
+  return init_split_state(model, tx, example_BL, key, mesh, rules)[0]

@@ -3,6 +3,9 @@ differentiated, accumulated over micro-batches and applied, with explicit shardi
 
 `batch` is a dict of [B, L] arrays, the fields the task's `batch_fields` names (the token fields
 `tokens`, `segment_ids` (0 = padding) and `positions`, and whatever else the task reads).
+`inputs` (optional) holds what the step reads but does not train: `aux`, the task's frozen inputs
+(e.g. a reference model's params), and `frozen`, the frozen part of the model's own params when
+only a subset is trained (`train.trainable`; the state then holds only the trainable part).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import optax
 
 from pathways_jax import distributed, parallel
 from pathways_jax.tasks.base import COUNT, Task
+from pathways_jax.train import trainable as trainable_lib
 from pathways_jax.train.state import TrainState
 
 
@@ -33,7 +37,7 @@ def _loss_and_count(task: Task, params, batch, key, aux):
   return loss, (metrics, count)
 
 
-def train_step(state: TrainState, batch, aux=None, *, cfg, task: Task, tx) -> tuple:
+def train_step(state: TrainState, batch, inputs=None, *, cfg, task: Task, tx) -> tuple:
   """One optimizer update (with gradient accumulation over `train.grad_accum` micro-batches).
 
   Micro-batches are weighted by the number of units their loss averages over (the task's COUNT),
@@ -42,7 +46,12 @@ def train_step(state: TrainState, batch, aux=None, *, cfg, task: Task, tx) -> tu
   `bad_step`, so the loop can stop with the last good state intact.
   """
   key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
-  grad_fn = jax.value_and_grad(lambda p, b, k: _loss_and_count(task, p, b, k, aux), has_aux=True)
+  inputs = inputs or {}
+  aux, frozen = inputs.get('aux'), inputs.get('frozen')
+  # Differentiated with respect to the state's (trainable) params only.
+  grad_fn = jax.value_and_grad(
+      lambda p, b, k: _loss_and_count(task, trainable_lib.merge(p, frozen), b, k, aux),
+      has_aux=True)
   num_micro = cfg.train.grad_accum
   if num_micro == 1:
     (loss, (metrics, _)), grads = grad_fn(state.params, batch, key)
@@ -79,32 +88,45 @@ def train_step(state: TrainState, batch, aux=None, *, cfg, task: Task, tx) -> tu
   return new_state, metrics
 
 
-def eval_step(params, batch, aux=None, *, cfg, task: Task):
+def eval_step(params, batch, inputs=None, *, cfg, task: Task):
   key = jax.random.fold_in(jax.random.key(cfg.seed + 1), 0)  # fixed: eval is deterministic
-  loss, metrics = task.eval_loss(params, batch, key, aux)
+  inputs = inputs or {}
+  params = trainable_lib.merge(params, inputs.get('frozen'))
+  loss, metrics = task.eval_loss(params, batch, key, inputs.get('aux'))
   metrics = {k: v for k, v in metrics.items() if k != COUNT}
   return {**metrics, 'loss': loss}
 
 
-def jit_train_step(cfg, task: Task, tx, state_shardings, mesh, aux_shardings=None):
-  """jit(train_step) with explicit shardings; takes (state, batch) or, with aux_shardings,
-  (state, batch, aux)."""
+def jit_train_step(cfg, task: Task, tx, state_shardings, mesh, input_shardings=None):
+  """jit(train_step) with explicit shardings; takes (state, batch) or, with input_shardings (a
+  dict like the step's `inputs`), (state, batch, inputs)."""
   fn = functools.partial(train_step, cfg=cfg, task=task, tx=tx)
   in_shardings = (state_shardings, parallel.batch_sharding(mesh))
-  if aux_shardings is not None:
-    in_shardings += (aux_shardings,)
+  if input_shardings:
+    in_shardings += (input_shardings,)
   return distributed.compile_then_sync(jax.jit(
       fn, in_shardings=in_shardings, out_shardings=(state_shardings, parallel.replicated(mesh)),
       donate_argnums=0), 'train_step')
 
 
-def jit_eval_step(cfg, task: Task, param_shardings, mesh, aux_shardings=None):
+def jit_eval_step(cfg, task: Task, param_shardings, mesh, input_shardings=None):
   fn = functools.partial(eval_step, cfg=cfg, task=task)
   in_shardings = (param_shardings, parallel.batch_sharding(mesh))
-  if aux_shardings is not None:
-    in_shardings += (aux_shardings,)
+  if input_shardings:
+    in_shardings += (input_shardings,)
   return distributed.compile_then_sync(
       jax.jit(fn, in_shardings=in_shardings, out_shardings=parallel.replicated(mesh)), 'eval_step')
 
 
 run_with_rules = parallel.run_with_rules
+
+
+def step_inputs(frozen_inputs=None, frozen_params=None, frozen_shardings=None):
+  """(the step's extra arguments, their shardings) from a task's FrozenInputs and the model's
+  frozen params: `()` and None when the step takes neither."""
+  inputs, shardings = {}, {}
+  if frozen_inputs is not None and frozen_inputs.aux_shardings is not None:
+    inputs['aux'], shardings['aux'] = frozen_inputs.aux, frozen_inputs.aux_shardings
+  if frozen_params is not None:
+    inputs['frozen'], shardings['frozen'] = frozen_params, frozen_shardings
+  return ((inputs,) if inputs else ()), (shardings or None)

@@ -50,15 +50,21 @@ def split(params, pattern: str) -> tuple[dict, dict]:
     regex = re.compile(pattern)
   except re.error as e:
     raise ConfigError(f'config.train.trainable={pattern!r} is not a regular expression: {e}') from e
-  trainable, frozen = [], []
-  for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    keys = tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in key_path)
-    (trainable if regex.fullmatch('/'.join(keys)) else frozen).append((keys, leaf))
+  trainable, frozen = partition(params, lambda path: regex.fullmatch(path) is not None)
   if not trainable:
     paths = param_paths(params)
     raise ConfigError(f'config.train.trainable={pattern!r} matches no parameter; the paths are: '
                       + ', '.join(paths[:40]) + (' ...' if len(paths) > 40 else ''))
-  return _build(trainable), _build(frozen)
+  return trainable, frozen
+
+
+def partition(params, keep) -> tuple[dict, dict]:
+  """(the leaves whose path `keep(path)` accepts, the others), as two nested dicts."""
+  kept, rest = [], []
+  for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    keys = tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in key_path)
+    (kept if keep('/'.join(keys)) else rest).append((keys, leaf))
+  return _build(kept), _build(rest)
 
 
 def merge(trainable: dict, frozen: dict | None) -> dict:

@@ -264,6 +264,16 @@ def unembedding(params, cfg: ModelConfig) -> jax.Array:
   return params['embed'].T if cfg.tie_embeddings else params['unembed']
 
 
+# Logical axes of the KV cache's arrays (parallel.DEFAULT_RULES maps them to mesh axes): rows over
+# the data-parallel axes, KV heads over `tensor`.
+CACHE_AXES = {
+    'k': ('layers', 'activation_batch', 'activation_length', 'activation_heads', 'head_dim'),
+    'v': ('layers', 'activation_batch', 'activation_length', 'activation_heads', 'head_dim'),
+    'segment_ids': ('activation_batch', 'activation_length'),
+    'positions': ('activation_batch', 'activation_length'),
+}
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> Cache:
   """An empty KV cache: every slot has segment 0, so nothing attends to it until written."""
   shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.dim_per_head)

@@ -53,7 +53,7 @@ def sample_token(key, logits_BV, *, temperature, top_k=None, top_p=None, min_p=N
   return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
-def _left_pad_layout(prompt_mask_BP):
+def left_pad_layout(prompt_mask_BP):
   """Segment ids (1 real, 0 pad) and positions that start at 0 on each row's first real token."""
   mask = prompt_mask_BP.astype(jnp.int32)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
@@ -67,7 +67,7 @@ def _generate_cached(model, params, prompt_BP, prompt_mask_BP, key, *, max_new_t
   b, p = prompt_BP.shape
   total = p + max_new_tokens
   cache = init_cache(model.cfg, b, total, dtype=jnp.dtype(model.cfg.dtype))
-  segments, positions = _left_pad_layout(prompt_mask_BP)
+  segments, positions = left_pad_layout(prompt_mask_BP)
   logits, cache = model.apply({'params': params}, prompt_BP, positions_BL=positions,
                               segment_ids_BL=segments, cache=cache, cache_index=0)
   next_pos = positions[:, -1] + 1  # [B]

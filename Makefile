@@ -24,13 +24,15 @@ $(STAMP): setup.cfg pyproject.toml $(LOCK)
 	touch $(STAMP)
 
 # uv resolves one set of versions for every platform and Python the package supports
-# (--universal --fork-strategy fewest), so a laptop gets the versions CI ran.
+# (--universal --fork-strategy fewest), so a laptop gets the versions CI ran. `make lock` keeps
+# the pins already in the lock and adds what setup.cfg gained; `make lock UPGRADE=1` moves every
+# package to the newest version setup.cfg's ranges allow.
 lock:
 	$(PYTHON) -m venv $(VENV)-lock
 	$(VENV)-lock/bin/python -m pip install -q 'uv==$(UV_VERSION)'
 	$(VENV)-lock/bin/uv pip compile setup.cfg --extra test --universal --fork-strategy fewest \
-	  --python-version 3.11 --generate-hashes --upgrade --custom-compile-command 'make lock' \
-	  -o $(LOCK)
+	  --python-version 3.11 --generate-hashes $(if $(UPGRADE),--upgrade,) \
+	  --custom-compile-command 'make lock' -o $(LOCK)
 
 run: $(STAMP)
 	$(PY) -m pathways_jax.main --config=experiments/quickstart.py --workdir=runs/quickstart

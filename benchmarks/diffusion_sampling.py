@@ -109,7 +109,7 @@ def main(argv=None):
     return float(np.mean([facts_eval.answer_text(tok, g) == a for g, a in zip(gen, answers)]))
 
   key = jax.random.key(0)
-  common = dict(mask_id=cfg.data.mask_id, key=key, gen_length=G, steps=G,
+  common = dict(mask_id=tok.mask_id, key=key, gen_length=G, steps=G,
                 block_length=args.block_length, prompt_mask_BP=pmask, return_stats=True)
   variants = [
       ('LLaDA plain', dict()),

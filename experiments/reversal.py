@@ -384,6 +384,8 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
   t_start = time.time()
   background, test = make_groups(cfg)
   tok = make_tokenizer(background, test, cfg.data.vocab_size, workdir)
+  from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  tokenizers.resolve_special_ids(cfg, tok)  # config.data.mask_id: the tokenizer's
   main_rows = training_rows(tok, background, test, control=False)
   from pathways_jax.data import synthetic
   all_len = max(len(encode_fact(tok, p, d, t).tokens) for p in background + test

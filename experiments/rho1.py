@@ -223,9 +223,10 @@ def noise_share(cfg) -> float:
   tok = tokenizers.get_tokenizer(cfg.data)
   tokens, lengths = pipeline.load_tokens(cfg.data, tok, 'train')
   n = cfg.data.noise
+  low, high, exclude = tokenizers.ordinary_id_range(tok)
   _, noise = pipeline.inject_noise(tokens, lengths, fraction=n.fraction, span_min=n.span_min,
-                                   span_max=n.span_max, seed=n.seed,
-                                   low=tokenizers.NUM_SPECIAL, high=tok.vocab_size)
+                                   span_max=n.span_max, seed=n.seed, low=low, high=high,
+                                   exclude=exclude)
   return float(noise.sum() / max(1, noise.size - len(lengths)))  # targets: all but each bos
 
 

@@ -58,19 +58,20 @@ def base_config() -> ml_collections.ConfigDict:
   d.text_field = 'text'  # JSONL / TFDS feature holding the document text
   d.document_separator = '\n\n'  # corpus='path' text files: blank lines; '' = one doc per file
   d.max_documents = 0  # 0: all; else the first N documents (quick runs)
-  d.tokenizer = 'sentencepiece'  # 'sentencepiece' | 'byte'
+  d.tokenizer = 'sentencepiece'  # 'sentencepiece' | 'byte' | 'hf' (tokenizer.json: tokenizer_path)
   d.vocab_size = 1024  # sentencepiece vocabulary size to train
-  d.tokenizer_path = ''  # an existing .model file; '' trains one (cached)
+  d.tokenizer_path = ''  # sentencepiece: a .model file ('' trains one, cached); hf: a directory
   d.cache_dir = ''  # '' -> ~/.cache/pathways_jax
   d.seq_len = 128
   d.batch_size = 16  # global batch (rows), across all processes
   d.eval_batches = 8
   d.shuffle = True
-  # Special token ids are fixed project-wide (pathways_jax.data.tokenizers); read them from here.
-  d.pad_id = 0
-  d.bos_id = 1
-  d.eos_id = 2
-  d.mask_id = 3
+  # Special token ids: -1 = the tokenizer's (filled in when the run starts; the project's own
+  # tokenizers use pad 0, bos 1, eos 2, mask 3). Set one only to give an id the tokenizer lacks.
+  d.pad_id = -1
+  d.bos_id = -1
+  d.eos_id = -1
+  d.mask_id = -1
   d.synthetic = ml_collections.ConfigDict()
   d.synthetic.seed = 0  # the world's seed, apart from the training seed: same world across runs
   d.synthetic.num_people = 200
@@ -97,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.eps = 1e-8
   t.grad_clip = 1.0
   t.grad_accum = 1
+  # A regular expression over param paths ('blocks_0/attn/wq', 'final_norm/scale'): only the params
+  # it matches in full are trained; the rest stay frozen, stored once (pathways_jax.train.trainable).
+  # '' trains every param.
+  t.trainable = ''
   t.z_loss = 0.0
   t.log_every = 10
   t.eval_every = 100
@@ -183,7 +188,7 @@ _CHOICES = {
     'model.remat': ('none', 'full', 'dots'),
     'model.attention': ('xla', 'cpu', 'pallas', 'cudnn'),
     'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds'),
-    'data.tokenizer': ('sentencepiece', 'byte'),
+    'data.tokenizer': ('sentencepiece', 'byte', 'hf'),
     'train.schedule': ('cosine', 'wsd', 'constant'),
     'selective.score': ('excess', 'reference_loss', 'reference_entropy', 'random', 'oracle'),
     'selective.mode': ('online', 'offline'),
@@ -262,6 +267,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if gr.at_step and gr.at_tokens:
       raise ConfigError('config.growth.at_step and config.growth.at_tokens are both set: '
                         'give one')
+    if t.get('trainable') and (gr.depth_factor > 1 or gr.width_factor > 1):
+      raise ConfigError('config.train.trainable (training a subset) and config.growth cannot be '
+                        'combined yet: the grown model would need its own split')
   _validate_selective(cfg)
 
 

@@ -59,14 +59,19 @@ def _gib(b: float) -> str:
 
 def _model(cfg):
   from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   from pathways_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  # A sentencepiece model is not trained in a dry run; the project's own tokenizers all have the
+  # byte tokenizer's special ids. Byte and HF tokenizers cost nothing to load.
+  own = cfg.data.tokenizer == 'sentencepiece'
+  tokenizer = None if own else tokenizers.get_tokenizer(cfg.data)
+  tokenizers.resolve_special_ids(cfg, tokenizer or tokenizers.ByteTokenizer())
   vocab = cfg.model.vocab_size
   if not vocab:
-    if cfg.data.tokenizer != 'byte':
-      raise config_lib.ConfigError('dry run: set config.model.vocab_size (the tokenizer is not '
-                                   'built in a dry run)')
-    from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-    vocab = config_lib.round_vocab(tokenizers.get_tokenizer(cfg.data).vocab_size)
+    if tokenizer is None:
+      raise config_lib.ConfigError('dry run: set config.model.vocab_size (the sentencepiece '
+                                   'tokenizer is not built in a dry run)')
+    vocab = config_lib.round_vocab(tokenizer.vocab_size)
   model_cfg = config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab)
   return model_cfg, Transformer(model_cfg)
 
@@ -94,26 +99,36 @@ def run(cfg, *, num_devices: int | None = None, out=print) -> dict:
   parallel.check_batch(cfg, mesh)
   model_cfg, model = _model(cfg)
   tx = opt_lib.make_optimizer(cfg.train)
+  from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   B, L = cfg.data.batch_size, cfg.data.seq_len
   example = np.zeros((B, L), np.int32)  # traced only (eval_shape): nothing runs
-  abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
+  abstract, shardings, frozen_abstract, frozen_shardings = state_lib.split_state_and_shardings(
+      model, tx, example, mesh, rules, cfg.train.trainable)
   state_in = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   task = tasks.make(cfg, model)
+  tokenizers.require_special_ids(cfg, task.required_specials, f'task {task.name!r}')
   frozen_in = task.abstract_frozen(mesh, rules)  # e.g. a reference's params, as shapes
   batch_in = task.batch_spec(B, L, sharding=parallel.batch_sharding(mesh))
-  train_fn = step_lib.jit_train_step(cfg, task, tx, shardings, mesh, frozen_in.aux_shardings)
+  frozen_in_shapes = None if frozen_abstract is None else jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), frozen_abstract,
+      frozen_shardings)
+  step_args, input_shardings = step_lib.step_inputs(frozen_in, frozen_in_shapes, frozen_shardings)
+  train_fn = step_lib.jit_train_step(cfg, task, tx, shardings, mesh, input_shardings)
   with jax.set_mesh(mesh):
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     with nn.logical_axis_rules(rules):
-      compiled = train_fn.lower(state_in, batch_in, *frozen_in.step_args).compile()
+      compiled = train_fn.lower(state_in, batch_in, *step_args).compile()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
 
-  n_params = count_params(abstract.params)
-  state_bytes = parallel.sharded_bytes(abstract, shardings)
-  param_bytes = parallel.sharded_bytes(abstract.params, shardings.params)
+  from pathways_jax.train import trainable as trainable_lib  # pylint: disable=g-import-not-at-top
+  n_params = count_params(trainable_lib.merge(abstract.params, frozen_abstract))
+  frozen_bytes = (0 if frozen_abstract is None
+                  else parallel.sharded_bytes(frozen_abstract, frozen_shardings))
+  state_bytes = parallel.sharded_bytes(abstract, shardings) + frozen_bytes  # + frozen params
+  param_bytes = parallel.sharded_bytes(abstract.params, shardings.params) + frozen_bytes
   args = getattr(mem, 'argument_size_in_bytes', 0)
   outs = getattr(mem, 'output_size_in_bytes', 0)
   alias = getattr(mem, 'alias_size_in_bytes', 0)

@@ -45,7 +45,9 @@ def test_byte_tokenizer_round_trip_and_special_ids():
   assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id, tok.mask_id]) == TEXT
   assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id) == (0, 1, 2, 3)
   assert (tokenizers.PAD_ID, tokenizers.BOS_ID, tokenizers.EOS_ID, tokenizers.MASK_ID) == (0, 1, 2, 3)
-  cfg = config_lib.base_config()
+  cfg = config_lib.base_config()  # -1: the tokenizer's, filled in when a run starts
+  assert (cfg.data.pad_id, cfg.data.bos_id, cfg.data.eos_id, cfg.data.mask_id) == (-1,) * 4
+  tokenizers.resolve_special_ids(cfg, tok)
   assert (cfg.data.pad_id, cfg.data.bos_id, cfg.data.eos_id, cfg.data.mask_id) == (0, 1, 2, 3)
 
 

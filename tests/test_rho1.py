@@ -74,6 +74,7 @@ def test_noise_rides_through_packing_and_only_in_train(tmp_path):
 
 def _setup(cfg):
   tok = tokenizers.get_tokenizer(cfg.data)
+  tokenizers.resolve_special_ids(cfg, tok)
   mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules(cfg)
   model_cfg = config_lib.ModelConfig.from_config(cfg.model, config_lib.round_vocab(tok.vocab_size))
   model = Transformer(model_cfg)
@@ -203,7 +204,7 @@ def test_full_experiment_reproduces(tmp_path):
   for key in ('uniform_val', 'slm_val', 'slm_seq_val', 'random_val', 'oracle_val', 'ref_val',
               'token_savings', 'llada_uniform_val', 'llada_slm_val', 'llada_ref_val'):
     assert key in r, key
-  # What our runs showed (README 'Results: RHO-1'): the excess-loss selection keeps far less noise
+  # What our runs showed (docs/results/rho1.md): the excess-loss selection keeps far less noise
   # than the stream holds and drops most of it (a random mask keeps the stream's share).
   share = r['noise_share_of_targets']
   arms = r['autoregressive']['arms']
@@ -212,7 +213,8 @@ def test_full_experiment_reproduces(tmp_path):
   assert abs(arms['random']['noise_share_kept'] - share) < 0.05
   # With the default reference (300 clean steps) SLM is ahead of uniform at step 100 (1.944 vs
   # 2.159 in our run) and at the end (1.372 vs 1.467), reaching uniform's final loss with fewer
-  # tokens (token_savings 1.39). A 100-step reference put SLM behind at the end (README).
+  # tokens (token_savings 1.39). A 100-step reference put SLM behind at the end
+  # (docs/results/rho1.md).
   at = lambda arm, step: dict(arms[arm]['curve'])[step * 32 * 128]
   assert at('slm', 100) < at('uniform', 100)
   assert r['slm_val'] < r['uniform_val']

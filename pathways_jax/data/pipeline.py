@@ -75,13 +75,19 @@ def tokenize_documents(docs: Sequence[str], tokenizer) -> tuple[np.ndarray, np.n
 
   Returns (tokens [sum(lengths)] int32, lengths [num_docs] int64).
   """
+  if tokenizer.eos_id is None:
+    from pathways_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f'the tokenizer {tokenizer.name} has no eos token, which packing documents '
+                      'needs (set eos_token in its tokenizer_config.json)')
   pieces, lengths = [], []
   encode_batch = getattr(tokenizer, 'encode_batch', None) or (
       lambda texts: [np.asarray(tokenizer.encode(t), np.int32) for t in texts])
   for start in range(0, len(docs), 256):  # bounded memory: Python int lists are 8x the bytes
     for ids in encode_batch(docs[start:start + 256]):
-      pieces.append(np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]).astype(np.int32))
-      lengths.append(len(ids) + 2)
+      # A tokenizer without bos (Qwen's) starts documents with their first token.
+      bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+      pieces.append(np.concatenate([bos, ids, [tokenizer.eos_id]]).astype(np.int32))
+      lengths.append(len(bos) + len(ids) + 1)
   tokens = np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
   return tokens, np.asarray(lengths, np.int64)
 
@@ -175,8 +181,10 @@ def pack(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def inject_noise(tokens: np.ndarray, lengths: np.ndarray, *, fraction: float, span_min: int,
-                 span_max: int, seed: int, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
-  """Overwrites random spans of the flat token array with random ids in [low, high).
+                 span_max: int, seed: int, low: int, high: int,
+                 exclude: frozenset = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+  """Overwrites random spans of the flat token array with random ids in [low, high) but not in
+  `exclude` (a tokenizer's special ids among them).
 
   Spans (lengths uniform in [span_min, span_max]) and the gaps between them (geometric, with the
   mean that makes the spans cover `fraction` of the tokens) are laid over the whole array; each
@@ -204,7 +212,13 @@ def inject_noise(tokens: np.ndarray, lengths: np.ndarray, *, fraction: float, sp
   noise[doc_start] = False  # bos
   noise[doc_start + np.asarray(lengths, np.int64) - 1] = False  # eos
   out = tokens.copy()
-  out[noise] = rng.integers(low, high, int(noise.sum()), dtype=np.int32)
+  count = int(noise.sum())
+  holes = sorted(i for i in exclude if low <= i < high)
+  if not holes:
+    out[noise] = rng.integers(low, high, count, dtype=np.int32)
+  else:
+    ordinary = np.setdiff1d(np.arange(low, high, dtype=np.int32), np.asarray(holes, np.int32))
+    out[noise] = ordinary[rng.integers(0, ordinary.size, count)]
   return out, noise
 
 
@@ -275,10 +289,10 @@ def load_packed_rows(cfg, tokenizer, split: str, *, vocab_size: int | None = Non
   check_token_ids(tokens, vocab_size or tokenizer.vocab_size)
   noise_cfg, noise = cfg.data.get('noise'), None
   if split == 'train' and noise_cfg is not None and noise_cfg.fraction > 0:
+    low, high, exclude = tokenizers_lib.ordinary_id_range(tokenizer)
     tokens, noise = inject_noise(tokens, lengths, fraction=noise_cfg.fraction,
                                  span_min=noise_cfg.span_min, span_max=noise_cfg.span_max,
-                                 seed=noise_cfg.seed, low=tokenizers_lib.NUM_SPECIAL,
-                                 high=tokenizer.vocab_size)
+                                 seed=noise_cfg.seed, low=low, high=high, exclude=exclude)
   return PackedRows(tokens, lengths, cfg.data.seq_len, noise=noise)
 
 

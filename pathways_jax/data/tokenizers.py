@@ -1,7 +1,9 @@
-"""Tokenizers: a byte-level fallback and sentencepiece, with fixed special ids.
+"""Tokenizers: the project's own (a byte-level fallback and sentencepiece) and HuggingFace's
+(`data.tokenizer='hf'`, data/hf_tokenizer.py), each with its own special ids.
 
-Every tokenizer reserves the same four ids, so configs, objectives and samplers can use them as
-constants without asking the tokenizer:
+Code reads special ids from the tokenizer (`tokenizer.eos_id`, `.mask_id`, `.special_ids`) or
+from `config.data.*_id`, which `resolve_special_ids` fills in from the tokenizer; never from
+constants. The project's own tokenizers reserve the first four ids:
 
   PAD_ID = 0  (packing padding; `segment_ids == 0` marks it too)
   BOS_ID = 1  (prepended to each document by the pipeline, never by `encode`)
@@ -55,7 +57,12 @@ class Tokenizer(Protocol):
 
 
 class _Specials:
+  """The special ids of the project's own tokenizers."""
+  name = 'own'
   pad_id, bos_id, eos_id, mask_id = PAD_ID, BOS_ID, EOS_ID, MASK_ID
+  end_of_turn_id = EOS_ID
+  special_ids = SPECIAL_IDS
+  specials: dict = {}
 
 
 class ByteTokenizer(_Specials):
@@ -195,7 +202,7 @@ def cache_dir(data_cfg) -> pathlib.Path:
   return pathlib.Path(data_cfg.get('cache_dir') or '~/.cache/pathways_jax').expanduser()
 
 
-def get_tokenizer(data_cfg) -> ByteTokenizer | SentencePieceTokenizer:
+def get_tokenizer(data_cfg):
   """The tokenizer `data_cfg` asks for: loaded, cached, or trained on the TRAIN split and cached."""
   kind = data_cfg.tokenizer
   if kind == 'byte':
@@ -203,8 +210,15 @@ def get_tokenizer(data_cfg) -> ByteTokenizer | SentencePieceTokenizer:
       raise ValueError('config.data.tokenizer_path is for sentencepiece models; it is set while '
                        "config.data.tokenizer='byte'")
     return ByteTokenizer()
+  if kind == 'hf':
+    if not data_cfg.get('tokenizer_path'):
+      raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path: a model "
+                       'directory with tokenizer.json, or the tokenizer.json itself')
+    from pathways_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    return hf_tokenizer.HFTokenizer.from_path(data_cfg.tokenizer_path)
   if kind != 'sentencepiece':
-    raise ValueError(f"config.data.tokenizer={kind!r} is not one of ('sentencepiece', 'byte')")
+    raise ValueError(f"config.data.tokenizer={kind!r} is not one of ('sentencepiece', 'byte', "
+                     "'hf')")
   if data_cfg.get('tokenizer_path'):
     path = pathlib.Path(data_cfg.tokenizer_path).expanduser()
     if not path.is_file():
@@ -226,3 +240,43 @@ def get_tokenizer(data_cfg) -> ByteTokenizer | SentencePieceTokenizer:
     except ValueError:
       pass  # a corrupt cache entry is retrained, never trusted
   return train_sentencepiece(corpora.load_documents(data_cfg, 'train'), data_cfg.vocab_size, prefix)
+
+
+SPECIAL_NAMES = ('pad', 'bos', 'eos', 'mask')
+
+
+def resolve_special_ids(cfg, tokenizer) -> None:
+  """Fills config.data.{pad,bos,eos,mask}_id from the tokenizer where they are -1 (the default).
+
+  An id the config sets is kept when the tokenizer has none (e.g. a mask id a model's docs give),
+  and is an error when the tokenizer has another."""
+  from pathways_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  for name in SPECIAL_NAMES:
+    key, own = f'{name}_id', getattr(tokenizer, f'{name}_id', None)
+    value = cfg.data.get(key, -1)
+    if value is None or value < 0:
+      cfg.data[key] = -1 if own is None else int(own)
+    elif own is not None and int(own) != value:
+      raise ConfigError(f'config.data.{key}={value} but the tokenizer {tokenizer.name} has '
+                        f'{name} id {own}: leave config.data.{key} at -1 to take the tokenizer\'s')
+
+
+def require_special_ids(cfg, names, who: str) -> None:
+  """One line naming the special ids `who` needs and neither the tokenizer nor the config gives."""
+  from pathways_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  missing = [n for n in names if cfg.data.get(f'{n}_id', -1) < 0]
+  if missing:
+    raise ConfigError(f'{who} needs the special token(s) {missing}, which the tokenizer '
+                      f'({cfg.data.tokenizer}) does not define: add them to it, or set '
+                      + ', '.join(f'config.data.{n}_id' for n in missing))
+
+
+def ordinary_id_range(tokenizer) -> tuple[int, int, frozenset]:
+  """(low, high, special ids inside [low, high)): the ids text encodes to, for random tokens.
+
+  low is the first id that is not special, so the project's own tokenizers give (4, vocab, {})."""
+  specials = frozenset(int(i) for i in getattr(tokenizer, 'special_ids', SPECIAL_IDS))
+  low = 0
+  while low in specials:
+    low += 1
+  return low, int(tokenizer.vocab_size), frozenset(i for i in specials if i >= low)

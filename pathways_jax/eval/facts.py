@@ -33,7 +33,7 @@ def answer_text(tok, ids) -> str:
   ids = [int(i) for i in ids]
   if tok.eos_id in ids:
     ids = ids[:ids.index(tok.eos_id)]
-  ids = [i for i in ids if i > 3]
+  ids = [i for i in ids if i not in tok.special_ids]
   return tok.decode(ids).split('.')[0].strip()
 
 
@@ -53,11 +53,12 @@ class Evaluator:
   """Greedy exact match, infilling and ranking of fact rows, for an AR (`kind='ar'`) or LLaDA
   (`kind='llada'`) model."""
 
-  def __init__(self, tok, model, params, kind, seq_len, gen_length, mask_id=3, batch=256,
+  def __init__(self, tok, model, params, kind, seq_len, gen_length, mask_id=None, batch=256,
                prompt_width=0):
     self.tok, self.model, self.params, self.kind = tok, model, params, kind
     self.prompt_width = prompt_width
-    self.seq_len, self.gen_length, self.mask_id, self.batch = seq_len, gen_length, mask_id, batch
+    self.mask_id = tok.mask_id if mask_id is None else mask_id  # the tokenizer's by default
+    self.seq_len, self.gen_length, self.batch = seq_len, gen_length, batch
 
   def generate(self, prompts: list[list[int]]) -> list[list[int]]:
     import jax

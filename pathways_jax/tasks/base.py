@@ -52,15 +52,12 @@ class FrozenInputs:
   row_fields: dict[str, np.ndarray] | None = None
   describe: tuple[str, ...] = ()  # lines the trainer prints at the start
 
-  @property
-  def step_args(self) -> tuple:
-    return () if self.aux_shardings is None else (self.aux,)
-
 
 class Task:
   """A training kind. Subclasses set `name` (by `register`) and implement `loss`."""
   name: ClassVar[str] = ''
   perplexity: ClassVar[bool] = False  # validation reports exp(val_ce)
+  required_specials: tuple[str, ...] = ()  # special tokens the loss uses ('mask', ...)
 
   def __init__(self, cfg, model):
     self.cfg, self.model = cfg, model

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pathways_jax.config import ConfigError
 from pathways_jax.objectives import autoregressive, diffusion
 from pathways_jax.tasks.base import COUNT, Task
 from pathways_jax.tasks.registry import register
@@ -26,6 +27,7 @@ class AutoregressiveTask(Task):
 @register('diffusion')
 class DiffusionTask(Task):
   """LLaDA pretraining: a random mask rate per row, CE / p_mask over masked tokens / (B * L)."""
+  required_specials = ('mask',)
 
   def loss(self, params, batch, key, aux=None):
     del aux
@@ -40,5 +42,13 @@ class DiffusionTask(Task):
     """(noisy, masked, p_mask, valid) of a batch: the mask (and random length) LLaDA draws."""
     c = self.cfg
     return diffusion.pretraining_draws(key, batch['tokens'], batch['segment_ids'],
-                                       mask_id=c.data.mask_id, eps=c.diffusion.eps,
+                                       mask_id=mask_id(c), eps=c.diffusion.eps,
                                        random_length_prob=c.diffusion.random_length_prob)
+
+
+def mask_id(cfg) -> int:
+  """config.data.mask_id, once the run has filled it in from the tokenizer."""
+  if cfg.data.mask_id < 0:
+    raise ConfigError('config.data.mask_id is not resolved: the trainer takes it from the '
+                      'tokenizer (pathways_jax.data.tokenizers.resolve_special_ids)')
+  return int(cfg.data.mask_id)

@@ -41,6 +41,7 @@ from pathways_jax import config as config_lib
 from pathways_jax import parallel
 from pathways_jax.objectives import selective
 from pathways_jax.tasks.registry import get as get_task, register
+from pathways_jax.tasks.pretrain import mask_id as resolved_mask_id
 from pathways_jax.tasks.base import COUNT, FrozenInputs, RunContext, Task
 from pathways_jax.train import frozen as frozen_lib
 
@@ -182,7 +183,7 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
     from pathways_jax.objectives import diffusion  # pylint: disable=g-import-not-at-top
     # The draws of the 'diffusion' task, so the uniform and selective arms see the same masks.
     noisy, masked, p_mask, in_row = diffusion.pretraining_draws(
-        key, tokens, segments, mask_id=cfg.data.mask_id, eps=cfg.diffusion.eps,
+        key, tokens, segments, mask_id=resolved_mask_id(cfg), eps=cfg.diffusion.eps,
         random_length_prob=cfg.diffusion.random_length_prob)
     kw = dict(positions_BL=positions, segment_ids_BL=segments * in_row)
     logits = model.apply({'params': params}, noisy, **kw)
@@ -301,6 +302,7 @@ class Rho1Task(Task):
     super().__init__(cfg, model)
     self.base = get_task(cfg.objective)(cfg, model)
     self.perplexity = self.base.perplexity
+    self.required_specials = self.base.required_specials
     self.ref_model = None  # set by setup when a reference scores online or offline
 
   def with_model(self, model):

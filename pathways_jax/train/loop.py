@@ -28,6 +28,7 @@ from pathways_jax.train import growth_phase
 from pathways_jax.train import metrics as metrics_lib
 from pathways_jax.train import optimizer as opt_lib
 from pathways_jax.train import state as state_lib
+from pathways_jax.train import trainable as trainable_lib
 from pathways_jax.train import step as step_lib
 
 _LOG = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def build(cfg, *, mesh=None):
   config_lib.validate(cfg)
   mesh = mesh or parallel.make_mesh(cfg)
   tokenizer = tokenizers.get_tokenizer(cfg.data)
+  tokenizers.resolve_special_ids(cfg, tokenizer)  # config.data.*_id -1: the tokenizer's ids
   vocab = cfg.model.vocab_size or config_lib.round_vocab(tokenizer.vocab_size)
   if vocab < tokenizer.vocab_size:
     raise config_lib.ConfigError(f'config.model.vocab_size={vocab} is smaller than the '
@@ -113,7 +115,7 @@ def _versions() -> dict:
 
 def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final results dict."""
-  from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from pathways_jax.data import pipeline, tokenizers  # pylint: disable=g-import-not-at-top,multiple-import
   host_memory.reuse_freed_memory()  # a no-op if the CLI already did it, before the backend
   check_workdir(workdir)
   tokenizer, model_cfg, model, mesh, rules = build(cfg)
@@ -125,14 +127,16 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
 
   tx = opt_lib.make_optimizer(cfg.train)
   task = tasks.make(cfg, model)  # config.task: what is trained, its loss and frozen inputs
+  tokenizers.require_special_ids(cfg, task.required_specials, f'task {task.name!r}')
   growth = growth_phase.Growth(cfg, model_cfg)  # config.growth: the model grows mid-run
   example = np.zeros((cfg.data.batch_size, cfg.data.seq_len), np.int32)
-  abstract, shardings = state_lib.abstract_state_and_shardings(model, tx, example, mesh, rules)
+  # train.trainable: the state holds only the trained params; the frozen ones are stored once.
+  abstract, shardings, frozen_abstract, frozen_shardings = state_lib.split_state_and_shardings(
+      model, tx, example, mesh, rules, cfg.train.trainable)
   pindex, pcount = parallel.process_batch_slice(mesh)  # this process's rows of each batch
   # The task's frozen inputs: e.g. RHO-1's reference params (the step's aux) or cached L_ref rows.
   frozen_in = task.setup(tasks.RunContext(cfg, workdir, tokenizer, mesh, rules,
                                           model_cfg.vocab_size, train=train))
-  aux_args = frozen_in.step_args
   train_iter = pipeline.make_train_iterator(cfg, tokenizer, process_index=pindex,
                                             process_count=pcount,
                                             vocab_size=model_cfg.vocab_size,
@@ -145,15 +149,22 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
   if start is not None and growth.grown_by(start):  # checkpoints from growth.at_step on are grown
     model_cfg, model, tx, abstract, shardings = growth.parts(start, example, mesh, rules)
     task = task.with_model(model)
+  frozen_params = None
   if start is not None:
     state = ckpt.restore(start, abstract, shardings, train_iter)
+    if frozen_abstract is not None:
+      frozen_params = ckpt_lib.restore_frozen_params(workdir, frozen_abstract, frozen_shardings)
     _LOG.info('resumed from step %d', start)
   else:
-    state = state_lib.init_state(model, tx, example, jax.random.key(cfg.seed), mesh, rules)
+    state, frozen_params = state_lib.init_split_state(model, tx, example, jax.random.key(cfg.seed),
+                                                      mesh, rules, cfg.train.trainable)
+    if frozen_params is not None:
+      ckpt_lib.save_frozen_params(workdir, frozen_params)
     start = 0
+  aux_args, input_shardings = step_lib.step_inputs(frozen_in, frozen_params, frozen_shardings)
 
-  train_fn = step_lib.jit_train_step(cfg, task, tx, shardings, mesh, frozen_in.aux_shardings)
-  eval_fn = step_lib.jit_eval_step(cfg, task, shardings.params, mesh, frozen_in.aux_shardings)
+  train_fn = step_lib.jit_train_step(cfg, task, tx, shardings, mesh, input_shardings)
+  eval_fn = step_lib.jit_eval_step(cfg, task, shardings.params, mesh, input_shardings)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_lead)
   peak, peak_source = metrics_lib.peak_flops_per_device(cfg.train.peak_flops)
   fpt = metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len)
@@ -167,8 +178,8 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
     before = evaluate_now(state.params)
     state, model_cfg, model, tx, shardings = growth.grow_state(state, example, mesh, rules)
     task = task.with_model(model)
-    train_fn = step_lib.jit_train_step(cfg, task, tx, shardings, mesh, frozen_in.aux_shardings)
-    eval_fn = step_lib.jit_eval_step(cfg, task, shardings.params, mesh, frozen_in.aux_shardings)
+    train_fn = step_lib.jit_train_step(cfg, task, tx, shardings, mesh, input_shardings)
+    eval_fn = step_lib.jit_eval_step(cfg, task, shardings.params, mesh, input_shardings)
     fpt = metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len)
     n_params = count_params(state.params)
     after = evaluate_now(state.params)
@@ -179,12 +190,15 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
             f'{n_params / 1e6:.2f}M params; val loss {before:.4f} -> {after:.4f}')
     return state
 
-  n_params = count_params(state.params)
+  n_params = count_params(trainable_lib.merge(state.params, frozen_params))
   stop = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
   if is_lead and not quiet:
     print(f'model: {n_params / 1e6:.2f}M params, {model_cfg.num_layers} layers, d={model_cfg.d_model}, '
           f'vocab={model_cfg.vocab_size} ({tokenizer.name}); task={task.describe()}; '
           f'mesh={dict(mesh.shape)}; peak={peak / 1e9:.1f} GFLOP/s/device ({peak_source})')
+    if frozen_params is not None:
+      print(f'training {count_params(state.params):,} of {n_params:,} params '
+            f'(train.trainable={cfg.train.trainable!r}); the rest are frozen')
     for line in (*frozen_in.describe, *growth.describe()):
       print(line)
 
@@ -264,6 +278,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
 
   results = {'status': status, 'step': step, 'train_loss': last.get('loss'),
              'tokens': step * tokens_per_step, 'params': n_params,
+             'trainable_params': count_params(state.params),
              'flops_per_token': fpt, 'total_flops': growth.flops(step),
              'tokens_per_s': last.get('tokens_per_s'), 'mfu': last.get('mfu')}
   if growth.enabled:
@@ -279,8 +294,8 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
     if is_lead and not quiet:
       print('validation: ' + ', '.join(f'{k}={v:.4f}' for k, v in sorted(val.items())))
     from pathways_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
-    samples = sample_lib.sample_texts(cfg, model, state.params, tokenizer,
-                                      key=jax.random.key(cfg.seed + 2))
+    samples = sample_lib.sample_texts(cfg, model, trainable_lib.merge(state.params, frozen_params),
+                                      tokenizer, key=jax.random.key(cfg.seed + 2))
     results['samples'] = samples
     if is_lead:
       writer.write_text(step, 'samples', '\n\n'.join(samples))

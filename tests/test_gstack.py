@@ -176,7 +176,7 @@ def test_gstack_speedup_counts_only_the_grown_model(tmp_path):
 @pytest.mark.slow
 def test_gstack_full_run_reproduces(tmp_path):
   """The default experiment (all arms + LLaDA; ~1-1.5 h on a busy 2-core CPU). Asserts only what
-  the recorded run showed (README, Results: G_stack): growing a trained 2-layer model beats the
+  the recorded run showed (docs/results/gstack.md): growing a trained 2-layer model beats the
   8-layer model trained from scratch at equal FLOPs; stacking an untrained one does not."""
   out = cli('pathways_jax.main', '--config=experiments/gstack.py', f'--workdir={tmp_path}',
             timeout=3 * 3600)

@@ -159,9 +159,10 @@ def test_full_reversal_run(tmp_path):
   """The default run (AR 2000 steps, LLaDA and the control 12000 each; 27 min measured on the
   2-core CPU, 2026-11-28).
 
-  Asserts what the recorded run (README) showed, with a margin: both models learn the forward
-  facts, AR (nearly) never answers the reverse question (1 of 160 recorded), LLaDA answers some
-  (11 of 160: 0.07; 8 with seed 1) and the control, whose background is name-first only, none;
+  Asserts what the recorded run (docs/results/reversal.md) showed, with a margin: both models
+  learn the forward facts, AR (nearly) never answers the reverse question (1 of 160 recorded),
+  LLaDA answers some (11 of 160: 0.07; 8 with seed 1) and the control, whose background is
+  name-first only, none;
   LLaDA fills the masked name slot of the trained sentence (0.85), which AR cannot do at all.
   """
   mod = _module()

@@ -149,7 +149,8 @@ def val_curve(workdir: str, cfg, grown_only: bool = False) -> list[tuple[float, 
   validation loss measured right after the growth, then the evaluations from the growth step on.
   (An arm without growth returns its whole curve.)
   """
-  from pathways_jax.train import growth_phase, loop  # pylint: disable=g-import-not-at-top
+  from pathways_jax.growth import in_run as growth_phase  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
   _, model_cfg, _, _, _ = loop.build(cfg)
   flops = growth_phase.Growth(cfg, model_cfg).flops
   curve, grown_at = {}, None

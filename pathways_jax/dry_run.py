@@ -184,7 +184,7 @@ def run(cfg, *, num_devices: int | None = None, out=print) -> dict:
     line += (f'; at {ASSUMED_MFU:.0%} MFU of {peak_flops / 1e12:g} TFLOP/s/device: '
              f'{t_step:.2f} s/step, {t_step * steps / 3600:,.1f} h')
   out(line)
-  from pathways_jax.train import growth_phase  # pylint: disable=g-import-not-at-top
+  from pathways_jax.growth import in_run as growth_phase  # pylint: disable=g-import-not-at-top
   for growth_line in growth_phase.describe(cfg, model_cfg):  # config.growth: plan + G_stack guideline
     out('  ' + growth_line)
   if hbm and peak > hbm * 2**30:

@@ -50,7 +50,7 @@ def main(argv) -> int:
     return 1
   from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   cfg = _CONFIG.value
-  if cfg is None:  # no --config: continue a run directory (e.g. one made by pathways_jax.grow)
+  if cfg is None:  # no --config: continue a run directory (e.g. one made by pathways_jax.growth)
     try:
       cfg = config_lib.load_run_config(_WORKDIR.value or '.')
     except config_lib.ConfigError as e:

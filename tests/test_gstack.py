@@ -6,7 +6,8 @@ import os
 import pytest
 
 from pathways_jax import config as config_lib
-from pathways_jax.train import growth_phase, loop
+from pathways_jax.growth import in_run as growth_phase
+from pathways_jax.train import loop
 
 from helpers import REPO, cli, tiny_config
 from numerics import assert_close
@@ -97,7 +98,7 @@ def test_offline_grow_command_continues_like_in_run_growth(tmp_path):
   cache = str(tmp_path / 'cache')
   src, dst = tmp_path / 'src', tmp_path / 'dst'
   loop.train(tiny_config(cache, **{'train.stop_at': 4}), str(src), quiet=True)
-  out = cli('pathways_jax.grow', f'--from={src}', f'--workdir={dst}', '--depth_factor=2',
+  out = cli('pathways_jax.growth', f'--from={src}', f'--workdir={dst}', '--depth_factor=2',
             '--method=stack', '--rewarmup_steps=2')
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'python -m pathways_jax.main --workdir=' in out.stdout
@@ -110,7 +111,7 @@ def test_offline_grow_command_continues_like_in_run_growth(tmp_path):
   loop.train(tiny_config(cache, **GROW), str(ref), quiet=True)
   grown = _losses(dst)
   assert grown and grown == {s: v for s, v in _losses(ref).items() if s > 4}
-  again = cli('pathways_jax.grow', f'--from={src}', f'--workdir={dst}', '--depth_factor=2')
+  again = cli('pathways_jax.growth', f'--from={src}', f'--workdir={dst}', '--depth_factor=2')
   assert again.returncode == 1 and 'already holds checkpoints' in again.stderr
 
 

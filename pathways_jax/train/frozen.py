@@ -92,7 +92,7 @@ def _frozen_dir(run_dir: str) -> str | None:
 
 def model_config_of_run(run_cfg, step: int, saved_shapes: dict) -> config_lib.ModelConfig:
   """The ModelConfig of the params a run saved at `step` (the grown one once a growth happened)."""
-  from pathways_jax.train import growth_phase  # pylint: disable=g-import-not-at-top
+  from pathways_jax.growth import in_run as growth_phase  # pylint: disable=g-import-not-at-top
   if 'embed' not in saved_shapes:
     raise CheckpointError(f'the checkpoint has no embedding table; params: {sorted(saved_shapes)}')
   vocab = saved_shapes['embed'][0]

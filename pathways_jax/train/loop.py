@@ -24,7 +24,7 @@ from pathways_jax import parallel
 from pathways_jax import tasks
 from pathways_jax.models.transformer import Transformer, count_params
 from pathways_jax.train import checkpoint as ckpt_lib
-from pathways_jax.train import growth_phase
+from pathways_jax.growth import in_run as growth_phase
 from pathways_jax.train import metrics as metrics_lib
 from pathways_jax.train import optimizer as opt_lib
 from pathways_jax.train import state as state_lib

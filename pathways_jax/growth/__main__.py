@@ -1,6 +1,6 @@
 """Grow a run's checkpoint into a new run directory (offline G_stack and friends).
 
-    python -m pathways_jax.grow --from=runs/small --workdir=runs/grown --depth_factor=4 \
+    python -m pathways_jax.growth --from=runs/small --workdir=runs/grown --depth_factor=4 \
         --method=stack [--width_factor=1 --width_method=direct --optimizer=fresh \
         --rewarmup_steps=0 --step=N --set=train.steps=2000 ...]
     python -m pathways_jax.main --workdir=runs/grown        # continues training the grown model
@@ -33,7 +33,8 @@ def grow_run(src: str, dst: str, *, depth_factor: int = 1, width_factor: int = 1
   from pathways_jax import parallel  # pylint: disable=g-import-not-at-top
   from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from pathways_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from pathways_jax.train import growth_phase, loop  # pylint: disable=g-import-not-at-top
+  from pathways_jax.growth import in_run as growth_phase  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   if os.path.abspath(src) == os.path.abspath(dst):
     raise config_lib.ConfigError('--workdir must differ from --from (the source run is kept)')

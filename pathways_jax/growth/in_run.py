@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pathways_jax import config as config_lib
-from pathways_jax import growth as growth_lib
+from pathways_jax.growth import operators as growth_lib
 from pathways_jax.models.transformer import Transformer
 from pathways_jax.train import metrics as metrics_lib
 from pathways_jax.train import optimizer as opt_lib

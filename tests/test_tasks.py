@@ -1,20 +1,17 @@
-"""Tasks (pathways_jax.tasks): the registry, gradient accumulation weighted by each micro-batch's
-count, and a task written outside the package (tests/distill_task_config.py: distillation from a
-frozen teacher) trained through `python -m pathways_jax.main` — resume, 8 fake devices, dry run."""
+"""Tasks (pathways_jax.tasks): the registry, and a task written outside the package
+(tests/distill_task_config.py: distillation from a frozen teacher) trained through
+`python -m pathways_jax.main` — resume, 8 fake devices, dry run. (Gradient accumulation weighted
+by each micro-batch's count: tests/test_train.py.)"""
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from helpers import cli, cli_overrides, tiny_config, xla_flags
-from numerics import assert_close
 from pathways_jax import config as config_lib
-from pathways_jax import parallel, tasks
-from pathways_jax.models.transformer import Transformer
-from pathways_jax.train import optimizer, state as state_lib, step as step_lib
+from pathways_jax import tasks
 
 CONFIG = 'tests/distill_task_config.py'
 
@@ -45,31 +42,6 @@ def test_an_unknown_task_and_a_missing_batch_field_are_named():
     Weighted(cfg, None).check_batch({'tokens': 0, 'segment_ids': 0, 'positions': 0})
   with pytest.raises(TypeError, match='subclass'):
     tasks.register('not_a_task')(object)
-
-
-def test_gradient_accumulation_is_the_mean_over_all_tokens_whatever_the_micro_batches():
-  """Two micro-batches with very different numbers of target tokens: the accumulated loss is the
-  token mean over the whole batch (as in one pass), not the mean of the two micro-batch means."""
-  cfg = tiny_config('/unused')
-  model = Transformer(config_lib.ModelConfig.from_config(cfg.model, vocab_size=64))
-  mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules(cfg)
-  tx = optimizer.make_optimizer(cfg.train)
-  tokens = np.random.default_rng(0).integers(4, 64, (4, 32)).astype(np.int32)
-  # Micro-batch i takes rows i, i + 2 (step._split_micro): rows 1 and 3 are mostly padding.
-  seg = np.ones_like(tokens)
-  seg[1, 4:] = 0
-  seg[3, 6:] = 0
-  batch = {'tokens': tokens, 'segment_ids': seg,
-           'positions': np.tile(np.arange(32, dtype=np.int32), (4, 1))}
-  losses = {}
-  for accum in (1, 2):
-    cfg.train.grad_accum = accum
-    _, shardings = state_lib.abstract_state_and_shardings(model, tx, tokens, mesh, rules)
-    state = state_lib.init_state(model, tx, tokens, jax.random.key(0), mesh, rules)
-    fn = step_lib.jit_train_step(cfg, tasks.make(cfg, model), tx, shardings, mesh)
-    _, m = step_lib.run_with_rules(mesh, rules, fn, state, batch)
-    losses[accum] = float(m['loss'])
-  assert_close(losses[2], losses[1], terms=tokens.size)
 
 
 # ----------------------------------------------------------- a task from outside the package

@@ -46,13 +46,20 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
   assert int(state.step) == 20 and int(state.bad_step) == -1
 
 
-def test_gradient_accumulation_matches_the_full_batch():
+@pytest.mark.parametrize('padded', [False, True])
+def test_gradient_accumulation_matches_the_full_batch(padded):
+  """With `padded`, the two micro-batches hold very different numbers of target tokens (rows 1
+  and 3, micro-batch 2 in step._split_micro, are mostly padding): the accumulated loss and update
+  are still those of the token mean over the whole batch, not the mean of two micro-batch means."""
   cfg = tiny_config('/unused')
   model = Transformer(config_lib.ModelConfig.from_config(cfg.model, vocab_size=64))
   mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules()
   tx = optimizer.make_optimizer(cfg.train)
   tokens = np.random.default_rng(0).integers(4, 64, (4, 32)).astype(np.int32)
-  batch = {'tokens': tokens, 'segment_ids': np.ones_like(tokens),
+  seg = np.ones_like(tokens)
+  if padded:
+    seg[1, 4:], seg[3, 6:] = 0, 0
+  batch = {'tokens': tokens, 'segment_ids': seg,
            'positions': np.tile(np.arange(32, dtype=np.int32), (4, 1))}
   outs = []
   for accum in (1, 2):

@@ -195,6 +195,7 @@ def test_without_a_compiler_the_build_says_so(monkeypatch, tmp_path):
     cpu_attention.build()
 
 
+@requires_cxx  # the compiler is looked for first
 def test_an_unwritable_kernel_cache_is_named(monkeypatch, tmp_path):
   cache = tmp_path / 'kernels'
   cache.mkdir()

@@ -71,8 +71,7 @@ def _metadata(path: str):
 
 
 def _shapes(tree) -> dict:
-  return {trainable_lib.path_of(p): tuple(m.shape)
-          for p, m in jax.tree_util.tree_leaves_with_path(tree)}
+  return {path: tuple(m.shape) for path, m in trainable_lib.flat(tree).items()}
 
 
 def _saved_param_shapes(state_dir: str) -> dict:

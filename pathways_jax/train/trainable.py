@@ -18,27 +18,18 @@ from __future__ import annotations
 
 import re
 
-import jax
+from flax import traverse_util
 
 from pathways_jax.config import ConfigError
 
 
-def path_of(key_path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in key_path)
+def flat(tree) -> dict:
+  """{'blocks_0/attn/wq': leaf, ...} of a nested dict (flax.traverse_util)."""
+  return traverse_util.flatten_dict(tree, sep='/')
 
 
 def param_paths(params) -> list[str]:
-  return [path_of(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-
-
-def _build(pairs):
-  out = {}
-  for path, leaf in pairs:
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = leaf
-  return out
+  return sorted(flat(params))
 
 
 def split(params, pattern: str) -> tuple[dict, dict]:
@@ -60,21 +51,18 @@ def split(params, pattern: str) -> tuple[dict, dict]:
 
 def partition(params, keep) -> tuple[dict, dict]:
   """(the leaves whose path `keep(path)` accepts, the others), as two nested dicts."""
-  kept, rest = [], []
-  for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    keys = tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in key_path)
-    (kept if keep('/'.join(keys)) else rest).append((keys, leaf))
-  return _build(kept), _build(rest)
+  leaves = flat(params)
+  kept = {path: leaf for path, leaf in leaves.items() if keep(path)}
+  rest = {path: leaf for path, leaf in leaves.items() if path not in kept}
+  return (traverse_util.unflatten_dict(kept, sep='/'),
+          traverse_util.unflatten_dict(rest, sep='/'))
 
 
 def merge(trainable: dict, frozen: dict | None) -> dict:
-  """The whole param tree from its two parts."""
+  """The whole param tree from its two parts (the leaves are the same arrays: no copy)."""
   if not frozen:
     return trainable
-  out = dict(frozen)
-  for k, v in trainable.items():
-    out[k] = merge(v, out[k]) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-  return out
+  return traverse_util.unflatten_dict({**flat(frozen), **flat(trainable)}, sep='/')
 
 
 def enabled(cfg) -> bool:

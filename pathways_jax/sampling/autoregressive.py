@@ -4,13 +4,16 @@
                          temperature=0.8, top_p=0.9)
 
 Given the `Transformer` module, decoding uses its KV cache (one forward over the prompt, then one
-token per step). Given any other `apply_fn(params, tokens_BL) -> logits_BLV`, it recomputes the
-whole fixed-size buffer each step (slower, same result for causal models).
+token per step, stopping once every row has emitted EOS); `decode` is that decoder, which
+sampling.rollout also runs on a mesh. Given any other `apply_fn(params, tokens_BL) ->
+logits_BLV`, it recomputes the whole fixed-size buffer each step (slower, same result for causal
+models).
 Prompts of different lengths are left-padded; pass `prompt_mask_BP` (True = real token).
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,38 +63,79 @@ def left_pad_layout(prompt_mask_BP):
   return mask, positions
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
-                                             'top_p', 'min_p', 'eos_id', 'pad_id'))
-def _generate_cached(model, params, prompt_BP, prompt_mask_BP, key, *, max_new_tokens,
-                     temperature, top_k, top_p, min_p, eos_id, pad_id):
+class Decoded(NamedTuple):
+  """What `decode` returns (N = max_new_tokens)."""
+  tokens_BT: jax.Array           # [B, P+N] the prompts, then the completions; pad after EOS
+  logprobs_BN: jax.Array         # [B, N] log softmax(logits / temperature) of each sampled token
+  completion_mask_BN: jax.Array  # [B, N] True on generated tokens, up to and including EOS
+  steps: jax.Array               # [] decoding steps run (fewer than N once every row hit EOS)
+
+
+def decode(model, params, prompt_BP, prompt_mask_BP, key, *, max_new_tokens, temperature, top_k,
+           top_p, min_p, eos_id, pad_id, cache_sharding=None) -> Decoded:
+  """The KV-cache decoder (traced; callers jit it): a prompt forward fills the cache, then a
+  `while_loop` samples one token per step until `max_new_tokens` or every row has emitted EOS.
+
+  The token of step i is drawn with `fold_in(key, i)`, so stopping early changes nothing before
+  the stop, and what it skips is pad anyway. `cache_sharding` (a NamedSharding per cache entry)
+  pins the cache's layout when this runs on a mesh (see sampling.rollout).
+  The log-probs are of the sampling policy before top-k/top-p/min-p filtering, 0 where nothing was
+  generated.
+  """
   b, p = prompt_BP.shape
-  total = p + max_new_tokens
-  cache = init_cache(model.cfg, b, total, dtype=jnp.dtype(model.cfg.dtype))
+  n = max_new_tokens
+  cache = init_cache(model.cfg, b, p + n, dtype=jnp.dtype(model.cfg.dtype))
+  if cache_sharding is not None:
+    cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
   segments, positions = left_pad_layout(prompt_mask_BP)
   logits, cache = model.apply({'params': params}, prompt_BP, positions_BL=positions,
                               segment_ids_BL=segments, cache=cache, cache_index=0)
   next_pos = positions[:, -1] + 1  # [B]
   sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-  first = sample_token(jax.random.fold_in(key, 0), logits[:, -1], **sampling)
-  out = jnp.concatenate([prompt_BP, jnp.full((b, max_new_tokens), pad_id, prompt_BP.dtype)], 1)
-  out = out.at[:, p].set(first)
-  done = (first == eos_id) if eos_id is not None else jnp.zeros((b,), bool)
+  scale = temperature if temperature > 0 else 1.0
 
-  def body(i, carry):
-    out, cache, done = carry
-    token = jax.lax.dynamic_slice_in_dim(out, p + i, 1, axis=1)
+  def pick(i, logits_BV, done):
+    token = sample_token(jax.random.fold_in(key, i), logits_BV, **sampling)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32) / scale),
+                               token[:, None], axis=-1)[:, 0]
+    return jnp.where(done, pad_id, token), jnp.where(done, 0.0, logp)
+
+  done = jnp.zeros((b,), bool)
+  first, first_lp = pick(0, logits[:, -1], done)
+  new = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
+  logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(first_lp)
+  generated = jnp.zeros((b, n), bool).at[:, 0].set(True)
+  if eos_id is not None:
+    done = first == eos_id
+
+  def cond(carry):
+    i, _, _, _, _, done = carry
+    return (i < n - 1) & ~jnp.all(done)
+
+  def body(carry):
+    i, new, logprobs, generated, cache, done = carry
+    token = jax.lax.dynamic_slice_in_dim(new, i, 1, axis=1)
     logits, cache = model.apply({'params': params}, token, positions_BL=(next_pos + i)[:, None],
                                 segment_ids_BL=jnp.ones((b, 1), jnp.int32), cache=cache,
                                 cache_index=p + i)
-    nxt = sample_token(jax.random.fold_in(key, i + 1), logits[:, 0], **sampling)
-    nxt = jnp.where(done, pad_id, nxt)
+    nxt, lp = pick(i + 1, logits[:, 0], done)
+    new = jax.lax.dynamic_update_slice_in_dim(new, nxt[:, None], i + 1, axis=1)
+    logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], i + 1, axis=1)
+    generated = jax.lax.dynamic_update_slice_in_dim(generated, ~done[:, None], i + 1, axis=1)
     if eos_id is not None:
       done = done | (nxt == eos_id)
-    out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None].astype(out.dtype), p + i + 1, 1)
-    return out, cache, done
+    return i + 1, new, logprobs, generated, cache, done
 
-  out, _, _ = jax.lax.fori_loop(0, max_new_tokens - 1, body, (out, cache, done))
-  return out
+  steps, new, logprobs, generated, _, _ = jax.lax.while_loop(
+      cond, body, (jnp.zeros((), jnp.int32), new, logprobs, generated, cache, done))
+  tokens = jnp.concatenate([prompt_BP.astype(jnp.int32), new], axis=1)
+  return Decoded(tokens, logprobs, generated, steps + 1)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
+                                             'top_p', 'min_p', 'eos_id', 'pad_id'))
+def _generate_cached(model, params, prompt_BP, prompt_mask_BP, key, **kw):
+  return decode(model, params, prompt_BP, prompt_mask_BP, key, **kw).tokens_BT
 
 
 @functools.partial(jax.jit, static_argnames=('apply_fn', 'max_new_tokens', 'temperature',

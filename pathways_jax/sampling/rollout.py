@@ -12,11 +12,12 @@ log-probability of every sampled token (what RL objectives need).
     ro.completion_mask_BN  [B*G, N] True on generated tokens, up to and including EOS
     ro.steps               decoding steps run: the loop stops once every row has emitted EOS
 
-One jitted program: the prompt forward fills a KV cache, then a `while_loop` decodes one token
-per step. The cache lives only inside the program, as a loop carry XLA updates in place (nothing
-to donate), sharded by its logical axes (`transformer.CACHE_AXES`: rows over the data axes, KV
-heads over `tensor`); prompts, outputs and params carry explicit shardings. Random draws are
-keyed by step, and JAX's partitionable threefry makes them independent of the sharding.
+One jitted program around `autoregressive.decode` (the KV-cache decoder `autoregressive.generate`
+uses too): the prompt forward fills a KV cache, then a `while_loop` decodes one token per step.
+The cache lives only inside the program, as a loop carry XLA updates in place (nothing to
+donate), sharded by its logical axes (`transformer.CACHE_AXES`: rows over the data axes, KV heads
+over `tensor`); prompts, outputs and params carry explicit shardings. Random draws are keyed by
+step, and JAX's partitionable threefry makes them independent of the sharding.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 
 from pathways_jax import parallel
 from pathways_jax.models.transformer import CACHE_AXES, Transformer, init_cache
-from pathways_jax.sampling.autoregressive import left_pad_layout, sample_token
+from pathways_jax.sampling import autoregressive
 
 
 class Rollout(NamedTuple):
@@ -46,57 +47,12 @@ def cache_shardings(model_cfg, batch_size: int, length: int, mesh, rules):
   return parallel.logical_to_sharding(boxed, mesh, rules)
 
 
-def _decode(model, params, prompt_BP, prompt_mask_BP, key, cache_sh, *, num_samples,
-            max_new_tokens, temperature, top_k, top_p, min_p, eos_id, pad_id):
+def _decode(model, params, prompt_BP, prompt_mask_BP, key, cache_sh, *, num_samples, **kw):
+  """Each prompt `num_samples` times, through autoregressive.decode (the one KV-cache decoder)."""
   prompt_BP = jnp.repeat(prompt_BP, num_samples, axis=0)
   prompt_mask_BP = jnp.repeat(prompt_mask_BP, num_samples, axis=0)
-  b, p = prompt_BP.shape
-  n = max_new_tokens
-  cache = init_cache(model.cfg, b, p + n, dtype=jnp.dtype(model.cfg.dtype))
-  cache = jax.lax.with_sharding_constraint(cache, cache_sh)
-  segments, positions = left_pad_layout(prompt_mask_BP)
-  logits, cache = model.apply({'params': params}, prompt_BP, positions_BL=positions,
-                              segment_ids_BL=segments, cache=cache, cache_index=0)
-  next_pos = positions[:, -1] + 1
-  sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-  scale = temperature if temperature > 0 else 1.0
-
-  def pick(i, logits_BV, done):
-    token = sample_token(jax.random.fold_in(key, i), logits_BV, **sampling)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32) / scale),
-                               token[:, None], axis=-1)[:, 0]
-    return jnp.where(done, pad_id, token), jnp.where(done, 0.0, logp)
-
-  done = jnp.zeros((b,), bool)
-  first, first_lp = pick(0, logits[:, -1], done)
-  new = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
-  logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(first_lp)
-  generated = jnp.zeros((b, n), bool).at[:, 0].set(True)
-  if eos_id is not None:
-    done = first == eos_id
-
-  def cond(carry):
-    i, _, _, _, _, done = carry
-    return (i < n - 1) & ~jnp.all(done)
-
-  def body(carry):
-    i, new, logprobs, generated, cache, done = carry
-    token = jax.lax.dynamic_slice_in_dim(new, i, 1, axis=1)
-    logits, cache = model.apply({'params': params}, token, positions_BL=(next_pos + i)[:, None],
-                                segment_ids_BL=jnp.ones((b, 1), jnp.int32), cache=cache,
-                                cache_index=p + i)
-    nxt, lp = pick(i + 1, logits[:, 0], done)
-    new = jax.lax.dynamic_update_slice_in_dim(new, nxt[:, None], i + 1, axis=1)
-    logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], i + 1, axis=1)
-    generated = jax.lax.dynamic_update_slice_in_dim(generated, ~done[:, None], i + 1, axis=1)
-    if eos_id is not None:
-      done = done | (nxt == eos_id)
-    return i + 1, new, logprobs, generated, cache, done
-
-  steps, new, logprobs, generated, _, _ = jax.lax.while_loop(
-      cond, body, (jnp.zeros((), jnp.int32), new, logprobs, generated, cache, done))
-  tokens = jnp.concatenate([prompt_BP, new], axis=1)
-  return Rollout(tokens, logprobs, generated, steps + 1)
+  return Rollout(*autoregressive.decode(model, params, prompt_BP, prompt_mask_BP, key,
+                                        cache_sharding=cache_sh, **kw))
 
 
 class RolloutSampler:

@@ -13,15 +13,19 @@ Template 4 of each direction is held out of training for everyone.
 Each training row is one fact sentence: bos, the sentence, eos, then eos padding to the row length
 (LLaDA's SFT format: the padding is masked and trained like any token, so the model learns where an
 answer ends). An AR model and a LLaDA model of the same size and tokenizer are trained on the same
-rows, each to its step cap (AR 2000, LLaDA 12000). Every `reversal.check_every` steps the forward
-facts of the test group are checked (greedy exact match on a seen name-first template); the first
-check at `reversal.target_forward` is reported as `{model}_steps_to_target` ("steps to know the
-facts"), and `reversal.stop_at_target=True` stops a model there instead. LLaDA's recipe: the
-pretraining loss on a `1 - sft_fraction` share of the rows (any token may be masked: this is what
-teaches description -> name) and, on the other rows, the SFT loss with the sentence's prompt never
-masked (prompt -> answer, the way the forward question is asked). A control LLaDA run (the
-background group name-first only, the same number of sentences, the same steps as the main LLaDA
-run) shows what the two-way background contributes.
+rows, each to its step cap (AR 2000, LLaDA 12000), by the project trainer: each model is a run
+directory (WORKDIR/ar, WORKDIR/llada, WORKDIR/llada_control: orbax checkpoints, metrics.jsonl,
+TensorBoard) trained on a rows file (`data.corpus='rows'`) with task 'autoregressive' (targets up to
+the first eos) or 'llada_sft'. Every `reversal.check_every` steps a trainer callback checks the
+forward facts of the test group (greedy exact match on a seen name-first template); the first check
+at `reversal.target_forward` is reported as `{model}_steps_to_target` ("steps to know the facts"),
+and `reversal.stop_at_target=True` stops a model there instead. LLaDA's recipe (`llada_sft` with
+`llada_sft.sft_fraction` = `reversal.sft_fraction`): the pretraining loss on a `1 - sft_fraction`
+share of the rows (any token may be masked: this is what teaches description -> name) and, on the
+other rows, the SFT loss with the sentence's prompt never masked (prompt -> answer, the way the
+forward question is asked). A control LLaDA run (the background group name-first only, the same
+number of sentences, the same steps as the main LLaDA run) shows what the two-way background
+contributes.
 
 Evaluation on the test people only (greedy decoding, exact match of the answer phrase):
   forward            name-first prompt of a seen template -> description (mean over templates 0..3)
@@ -34,10 +38,10 @@ Evaluation on the test people only (greedy decoding, exact match of the answer p
                      masked at once, sum of log p of its tokens (the l = L term of LLaDA's bound,
                      one forward pass per prompt and name length)
 Results go to WORKDIR/results.json (fractions in [0, 1]; steps and training FLOPs per model).
-Each finished model is saved at once (WORKDIR/{ar,llada}.msgpack, results.partial.json), so the
-same command on a stopped run resumes model by model: the finished models are reused, the one
-that was training starts again from scratch (this experiment keeps its own small loop, without
-the trainer's step checkpoints).
+Each finished model's evaluation is saved at once (results.partial.json), so the same command on a
+stopped run reuses the finished models and resumes the one that was training from its newest
+checkpoint (every `train.checkpoint_every` steps). A run directory is never resumed with another
+config: that is an error naming the keys that differ.
 """
 
 
@@ -86,6 +90,7 @@ def get_config():
   c.train.warmup_steps = 100
   c.train.weight_decay = 0.0
   c.train.log_every = 100
+  c.train.checkpoint_every = 500  # each model is a run directory: a stopped run resumes mid-model
   c.reversal = r = ml_collections.ConfigDict()
   r.world_seed = 0
   r.num_background = 80
@@ -127,15 +132,20 @@ def make_groups(cfg) -> tuple[list[Entity], list[Entity]]:
 
 def make_tokenizer(background, test, vocab_size: int, cache_dir: str):
   """A sentencepiece model trained on every sentence of both groups (all templates)."""
+  from pathways_jax.data import tokenizers
+  texts, path = _tokenizer_texts_and_path(background, test, vocab_size, cache_dir)
+  if os.path.isfile(path):
+    return tokenizers.SentencePieceTokenizer.from_file(path)
+  return tokenizers.train_sentencepiece(texts, vocab_size, path[:-len('.model')])
+
+
+def _tokenizer_texts_and_path(background, test, vocab_size: int, cache_dir: str):
   import hashlib
-  from pathways_jax.data import synthetic, tokenizers
+  from pathways_jax.data import synthetic
   texts = [synthetic.fact_sentence(p, d, t).text for p in background + test
            for d in synthetic.DIRECTIONS for t in range(synthetic.NUM_TEMPLATES[d])]
   key = hashlib.blake2b(repr((texts, vocab_size)).encode(), digest_size=10).hexdigest()
-  prefix = os.path.join(cache_dir, f'reversal-sp{vocab_size}-{key}')
-  if os.path.isfile(prefix + '.model'):
-    return tokenizers.SentencePieceTokenizer.from_file(prefix + '.model')
-  return tokenizers.train_sentencepiece(texts, vocab_size, prefix)
+  return texts, os.path.abspath(os.path.join(cache_dir, f'reversal-sp{vocab_size}-{key}.model'))
 
 
 def training_rows(tok, background, test, *, control: bool) -> list[Row]:
@@ -153,112 +163,122 @@ def training_rows(tok, background, test, *, control: bool) -> list[Row]:
 
 # ------------------------------------------------------------------------------------- training
 
-def _loss_fn(kind: str, model, mask_id: int, sft_fraction: float):
-  import jax
-  import jax.numpy as jnp
-  from pathways_jax.objectives import autoregressive
-  from pathways_jax.objectives import diffusion
+def write_rows(workdir: str, name: str, arrays, kind: str) -> str:
+  """The rows file one model trains on (`data.corpus='rows'`), named by its content.
 
-  def ar_loss(params, batch, key):
-    del key
-    tokens = batch['tokens']
-    logits = model.apply({'params': params}, tokens)
-    # Targets up to and including the first eos; the eos padding after it carries no target.
-    return autoregressive.loss(logits, tokens, batch['real'].astype(jnp.int32))
-
-  def llada_loss(params, batch, key):
-    tokens, prompt = batch['tokens'], batch['prompt']
-    k_row, k_mask = jax.random.split(key)
-    b, l = tokens.shape
-    sft_row = jax.random.uniform(k_row, (b,)) < sft_fraction
-    maskable = jnp.arange(l)[None, :] > 0  # bos is never masked
-    noisy, masked, p_mask = diffusion.forward_process(k_mask, tokens, mask_id=mask_id,
-                                                      valid_BL=maskable)
-    protect = prompt & sft_row[:, None]
-    noisy, masked = diffusion.unmask_prompt(noisy, masked, tokens, protect)
-    logits = model.apply({'params': params}, noisy)
-    pt_valid = maskable & ~sft_row[:, None]
-    pt, m = diffusion.loss(logits, tokens, masked, p_mask, valid_BL=pt_valid)
-    sft, _ = diffusion.sft_loss(logits, tokens, masked, p_mask, prompt | ~maskable,
-                                valid_BL=maskable & sft_row[:, None])
-    has_pt, has_sft = jnp.any(~sft_row), jnp.any(sft_row)
-    total = jnp.where(has_pt, pt, 0.0) * (1 - sft_fraction) + jnp.where(has_sft, sft, 0.0) * (
-        sft_fraction)
-    return total, {'ce': m['ce'], 'accuracy': m['accuracy']}
-
-  return ar_loss if kind == 'ar' else llada_loss
-
-
-def train_model(kind: str, cfg, model_cfg, arrays, *, max_steps: int, check_fn=None,
-                log_path: str | None = None, quiet: bool = False, fixed_steps: bool = False,
-                schedule_steps: int = 0):
-  """Trains until check_fn(params) >= target (every check_every steps) or max_steps.
-
-  The learning-rate schedule spans `schedule_steps` (default max_steps): the control run stops at
-  the main LLaDA run's step count but follows its schedule (the main run's cap).
-
-  Returns (params, steps, history, seconds); history lists the checks (step, forward accuracy).
+  AR: `segment_ids` 1 up to and including the first eos (its targets), 0 on the eos padding.
+  LLaDA: the whole row is one segment (the padding eos is trained) and `prompt` marks bos + prompt.
   """
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from pathways_jax.models.transformer import Transformer
-  from pathways_jax.train import optimizer as opt_lib
-
-  r = cfg.reversal
-  model = Transformer(model_cfg)
-  tcfg = ml_collections.ConfigDict(cfg.train.to_dict())
-  tcfg.steps = schedule_steps or max_steps
-  tx = opt_lib.make_optimizer(tcfg)
+  import hashlib
+  from pathways_jax.data import rows as rows_lib
   tokens, prompt, real = arrays
-  n, seq_len = tokens.shape
-  bs = min(cfg.data.batch_size, n)
-  seed = cfg.seed + (0 if kind == 'ar' else 1)
-  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))['params'])
-  opt_state = tx.init(params)
-  loss_fn = _loss_fn(kind, model, cfg.data.mask_id, float(r.sft_fraction))
+  fields = {'tokens': tokens}
+  if kind == 'ar':
+    fields['segment_ids'] = real.astype(np.int32)
+  else:
+    fields['prompt'] = prompt.astype(np.int32)
+  digest = hashlib.blake2b(digest_size=8)
+  for k in sorted(fields):
+    digest.update(k.encode() + np.ascontiguousarray(fields[k]).tobytes())
+  path = os.path.abspath(os.path.join(workdir, f'rows-{name}-{digest.hexdigest()}.npz'))
+  if not os.path.exists(path):
+    rows_lib.save_rows(path, train=fields)
+  return path
 
-  @jax.jit
-  def step_fn(params, opt_state, batch, step):
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {**metrics, 'loss': loss}
 
-  rng = np.random.default_rng(seed)
-  order, pos = rng.permutation(n), 0
-  history, step, t0 = [], 0, time.time()
-  log = open(log_path, 'a') if log_path else None
-  try:
-    while step < max_steps:
-      if pos + bs > n:
-        order, pos = rng.permutation(n), 0
-      idx = order[pos:pos + bs]
-      pos += bs
-      batch = {'tokens': tokens[idx], 'prompt': prompt[idx], 'real': real[idx]}
-      params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.int32(step))
-      step += 1
-      if step % cfg.train.log_every == 0 and log:
-        m = {k: float(v) for k, v in metrics.items()}
-        log.write(json.dumps({'model': kind, 'step': step, **m,
-                              'elapsed_s': round(time.time() - t0, 1)}) + '\n')
-        log.flush()
-      if check_fn is not None and (step % r.check_every == 0 or step == max_steps):
-        acc = check_fn(params)
-        history.append((step, acc))
-        if not quiet:
-          print(f'[{kind}] step {step}: loss {float(metrics["loss"]):.3f}, forward (seen) '
-                f'{acc:.3f}, {time.time() - t0:.0f}s', flush=True)
-        if log:
-          log.write(json.dumps({'model': kind, 'step': step, 'check_forward': acc}) + '\n')
-          log.flush()
-        if acc >= r.target_forward and r.stop_at_target and not fixed_steps:
-          break
-  finally:
-    if log:
-      log.close()
-  return params, step, history, time.time() - t0
+def model_run_config(cfg, kind: str, *, rows_path: str, tokenizer_path: str, seq_len: int,
+                     max_len: int, vocab: int, num_rows: int, steps: int, stop_at: int = 0):
+  """The trainer's config for one model of the experiment (a run directory of its own)."""
+  r = cfg.reversal
+  c = copy.deepcopy(cfg)
+  del c['reversal']
+  causal = kind == 'ar'
+  c.name = f'{cfg.name}/{kind}'
+  c.task = 'autoregressive' if causal else 'llada_sft'
+  c.objective = 'autoregressive' if causal else 'diffusion'
+  if not causal:
+    c.llada_sft.sft_fraction = float(r.sft_fraction)
+  c.seed = cfg.seed + (0 if causal else 1)
+  c.model.causal = causal
+  c.model.max_len = max_len
+  c.model.vocab_size = vocab
+  c.data.corpus = 'rows'
+  c.data.path = rows_path
+  c.data.tokenizer = 'sentencepiece'
+  c.data.tokenizer_path = tokenizer_path
+  c.data.seq_len = seq_len
+  c.data.batch_size = min(cfg.data.batch_size, num_rows)
+  c.data.eval_batches = 0  # the experiment evaluates the facts itself
+  c.train.steps = steps
+  c.train.stop_at = stop_at
+  c.sample.prompts = ()
+  return c
+
+
+def _check_same_run(run_dir: str, run_cfg) -> None:
+  """A run directory trained with another config is never resumed with this one."""
+  path = os.path.join(run_dir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    before = _flat(json.load(f))
+  now = _flat(json.loads(run_cfg.to_json_best_effort()))
+  ignore = {'train.stop_at', 'train.progress_bar'}
+  diff = sorted(k for k in set(before) | set(now)
+                if k not in ignore and before.get(k) != now.get(k))
+  if diff:
+    from pathways_jax import config as config_lib
+    shown = ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in diff[:6])
+    raise config_lib.ConfigError(
+        f'{run_dir} was trained with another config ({shown}); use another workdir (or remove '
+        'that run directory) to train this one')
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[prefix + k] = json.dumps(v) if isinstance(v, list) else v
+  return out
+
+
+def forward_checks(run_dir: str) -> list[tuple[int, float]]:
+  """(step, forward accuracy) of every check a model's run logged (a resumed run: the last)."""
+  found = {}
+  path = os.path.join(run_dir, 'metrics.jsonl')
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        rec = json.loads(line)
+        if 'check_forward' in rec:
+          found[rec['step']] = rec['check_forward']
+  return sorted(found.items())
+
+
+def train_model(run_cfg, run_dir: str, check_fn, *, check_every: int, target: float,
+                stop_at_target: bool, quiet: bool = False):
+  """Trains (or resumes) one model through the project trainer, checking the forward facts
+  every `check_every` steps; stops at the first check >= target when `stop_at_target`.
+
+  Returns (steps, history, seconds); history lists the checks (step, forward accuracy).
+  """
+  from pathways_jax.train import loop
+
+  def check(step, params):
+    acc = check_fn(params)
+    if not quiet:
+      print(f'[{run_cfg.name}] step {step}: forward (seen) {acc:.3f}', flush=True)
+    if stop_at_target and acc >= target:
+      raise loop.StopTraining({'check_forward': acc})
+    return {'check_forward': acc}
+
+  _check_same_run(run_dir, run_cfg)
+  t0 = time.time()
+  res = loop.train(run_cfg, run_dir, quiet=True,
+                   callbacks=[loop.Callback(every=check_every, fn=check)])
+  return res['step'], forward_checks(run_dir), time.time() - t0
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -294,31 +314,14 @@ def evaluate_model(ev: Evaluator, tok, test, background) -> dict:
 
 # ------------------------------------------------------------------------------------------ run
 
-def save_model(workdir: str, kind: str, model_cfg, params) -> None:
-  """WORKDIR/{kind}.msgpack (params) and {kind}.json (model config): for benchmarks, notebooks."""
-  from flax import serialization
-  with open(os.path.join(workdir, f'{kind}.msgpack'), 'wb') as f:
-    f.write(serialization.to_bytes(params))
-  with open(os.path.join(workdir, f'{kind}.json'), 'w') as f:
-    json.dump(dataclasses.asdict(model_cfg), f)
+KINDS = ('ar', 'llada', 'llada_control')
 
 
 def load_model(workdir: str, kind: str):
-  """(Transformer, params) saved by `run`."""
-  import jax
-  import jax.numpy as jnp
-  from flax import serialization
-  from pathways_jax import config as config_lib
-  from pathways_jax.models.transformer import Transformer
-  with open(os.path.join(workdir, f'{kind}.json')) as f:
-    mcfg = config_lib.ModelConfig(**json.load(f))
-  model = Transformer(mcfg)
-  import flax.linen as nn
-  target = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
-                                                      jnp.zeros((1, 8), jnp.int32))['params']))
-  target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), target)
-  with open(os.path.join(workdir, f'{kind}.msgpack'), 'rb') as f:
-    params = serialization.from_bytes(target, f.read())
+  """(Transformer, params) of a model the experiment trained (WORKDIR/{ar,llada,llada_control},
+  each a run directory: `pathways_jax.sample` and frozen-model loading take it too)."""
+  from pathways_jax import sample
+  _, model, params, _ = sample.load_run(os.path.join(workdir, kind))
   return model, params
 
 
@@ -330,11 +333,11 @@ def load_tokenizer(workdir: str):
 
 
 def _finished_models(partial_path: str, config_json: dict) -> dict:
-  """The results of the models an earlier, stopped run of the same config finished ({} if none).
+  """The evaluations of the models an earlier run of the same config finished ({} if none).
 
-  The unit of resumption is a whole model: its params are saved (`save_model`) and its
-  evaluation written to results.partial.json as soon as it is done. `reversal.control` is left out
-  of the comparison, so the control can be added to a run that finished without it.
+  A model's evaluation is written to results.partial.json as soon as it is done; a model stopped
+  mid-training resumes from its run directory's newest checkpoint instead. `reversal.control`
+  is left out of the comparison, so the control can be added to a run that finished without it.
   """
   if not os.path.exists(partial_path):
     return {}
@@ -342,8 +345,9 @@ def _finished_models(partial_path: str, config_json: dict) -> dict:
     with open(partial_path) as f:
       partial = json.load(f)
   except (OSError, ValueError):
-    _LOG.warning('ignoring unreadable %s: training every model again', partial_path)
+    _LOG.warning('ignoring unreadable %s: evaluating every model again', partial_path)
     return {}
+
   def comparable(c):  # the control flag does not change the other models: it may be switched on
     c = copy.deepcopy(c)
     c.get('reversal', {}).pop('control', None)
@@ -351,19 +355,6 @@ def _finished_models(partial_path: str, config_json: dict) -> dict:
 
   if comparable(partial.pop('config', None) or {}) != comparable(config_json):
     return {}
-  workdir = os.path.dirname(partial_path)
-  for kind in ('ar', 'llada'):  # a result without its saved params cannot be resumed
-    if f'{kind}_steps' not in partial:
-      continue
-    path = os.path.join(workdir, f'{kind}.msgpack')
-    if not os.path.exists(path):
-      return {}
-    try:
-      load_model(workdir, kind)
-    except (OSError, ValueError, KeyError, TypeError) as e:  # truncated, corrupt, other shapes
-      _LOG.warning('ignoring unreadable %s (%s: %s): training every model again', path,
-                   type(e).__name__, e)
-      return {}
   return partial
 
 
@@ -384,6 +375,7 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
   t_start = time.time()
   background, test = make_groups(cfg)
   tok = make_tokenizer(background, test, cfg.data.vocab_size, workdir)
+  tokenizer_path = _tokenizer_texts_and_path(background, test, cfg.data.vocab_size, workdir)[1]
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   tokenizers.resolve_special_ids(cfg, tok)  # config.data.mask_id: the tokenizer's
   main_rows = training_rows(tok, background, test, control=False)
@@ -400,82 +392,82 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
   prompt_width = max(encode_fact(tok, p, d, t).prompt_len for p in background + test
                      for d in synthetic.DIRECTIONS for t in range(synthetic.NUM_TEMPLATES[d]))
   vocab = config_lib.round_vocab(tok.vocab_size)
-  base_model = config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab).replace(
-      max_len=max(cfg.model.max_len, seq_len + gen_length))
-  ar_cfg, ll_cfg = base_model.replace(causal=True), base_model.replace(causal=False)
+  max_len = max(cfg.model.max_len, seq_len + gen_length)
   eval_test = test[:r.eval_limit] if r.eval_limit > 0 else test
   eval_batch = min(256, len(TRAIN_TEMPLATES) * len(eval_test))
   check_rows = [encode_fact(tok, p, 'name_first', 0) for p in eval_test]
-  log_path = os.path.join(workdir, 'metrics.jsonl')
   partial_path = os.path.join(workdir, 'results.partial.json')
   config_json = json.loads(json.dumps(cfg.to_dict(), default=str))
   results = _finished_models(partial_path, config_json)
-  resumed = [k for k in ('ar', 'llada', 'llada_control') if f'{k}_steps' in results]
+  resumed = [k for k in KINDS if f'{k}_steps' in results]
   if resumed and not quiet:
     print(f'resuming {workdir}: {", ".join(resumed)} already trained and evaluated with this config '
           '(results.partial.json); training the rest', flush=True)
-  if not results and os.path.exists(log_path):
-    os.remove(log_path)
   if not quiet:
     print(f'reversal: {len(background)} background + {len(test)} test people, '
           f'{len(main_rows)} training sentences, seq_len {seq_len}, vocab {vocab}, '
           f'{jax.device_count()} {jax.devices()[0].platform} device(s)', flush=True)
 
-  def checker(kind, mcfg):
-    model = Transformer(mcfg)
-    return lambda params: Evaluator(tok, model, params, kind, seq_len, gen_length,
-                                    prompt_width=prompt_width, batch=eval_batch).exact_match(
-        check_rows)
-
   def save_partial():
     with open(partial_path, 'w') as f:  # survives a stopped run, which resumes from it
       json.dump({**results, 'config': config_json}, f, indent=2, default=str)
 
-  arrays = to_arrays(main_rows, seq_len, tok.eos_id)
+  main_arrays = to_arrays(main_rows, seq_len, tok.eos_id)
+  control_rows = training_rows(tok, background, test, control=True)
+  plans = [('ar', 'main', main_arrays, r.ar_max_steps, 0),
+           ('llada', 'main', main_arrays, r.llada_max_steps, 0)]
+  if r.control:  # the main LLaDA run's steps, on its schedule (its cap)
+    plans.append(('llada_control', 'control', to_arrays(control_rows, seq_len, tok.eos_id),
+                  r.llada_max_steps, None))
   models = {}
-  for kind, mcfg, cap in (('ar', ar_cfg, r.ar_max_steps), ('llada', ll_cfg, r.llada_max_steps)):
+  for kind, rows_name, arrays, steps, stop_at in plans:
+    run_dir = os.path.join(workdir, kind)
+    model_kind = 'ar' if kind == 'ar' else 'llada'
+    if stop_at is None:
+      stop_at = results['llada_steps']
+    run_cfg = model_run_config(
+        cfg, model_kind, rows_path=write_rows(workdir, rows_name, arrays, model_kind),
+        tokenizer_path=tokenizer_path, seq_len=seq_len, max_len=max_len, vocab=vocab,
+        num_rows=len(arrays[0]), steps=steps, stop_at=stop_at)
+    tokenizers.resolve_special_ids(run_cfg, tok)
+    run_cfg.name = f'{cfg.name}/{kind}'
+    mcfg = config_lib.ModelConfig.from_config(run_cfg.model, vocab_size=vocab)
     if f'{kind}_steps' in results:  # finished before an earlier run of this config stopped
-      models[kind] = (mcfg, load_model(workdir, kind)[1])
+      models[kind] = load_model(workdir, kind)
       continue
-    params, steps, hist, secs = train_model(kind, cfg, mcfg, arrays, max_steps=cap,
-                                            check_fn=checker(kind, mcfg), log_path=log_path,
-                                            quiet=quiet)
-    ev = Evaluator(tok, Transformer(mcfg), params, kind, seq_len, gen_length,
+    model = Transformer(mcfg)
+    check = lambda params, model=model, k=model_kind: Evaluator(
+        tok, model, params, k, seq_len, gen_length, prompt_width=prompt_width,
+        batch=eval_batch).exact_match(check_rows)
+    steps_done, hist, secs = train_model(
+        run_cfg, run_dir, check, check_every=r.check_every, target=r.target_forward,
+        stop_at_target=r.stop_at_target and kind != 'llada_control', quiet=quiet)
+    model, params = load_model(workdir, kind)
+    models[kind] = (model, params)
+    ev = Evaluator(tok, model, params, model_kind, seq_len, gen_length,
                    prompt_width=prompt_width, batch=eval_batch)
     res = evaluate_model(ev, tok, eval_test, background)
-    fpt = metrics_lib.flops_per_token(mcfg, seq_len)
-    results.update({f'{kind}_{k}': v for k, v in res.items()})
-    results[f'{kind}_steps'] = steps
-    # The first check at the forward target: the 'steps to know the facts' of each model, also
-    # when it trains on past it (stop_at_target=False).
-    results[f'{kind}_steps_to_target'] = next((s for s, a in hist if a >= r.target_forward), None)
-    results[f'{kind}_train_flops'] = fpt * steps * min(cfg.data.batch_size, len(main_rows)) * seq_len
-    results[f'{kind}_train_seconds'] = round(secs, 1)
-    results[f'{kind}_forward_checks'] = hist
-    models[kind] = (mcfg, params)
-    save_model(workdir, kind, mcfg, params)
+    if kind == 'llada_control':
+      results.update({f'llada_{k}_control': v for k, v in res.items()})
+    else:
+      results.update({f'{kind}_{k}': v for k, v in res.items()})
+      fpt = metrics_lib.flops_per_token(mcfg, seq_len)
+      # The first check at the forward target: the 'steps to know the facts' of each model, also
+      # when it trains on past it (stop_at_target=False).
+      results[f'{kind}_steps_to_target'] = next((s for s, a in hist if a >= r.target_forward),
+                                                None)
+      results[f'{kind}_train_flops'] = fpt * steps_done * run_cfg.data.batch_size * seq_len
+      results[f'{kind}_forward_checks'] = hist
+    results[f'{kind}_steps'] = steps_done
+    results[f'{kind}_train_seconds'] = round(secs, 1)  # this invocation's (a resumed model: less)
     save_partial()
     if not quiet:
       print(f'[{kind}] ' + ', '.join(f'{k} {v:.3f}' for k, v in res.items()), flush=True)
-  if r.control and 'llada_control_steps' not in results:
-    crows = training_rows(tok, background, test, control=True)
-    params, steps, hist, secs = train_model(
-        'llada_control', cfg, ll_cfg, to_arrays(crows, seq_len, tok.eos_id),
-        max_steps=results['llada_steps'], check_fn=checker('llada', ll_cfg), log_path=log_path,
-        quiet=quiet, fixed_steps=True, schedule_steps=r.llada_max_steps)
-    ev = Evaluator(tok, Transformer(ll_cfg), params, 'llada', seq_len, gen_length,
-                   prompt_width=prompt_width, batch=eval_batch)
-    res = evaluate_model(ev, tok, eval_test, background)
-    results.update({f'llada_{k}_control': v for k, v in res.items()})
-    results['llada_control_steps'] = steps
-    results['llada_control_train_seconds'] = round(secs, 1)
-    save_partial()
-    if not quiet:
-      print('[llada control] ' + ', '.join(f'{k} {v:.3f}' for k, v in res.items()), flush=True)
   results['llada_rank_method'] = ('masked score: name slot fully masked, sum log p of its tokens '
                                   '(one forward pass per prompt and name length)')
   results['ar_rank_method'] = "sum log p(name + '.' | prompt)"
   n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(models['ar'][1])))
+  results['run_dirs'] = {k: os.path.join(workdir, k) for k in models}
   results.update({
       'num_test': len(eval_test), 'num_background': len(background),
       'num_candidates': len(background) + len(test), 'train_sentences': len(main_rows),

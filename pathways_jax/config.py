@@ -51,8 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02
 
   c.data = d = ml_collections.ConfigDict()
-  d.corpus = 'stdlib'  # 'stdlib' | 'synthetic' | 'path' | 'tfds'
-  d.path = ''  # for corpus='path': a text/JSONL file or a folder of them
+  d.corpus = 'stdlib'  # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'rows'
+  # corpus='path': a text/JSONL file or a folder of them; 'rows': a .npz of token rows
+  # (pathways_jax.data.rows)
+  d.path = ''
   d.tfds_name = ''  # for corpus='tfds', e.g. 'lm1b'
   d.tfds_data_dir = ''
   d.text_field = 'text'  # JSONL / TFDS feature holding the document text
@@ -115,6 +117,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion = df = ml_collections.ConfigDict()  # LLaDA (objective='diffusion')
   df.eps = 1e-3  # p_mask = (1 - eps) t + eps
   df.random_length_prob = 0.01  # LLaDA: 1% of batches cut to a random length (no recompiles)
+
+  # task 'llada_sft' (pathways_jax/tasks/sft.py): the share of rows trained with the prompt kept;
+  # the other rows get LLaDA's pretraining loss (any token may be masked).
+  c.llada_sft = ml_collections.ConfigDict()
+  c.llada_sft.sft_fraction = 1.0
 
   # RHO-1 selective language modelling (docs/rho1.md): train on the top `ratio` of the targets by
   # score; the base objective stays `objective` (autoregressive or diffusion).
@@ -187,7 +194,7 @@ _CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'full', 'dots'),
     'model.attention': ('xla', 'cpu', 'pallas', 'cudnn'),
-    'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds'),
+    'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds', 'rows'),
     'data.tokenizer': ('sentencepiece', 'byte', 'hf'),
     'train.schedule': ('cosine', 'wsd', 'constant'),
     'selective.score': ('excess', 'reference_loss', 'reference_entropy', 'random', 'oracle'),
@@ -243,8 +250,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if d.batch_size % t.grad_accum:
     raise ConfigError(f'config.data.batch_size={d.batch_size} is not divisible by '
                       f'config.train.grad_accum={t.grad_accum}')
-  if d.corpus == 'path' and not d.path:
-    raise ConfigError("config.data.corpus='path' needs config.data.path")
+  if d.corpus in ('path', 'rows') and not d.path:
+    raise ConfigError(f"config.data.corpus={d.corpus!r} needs config.data.path")
+  if d.corpus == 'rows' and d.tokenizer == 'sentencepiece' and not d.tokenizer_path:
+    raise ConfigError("config.data.corpus='rows' holds token ids: name the tokenizer that made "
+                      'them (config.data.tokenizer_path; there is no text to train one on)')
   if d.corpus == 'tfds' and not d.tfds_name:
     raise ConfigError("config.data.corpus='tfds' needs config.data.tfds_name")
   if not 0.0 <= t.min_lr_ratio <= 1.0:

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 
+import jax
 import pytest
 
 from helpers import REPO
@@ -29,6 +30,7 @@ def _tiny_config(mod, **reversal):
   cfg.model.mlp_dim = 64
   cfg.train.warmup_steps = 2
   cfg.train.log_every = 5
+  cfg.train.checkpoint_every = 5
   r = cfg.reversal
   r.num_background, r.num_test = 6, 3
   r.ar_max_steps, r.llada_max_steps, r.check_every = 10, 10, 10
@@ -57,47 +59,63 @@ def test_tiny_reversal_run(tmp_path):
     assert steps_to_target is None or steps_to_target == 10
     assert on_disk[f'{kind}_train_flops'] > 0
   assert on_disk['llada_control_steps'] == on_disk['llada_steps']
-  assert (tmp_path / 'metrics.jsonl').read_text().count('\n') >= 4
-  model, params = mod.load_model(str(tmp_path), 'llada')  # saved for benchmarks/notebooks
+  for kind in mod.KINDS:  # each model is a run directory of the project trainer
+    log = [json.loads(x) for x in (tmp_path / kind / 'metrics.jsonl').read_text().splitlines()]
+    assert [x['step'] for x in log if 'loss' in x] == [5, 10]
+    checks = [[x['step'], x['check_forward']] for x in log if 'check_forward' in x]
+    assert [s for s, _ in checks] == [10]
+    if kind != 'llada_control':
+      assert checks == on_disk[f'{kind}_forward_checks']
+  model, params = mod.load_model(str(tmp_path), 'llada')  # for benchmarks/notebooks
   assert not model.cfg.causal and params
+  from pathways_jax import sample  # pylint: disable=g-import-not-at-top
+  cfg, model, _, tok = sample.load_run(str(tmp_path / 'ar'))
+  assert model.cfg.causal and cfg.task == 'autoregressive' and tok.vocab_size == 320
 
 
 def test_a_stopped_run_resumes_with_the_models_it_finished(tmp_path):
-  """A run stopped during the control keeps AR and LLaDA; the same config retrains only the rest.
+  """Finished models are reused, a model stopped mid-training resumes from its checkpoint, and a
+  run directory is never resumed with another config.
 
   A run without the control looks to a resumed run like one stopped before the control, so this
   also checks that `reversal.control` can be switched on for a finished run.
   """
+  import numpy as np
   mod = _module()
-  first = mod.run(_tiny_config(mod, control=False), str(tmp_path), quiet=True)
+  cfg = lambda **kw: _tiny_config(mod, **kw)
+  first = mod.run(cfg(control=False), str(tmp_path), quiet=True)
   assert first['resumed_models'] == [] and 'llada_reverse_control' not in first
-  (tmp_path / 'results.json').unlink()
-  log_before = (tmp_path / 'metrics.jsonl').read_text()
-  again = mod.run(_tiny_config(mod), str(tmp_path), quiet=True)
+  ar_log = (tmp_path / 'ar' / 'metrics.jsonl').read_text()
+  _, llada_params = mod.load_model(str(tmp_path), 'llada')
+  again = mod.run(cfg(), str(tmp_path), quiet=True)
   assert again['resumed_models'] == ['ar', 'llada']
   for k in RESULT_KEYS:
     if 'control' not in k:
       assert again[k] == first[k], k
   assert 0.0 <= again['llada_reverse_control'] <= 1.0
-  log = (tmp_path / 'metrics.jsonl').read_text()
-  assert log.startswith(log_before) and len(log) > len(log_before)  # kept; the control appended
-  assert log.count('"model": "ar"') == log_before.count('"model": "ar"')  # AR not retrained
-  assert mod.run(_tiny_config(mod), str(tmp_path), quiet=True)['resumed_models'] == [
-      'ar', 'llada', 'llada_control']  # all finished: nothing is trained again
-  cfg = _tiny_config(mod)
-  # As run() does before it compares configs: special ids from the (project's own) tokenizer.
-  from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  tokenizers.resolve_special_ids(cfg, tokenizers.ByteTokenizer())
-  config_json = json.loads(json.dumps(cfg.to_dict(), default=str))
-  partial = str(tmp_path / 'results.partial.json')
-  assert mod._finished_models(partial, config_json)  # pylint: disable=protected-access
-  params = tmp_path / 'ar.msgpack'
-  good = params.read_bytes()
-  params.write_bytes(good[:len(good) // 2])  # a truncated params file: train everything again
-  assert mod._finished_models(partial, config_json) == {}  # pylint: disable=protected-access
-  params.write_bytes(good)
-  changed = _tiny_config(mod, sft_fraction=0.5)  # another config: nothing is reused
-  assert mod.run(changed, str(tmp_path), quiet=True)['resumed_models'] == []
+  assert (tmp_path / 'ar' / 'metrics.jsonl').read_text() == ar_log  # AR not trained again
+  assert mod.run(cfg(), str(tmp_path), quiet=True)['resumed_models'] == list(mod.KINDS)
+
+  # LLaDA stopped after its step-5 checkpoint: the rerun trains steps 6-10 only, to the same params.
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(tmp_path / 'llada' / 'checkpoints' / '10')
+  partial = json.loads((tmp_path / 'results.partial.json').read_text())
+  partial = {k: v for k, v in partial.items() if not k.startswith('llada')}
+  (tmp_path / 'results.partial.json').write_text(json.dumps(partial))
+  resumed = mod.run(cfg(), str(tmp_path), quiet=True)
+  assert resumed['resumed_models'] == ['ar'] and resumed['llada_steps'] == 10
+  log = [json.loads(x) for x in (tmp_path / 'llada' / 'metrics.jsonl').read_text().splitlines()]
+  assert [x['step'] for x in log if 'loss' in x] == [5, 10, 10]  # the resumed run logged step 10
+  _, params = mod.load_model(str(tmp_path), 'llada')
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(llada_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for k in RESULT_KEYS:
+    assert resumed[k] == again[k], k
+
+  # Another LLaDA recipe in the same workdir: AR (unchanged) is reused, LLaDA's run refuses.
+  from pathways_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match=r'llada_sft\.sft_fraction: 0\.25 -> 0\.5'):
+    mod.run(cfg(sft_fraction=0.5), str(tmp_path), quiet=True)
 
 
 def test_rows_and_facts_file(tmp_path):
@@ -134,21 +152,22 @@ def test_stop_at_target_and_bad_reversal_keys(tmp_path):
   """stop_at_target=True stops a model at its first check on target; False trains to the cap."""
   import numpy as np
   from pathways_jax import config as config_lib
+  from pathways_jax.data import rows, tokenizers
   mod = _module()
-  cfg = _tiny_config(mod, check_every=3)
-  mcfg = config_lib.ModelConfig.from_config(cfg.model, vocab_size=64).replace(causal=False)
+  cfg = _tiny_config(mod)
   tokens = np.random.default_rng(0).integers(4, 64, (8, 8)).astype(np.int32)
-  prompt = np.broadcast_to(np.arange(8) < 2, (8, 8)).copy()  # bos + one prompt token
-  arrays = (tokens, prompt, np.ones((8, 8), bool))
+  prompt = np.broadcast_to(np.arange(8) < 2, (8, 8)).astype(np.int32)  # bos + one prompt token
+  rows.save_rows(str(tmp_path / 'rows.npz'), train={'tokens': tokens, 'prompt': prompt})
   always = lambda params: 1.0
-  cfg.reversal.stop_at_target = True
-  _, steps, hist, _ = mod.train_model('llada', cfg, mcfg, arrays, max_steps=10, check_fn=always,
-                                      quiet=True)
-  assert steps == 3 and hist == [(3, 1.0)]
-  cfg.reversal.stop_at_target = False
-  _, steps, hist, _ = mod.train_model('llada', cfg, mcfg, arrays, max_steps=10, check_fn=always,
-                                      quiet=True)
-  assert steps == 10 and [s for s, _ in hist] == [3, 6, 9, 10]
+  for stop, want_steps, want_checks in ((True, 3, [3]), (False, 10, [3, 6, 9, 10])):
+    run_cfg = mod.model_run_config(cfg, 'llada', rows_path=str(tmp_path / 'rows.npz'),
+                                   tokenizer_path='', seq_len=8, max_len=16, vocab=0,
+                                   num_rows=8, steps=10)
+    run_cfg.data.tokenizer = 'byte'  # the random ids are bytes
+    tokenizers.resolve_special_ids(run_cfg, tokenizers.ByteTokenizer())
+    steps, hist, _ = mod.train_model(run_cfg, str(tmp_path / f'stop{stop}'), always,
+                                     check_every=3, target=0.9, stop_at_target=stop, quiet=True)
+    assert steps == want_steps and hist == [(s, 1.0) for s in want_checks]
   for key, value, match in (('target_forward', 1.5, 'stop_at_target'),
                             ('llada_max_steps', 0, 'llada_max_steps')):
     bad = _tiny_config(mod, **{key: value})

@@ -41,6 +41,10 @@ class DataError(ValueError):
   """A corpus that cannot be read; the message names the path (and line) at fault."""
 
 
+class EmptySplitError(DataError):
+  """A split without documents (e.g. the validation split of a one-document corpus)."""
+
+
 # ---------------------------------------------------------------------------------------- stdlib
 
 def stdlib_root() -> pathlib.Path:
@@ -210,9 +214,12 @@ def load_documents(data_cfg, split: str) -> list[str]:
     docs = _path_documents(data_cfg, split)
   elif corpus == 'tfds':
     docs = _tfds_documents(data_cfg, split)
+  elif corpus == 'rows':
+    raise ValueError("config.data.corpus='rows' holds token rows, not documents "
+                     '(pathways_jax.data.rows)')
   else:
     raise ValueError(f"config.data.corpus={corpus!r} is not one of "
-                     "('stdlib', 'synthetic', 'path', 'tfds')")
+                     "('stdlib', 'synthetic', 'path', 'tfds', 'rows')")
   if data_cfg.get('max_documents', 0) > 0:
     docs = docs[:data_cfg.max_documents]
   return docs

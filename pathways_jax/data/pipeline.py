@@ -46,13 +46,13 @@ import grain
 import numpy as np
 
 from pathways_jax.data import corpora
+from pathways_jax.data import rows as rows_lib
 from pathways_jax.data import tokenizers as tokenizers_lib
 
 _TOKEN_CACHE_VERSION = 1
 
 
-class EmptySplitError(corpora.DataError):
-  """A split without documents (e.g. the validation split of a one-document corpus)."""
+EmptySplitError = corpora.EmptySplitError
 
 
 def check_token_ids(tokens: Any, vocab_size: int) -> None:
@@ -283,8 +283,17 @@ class PackedRows:
     return out
 
 
-def load_packed_rows(cfg, tokenizer, split: str, *, vocab_size: int | None = None) -> PackedRows:
-  """The packed rows of `split`, their token ids checked against `vocab_size`."""
+def load_packed_rows(cfg, tokenizer, split: str, *, vocab_size: int | None = None
+                     ) -> PackedRows | rows_lib.Rows:
+  """The packed rows of `split` (for corpus 'rows': the file's rows), ids checked against
+  `vocab_size`."""
+  if cfg.data.corpus == 'rows':
+    rows = rows_lib.Rows(cfg.data.path, split)
+    if rows.seq_len != cfg.data.seq_len:
+      raise corpora.DataError(f'rows file {cfg.data.path!r} holds rows of {rows.seq_len} tokens; '
+                              f'config.data.seq_len={cfg.data.seq_len}')
+    check_token_ids(rows.tokens, vocab_size or tokenizer.vocab_size)
+    return rows
   tokens, lengths = load_tokens(cfg.data, tokenizer, split)
   check_token_ids(tokens, vocab_size or tokenizer.vocab_size)
   noise_cfg, noise = cfg.data.get('noise'), None

@@ -13,7 +13,9 @@ Two models in one step are two param trees for the same kind of `apply`:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -62,9 +64,23 @@ def _state_dir(run_dir: str, step: int | None) -> tuple[int, str]:
   return step, os.path.join(run_dir, 'checkpoints', str(step), 'state')
 
 
+@contextlib.contextmanager
+def _no_item_metadata_warning():
+  """Reading one item of a step's composite checkpoint, orbax warns that the item has no step
+  metadata (it sits one level up, in the step directory): expected here, so not shown."""
+  quiet = lambda record: 'Metadata file does not exist' not in record.getMessage()
+  absl_log = logging.getLogger('absl')
+  absl_log.addFilter(quiet)
+  try:
+    yield
+  finally:
+    absl_log.removeFilter(quiet)
+
+
 def _metadata(path: str):
   try:
-    return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+    with _no_item_metadata_warning():
+      return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
   except Exception as e:  # orbax raises many types; the user needs the path
     raise CheckpointError(f'{path} is not a readable checkpoint ({type(e).__name__}: '
                           f'{str(e).splitlines()[0] if str(e) else ""})') from e
@@ -118,7 +134,8 @@ def restore_params(state_dir: str, abstract_params, shardings):
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                 partial_restore=True)
   try:
-    return ocp.PyTreeCheckpointer().restore(state_dir, args=args)['params']
+    with _no_item_metadata_warning():
+      return ocp.PyTreeCheckpointer().restore(state_dir, args=args)['params']
   except Exception as e:  # orbax raises many types; the user needs the path
     raise CheckpointError(f'the params in {state_dir} could not be restored ({type(e).__name__}: '
                           f'{str(e).splitlines()[0] if str(e) else ""})') from e

@@ -6,6 +6,7 @@ step, so a resumed run computes exactly what an uninterrupted one would.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -36,6 +38,28 @@ _LOG = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
   """Training cannot go on (e.g. a non-finite loss); saved work is intact."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Callback:
+  """`fn(step, params) -> {name: float} | None`, called every `every` steps and at the last one.
+
+  What it returns is logged with the step's metrics (metrics.jsonl, TensorBoard). `params` are the
+  whole model's (trained and frozen parts merged). It may raise `StopTraining` to end the run
+  early: the loop saves a checkpoint and finishes as at the last step (status 'stopped'). An
+  experiment's own evaluation during training goes here, e.g. the reversal experiment's checks.
+  """
+  every: int
+  fn: Callable[[int, Any], dict | None]
+
+
+class StopTraining(Exception):
+  """Raised by a `Callback` to end training at this step (a rerun resumes from it); `metrics`
+  are logged as a returned dict would be."""
+
+  def __init__(self, metrics: dict | None = None):
+    super().__init__('a callback stopped training')
+    self.metrics = metrics
 
 
 def check_workdir(workdir: str) -> None:
@@ -113,7 +137,7 @@ def _versions() -> dict:
           'grain': getattr(grain, '__version__', 'unknown')}
 
 
-def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
+def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callback] = ()) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final results dict."""
   from pathways_jax.data import pipeline, tokenizers  # pylint: disable=g-import-not-at-top,multiple-import
   host_memory.reuse_freed_memory()  # a no-op if the CLI already did it, before the backend
@@ -250,6 +274,22 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
           bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f'{tps:,.0f}', refresh=False)
           pending, t_last = [], time.perf_counter()
         bar.update(1)
+        stop_now = False
+        for cb in callbacks:
+          if step % cb.every == 0 or step == stop:
+            try:
+              out = cb.fn(step, trainable_lib.merge(state.params, frozen_params))
+            except StopTraining as e:
+              out, stop_now = e.metrics, True
+            if out:
+              writer.write(step, out)
+              last.update(out)
+            t_last = time.perf_counter()  # a callback's time is not training throughput
+        if stop_now:
+          check_finite()
+          ckpt.save(step, state, train_iter, force=True)
+          status = 'stopped'
+          break
         if step % cfg.train.eval_every == 0 and step != stop:
           val = evaluate(eval_fn, state.params, eval_batches, mesh, rules,
                          perplexity=task.perplexity, aux_args=aux_args)
@@ -286,7 +326,7 @@ def train(cfg, workdir: str, *, quiet: bool = False) -> dict:
                          'd_model': model_cfg.d_model,
                          'val_loss_before': last.get('growth_val_loss_before'),
                          'val_loss_after': last.get('growth_val_loss_after')}
-  if status == 'completed':
+  if status in ('completed', 'stopped'):
     val = evaluate(eval_fn, state.params, eval_batches, mesh, rules,
                    perplexity=task.perplexity, aux_args=aux_args)
     writer.write(step, val)

@@ -1,0 +1,80 @@
+"""Supervised fine-tuning tasks. `llada_sft`: LLaDA's SFT loss (the prompt is never masked).
+
+A batch holds, beside `tokens/segment_ids/positions`, `prompt` [B, L] (1 on the prompt's tokens,
+bos included). Each row is one example: the prompt, the answer, then eos padding up to L, with
+`segment_ids` 1 on the whole row — LLaDA trains the padding eos like answer tokens, which is how
+the model learns where an answer ends. The first token of every segment (bos) is never masked.
+
+`config.llada_sft.sft_fraction` < 1 mixes in LLaDA's pretraining loss: each row is drawn to be an
+SFT row (prompt kept) with that probability, else any token of it may be masked, and the loss is
+`(1 - f) * pretraining loss over those rows + f * SFT loss over the SFT rows`. The reversal
+experiment trains this way: the pretraining rows teach description -> name, the SFT rows the
+forward question's format.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pathways_jax.config import ConfigError
+from pathways_jax.objectives import diffusion
+from pathways_jax.tasks.base import COUNT, TOKEN_FIELDS, Task
+from pathways_jax.tasks.pretrain import mask_id
+from pathways_jax.tasks.registry import register
+
+
+def _fraction(cfg) -> float:
+  section = cfg.get('llada_sft')
+  f = 1.0 if section is None else float(section.get('sft_fraction', 1.0))
+  if not 0.0 <= f <= 1.0:
+    raise ConfigError(f'config.llada_sft.sft_fraction={f} is not in [0, 1]')
+  return f
+
+
+@register('llada_sft')
+class LladaSftTask(Task):
+  """LLaDA SFT: CE / p_mask over the masked answer tokens, per row / answer length, mean."""
+  required_specials = ('mask',)
+
+  def __init__(self, cfg, model):
+    super().__init__(cfg, model)
+    if model.cfg.causal:
+      raise ConfigError("task 'llada_sft' needs a bidirectional model (config.model.causal=False)")
+    self.sft_fraction = _fraction(cfg)
+
+  def batch_fields(self):
+    return {**{k: jnp.int32 for k in TOKEN_FIELDS}, 'prompt': jnp.int32}
+
+  def loss(self, params, batch, key, aux=None):
+    del aux
+    tokens, segments, positions = batch['tokens'], batch['segment_ids'], batch['positions']
+    f = self.sft_fraction
+    b, _ = tokens.shape
+    k_row, k_mask = jax.random.split(key)
+    sft_row_B = jax.random.uniform(k_row, (b,)) < f
+    maskable_BL = (segments > 0) & (positions > 0)  # never bos, never padding between examples
+    noisy, masked, p_mask = diffusion.forward_process(k_mask, tokens, mask_id=mask_id(self.cfg),
+                                                      eps=self.cfg.diffusion.eps,
+                                                      valid_BL=maskable_BL)
+    prompt_BL = batch['prompt'].astype(bool)
+    noisy, masked = diffusion.unmask_prompt(noisy, masked, tokens, prompt_BL & sft_row_B[:, None])
+    logits = self.model.apply({'params': params}, noisy, positions_BL=positions,
+                              segment_ids_BL=segments)
+    sft, m = diffusion.sft_loss(logits, tokens, masked, p_mask, prompt_BL | ~maskable_BL,
+                                valid_BL=maskable_BL & sft_row_B[:, None])
+    metrics = {'ce': m['ce'], 'accuracy': m['accuracy']}
+    # The SFT loss is a mean over rows (each its answer's token mean): rows are its units.
+    rows_with_answer = jnp.any(maskable_BL & ~prompt_BL, axis=1).astype(jnp.float32).sum()
+    if f == 1.0:
+      return sft, {**metrics, COUNT: rows_with_answer}
+    pt, pm = diffusion.loss(logits, tokens, masked, p_mask,
+                            valid_BL=maskable_BL & ~sft_row_B[:, None])
+    has_pt, has_sft = jnp.any(~sft_row_B), jnp.any(sft_row_B)
+    total = jnp.where(has_pt, pt, 0.0) * (1.0 - f) + jnp.where(has_sft, sft, 0.0) * f
+    # Metrics over the masked tokens of both kinds of row, each weighted by its masked count.
+    n_sft, n_pt = m['num_masked'], pm['num_masked']
+    n = jnp.maximum(n_sft + n_pt, 1.0)
+    metrics = {'ce': (m['ce'] * n_sft + pm['ce'] * n_pt) / n,
+               'accuracy': (m['accuracy'] * n_sft + pm['accuracy'] * n_pt) / n,
+               'sft_ce': m['ce'], 'pretrain_ce': pm['ce']}
+    return total, {**metrics, COUNT: jnp.any(maskable_BL, axis=1).astype(jnp.float32).sum()}

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pathways_jax import parallel
+
 REMASKING = ('low_confidence', 'random')
 CACHES = (None, 'prefix', 'dual')
 
@@ -53,10 +55,11 @@ class _Forward:
     return isinstance(other, _Forward) and self._key() == other._key()
 
   def full(self, params, tokens_BS, positions_BS, segments_BS, start, length, *, use_segments,
-           with_cache):
+           with_cache, cache_sharding=None):
     """Logits of positions [start, start+length) from a forward pass over the whole row.
 
-    With `with_cache`, also returns a freshly filled KV cache of the whole row.
+    With `with_cache`, also returns a freshly filled KV cache of the whole row (laid out as
+    `cache_sharding` says, when given).
     """
     if self.module is None:
       logits = self.fn(params, tokens_BS)
@@ -67,6 +70,8 @@ class _Forward:
       cfg = self.module.cfg
       empty = init_cache(cfg, tokens_BS.shape[0], tokens_BS.shape[1],
                          jnp.bfloat16 if cfg.dtype == 'bfloat16' else jnp.float32)
+      if cache_sharding is not None:
+        empty = jax.lax.with_sharding_constraint(empty, cache_sharding)
       return self.module.apply({'params': params}, tokens_BS, positions_BL=positions_BS,
                                segment_ids_BL=segments_BS, cache=empty, cache_index=0,
                                logits_window=(start, length))
@@ -124,12 +129,14 @@ def _select(logits_BbV, masked_Bb, key, knobs, *, sample, remasking, mask_id, eo
   return x0.astype(jnp.int32), conf
 
 
-@functools.partial(jax.jit, static_argnames=(
-    'fwd', 'gen_start', 'cfg_end', 'block_length', 'num_blocks', 'steps_per_block', 'mask_id',
-    'sample', 'guided', 'parallel', 'remasking', 'cache', 'eos_ids', 'use_segments'))
-def _decode(fwd, params, prompt_BP, valid_BP, key, knobs, *, gen_start, cfg_end, block_length,
-            num_blocks, steps_per_block, mask_id, sample, guided, parallel, remasking, cache,
-            eos_ids, use_segments):
+_STATIC = ('fwd', 'gen_start', 'cfg_end', 'block_length', 'num_blocks', 'steps_per_block',
+           'mask_id', 'sample', 'guided', 'parallel', 'remasking', 'cache', 'eos_ids',
+           'use_segments')
+
+
+def _decode_body(fwd, params, prompt_BP, valid_BP, key, knobs, *, gen_start, cfg_end,
+                 block_length, num_blocks, steps_per_block, mask_id, sample, guided, parallel,
+                 remasking, cache, eos_ids, use_segments, cache_sharding=None):
   """Decodes the mask tokens of [gen_start, gen_start + num_blocks * block_length) block by block.
 
   The row is `prompt_BP` followed by mask tokens up to the end of the last block (none when the
@@ -137,6 +144,8 @@ def _decode(fwd, params, prompt_BP, valid_BP, key, knobs, *, gen_start, cfg_end,
 
   `knobs` holds the traced settings (temperature, cfg_scale, threshold, refresh_every, EOS flags),
   so changing their values never recompiles; the static flags say which features are on.
+  `cache_sharding` (on a mesh, see DiffusionSampler) lays out the KV cache of every row the model
+  sees (2B with guidance).
   """
   cfg_scale = knobs['cfg_scale']
   bl = block_length
@@ -169,7 +178,8 @@ def _decode(fwd, params, prompt_BP, valid_BP, key, knobs, *, gen_start, cfg_end,
   def block_logits(x, bs, j, kv):
     """Logits [B, bl, V] for the block starting at bs, at step j of the block."""
     full = lambda: fwd.full(params, model_input(x), positions_in, segments_in, bs, bl,
-                            use_segments=use_segments, with_cache=cache is not None)
+                            use_segments=use_segments, with_cache=cache is not None,
+                            cache_sharding=cache_sharding)
     if cache is None:
       return guide(full()[0]), kv, jnp.int32(1), jnp.int32(0)
     window = bl if cache == 'dual' else s - bs  # prefix: bs is a Python int here
@@ -228,6 +238,8 @@ def _decode(fwd, params, prompt_BP, valid_BP, key, knobs, *, gen_start, cfg_end,
     from pathways_jax.models.transformer import init_cache  # pylint: disable=g-import-not-at-top
     kv = init_cache(cfg, b * (2 if guided else 1), s,
                     jnp.bfloat16 if cfg.dtype == 'bfloat16' else jnp.float32)
+    if cache_sharding is not None:
+      kv = jax.lax.with_sharding_constraint(kv, cache_sharding)
   stats = (jnp.full((b, gen_len), -1, jnp.int32), jnp.zeros((b, gen_len), jnp.int32))
   carry = (x_BS, kv, stats, jnp.int32(0), jnp.zeros((2,), jnp.int32))
   if cache == 'prefix':  # each block's suffix window has its own static shape: unroll
@@ -238,6 +250,9 @@ def _decode(fwd, params, prompt_BP, valid_BP, key, knobs, *, gen_start, cfg_end,
   x, _, (commit_step, commit_count), steps, nfe = carry
   return x, {'commit_step': commit_step, 'commit_count': commit_count, 'steps': steps,
              'nfe_full': nfe[0], 'nfe_cached': nfe[1]}
+
+
+_decode = jax.jit(_decode_body, static_argnames=_STATIC)
 
 
 def _eos_tuple(eos_id) -> tuple[int, ...]:
@@ -280,7 +295,7 @@ def generate(apply_fn, params, prompt_BP, *, mask_id: int, key: jax.Array, gen_l
              cache: str | None = None, prompt_mask_BP: jax.Array | None = None,
              eos_id: int | Sequence[int] | None = None, forbid_eos: bool = False,
              eos_low_confidence: bool = False, refresh_every: int | None = None,
-             return_stats: bool = False):
+             return_stats: bool = False, mesh=None, rules=None):
   """LLaDA's reverse process (semi-autoregressive), with CFG and Fast-dLLM caching/parallelism.
 
   Args:
@@ -308,6 +323,9 @@ def generate(apply_fn, params, prompt_BP, *, mask_id: int, key: jax.Array, gen_l
     return_stats: also return a dict: `commit_step` [B, G] (global step at which each generated
       position was committed), `commit_count` [B, G] (how often; always 1), `steps`, `nfe_full`,
       `nfe_cached` (forward passes over the whole row / over a cached window).
+    mesh, rules: run on this mesh (e.g. the training run's, inside its loop) with explicit
+      shardings: see `DiffusionSampler`, which this builds once per model, mesh, shape and setup
+      and reuses. The tokens are those `generate` samples without a mesh.
 
   Returns:
     tokens [B, P + G] (and the stats dict if `return_stats`).
@@ -317,6 +335,34 @@ def generate(apply_fn, params, prompt_BP, *, mask_id: int, key: jax.Array, gen_l
   if prompt_BP.ndim != 2 or not jnp.issubdtype(prompt_BP.dtype, jnp.integer):
     raise ValueError(f'prompt_BP must be a 2-D integer array, got {prompt_BP.dtype} '
                      f'{prompt_BP.shape}')
+  b, p = prompt_BP.shape
+  setup = dict(mask_id=mask_id, gen_length=gen_length, steps=steps, block_length=block_length,
+               temperature=temperature, cfg_scale=cfg_scale, remasking=remasking,
+               threshold=threshold, cache=cache, eos_id=_eos_tuple(eos_id), forbid_eos=forbid_eos,
+               eos_low_confidence=eos_low_confidence, refresh_every=refresh_every)
+  if mesh is not None:
+    sampler = _sampler(apply_fn, mesh, tuple(rules or parallel.DEFAULT_RULES), batch_size=b,
+                       prompt_len=p, return_stats=return_stats, **setup)
+    return sampler(params, prompt_BP, prompt_mask_BP, key=key)
+  static, knobs = _generate_setup(fwd, p, padded=prompt_mask_BP is not None, **setup)
+  valid_BP = _valid(prompt_BP, prompt_mask_BP)
+  tokens, stats = _decode(fwd, nn.meta.unbox(params), prompt_BP, valid_BP, key, knobs, **static)
+  return (tokens, stats) if return_stats else tokens
+
+
+def _valid(prompt_BP, prompt_mask_BP):
+  if prompt_mask_BP is None:
+    return np.ones(prompt_BP.shape, bool)
+  if prompt_mask_BP.shape != prompt_BP.shape:
+    raise ValueError(f'prompt_mask_BP has shape {prompt_mask_BP.shape}, prompt_BP '
+                     f'{prompt_BP.shape}')
+  return prompt_mask_BP
+
+
+def _generate_setup(fwd, prompt_len, *, padded, mask_id, gen_length, steps, block_length,
+                    temperature, cfg_scale, remasking, threshold, cache, eos_id, forbid_eos,
+                    eos_low_confidence, refresh_every):
+  """Checks `generate`'s settings; returns the static arguments of `_decode` and its knobs."""
   if gen_length <= 0 or block_length <= 0:
     raise ValueError(f'gen_length={gen_length} and block_length={block_length} must be positive')
   if gen_length % block_length:
@@ -336,7 +382,7 @@ def generate(apply_fn, params, prompt_BP, *, mask_id: int, key: jax.Array, gen_l
   if cache is not None and fwd.module is None:
     raise ValueError(f'cache={cache!r} needs the Transformer module (it calls it with a KV cache), '
                      'not a plain apply_fn')
-  if prompt_mask_BP is not None and fwd.module is None:
+  if padded and fwd.module is None:
     raise ValueError('prompt_mask_BP (padded prompts) needs the Transformer module (it passes '
                      'segment ids), not a plain apply_fn')
   if refresh_every is not None and (cache is None or refresh_every <= 0):
@@ -345,21 +391,102 @@ def generate(apply_fn, params, prompt_BP, *, mask_id: int, key: jax.Array, gen_l
   _check_common(fwd, mask_id=mask_id, temperature=temperature, cfg_scale=cfg_scale,
                 remasking=remasking, threshold=threshold, eos=eos, forbid_eos=forbid_eos,
                 eos_low_confidence=eos_low_confidence)
-  b, p = prompt_BP.shape
-  if prompt_mask_BP is None:
-    valid_BP = np.ones((b, p), bool)
-  else:
-    valid_BP = prompt_mask_BP
-    if valid_BP.shape != prompt_BP.shape:
-      raise ValueError(f'prompt_mask_BP has shape {valid_BP.shape}, prompt_BP {prompt_BP.shape}')
-  tokens, stats = _decode(
-      fwd, nn.meta.unbox(params), prompt_BP, valid_BP, key,
-      _knobs(temperature, cfg_scale, threshold, refresh_every, forbid_eos, eos_low_confidence),
-      gen_start=p, cfg_end=p, block_length=block_length, num_blocks=num_blocks,
-      steps_per_block=steps_per_block, mask_id=int(mask_id), sample=temperature > 0,
-      guided=cfg_scale > 0, parallel=threshold is not None, remasking=remasking, cache=cache,
-      eos_ids=eos, use_segments=prompt_mask_BP is not None or cache is not None)
-  return (tokens, stats) if return_stats else tokens
+  static = dict(gen_start=prompt_len, cfg_end=prompt_len, block_length=block_length,
+                num_blocks=num_blocks, steps_per_block=steps_per_block, mask_id=int(mask_id),
+                sample=temperature > 0, guided=cfg_scale > 0, parallel=threshold is not None,
+                remasking=remasking, cache=cache, eos_ids=eos,
+                use_segments=padded or cache is not None)
+  knobs = _knobs(temperature, cfg_scale, threshold, refresh_every, forbid_eos, eos_low_confidence)
+  return static, knobs
+
+
+class DiffusionSampler:
+  """`generate` on a mesh: built once for one batch shape and setup, called every step (e.g.
+  inside a training loop, on the run's mesh, with its params as they are sharded there).
+
+      sampler = DiffusionSampler(model, mesh, rules, batch_size=8, prompt_len=16, mask_id=3,
+                                 gen_length=32, steps=32, block_length=8)
+      tokens_BT = sampler(params, prompt_BP, prompt_mask_BP, key=key)
+
+  One jitted program with explicit shardings: prompts, masks, tokens and the per-token stats are
+  split by rows over the mesh axes the rules give `activation_batch` (so `batch_size` must be a
+  multiple of their size); params by their logical axes (`param_shardings`, by default the ones
+  the rules give the Transformer's params; a plain apply_fn's params are replicated unless given),
+  and placed there on each call (a no-op for params already sharded so); a KV cache by
+  `transformer.CACHE_AXES`; the key and scalars replicated. Random draws are keyed by step, not
+  by device, so the tokens are the ones one device samples.
+  """
+
+  def __init__(self, apply_fn, mesh, rules, *, batch_size: int, prompt_len: int, mask_id: int,
+               gen_length: int, steps: int, block_length: int, temperature: float = 0.0,
+               cfg_scale: float = 0.0, remasking: str = 'low_confidence',
+               threshold: float | None = None, cache: str | None = None,
+               eos_id: int | Sequence[int] | None = None, forbid_eos: bool = False,
+               eos_low_confidence: bool = False, refresh_every: int | None = None,
+               return_stats: bool = False, param_shardings=None):
+    fwd = _Forward(apply_fn)
+    if batch_size < 1 or prompt_len < 1:
+      raise ValueError(f'need batch_size, prompt_len >= 1, got {batch_size}, {prompt_len}')
+    rows = nn.logical_to_mesh_axes(('activation_batch',), rules)[0]  # None, an axis or axes
+    split = int(np.prod([mesh.shape[a] for a in ((rows,) if isinstance(rows, str) else
+                                                 tuple(rows or ()))]))
+    if batch_size % split:
+      raise ValueError(f'{batch_size} prompts do not split over the {split} devices of the batch '
+                       f'axes {rows}: give a multiple of it')
+    # Both settings (padded prompts or not) are checked here; a call picks one.
+    self._static, self._knobs = _generate_setup(
+        fwd, prompt_len, padded=fwd.module is not None, mask_id=mask_id, gen_length=gen_length,
+        steps=steps, block_length=block_length, temperature=temperature, cfg_scale=cfg_scale,
+        remasking=remasking, threshold=threshold, cache=cache, eos_id=eos_id,
+        forbid_eos=forbid_eos, eos_low_confidence=eos_low_confidence,
+        refresh_every=refresh_every)
+    rep = parallel.replicated(mesh)
+    if param_shardings is None and fwd.module is not None:
+      from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
+      param_shardings = frozen.abstract_params_and_shardings(fwd.module, mesh, rules)[1]
+    self.fwd, self.mesh, self.rules, self.shape = fwd, mesh, rules, (batch_size, prompt_len)
+    self.return_stats = return_stats
+    self.param_shardings = rep if param_shardings is None else param_shardings
+    self.rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(rows))
+    cache_sh = None
+    if cache is not None:
+      from pathways_jax.sampling import rollout  # pylint: disable=g-import-not-at-top
+      cache_sh = rollout.cache_shardings(fwd.module.cfg, batch_size * (2 if cfg_scale > 0 else 1),
+                                 prompt_len + gen_length, mesh, rules)
+    stats_sh = {'commit_step': self.rows, 'commit_count': self.rows, 'steps': rep,
+                'nfe_full': rep, 'nfe_cached': rep}
+    # One program per use_segments (padded prompts or not; jit takes no static kwargs when it is
+    # given shardings), each compiled on its first call.
+    self._fns = {
+        use: jax.jit(functools.partial(_decode_body, fwd, cache_sharding=cache_sh,
+                                       **{**self._static, 'use_segments': use}),
+                     in_shardings=(self.param_shardings, self.rows, self.rows, rep, rep),
+                     out_shardings=(self.rows, stats_sh))
+        for use in (False, True)}
+
+  def __call__(self, params, prompt_BP, prompt_mask_BP=None, *, key):
+    """tokens [B, P + G] (with the stats dict if built with `return_stats`), sharded by rows."""
+    prompt_BP = prompt_BP if isinstance(prompt_BP, jax.Array) else np.asarray(prompt_BP)
+    if prompt_BP.shape != self.shape or not jnp.issubdtype(prompt_BP.dtype, jnp.integer):
+      raise ValueError(f'prompt_BP is {prompt_BP.dtype} {prompt_BP.shape}, this sampler was '
+                       f'built for integers of shape {self.shape}')
+    if prompt_mask_BP is not None and self.fwd.module is None:
+      raise ValueError('prompt_mask_BP (padded prompts) needs the Transformer module (it passes '
+                       'segment ids), not a plain apply_fn')
+    valid_BP = _valid(prompt_BP, prompt_mask_BP)
+    params = jax.device_put(nn.meta.unbox(params), self.param_shardings)
+    # As `generate`: segment ids only where they are needed, so the tokens are its tokens.
+    use_segments = prompt_mask_BP is not None or self._static['cache'] is not None
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      tokens, stats = self._fns[use_segments](params, jax.device_put(prompt_BP, self.rows),
+                                              jax.device_put(valid_BP, self.rows), key,
+                                              self._knobs)
+    return (tokens, stats) if self.return_stats else tokens
+
+
+@functools.lru_cache(maxsize=16)
+def _sampler(apply_fn, mesh, rules, **kwargs) -> DiffusionSampler:
+  return DiffusionSampler(apply_fn, mesh, rules, **kwargs)
 
 
 def infill(apply_fn, params, tokens_BL, *, mask_id: int, key: jax.Array, steps: int,

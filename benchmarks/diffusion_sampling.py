@@ -36,7 +36,7 @@ def _reversal():
 
 def _ensure_run(rev, run_dir, *, train_seq_len=0, sft_fraction=None):
   if run_dir and all(os.path.exists(os.path.join(run_dir, f)) for f in
-                     ('ar.msgpack', 'llada.msgpack', 'results.json')):
+                     ('ar/checkpoints', 'llada/checkpoints', 'results.json')):
     return run_dir
   run_dir = run_dir or tempfile.mkdtemp(prefix='diffusion_bench_')
   cfg = rev.get_config()

@@ -191,7 +191,8 @@ def model_run_config(cfg, kind: str, *, rows_path: str, tokenizer_path: str, seq
   """The trainer's config for one model of the experiment (a run directory of its own)."""
   r = cfg.reversal
   c = copy.deepcopy(cfg)
-  del c['reversal']
+  with c.unlocked():  # the CLI locks the config it hands to run()
+    del c['reversal']
   causal = kind == 'ar'
   c.name = f'{cfg.name}/{kind}'
   c.task = 'autoregressive' if causal else 'llada_sft'

@@ -36,6 +36,7 @@ def _tiny_config(mod, **reversal):
   r.ar_max_steps, r.llada_max_steps, r.check_every = 10, 10, 10
   for k, v in reversal.items():
     setattr(r, k, v)
+  cfg.lock()  # as the CLI hands it to run()
   return cfg
 
 

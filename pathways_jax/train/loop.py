@@ -119,15 +119,40 @@ def _global_batch(batch, mesh):
 
 def evaluate(eval_fn, params, batches, mesh, rules, *, perplexity: bool = True,
              aux_args: tuple = ()) -> dict:
-  totals = {}
+  """Validation metrics: each batch's means weighted by the units it holds (the task's COUNT), so
+  they are the means over the whole validation set, however full its last batch is."""
+  totals, units = {}, 0.0
   for batch in batches:
-    m = step_lib.run_with_rules(mesh, rules, eval_fn, params, _global_batch(batch, mesh), *aux_args)
+    m = jax.device_get(step_lib.run_with_rules(mesh, rules, eval_fn, params,
+                                               _global_batch(batch, mesh), *aux_args))
+    count = float(m.pop(tasks.COUNT))
+    units += count
     for k, v in m.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  out = {f'val_{k}': v / max(len(batches), 1) for k, v in totals.items() if k != 'num_tokens'}
+      totals[k] = totals.get(k, 0.0) + count * float(v)
+  out = {f'val_{k}': v / max(units, 1e-30) for k, v in totals.items() if k != 'num_tokens'}
   if perplexity and 'val_ce' in out:  # for diffusion, ce is over masked tokens: no perplexity
     out['val_ppl'] = float(np.exp(min(out['val_ce'], 50.0)))
   return out
+
+
+@dataclasses.dataclass
+class _Model:
+  """The model being trained and what is compiled for it (all replaced when it grows)."""
+  cfg: config_lib.ModelConfig
+  module: Transformer
+  task: tasks.Task
+  tx: Any
+  shardings: Any  # of the train state
+  train_fn: Callable
+  eval_fn: Callable
+  flops_per_token: float
+
+
+def _compile(cfg, model_cfg, module, task, tx, shardings, mesh, input_shardings) -> _Model:
+  return _Model(model_cfg, module, task, tx, shardings,
+                step_lib.jit_train_step(cfg, task, tx, shardings, mesh, input_shardings),
+                step_lib.jit_eval_step(cfg, task, shardings.params, mesh, input_shardings),
+                metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len))
 
 
 def _versions() -> dict:
@@ -187,31 +212,26 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
     start = 0
   aux_args, input_shardings = step_lib.step_inputs(frozen_in, frozen_params, frozen_shardings)
 
-  train_fn = step_lib.jit_train_step(cfg, task, tx, shardings, mesh, input_shardings)
-  eval_fn = step_lib.jit_eval_step(cfg, task, shardings.params, mesh, input_shardings)
+  m = _compile(cfg, model_cfg, model, task, tx, shardings, mesh, input_shardings)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_lead)
   peak, peak_source = metrics_lib.peak_flops_per_device(cfg.train.peak_flops)
-  fpt = metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  validate = lambda params: evaluate(m.eval_fn, params, eval_batches, mesh, rules,
+                                     perplexity=m.task.perplexity, aux_args=aux_args)
 
   def grow(state):
-    """The growth (growth.at_step): new state, model, optimizer, shardings and jitted steps."""
-    nonlocal model_cfg, model, task, tx, shardings, train_fn, eval_fn, fpt, n_params
-    evaluate_now = lambda p: evaluate(eval_fn, p, eval_batches, mesh, rules,
-                                      perplexity=task.perplexity, aux_args=aux_args)['val_loss']
-    before = evaluate_now(state.params)
+    """growth.at_step: the grown state, and the model, optimizer and steps compiled for it."""
+    nonlocal m
+    before = validate(state.params)['val_loss']
     state, model_cfg, model, tx, shardings = growth.grow_state(state, example, mesh, rules)
-    task = task.with_model(model)
-    train_fn = step_lib.jit_train_step(cfg, task, tx, shardings, mesh, input_shardings)
-    eval_fn = step_lib.jit_eval_step(cfg, task, shardings.params, mesh, input_shardings)
-    fpt = metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len)
-    n_params = count_params(state.params)
-    after = evaluate_now(state.params)
+    m = _compile(cfg, model_cfg, model, m.task.with_model(model), tx, shardings, mesh,
+                 input_shardings)
+    after = validate(state.params)['val_loss']
     writer.write(step, {'growth_val_loss_before': before, 'growth_val_loss_after': after})
     last.update(growth_val_loss_before=before, growth_val_loss_after=after)
     if is_lead and not quiet:
       print(f'step {step}: grew to {model_cfg.num_layers} layers, d={model_cfg.d_model}, '
-            f'{n_params / 1e6:.2f}M params; val loss {before:.4f} -> {after:.4f}')
+            f'{count_params(state.params) / 1e6:.2f}M params; val loss {before:.4f} -> {after:.4f}')
     return state
 
   n_params = count_params(trainable_lib.merge(state.params, frozen_params))
@@ -233,7 +253,7 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
   pending, t_last, step = [], time.perf_counter(), start
   trimmed_after = None  # the train_fn / eval_fn whose compilation garbage was handed back
   trimmed_eval_after = None
-  if growth.due(step, model_cfg):  # growth.at_step=0: grow the initial model
+  if growth.due(step, m.cfg):  # growth.at_step=0: grow the initial model
     state = grow(state)
   status = 'completed'
 
@@ -250,15 +270,15 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
       while step < stop:
         host_batch = next(train_iter)
         if step == start:
-          task.check_batch(host_batch)  # a missing field is named before the step compiles
+          m.task.check_batch(host_batch)  # a missing field is named before the step compiles
         batch = _global_batch(host_batch, mesh)
-        state, m = step_lib.run_with_rules(mesh, rules, train_fn, state, batch, *aux_args)
-        if trimmed_after is not train_fn:  # its first call compiled it
+        state, out = step_lib.run_with_rules(mesh, rules, m.train_fn, state, batch, *aux_args)
+        if trimmed_after is not m.train_fn:  # its first call compiled it
           host_memory.release_free_memory()
-          trimmed_after = train_fn
+          trimmed_after = m.train_fn
         step += 1
-        pending.append(m)
-        if growth.due(step, model_cfg):  # before this step's eval and checkpoint
+        pending.append(out)
+        if growth.due(step, m.cfg):  # before this step's eval and checkpoint
           state = grow(state)
         if step % cfg.train.log_every == 0 or step == stop:
           fetched = jax.device_get(pending)
@@ -267,7 +287,7 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
           tps = len(pending) * tokens_per_step / (now - t_last)
           scalars = {k: float(np.mean([p[k] for p in fetched])) for k in fetched[0]}
           scalars.update(lr=growth.lr_at(step - 1), flops=growth.flops(step), tokens_per_s=tps,
-                         mfu=tps * fpt / (peak * jax.device_count()),
+                         mfu=tps * m.flops_per_token / (peak * jax.device_count()),
                          tokens=step * tokens_per_step)
           writer.write(step, scalars)
           last.update(scalars, step=step)
@@ -278,12 +298,12 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
         for cb in callbacks:
           if step % cb.every == 0 or step == stop:
             try:
-              out = cb.fn(step, trainable_lib.merge(state.params, frozen_params))
+              logged = cb.fn(step, trainable_lib.merge(state.params, frozen_params))
             except StopTraining as e:
-              out, stop_now = e.metrics, True
-            if out:
-              writer.write(step, out)
-              last.update(out)
+              logged, stop_now = e.metrics, True
+            if logged:
+              writer.write(step, logged)
+              last.update(logged)
             t_last = time.perf_counter()  # a callback's time is not training throughput
         if stop_now:
           check_finite()
@@ -291,12 +311,11 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
           status = 'stopped'
           break
         if step % cfg.train.eval_every == 0 and step != stop:
-          val = evaluate(eval_fn, state.params, eval_batches, mesh, rules,
-                         perplexity=task.perplexity, aux_args=aux_args)
+          val = validate(state.params)
           writer.write(step, val)
-          if trimmed_eval_after is not eval_fn:  # its first call compiled it
+          if trimmed_eval_after is not m.eval_fn:  # its first call compiled it
             host_memory.release_free_memory()
-            trimmed_eval_after = eval_fn
+            trimmed_eval_after = m.eval_fn
           t_last = time.perf_counter()  # eval time is not training throughput
         if step % cfg.train.checkpoint_every == 0 and step != stop:
           check_finite()
@@ -317,24 +336,23 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
       ckpt.wait()
 
   results = {'status': status, 'step': step, 'train_loss': last.get('loss'),
-             'tokens': step * tokens_per_step, 'params': n_params,
+             'tokens': step * tokens_per_step, 'params': count_params(trainable_lib.merge(state.params, frozen_params)),
              'trainable_params': count_params(state.params),
-             'flops_per_token': fpt, 'total_flops': growth.flops(step),
+             'flops_per_token': m.flops_per_token, 'total_flops': growth.flops(step),
              'tokens_per_s': last.get('tokens_per_s'), 'mfu': last.get('mfu')}
   if growth.enabled:
-    results['growth'] = {'at_step': growth.at_step, 'num_layers': model_cfg.num_layers,
-                         'd_model': model_cfg.d_model,
+    results['growth'] = {'at_step': growth.at_step, 'num_layers': m.cfg.num_layers,
+                         'd_model': m.cfg.d_model,
                          'val_loss_before': last.get('growth_val_loss_before'),
                          'val_loss_after': last.get('growth_val_loss_after')}
   if status in ('completed', 'stopped'):
-    val = evaluate(eval_fn, state.params, eval_batches, mesh, rules,
-                   perplexity=task.perplexity, aux_args=aux_args)
+    val = validate(state.params)
     writer.write(step, val)
     results.update(val)
     if is_lead and not quiet:
       print('validation: ' + ', '.join(f'{k}={v:.4f}' for k, v in sorted(val.items())))
     from pathways_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
-    samples = sample_lib.sample_texts(cfg, model, trainable_lib.merge(state.params, frozen_params),
+    samples = sample_lib.sample_texts(cfg, m.module, trainable_lib.merge(state.params, frozen_params),
                                       tokenizer, key=jax.random.key(cfg.seed + 2))
     results['samples'] = samples
     if is_lead:

@@ -76,7 +76,7 @@ class MetricsWriter:
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: dict) -> None:
-    if not self.enabled:
+    if not self.enabled or not scalars:  # e.g. validation of a run without a validation split
       return
     clean = {k: _to_float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({'step': int(step), **clean}) + '\n')

@@ -93,8 +93,10 @@ def eval_step(params, batch, inputs=None, *, cfg, task: Task):
   inputs = inputs or {}
   params = trainable_lib.merge(params, inputs.get('frozen'))
   loss, metrics = task.eval_loss(params, batch, key, inputs.get('aux'))
-  metrics = {k: v for k, v in metrics.items() if k != COUNT}
-  return {**metrics, 'loss': loss}
+  metrics = dict(metrics)
+  # The loop weights each batch by it (a padded last batch counts for the units it holds).
+  count = jnp.asarray(metrics.pop(COUNT, 1.0), jnp.float32)
+  return {**metrics, 'loss': loss, COUNT: count}
 
 
 def jit_train_step(cfg, task: Task, tx, state_shardings, mesh, input_shardings=None):

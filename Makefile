@@ -12,7 +12,7 @@ UV_VERSION := 0.13.9
 TORCH ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv lock run test test-variants reproduce bench clean
+.PHONY: venv lock run test test-variants reproduce bench golden-hf clean
 
 venv: $(STAMP)
 
@@ -59,6 +59,19 @@ reproduce: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q '$(TORCH)' || echo "torch not installed: benchmarks run without the PyTorch column"
 	$(PY) benchmarks/train_throughput.py
+
+# tests/golden/hf: tiny random Llama/Qwen2/Qwen3 checkpoints and the logits and greedy tokens
+# transformers computes for them, for the torch-free tests of pathways_jax.interop.hf. Run it only
+# to regenerate them (then commit tests/golden/hf); its own venv keeps torch out of .venv. $(TORCH)
+# is the CPU build where a +cpu wheel of that version is on pip's find-links (as on this project's
+# machines); elsewhere pass TORCH_INDEX=<PyTorch's CPU wheel index> to avoid the CUDA build.
+GOLDEN_VENV := .venv-golden
+TRANSFORMERS ?= transformers==5.25.0
+golden-hf:
+	$(PYTHON) -m venv $(GOLDEN_VENV)
+	$(GOLDEN_VENV)/bin/python -m pip install -q '$(TORCH)' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+	$(GOLDEN_VENV)/bin/python -m pip install -q '$(TORCH)' '$(TRANSFORMERS)' safetensors numpy
+	$(GOLDEN_VENV)/bin/python tests/golden/hf/make_golden.py
 
 clean:
 	rm -rf $(VENV) $(VENV)-lock runs

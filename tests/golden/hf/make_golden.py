@@ -1,0 +1,263 @@
+"""Golden files for `pathways_jax.interop.hf`: tiny random HF checkpoints and transformers' outputs.
+
+Runs where torch and transformers are installed (`make golden-hf` makes `.venv-golden` for it); the
+tests that read its output need neither. For each case it builds a tiny model from a transformers
+config class, re-initialises every weight from a seeded generator, saves it with `save_pretrained`
+(safetensors) into `tests/golden/hf/<case>/`, and writes `golden.npz` there:
+
+  tokens         int32   [2, 320]            random ids in [0, vocab)
+  logits         float32 [2, 320, vocab]     model(tokens).logits (float32, eval, no attention mask)
+  greedy_prompt  int32   [1, 8]
+  greedy_tokens  int32   [1, 8 + 24]         generate(prompt, max_new_tokens=24, do_sample=False),
+                                             prompt included; plain argmax with EOS off (no stop, no
+                                             min_new_tokens masking), so all 24 tokens are there
+  greedy_logits  float32 [1, 24, vocab]      the logits each of those 24 greedy steps chose from
+
+The weights are not HF's own init (std 0.02 everywhere gives near-uniform attention, where a wrong
+RoPE or q/k mapping barely moves the logits): matrices are N(0, 1/fan_in) (q and k twice that
+std, so attention is peaked and RoPE matters), embeddings N(0, 4/hidden), RMSNorm weights
+1 + 0.1 N(0, 1), biases 0.1 N(0, 1). The greedy prompt is the one of 16 seeded candidates whose
+smallest top-1/top-2 logit gap over the 24 steps is widest, so float noise cannot flip a choice.
+
+Cases: `llama` (GQA, untied, default RoPE), `llama3_tied` (Llama-3.2 style: tied embeddings, the
+'llama3' RoPE scaling with original_max_position_embeddings=64 so it matters within 320 tokens),
+`qwen2` (q/k/v biases, tied like Qwen2.5-0.5B, saved in several shards with an index) and `qwen3`
+(per-head q/k RMSNorm, head_dim 32 != hidden/heads, untied).
+
+config.json style. transformers >= 5 writes RoPE as one dict, `"rope_parameters": {"rope_type":
+..., "rope_theta": ..., <scaling keys>}`, and no top-level `rope_theta`/`rope_scaling`;
+transformers 4 writes `"rope_theta": <float>` and `"rope_scaling": null | {"rope_type": ...,
+<scaling keys>}` (Hub checkpoints are mostly in that style); 4 also writes `torch_dtype` where 5
+writes `dtype`. The committed files were made with transformers 5.25.0, so their config.json has
+`rope_parameters` (checked: `make golden-hf` pins that version). For `llama` and `llama3_tied`
+this script also writes `config.other_style.json`: the same config in whichever style the
+installed transformers did NOT write (here the transformers 4 one), and checks that transformers
+parses it to the same RoPE parameters. VERSIONS.json records the style written (`config_style`).
+
+Usage: python tests/golden/hf/make_golden.py [--out DIR]   (default: this file's directory)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import safetensors
+import torch
+import transformers
+
+SEQ = 320
+BATCH = 2
+PROMPT = 8
+NEW_TOKENS = 24
+PROMPT_CANDIDATES = 16
+TF_MAJOR = int(transformers.__version__.split('.')[0])
+
+
+def rope_kwargs(theta: float, scaling: dict | None = None) -> dict:
+  """Config kwargs for RoPE, in the installed transformers' own convention."""
+  if TF_MAJOR >= 5:
+    return {'rope_parameters': {'rope_type': 'default', 'rope_theta': theta, **(scaling or {})}}
+  return {'rope_theta': theta, 'rope_scaling': scaling}
+
+
+LLAMA3_SCALING = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
+                  'high_freq_factor': 4.0, 'original_max_position_embeddings': 64}
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, hidden_act='silu', max_position_embeddings=512)
+
+CASES = {
+    'llama': dict(
+        cls='Llama', seed=1, other_style=True,
+        config=dict(COMMON, intermediate_size=160, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                    bos_token_id=1, eos_token_id=2, **rope_kwargs(10_000.0))),
+    'llama3_tied': dict(
+        cls='Llama', seed=2, other_style=True,
+        config=dict(COMMON, intermediate_size=128, head_dim=16, rms_norm_eps=1e-5,
+                    tie_word_embeddings=True, bos_token_id=0, eos_token_id=[1, 2],
+                    **rope_kwargs(500_000.0, LLAMA3_SCALING))),
+    'qwen2': dict(
+        cls='Qwen2', seed=3, max_shard_size='100KB',
+        config=dict(COMMON, intermediate_size=160, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                    bos_token_id=None, eos_token_id=3, use_sliding_window=False,
+                    **rope_kwargs(1_000_000.0))),
+    'qwen3': dict(
+        cls='Qwen3', seed=4,
+        config=dict(COMMON, intermediate_size=128, head_dim=32, rms_norm_eps=1e-6,
+                    attention_bias=False, tie_word_embeddings=False, bos_token_id=None,
+                    eos_token_id=3, use_sliding_window=False, **rope_kwargs(1_000_000.0))),
+}
+
+
+def init_weights(model: torch.nn.Module, seed: int) -> None:
+  """Re-initialises every parameter (tied ones once) from a seeded generator; see the docstring."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():  # a tied lm_head shares embed_tokens' Parameter
+      noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+      if name.endswith('norm.weight'):  # input/post_attention/final/q/k RMSNorm
+        p.copy_(1.0 + 0.1 * noise)
+      elif name.endswith('.bias'):
+        p.copy_(0.1 * noise)
+      elif 'embed_tokens' in name:  # [vocab, hidden]; as a tied lm_head: logits of a few units
+        p.copy_(2.0 * noise / p.shape[1] ** 0.5)
+      else:  # nn.Linear weight [out, in]
+        gain = 2.0 if name.endswith(('q_proj.weight', 'k_proj.weight')) else 1.0
+        p.copy_(gain * noise / p.shape[1] ** 0.5)
+
+
+def build(case: dict) -> torch.nn.Module:
+  cfg_cls = getattr(transformers, case['cls'] + 'Config')
+  model_cls = getattr(transformers, case['cls'] + 'ForCausalLM')
+  config = cfg_cls(**case['config'])
+  config._attn_implementation = 'eager'  # pylint: disable=protected-access  (the plain math)
+  torch.manual_seed(case['seed'])
+  model = model_cls(config).to(torch.float32).eval()
+  init_weights(model, case['seed'])
+  if config.tie_word_embeddings:
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+  return model
+
+
+def greedy(model, prompt: torch.Tensor):
+  """Plain greedy decoding that never stops early.
+
+  EOS must be off everywhere: min_new_tokens would instead mask the config's EOS id out of the
+  choices (not plain greedy), and the model's own generation_config (EOS from config.json) is
+  merged with the one passed here, so it goes too while generating.
+  """
+  saved = model.generation_config
+  model.generation_config = transformers.GenerationConfig(
+      do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0,
+      bos_token_id=None, return_dict_in_generate=True, output_logits=True)
+  try:
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt))
+  finally:
+    model.generation_config = saved
+  tokens = out.sequences
+  assert tokens.shape == (1, PROMPT + NEW_TOKENS), tokens.shape
+  step_logits = torch.stack(out.logits, dim=1).float()  # [1, NEW_TOKENS, vocab]
+  return tokens, step_logits
+
+
+def other_style(cfg: dict) -> dict:
+  """config.json in the other transformers major's RoPE convention (see the module docstring)."""
+  cfg = dict(cfg)
+  if 'rope_parameters' in cfg:  # 5 -> 4
+    params = dict(cfg.pop('rope_parameters'))
+    cfg['rope_theta'] = params.pop('rope_theta')
+    cfg['rope_scaling'] = None if params.get('rope_type', 'default') == 'default' else params
+    if 'dtype' in cfg:
+      cfg['torch_dtype'] = cfg.pop('dtype')
+    cfg['transformers_version'] = '4.57.6'
+  else:  # 4 -> 5
+    params = dict(cfg.pop('rope_scaling', None) or {'rope_type': 'default'})
+    params['rope_theta'] = cfg.pop('rope_theta')
+    cfg['rope_parameters'] = params
+    if 'torch_dtype' in cfg:
+      cfg['dtype'] = cfg.pop('torch_dtype')
+    cfg['transformers_version'] = '5.0.0'
+  return cfg
+
+
+def write_case(name: str, case: dict, out: pathlib.Path) -> dict:
+  d = out / name
+  if d.exists():
+    shutil.rmtree(d)
+  model = build(case)
+  vocab = model.config.vocab_size
+
+  rng = np.random.default_rng(1000 + case['seed'])
+  tokens = rng.integers(0, vocab, size=(BATCH, SEQ), dtype=np.int32)
+  prompts = rng.integers(0, vocab, size=(PROMPT_CANDIDATES, 1, PROMPT), dtype=np.int32)
+  with torch.no_grad():
+    logits = model(torch.from_numpy(tokens).long()).logits.float()
+    runs = [(p, *greedy(model, torch.from_numpy(p).long())) for p in prompts]
+    prompt, greedy_tokens, greedy_logits = max(runs, key=lambda r: _min_margin(r[2]))
+    # The cached decode agrees with one full forward over the result (teacher forcing).
+    full = model(greedy_tokens).logits[:, PROMPT - 1:-1].float()
+    assert torch.equal(full.argmax(-1), greedy_tokens[:, PROMPT:]), name
+    np.testing.assert_allclose(full.numpy(), greedy_logits.numpy(), atol=1e-4, rtol=1e-4)
+
+  save_kwargs = {'safe_serialization': True} if TF_MAJOR < 5 else {}
+  if 'max_shard_size' in case:
+    save_kwargs['max_shard_size'] = case['max_shard_size']
+  model.save_pretrained(d, **save_kwargs)
+
+  np.savez_compressed(d / 'golden.npz', tokens=tokens, logits=logits.numpy().astype(np.float32),
+           greedy_prompt=prompt, greedy_tokens=greedy_tokens.numpy().astype(np.int32),
+           greedy_logits=greedy_logits.numpy().astype(np.float32))
+
+  # What was saved reloads into the same logits (checks the files, the tie and the config).
+  model_cls = type(model)
+  reloaded = model_cls.from_pretrained(d, dtype=torch.float32, attn_implementation='eager').eval()
+  with torch.no_grad():
+    again = reloaded(torch.from_numpy(tokens).long()).logits.float()
+  np.testing.assert_array_equal(again.numpy(), logits.numpy())
+
+  config_json = json.loads((d / 'config.json').read_text())
+  if case.get('other_style'):
+    alt = other_style(config_json)
+    (d / 'config.other_style.json').write_text(json.dumps(alt, indent=2, sort_keys=True) + '\n')
+    alt_cfg = type(model.config).from_dict(alt)
+    assert _rope_of(alt_cfg) == _rope_of(model.config), (_rope_of(alt_cfg), _rope_of(model.config))
+
+  report = {'case': name, 'max_abs_logit': float(logits.abs().max()),
+            'greedy_min_margin': _min_margin(greedy_logits), 'files': {}}
+  if name == 'llama3_tied':  # the scaling must matter within SEQ tokens, or the case tests nothing
+    plain = dict(case, config=dict(case['config'], **rope_kwargs(500_000.0)))
+    with torch.no_grad():
+      unscaled = build(plain)(torch.from_numpy(tokens).long()).logits.float()
+    report['llama3_vs_default_rope_max_diff'] = float((unscaled - logits).abs().max())
+    assert report['llama3_vs_default_rope_max_diff'] > 0.1, report
+  for f in sorted(d.glob('*.safetensors')):
+    with safetensors.safe_open(str(f), framework='np') as sf:
+      report['files'][f.name] = {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
+  return report
+
+
+def _rope_of(config) -> dict:
+  if TF_MAJOR >= 5:
+    return dict(config.rope_parameters)
+  return {'rope_theta': config.rope_theta, **(config.rope_scaling or {})}
+
+
+def _min_margin(step_logits: torch.Tensor) -> float:
+  top2 = step_logits.topk(2, dim=-1).values
+  return float((top2[..., 0] - top2[..., 1]).min())
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', default=str(pathlib.Path(__file__).resolve().parent))
+  args = parser.parse_args()
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  torch.use_deterministic_algorithms(True)
+
+  reports = [write_case(name, case, out) for name, case in CASES.items()]
+  style = ('rope_parameters (transformers 5)' if TF_MAJOR >= 5
+           else 'rope_theta + rope_scaling (transformers 4)')
+  versions = {'transformers_version': transformers.__version__,
+              'torch_version': torch.__version__,
+              'safetensors_version': safetensors.__version__,
+              'numpy_version': np.__version__,
+              'config_style': style}
+  (out / 'VERSIONS.json').write_text(json.dumps(versions, indent=2) + '\n')
+  for r in reports:
+    print(f"== {r['case']}: max |logit| {r['max_abs_logit']:.3f}, smallest greedy margin "
+          f"{r['greedy_min_margin']:.4f}" + (f", llama3 vs default RoPE max diff "
+          f"{r['llama3_vs_default_rope_max_diff']:.3f}" if 'llama3_vs_default_rope_max_diff' in r
+          else ''))
+    for fname, keys in r['files'].items():
+      print(f'   {fname}')
+      for k, shape in keys.items():
+        print(f'     {k:45s} {shape}')
+  print(json.dumps(versions))
+
+
+if __name__ == '__main__':
+  main()

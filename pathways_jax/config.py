@@ -49,6 +49,14 @@ def base_config() -> ml_collections.ConfigDict:
   # (1: one block, the full [L, L] scores).
   m.causal_query_blocks = 4
   m.init_std = 0.02
+  # What imported checkpoints need (pathways_jax.interop.hf); the defaults are the project's model.
+  m.qkv_bias = False  # biases on the q/k/v projections (Qwen2/2.5)
+  m.qk_norm = False  # RMSNorm over head_dim on each head's q and k, before RoPE (Qwen3)
+  m.rope_scaling = ''  # '' | 'llama3' (Llama 3.1+ frequency bands) | 'linear' (positions / factor)
+  m.rope_scaling_factor = 1.0
+  m.rope_low_freq_factor = 1.0  # llama3
+  m.rope_high_freq_factor = 4.0  # llama3
+  m.rope_original_max_len = 0  # llama3: the pretraining context the bands are measured against
 
   c.data = d = ml_collections.ConfigDict()
   d.corpus = 'stdlib'  # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'rows'
@@ -113,6 +121,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.peak_flops = 0.0  # per device; 0: measure the matmul peak at start-up (CPU) or look it up
   t.progress_bar = True
   t.stop_at = 0  # stop (with a checkpoint) after this step, keeping the schedule of train.steps
+  # A run directory (trained here, or imported: python -m pathways_jax.interop.hf import) or a
+  # HuggingFace model directory whose params a fresh run starts from (the optimizer starts fresh).
+  # The model section's architecture is taken from it; its runtime fields (dtype, remat,
+  # attention, ...) stay this run's.
+  t.init_from = ''
 
   c.diffusion = df = ml_collections.ConfigDict()  # LLaDA (objective='diffusion')
   df.eps = 1e-3  # p_mask = (1 - eps) t + eps
@@ -331,12 +344,30 @@ class ModelConfig:
   attention: str = 'xla'
   causal_query_blocks: int = 4
   init_std: float = 0.02
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  rope_scaling: str = ''
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 0
 
   def __post_init__(self):
     # config.validate() names the key for configs; this catches a ModelConfig built in code.
     if self.causal_query_blocks < 1:
       raise ConfigError(f'model.causal_query_blocks={self.causal_query_blocks} must be >= 1 '
                         '(1: one block, the full [L, L] scores)')
+    if self.rope_scaling not in ('', 'llama3', 'linear'):
+      raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} is not one of ('', 'llama3', "
+                        "'linear')")
+    if self.rope_scaling == 'llama3' and self.rope_original_max_len <= 0:
+      raise ConfigError("model.rope_scaling='llama3' needs model.rope_original_max_len > 0")
+
+  @property
+  def rope(self) -> tuple:
+    """What the rotary frequencies depend on (hashable): (theta, scaling, its parameters)."""
+    return (self.rope_theta, self.rope_scaling, self.rope_scaling_factor,
+            self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_max_len)
 
   @property
   def dim_per_head(self) -> int:

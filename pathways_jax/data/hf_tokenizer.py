@@ -97,6 +97,13 @@ class HFTokenizer:
           raise ValueError(f'{directory / name} is not valid JSON: {e}') from None
     return cls(file.read_text(encoding='utf-8'), config, name=f'hf:{file}', extra_config=extra)
 
+  def save(self, directory: str | os.PathLike) -> None:
+    """tokenizer.json and tokenizer_config.json into `directory` (what `from_path` reads)."""
+    directory = pathlib.Path(directory)
+    (directory / 'tokenizer.json').write_text(self._tok.to_str(), encoding='utf-8')
+    (directory / 'tokenizer_config.json').write_text(json.dumps(self.config, indent=2),
+                                                     encoding='utf-8')
+
   # -- text <-> ids -------------------------------------------------------------------------
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids

@@ -17,9 +17,35 @@ import jax.numpy as jnp
 _LOG = logging.getLogger(__name__)
 
 
-def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float):
-  """(cos, signed sin), each [B, L, 1, 2, D/2] float32: what `apply_rope` multiplies by."""
-  freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [D/2]
+def rope_frequencies(head_dim: int, theta: float, scaling: str = '', factor: float = 1.0,
+                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     original_max_len: int = 0) -> jax.Array:
+  """[D/2] float32 rotary frequencies theta^(-2i/D), optionally rescaled for long contexts.
+
+  'linear': every frequency / factor (positions interpolated). 'llama3' (Llama 3.1+): bands by
+  wavelength against the pretraining context `original_max_len`: wavelengths longer than
+  original_max_len / low_freq_factor are divided by `factor`, shorter than original_max_len /
+  high_freq_factor kept, and the band between interpolated smoothly between the two.
+  """
+  freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if scaling == 'linear':
+    return freq / factor
+  if scaling == 'llama3':
+    wavelen = 2 * jnp.pi / freq
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    mid = (1 - smooth) * freq / factor + smooth * freq
+    return jnp.where(wavelen > original_max_len / low_freq_factor, freq / factor,
+                     jnp.where(wavelen < original_max_len / high_freq_factor, freq, mid))
+  if scaling:
+    raise ValueError(f"rope scaling {scaling!r} is not one of ('', 'linear', 'llama3')")
+  return freq
+
+
+def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float, scaling: tuple = ()):
+  """(cos, signed sin), each [B, L, 1, 2, D/2] float32: what `apply_rope` multiplies by.
+
+  `scaling`: `rope_frequencies`' arguments after theta, as a tuple (`ModelConfig.rope[1:]`)."""
+  freq = rope_frequencies(head_dim, theta, *scaling)  # [D/2]
   angle_BLF = positions_BL[..., None].astype(jnp.float32) * freq
   sin, cos = jnp.sin(angle_BLF), jnp.cos(angle_BLF)
   cos_BL12F = jnp.stack([cos, cos], axis=-2)[:, :, None]
@@ -74,9 +100,10 @@ def _apply_rope_bwd(res, dout_BLHD):
 apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
 
 
-def rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+def rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float, scaling: tuple = ()
+         ) -> jax.Array:
   """Rotary position embedding (rotate-half form), computed in float32."""
-  cos, sin = rope_tables(positions_BL, x_BLHD.shape[-1], theta)
+  cos, sin = rope_tables(positions_BL, x_BLHD.shape[-1], theta, scaling)
   return apply_rope(x_BLHD.astype(jnp.float32), cos, sin).astype(x_BLHD.dtype)
 
 

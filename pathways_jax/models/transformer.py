@@ -1,7 +1,9 @@
 """The Llama-style transformer shared by every model family in the project.
 
 RMSNorm, RoPE, SwiGLU, MHA/GQA, no biases, tied or untied embeddings, and one switch `causal`:
-AR models use `causal=True`, LLaDA uses the same network with `causal=False`.
+AR models use `causal=True`, LLaDA uses the same network with `causal=False`. What imported
+checkpoints need is behind config fields that default off: q/k/v biases (Qwen2), per-head q/k
+RMSNorm (Qwen3), long-context RoPE scaling (Llama 3.1+).
 
     model = Transformer(ModelConfig(...))
     logits_BLV = model.apply({'params': p}, tokens_BL)
@@ -19,6 +21,8 @@ checkpoints rely on:
   blocks_i/ or blocks/ (scan, leading [layers]):
     attn_norm/scale [embed]  attn/wq [embed, heads, head_dim]  attn/wk, attn/wv [embed, kv, head_dim]
     attn/wo [heads, head_dim, embed]  mlp_norm/scale [embed]
+    (qkv_bias) attn/bq [heads, head_dim]  attn/bk, attn/bv [kv, head_dim]
+    (qk_norm) attn/q_norm/scale, attn/k_norm/scale [head_dim]
     mlp/w_gate, mlp/w_up [embed, mlp]  mlp/w_down [mlp, embed]
   final_norm/scale [embed]
 """
@@ -48,10 +52,11 @@ def _param(module, name, shape, axes, std, cfg: ModelConfig):
 
 class RMSNorm(nn.Module):
   cfg: ModelConfig
+  axis: str = 'embed'  # the logical axis of the normalised (last) dimension
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
                        (x.shape[-1],), _dtype(self.cfg.param_dtype))
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
@@ -118,9 +123,19 @@ class Attention(nn.Module):
     q = dense(x_TD, wq.astype(dt).reshape(d, h * hd)).reshape(b, l, h, hd)
     k = dense(x_TD, wk.astype(dt).reshape(d, kh * hd)).reshape(b, l, kh, hd)
     v = dense(x_TD, wv.astype(dt).reshape(d, kh * hd)).reshape(b, l, kh, hd)
+    if cfg.qkv_bias:  # Qwen2
+      zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'head_dim'))
+      zeros_kv = nn.with_logical_partitioning(nn.initializers.zeros, ('kv', 'head_dim'))
+      pdt = _dtype(cfg.param_dtype)
+      q = q + self.param('bq', zeros, (h, hd), pdt).astype(dt)
+      k = k + self.param('bk', zeros_kv, (kh, hd), pdt).astype(dt)
+      v = v + self.param('bv', zeros_kv, (kh, hd), pdt).astype(dt)
+    if cfg.qk_norm:  # Qwen3: each head's q and k normalised over head_dim, before RoPE
+      q = RMSNorm(cfg, 'head_dim', name='q_norm')(q)
+      k = RMSNorm(cfg, 'head_dim', name='k_norm')(k)
     q = nn.with_logical_constraint(q, ('activation_batch', 'activation_length', 'activation_heads', None))
-    q = attn_lib.rope(q, positions_BL, cfg.rope_theta)
-    k = attn_lib.rope(k, positions_BL, cfg.rope_theta)
+    q = attn_lib.rope(q, positions_BL, cfg.rope_theta, cfg.rope[1:])
+    k = attn_lib.rope(k, positions_BL, cfg.rope_theta, cfg.rope[1:])
     new_cache = None
     if layer_cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(layer_cache['k'], k.astype(layer_cache['k'].dtype),

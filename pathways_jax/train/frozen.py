@@ -158,6 +158,17 @@ def _describe(run_dir: str, mesh, rules, step: int | None):
   return run_cfg, step, state_dir, frozen_dir, set(saved), model_cfg, model, abstract, shardings
 
 
+def describe_model(run_dir: str, step: int | None = None) -> config_lib.ModelConfig:
+  """The ModelConfig of the params a run directory saved at `step` (default the newest); nothing
+  but checkpoint metadata is read."""
+  run_cfg = config_lib.load_run_config(run_dir)
+  step, state_dir = _state_dir(run_dir, step)
+  frozen_dir = _frozen_dir(run_dir)
+  saved = {**_saved_param_shapes(state_dir),
+           **(_shapes(_metadata(frozen_dir)) if frozen_dir else {})}
+  return model_config_of_run(run_cfg, step, saved)
+
+
 def load(run_dir: str, mesh, rules, *, step: int | None = None) -> FrozenModel:
   """The params of `run_dir`'s checkpoint `step` (default: the newest), sharded on `mesh`.
 

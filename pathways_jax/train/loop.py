@@ -102,6 +102,11 @@ def build(cfg, *, mesh=None):
   """Tokenizer, model config, model, mesh and rules for a config (shared with sampling/eval)."""
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   config_lib.validate(cfg)
+  if cfg.train.get('init_from'):  # the architecture is the starting model's
+    from pathways_jax.interop.hf import run_dir  # pylint: disable=g-import-not-at-top
+    start_cfg = run_dir.init_model_config(cfg.train.init_from, cfg.model)
+    for k, v in dataclasses.asdict(start_cfg).items():
+      cfg.model[k] = v
   mesh = mesh or parallel.make_mesh(cfg)
   tokenizer = tokenizers.get_tokenizer(cfg.data)
   tokenizers.resolve_special_ids(cfg, tokenizer)  # config.data.*_id -1: the tokenizer's ids
@@ -205,8 +210,13 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
       frozen_params = ckpt_lib.restore_frozen_params(workdir, frozen_abstract, frozen_shardings)
     _LOG.info('resumed from step %d', start)
   else:
+    init_params = None
+    if cfg.train.init_from:
+      from pathways_jax.interop.hf import run_dir  # pylint: disable=g-import-not-at-top
+      init_params = run_dir.load_init_params(cfg.train.init_from, model, mesh, rules)
     state, frozen_params = state_lib.init_split_state(model, tx, example, jax.random.key(cfg.seed),
-                                                      mesh, rules, cfg.train.trainable)
+                                                      mesh, rules, cfg.train.trainable,
+                                                      params=init_params)
     if frozen_params is not None:
       ckpt_lib.save_frozen_params(workdir, frozen_params)
     start = 0

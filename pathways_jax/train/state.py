@@ -53,14 +53,16 @@ def abstract_state_and_shardings(model, tx, example_BL, mesh, rules):
   return abstract, shardings
 
 
-def init_split_state(model, tx, example_BL, key, mesh, rules, trainable: str = ''):
+def init_split_state(model, tx, example_BL, key, mesh, rules, trainable: str = '',
+                     params=None):
   """(state, frozen params), initialised directly into their shardings (no full copy on one
-  device); frozen is None when every param is trained."""
+  device); frozen is None when every param is trained. `params` (already placed, e.g.
+  `train.init_from`'s): start from them instead of a random initialisation."""
   _, shardings, _, frozen_shardings = split_state_and_shardings(model, tx, example_BL, mesh,
                                                                 rules, trainable)
 
-  def init(k):
-    params = nn.unbox(_boxed_init(model, example_BL, k))
+  def init(k, given):
+    params = nn.unbox(_boxed_init(model, example_BL, k)) if given is None else given
     frozen = None
     if trainable:
       params, frozen = trainable_lib.split(params, trainable)
@@ -69,7 +71,7 @@ def init_split_state(model, tx, example_BL, key, mesh, rules, trainable: str = '
     return state, frozen
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return jax.jit(init, out_shardings=(shardings, frozen_shardings))(key)
+    return jax.jit(init, out_shardings=(shardings, frozen_shardings))(key, params)
 
 
 def init_state(model, tx, example_BL, key, mesh, rules) -> TrainState:

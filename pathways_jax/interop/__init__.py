@@ -1,0 +1,1 @@
+"""Meeting the ecosystem: HuggingFace checkpoints in and out (`hf`)."""

@@ -1,0 +1,13 @@
+"""HuggingFace checkpoints in and out: Llama 2/3.x, Qwen2/2.5, Qwen3 and LLaDA-8B.
+
+    from pathways_jax.interop import hf
+    params, model_cfg, tokenizer = hf.load_pretrained('path/to/Llama-3.2-1B')
+    hf.save_pretrained(params, model_cfg, 'out_dir', tokenizer=tokenizer)
+
+`checkpoint.py`: tensors and layouts; `config.py`: config.json <-> ModelConfig; `run_dir.py`:
+imports as run directories and `train.init_from`; `python -m pathways_jax.interop.hf
+import|export` (`__main__.py`).
+"""
+from pathways_jax.interop.hf.checkpoint import (HFCheckpointError, load_pretrained, read_config,
+                                                save_pretrained, tensor_map)
+from pathways_jax.interop.hf.config import SUPPORTED, UnsupportedModel

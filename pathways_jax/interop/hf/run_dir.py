@@ -1,0 +1,129 @@
+"""HuggingFace directories <-> the project's run directories.
+
+An imported model is a run directory like any trained one (config.json, the params as the
+checkpoint of step 0, the tokenizer under WORKDIR/tokenizer), so sampling, evaluation, frozen
+models and `train.init_from` take it as they take a run:
+
+    python -m pathways_jax.interop.hf import --hf_dir=Llama-3.2-1B --workdir=runs/llama1b
+    python -m pathways_jax.sample --workdir=runs/llama1b --prompt='The capital of France is'
+    python -m pathways_jax.interop.hf export --workdir=runs/quickstart --out=hf/quickstart
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+
+from pathways_jax import config as config_lib
+from pathways_jax import parallel
+import pathways_jax.interop.hf.checkpoint as hf
+import pathways_jax.interop.hf.config as hf_config
+
+# What a run may choose for itself when it starts from another model: how it computes, not what.
+RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'causal_query_blocks', 'max_len',
+                  'init_std')
+
+
+def run_config(model_cfg: config_lib.ModelConfig, *, name: str, tokenizer_path: str = ''):
+  """A run config (base_config) for `model_cfg`, with the HF tokenizer at `tokenizer_path`."""
+  cfg = config_lib.base_config()
+  cfg.name = name
+  for k, v in dataclasses.asdict(model_cfg).items():
+    cfg.model[k] = v
+  cfg.objective = 'autoregressive' if model_cfg.causal else 'diffusion'
+  if tokenizer_path:
+    cfg.data.tokenizer = 'hf'
+    cfg.data.tokenizer_path = tokenizer_path
+  return cfg
+
+
+def import_to_run(hf_dir: str, workdir: str, *, dtype: str = 'float32') -> str:
+  """Writes `workdir`: config.json, checkpoints/0/state (params only), tokenizer/. Nothing is
+  left behind if any step fails (the directory is built beside it and moved into place)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and os.listdir(workdir):
+    raise hf.HFCheckpointError(f'{workdir} exists and is not empty; import into a new directory')
+  params, model_cfg, tok = hf.load_pretrained(hf_dir, dtype=dtype)
+  tmp = workdir + '.partial'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    tokenizer_path = ''
+    if tok is not None:
+      os.makedirs(os.path.join(tmp, 'tokenizer'))
+      tok.save(os.path.join(tmp, 'tokenizer'))
+      for name in ('config.json', 'generation_config.json'):  # mask id, eos lists
+        if os.path.isfile(os.path.join(hf_dir, name)):
+          shutil.copy(os.path.join(hf_dir, name), os.path.join(tmp, 'tokenizer', name))
+      tokenizer_path = os.path.join(workdir, 'tokenizer')
+    cfg = run_config(model_cfg, name=f'import:{os.path.abspath(hf_dir)}',
+                     tokenizer_path=tokenizer_path)
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+    with open(os.path.join(tmp, 'imported_from.json'), 'w') as f:
+      json.dump({'hf_dir': os.path.abspath(hf_dir), 'model_type': hf.read_config(hf_dir).get(
+          'model_type'), 'dtype': dtype}, f, indent=2)
+    state_dir = os.path.join(tmp, 'checkpoints', '0', 'state')
+    ocp.PyTreeCheckpointer().save(state_dir, {'params': params})
+    if os.path.exists(workdir):
+      os.rmdir(workdir)  # empty (checked above)
+    os.replace(tmp, workdir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return workdir
+
+
+def export_run(workdir: str, out_dir: str, *, step: int | None = None,
+               model_type: str | None = None, dtype: str | None = None) -> str:
+  """A run directory's params (checkpoint `step`, default the newest) as a HF directory."""
+  from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
+  run_cfg = config_lib.load_run_config(workdir)
+  mesh = jax.make_mesh((1,) * len(parallel.MESH_AXES), parallel.MESH_AXES,
+                       devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(parallel.MESH_AXES))
+  fm = frozen.load(workdir, mesh, parallel.DEFAULT_RULES, step=step)
+  tok = None
+  if run_cfg.data.tokenizer == 'hf':
+    tok = tokenizers.get_tokenizer(run_cfg.data)
+  return hf.save_pretrained(fm.params, fm.model_cfg, out_dir, tokenizer=tok,
+                            model_type=model_type, dtype=dtype)
+
+
+def init_model_config(source: str, cfg_model) -> config_lib.ModelConfig:
+  """The ModelConfig of `train.init_from` (a run directory or a HF directory), keeping the
+  runtime choices (dtype, remat, attention backend, ...) of the run that starts from it."""
+  if os.path.isfile(os.path.join(source, 'config.json')) and not os.path.isdir(
+      os.path.join(source, 'checkpoints')):
+    model_cfg = hf_config.model_config(hf.read_config(source))
+  else:
+    from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
+    model_cfg = frozen.describe_model(source)
+  keep = {k: cfg_model[k] for k in RUNTIME_FIELDS if k in cfg_model}
+  if not keep.get('max_len'):
+    keep.pop('max_len', None)
+  return model_cfg.replace(**keep)
+
+
+def load_init_params(source: str, model, mesh, rules):
+  """`train.init_from`'s params for `model`, placed with the model's shardings on `mesh`."""
+  from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(os.path.join(source, 'checkpoints')):
+    fm = frozen.load(source, mesh, rules)
+    params, loaded_cfg = fm.params, fm.model_cfg
+  else:
+    params, loaded_cfg, _ = hf.load_pretrained(source, dtype=model.cfg.param_dtype, mesh=mesh,
+                                               rules=rules, tokenizer=False)
+  arch = lambda c: dataclasses.replace(c, **{k: getattr(model.cfg, k) for k in RUNTIME_FIELDS})
+  if arch(loaded_cfg) != arch(model.cfg):
+    diff = [f.name for f in dataclasses.fields(loaded_cfg)
+            if getattr(loaded_cfg, f.name) != getattr(model.cfg, f.name)
+            and f.name not in RUNTIME_FIELDS]
+    raise config_lib.ConfigError(f'train.init_from={source!r} holds another model (differs in '
+                                 f'{diff})')
+  return params

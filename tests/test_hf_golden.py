@@ -1,0 +1,103 @@
+"""Imported HF checkpoints compute what `transformers` computes (golden files, no torch needed).
+
+tests/golden/hf/ holds tiny random Llama / Llama-3 (tied, llama3 RoPE scaling) / Qwen2 (biases,
+sharded files) / Qwen3 (q/k norms) checkpoints saved by transformers, and the logits and greedy
+tokens transformers produced for them (`make golden-hf` regenerates them; see its README)."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import REPO, run_on_fake_devices
+from pathways_jax.interop import hf
+from pathways_jax.models.transformer import Transformer
+
+GOLDEN = os.path.join(REPO, 'tests', 'golden', 'hf')
+CASES = ('llama', 'llama3_tied', 'qwen2', 'qwen3')
+MAX_ABS_LOGIT_ERROR = 1e-4  # float32, 320 positions: what the interop promises
+
+
+def _golden(case):
+  return dict(np.load(os.path.join(GOLDEN, case, 'golden.npz')))
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_logits_equal_transformers(case):
+  params, cfg, _ = hf.load_pretrained(os.path.join(GOLDEN, case))
+  g = _golden(case)
+  logits = Transformer(cfg).apply({'params': params}, jnp.asarray(g['tokens']))
+  err = float(jnp.max(jnp.abs(logits - g['logits'])))
+  assert err <= MAX_ABS_LOGIT_ERROR, f'{case}: max |logit - transformers| = {err:.2e}'
+  assert {'llama3_tied': cfg.rope_scaling == 'llama3' and cfg.tie_embeddings,
+          'qwen2': cfg.qkv_bias, 'qwen3': cfg.qk_norm, 'llama': not cfg.tie_embeddings}[case]
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_greedy_decoding_equals_transformers_generate(case):
+  from pathways_jax.sampling import autoregressive
+  params, cfg, _ = hf.load_pretrained(os.path.join(GOLDEN, case))
+  g = _golden(case)
+  prompt = g['greedy_prompt']
+  new = g['greedy_tokens'].shape[1] - prompt.shape[1]
+  out = autoregressive.generate(Transformer(cfg), params, jnp.asarray(prompt),
+                                key=jax.random.key(0), max_new_tokens=new, temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(out), g['greedy_tokens'])
+
+
+@pytest.mark.parametrize('case', ['llama', 'llama3_tied'])
+def test_the_other_transformers_config_style_reads_the_same(tmp_path, case):
+  """transformers 5 writes `rope_parameters`; 4 wrote `rope_theta` + `rope_scaling`."""
+  src = os.path.join(GOLDEN, case)
+  shutil.copytree(src, tmp_path / case)
+  shutil.copy(os.path.join(src, 'config.other_style.json'), tmp_path / case / 'config.json')
+  assert json.loads((tmp_path / case / 'config.json').read_text()).keys() != json.loads(
+      open(os.path.join(src, 'config.json')).read()).keys()
+  assert hf.load_pretrained(str(tmp_path / case))[1] == hf.load_pretrained(src)[1]
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_import_then_export_writes_the_same_tensors(tmp_path, case):
+  """The round trip import -> export gives transformers the very tensors and model it saved."""
+  from safetensors import safe_open
+  src = os.path.join(GOLDEN, case)
+  params, cfg, _ = hf.load_pretrained(src)
+  out = hf.save_pretrained(params, cfg, str(tmp_path / 'out'))
+
+  def tensors(d):
+    found = {}
+    for name in os.listdir(d):
+      if name.endswith('.safetensors'):
+        with safe_open(os.path.join(d, name), framework='numpy') as f:
+          found.update({k: f.get_tensor(k) for k in f.keys()})
+    return found
+
+  a, b = tensors(src), tensors(out)
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert hf.load_pretrained(out)[1].replace(max_len=cfg.max_len) == cfg
+
+
+def test_loaded_sharded_on_8_devices_equals_one_device():
+  out = run_on_fake_devices(f'''
+import jax, jax.numpy as jnp, numpy as np
+from pathways_jax import parallel
+from pathways_jax.interop import hf
+from pathways_jax.models.transformer import Transformer
+path = {os.path.join(GOLDEN, 'qwen2')!r}
+mesh = jax.make_mesh((2, 2, 2), parallel.MESH_AXES,
+                     axis_types=(jax.sharding.AxisType.Auto,) * 3)
+sharded, cfg, _ = hf.load_pretrained(path, mesh=mesh, rules=parallel.DEFAULT_RULES)
+plain, _, _ = hf.load_pretrained(path)
+wq = sharded['blocks_0']['attn']['wq']
+assert len(wq.sharding.device_set) == 8, wq.sharding
+assert not wq.sharding.is_fully_replicated
+for a, b in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(plain)):
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print('OK', wq.sharding.spec)
+''')
+  assert 'OK' in out

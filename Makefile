@@ -37,6 +37,7 @@ lock:
 run: $(STAMP)
 	$(PY) -m pathways_jax.main --config=experiments/quickstart.py --workdir=runs/quickstart
 	$(PY) -m pathways_jax.main --config=experiments/quickstart_llada.py --workdir=runs/quickstart_llada
+	$(PY) -m pathways_jax.demo --ar=runs/quickstart --llada=runs/quickstart_llada
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests

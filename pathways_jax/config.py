@@ -59,9 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope_original_max_len = 0  # llama3: the pretraining context the bands are measured against
 
   c.data = d = ml_collections.ConfigDict()
-  d.corpus = 'stdlib'  # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'rows'
+  d.corpus = 'stdlib'  # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'rows' | 'chat'
   # corpus='path': a text/JSONL file or a folder of them; 'rows': a .npz of token rows
-  # (pathways_jax.data.rows)
+  # (pathways_jax.data.rows); 'chat': a JSONL of conversations (pathways_jax.data.sft)
   d.path = ''
   d.tfds_name = ''  # for corpus='tfds', e.g. 'lm1b'
   d.tfds_data_dir = ''
@@ -89,6 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.synthetic.num_arithmetic = 2000
   # Random-token spans written over the TRAIN split (RHO-1 experiments); batches then carry a
   # per-token `noise` field. fraction 0: off, nothing changes.
+  d.chat = ml_collections.ConfigDict()  # corpus='chat' (supervised fine-tuning data)
+  d.chat.train_on = 'assistant'  # 'assistant' turns only, or 'all' tokens
+  d.chat.pack = True  # several conversations per row (segment ids keep them apart)
+  d.chat.truncation = 'cut'  # a conversation longer than a row: 'cut' or 'drop' (both counted)
+  d.chat.eos_padding = False  # one conversation per row, eos-padded and trained (LLaDA's SFT)
   d.noise = ml_collections.ConfigDict()
   d.noise.fraction = 0.0  # expected share of the tokens overwritten
   d.noise.span_min = 4
@@ -207,7 +212,9 @@ _CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'full', 'dots'),
     'model.attention': ('xla', 'cpu', 'pallas', 'cudnn'),
-    'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds', 'rows'),
+    'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds', 'rows', 'chat'),
+    'data.chat.train_on': ('assistant', 'all'),
+    'data.chat.truncation': ('cut', 'drop'),
     'data.tokenizer': ('sentencepiece', 'byte', 'hf'),
     'train.schedule': ('cosine', 'wsd', 'constant'),
     'selective.score': ('excess', 'reference_loss', 'reference_entropy', 'random', 'oracle'),
@@ -263,7 +270,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if d.batch_size % t.grad_accum:
     raise ConfigError(f'config.data.batch_size={d.batch_size} is not divisible by '
                       f'config.train.grad_accum={t.grad_accum}')
-  if d.corpus in ('path', 'rows') and not d.path:
+  if d.corpus in ('path', 'rows', 'chat') and not d.path:
     raise ConfigError(f"config.data.corpus={d.corpus!r} needs config.data.path")
   if d.corpus == 'rows' and d.tokenizer == 'sentencepiece' and not d.tokenizer_path:
     raise ConfigError("config.data.corpus='rows' holds token ids: name the tokenizer that made "

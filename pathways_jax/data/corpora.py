@@ -217,9 +217,12 @@ def load_documents(data_cfg, split: str) -> list[str]:
   elif corpus == 'rows':
     raise ValueError("config.data.corpus='rows' holds token rows, not documents "
                      '(pathways_jax.data.rows)')
+  elif corpus == 'chat':
+    raise ValueError("config.data.corpus='chat' holds conversations, not documents: the "
+                     'tokenizer must be given (config.data.tokenizer_path, or bytes)')
   else:
     raise ValueError(f"config.data.corpus={corpus!r} is not one of "
-                     "('stdlib', 'synthetic', 'path', 'tfds', 'rows')")
+                     "('stdlib', 'synthetic', 'path', 'tfds', 'rows', 'chat')")
   if data_cfg.get('max_documents', 0) > 0:
     docs = docs[:data_cfg.max_documents]
   return docs

@@ -44,13 +44,16 @@ class Rows:
   Rows past the end are padding (segment_ids 0), as `pipeline.PackedRows` serves them.
   """
 
-  def __init__(self, path: str, split: str):
-    try:
-      with np.load(path) as f:
-        fields = {k.split('/', 1)[1]: f[k] for k in f.files if k.startswith(split + '/')}
-    except (OSError, ValueError) as e:
-      raise DataError(f'config.data.path={path!r} is not a readable rows file (.npz written by '
-                      f'pathways_jax.data.rows.save_rows): {e}') from None
+  def __init__(self, path: str, split: str, fields: dict[str, np.ndarray] | None = None):
+    """The rows of `split` in the .npz at `path`, or (`fields` given) those arrays."""
+    if fields is None:
+      try:
+        with np.load(path) as f:
+          fields = {k.split('/', 1)[1]: f[k] for k in f.files if k.startswith(split + '/')}
+      except (OSError, ValueError) as e:
+        raise DataError(f'config.data.path={path!r} is not a readable rows file (.npz written by '
+                        f'pathways_jax.data.rows.save_rows): {e}') from None
+    fields = dict(fields)
     if 'tokens' not in fields:
       raise EmptySplitError(f'rows file {path!r} has no {split} split')
     n, seq_len = fields['tokens'].shape

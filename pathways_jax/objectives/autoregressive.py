@@ -21,16 +21,21 @@ def next_token_valid(tokens_BL: jax.Array, segment_ids_BL: jax.Array | None) -> 
 
 
 def loss(logits_BLV: jax.Array, tokens_BL: jax.Array, segment_ids_BL: jax.Array | None = None,
-         *, z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+         *, z_loss: float = 0.0, target_mask_BL: jax.Array | None = None
+         ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean next-token cross-entropy over valid targets (+ optional z-loss on log Z^2).
 
   Position i predicts token i+1; the last position and document boundaries of packed rows carry
-  no target. Returns (loss, metrics) with metrics `ce` (the plain cross-entropy) and `num_tokens`.
+  no target, nor does a token where `target_mask_BL` is 0 (SFT: only the assistant's tokens are
+  targets). Returns (loss, metrics) with metrics `ce` (the plain cross-entropy) and `num_tokens`.
   """
   # Every position against the next token, the last one wrapping round and masked out: the same
   # sum as over logits[:, :-1], without copying the [B, L-1, V] slice (2-2.5% of the CPU step).
   ce_BL, lse_BL = token_losses(logits_BLV, jnp.roll(tokens_BL, -1, axis=1))
-  valid_BL = jnp.pad(next_token_valid(tokens_BL, segment_ids_BL), ((0, 0), (0, 1)))
+  valid = next_token_valid(tokens_BL, segment_ids_BL)
+  if target_mask_BL is not None:
+    valid &= target_mask_BL[:, 1:].astype(bool)
+  valid_BL = jnp.pad(valid, ((0, 0), (0, 1)))
   valid_BL = valid_BL.astype(jnp.float32)
   num = jnp.maximum(valid_BL.sum(), 1.0)
   ce = (ce_BL * valid_BL).sum() / num

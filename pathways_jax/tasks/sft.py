@@ -1,9 +1,14 @@
-"""Supervised fine-tuning tasks. `llada_sft`: LLaDA's SFT loss (the prompt is never masked).
+"""Supervised fine-tuning tasks: `sft` (AR) and `llada_sft` (LLaDA's SFT loss).
 
-A batch holds, beside `tokens/segment_ids/positions`, `prompt` [B, L] (1 on the prompt's tokens,
-bos included). Each row is one example: the prompt, the answer, then eos padding up to L, with
-`segment_ids` 1 on the whole row — LLaDA trains the padding eos like answer tokens, which is how
-the model learns where an answer ends. The first token of every segment (bos) is never masked.
+`sft`: next-token cross-entropy over the tokens `loss_mask` marks (assistant turns, from
+`data.corpus='chat'`, pathways_jax/data/sft.py), a mean over the trained tokens of the whole batch.
+
+`llada_sft`: a batch holds, beside `tokens/segment_ids/positions`, `prompt` [B, L] (1 on the
+prompt's tokens, bos included). The prompt is never masked; CE / p_mask over the masked answer
+tokens, per row / answer length, mean over rows. Each row is one example: the prompt, the answer,
+then eos padding up to L (`data.chat.eos_padding`), with `segment_ids` 1 on the whole row —
+LLaDA trains the padding eos like answer tokens, which is how the model learns where an answer
+ends. The first token of every segment (bos) is never masked.
 
 `config.llada_sft.sft_fraction` < 1 mixes in LLaDA's pretraining loss: each row is drawn to be an
 SFT row (prompt kept) with that probability, else any token of it may be masked, and the loss is
@@ -17,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pathways_jax.config import ConfigError
-from pathways_jax.objectives import diffusion
+from pathways_jax.objectives import autoregressive, diffusion
 from pathways_jax.tasks.base import COUNT, TOKEN_FIELDS, Task
 from pathways_jax.tasks.pretrain import mask_id
 from pathways_jax.tasks.registry import register
@@ -29,6 +34,29 @@ def _fraction(cfg) -> float:
   if not 0.0 <= f <= 1.0:
     raise ConfigError(f'config.llada_sft.sft_fraction={f} is not in [0, 1]')
   return f
+
+
+@register('sft')
+class SftTask(Task):
+  """AR fine-tuning: mean cross-entropy of the trained tokens (`loss_mask`), packed rows."""
+  perplexity = True
+
+  def __init__(self, cfg, model):
+    super().__init__(cfg, model)
+    if not model.cfg.causal:
+      raise ConfigError("task 'sft' trains a causal model; for LLaDA use task 'llada_sft'")
+
+  def batch_fields(self):
+    return {**{k: jnp.int32 for k in TOKEN_FIELDS}, 'loss_mask': jnp.int32}
+
+  def loss(self, params, batch, key, aux=None):
+    del key, aux
+    tokens, segments = batch['tokens'], batch['segment_ids']
+    logits = self.model.apply({'params': params}, tokens, positions_BL=batch['positions'],
+                              segment_ids_BL=segments)
+    loss, metrics = autoregressive.loss(logits, tokens, segments, z_loss=self.cfg.train.z_loss,
+                                        target_mask_BL=batch['loss_mask'])
+    return loss, {**metrics, COUNT: metrics['num_tokens']}
 
 
 @register('llada_sft')

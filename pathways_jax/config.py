@@ -129,7 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
   # A run directory (trained here, or imported: python -m pathways_jax.interop.hf import) or a
   # HuggingFace model directory whose params a fresh run starts from (the optimizer starts fresh).
   # The model section's architecture is taken from it; its runtime fields (dtype, remat,
-  # attention, ...) stay this run's.
+  # attention, ...) stay this run's; so is its tokenizer unless data.tokenizer_path names one.
   t.init_from = ''
 
   c.diffusion = df = ml_collections.ConfigDict()  # LLaDA (objective='diffusion')

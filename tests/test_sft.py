@@ -173,3 +173,23 @@ def test_chat_data_trains_through_the_trainer(tmp_path, task_name):
   losses = [x['loss'] for x in log if 'loss' in x]
   assert res['status'] == 'completed' and losses[-1] < 0.6 * losses[0], losses
   assert 'val_loss' in res  # 2% of the conversations, by hash
+
+
+def test_init_from_a_run_brings_its_model_and_tokenizer(tmp_path):
+  """SFT from a pretrained run: its architecture and (trained, cached) tokenizer come along."""
+  from pathways_jax.train import loop
+  cache = str(tmp_path / 'cache')
+  pre = tiny_config(cache, **{'data.tokenizer': 'sentencepiece', 'data.vocab_size': 320,
+                              'train.steps': 2, 'model.num_layers': 1, 'sample.prompts': ()})
+  loop.train(pre, str(tmp_path / 'pre'), quiet=True)
+  path = tmp_path / 'train.jsonl'
+  path.write_text('\n'.join(json.dumps({'prompt': f'Who is {n}?', 'completion': f'{n} is here.'})
+                            for n in ('Ada', 'Bo', 'Cy', 'Di') * 20) + '\n')
+  ft = tiny_config(cache, **{'task': 'sft', 'data.corpus': 'chat', 'data.path': str(path),
+                             'data.tokenizer': 'sentencepiece', 'train.steps': 2,
+                             'train.init_from': str(tmp_path / 'pre'), 'sample.prompts': ()})
+  assert ft.model.num_layers == 2  # the config's own; the run takes the source's
+  res = loop.train(ft, str(tmp_path / 'ft'), quiet=True)
+  saved = json.loads((tmp_path / 'ft' / 'config.json').read_text())
+  assert saved['model']['num_layers'] == 1 and res['status'] == 'completed'
+  assert saved['data']['tokenizer_path'].endswith('.model')

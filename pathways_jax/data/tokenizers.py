@@ -88,6 +88,8 @@ class ByteTokenizer(_Specials):
 class SentencePieceTokenizer(_Specials):
   """A sentencepiece model whose ids 0..3 are pad, bos, eos and the '<mask>' control symbol."""
 
+  path = ''  # the .model file, when loaded from one (a trained model is cached as a file)
+
   def __init__(self, model_proto: bytes, name: str = 'sentencepiece'):
     import sentencepiece as spm
     self._sp = spm.SentencePieceProcessor()
@@ -112,7 +114,9 @@ class SentencePieceTokenizer(_Specials):
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
       raise FileNotFoundError(f'tokenizer model not found: {path}')
-    return cls(path.read_bytes(), name=f'sentencepiece:{path}')
+    tok = cls(path.read_bytes(), name=f'sentencepiece:{path}')
+    tok.path = str(path)
+    return tok
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
@@ -239,7 +243,10 @@ def get_tokenizer(data_cfg):
       return SentencePieceTokenizer.from_file(model)
     except ValueError:
       pass  # a corrupt cache entry is retrained, never trusted
-  return train_sentencepiece(corpora.load_documents(data_cfg, 'train'), data_cfg.vocab_size, prefix)
+  tok = train_sentencepiece(corpora.load_documents(data_cfg, 'train'), data_cfg.vocab_size, prefix)
+  if model.is_file():
+    tok.path = str(model)
+  return tok
 
 
 SPECIAL_NAMES = ('pad', 'bos', 'eos', 'mask')

@@ -107,6 +107,8 @@ def build(cfg, *, mesh=None):
     start_cfg = run_dir.init_model_config(cfg.train.init_from, cfg.model)
     for k, v in dataclasses.asdict(start_cfg).items():
       cfg.model[k] = v
+    if not cfg.data.tokenizer_path:  # no tokenizer named: the starting model's own
+      cfg.data.tokenizer, cfg.data.tokenizer_path = run_dir.source_tokenizer(cfg.train.init_from)
   mesh = mesh or parallel.make_mesh(cfg)
   tokenizer = tokenizers.get_tokenizer(cfg.data)
   tokenizers.resolve_special_ids(cfg, tokenizer)  # config.data.*_id -1: the tokenizer's ids

@@ -127,3 +127,17 @@ def load_init_params(source: str, model, mesh, rules):
     raise config_lib.ConfigError(f'train.init_from={source!r} holds another model (differs in '
                                  f'{diff})')
   return params
+
+
+def source_tokenizer(source: str) -> tuple[str, str]:
+  """(data.tokenizer, data.tokenizer_path) of the model `train.init_from` names: a HF directory's
+  own tokenizer, or the tokenizer the source run used (a trained sentencepiece model: its
+  cached file)."""
+  from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(os.path.join(source, 'checkpoints')):
+    return 'hf', source
+  src = config_lib.load_run_config(source)
+  if src.data.tokenizer_path or src.data.tokenizer == 'byte':
+    return src.data.tokenizer, src.data.tokenizer_path
+  tok = tokenizers.get_tokenizer(src.data)
+  return src.data.tokenizer, getattr(tok, 'path', '')

@@ -66,13 +66,17 @@ bench: $(STAMP)
 # to regenerate them (then commit tests/golden/hf); its own venv keeps torch out of .venv. $(TORCH)
 # is the CPU build where a +cpu wheel of that version is on pip's find-links (as on this project's
 # machines); elsewhere pass TORCH_INDEX=<PyTorch's CPU wheel index> to avoid the CUDA build.
+# The llada case needs LLaDA-8B's own remote code, which is not committed here: LLADA_CODE=<a dir
+# with its modeling_llada.py and configuration_llada.py> (tests/golden/hf/README.md); unset, it is
+# skipped and the committed tests/golden/hf/llada is kept.
 GOLDEN_VENV := .venv-golden
 TRANSFORMERS ?= transformers==5.25.0
+LLADA_CODE ?=
 golden-hf:
 	$(PYTHON) -m venv $(GOLDEN_VENV)
 	$(GOLDEN_VENV)/bin/python -m pip install -q '$(TORCH)' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 	$(GOLDEN_VENV)/bin/python -m pip install -q '$(TORCH)' '$(TRANSFORMERS)' safetensors numpy
-	$(GOLDEN_VENV)/bin/python tests/golden/hf/make_golden.py
+	$(GOLDEN_VENV)/bin/python tests/golden/hf/make_golden.py $(if $(LLADA_CODE),--llada_code='$(LLADA_CODE)',)
 
 clean:
 	rm -rf $(VENV) $(VENV)-lock runs

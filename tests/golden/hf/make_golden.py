@@ -24,6 +24,14 @@ Cases: `llama` (GQA, untied, default RoPE), `llama3_tied` (Llama-3.2 style: tied
 `qwen2` (q/k/v biases, tied like Qwen2.5-0.5B, saved in several shards with an index) and `qwen3`
 (per-head q/k RMSNorm, head_dim 32 != hidden/heads, untied).
 
+`llada` (only with --llada_code=DIR): LLaDA-8B's own remote code (GSAI-ML/LLaDA-8B-Base's
+`modeling_llada.py` and `configuration_llada.py`, which transformers does not ship) computes it, so
+DIR must hold those two files (not committed here; README.md says where they came from). They are
+imported from DIR as a package (they import each other relatively). The config is LLaDA-8B-Base's
+config.json with the sizes shrunk (GQA 4/2 heads, which their code repeats like `repeat_kv`) and
+mask_token_id 127. Bidirectional attention, no greedy decoding: golden.npz has `tokens` and
+`logits` only. Without --llada_code the case is skipped and an existing llada/ is left as it is.
+
 config.json style. transformers >= 5 writes RoPE as one dict, `"rope_parameters": {"rope_type":
 ..., "rope_theta": ..., <scaling keys>}`, and no top-level `rope_theta`/`rope_scaling`;
 transformers 4 writes `"rope_theta": <float>` and `"rope_scaling": null | {"rope_type": ...,
@@ -34,14 +42,19 @@ this script also writes `config.other_style.json`: the same config in whichever 
 installed transformers did NOT write (here the transformers 4 one), and checks that transformers
 parses it to the same RoPE parameters. VERSIONS.json records the style written (`config_style`).
 
-Usage: python tests/golden/hf/make_golden.py [--out DIR]   (default: this file's directory)
+Usage: python tests/golden/hf/make_golden.py [--out DIR] [--llada_code DIR]
+  (--out default: this file's directory)
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
 import json
 import pathlib
 import shutil
+import sys
+import types
 
 import numpy as np
 import safetensors
@@ -98,11 +111,12 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
   with torch.no_grad():
     for name, p in model.named_parameters():  # a tied lm_head shares embed_tokens' Parameter
       noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-      if name.endswith('norm.weight'):  # input/post_attention/final/q/k RMSNorm
+      if name.endswith(('norm.weight', 'ln_f.weight')):  # input/post_attention/final/q/k RMSNorm
         p.copy_(1.0 + 0.1 * noise)
       elif name.endswith('.bias'):
         p.copy_(0.1 * noise)
-      elif 'embed_tokens' in name:  # [vocab, hidden]; as a tied lm_head: logits of a few units
+      elif name.endswith(('embed_tokens.weight', 'wte.weight')):  # (LLaDA's is wte)
+        # [vocab, hidden]; as a tied lm_head: logits of a few units
         p.copy_(2.0 * noise / p.shape[1] ** 0.5)
       else:  # nn.Linear weight [out, in]
         gain = 2.0 if name.endswith(('q_proj.weight', 'k_proj.weight')) else 1.0
@@ -230,15 +244,146 @@ def _min_margin(step_logits: torch.Tensor) -> float:
   return float((top2[..., 0] - top2[..., 1]).min())
 
 
+# ------------------------------------------------------------------------------------------ llada
+
+# LLaDA-8B-Base's config.json (GSAI-ML/LLaDA-8B-Base, transformers 4.46.3), less `auto_map` (its
+# code is not saved here) and what LLADA_TINY overrides.
+LLADA_8B_BASE_CONFIG = dict(
+    activation_type='silu', alibi=False, alibi_bias_max=8.0, attention_dropout=0.0,
+    attention_layer_norm=False, attention_layer_norm_with_affine=True, bias_for_layer_norm=False,
+    block_group_size=1, block_type='llama', embedding_dropout=0.0, flash_attention=False,
+    include_bias=False, include_qkv_bias=False, init_cutoff_factor=None, init_device='meta',
+    init_fn='mitchell', init_std=0.02, input_emb_norm=False, layer_norm_type='rms',
+    layer_norm_with_affine=True, multi_query_attention=None, precision='amp_bf16',
+    residual_dropout=0.0, rms_norm_eps=1e-05, rope=True, rope_full_precision=True,
+    rope_theta=500000.0, scale_logits=False, use_cache=False, weight_tying=False,
+    d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288, mlp_ratio=4,
+    vocab_size=126464, embedding_size=126464, max_sequence_length=4096, eos_token_id=126081,
+    pad_token_id=126081, mask_token_id=126336)
+# mlp_ratio stays 4: mlp_hidden_size (160 = 2.5 * d_model) is what the model uses.
+LLADA_TINY = dict(d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=160,
+                  vocab_size=128, embedding_size=128, max_sequence_length=512, eos_token_id=1,
+                  pad_token_id=1, mask_token_id=127)
+LLADA_SEED = 5
+LLADA_FILES = ('configuration_llada.py', 'modeling_llada.py')
+# sha256 of the files the committed llada/ was made with (README.md: where they came from).
+LLADA_SHA256 = {
+    'configuration_llada.py': 'c947a64d8b735affa69d5adeb416c83ce607c8925270884e4471ae11068e2bfe',
+    'modeling_llada.py': '1eef56b9917a3283199183a1f969b149276b49bb321a806f7e20dcb52180224c',
+}
+
+
+def load_llada_code(code_dir: pathlib.Path):
+  """(LLaDAConfig, LLaDAModelLM) from DIR's two files, imported as a package named llada_remote."""
+  missing = [f for f in LLADA_FILES if not (code_dir / f).is_file()]
+  if missing:
+    raise SystemExit(f'--llada_code={code_dir}: {", ".join(missing)} not there')
+  sha = {f: hashlib.sha256((code_dir / f).read_bytes()).hexdigest() for f in LLADA_FILES}
+  if sha != LLADA_SHA256:
+    print(f'WARNING: the LLaDA code in {code_dir} is not the revision the committed llada/ used: '
+          f'{sha}')
+  pkg = types.ModuleType('llada_remote')  # modeling_llada does `from .configuration_llada import`
+  pkg.__path__ = [str(code_dir)]
+  sys.modules['llada_remote'] = pkg
+  dont_write = sys.dont_write_bytecode
+  sys.dont_write_bytecode = True  # leave DIR as it is
+  try:
+    config_mod = importlib.import_module('llada_remote.configuration_llada')
+    modeling_mod = importlib.import_module('llada_remote.modeling_llada')
+  finally:
+    sys.dont_write_bytecode = dont_write
+  return config_mod.LLaDAConfig, modeling_mod.LLaDAModelLM, sha
+
+
+def llada_expected_names(n_layers: int) -> set[str]:
+  """The tensor names pathways_jax.interop.hf.checkpoint.tensor_map reads for model_type llada."""
+  top = 'model.transformer.'
+  names = {top + 'wte.weight', top + 'ln_f.weight', top + 'ff_out.weight'}
+  for i in range(n_layers):
+    names |= {f'{top}blocks.{i}.{m}.weight' for m in (
+        'q_proj', 'k_proj', 'v_proj', 'attn_out', 'ff_proj', 'up_proj', 'ff_out', 'attn_norm',
+        'ff_norm')}
+  return names
+
+
+def _llada_logits(model, tokens: np.ndarray) -> torch.Tensor:
+  # use_cache/return_dict explicit: transformers 5 drops `use_cache` from the config object, and
+  # their forward reads config.use_cache when it is not passed.
+  out = model(torch.from_numpy(tokens).long(), use_cache=False, return_dict=True)
+  return out.logits.float()
+
+
+def write_llada(out: pathlib.Path, code_dir: pathlib.Path) -> dict:
+  config_cls, model_cls, sha = load_llada_code(code_dir)
+  d = out / 'llada'
+  if d.exists():
+    shutil.rmtree(d)
+  config = config_cls(**dict(LLADA_8B_BASE_CONFIG, **LLADA_TINY))
+  torch.manual_seed(LLADA_SEED)
+  model = model_cls(config).to(torch.float32).eval()
+  init_weights(model, LLADA_SEED)
+  vocab = config.embedding_size
+
+  rng = np.random.default_rng(1000 + LLADA_SEED)
+  tokens = rng.integers(0, vocab, size=(BATCH, SEQ), dtype=np.int32)
+  with torch.no_grad():
+    logits = _llada_logits(model, tokens)
+    # Bidirectional: changing the last token moves the logits at position 0.
+    changed = tokens.copy()
+    changed[:, -1] = (changed[:, -1] + 1) % vocab
+    first_moved = float((_llada_logits(model, changed)[:, 0] - logits[:, 0]).abs().max())
+  assert logits.shape == (BATCH, SEQ, vocab), logits.shape
+  assert first_moved > 1e-3, first_moved
+
+  model.save_pretrained(d, **({'safe_serialization': True} if TF_MAJOR < 5 else {}))
+  np.savez_compressed(d / 'golden.npz', tokens=tokens, logits=logits.numpy().astype(np.float32))
+  (d / 'llada_code.json').write_text(json.dumps(
+      {'sha256': sha, 'transformers_version': transformers.__version__,
+       'torch_version': torch.__version__}, indent=2, sort_keys=True) + '\n')
+
+  # What was saved reloads into the same logits. Not via model_cls.from_pretrained: their class
+  # never calls post_init(), which transformers 5's from_pretrained needs (all_tied_weights_keys).
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  reloaded = model_cls(config_cls.from_pretrained(d)).to(torch.float32).eval()
+  reloaded.load_state_dict(load_file(str(d / 'model.safetensors')), strict=True)
+  with torch.no_grad():
+    again = _llada_logits(reloaded, tokens)
+  np.testing.assert_array_equal(again.numpy(), logits.numpy())
+
+  report = {'case': 'llada', 'max_abs_logit': float(logits.abs().max()),
+            'first_position_moved_by_last_token': first_moved, 'files': {}}
+  saved = set()
+  for f in sorted(d.glob('*.safetensors')):
+    with safetensors.safe_open(str(f), framework='np') as sf:
+      report['files'][f.name] = {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
+      saved |= set(sf.keys())
+  expected = llada_expected_names(config.n_layers)
+  assert saved == expected, ('tensor names differ from what pathways_jax reads: saved only '
+                             f'{sorted(saved - expected)}, read only {sorted(expected - saved)}')
+  config_json = json.loads((d / 'config.json').read_text())
+  assert config_json['mask_token_id'] == LLADA_TINY['mask_token_id'], config_json
+  return report
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default=str(pathlib.Path(__file__).resolve().parent))
+  parser.add_argument('--llada_code', default='',
+                      help="directory with LLaDA-8B's modeling_llada.py and "
+                      'configuration_llada.py; unset: the llada case is skipped (an existing '
+                      'llada/ is kept)')
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   torch.use_deterministic_algorithms(True)
 
   reports = [write_case(name, case, out) for name, case in CASES.items()]
+  if args.llada_code:
+    reports.append(write_llada(out, pathlib.Path(args.llada_code).resolve()))
+  else:
+    print('llada: skipped (no --llada_code=DIR with LLaDA-8B\'s modeling_llada.py and '
+          'configuration_llada.py); ' + ('kept the existing llada/' if (out / 'llada').exists()
+                                         else 'there is no llada/'))
   style = ('rope_parameters (transformers 5)' if TF_MAJOR >= 5
            else 'rope_theta + rope_scaling (transformers 4)')
   versions = {'transformers_version': transformers.__version__,
@@ -248,10 +393,14 @@ def main():
               'config_style': style}
   (out / 'VERSIONS.json').write_text(json.dumps(versions, indent=2) + '\n')
   for r in reports:
-    print(f"== {r['case']}: max |logit| {r['max_abs_logit']:.3f}, smallest greedy margin "
-          f"{r['greedy_min_margin']:.4f}" + (f", llama3 vs default RoPE max diff "
-          f"{r['llama3_vs_default_rope_max_diff']:.3f}" if 'llama3_vs_default_rope_max_diff' in r
-          else ''))
+    if r['case'] == 'llada':
+      print(f"== llada: max |logit| {r['max_abs_logit']:.3f}, position 0 moved by the last token "
+            f"{r['first_position_moved_by_last_token']:.4f}")
+    else:
+      print(f"== {r['case']}: max |logit| {r['max_abs_logit']:.3f}, smallest greedy margin "
+            f"{r['greedy_min_margin']:.4f}" + (f", llama3 vs default RoPE max diff "
+            f"{r['llama3_vs_default_rope_max_diff']:.3f}" if 'llama3_vs_default_rope_max_diff' in r
+            else ''))
     for fname, keys in r['files'].items():
       print(f'   {fname}')
       for k, shape in keys.items():

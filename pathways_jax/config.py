@@ -57,6 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope_low_freq_factor = 1.0  # llama3
   m.rope_high_freq_factor = 4.0  # llama3
   m.rope_original_max_len = 0  # llama3: the pretraining context the bands are measured against
+  # LoRA adapters (pathways_jax.adapters.lora): rank 0 = none. Targets: 'all-linear' or a regular
+  # expression searched in each dense weight's path ('attn/w[qkvo]', 'mlp/.*', 'blocks_0/attn/wq').
+  m.lora_rank = 0
+  m.lora_alpha = 16.0
+  m.lora_targets = 'all-linear'
+  m.lora_rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
 
   c.data = d = ml_collections.ConfigDict()
   d.corpus = 'stdlib'  # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'rows' | 'chat'
@@ -358,6 +364,10 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 0
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: str = 'all-linear'
+  lora_rslora: bool = False
 
   def __post_init__(self):
     # config.validate() names the key for configs; this catches a ModelConfig built in code.

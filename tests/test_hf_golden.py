@@ -2,7 +2,8 @@
 
 tests/golden/hf/ holds tiny random Llama / Llama-3 (tied, llama3 RoPE scaling) / Qwen2 (biases,
 sharded files) / Qwen3 (q/k norms) checkpoints saved by transformers, and the logits and greedy
-tokens transformers produced for them (`make golden-hf` regenerates them; see its README)."""
+tokens transformers produced for them, and a LLaDA checkpoint with the logits of LLaDA-8B's own
+modeling code (`make golden-hf` regenerates them; see its README)."""
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ from pathways_jax.interop import hf
 from pathways_jax.models.transformer import Transformer
 
 GOLDEN = os.path.join(REPO, 'tests', 'golden', 'hf')
-CASES = ('llama', 'llama3_tied', 'qwen2', 'qwen3')
+CASES = ('llama', 'llama3_tied', 'qwen2', 'qwen3', 'llada')  # llada: from LLaDA's own code
+GENERATE = ('llama', 'llama3_tied', 'qwen2', 'qwen3')
 MAX_ABS_LOGIT_ERROR = 1e-4  # float32, 320 positions: what the interop promises
 
 
@@ -33,10 +35,11 @@ def test_logits_equal_transformers(case):
   err = float(jnp.max(jnp.abs(logits - g['logits'])))
   assert err <= MAX_ABS_LOGIT_ERROR, f'{case}: max |logit - transformers| = {err:.2e}'
   assert {'llama3_tied': cfg.rope_scaling == 'llama3' and cfg.tie_embeddings,
-          'qwen2': cfg.qkv_bias, 'qwen3': cfg.qk_norm, 'llama': not cfg.tie_embeddings}[case]
+          'qwen2': cfg.qkv_bias, 'qwen3': cfg.qk_norm, 'llama': not cfg.tie_embeddings,
+          'llada': not cfg.causal and not cfg.tie_embeddings}[case]
 
 
-@pytest.mark.parametrize('case', CASES)
+@pytest.mark.parametrize('case', GENERATE)
 def test_greedy_decoding_equals_transformers_generate(case):
   from pathways_jax.sampling import autoregressive
   params, cfg, _ = hf.load_pretrained(os.path.join(GOLDEN, case))

@@ -23,12 +23,15 @@ checkpoints rely on:
     attn/wo [heads, head_dim, embed]  mlp_norm/scale [embed]
     (qkv_bias) attn/bq [heads, head_dim]  attn/bk, attn/bv [kv, head_dim]
     (qk_norm) attn/q_norm/scale, attn/k_norm/scale [head_dim]
+    (lora_rank > 0) <weight>_lora_a [*in, r], <weight>_lora_b [r, *out] beside each targeted
+    dense weight, e.g. attn/wq_lora_a [embed, r], attn/wq_lora_b [r, heads, head_dim]
     mlp/w_gate, mlp/w_up [embed, mlp]  mlp/w_down [mlp, embed]
   final_norm/scale [embed]
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -104,6 +107,48 @@ def _dense_bwd(out_dtype, inputs, dout_TF):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+LORA_SUFFIXES = ('_lora_a', '_lora_b')
+
+
+def lora_targets(cfg: ModelConfig, path: str) -> bool:
+  """Whether the dense weight at `path` ('blocks_0/attn/wq') carries a LoRA adapter."""
+  import re  # pylint: disable=g-import-not-at-top
+  if cfg.lora_rank <= 0:
+    return False
+  return cfg.lora_targets == 'all-linear' or re.search(cfg.lora_targets, path) is not None
+
+
+def lora_scale(cfg: ModelConfig) -> float:
+  return cfg.lora_alpha / (cfg.lora_rank ** 0.5 if cfg.lora_rslora else cfg.lora_rank)
+
+
+def _lora_delta(module, name: str, x_TI, in_shape, out_shape, in_axes, out_axes, cfg):
+  """scale * (x @ A) @ B of the adapter on weight `name` (0 if it has none): A [*in, r] starts
+  uniform(+-1/sqrt(fan_in)), B [r, *out] at zero, so an adapted model starts as its base."""
+  path = '/'.join((*module.scope.path, name))
+  if not lora_targets(cfg, path):
+    return None
+  r, fan_in = cfg.lora_rank, int(math.prod(in_shape))
+  bound = 1.0 / fan_in ** 0.5
+  a = module.param(f'{name}_lora_a', nn.with_logical_partitioning(
+      lambda k, s, d: jax.random.uniform(k, s, d, -bound, bound), (*in_axes, None)),
+      (*in_shape, r), _dtype(cfg.param_dtype))
+  b = module.param(f'{name}_lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                  (None, *out_axes)),
+                   (r, *out_shape), _dtype(cfg.param_dtype))
+  dt = _dtype(cfg.dtype)
+  h = dense(x_TI, a.astype(dt).reshape(fan_in, r))
+  return lora_scale(cfg) * dense(h, b.astype(dt).reshape(r, int(math.prod(out_shape))))
+
+
+def _adapted(module, name, x_TI, w, in_shape, out_shape, in_axes, out_axes, cfg):
+  """x @ w (w reshaped to [prod(in), prod(out)]) plus the LoRA term where `name` is a target."""
+  dt = _dtype(cfg.dtype)
+  out = dense(x_TI, w.astype(dt).reshape(int(math.prod(in_shape)), int(math.prod(out_shape))))
+  delta = _lora_delta(module, name, x_TI, in_shape, out_shape, in_axes, out_axes, cfg)
+  return out if delta is None else out + delta.astype(out.dtype)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   packed: bool = True
@@ -120,9 +165,11 @@ class Attention(nn.Module):
     wv = _param(self, 'wv', (d, kh, hd), ('embed', 'kv', 'head_dim'), cfg.init_std, cfg)
     wo = _param(self, 'wo', (h, hd, d), ('heads', 'head_dim', 'embed'), std_out, cfg)
     b, l = batch
-    q = dense(x_TD, wq.astype(dt).reshape(d, h * hd)).reshape(b, l, h, hd)
-    k = dense(x_TD, wk.astype(dt).reshape(d, kh * hd)).reshape(b, l, kh, hd)
-    v = dense(x_TD, wv.astype(dt).reshape(d, kh * hd)).reshape(b, l, kh, hd)
+    proj = lambda name, w, n, axis: _adapted(self, name, x_TD, w, (d,), (n, hd), ('embed',),
+                                             (axis, 'head_dim'), cfg)
+    q = proj('wq', wq, h, 'heads').reshape(b, l, h, hd)
+    k = proj('wk', wk, kh, 'kv').reshape(b, l, kh, hd)
+    v = proj('wv', wv, kh, 'kv').reshape(b, l, kh, hd)
     if cfg.qkv_bias:  # Qwen2
       zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'head_dim'))
       zeros_kv = nn.with_logical_partitioning(nn.initializers.zeros, ('kv', 'head_dim'))
@@ -150,7 +197,8 @@ class Attention(nn.Module):
                           packed=self.packed or layer_cache is not None,
                           kv_from_cache=layer_cache is not None,
                           causal_query_blocks=cfg.causal_query_blocks)
-    out_TD = dense(out.reshape(b * l, h * hd), wo.astype(dt).reshape(h * hd, d))
+    out_TD = _adapted(self, 'wo', out.reshape(b * l, h * hd), wo, (h, hd), (d,),
+                      ('heads', 'head_dim'), ('embed',), cfg)
     return out_TD, new_cache
 
 
@@ -165,9 +213,12 @@ class MLP(nn.Module):
     w_gate = _param(self, 'w_gate', (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), cfg.init_std, cfg)
     w_up = _param(self, 'w_up', (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), cfg.init_std, cfg)
     w_down = _param(self, 'w_down', (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'), std_out, cfg)
-    hidden = nn.silu(dense(x_TD, w_gate.astype(dt))) * dense(x_TD, w_up.astype(dt))
+    up = lambda name, w: _adapted(self, name, x_TD, w, (cfg.d_model,), (cfg.mlp_dim,), ('embed',),
+                                  ('mlp',), cfg)
+    hidden = nn.silu(up('w_gate', w_gate)) * up('w_up', w_up)
     hidden = nn.with_logical_constraint(hidden, ('activation_tokens', 'activation_mlp'))
-    return dense(hidden, w_down.astype(dt))
+    return _adapted(self, 'w_down', hidden, w_down, (cfg.mlp_dim,), (cfg.d_model,), ('mlp',),
+                    ('embed',), cfg)
 
 
 class Block(nn.Module):

@@ -32,6 +32,7 @@ from pathways_jax.train import optimizer as opt_lib
 from pathways_jax.train import state as state_lib
 from pathways_jax.train import trainable as trainable_lib
 from pathways_jax.train import step as step_lib
+from pathways_jax.adapters.lora import LORA_PARAMS
 
 _LOG = logging.getLogger(__name__)
 
@@ -187,8 +188,10 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
   growth = growth_phase.Growth(cfg, model_cfg)  # config.growth: the model grows mid-run
   example = np.zeros((cfg.data.batch_size, cfg.data.seq_len), np.int32)
   # train.trainable: the state holds only the trained params; the frozen ones are stored once.
+  # A LoRA model (model.lora_rank > 0) trains its adapters unless the config says otherwise.
+  trainable = cfg.train.trainable or (LORA_PARAMS if model_cfg.lora_rank else '')
   abstract, shardings, frozen_abstract, frozen_shardings = state_lib.split_state_and_shardings(
-      model, tx, example, mesh, rules, cfg.train.trainable)
+      model, tx, example, mesh, rules, trainable)
   pindex, pcount = parallel.process_batch_slice(mesh)  # this process's rows of each batch
   # The task's frozen inputs: e.g. RHO-1's reference params (the step's aux) or cached L_ref rows.
   frozen_in = task.setup(tasks.RunContext(cfg, workdir, tokenizer, mesh, rules,
@@ -217,8 +220,7 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
       from pathways_jax.interop.hf import run_dir  # pylint: disable=g-import-not-at-top
       init_params = run_dir.load_init_params(cfg.train.init_from, model, mesh, rules)
     state, frozen_params = state_lib.init_split_state(model, tx, example, jax.random.key(cfg.seed),
-                                                      mesh, rules, cfg.train.trainable,
-                                                      params=init_params)
+                                                      mesh, rules, trainable, params=init_params)
     if frozen_params is not None:
       ckpt_lib.save_frozen_params(workdir, frozen_params)
     start = 0
@@ -254,7 +256,7 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
           f'mesh={dict(mesh.shape)}; peak={peak / 1e9:.1f} GFLOP/s/device ({peak_source})')
     if frozen_params is not None:
       print(f'training {count_params(state.params):,} of {n_params:,} params '
-            f'(train.trainable={cfg.train.trainable!r}); the rest are frozen')
+            f'(train.trainable={trainable!r}); the rest are frozen')
     for line in (*frozen_in.describe, *growth.describe()):
       print(line)
 

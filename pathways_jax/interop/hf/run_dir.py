@@ -24,7 +24,7 @@ import pathways_jax.interop.hf.config as hf_config
 
 # What a run may choose for itself when it starts from another model: how it computes, not what.
 RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'causal_query_blocks', 'max_len',
-                  'init_std')
+                  'init_std', 'lora_rank', 'lora_alpha', 'lora_targets', 'lora_rslora')
 
 
 def run_config(model_cfg: config_lib.ModelConfig, *, name: str, tokenizer_path: str = ''):
@@ -126,6 +126,12 @@ def load_init_params(source: str, model, mesh, rules):
             and f.name not in RUNTIME_FIELDS]
     raise config_lib.ConfigError(f'train.init_from={source!r} holds another model (differs in '
                                  f'{diff})')
+  from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
+  base, adapters = lora.split(params)
+  if model.cfg.lora_rank and not jax.tree_util.tree_leaves(adapters):
+    # A LoRA run from a plain model: fresh adapters (B = 0: it starts as the source model).
+    lcfg = lora.LoraConfig.of(model.cfg)
+    params = lora.combine(base, lora.init(jax.random.key(0), base, lcfg))
   return params
 
 

@@ -279,7 +279,13 @@ def train_model(run_cfg, run_dir: str, check_fn, *, check_every: int, target: fl
   t0 = time.time()
   res = loop.train(run_cfg, run_dir, quiet=True,
                    callbacks=[loop.Callback(every=check_every, fn=check)])
+  if res['status'] == 'preempted':  # SIGTERM: saved; the same command resumes this model
+    raise Preempted(f'{run_cfg.name} stopped at step {res["step"]} (SIGTERM, checkpoint saved)')
   return res['step'], forward_checks(run_dir), time.time() - t0
+
+
+class Preempted(Exception):
+  """A model's training was stopped by SIGTERM; rerunning the experiment resumes it."""
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -440,9 +446,13 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
     check = lambda params, model=model, k=model_kind: Evaluator(
         tok, model, params, k, seq_len, gen_length, prompt_width=prompt_width,
         batch=eval_batch).exact_match(check_rows)
-    steps_done, hist, secs = train_model(
-        run_cfg, run_dir, check, check_every=r.check_every, target=r.target_forward,
-        stop_at_target=r.stop_at_target and kind != 'llada_control', quiet=quiet)
+    try:
+      steps_done, hist, secs = train_model(
+          run_cfg, run_dir, check, check_every=r.check_every, target=r.target_forward,
+          stop_at_target=r.stop_at_target and kind != 'llada_control', quiet=quiet)
+    except Preempted as e:
+      print(f'{e}; rerun the same command to resume', flush=True)
+      return {**results, 'status': 'preempted'}
     model, params = load_model(workdir, kind)
     models[kind] = (model, params)
     ev = Evaluator(tok, model, params, model_kind, seq_len, gen_length,

@@ -285,3 +285,17 @@ def test_sample_cli_prints_continuations(tmp_path):
   bad = cli('pathways_jax.sample', f'--workdir={tmp_path}/none')
   assert bad.returncode == 1 and bad.stderr.strip().startswith('error:')
   assert 'not a run directory' in bad.stderr
+
+
+def test_a_second_save_of_the_same_step_is_a_no_op(tmp_path):
+  """SIGTERM right after the periodic checkpoint saves the step again: that must not fail."""
+  import jax.numpy as jnp
+  from pathways_jax.train import checkpoint
+  for async_save in (False, True):
+    ckpt = checkpoint.Checkpointer(str(tmp_path / str(async_save)), keep=2, async_save=async_save)
+    state = {'w': jnp.arange(4.0)}
+    ckpt.save(500, state)
+    ckpt.save(500, state, force=True)
+    ckpt.wait()
+    assert ckpt.latest_step() == 500
+    ckpt.close()

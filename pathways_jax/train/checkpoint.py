@@ -31,6 +31,11 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> None:
+    """Saves step `step` (once: a second save of the same step, e.g. SIGTERM right after the
+    periodic checkpoint, is a no-op; the state of a step is one state)."""
+    if step in self.manager.all_steps() or step == getattr(self, '_last_saved', None):
+      return
+    self._last_saved = step
     items = {'state': ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)

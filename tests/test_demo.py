@@ -1,11 +1,12 @@
 """The fill-in-the-middle demo (`make run`'s third step) on two tiny trained runs."""
+import os
 import re
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import cli, tiny_config
+from helpers import REPO, cli, tiny_config
 from pathways_jax import demo
 from pathways_jax.data import corpora, pipeline
 from pathways_jax.sample import load_run
@@ -129,15 +130,15 @@ def test_the_demo_prints_its_table_and_the_accuracies_recomputed_by_hand(runs):
     assert summary[label] == pytest.approx((100 * acc['token_accuracy'], 100 * acc['exact_match']),
                                            abs=0.051)
 
-  # The command line prints the same text.
-  res = cli('pathways_jax.demo', f'--ar={ar_dir}', f'--llada={llada_dir}', '--lines=12',
+  # The command line prints the same text, given relative run directories as `make run` gives.
+  rel = lambda d: os.path.relpath(d, REPO)
+  res = cli('pathways_jax.demo', f'--ar={rel(ar_dir)}', f'--llada={rel(llada_dir)}', '--lines=12',
             f'--span={SPAN}', f'--context={CONTEXT}', '--show=3')
   assert res.returncode == 0, res.stderr[-2000:]
   assert out['text'] in res.stdout
 
-
-def test_bad_arguments_are_one_line_errors(runs):
-  ar_dir, llada_dir = runs
+  # Runs the wrong way round, and a window longer than the models, are clear errors (one test:
+  # the runs are trained once per xdist worker).
   with pytest.raises(ValueError, match='must be a causal'):
     demo.run(llada_dir, ar_dir)
   with pytest.raises(ValueError, match='exceeds the models'):

@@ -61,7 +61,9 @@ def _state_dir(run_dir: str, step: int | None) -> tuple[int, str]:
     step = steps[-1]
   elif step not in steps:
     raise CheckpointError(f'{run_dir} has no checkpoint at step {step} (it has {steps})')
-  return step, os.path.join(run_dir, 'checkpoints', str(step), 'state')
+  # Absolute: orbax 0.12 reads no item metadata under a relative path (and refuses to restore
+  # from one), which broke `--workdir=runs/quickstart`.
+  return step, os.path.join(os.path.abspath(run_dir), 'checkpoints', str(step), 'state')
 
 
 @contextlib.contextmanager
@@ -101,7 +103,7 @@ def _saved_param_shapes(state_dir: str) -> dict:
 
 def _frozen_dir(run_dir: str) -> str | None:
   """Where a subset-trained run keeps the params it does not train (None for other runs)."""
-  path = os.path.join(run_dir, FROZEN_PARAMS)
+  path = os.path.join(os.path.abspath(run_dir), FROZEN_PARAMS)  # absolute, as in _state_dir
   return path if os.path.isdir(path) else None
 
 

@@ -1,4 +1,7 @@
-"""The `llada_sft` task and the pre-tokenised rows it trains on (`data.corpus='rows'`)."""
+"""The `llada_sft` task and the pre-tokenised rows it trains on (`data.corpus='rows'`).
+
+Both train through the trainer in tests/test_sft.py (chat data) and tests/test_reversal.py (rows).
+"""
 import json
 
 import jax
@@ -151,22 +154,3 @@ def test_bad_rows_files_are_named(tmp_path):
   cfg.data.tokenizer = 'sentencepiece'
   with pytest.raises(config_lib.ConfigError, match='tokenizer_path'):
     config_lib.validate(cfg)
-
-
-def test_llada_sft_trains_from_a_rows_file_through_main(tmp_path):
-  """The task and the rows source through the trainer: the loss falls on a memorisable set."""
-  from pathways_jax.train import loop
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(4, 40, (8, 8)).astype(np.int32)
-  tokens[:, 0] = 1
-  prompt = (np.arange(8) < 4).astype(np.int32)[None].repeat(8, 0)
-  rows.save_rows(str(tmp_path / 'rows.npz'), train={'tokens': tokens, 'prompt': prompt})
-  cfg = _rows_config(tmp_path, tmp_path / 'rows.npz')
-  cfg.task, cfg.objective, cfg.model.causal = 'llada_sft', 'diffusion', False
-  cfg.data.batch_size = 8
-  cfg.train.steps, cfg.train.lr, cfg.sample.prompts = 60, 1e-2, ()
-  cfg.train.log_every = 10
-  res = loop.train(cfg, str(tmp_path / 'run'), quiet=True)
-  log = [json.loads(x) for x in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
-  losses = [x['loss'] for x in log if 'loss' in x]
-  assert res['status'] == 'completed' and losses[-1] < 0.5 * losses[0]

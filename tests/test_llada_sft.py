@@ -2,8 +2,6 @@
 
 Both train through the trainer in tests/test_sft.py (chat data) and tests/test_reversal.py (rows).
 """
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -200,20 +200,31 @@ def stratified_mask_counts(key: jax.Array, answer_len: int, batch_size: int) -> 
   return (l_B - 1) % answer_len + 1
 
 
-@functools.partial(jax.jit, static_argnames=('apply_fn', 'prompt_len', 'batch_size', 'mask_id',
-                                             'cfg_scale'))
-def _likelihood_batch(apply_fn, params, seq_L, key, index, *, prompt_len, batch_size, mask_id,
-                      cfg_scale):
-  """Sum over the mini-batch rows of (L / l) * sum of CE over the l masked answer tokens."""
+def likelihood_masks(key: jax.Array, index, answer_len: int, batch_size: int
+                     ) -> tuple[jax.Array, jax.Array]:
+  """The draws of `log_likelihood`'s mini-batch `index`: (masked_BA bool, l_B int32).
+
+  Row j masks exactly l_j of the `answer_len` answer positions (l stratified over the rows).
+  Callers that score the rows themselves (eval.harness, which pads rows to a few lengths) draw
+  through this, so that they reproduce `log_likelihood` for the same key.
+  """
   key = jax.random.fold_in(key, index)
-  total = seq_L.shape[0]
-  answer_len = total - prompt_len
   key_l, key_p = jax.random.split(key)
   l_B = stratified_mask_counts(key_l, answer_len, batch_size)
   # Exactly l_j answer positions per row, chosen uniformly without replacement: the positions
   # whose rank in a random permutation is below l_j.
   rank_BA = jnp.argsort(jax.random.uniform(key_p, (batch_size, answer_len)), axis=-1)
-  masked_BA = rank_BA < l_B[:, None]
+  return rank_BA < l_B[:, None], l_B
+
+
+@functools.partial(jax.jit, static_argnames=('apply_fn', 'prompt_len', 'batch_size', 'mask_id',
+                                             'cfg_scale'))
+def _likelihood_batch(apply_fn, params, seq_L, key, index, *, prompt_len, batch_size, mask_id,
+                      cfg_scale):
+  """Sum over the mini-batch rows of (L / l) * sum of CE over the l masked answer tokens."""
+  total = seq_L.shape[0]
+  answer_len = total - prompt_len
+  masked_BA, l_B = likelihood_masks(key, index, answer_len, batch_size)
   masked_BL = jnp.concatenate([jnp.zeros((batch_size, prompt_len), bool), masked_BA], axis=1)
   seq_BL = jnp.broadcast_to(seq_L, (batch_size, total))
   noisy_BL = jnp.where(masked_BL, jnp.asarray(mask_id, seq_BL.dtype), seq_BL)
@@ -261,4 +272,5 @@ def log_likelihood(apply_fn, params, prompt_P, answer_A, *, mask_id: int, key: j
 
 
 __all__ = ['forward_process', 'unmask_prompt', 'sft_forward_process', 'random_length_mask',
-           'loss', 'sft_loss', 'log_likelihood', 'stratified_mask_counts', 'as_apply_fn']
+           'loss', 'sft_loss', 'log_likelihood', 'likelihood_masks', 'stratified_mask_counts',
+           'as_apply_fn']

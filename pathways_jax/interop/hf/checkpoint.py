@@ -213,7 +213,7 @@ def _check_tensors(tensors: _Tensors, spec: list[_Tensor], cfg: ModelConfig) -> 
 
 
 def _place(x: np.ndarray, sharding, dtype) -> jax.Array:
-  x = np.asarray(x).astype(dtype)
+  x = np.asarray(x).astype(dtype, copy=False)  # one tensor at a time: no copy it does not need
   if sharding is None:
     return jnp.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -10,8 +10,8 @@ greedily from the same prompts for `new_tokens` tokens (EOS off, so every row ru
 in alternating rounds, and the table gives the best round of each side and their ratio. Compile
 time (ours) and the first call (theirs) are reported apart. `--import_size` also times
 `interop.hf.load_pretrained` of a ~1B-parameter checkpoint (Llama-3.2-1B's shape, random, float32)
-in a fresh process and reports its peak host memory against the largest tensor file and the
-params' own size (on CPU the params live in host memory too).
+in a fresh process and reports its peak host memory: the runtime's before loading, the params'
+own (on CPU they live in host memory too) and the transient rest, against the largest tensor file.
 """
 from __future__ import annotations
 
@@ -66,15 +66,18 @@ print('RESULT', json.dumps(out))
 _IMPORT = '''
 import json, os, resource, sys, time
 sys.path.insert(0, {repo!r})
-t = time.perf_counter()
 from pathways_jax.interop import hf
 import jax
+jax.block_until_ready(jax.numpy.zeros(8) + 1)  # the runtime is up: its memory is the baseline
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t = time.perf_counter()
 params, cfg, _ = hf.load_pretrained({path!r})
 jax.block_until_ready(params)
 secs = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-print('RESULT', json.dumps({{'seconds': secs, 'peak_rss': peak, 'params_bytes': nbytes}}))
+print('RESULT', json.dumps({{'seconds': secs, 'peak_rss': peak, 'params_bytes': nbytes,
+                            'baseline_rss': base}}))
 '''
 
 
@@ -120,37 +123,50 @@ def main(argv=None):
   if not os.path.exists(args.hf_python):
     sys.exit(f'--hf_python={args.hf_python} does not exist: `make golden-hf` builds one with '
              'torch and transformers')
-  batches = [int(b) for b in args.batches.split(',')]
+  batches = [int(b) for b in args.batches.split(',') if b]
   import jax
   with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, args.size)
-    _run(args.hf_python, _MAKE.format(shape=SIZES[args.size], out=path) + "\nprint('RESULT {}')")
-    theirs = _run(args.hf_python, textwrap.dedent(_THEIRS.format(
-        path=path, batches=batches, new=args.new_tokens, rounds=args.rounds)))
-    ours = _ours(path, batches, args.new_tokens, args.rounds)
-    device = f'{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPU cores'
-    print(f'\nAR greedy generation, random Llama {args.size} {SIZES[args.size]}, prompt 16, '
-          f'{args.new_tokens} new tokens, best of {args.rounds} rounds; {device}')
-    print('| batch | pathways_jax tok/s | transformers tok/s | ratio | ours: first call '
-          '(compile) s | theirs: first call s |')
-    print('|---|---|---|---|---|---|')
-    for b in batches:
-      o, t = ours[b], theirs[str(b)]
-      tok = b * args.new_tokens
-      print(f'| {b} | {tok / o["best_s"]:.0f} | {tok / t["best_s"]:.0f} | '
-            f'{t["best_s"] / o["best_s"]:.2f}x | {o["first_s"]:.1f} | {t["first_s"]:.1f} |')
+    if batches:
+      _generation(args, batches, tmp, jax)
     if args.import_size:
-      big = os.path.join(tmp, 'import_' + args.import_size)
-      _run(args.hf_python, _MAKE.format(shape=SIZES[args.import_size], out=big)
-           + "\nprint('RESULT {}')")
-      files = [os.path.join(big, f) for f in os.listdir(big) if f.endswith('.safetensors')]
-      largest = max(os.path.getsize(f) for f in files)
-      r = _run(sys.executable, _IMPORT.format(repo=REPO, path=big))
-      gib = 2.0 ** 30
-      print(f'\nimport of {args.import_size} {SIZES[args.import_size]}: {r["seconds"]:.1f} s; peak '
-            f'RSS {r["peak_rss"] / gib:.2f} GiB = params {r["params_bytes"] / gib:.2f} GiB + '
-            f'{(r["peak_rss"] - r["params_bytes"]) / gib:.2f} GiB else; largest tensor file '
-            f'{largest / gib:.2f} GiB ({len(files)} files)')
+      _import(args, tmp)
+
+
+def _generation(args, batches, tmp, jax):
+  """The side-by-side table of generation throughput."""
+  path = os.path.join(tmp, args.size)
+  _run(args.hf_python, _MAKE.format(shape=SIZES[args.size], out=path) + "\nprint('RESULT {}')")
+  theirs = _run(args.hf_python, textwrap.dedent(_THEIRS.format(
+      path=path, batches=batches, new=args.new_tokens, rounds=args.rounds)))
+  ours = _ours(path, batches, args.new_tokens, args.rounds)
+  device = f'{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPU cores'
+  print(f'\nAR greedy generation, random Llama {args.size} {SIZES[args.size]}, prompt 16, '
+        f'{args.new_tokens} new tokens, best of {args.rounds} rounds; {device}')
+  print('| batch | pathways_jax tok/s | transformers tok/s | ratio | ours: first call '
+        '(compile) s | theirs: first call s |')
+  print('|---|---|---|---|---|---|')
+  for b in batches:
+    o, t = ours[b], theirs[str(b)]
+    tok = b * args.new_tokens
+    print(f'| {b} | {tok / o["best_s"]:.0f} | {tok / t["best_s"]:.0f} | '
+          f'{t["best_s"] / o["best_s"]:.2f}x | {o["first_s"]:.1f} | {t["first_s"]:.1f} |')
+
+
+def _import(args, tmp):
+  """Import time and peak host memory of a big checkpoint, in a fresh process."""
+  big = os.path.join(tmp, 'import_' + args.import_size)
+  _run(args.hf_python, _MAKE.format(shape=SIZES[args.import_size], out=big)
+       + "\nprint('RESULT {}')")
+  files = [os.path.join(big, f) for f in os.listdir(big) if f.endswith('.safetensors')]
+  largest = max(os.path.getsize(f) for f in files)
+  r = _run(sys.executable, _IMPORT.format(repo=REPO, path=big))
+  gib = 2.0 ** 30
+  transient = r['peak_rss'] - r['baseline_rss'] - r['params_bytes']
+  print(f'\nimport of {args.import_size} {SIZES[args.import_size]}: {r["seconds"]:.1f} s; peak '
+        f'RSS {r["peak_rss"] / gib:.2f} GiB = runtime before loading {r["baseline_rss"] / gib:.2f}'
+        f' + params {r["params_bytes"] / gib:.2f} (on CPU they live in host memory) + '
+        f'{transient / gib:.2f} GiB transient, {transient / largest:.2f}x the largest tensor file '
+        f'({largest / gib:.2f} GiB, {len(files)} files)')
 
 
 if __name__ == '__main__':

@@ -265,3 +265,18 @@ def test_init_from_a_different_model_is_named(tmp_path):
   c = tiny_config(str(tmp_path), **{'model.attention': 'xla', 'model.remat': 'full'})
   got = run_dir.init_model_config(src, c.model)
   assert got.num_layers == 2 and got.remat == 'full' and got.vocab_size == 96
+
+
+def test_bfloat16_checkpoints_round_trip(tmp_path):
+  import ml_dtypes
+  from safetensors import safe_open
+  cfg = ModelConfig(**{**TINY, **CASES['llama']})
+  params = _random_params(cfg)
+  out = hf.save_pretrained(params, cfg, str(tmp_path / 'bf16'), dtype='bfloat16')
+  with safe_open(os.path.join(out, 'model.safetensors'), framework='numpy') as f:
+    assert f.get_tensor('model.norm.weight').dtype == ml_dtypes.bfloat16
+  back, cfg_back, _ = hf.load_pretrained(out, dtype='bfloat16')
+  assert cfg_back.param_dtype == 'bfloat16'
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
+    assert b.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))

@@ -140,10 +140,12 @@ def read_config(hf_dir: str) -> dict:
 
 
 class _Tensors:
-  """The safetensors files of a directory (one file, or shards with their index), read lazily."""
+  """The safetensors files of a directory (one file, or shards with their index).
+
+  Names, shapes and offsets come from the files' headers; `read` reads one tensor at a time.
+  """
 
   def __init__(self, hf_dir: str):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     index = os.path.join(hf_dir, 'model.safetensors.index.json')
     if os.path.isfile(index):
       with open(index) as f:
@@ -153,30 +155,55 @@ class _Tensors:
     if not files:
       raise HFCheckpointError(f'{hf_dir} holds no *.safetensors weights (PyTorch .bin files are '
                               'not read: convert them with transformers first)')
-    self._handles, self.where = {}, {}
+    self.hf_dir, self.where, self._shapes, self._entries = hf_dir, {}, {}, {}
     for name in files:
       path = os.path.join(hf_dir, name)
       if not os.path.isfile(path):
         raise HFCheckpointError(f'{path} is missing (named by model.safetensors.index.json)')
-      _check_size(path)
-      try:
-        handle = safe_open(path, framework='numpy')
-        keys = list(handle.keys())
-      except Exception as e:  # safetensors raises its own error types
-        raise HFCheckpointError(f'{path} is not a readable safetensors file ({e})') from None
-      self._handles[name] = handle
-      for key in keys:
+      for key, entry in _header(path).items():
         self.where[key] = name
+        self._shapes[key] = tuple(entry['shape'])
+        self._entries[key] = entry
 
   def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self._handles[self.where[key]].get_slice(key).get_shape())
+    return self._shapes[key]
 
-  def get(self, key: str) -> np.ndarray:
-    return self._handles[self.where[key]].get_tensor(key)
+  def read(self, keys) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, tensor) for `keys`, file by file, each read into its own buffer by its offsets in
+    the header (not memory-mapped: a mapped file keeps every page it served resident, which
+    would hold a whole shard in host memory while its tensors are placed)."""
+    by_file: dict[str, list[str]] = {}
+    for key in keys:
+      by_file.setdefault(self.where[key], []).append(key)
+    for name, names in sorted(by_file.items()):
+      path = os.path.join(self.hf_dir, name)
+      with open(path, 'rb') as f:
+        data_start = 8 + int.from_bytes(f.read(8), 'little')
+        for key in names:
+          entry = self._entries[key]
+          dtype = _DTYPES.get(entry['dtype'])
+          if dtype is None:
+            raise HFCheckpointError(f'{path}: tensor {key} has dtype {entry["dtype"]}, not one of '
+                                    f'{sorted(_DTYPES)}')
+          begin, end = entry['data_offsets']
+          f.seek(data_start + begin)
+          x = np.frombuffer(f.read(end - begin), dtype=dtype)
+          yield key, x.reshape(entry['shape'])
 
 
-def _check_size(path: str) -> None:
-  """A file cut short (an interrupted download) is named before any tensor is read."""
+def _dtypes() -> dict:
+  import ml_dtypes  # pylint: disable=g-import-not-at-top  (a JAX dependency)
+  return {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+          'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+          'BOOL': np.bool_}
+
+
+_DTYPES = _dtypes()
+
+
+def _header(path: str) -> dict:
+  """The tensor entries of a safetensors file's header; a file cut short (an interrupted
+  download) is named before any tensor is read."""
   with open(path, 'rb') as f:
     head = f.read(8)
     if len(head) < 8:
@@ -186,11 +213,13 @@ def _check_size(path: str) -> None:
       header = json.loads(f.read(n))
     except ValueError:
       raise HFCheckpointError(f'{path} is truncated or not a safetensors file') from None
-  end = max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
+  entries = {k: v for k, v in header.items() if k != '__metadata__'}
+  end = max((v['data_offsets'][1] for v in entries.values()), default=0)
   size = os.path.getsize(path)
   if size < 8 + n + end:
     raise HFCheckpointError(f'{path} is truncated: {size} bytes, its header describes '
                             f'{8 + n + end}')
+  return entries
 
 
 def _check_tensors(tensors: _Tensors, spec: list[_Tensor], cfg: ModelConfig) -> None:
@@ -240,10 +269,13 @@ def load_pretrained(hf_dir: str, *, dtype: str = 'float32', mesh=None, rules=Non
   _check_tensors(tensors, spec, cfg)
   shardings = _shardings(cfg, mesh, rules)
   np_dtype = jnp.dtype(dtype)
+  by_name = {t.name: t for t in spec}
   flat = {}
-  for t in spec:
-    flat[t.path] = _place(t.to_ours(tensors.get(t.name)), shardings.get(t.path) if shardings
-                          else None, np_dtype)
+  for name, x in tensors.read(by_name):
+    t = by_name[name]
+    x = t.to_ours(x)  # the file's layout is dropped before the param is placed
+    flat[t.path] = _place(x, shardings.get(t.path) if shardings else None, np_dtype)
+    del x  # and the host copy as soon as it is
   return _nest(flat), cfg, tok
 
 

@@ -12,7 +12,7 @@ UV_VERSION := 0.13.9
 TORCH ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv lock run test test-variants reproduce bench golden-hf clean
+.PHONY: venv lock run test test-variants reproduce bench golden-hf check-export-hf clean
 
 venv: $(STAMP)
 
@@ -77,6 +77,14 @@ golden-hf:
 	$(GOLDEN_VENV)/bin/python -m pip install -q '$(TORCH)' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 	$(GOLDEN_VENV)/bin/python -m pip install -q '$(TORCH)' '$(TRANSFORMERS)' safetensors numpy
 	$(GOLDEN_VENV)/bin/python tests/golden/hf/make_golden.py $(if $(LLADA_CODE),--llada_code='$(LLADA_CODE)',)
+
+# The export half of the round trip, judged by transformers: the golden checkpoints imported and
+# exported by pathways_jax, then loaded by transformers (golden venv) against the golden logits.
+check-export-hf: $(STAMP)
+	rm -rf .hf-export-check
+	$(PY) -c "from pathways_jax.interop import hf; [hf.save_pretrained(*hf.load_pretrained('tests/golden/hf/' + c)[:2], '.hf-export-check/' + c, model_type=hf.read_config('tests/golden/hf/' + c)['model_type']) for c in ('llama', 'llama3_tied', 'qwen2', 'qwen3')]"
+	$(GOLDEN_VENV)/bin/python tests/golden/hf/check_export.py .hf-export-check
+	rm -rf .hf-export-check
 
 clean:
 	rm -rf $(VENV) $(VENV)-lock runs

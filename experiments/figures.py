@@ -1,0 +1,388 @@
+"""The README's figures: one PNG per headline result, drawn from small committed data files.
+
+    python experiments/figures.py                      # redraw docs/figures/*.png from the data
+    python experiments/figures.py --rho1=runs/rho1 --gstack=runs/gstack --reversal=runs/reversal
+
+With no run directory the figures are drawn from docs/results/data/<experiment>.json (curves,
+final numbers, date, device, commit). A run directory given (a finished run of
+experiments/<experiment>.py, the WORKDIR holding its results.json) first copies its numbers into
+that data file, then draws from it, so a PNG and its data file always agree. `--data=DIR` writes
+and reads the data files elsewhere (e.g. to look at a run without touching the committed ones).
+
+  rho1.png      clean validation loss vs training tokens per arm (LLaDA arms in a second panel)
+  gstack.png    validation loss vs training FLOPs per arm, the growth marked (LLaDA: second panel)
+  reversal.png  forward / reverse / held-out exact match per model, and the forward checks
+
+Needs only matplotlib (the `notebooks` or `test` extra), not JAX.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+EXPERIMENTS = ('rho1', 'gstack', 'reversal')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_DIR = os.path.join(REPO, 'docs', 'results', 'data')
+OUT_DIR = os.path.join(REPO, 'docs', 'figures')
+DPI = 100
+
+
+class MissingData(FileNotFoundError):
+  """A data file or a run's results.json is not there."""
+
+
+def _r(x, nd=4):
+  """Rounds floats (and nested lists of them) so the data files stay small and diffable."""
+  if isinstance(x, float):
+    return round(x, nd)
+  if isinstance(x, (list, tuple)):
+    return [_r(v, nd) for v in x]
+  return x
+
+
+def _load_results(run_dir: str) -> dict:
+  path = os.path.join(run_dir, 'results.json')
+  if not os.path.isfile(path):
+    raise MissingData(f'{path} not found: is {run_dir} a finished run directory?')
+  with open(path) as f:
+    res = json.load(f)
+  if res.get('status', 'completed') != 'completed':
+    raise MissingData(f'{path}: the run is not finished (status {res.get("status")!r})')
+  return res
+
+
+def _commit() -> str | None:
+  try:
+    return subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'], check=True,
+                          capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def _device(dev) -> str:
+  if isinstance(dev, dict):  # rho1/gstack write jax's device fields
+    return (f'{dev.get("platform")} x{dev.get("count")} ({dev.get("machine")}, '
+            f'{dev.get("cpus")} cores)')
+  return str(dev)
+
+
+def _meta(name: str, res: dict, run_dir: str, commit: str | None, wall_s) -> dict:
+  return {'experiment': name, 'source': f'experiments/{name}.py', 'run_dir': run_dir,
+          'date': res.get('date'), 'device': _device(res.get('device')),
+          # Runs do not record their commit: this is --commit, else HEAD when the data was saved.
+          'commit': commit or _commit(), 'wall_s': _r(wall_s, 1),
+          'seed': (res.get('config') or {}).get('seed')}
+
+
+# ---------------------------------------------------------------------------- run dir -> data
+
+def extract_rho1(run_dir: str, commit: str | None = None) -> dict:
+  res = _load_results(run_dir)
+
+  def family(fam: dict) -> dict:
+    arms = {}
+    for arm, a in fam['arms'].items():
+      arms[arm] = {'final': _r(a['val']), 'curve': _r(a['curve']),
+                   'token_savings': _r(a.get('token_savings'), 3),
+                   'noise_share_kept': _r(a.get('noise_share_kept'), 3),
+                   'noise_dropped': _r(a.get('noise_recall_dropped'), 3)}
+    return {'ref_val': _r(fam['ref_val']), 'arms': arms}
+
+  out = _meta('rho1', res, run_dir, commit, res.get('wall_s'))
+  noise = ((res.get('config') or {}).get('data') or {}).get('noise') or {}
+  out.update(tokens_per_arm=res.get('tokens_per_arm'), noise_fraction=noise.get('fraction'),
+             token_savings=_r(res.get('token_savings'), 3),
+             autoregressive=family(res['autoregressive']))
+  if 'llada' in res:
+    out['llada'] = family(res['llada'])
+    out['llada_token_savings'] = _r(res.get('llada_token_savings'), 3)
+  return out
+
+
+def extract_gstack(run_dir: str, commit: str | None = None) -> dict:
+  res = _load_results(run_dir)
+
+  def family(arms: dict, scratch_name: str) -> dict:
+    scratch = arms.get(scratch_name)
+    step_flops = scratch['flops'] / scratch['steps'] if scratch else None  # a target-size step
+    out = {}
+    for name, e in arms.items():
+      if not isinstance(e, dict):  # llada's 'speedup' entry
+        continue
+      entry = {'final': _r(e['final_val']), 'flops': e['flops'], 'steps': e['steps'],
+               'speedup': _r(e.get('speedup'), 3), 'curve': _r(e['curve'])}
+      g = e.get('growth')
+      if g and step_flops:
+        # FLOPs spent before the growth: all of the arm's FLOPs but its target-size steps.
+        entry['growth'] = {'at_step': g['at_step'],
+                           'flops': e['flops'] - step_flops * (e['steps'] - g['at_step']),
+                           'val_before': _r(g.get('val_loss_before')),
+                           'val_after': _r(g.get('val_loss_after'))}
+      out[name] = entry
+    return out
+
+  out = _meta('gstack', res, run_dir, commit, res.get('wall_s'))
+  out.update(small_layers=res.get('small_layers'), target_layers=res.get('target_layers'),
+             scratch_final=_r(res.get('scratch_final_val')), speedup=_r(res.get('speedup'), 3),
+             arms=family(res['arms'], 'scratch'))
+  if res.get('llada'):
+    out['llada'] = family(res['llada'], 'llada_scratch')
+    out['llada_speedup'] = _r(res['llada'].get('speedup'), 3)
+  return out
+
+
+REVERSAL_METRICS = ('forward', 'forward_heldout', 'reverse', 'reverse_heldout', 'infill_reverse',
+                    'rank_reverse')
+
+
+def _checks(run_dir: str) -> list:
+  """(step, forward exact match) of every check a model's run directory logged."""
+  found = {}
+  path = os.path.join(run_dir, 'metrics.jsonl')
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        rec = json.loads(line)
+        if 'check_forward' in rec:
+          found[rec['step']] = rec['check_forward']
+  return [[s, _r(a)] for s, a in sorted(found.items())]
+
+
+def extract_reversal(run_dir: str, commit: str | None = None) -> dict:
+  res = _load_results(run_dir)
+  models = {}
+  for model, prefix, suffix in (('ar', 'ar_', ''), ('llada', 'llada_', ''),
+                                ('llada_control', 'llada_', '_control')):
+    if f'{prefix}forward{suffix}' not in res:
+      continue
+    m = {k: _r(res.get(f'{prefix}{k}{suffix}')) for k in REVERSAL_METRICS}
+    m['steps'] = res.get(f'{model}_steps')
+    m['steps_to_target'] = res.get(f'{model}_steps_to_target')
+    # The control's checks are only in its run directory's metrics.jsonl (not in results.json).
+    checks = _checks(os.path.join(run_dir, model))
+    m['forward_checks'] = checks or _r(res.get(f'{model}_forward_checks') or [])
+    models[model] = m
+  out = _meta('reversal', res, run_dir, commit, res.get('wall_seconds'))
+  out.update(num_test=res.get('num_test'), models=models)
+  return out
+
+
+EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack, 'reversal': extract_reversal}
+
+
+def save_data(name: str, data: dict, data_dir: str = DATA_DIR) -> str:
+  os.makedirs(data_dir, exist_ok=True)
+  path = os.path.join(data_dir, f'{name}.json')
+  with open(path, 'w') as f:
+    f.write(_dumps(data) + '\n')
+  return path
+
+
+def _dumps(x, indent: str = '') -> str:
+  """JSON with one key per line and each list on one line (a curve is one line to diff)."""
+  if isinstance(x, dict) and x:
+    inner = indent + '  '
+    items = [f'{inner}{json.dumps(k)}: {_dumps(v, inner)}' for k, v in x.items()]
+    return '{\n' + ',\n'.join(items) + f'\n{indent}}}'
+  return json.dumps(x, separators=(', ', ': '))
+
+
+def load_data(name: str, data_dir: str = DATA_DIR) -> dict:
+  path = os.path.join(data_dir, f'{name}.json')
+  if not os.path.isfile(path):
+    raise MissingData(f'{path} not found: make it from a finished run with '
+                      f'`python experiments/figures.py --{name}=runs/{name}`')
+  with open(path) as f:
+    return json.load(f)
+
+
+# ---------------------------------------------------------------------------------- drawing
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')  # files only: no display needed
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _footer(fig, data: dict):
+  fig.text(0.99, 0.01, f'{data.get("date")}, {data.get("device")}, commit {data.get("commit")}',
+           ha='right', va='bottom', fontsize=6, color='gray')
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=DPI)
+  _plt().close(fig)
+  return path
+
+
+RHO1_LABELS = {'uniform': 'uniform', 'slm': 'SLM k=0.6', 'slm_seq': 'SLM per sequence',
+               'random': 'random 60%', 'oracle': 'oracle (clean only)'}
+
+
+def draw_rho1(data: dict, path: str) -> str:
+  plt = _plt()
+  fams = [('AR', data['autoregressive'])] + ([('LLaDA', data['llada'])] if 'llada' in data else [])
+  fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.6), squeeze=False)
+  for ax, (title, fam) in zip(axes[0], fams):
+    for i, (arm, a) in enumerate(fam['arms'].items()):
+      xs, ys = zip(*a['curve'])
+      sav = a.get('token_savings')
+      extra = f', {sav:.2f}x' if sav and arm != 'uniform' else ''
+      ax.plot([x / 1e6 for x in xs], ys, marker='.', ms=4, color=f'C{i}',
+              label=f'{RHO1_LABELS.get(arm, arm)} ({a["final"]:.3f}{extra})')
+    ax.axhline(fam['ref_val'], color='gray', ls=':', lw=1,
+               label=f'reference ({fam["ref_val"]:.3f})')
+    ax.set_xlabel('training tokens (M)')
+    ax.grid(alpha=0.3)
+    ax.set_ylabel('clean val loss (nats/byte)' if title == 'AR' else 'clean val loss (LLaDA bound)')
+    noise = data.get('noise_fraction')
+    ax.set_title(f'RHO-1, {title}' + (f': {noise:.0%} of the stream noise' if noise else ''),
+                 fontsize=10)
+    ax.legend(fontsize=7)
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _footer(fig, data)
+  return _save(fig, path)
+
+
+GSTACK_ORDER = ('scratch', 'stack', 'interleave', 'zero', 'stack_d0', 'small_only', 'llada_scratch',
+                'llada_stack')
+
+
+def draw_gstack(data: dict, path: str) -> str:
+  plt = _plt()
+  fams = [('AR', data['arms'])] + ([('LLaDA', data['llada'])] if data.get('llada') else [])
+  fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.6), squeeze=False)
+  for ax, (title, arms) in zip(axes[0], fams):
+    names = sorted(arms, key=lambda n: GSTACK_ORDER.index(n) if n in GSTACK_ORDER else 99)
+    for i, name in enumerate(names):
+      e = arms[name]
+      pts = [tuple(p) for p in e['curve']]
+      g = e.get('growth')
+      if g and g.get('val_before') is not None:
+        # The loss right before and after the growth: the jump shows on the curve.
+        gf = g['flops']  # evaluations at the growth step come after it
+        pts = ([p for p in pts if p[0] < gf] + [(gf, g['val_before']), (gf, g['val_after'])] +
+               [p for p in pts if p[0] >= gf])
+      sp = e.get('speedup')
+      label = f'{name.replace("llada_", "")} ({e["final"]:.3f}'
+      if not name.endswith(('scratch', 'small_only')):
+        label += ', never' if sp is None else f', {sp:+.2f}'
+      label += ')'
+      xs, ys = zip(*pts)
+      ax.plot(xs, ys, marker='.', ms=4, color=f'C{i}', label=label)
+      if g:
+        ax.plot(g['flops'], g.get('val_after') or ys[0], marker='v', ms=7, color=f'C{i}',
+                ls='none')
+    scratch = arms.get('scratch') or arms.get('llada_scratch')
+    if scratch:
+      ax.axhline(scratch['final'], color='gray', ls=':', lw=1, label="scratch's final")
+      # An untrained model stacked (stack_d0) starts near log(256): cut it off above
+      # scratch's first evaluation so the differences at the end stay readable.
+      lo, hi = ax.get_ylim()
+      ax.set_ylim(lo, min(hi, scratch['curve'][0][1] + 0.15))
+    ax.set_xlabel('training FLOPs')
+    ax.grid(alpha=0.3)
+    ax.set_ylabel('val loss (nats/byte)' if title == 'AR' else 'val loss (LLaDA bound)')
+    ax.set_title(f'G_stack, {title}: {data.get("small_layers")}L grown to '
+                 f'{data.get("target_layers")}L (v: growth; final, speedup)', fontsize=9)
+    ax.legend(fontsize=7)
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _footer(fig, data)
+  return _save(fig, path)
+
+
+REVERSAL_LABELS = {'ar': 'AR', 'llada': 'LLaDA', 'llada_control': 'LLaDA control'}
+REVERSAL_BARS = (('forward', 'forward'), ('forward_heldout', 'forward\n(held-out)'),
+                 ('reverse', 'reverse'), ('reverse_heldout', 'reverse\n(held-out)'))
+
+
+def draw_reversal(data: dict, path: str) -> str:
+  plt = _plt()
+  models = data['models']
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={'width_ratios': [1.2, 1]})
+  width = 0.8 / max(1, len(models))
+  for i, (model, m) in enumerate(models.items()):
+    vals = [m.get(k) or 0.0 for k, _ in REVERSAL_BARS]
+    xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(REVERSAL_BARS))]
+    bars = a1.bar(xs, vals, width, color=f'C{i}', label=REVERSAL_LABELS.get(model, model))
+    a1.bar_label(bars, labels=[f'{v:.2f}' for v in vals], fontsize=6, padding=1)
+  a1.set_xticks(range(len(REVERSAL_BARS)), [label for _, label in REVERSAL_BARS], fontsize=8)
+  a1.set_ylim(0, 1.12)
+  a1.set_ylabel(f'exact match ({data.get("num_test")} test people)')
+  a1.set_title('Reversal curse: facts seen name-first only', fontsize=10)
+  a1.legend(fontsize=7, loc='upper right')
+  for i, (model, m) in enumerate(models.items()):
+    if m.get('forward_checks'):
+      s, acc = zip(*m['forward_checks'])
+      a2.plot(s, acc, marker='.', ms=3, color=f'C{i}', label=REVERSAL_LABELS.get(model, model))
+  a2.set_ylim(-0.03, 1.03)
+  a2.set_xlabel('training step')
+  a2.grid(alpha=0.3)
+  a2.set_ylabel('forward exact match (seen template)')
+  a2.set_title('Forward checks during training', fontsize=10)
+  a2.legend(fontsize=7)
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _footer(fig, data)
+  return _save(fig, path)
+
+
+DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'reversal': draw_reversal}
+
+
+def make_figures(run_dirs: dict | None = None, *, data_dir: str = DATA_DIR, out_dir: str = OUT_DIR,
+                 only=EXPERIMENTS, commit: str | None = None) -> list[str]:
+  """Copies the given runs' numbers into data files, then draws every figure in `only`."""
+  for name, run_dir in (run_dirs or {}).items():
+    if run_dir:
+      save_data(name, EXTRACT[name](run_dir, commit), data_dir)
+  data = {name: load_data(name, data_dir) for name in only}  # all found before any is drawn
+  return [DRAW[name](d, os.path.join(out_dir, f'{name}.png')) for name, d in data.items()]
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  for name in EXPERIMENTS:
+    ap.add_argument(f'--{name}', default='', metavar='RUN_DIR',
+                    help=f'a finished experiments/{name}.py run: copy its numbers into the '
+                         'data file')
+  ap.add_argument('--data', default=DATA_DIR,
+                  help='where the data files are (default: %(default)s)')
+  ap.add_argument('--out', default=OUT_DIR, help='where the PNGs go (default: %(default)s)')
+  ap.add_argument('--only', default='',
+                  help='comma-separated experiments to draw (default: every one with a data file '
+                       'or a run directory given)')
+  ap.add_argument('--commit', default=None,
+                  help="the commit the runs were made at (default: this checkout's HEAD)")
+  args = ap.parse_args(argv)
+  run_dirs = {n: getattr(args, n) for n in EXPERIMENTS}
+  if args.only:
+    only = [n.strip() for n in args.only.split(',') if n.strip()]
+    bad = [n for n in only if n not in EXPERIMENTS]
+    if bad:
+      ap.error(f'--only: unknown experiment(s) {bad}; known: {EXPERIMENTS}')
+  else:
+    only = [n for n in EXPERIMENTS
+            if run_dirs[n] or os.path.isfile(os.path.join(args.data, f'{n}.json'))]
+    if not only:  # nothing at all: the error below names the first missing file
+      only = list(EXPERIMENTS)
+    for n in EXPERIMENTS:
+      if n not in only:
+        print(f'figures: {n} skipped, no {os.path.join(args.data, n)}.json', file=sys.stderr)
+  try:
+    paths = make_figures(run_dirs, data_dir=args.data, out_dir=args.out, only=only,
+                         commit=args.commit)
+  except MissingData as e:
+    print(f'figures: {e}', file=sys.stderr)
+    return 1
+  for p in paths:
+    print(f'{p} ({os.path.getsize(p) // 1024} KB)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

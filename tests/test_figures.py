@@ -1,0 +1,84 @@
+"""experiments/figures.py: the README's figures redraw from the committed data files."""
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+
+from helpers import REPO
+
+pytest.importorskip('matplotlib')
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def _figures():
+  path = os.path.join(REPO, 'experiments', 'figures.py')
+  spec = importlib.util.spec_from_file_location('figures', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _assert_png(path):
+  assert path.read_bytes()[:8] == PNG_MAGIC, path
+  assert path.stat().st_size < 200_000, path  # the README's PNGs stay small
+
+
+def test_draws_every_figure_from_the_committed_data(tmp_path):
+  figures = _figures()
+  names = sorted(os.path.basename(p)[:-len('.json')]
+                 for p in glob.glob(os.path.join(figures.DATA_DIR, '*.json')))
+  assert {'rho1', 'gstack'} <= set(names) <= set(figures.EXPERIMENTS)
+  assert figures.main(['--out', str(tmp_path)]) == 0
+  for name in names:
+    _assert_png(tmp_path / f'{name}.png')
+    with open(os.path.join(figures.DATA_DIR, f'{name}.json')) as f:
+      data = json.load(f)
+    assert data['experiment'] == name and data['date'] and data['commit'], name
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f'{n}.png' for n in names)
+
+
+def test_reversal_from_a_run_dir(tmp_path):
+  """A reversal WORKDIR's results.json and the control's metrics.jsonl -> data file -> PNG."""
+  figures = _figures()
+  run = tmp_path / 'run'
+  (run / 'llada_control').mkdir(parents=True)
+  res = {'date': '2026-01-01', 'device': 'cpu x1', 'num_test': 4, 'config': {'seed': 0}}
+  for prefix, suffix, model in (('ar_', '', 'ar'), ('llada_', '', 'llada'),
+                                ('llada_', '_control', 'llada_control')):
+    for i, k in enumerate(figures.REVERSAL_METRICS):
+      res[f'{prefix}{k}{suffix}'] = i / 8
+    res[f'{model}_steps'] = 20
+  res['ar_forward_checks'] = [[10, 0.5], [20, 1.0]]
+  res['llada_forward_checks'] = [[10, 0.25], [20, 0.75]]
+  (run / 'results.json').write_text(json.dumps(res))
+  (run / 'llada_control' / 'metrics.jsonl').write_text(
+      '{"step": 10, "loss": 1.0}\n{"step": 10, "check_forward": 0.125}\n')
+  assert figures.main(['--reversal', str(run), '--data', str(tmp_path / 'data'),
+                       '--out', str(tmp_path / 'out'), '--commit', 'abc1234']) == 0
+  _assert_png(tmp_path / 'out' / 'reversal.png')
+  data = json.loads((tmp_path / 'data' / 'reversal.json').read_text())
+  assert data['commit'] == 'abc1234' and data['models']['ar']['reverse'] == 0.25
+  assert data['models']['llada_control']['forward_checks'] == [[10, 0.125]]
+  assert data['models']['llada']['forward_checks'] == [[10, 0.25], [20, 0.75]]
+
+
+def test_missing_data_file_says_how_to_make_it(tmp_path, capsys):
+  figures = _figures()
+  with pytest.raises(figures.MissingData, match=r'rho1\.json not found.*--rho1=runs/rho1'):
+    figures.load_data('rho1', str(tmp_path))
+  assert figures.main(['--data', str(tmp_path), '--out', str(tmp_path), '--only=gstack']) == 1
+  assert '--gstack=runs/gstack' in capsys.readouterr().err
+  assert not list(tmp_path.iterdir())  # nothing drawn
+
+
+def test_a_run_dir_without_results_is_refused(tmp_path, capsys):
+  figures = _figures()
+  assert figures.main(['--reversal', str(tmp_path), '--data', str(tmp_path / 'data'),
+                       '--out', str(tmp_path / 'out')]) == 1
+  assert 'finished run directory' in capsys.readouterr().err
+  (tmp_path / 'results.json').write_text(json.dumps({'status': 'stopped'}))
+  with pytest.raises(figures.MissingData, match='not finished'):
+    figures.extract_reversal(str(tmp_path))

@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.mlp_dim = 512
   m.max_len = 512
   m.causal = True
+  # Bidirectional models only: logits at position i come from the hidden state at i - 1, so a
+  # diffusion model initialised from an AR run (train.init_from) keeps its next-token head.
+  m.shift_logits = False
   m.tie_embeddings = True
   m.rope_theta = 10_000.0
   m.norm_eps = 1e-5
@@ -289,6 +292,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.train.warmup_steps must be >= 0, got {t.warmup_steps}')
   if cfg.objective == 'diffusion' and m.causal:
     raise ConfigError("config.objective='diffusion' needs config.model.causal=False")
+  if m.get('shift_logits') and m.causal:
+    raise ConfigError('config.model.shift_logits=True is for bidirectional models '
+                      '(config.model.causal=False); a causal model already predicts the next token')
   if m.get('causal_query_blocks', 1) < 1:
     raise ConfigError(f'config.model.causal_query_blocks must be >= 1, got {m.causal_query_blocks}')
   gr = cfg.get('growth')
@@ -347,6 +353,7 @@ class ModelConfig:
   mlp_dim: int = 512
   max_len: int = 512
   causal: bool = True
+  shift_logits: bool = False
   tie_embeddings: bool = True
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-5
@@ -374,6 +381,8 @@ class ModelConfig:
     if self.causal_query_blocks < 1:
       raise ConfigError(f'model.causal_query_blocks={self.causal_query_blocks} must be >= 1 '
                         '(1: one block, the full [L, L] scores)')
+    if self.shift_logits and self.causal:
+      raise ConfigError('model.shift_logits=True needs a bidirectional model (causal=False)')
     if self.rope_scaling not in ('', 'llama3', 'linear'):
       raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} is not one of ('', 'llama3', "
                         "'linear')")

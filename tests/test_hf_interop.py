@@ -254,7 +254,7 @@ def test_init_from_a_different_model_is_named(tmp_path):
   from pathways_jax.config import ConfigError
   from pathways_jax.interop.hf import run_dir
   cfg = ModelConfig(**{**TINY, **CASES['llama']})
-  src, _ = hf.save_pretrained(_random_params(cfg), cfg, str(tmp_path / 'src')), None
+  src = hf.save_pretrained(_random_params(cfg), cfg, str(tmp_path / 'src'))
   model = Transformer(cfg.replace(num_layers=3))
   from pathways_jax import parallel
   mesh = jax.make_mesh((1, 1, 1), parallel.MESH_AXES, devices=jax.devices()[:1],
@@ -265,6 +265,18 @@ def test_init_from_a_different_model_is_named(tmp_path):
   c = tiny_config(str(tmp_path), **{'model.attention': 'xla', 'model.remat': 'full'})
   got = run_dir.init_model_config(src, c.model)
   assert got.num_layers == 2 and got.remat == 'full' and got.vocab_size == 96
+  # An AR source and a bidirectional run: adaptation to diffusion, with the run's logit shift.
+  c.model.causal, c.model.shift_logits = False, True
+  got = run_dir.init_model_config(src, c.model)
+  assert not got.causal and got.shift_logits and got.num_layers == 2
+  run_dir.load_init_params(src, Transformer(got), mesh, parallel.DEFAULT_RULES)
+  with pytest.raises(hf.UnsupportedModel, match='shifted logits'):
+    hf_config.hf_config(got, 'llada')
+  # A bidirectional source and a causal run: named, not silently made causal.
+  llada = ModelConfig(**{**TINY, 'causal': False})
+  lsrc = hf.save_pretrained(_random_params(llada), llada, str(tmp_path / 'llada'))
+  with pytest.raises(ConfigError, match='bidirectional .* set config.model.causal=False'):
+    run_dir.init_model_config(lsrc, tiny_config(str(tmp_path)).model)
 
 
 def test_bfloat16_checkpoints_round_trip(tmp_path):

@@ -111,6 +111,19 @@ def test_logits_window_is_a_slice_of_the_full_logits(tie):
     assert_close(window(params, tokens, start), full[:, start:start + 4], terms=12)
 
 
+def test_shifted_logits_read_each_token_off_the_previous_position():
+  model, params, tokens = _model(causal=False)
+  shifted = Transformer(model.cfg.replace(shift_logits=True))
+  plain = model.apply({'params': params}, tokens)
+  out = shifted.apply({'params': params}, tokens)  # the same parameters: the shift adds none
+  np.testing.assert_array_equal(out[:, 1:], plain[:, :-1])
+  np.testing.assert_array_equal(out[:, 0], plain[:, 0])
+  window = shifted.apply({'params': params}, tokens, logits_window=(5, 4))
+  assert_close(window, out[:, 5:9], terms=12)
+  with pytest.raises(ConfigError, match='shift_logits=True needs a bidirectional'):
+    ModelConfig(vocab_size=64, shift_logits=True)
+
+
 def test_a_model_config_built_in_code_rejects_zero_query_blocks():
   with pytest.raises(ConfigError, match='causal_query_blocks=0'):
     ModelConfig(vocab_size=64, causal_query_blocks=0)

@@ -303,6 +303,11 @@ class Transformer(nn.Module):
                             'v': jnp.stack([c['v'] for c in outs])}
 
     h_TD = RMSNorm(cfg, name='final_norm')(x_TD)
+    if cfg.shift_logits:
+      # Position i reads token i off the hidden state at i - 1, as the AR model it was adapted
+      # from predicted it (Dream / DiffuLLaMA); position 0, with nothing before it, reads its own.
+      h_BLD = h_TD.reshape(b, l, cfg.d_model)
+      h_TD = jnp.concatenate([h_BLD[:, :1], h_BLD[:, :-1]], axis=1).reshape(b * l, cfg.d_model)
     if return_hidden:
       out = h_TD.reshape(b, l, cfg.d_model)
     else:

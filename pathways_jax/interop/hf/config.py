@@ -119,6 +119,10 @@ def hf_config(cfg: ModelConfig, model_type: str = 'llama', **extra: Any) -> dict
   if model_type not in SUPPORTED:
     raise UnsupportedModel(f'model_type {model_type!r} is not supported; supported: '
                            f'{", ".join(SUPPORTED)}')
+  if cfg.shift_logits:
+    raise UnsupportedModel('a model with shifted logits (an AR model adapted to diffusion, '
+                           'model.shift_logits) has no HF format here: LLaDA reads each '
+                           "position's own token")
   if model_type == 'llada':
     if cfg.qkv_bias or cfg.qk_norm or cfg.rope_scaling:
       raise UnsupportedModel('LLaDA checkpoints have no q/k/v biases, q/k norms or RoPE scaling')

@@ -107,6 +107,14 @@ def init_model_config(source: str, cfg_model) -> config_lib.ModelConfig:
   keep = {k: cfg_model[k] for k in RUNTIME_FIELDS if k in cfg_model}
   if not keep.get('max_len'):
     keep.pop('max_len', None)
+  if model_cfg.causal and not cfg_model.causal:
+    # AR -> diffusion adaptation: the run's attention, and whether it keeps the AR's next-token
+    # head (model.shift_logits, as Dream and DiffuLLaMA do).
+    keep.update(causal=False, shift_logits=bool(cfg_model.get('shift_logits', False)))
+  elif not model_cfg.causal and cfg_model.causal:
+    raise config_lib.ConfigError(
+        f'train.init_from={source!r} holds a bidirectional (LLaDA) model but this run is causal: '
+        'set config.model.causal=False to train it as a diffusion model')
   return model_cfg.replace(**keep)
 
 
@@ -119,7 +127,9 @@ def load_init_params(source: str, model, mesh, rules):
   else:
     params, loaded_cfg, _ = hf.load_pretrained(source, dtype=model.cfg.param_dtype, mesh=mesh,
                                                rules=rules, tokenizer=False)
-  arch = lambda c: dataclasses.replace(c, **{k: getattr(model.cfg, k) for k in RUNTIME_FIELDS})
+  # Attention direction and logit shift change no parameter (init_model_config decides them).
+  arch = lambda c: dataclasses.replace(c, **{k: getattr(model.cfg, k)
+                                             for k in RUNTIME_FIELDS + ('causal', 'shift_logits')})
   if arch(loaded_cfg) != arch(model.cfg):
     diff = [f.name for f in dataclasses.fields(loaded_cfg)
             if getattr(loaded_cfg, f.name) != getattr(model.cfg, f.name)

@@ -140,15 +140,8 @@ REVERSAL_METRICS = ('forward', 'forward_heldout', 'reverse', 'reverse_heldout', 
 
 def _checks(run_dir: str) -> list:
   """(step, forward exact match) of every check a model's run directory logged."""
-  found = {}
-  path = os.path.join(run_dir, 'metrics.jsonl')
-  if os.path.isfile(path):
-    with open(path) as f:
-      for line in f:
-        rec = json.loads(line)
-        if 'check_forward' in rec:
-          found[rec['step']] = rec['check_forward']
-  return [[s, _r(a)] for s, a in sorted(found.items())]
+  from pathways_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  return [[s, _r(a)] for s, a in metrics.logged(run_dir, 'check_forward')]
 
 
 def extract_reversal(run_dir: str, commit: str | None = None) -> dict:

@@ -59,6 +59,7 @@ import numpy as np
 from pathways_jax.config import base_config
 from pathways_jax.data.facts import Entity, Row, encode_fact, entity_of, load_facts_file, to_arrays
 from pathways_jax.eval.facts import Evaluator
+from pathways_jax.train import metrics as metrics_lib
 
 _LOG = logging.getLogger(__name__)
 TRAIN_TEMPLATES = (0, 1, 2, 3)
@@ -247,15 +248,7 @@ def _flat(d: dict, prefix: str = '') -> dict:
 
 def forward_checks(run_dir: str) -> list[tuple[int, float]]:
   """(step, forward accuracy) of every check a model's run logged (a resumed run: the last)."""
-  found = {}
-  path = os.path.join(run_dir, 'metrics.jsonl')
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        rec = json.loads(line)
-        if 'check_forward' in rec:
-          found[rec['step']] = rec['check_forward']
-  return sorted(found.items())
+  return metrics_lib.logged(run_dir, 'check_forward')
 
 
 def train_model(run_cfg, run_dir: str, check_fn, *, check_every: int, target: float,
@@ -369,7 +362,6 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
   import jax
   from pathways_jax import config as config_lib
   from pathways_jax.models.transformer import Transformer
-  from pathways_jax.train import metrics as metrics_lib
 
   r = cfg.reversal
   if not 0.0 < r.target_forward <= 1.0:

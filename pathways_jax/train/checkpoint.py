@@ -26,6 +26,8 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'data'))
+    # An async save is not in all_steps() until it finishes: remember the step asked for.
+    self._last_saved = None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -33,7 +35,7 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> None:
     """Saves step `step` (once: a second save of the same step, e.g. SIGTERM right after the
     periodic checkpoint, is a no-op; the state of a step is one state)."""
-    if step in self.manager.all_steps() or step == getattr(self, '_last_saved', None):
+    if step in self.manager.all_steps() or step == self._last_saved:
       return
     self._last_saved = step
     items = {'state': ocp.args.StandardSave(state)}

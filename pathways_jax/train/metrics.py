@@ -95,6 +95,20 @@ class MetricsWriter:
       self._tb.close()
 
 
+def logged(workdir: str, key: str) -> list[tuple[int, float]]:
+  """(step, value) of every line of workdir/metrics.jsonl that holds `key`, by step; a step
+  logged twice (a resumed run repeats the steps after its last checkpoint) keeps the last."""
+  found = {}
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.isfile(path):
+    with open(path, encoding='utf-8') as f:
+      for line in f:
+        rec = json.loads(line)
+        if key in rec:
+          found[rec['step']] = rec[key]
+  return sorted(found.items())
+
+
 def _to_float(v):
   if isinstance(v, (str, bool)) or v is None:
     return v

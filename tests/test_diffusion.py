@@ -146,6 +146,19 @@ def test_sft_never_masks_prompt_and_loss_by_hand():
   got, _ = jax.jit(obj.sft_loss)(logits, jnp.asarray(toks), jnp.asarray(msk), jnp.asarray(pm),
                         jnp.asarray(prm))
   assert_close(got, rows.mean(), terms=10)
+  # Packed rows: each segment is an example of its own (row 0: two conversations of lengths 2 and
+  # 3; row 1: one conversation then padding), the mean over examples with an answer.
+  seg = np.array([[1, 1, 2, 2, 2], [1, 1, 1, 0, 0]])
+  prm = np.array([[1, 0, 1, 0, 0], [1, 0, 0, 0, 0]], bool)
+  valid = seg > 0
+  a = ~prm & valid
+  term = ce * (msk & a) / pm
+  per_example = [term[r][seg[r] == s].sum() / a[r][seg[r] == s].sum()
+                 for r, s in ((0, 1), (0, 2), (1, 1))]
+  got, _ = jax.jit(obj.sft_loss)(logits, jnp.asarray(toks), jnp.asarray(msk), jnp.asarray(pm),
+                                 jnp.asarray(prm), valid_BL=jnp.asarray(valid),
+                                 segment_ids_BL=jnp.asarray(seg))
+  assert_close(got, np.mean(per_example), terms=10)
 
 
 def test_random_length_mask_one_compile():

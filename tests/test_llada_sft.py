@@ -77,7 +77,10 @@ def test_the_loss_against_a_plain_computation(sft_fraction):
   want_input = np.where(bos | (prompt & sft_row[:, None]), b['tokens'], MASK)
   np.testing.assert_array_equal(noisy, want_input)
   ce = _ce(logits, b['tokens'])
-  sft_rows = [ce[i][~prompt[i]].sum() / (~prompt[i]).sum() for i in range(3) if sft_row[i]]
+  seg = b['segment_ids']
+  # Each example (a row, or a segment of the packed row) is its own answer-length mean.
+  sft_rows = [ce[i][~prompt[i] & (seg[i] == s)].sum() / (~prompt[i] & (seg[i] == s)).sum()
+              for i in range(3) if sft_row[i] for s in np.unique(seg[i])]
   pt_rows = [i for i in range(3) if not sft_row[i]]
   pt_num = sum(ce[i][~bos[i]].sum() for i in pt_rows)
   pt_den = sum((~bos[i]).sum() for i in pt_rows)
@@ -85,7 +88,8 @@ def test_the_loss_against_a_plain_computation(sft_fraction):
   pt = pt_num / pt_den if pt_rows else 0.0
   want = sft if sft_fraction == 1.0 else (1 - sft_fraction) * pt + sft_fraction * sft
   assert_close(loss, want, terms=8 * V)
-  assert float(metrics[tasks.COUNT]) == 3
+  # Its units: examples with an answer (4) for pure SFT, else rows (3).
+  assert float(metrics[tasks.COUNT]) == (4 if sft_fraction == 1.0 else 3)
 
 
 def test_a_causal_model_and_a_bad_fraction_are_refused():

@@ -140,13 +140,15 @@ def _metrics(ce_BL, correct_BL, m_BL, denom) -> Metrics:
 
 
 def sft_loss(logits_BLV: jax.Array, tokens_BL: jax.Array, masked_BL: jax.Array,
-             p_mask_BL: jax.Array, prompt_BL: jax.Array, *, valid_BL: jax.Array | None = None
-             ) -> tuple[jax.Array, Metrics]:
-  """LLaDA SFT loss: response tokens only; per row / answer length (incl. EOS padding); mean.
+             p_mask_BL: jax.Array, prompt_BL: jax.Array, *, valid_BL: jax.Array | None = None,
+             segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+  """LLaDA SFT loss: response tokens only; per example / answer length (incl. EOS padding); mean.
 
-  Prompt positions never count even if `masked_BL` marks them. A row's answer length is its
-  number of non-prompt valid positions; rows without any (all padding) are left out of the mean
-  (with none of them, the mean is over all B rows, as in LLaDA).
+  An example is a row, or with `segment_ids_BL` (packed rows) one segment of a row, so a packed
+  conversation weighs what it would alone in a row. Prompt positions never count even if
+  `masked_BL` marks them. An example's answer length is its number of non-prompt valid
+  positions; examples without any (all padding) are left out of the mean (with none of them, the
+  mean is over all B rows, as in LLaDA).
   """
   ce_BL, correct_BL = _token_ce(logits_BLV, tokens_BL)
   answer_BL = ~prompt_BL.astype(bool)
@@ -154,10 +156,16 @@ def sft_loss(logits_BLV: jax.Array, tokens_BL: jax.Array, masked_BL: jax.Array,
     answer_BL &= valid_BL.astype(bool)
   a_BL = answer_BL.astype(jnp.float32)
   m_BL = masked_BL.astype(jnp.float32) * a_BL
-  answer_len_B = a_BL.sum(axis=1)
-  row_B = (ce_BL * m_BL / p_mask_BL.astype(jnp.float32)).sum(axis=1) / jnp.maximum(answer_len_B, 1.)
-  rows = jnp.maximum((answer_len_B > 0).sum(), 1).astype(jnp.float32)
-  total = row_B.sum() / rows
+  term_BL = ce_BL * m_BL / p_mask_BL.astype(jnp.float32)
+  if segment_ids_BL is None:
+    num_E, answer_len_E = term_BL.sum(axis=1), a_BL.sum(axis=1)
+  else:  # one slot per (row, segment id): segment ids are < L
+    b, l = tokens_BL.shape
+    slot_BL = jnp.arange(b, dtype=jnp.int32)[:, None] * l + jnp.clip(segment_ids_BL, 0, l - 1)
+    num_E = jax.ops.segment_sum(term_BL.reshape(-1), slot_BL.reshape(-1), num_segments=b * l)
+    answer_len_E = jax.ops.segment_sum(a_BL.reshape(-1), slot_BL.reshape(-1), num_segments=b * l)
+  examples = jnp.maximum((answer_len_E > 0).sum(), 1).astype(jnp.float32)
+  total = (num_E / jnp.maximum(answer_len_E, 1.)).sum() / examples
   return total, _metrics(ce_BL, correct_BL, m_BL, jnp.maximum(a_BL.sum(), 1.0))
 
 

@@ -89,12 +89,11 @@ class LladaSftTask(Task):
     logits = self.model.apply({'params': params}, noisy, positions_BL=positions,
                               segment_ids_BL=segments)
     sft, m = diffusion.sft_loss(logits, tokens, masked, p_mask, prompt_BL | ~maskable_BL,
-                                valid_BL=maskable_BL & sft_row_B[:, None])
+                                valid_BL=maskable_BL & sft_row_B[:, None], segment_ids_BL=segments)
     metrics = {'ce': m['ce'], 'accuracy': m['accuracy']}
-    # The SFT loss is a mean over rows (each its answer's token mean): rows are its units.
-    rows_with_answer = jnp.any(maskable_BL & ~prompt_BL, axis=1).astype(jnp.float32).sum()
     if f == 1.0:
-      return sft, {**metrics, COUNT: rows_with_answer}
+      # A mean over examples (each its answer's token mean): examples with an answer are its units.
+      return sft, {**metrics, COUNT: _examples_with_answer(segments, maskable_BL & ~prompt_BL)}
     pt, pm = diffusion.loss(logits, tokens, masked, p_mask,
                             valid_BL=maskable_BL & ~sft_row_B[:, None])
     has_pt, has_sft = jnp.any(~sft_row_B), jnp.any(sft_row_B)
@@ -106,3 +105,12 @@ class LladaSftTask(Task):
                'accuracy': (m['accuracy'] * n_sft + pm['accuracy'] * n_pt) / n,
                'sft_ce': m['ce'], 'pretrain_ce': pm['ce']}
     return total, {**metrics, COUNT: jnp.any(maskable_BL, axis=1).astype(jnp.float32).sum()}
+
+
+def _examples_with_answer(segments_BL, answer_BL):
+  """How many (row, segment) pairs hold at least one answer position."""
+  b, l = segments_BL.shape
+  slot_BL = jnp.arange(b, dtype=jnp.int32)[:, None] * l + jnp.clip(segments_BL, 0, l - 1)
+  has_E = jax.ops.segment_max(answer_BL.reshape(-1).astype(jnp.int32), slot_BL.reshape(-1),
+                              num_segments=b * l)
+  return (has_E > 0).sum().astype(jnp.float32)

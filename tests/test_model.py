@@ -250,3 +250,13 @@ def test_dense_picks_its_weight_gradient_by_the_platform_it_is_lowered_for():
   for platform, barriers in (('cpu', 2), ('cuda', 0), ('tpu', 0)):
     text = jax.export.export(grad, platforms=[platform])(x, w).mlir_module()
     assert text.count('stablehlo.optimization_barrier') == barriers, (platform, text)
+
+
+def test_the_model_carries_optimization_barriers_only_when_lowered_for_cpu():
+  """The RoPE tables and `dense`'s weight gradient are materialised behind barriers for XLA:CPU;
+  the model's gradient lowered for GPU or TPU (from this CPU process) has none."""
+  model, params, tokens = _model()
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, tokens) ** 2)))
+  counts = {platform: jax.export.export(grad, platforms=[platform])(params).mlir_module().count(
+      'stablehlo.optimization_barrier') for platform in ('cpu', 'cuda', 'tpu')}
+  assert counts['cpu'] > 0 and counts['cuda'] == counts['tpu'] == 0, counts

@@ -50,9 +50,12 @@ def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float, scaling: t
   sin, cos = jnp.sin(angle_BLF), jnp.cos(angle_BLF)
   cos_BL12F = jnp.stack([cos, cos], axis=-2)[:, :, None]
   sin_BL12F = jnp.stack([-sin, sin], axis=-2)[:, :, None]
-  # Materialised once: left to fusion, XLA recomputes sin and cos inside every consumer,
-  # per head and per gradient term.
-  return jax.lax.optimization_barrier((cos_BL12F, sin_BL12F))
+  # On CPU, materialised once: left to fusion, XLA:CPU recomputes sin and cos inside every
+  # consumer, per head and per gradient term. Only a CPU lowering gets the barrier (chosen when
+  # the step is lowered, as `dense` does): TPU and GPU keep their fusion.
+  return jax.lax.platform_dependent(cos_BL12F, sin_BL12F,
+                                    cpu=lambda c, s: jax.lax.optimization_barrier((c, s)),
+                                    default=lambda c, s: (c, s))
 
 
 def _rotate(x_BLHD, cos_BL12F, sin_BL12F):

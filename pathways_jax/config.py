@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.lora_alpha = 16.0
   m.lora_targets = 'all-linear'
   m.lora_rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
+  # Dropout on each adapter's input while training (as PEFT's lora_dropout); never at eval or
+  # sampling. The train step gives the model its 'dropout' rng only when this is > 0.
+  m.lora_dropout = 0.0
 
   c.data = d = ml_collections.ConfigDict()
   d.corpus = 'stdlib'  # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'rows' | 'chat'
@@ -375,6 +378,7 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_targets: str = 'all-linear'
   lora_rslora: bool = False
+  lora_dropout: float = 0.0
 
   def __post_init__(self):
     # config.validate() names the key for configs; this catches a ModelConfig built in code.
@@ -386,6 +390,8 @@ class ModelConfig:
     if self.rope_scaling not in ('', 'llama3', 'linear'):
       raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} is not one of ('', 'llama3', "
                         "'linear')")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ConfigError(f'model.lora_dropout={self.lora_dropout} is not in [0, 1)')
     if self.rope_scaling == 'llama3' and self.rope_original_max_len <= 0:
       raise ConfigError("model.rope_scaling='llama3' needs model.rope_original_max_len > 0")
 

@@ -12,6 +12,11 @@ train state, optimizer moments and checkpoints hold only the adapters and the ba
     params = combine(base_params, lora_params)              # what Transformer(adapted_cfg) takes
     merged = merge(base_params, lora_params, lcfg)          # W + scale * A @ B: the base model
     base_params == unmerge(merged, lora_params, lcfg)       # (up to rounding)
+
+`dropout` (config.model.lora_dropout) drops elements of each adapter's input while training:
+the train step passes the model a 'dropout' rng (train/step.py); evaluation and sampling pass
+none, so they compute the deterministic model. PEFT adapter directories in and out:
+`pathways_jax.interop.hf.save_adapter` / `load_adapter`.
 """
 from __future__ import annotations
 
@@ -35,8 +40,8 @@ _IN_AXES = {'wq': 1, 'wk': 1, 'wv': 1, 'wo': 2, 'w_gate': 1, 'w_up': 1, 'w_down'
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """rank r, alpha, targets ('all-linear' or a regex searched in 'blocks_0/attn/wq'-like
-  paths), rsLoRA scaling (alpha / sqrt(r)), dropout on the adapter's input (not yet supported
-  in training: > 0 is refused)."""
+  paths), rsLoRA scaling (alpha / sqrt(r)), dropout on the adapter's input while training
+  (x -> dropout(x) @ A @ B * scale, as PEFT; the model drops only when given a 'dropout' rng)."""
   rank: int = 8
   alpha: float = 16.0
   targets: str = 'all-linear'
@@ -46,8 +51,8 @@ class LoraConfig:
   def __post_init__(self):
     if self.rank < 1:
       raise ConfigError(f'LoRA rank must be >= 1, got {self.rank}')
-    if self.dropout:
-      raise ConfigError('LoRA dropout is not supported yet (dropout=0.0)')
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f'LoRA dropout must be in [0, 1), got {self.dropout}')
     if self.targets != 'all-linear':
       try:
         re.compile(self.targets)
@@ -60,12 +65,24 @@ class LoraConfig:
 
   def apply_to(self, model_cfg: ModelConfig) -> ModelConfig:
     return model_cfg.replace(lora_rank=self.rank, lora_alpha=self.alpha,
-                             lora_targets=self.targets, lora_rslora=self.rslora)
+                             lora_targets=self.targets, lora_rslora=self.rslora,
+                             lora_dropout=self.dropout)
 
   @classmethod
   def of(cls, model_cfg: ModelConfig) -> 'LoraConfig':
     return cls(rank=model_cfg.lora_rank, alpha=model_cfg.lora_alpha,
-               targets=model_cfg.lora_targets, rslora=model_cfg.lora_rslora)
+               targets=model_cfg.lora_targets, rslora=model_cfg.lora_rslora,
+               dropout=model_cfg.lora_dropout)
+
+
+def weight_shapes(model_cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+  """(input shape, output shape) of each dense weight ('wq', ..., 'w_down') of a block: the
+  weight is [*in, *out], its adapter A [*in, r] and B [r, *out]."""
+  d, h, kh = model_cfg.d_model, model_cfg.num_heads, model_cfg.num_kv_heads
+  hd, f = model_cfg.dim_per_head, model_cfg.mlp_dim
+  return {'wq': ((d,), (h, hd)), 'wk': ((d,), (kh, hd)), 'wv': ((d,), (kh, hd)),
+          'wo': ((h, hd), (d,)), 'w_gate': ((d,), (f,)), 'w_up': ((d,), (f,)),
+          'w_down': ((f,), (d,))}
 
 
 def _flat(params) -> dict[tuple[str, ...], Any]:

@@ -9,6 +9,8 @@ RMSNorm (Qwen3), long-context RoPE scaling (Llama 3.1+).
     logits_BLV = model.apply({'params': p}, tokens_BL)
     logits_BLV, cache = model.apply({'params': p}, tokens_BL, positions_BL=..., cache=cache,
                                     cache_index=i)   # KV-cache decoding
+    logits_BLV = model.apply({'params': p}, tokens_BL, rngs={'dropout': key})  # training a
+        # LoRA model with lora_dropout > 0; without a 'dropout' rng its adapters drop nothing
 
 The dense layers run on a 2-D residual stream [B*L, D]: on CPU, XLA lowers 2-D matmuls markedly
 faster than the batched 3-D form (measured in benchmarks/train_throughput.py). Two pieces have
@@ -137,8 +139,18 @@ def _lora_delta(module, name: str, x_TI, in_shape, out_shape, in_axes, out_axes,
                                                                   (None, *out_axes)),
                    (r, *out_shape), _dtype(cfg.param_dtype))
   dt = _dtype(cfg.dtype)
+  if cfg.lora_dropout > 0 and module.has_rng('dropout'):
+    # Training only: the train step passes a 'dropout' rng, evaluation and sampling do not.
+    # Each adapter draws its own mask (make_rng folds in the module path and a call counter).
+    x_TI = _dropout(module.make_rng('dropout'), x_TI, cfg.lora_dropout)
   h = dense(x_TI, a.astype(dt).reshape(fan_in, r))
   return lora_scale(cfg) * dense(h, b.astype(dt).reshape(r, int(math.prod(out_shape))))
+
+
+def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout: each element zeroed with probability `rate`, the rest / (1 - rate)."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def _adapted(module, name, x_TI, w, in_shape, out_shape, in_axes, out_axes, cfg):
@@ -287,7 +299,7 @@ class Transformer(nn.Module):
     new_layer_caches = None
     if cfg.scan_layers:
       layer_caches = None if cache is None else {'k': cache['k'], 'v': cache['v']}
-      scanned = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+      scanned = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
                                  nn.broadcast), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: 'layers'})

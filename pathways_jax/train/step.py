@@ -37,6 +37,33 @@ def _loss_and_count(task: Task, params, batch, key, aux):
   return loss, (metrics, count)
 
 
+# fold_in constant of the dropout stream: independent of the task's own draws from the same key.
+_DROPOUT_STREAM = 0x64726F70  # 'drop'
+
+
+class _Training:
+  """The task's model as the train step runs it: `apply` gets a 'dropout' rng (LoRA dropout),
+  everything else is the model's own. Evaluation and sampling call the model itself, without
+  the rng, so they never drop."""
+
+  def __init__(self, model, key: jax.Array):
+    self._model, self._rngs = model, {'dropout': key}
+
+  def apply(self, variables, *args, **kwargs):
+    return self._model.apply(variables, *args, rngs=self._rngs, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._model, name)
+
+
+def training_task(task: Task, key: jax.Array) -> Task:
+  """`task` whose model drops out with rng `key` where its config asks (model.lora_dropout);
+  the task itself otherwise, so a model without dropout compiles the step it always did."""
+  if not getattr(task.model.cfg, 'lora_dropout', 0.0):
+    return task
+  return task.with_model(_Training(task.model, jax.random.fold_in(key, _DROPOUT_STREAM)))
+
+
 def train_step(state: TrainState, batch, inputs=None, *, cfg, task: Task, tx) -> tuple:
   """One optimizer update (with gradient accumulation over `train.grad_accum` micro-batches).
 
@@ -50,7 +77,8 @@ def train_step(state: TrainState, batch, inputs=None, *, cfg, task: Task, tx) ->
   aux, frozen = inputs.get('aux'), inputs.get('frozen')
   # Differentiated with respect to the state's (trainable) params only.
   grad_fn = jax.value_and_grad(
-      lambda p, b, k: _loss_and_count(task, trainable_lib.merge(p, frozen), b, k, aux),
+      lambda p, b, k: _loss_and_count(training_task(task, k), trainable_lib.merge(p, frozen), b,
+                                      k, aux),
       has_aux=True)
   num_micro = cfg.train.grad_accum
   if num_micro == 1:

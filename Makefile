@@ -75,7 +75,7 @@ LLADA_CODE ?=
 golden-hf:
 	$(PYTHON) -m venv $(GOLDEN_VENV)
 	$(GOLDEN_VENV)/bin/python -m pip install -q '$(TORCH)' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
-	$(GOLDEN_VENV)/bin/python -m pip install -q '$(TORCH)' '$(TRANSFORMERS)' safetensors numpy
+	$(GOLDEN_VENV)/bin/python -m pip install -q '$(TORCH)' '$(TRANSFORMERS)' 'peft==0.21.2' safetensors numpy
 	$(GOLDEN_VENV)/bin/python tests/golden/hf/make_golden.py $(if $(LLADA_CODE),--llada_code='$(LLADA_CODE)',)
 
 # The export half of the round trip, judged by transformers: the golden checkpoints imported and

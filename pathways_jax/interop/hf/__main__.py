@@ -1,4 +1,5 @@
-"""python -m pathways_jax.interop.hf import|export: HuggingFace directories <-> run directories."""
+"""python -m pathways_jax.interop.hf import|export|export-adapter: HuggingFace directories (and
+PEFT LoRA adapters) <-> run directories."""
 from __future__ import annotations
 
 import argparse
@@ -11,14 +12,19 @@ from pathways_jax.interop.hf.config import SUPPORTED
 
 _USAGE = """usage:
   python -m pathways_jax.interop.hf import --hf_dir=DIR --workdir=W [--dtype=float32]
+      [--adapter_dir=PEFT_ADAPTER]
   python -m pathways_jax.interop.hf export --workdir=W --out=DIR [--step=N] [--model_type=llama]
-      [--dtype=bfloat16]"""
+      [--dtype=bfloat16]
+  python -m pathways_jax.interop.hf export-adapter --workdir=LORA_RUN --out=DIR [--step=N]
+      [--base=BASE_MODEL_NAME_OR_PATH]"""
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m pathways_jax.interop.hf', usage=_USAGE)
-  parser.add_argument('command', choices=('import', 'export'))
+  parser.add_argument('command', choices=('import', 'export', 'export-adapter'))
   parser.add_argument('--hf_dir', default='')
+  parser.add_argument('--adapter_dir', default='')
+  parser.add_argument('--base', default=None)
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--out', default='')
   parser.add_argument('--step', type=int, default=None)
@@ -29,8 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == 'import':
       if not args.hf_dir:
         parser.error('import needs --hf_dir')
-      path = run_dir.import_to_run(args.hf_dir, args.workdir, dtype=args.dtype or 'float32')
-      print(f'imported {args.hf_dir} into the run directory {path}')
+      path = run_dir.import_to_run(args.hf_dir, args.workdir, dtype=args.dtype or 'float32',
+                                   adapter_dir=args.adapter_dir)
+      with_adapter = f' with the adapter {args.adapter_dir}' if args.adapter_dir else ''
+      print(f'imported {args.hf_dir}{with_adapter} into the run directory {path}')
+    elif args.command == 'export-adapter':
+      if not args.out:
+        parser.error('export-adapter needs --out')
+      path = run_dir.export_adapter(args.workdir, args.out, step=args.step,
+                                    base_model_name_or_path=args.base,
+                                    model_type=args.model_type)
+      print(f'exported the adapters of {args.workdir} to {path}')
     else:
       if not args.out:
         parser.error('export needs --out')

@@ -7,6 +7,10 @@ models and `train.init_from` take it as they take a run:
     python -m pathways_jax.interop.hf import --hf_dir=Llama-3.2-1B --workdir=runs/llama1b
     python -m pathways_jax.sample --workdir=runs/llama1b --prompt='The capital of France is'
     python -m pathways_jax.interop.hf export --workdir=runs/quickstart --out=hf/quickstart
+    # PEFT LoRA adapters: on a base model as a LoRA run, and a LoRA run's adapters out.
+    python -m pathways_jax.interop.hf import --hf_dir=Llama-3.2-1B --adapter_dir=my_adapter \
+        --workdir=runs/llama1b_tuned
+    python -m pathways_jax.interop.hf export-adapter --workdir=runs/lora --out=hf/lora_adapter
 """
 from __future__ import annotations
 
@@ -19,12 +23,14 @@ import jax
 
 from pathways_jax import config as config_lib
 from pathways_jax import parallel
+from pathways_jax.interop.hf import adapter
 import pathways_jax.interop.hf.checkpoint as hf
 import pathways_jax.interop.hf.config as hf_config
 
 # What a run may choose for itself when it starts from another model: how it computes, not what.
 RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'causal_query_blocks', 'max_len',
-                  'init_std', 'lora_rank', 'lora_alpha', 'lora_targets', 'lora_rslora')
+                  'init_std', 'lora_rank', 'lora_alpha', 'lora_targets', 'lora_rslora',
+                  'lora_dropout')
 
 
 def run_config(model_cfg: config_lib.ModelConfig, *, name: str, tokenizer_path: str = ''):
@@ -40,14 +46,22 @@ def run_config(model_cfg: config_lib.ModelConfig, *, name: str, tokenizer_path: 
   return cfg
 
 
-def import_to_run(hf_dir: str, workdir: str, *, dtype: str = 'float32') -> str:
-  """Writes `workdir`: config.json, checkpoints/0/state (params only), tokenizer/. Nothing is
+def import_to_run(hf_dir: str, workdir: str, *, dtype: str = 'float32',
+                  adapter_dir: str = '') -> str:
+  """Writes `workdir`: config.json, checkpoints/0/state (params only), tokenizer/. With
+  `adapter_dir` (a PEFT LoRA adapter of that model) the run is the LoRA model: its config has
+  the adapter's model.lora_* and its params the adapters beside the base weights. Nothing is
   left behind if any step fails (the directory is built beside it and moved into place)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and os.listdir(workdir):
     raise hf.HFCheckpointError(f'{workdir} exists and is not empty; import into a new directory')
   params, model_cfg, tok = hf.load_pretrained(hf_dir, dtype=dtype)
+  if adapter_dir:
+    from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
+    lora_params, lcfg = adapter.load_adapter(adapter_dir, model_cfg,
+                                             model_type=hf.read_config(hf_dir).get('model_type'))
+    params, model_cfg = lora.combine(params, lora_params), lcfg.apply_to(model_cfg)
   tmp = workdir + '.partial'
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -66,7 +80,8 @@ def import_to_run(hf_dir: str, workdir: str, *, dtype: str = 'float32') -> str:
       f.write(cfg.to_json_best_effort(indent=2))
     with open(os.path.join(tmp, 'imported_from.json'), 'w') as f:
       json.dump({'hf_dir': os.path.abspath(hf_dir), 'model_type': hf.read_config(hf_dir).get(
-          'model_type'), 'dtype': dtype}, f, indent=2)
+          'model_type'), 'dtype': dtype,
+                 'adapter_dir': os.path.abspath(adapter_dir) if adapter_dir else None}, f, indent=2)
     state_dir = os.path.join(tmp, 'checkpoints', '0', 'state')
     ocp.PyTreeCheckpointer().save(state_dir, {'params': params})
     if os.path.exists(workdir):
@@ -80,19 +95,50 @@ def import_to_run(hf_dir: str, workdir: str, *, dtype: str = 'float32') -> str:
 
 def export_run(workdir: str, out_dir: str, *, step: int | None = None,
                model_type: str | None = None, dtype: str | None = None) -> str:
-  """A run directory's params (checkpoint `step`, default the newest) as a HF directory."""
+  """A run directory's params (checkpoint `step`, default the newest) as a HF directory. A LoRA
+  run is written merged (W + scale * A @ B): the model it computes, without PEFT
+  (`export_adapter` writes its adapters alone)."""
+  from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
   run_cfg = config_lib.load_run_config(workdir)
-  mesh = jax.make_mesh((1,) * len(parallel.MESH_AXES), parallel.MESH_AXES,
-                       devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(parallel.MESH_AXES))
-  fm = frozen.load(workdir, mesh, parallel.DEFAULT_RULES, step=step)
+  fm = _load_run(workdir, step)
+  params, model_cfg = fm.params, fm.model_cfg
+  if model_cfg.lora_rank:
+    base, adapters = lora.split(hf._unscanned(params, model_cfg))  # pylint: disable=protected-access
+    params = lora.merge(base, adapters, lora.LoraConfig.of(model_cfg))
+    model_cfg = model_cfg.replace(lora_rank=0)
   tok = None
   if run_cfg.data.tokenizer == 'hf':
     tok = tokenizers.get_tokenizer(run_cfg.data)
-  return hf.save_pretrained(fm.params, fm.model_cfg, out_dir, tokenizer=tok,
+  return hf.save_pretrained(params, model_cfg, out_dir, tokenizer=tok,
                             model_type=model_type, dtype=dtype)
+
+
+def export_adapter(workdir: str, out_dir: str, *, step: int | None = None,
+                   base_model_name_or_path: str | None = None,
+                   model_type: str | None = None) -> str:
+  """A LoRA run's adapters (checkpoint `step`, default the newest) as a PEFT adapter directory.
+  Its base_model_name_or_path: the argument, else the run's train.init_from."""
+  from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
+  run_cfg = config_lib.load_run_config(workdir)
+  if not run_cfg.model.get('lora_rank'):
+    raise config_lib.ConfigError(f'{workdir} is not a LoRA run (model.lora_rank is 0): export '
+                                 'its model with `export`')
+  fm = _load_run(workdir, step)
+  _, adapters = lora.split(fm.params)
+  if base_model_name_or_path is None:
+    base_model_name_or_path = run_cfg.train.get('init_from', '')
+  return adapter.save_adapter(adapters, lora.LoraConfig.of(fm.model_cfg), fm.model_cfg, out_dir,
+                              base_model_name_or_path=base_model_name_or_path,
+                              model_type=model_type)
+
+
+def _load_run(workdir: str, step: int | None):
+  from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((1,) * len(parallel.MESH_AXES), parallel.MESH_AXES,
+                       devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(parallel.MESH_AXES))
+  return frozen.load(workdir, mesh, parallel.DEFAULT_RULES, step=step)
 
 
 def init_model_config(source: str, cfg_model) -> config_lib.ModelConfig:

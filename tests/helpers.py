@@ -150,3 +150,41 @@ def assert_same_function_on_packed_rows(want_model, got_model, params):
                           jax.tree_util.tree_leaves(g_want)):
     assert np.abs(b).max() > 1e-2  # gradients of a real size, so the tolerance means something
     assert_close(a, b, terms=tokens.size, err_msg=f'gradient {jax.tree_util.keystr(path)}')
+
+
+def logged_losses(workdir) -> dict:
+  """{step: training loss} of a run directory's metrics.jsonl (a resumed step: its last line)."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r['loss'] for r in rows if 'loss' in r}
+
+
+def assert_resume_is_exact(make_cfg, tmp_path, *, sigterm_at: int = 3, stop_at: int = 6):
+  """A run stopped by SIGTERM at `sigterm_at`, resumed to a clean stop (train.stop_at) at
+  `stop_at`, then resumed to the end, logs the losses of the uninterrupted run, bit for bit.
+
+  `make_cfg(**overrides)` builds the run's config (train.steps > stop_at). The SIGTERM is a real
+  one, sent to this process by a callback at that step and handled by the loop's own handler
+  (in-process: no second start-up and compilation, unlike test_train's CLI version)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
+  # Off the main thread the loop installs no handler, and SIGTERM would end pytest itself.
+  assert threading.current_thread() is threading.main_thread()
+  full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+  steps = make_cfg().train.steps
+  assert loop.train(make_cfg(), full, quiet=True)['step'] == steps
+
+  def sigterm(step, params):
+    del params
+    if step == sigterm_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  res = loop.train(make_cfg(), part, quiet=True, callbacks=[loop.Callback(1, sigterm)])
+  assert (res['status'], res['step']) == ('preempted', sigterm_at)
+  res = loop.train(make_cfg(**{'train.stop_at': stop_at}), part, quiet=True)
+  assert (res['status'], res['step']) == ('completed', stop_at)
+  assert loop.train(make_cfg(), part, quiet=True)['step'] == steps
+  want, got = logged_losses(full), logged_losses(part)
+  assert sorted(want) == list(range(1, steps + 1)) and got == want, (got, want)

@@ -183,3 +183,18 @@ def test_the_train_step_drops_and_evaluation_does_not():
     lora.LoraConfig(dropout=1.0)
   with pytest.raises(ConfigError, match='lora_dropout'):
     BASE.replace(lora_dropout=-0.1)
+
+
+def test_lora_targets_that_match_nothing_list_the_candidates_before_a_run_starts():
+  from helpers import tiny_config
+  from pathways_jax.train import loop
+  cfg = BASE.replace(lora_rank=4, lora_targets='attn/wz')
+  with pytest.raises(ConfigError, match=r"lora_targets='attn/wz' matches no dense weight; "
+                     r"candidates: \['blocks_0/attn/wq'"):
+    lora.model_target_paths(cfg)
+  assert lora.model_target_paths(cfg.replace(lora_targets='mlp/w_up', scan_layers=True)) == [
+      'blocks/mlp/w_up']
+  run = tiny_config('/unused', **{'model.lora_rank': 4, 'model.lora_targets': 'ffn/.*',
+                                  'data.tokenizer': 'byte'})
+  with pytest.raises(ConfigError, match='model.lora_targets'):  # not train.trainable's message
+    loop.build(run)

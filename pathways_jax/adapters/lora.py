@@ -107,6 +107,21 @@ def target_paths(params, lcfg: LoraConfig) -> list[str]:
   return chosen
 
 
+def model_target_paths(model_cfg: ModelConfig) -> list[str]:
+  """The dense weights a LoRA model (model_cfg.lora_*) adapts, as the model names them
+  ('blocks_0/attn/wq', or 'blocks/attn/wq' with scan_layers); none is an error listing the
+  candidates, before any param exists."""
+  layers = ['blocks'] if model_cfg.scan_layers else [f'blocks_{i}'
+                                                      for i in range(model_cfg.num_layers)]
+  paths = [f'{layer}/{w}' for layer in layers for w in DENSE]
+  chosen = [p for p in paths if transformer.lora_targets(model_cfg, p)]
+  if model_cfg.lora_rank and not chosen:
+    raise ConfigError(f'model.lora_targets={model_cfg.lora_targets!r} matches no dense weight; '
+                      f'candidates: {paths[:8]}' +
+                      (f' (and {len(paths) - 8} more)' if len(paths) > 8 else ''))
+  return chosen
+
+
 def init(key: jax.Array, params, lcfg: LoraConfig) -> dict:
   """The adapters (A and B of every target, nested like `params`) for base `params`, as the
   adapted model initialises them: A uniform(+-1/sqrt(fan_in)), B zero."""

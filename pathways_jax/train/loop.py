@@ -32,6 +32,7 @@ from pathways_jax.train import optimizer as opt_lib
 from pathways_jax.train import state as state_lib
 from pathways_jax.train import trainable as trainable_lib
 from pathways_jax.train import step as step_lib
+from pathways_jax.adapters import lora as lora_lib
 from pathways_jax.adapters.lora import LORA_PARAMS
 
 _LOG = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def build(cfg, *, mesh=None):
     raise config_lib.ConfigError(f'config.model.vocab_size={vocab} is smaller than the '
                                  f'tokenizer vocabulary ({tokenizer.vocab_size})')
   model_cfg = config_lib.ModelConfig.from_config(cfg.model, vocab_size=vocab)
+  lora_lib.model_target_paths(model_cfg)  # LoRA targets that match nothing: the candidates
   return tokenizer, model_cfg, Transformer(model_cfg), mesh, parallel.logical_rules(cfg)
 
 

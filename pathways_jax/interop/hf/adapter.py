@@ -97,10 +97,7 @@ def _targets_regex(paths: list[str], model_cfg: ModelConfig) -> str:
 
 
 def _selected(model_cfg: ModelConfig, lcfg: lora.LoraConfig) -> list[str]:
-  from pathways_jax.models import transformer  # pylint: disable=g-import-not-at-top
-  cfg = lcfg.apply_to(model_cfg)
-  return [f'blocks_{i}/{w}' for i in range(model_cfg.num_layers) for w in lora.DENSE
-          if transformer.lora_targets(cfg, f'blocks_{i}/{w}')]
+  return lora.model_target_paths(lcfg.apply_to(model_cfg).replace(scan_layers=False))
 
 
 # ------------------------------------------------------------------------------------- export

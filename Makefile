@@ -79,11 +79,15 @@ golden-hf:
 	$(GOLDEN_VENV)/bin/python tests/golden/hf/make_golden.py $(if $(LLADA_CODE),--llada_code='$(LLADA_CODE)',)
 
 # The export half of the round trip, judged by transformers: the golden checkpoints imported and
-# exported by pathways_jax, then loaded by transformers (golden venv) against the golden logits.
+# exported by pathways_jax, then loaded by transformers (golden venv) against the golden logits;
+# then our PEFT adapter exports, loaded by peft on our exported bases.
 check-export-hf: $(STAMP)
 	rm -rf .hf-export-check
 	$(PY) -c "from pathways_jax.interop import hf; [hf.save_pretrained(*hf.load_pretrained('tests/golden/hf/' + c)[:2], '.hf-export-check/' + c, model_type=hf.read_config('tests/golden/hf/' + c)['model_type']) for c in ('llama', 'llama3_tied', 'qwen2', 'qwen3')]"
 	$(GOLDEN_VENV)/bin/python tests/golden/hf/check_export.py .hf-export-check
+	rm -rf .hf-export-check
+	$(PY) tests/golden/hf/check_peft_export.py export .hf-export-check/peft
+	$(GOLDEN_VENV)/bin/python tests/golden/hf/check_peft_export.py check .hf-export-check/peft
 	rm -rf .hf-export-check
 
 clean:

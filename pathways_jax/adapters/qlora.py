@@ -1,0 +1,222 @@
+"""QLoRA: LoRA adapters (float32 or bfloat16) on a frozen base whose dense weights are held
+quantised to int8, int4 or NF4 by qwix (google/qwix, `pip install -e .[qlora]`).
+
+    qcfg = QuantConfig(qtype='nf4', block_size=64)
+    qbase = quantize_base(base_params, qcfg)               # dense weights -> qwix.QArray
+    model = quantized_model(Transformer(lcfg.apply_to(model_cfg)))
+    adapters = lora.init(key, base_params, lcfg)           # float32 (or cast to bfloat16)
+    logits = model.apply({'params': lora.combine(qbase, adapters)}, tokens_BL)
+    grads = jax.grad(lambda ad: loss(model.apply({'params': lora.combine(qbase, ad)}, ...)))(
+        adapters)                                          # only the adapters are differentiated
+
+What qwix does and what this module does. The quantiser is qwix's (`qwix.quantize`: absmax
+scales per block, round-to-nearest for int8/int4, nearest of the 16 NormalFloat levels of the
+QLoRA paper for 'nf4', stored as uint4; `qwix.dequantize`). This module only chooses the blocks
+and where the weights are dequantised: the frozen base is stored as QArrays, and each dense
+weight is dequantised when its module reads it (`Module.param`), inside the layer, so under
+`scan_layers` (and `remat`) only the layer being computed has a float copy of its weights; the
+matmul itself is the model's ordinary float `dense` on the dequantised weight (as in QLoRA,
+where NF4 is a storage type and the compute dtype is bfloat16).
+
+Why not qwix's own PTQ/QLoRA providers (`qwix.PtqProvider`, `qwix.LoraProvider`): they
+quantise the weight operand of intercepted `dot_general`/`einsum`/`jnp.dot` calls, finding the
+param by object identity, by walking a tracer's parents, or by shape. Our dense layers are
+`transformer.dense`, a `jax.custom_vjp` around `jnp.dot` whose inputs reach the dot as fresh
+tracers, and the attention weights are reshaped from [embed, heads, head_dim] to 2-D first, so
+on this model qwix finds 1 of the 7 dense weights of a block (w_down, by its shape), then
+refuses its own quantised params in `apply`, and the custom backward cannot take a QArray
+(docs/qlora.md has the transcript). Reading the weight dequantised at `Module.param` needs no
+change to the model and keeps its hand-written gradient; qwix's interception machinery
+(`qwix.quantize_model` with a provider) is what puts that hook on `Module.param`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from pathways_jax.adapters import lora
+from pathways_jax.config import ConfigError
+
+QTYPES = ('int8', 'int4', 'nf4')
+_BITS = {'int8': 8, 'int4': 4, 'nf4': 4}
+# How many leading axes of each dense weight are its input; the model's layout (transformer.py).
+_IN_AXES = {'wq': 1, 'wk': 1, 'wv': 1, 'wo': 2, 'w_gate': 1, 'w_up': 1, 'w_down': 1}
+_NDIM = {'wq': 3, 'wk': 3, 'wv': 3, 'wo': 3, 'w_gate': 2, 'w_up': 2, 'w_down': 2}
+
+
+def _qwix():
+  try:
+    import qwix  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('QLoRA quantises the base with qwix, which is not installed: '
+                      'pip install -e ".[qlora]"') from e
+  return qwix
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """How the frozen base's dense weights are stored.
+
+  qtype: 'int8', 'int4' (symmetric integers) or 'nf4' (NormalFloat4, the QLoRA paper's type).
+  block_size: how many consecutive input elements share one absmax scale (QLoRA uses 64 for
+    NF4): the blocks run along the weight's last input axis (embed for wq/wk/wv/w_gate/w_up,
+    mlp for w_down, head_dim for wo) with one scale per output channel (and per head of wo,
+    per layer when scanned); an axis shorter than block_size is one block. 0: one scale per
+    output channel over the whole input.
+  targets: 'all-linear' or a regex searched in 'blocks_0/attn/wq'-like paths, as LoRA's.
+  scale_dtype: the scales' dtype, which is also the dequantised weight's ('float32' or
+    'bfloat16'; the model casts it to its compute dtype).
+  """
+  qtype: str = 'nf4'
+  block_size: int = 64
+  targets: str = 'all-linear'
+  scale_dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.qtype not in QTYPES:
+      raise ConfigError(f'QLoRA qtype must be one of {QTYPES}, got {self.qtype!r}')
+    if self.block_size < 0:
+      raise ConfigError(f'QLoRA block_size must be >= 0, got {self.block_size}')
+    if self.scale_dtype not in ('float32', 'bfloat16'):
+      raise ConfigError(f"QLoRA scale_dtype must be 'float32' or 'bfloat16', got "
+                        f'{self.scale_dtype!r}')
+
+  @property
+  def bits(self) -> int:
+    return _BITS[self.qtype]
+
+  def qwix_qtype(self):
+    return {'int8': jnp.int8, 'int4': jnp.int4, 'nf4': 'nf4'}[self.qtype]
+
+
+def is_quantized(x) -> bool:
+  return isinstance(x, _qwix().QArray)
+
+
+def _how(parts: tuple[str, ...], shape: tuple[int, ...], qcfg: QuantConfig):
+  """(channelwise_axes, tiled_axes) of the weight at `parts` with `shape`."""
+  name = parts[-1]
+  lead = len(shape) - _NDIM[name]  # 1 under scan_layers: the [layers] axis
+  if lead not in (0, 1):
+    raise ConfigError(f'{"/".join(parts)} has shape {shape}; a dense {name} has {_NDIM[name]} '
+                      'axes (one more under scan_layers)')
+  n_in = _IN_AXES[name]
+  last_in = lead + n_in - 1
+  channelwise = tuple(i for i in range(len(shape)) if i != last_in)
+  n = shape[last_in]
+  tile = n if qcfg.block_size == 0 else min(qcfg.block_size, n)
+  if n % tile:
+    raise ConfigError(f'QLoRA block_size={qcfg.block_size} does not divide the input axis '
+                      f'({n}) of {"/".join(parts)} {shape}')
+  return channelwise, {last_in: tile}
+
+
+def quantize_base(params, qcfg: QuantConfig) -> dict:
+  """`params` (a base or adapted model's params, unboxed) with the dense weights `qcfg.targets`
+  selects replaced by qwix QArrays; embeddings, norms, biases and adapters are left as they are."""
+  flat = traverse_util.flatten_dict(params)
+  targets = set(lora.target_paths(lora.split(params)[0], lora.LoraConfig(targets=qcfg.targets)))
+  chosen = {'/'.join(p): w for p, w in flat.items() if '/'.join(p) in targets}
+  for path, w in chosen.items():
+    _how(tuple(path.split('/')), tuple(w.shape), qcfg)  # a bad block size named before jit
+  quantized = _quantize(chosen, qcfg)
+  return traverse_util.unflatten_dict(
+      {p: quantized.get('/'.join(p), w) for p, w in flat.items()})
+
+
+@functools.partial(jax.jit, static_argnames='qcfg')
+def _quantize(weights: dict[str, jax.Array], qcfg: QuantConfig) -> dict:
+  qwix = _qwix()
+  scale_dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[qcfg.scale_dtype]
+  out = {}
+  for path, w in weights.items():
+    channelwise, tiled = _how(tuple(path.split('/')), tuple(w.shape), qcfg)
+    out[path] = qwix.quantize(w.astype(jnp.float32), qcfg.qwix_qtype(),
+                              channelwise_axes=channelwise, tiled_axes=tiled,
+                              scale_dtype=scale_dtype)
+  return out
+
+
+def dequantize_base(params) -> dict:
+  """The float params a quantised base stands for (each QArray dequantised)."""
+  qwix = _qwix()
+  return jax.tree_util.tree_map(lambda x: qwix.dequantize(x) if is_quantized(x) else x, params,
+                                is_leaf=is_quantized)
+
+
+def quantized_model(model: nn.Module) -> nn.Module:
+  """`model` (a Transformer) reading QArray params dequantised: wherever a module reads a param
+  (`self.param`) that is a qwix QArray, it gets `qwix.dequantize` of it, computed there (inside
+  the layer, so inside `nn.scan` / `nn.remat` when the model uses them). Float params read as
+  before, so the same model also runs an unquantised tree. Uses qwix's interception
+  (`qwix.quantize_model`) to hook `flax.linen.Module.param` while the model runs."""
+  qwix = _qwix()
+
+  class _DequantizeOnRead(qwix.QuantizationProvider):
+
+    def __init__(self):
+      super().__init__(rules=[])
+
+    def _param(self, module, name, *args, **kwargs):
+      if module.has_variable('params', name):
+        value = nn.unbox(module.get_variable('params', name))
+        if isinstance(value, qwix.QArray):
+          return qwix.dequantize(value)
+      return module.param(name, *args, **kwargs)
+
+    def get_intercept_map(self):
+      return {**super().get_intercept_map(), 'flax.linen.Module.param': self._param}
+
+  return qwix.quantize_model(model, _DequantizeOnRead())
+
+
+@dataclasses.dataclass(frozen=True)
+class Bytes:
+  """Bytes of the dense weights of a tree: as float32, as stored here, and packed (b bits a
+  value plus the scales: what a backend that packs 4-bit types would hold; XLA:CPU does not)."""
+  float32: int
+  stored: int
+  packed: float
+
+  @property
+  def stored_ratio(self) -> float:
+    return self.stored / self.float32
+
+  @property
+  def packed_ratio(self) -> float:
+    return self.packed / self.float32
+
+
+def dense_bytes(params) -> Bytes:
+  """Bytes of the quantised (QArray) weights of `params` against float32 ones of their shape.
+  `stored` is what the arrays occupy on their device (`on_device_size_in_bytes`); XLA:CPU gives
+  an int4/uint4 value a whole byte, so there 4-bit weights store at 1/4 of float32, not 1/8."""
+  f32 = stored = packed = 0
+  for x in jax.tree_util.tree_leaves(params, is_leaf=is_quantized):
+    if not is_quantized(x):
+      continue
+    bits = 4 if x.qvalue.dtype.name in ('int4', 'uint4') else 8 * x.qvalue.dtype.itemsize
+    f32 += 4 * x.qvalue.size
+    leaves = [x.qvalue, x.scale] + ([x.zero_point] if x.zero_point is not None else [])
+    stored += sum(int(a.on_device_size_in_bytes()) for a in leaves)
+    packed += x.qvalue.size * bits / 8 + sum(a.nbytes for a in leaves[1:])
+  return Bytes(f32, stored, packed)
+
+
+def quantized_paths(params) -> list[str]:
+  """The paths of the QArray leaves of `params` ('blocks_0/attn/wq')."""
+  flat = traverse_util.flatten_dict(params)
+  return sorted('/'.join(p) for p, v in flat.items() if is_quantized(v))
+
+
+def adapters_like(adapters, dtype: str) -> Any:
+  """The adapters cast to 'float32' or 'bfloat16' (the dtype they are stored and trained in)."""
+  dt = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[dtype]
+  return jax.tree_util.tree_map(lambda x: x.astype(dt), adapters)
+

@@ -69,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Dropout on each adapter's input while training (as PEFT's lora_dropout); never at eval or
   # sampling. The train step gives the model its 'dropout' rng only when this is > 0.
   m.lora_dropout = 0.0
+  # Multi-LoRA (docs/lora.md): K adapters on one base, each row of a batch naming its own
+  # (`adapter_ids_B`). 1 = one adapter, today's layout. The model and the sampler take K > 1; the
+  # trainer and run directories hold one adapter, so a run config must keep 1.
+  m.lora_num_adapters = 1
 
   c.data = d = ml_collections.ConfigDict()
   d.corpus = 'stdlib'  # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'rows' | 'chat'
@@ -295,6 +299,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.train.warmup_steps must be >= 0, got {t.warmup_steps}')
   if cfg.objective == 'diffusion' and m.causal:
     raise ConfigError("config.objective='diffusion' needs config.model.causal=False")
+  if m.get('lora_num_adapters', 1) != 1:
+    raise ConfigError(f'config.model.lora_num_adapters={m.lora_num_adapters}: a run trains and '
+                      'stores one adapter; several adapters on one base are served with the model '
+                      'and sampler directly (lora.stack, adapter_ids_B: docs/lora.md)')
   if m.get('shift_logits') and m.causal:
     raise ConfigError('config.model.shift_logits=True is for bidirectional models '
                       '(config.model.causal=False); a causal model already predicts the next token')
@@ -379,6 +387,7 @@ class ModelConfig:
   lora_targets: str = 'all-linear'
   lora_rslora: bool = False
   lora_dropout: float = 0.0
+  lora_num_adapters: int = 1
 
   def __post_init__(self):
     # config.validate() names the key for configs; this catches a ModelConfig built in code.
@@ -392,6 +401,9 @@ class ModelConfig:
                         "'linear')")
     if not 0.0 <= self.lora_dropout < 1.0:
       raise ConfigError(f'model.lora_dropout={self.lora_dropout} is not in [0, 1)')
+    if self.lora_num_adapters < 1 or (self.lora_num_adapters > 1 and self.lora_rank < 1):
+      raise ConfigError(f'model.lora_num_adapters={self.lora_num_adapters} must be 1, or > 1 '
+                        f'with model.lora_rank > 0 (got lora_rank={self.lora_rank})')
     if self.rope_scaling == 'llama3' and self.rope_original_max_len <= 0:
       raise ConfigError("model.rope_scaling='llama3' needs model.rope_original_max_len > 0")
 

@@ -17,6 +17,14 @@ train state, optimizer moments and checkpoints hold only the adapters and the ba
 the train step passes the model a 'dropout' rng (train/step.py); evaluation and sampling pass
 none, so they compute the deterministic model. PEFT adapter directories in and out:
 `pathways_jax.interop.hf.save_adapter` / `load_adapter`.
+
+Multi-LoRA (docs/lora.md): K adapters on one base, each row of a batch naming its own.
+
+    multi, mcfg = stack([adapters_0, adapters_1, adapters_2], [lcfg_0, lcfg_1, lcfg_2])
+    model = Transformer(mcfg.apply_to(model_cfg, num_adapters=3))   # A [K, *in, r], B [K, r, *out]
+    logits_BLV = model.apply({'params': combine(base_params, multi)}, tokens_BL,
+                             adapter_ids_B=jnp.array([2, 0, 0, 1]))
+    select(multi, 1)                                                # adapter 1 alone (with mcfg)
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ LORA_PARAMS = r'.*_lora_[ab]'  # the train.trainable pattern of a LoRA run
 DENSE = ('attn/wq', 'attn/wk', 'attn/wv', 'attn/wo', 'mlp/w_gate', 'mlp/w_up', 'mlp/w_down')
 # How many leading axes of each dense weight are its input (the rest are its output).
 _IN_AXES = {'wq': 1, 'wk': 1, 'wv': 1, 'wo': 2, 'w_gate': 1, 'w_up': 1, 'w_down': 1}
+_OUT_AXES = {'wq': 2, 'wk': 2, 'wv': 2, 'wo': 1, 'w_gate': 1, 'w_up': 1, 'w_down': 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +72,11 @@ class LoraConfig:
   def scale(self) -> float:
     return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
 
-  def apply_to(self, model_cfg: ModelConfig) -> ModelConfig:
+  def apply_to(self, model_cfg: ModelConfig, num_adapters: int = 1) -> ModelConfig:
+    """The model with these adapters; `num_adapters` > 1: K of them, chosen per row."""
     return model_cfg.replace(lora_rank=self.rank, lora_alpha=self.alpha,
                              lora_targets=self.targets, lora_rslora=self.rslora,
-                             lora_dropout=self.dropout)
+                             lora_dropout=self.dropout, lora_num_adapters=num_adapters)
 
   @classmethod
   def of(cls, model_cfg: ModelConfig) -> 'LoraConfig':
@@ -131,15 +141,16 @@ def init(key: jax.Array, params, lcfg: LoraConfig) -> dict:
   for k, path in zip(jax.random.split(key, max(len(targets), 1)), targets):
     parts = tuple(path.split('/'))
     w = flat[parts]
-    n_in = _IN_AXES[parts[-1]]
-    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+    lead, n_in = _lead(parts), _IN_AXES[parts[-1]]  # a scanned stack's [layers] leads
+    layers, in_shape, out_shape = w.shape[:lead], w.shape[lead:lead + n_in], w.shape[lead + n_in:]
     fan_in = 1
     for n in in_shape:
       fan_in *= n
     bound = 1.0 / fan_in ** 0.5
     out[parts[:-1] + (parts[-1] + '_lora_a',)] = jax.random.uniform(
-        k, (*in_shape, lcfg.rank), w.dtype, -bound, bound)
-    out[parts[:-1] + (parts[-1] + '_lora_b',)] = jnp.zeros((lcfg.rank, *out_shape), w.dtype)
+        k, (*layers, *in_shape, lcfg.rank), w.dtype, -bound, bound)
+    out[parts[:-1] + (parts[-1] + '_lora_b',)] = jnp.zeros((*layers, lcfg.rank, *out_shape),
+                                                           w.dtype)
   return traverse_util.unflatten_dict(out)
 
 
@@ -157,15 +168,19 @@ def split(params) -> tuple[dict, dict]:
 
 
 def _deltas(lora_params, lcfg: LoraConfig):
+  if num_adapters(lora_params) > 1:
+    raise ValueError('merge/unmerge take one adapter; pick one of a multi-adapter tree with '
+                     'lora.select(multi, k)')
   flat = _flat(lora_params)
   for p, a in flat.items():
     if not p[-1].endswith('_lora_a'):
       continue
     name = p[-1][:-len('_lora_a')]
     b = flat[p[:-1] + (name + '_lora_b',)]
-    r = a.shape[-1]
-    delta = a.reshape(-1, r).astype(jnp.float32) @ b.reshape(r, -1).astype(jnp.float32)
-    yield p[:-1] + (name,), lcfg.scale * delta.reshape(a.shape[:-1] + b.shape[1:])
+    r, layers = a.shape[-1], a.shape[:_lead(p)]  # a scanned stack: one product per layer
+    delta = (a.reshape(*layers, -1, r).astype(jnp.float32) @
+             b.reshape(*layers, r, -1).astype(jnp.float32))
+    yield p[:-1] + (name,), lcfg.scale * delta.reshape(a.shape[:-1] + b.shape[len(layers) + 1:])
 
 
 def merge(params, lora_params, lcfg: LoraConfig) -> dict:
@@ -189,3 +204,107 @@ def trainable_share(params) -> float:
   base, adapters = split(params)
   n = lambda t: sum(x.size for x in jax.tree_util.tree_leaves(t))
   return n(adapters) / max(n(base) + n(adapters), 1)
+
+
+# ------------------------------------------------------------------------------- multi-LoRA
+
+def _lead(path: tuple[str, ...]) -> int:
+  """Leading axes before an adapter's own: 1 under a scanned stack ('blocks/...'), else 0."""
+  return 1 if path[0] == 'blocks' else 0
+
+
+def _adapter_ndim(path: tuple[str, ...]) -> int:
+  """ndim of one adapter's A or B at `path`: A [*in, r], B [r, *out], after the scan axis."""
+  name = path[-1][:-len('_lora_a')]
+  return _lead(path) + 1 + (_IN_AXES if path[-1].endswith('_lora_a') else _OUT_AXES)[name]
+
+
+def num_adapters(lora_params) -> int:
+  """K of a multi-adapter tree (A [K, *in, r], B [K, r, *out]); 1 for one adapter's."""
+  ks = set()
+  for p, x in _flat(lora_params).items():
+    if p[-1].endswith(transformer.LORA_SUFFIXES):
+      ks.add(x.shape[_lead(p)] if x.ndim == _adapter_ndim(p) + 1 else 1)
+  if len(ks) > 1:
+    raise ValueError(f'adapter tree mixes adapter counts {sorted(ks)}')
+  return ks.pop() if ks else 1
+
+
+def select(multi, k: int) -> dict:
+  """Adapter k of a multi-adapter tree, as one adapter's tree (what merge and save_adapter
+  take, with the LoraConfig the multi-adapter model was built with)."""
+  n = num_adapters(multi)
+  if n == 1:
+    raise ValueError('select takes a multi-adapter tree (A [K, *in, r]); this holds one adapter')
+  if not 0 <= k < n:
+    raise ValueError(f'adapter {k} is not in [0, {n})')
+  return traverse_util.unflatten_dict(
+      {p: jnp.take(x, k, axis=_lead(p)) for p, x in _flat(multi).items()})
+
+
+def stack(adapters, lcfgs) -> tuple[dict, LoraConfig]:
+  """K single adapters (trees of `init`, `split`, `hf.load_adapter`) and their LoraConfigs ->
+  (the multi-adapter tree, the LoraConfig to build its model with: `apply_to(model_cfg,
+  num_adapters=K)`). Row k of the multi-adapter model computes adapter k's model.
+
+  Adapters with one config stack unchanged. Others are brought to one: rank the largest (A's
+  extra columns and B's extra rows zero, which adds nothing), scale 1 with each B multiplied by
+  its own scale (one rounding), targets the union (an adapter without a weight gets zeros there).
+  Their dropouts, which only training reads, become 0 if they differ.
+  """
+  adapters, lcfgs = list(adapters), list(lcfgs)
+  if len(adapters) < 2 or len(lcfgs) != len(adapters):
+    raise ValueError(f'stack takes >= 2 adapters and one LoraConfig each, got {len(adapters)} '
+                     f'adapters and {len(lcfgs)} configs')
+  for i, a in enumerate(adapters):
+    if num_adapters(a) != 1:
+      raise ValueError(f'adapter {i} is already a multi-adapter tree')
+  flats = [dict(_flat(a)) for a in adapters]
+  paths = sorted(set().union(*flats))
+  weights = sorted({p[:-1] + (p[-1][:-len('_lora_a')],) for p in paths if p[-1].endswith('_a')})
+  for w in weights:
+    for i, f in enumerate(flats):
+      if (w[:-1] + (w[-1] + '_lora_a',) in f) != (w[:-1] + (w[-1] + '_lora_b',) in f):
+        raise ValueError(f'adapter {i} has only one of A and B on {"/".join(w)}')
+  same = all(l == lcfgs[0] for l in lcfgs) and all(f.keys() == flats[0].keys() for f in flats)
+  if same:
+    for w in weights:  # one config, yet shapes may differ: adapters of another base
+      for ab in ('_lora_a', '_lora_b'):
+        p = w[:-1] + (w[-1] + ab,)
+        shapes = [f[p].shape for f in flats]
+        if len(set(shapes)) > 1:
+          raise ValueError(f'adapters differ in shape on {"/".join(p)}: {shapes}')
+    return (traverse_util.unflatten_dict(
+        {p: jnp.stack([f[p] for f in flats], axis=_lead(p)) for p in paths}), lcfgs[0])
+  rank = max(l.rank for l in lcfgs)
+  out = {}
+  for w in weights:
+    pa, pb = w[:-1] + (w[-1] + '_lora_a',), w[:-1] + (w[-1] + '_lora_b',)
+    have = [(f[pa], f[pb], l) for f, l in zip(flats, lcfgs) if pa in f]
+    a0, b0, _ = have[0]
+    lead = _lead(pa)
+    a_shape, b_shape = a0.shape[:-1], b0.shape[:lead] + b0.shape[lead + 1:]
+    a_list, b_list = [], []
+    for f, l in zip(flats, lcfgs):
+      if pa not in f:
+        a, b = jnp.zeros((*a_shape, rank), a0.dtype), jnp.zeros((*b_shape[:lead], rank,
+                                                                  *b_shape[lead:]), b0.dtype)
+      else:
+        a, b = f[pa], f[pb]
+        if a.shape[:-1] != a_shape or b.shape[:lead] + b.shape[lead + 1:] != b_shape:
+          raise ValueError(f'adapters differ in shape on {"/".join(w)}: {a.shape} / {b.shape} '
+                           f'vs {a0.shape} / {b0.shape}')
+        pad = rank - a.shape[-1]
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+        b = jnp.pad((b.astype(jnp.float32) * l.scale).astype(b.dtype),
+                    [(0, 0)] * lead + [(0, pad)] + [(0, 0)] * (b.ndim - lead - 1))
+      a_list.append(a)
+      b_list.append(b)
+    out[pa] = jnp.stack(a_list, axis=lead)
+    out[pb] = jnp.stack(b_list, axis=lead)
+  targets = (lcfgs[0].targets if all(l.targets == lcfgs[0].targets for l in lcfgs) else
+             '^(' + '|'.join('/'.join(w) for w in weights) + ')$')
+  dropouts = {l.dropout for l in lcfgs}
+  mcfg = LoraConfig(rank=rank, alpha=float(rank), targets=targets, rslora=False,
+                    dropout=dropouts.pop() if len(dropouts) == 1 else 0.0)
+  return traverse_util.unflatten_dict(out), mcfg

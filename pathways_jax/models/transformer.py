@@ -11,6 +11,8 @@ RMSNorm (Qwen3), long-context RoPE scaling (Llama 3.1+).
                                     cache_index=i)   # KV-cache decoding
     logits_BLV = model.apply({'params': p}, tokens_BL, rngs={'dropout': key})  # training a
         # LoRA model with lora_dropout > 0; without a 'dropout' rng its adapters drop nothing
+    logits_BLV = model.apply({'params': p}, tokens_BL, adapter_ids_B=ids_B)  # multi-LoRA
+        # (lora_num_adapters = K > 1): row b runs adapter ids_B[b] of the K on the one base
 
 The dense layers run on a 2-D residual stream [B*L, D]: on CPU, XLA lowers 2-D matmuls markedly
 faster than the batched 3-D form (measured in benchmarks/train_throughput.py). Two pieces have
@@ -26,7 +28,8 @@ checkpoints rely on:
     (qkv_bias) attn/bq [heads, head_dim]  attn/bk, attn/bv [kv, head_dim]
     (qk_norm) attn/q_norm/scale, attn/k_norm/scale [head_dim]
     (lora_rank > 0) <weight>_lora_a [*in, r], <weight>_lora_b [r, *out] beside each targeted
-    dense weight, e.g. attn/wq_lora_a [embed, r], attn/wq_lora_b [r, heads, head_dim]
+    dense weight, e.g. attn/wq_lora_a [embed, r], attn/wq_lora_b [r, heads, head_dim];
+    (lora_num_adapters = K > 1) a leading [K], unnamed (replicated): A [K, *in, r], B [K, r, *out]
     mlp/w_gate, mlp/w_up [embed, mlp]  mlp/w_down [mlp, embed]
   final_norm/scale [embed]
 """
@@ -39,6 +42,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pathways_jax.config import ModelConfig
 from pathways_jax.models import attention as attn_lib
@@ -124,27 +128,79 @@ def lora_scale(cfg: ModelConfig) -> float:
   return cfg.lora_alpha / (cfg.lora_rank ** 0.5 if cfg.lora_rslora else cfg.lora_rank)
 
 
-def _lora_delta(module, name: str, x_TI, in_shape, out_shape, in_axes, out_axes, cfg):
+def check_adapter_ids(cfg: ModelConfig, adapter_ids_B, batch_size: int) -> None:
+  """One clear error for adapter ids that do not fit the model or the batch. Values are checked
+  where they are concrete; under `jit` a row whose id is out of range gets NaN (`_multi_lora`)."""
+  k = cfg.lora_num_adapters
+  if adapter_ids_B is None:
+    if k > 1:
+      raise ValueError(f'model.lora_num_adapters={k}: pass adapter_ids_B [batch] (the adapter '
+                       'each row runs)')
+    return
+  if k <= 1:
+    raise ValueError('adapter_ids_B needs a multi-adapter model (model.lora_num_adapters > 1); '
+                     f'this one has {k}')
+  shape, dtype = jnp.shape(adapter_ids_B), jnp.result_type(adapter_ids_B)
+  if shape != (batch_size,) or not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f'adapter_ids_B must be integers of shape [batch] = ({batch_size},), got '
+                     f'{dtype} of shape {shape}')
+  if not isinstance(adapter_ids_B, jax.core.Tracer):
+    ids = np.asarray(adapter_ids_B)
+    bad = np.unique(ids[(ids < 0) | (ids >= k)])
+    if bad.size:
+      raise ValueError(f'adapter_ids_B must be in [0, {k}) (model.lora_num_adapters), got '
+                       f'{bad.tolist()}')
+
+
+def _multi_lora(x_TI, a_KIR, b_KRO, ids_B):
+  """(x @ A[ids_B[b]]) @ B[ids_B[b]] row by row: each row's adapter gathered, then batched
+  matmuls (S-LoRA/Punica's "BGMV").
+
+  Why this form: its FLOPs are one adapter's whatever K is; in KV-cache decoding the gathers are
+  loop-invariant and XLA hoists them out of the decode loop, and a training row amortises them
+  over its L tokens. Every adapter on every token, then masked, costs K times the adapter FLOPs
+  (and measured slower on CPU: benchmarks/RESULTS.md); rows sorted by adapter into a grouped
+  matmul (ragged_dot) add a sort and an unsort of the activations (not measured here).
+  Out-of-range ids gather NaN (mode='fill'): under jit, where they cannot raise, such a row's
+  logits are NaN rather than another adapter's; gradients reach only the rows' own adapters."""
+  b = ids_B.shape[0]
+  x_BLI = x_TI.reshape(b, -1, x_TI.shape[-1])
+  a_BIR = jnp.take(a_KIR, ids_B, axis=0, mode='fill', fill_value=jnp.nan)
+  b_BRO = jnp.take(b_KRO, ids_B, axis=0, mode='fill', fill_value=jnp.nan)
+  h_BLR = jnp.einsum('bli,bir->blr', x_BLI, a_BIR)
+  return jnp.einsum('blr,bro->blo', h_BLR, b_BRO).reshape(x_TI.shape[0], -1)
+
+
+def _lora_delta(module, name: str, x_TI, in_shape, out_shape, in_axes, out_axes, cfg,
+                adapter_ids_B=None):
   """scale * (x @ A) @ B of the adapter on weight `name` (0 if it has none): A [*in, r] starts
-  uniform(+-1/sqrt(fan_in)), B [r, *out] at zero, so an adapted model starts as its base."""
+  uniform(+-1/sqrt(fan_in)), B [r, *out] at zero, so an adapted model starts as its base. With
+  K = lora_num_adapters > 1, A [K, *in, r] and B [K, r, *out], row b using adapter
+  adapter_ids_B[b]."""
   path = '/'.join((*module.scope.path, name))
   if not lora_targets(cfg, path):
     return None
   r, fan_in = cfg.lora_rank, int(math.prod(in_shape))
+  fan_out = int(math.prod(out_shape))
+  k = cfg.lora_num_adapters
+  lead, lead_axes = ((k,), (None,)) if k > 1 else ((), ())
   bound = 1.0 / fan_in ** 0.5
   a = module.param(f'{name}_lora_a', nn.with_logical_partitioning(
-      lambda k, s, d: jax.random.uniform(k, s, d, -bound, bound), (*in_axes, None)),
-      (*in_shape, r), _dtype(cfg.param_dtype))
-  b = module.param(f'{name}_lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                  (None, *out_axes)),
-                   (r, *out_shape), _dtype(cfg.param_dtype))
+      lambda k, s, d: jax.random.uniform(k, s, d, -bound, bound), (*lead_axes, *in_axes, None)),
+      (*lead, *in_shape, r), _dtype(cfg.param_dtype))
+  b = module.param(f'{name}_lora_b', nn.with_logical_partitioning(
+      nn.initializers.zeros, (*lead_axes, None, *out_axes)),
+      (*lead, r, *out_shape), _dtype(cfg.param_dtype))
   dt = _dtype(cfg.dtype)
   if cfg.lora_dropout > 0 and module.has_rng('dropout'):
     # Training only: the train step passes a 'dropout' rng, evaluation and sampling do not.
     # Each adapter draws its own mask (make_rng folds in the module path and a call counter).
     x_TI = _dropout(module.make_rng('dropout'), x_TI, cfg.lora_dropout)
+  if k > 1:
+    return lora_scale(cfg) * _multi_lora(x_TI, a.astype(dt).reshape(k, fan_in, r),
+                                         b.astype(dt).reshape(k, r, fan_out), adapter_ids_B)
   h = dense(x_TI, a.astype(dt).reshape(fan_in, r))
-  return lora_scale(cfg) * dense(h, b.astype(dt).reshape(r, int(math.prod(out_shape))))
+  return lora_scale(cfg) * dense(h, b.astype(dt).reshape(r, fan_out))
 
 
 def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
@@ -153,11 +209,13 @@ def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _adapted(module, name, x_TI, w, in_shape, out_shape, in_axes, out_axes, cfg):
+def _adapted(module, name, x_TI, w, in_shape, out_shape, in_axes, out_axes, cfg,
+             adapter_ids_B=None):
   """x @ w (w reshaped to [prod(in), prod(out)]) plus the LoRA term where `name` is a target."""
   dt = _dtype(cfg.dtype)
   out = dense(x_TI, w.astype(dt).reshape(int(math.prod(in_shape)), int(math.prod(out_shape))))
-  delta = _lora_delta(module, name, x_TI, in_shape, out_shape, in_axes, out_axes, cfg)
+  delta = _lora_delta(module, name, x_TI, in_shape, out_shape, in_axes, out_axes, cfg,
+                      adapter_ids_B)
   return out if delta is None else out + delta.astype(out.dtype)
 
 
@@ -167,7 +225,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_TD, batch, positions_BL, segment_BL, kv_segment_BS, kv_positions_BS,
-               layer_cache, cache_index):
+               layer_cache, cache_index, adapter_ids_B=None):
     cfg = self.cfg
     dt = _dtype(cfg.dtype)
     d, h, kh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
@@ -178,7 +236,7 @@ class Attention(nn.Module):
     wo = _param(self, 'wo', (h, hd, d), ('heads', 'head_dim', 'embed'), std_out, cfg)
     b, l = batch
     proj = lambda name, w, n, axis: _adapted(self, name, x_TD, w, (d,), (n, hd), ('embed',),
-                                             (axis, 'head_dim'), cfg)
+                                             (axis, 'head_dim'), cfg, adapter_ids_B)
     q = proj('wq', wq, h, 'heads').reshape(b, l, h, hd)
     k = proj('wk', wk, kh, 'kv').reshape(b, l, kh, hd)
     v = proj('wv', wv, kh, 'kv').reshape(b, l, kh, hd)
@@ -210,7 +268,7 @@ class Attention(nn.Module):
                           kv_from_cache=layer_cache is not None,
                           causal_query_blocks=cfg.causal_query_blocks)
     out_TD = _adapted(self, 'wo', out.reshape(b * l, h * hd), wo, (h, hd), (d,),
-                      ('heads', 'head_dim'), ('embed',), cfg)
+                      ('heads', 'head_dim'), ('embed',), cfg, adapter_ids_B)
     return out_TD, new_cache
 
 
@@ -218,7 +276,7 @@ class MLP(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_TD):
+  def __call__(self, x_TD, adapter_ids_B=None):
     cfg = self.cfg
     dt = _dtype(cfg.dtype)
     std_out = cfg.init_std / (2 * cfg.num_layers) ** 0.5
@@ -226,11 +284,11 @@ class MLP(nn.Module):
     w_up = _param(self, 'w_up', (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), cfg.init_std, cfg)
     w_down = _param(self, 'w_down', (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'), std_out, cfg)
     up = lambda name, w: _adapted(self, name, x_TD, w, (cfg.d_model,), (cfg.mlp_dim,), ('embed',),
-                                  ('mlp',), cfg)
+                                  ('mlp',), cfg, adapter_ids_B)
     hidden = nn.silu(up('w_gate', w_gate)) * up('w_up', w_up)
     hidden = nn.with_logical_constraint(hidden, ('activation_tokens', 'activation_mlp'))
     return _adapted(self, 'w_down', hidden, w_down, (cfg.mlp_dim,), (cfg.d_model,), ('mlp',),
-                    ('embed',), cfg)
+                    ('embed',), cfg, adapter_ids_B)
 
 
 class Block(nn.Module):
@@ -241,12 +299,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_TD, layer_cache, positions_BL, segment_BL, kv_segment_BS, kv_positions_BS,
-               cache_index):
+               cache_index, adapter_ids_B=None):
     attn_out, new_cache = Attention(self.cfg, self.packed, name='attn')(
         RMSNorm(self.cfg, name='attn_norm')(x_TD), self.batch, positions_BL, segment_BL,
-        kv_segment_BS, kv_positions_BS, layer_cache, cache_index)
+        kv_segment_BS, kv_positions_BS, layer_cache, cache_index, adapter_ids_B)
     x_TD = x_TD + attn_out
-    x_TD = x_TD + MLP(self.cfg, name='mlp')(RMSNorm(self.cfg, name='mlp_norm')(x_TD))
+    x_TD = x_TD + MLP(self.cfg, name='mlp')(RMSNorm(self.cfg, name='mlp_norm')(x_TD),
+                                            adapter_ids_B)
     x_TD = nn.with_logical_constraint(x_TD, ('activation_tokens', 'activation_embed'))
     return x_TD, new_cache
 
@@ -266,8 +325,12 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
                segment_ids_BL: jax.Array | None = None, cache: Cache | None = None,
                cache_index: Any = 0, return_hidden: bool = False,
-               logits_window: tuple[Any, int] | None = None):
+               logits_window: tuple[Any, int] | None = None,
+               adapter_ids_B: jax.Array | None = None):
     """Logits [B, L, V] (or hidden states [B, L, D] with `return_hidden`).
+
+    `adapter_ids_B` [B] (a multi-LoRA model, `lora_num_adapters` = K > 1, needs it; any other
+    refuses it): row b runs adapter adapter_ids_B[b] in [0, K). A packed row is one adapter's.
 
     `logits_window=(start, length)`: logits of positions [start, start + length) only, [B, length,
     V] (`start` may be traced): a sampler that reads one block of a long row skips the rest of the
@@ -275,6 +338,9 @@ class Transformer(nn.Module):
     """
     cfg = self.cfg
     b, l = tokens_BL.shape
+    check_adapter_ids(cfg, adapter_ids_B, b)
+    if adapter_ids_B is not None:
+      adapter_ids_B = jnp.asarray(adapter_ids_B, jnp.int32)
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32) + cache_index, (b, l))
     packed = segment_ids_BL is not None or cache is not None
@@ -295,13 +361,13 @@ class Transformer(nn.Module):
     x_TD = nn.with_logical_constraint(x_TD, ('activation_tokens', 'activation_embed'))
 
     block_cls = _remat(Block, cfg.remat)
-    shared = (positions_BL, segment_ids_BL, kv_segment, kv_positions, cache_index)
+    shared = (positions_BL, segment_ids_BL, kv_segment, kv_positions, cache_index, adapter_ids_B)
     new_layer_caches = None
     if cfg.scan_layers:
       layer_caches = None if cache is None else {'k': cache['k'], 'v': cache['v']}
       scanned = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
-                                 nn.broadcast), length=cfg.num_layers,
+                                 nn.broadcast, nn.broadcast), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: 'layers'})
       x_TD, new_layer_caches = scanned(cfg, (b, l), packed, name='blocks')(x_TD, layer_caches, *shared)
     else:

@@ -9,6 +9,8 @@ sampling.rollout also runs on a mesh. Given any other `apply_fn(params, tokens_B
 logits_BLV`, it recomputes the whole fixed-size buffer each step (slower, same result for causal
 models).
 Prompts of different lengths are left-padded; pass `prompt_mask_BP` (True = real token).
+A multi-LoRA model (`model.lora_num_adapters` = K > 1, docs/lora.md) samples K fine-tunes in one
+batch: `adapter_ids_B` names each row's adapter, and every forward (prefill and each step) gets it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pathways_jax.models.transformer import Transformer, init_cache
+from pathways_jax.models.transformer import Transformer, check_adapter_ids, init_cache
 
 _NEG = -1e30
 
@@ -72,13 +74,14 @@ class Decoded(NamedTuple):
 
 
 def decode(model, params, prompt_BP, prompt_mask_BP, key, *, max_new_tokens, temperature, top_k,
-           top_p, min_p, eos_id, pad_id, cache_sharding=None) -> Decoded:
+           top_p, min_p, eos_id, pad_id, cache_sharding=None, adapter_ids_B=None) -> Decoded:
   """The KV-cache decoder (traced; callers jit it): a prompt forward fills the cache, then a
   `while_loop` samples one token per step until `max_new_tokens` or every row has emitted EOS.
 
   The token of step i is drawn with `fold_in(key, i)`, so stopping early changes nothing before
   the stop, and what it skips is pad anyway. `cache_sharding` (a NamedSharding per cache entry)
-  pins the cache's layout when this runs on a mesh (see sampling.rollout).
+  pins the cache's layout when this runs on a mesh (see sampling.rollout). `adapter_ids_B` [B]:
+  each row's adapter of a multi-LoRA model.
   The log-probs are of the sampling policy before top-k/top-p/min-p filtering, 0 where nothing was
   generated.
   """
@@ -89,7 +92,8 @@ def decode(model, params, prompt_BP, prompt_mask_BP, key, *, max_new_tokens, tem
     cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
   segments, positions = left_pad_layout(prompt_mask_BP)
   logits, cache = model.apply({'params': params}, prompt_BP, positions_BL=positions,
-                              segment_ids_BL=segments, cache=cache, cache_index=0)
+                              segment_ids_BL=segments, cache=cache, cache_index=0,
+                              adapter_ids_B=adapter_ids_B)
   next_pos = positions[:, -1] + 1  # [B]
   sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
   scale = temperature if temperature > 0 else 1.0
@@ -117,7 +121,7 @@ def decode(model, params, prompt_BP, prompt_mask_BP, key, *, max_new_tokens, tem
     token = jax.lax.dynamic_slice_in_dim(new, i, 1, axis=1)
     logits, cache = model.apply({'params': params}, token, positions_BL=(next_pos + i)[:, None],
                                 segment_ids_BL=jnp.ones((b, 1), jnp.int32), cache=cache,
-                                cache_index=p + i)
+                                cache_index=p + i, adapter_ids_B=adapter_ids_B)
     nxt, lp = pick(i + 1, logits[:, 0], done)
     new = jax.lax.dynamic_update_slice_in_dim(new, nxt[:, None], i + 1, axis=1)
     logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], i + 1, axis=1)
@@ -134,8 +138,9 @@ def decode(model, params, prompt_BP, prompt_mask_BP, key, *, max_new_tokens, tem
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
                                              'top_p', 'min_p', 'eos_id', 'pad_id'))
-def _generate_cached(model, params, prompt_BP, prompt_mask_BP, key, **kw):
-  return decode(model, params, prompt_BP, prompt_mask_BP, key, **kw).tokens_BT
+def _generate_cached(model, params, prompt_BP, prompt_mask_BP, key, adapter_ids_B, **kw):
+  return decode(model, params, prompt_BP, prompt_mask_BP, key, adapter_ids_B=adapter_ids_B,
+                **kw).tokens_BT
 
 
 @functools.partial(jax.jit, static_argnames=('apply_fn', 'max_new_tokens', 'temperature',
@@ -161,10 +166,12 @@ def _generate_recompute(apply_fn, params, prompt_BP, key, *, max_new_tokens, tem
 def generate(apply_fn_or_model, params, prompt_BP, *, key, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, prompt_mask_BP=None, eos_id: int | None = None,
-             pad_id: int = 0) -> jax.Array:
+             pad_id: int = 0, adapter_ids_B=None) -> jax.Array:
   """Returns [B, P + max_new_tokens]: the prompts followed by sampled tokens.
 
   `temperature=0` is greedy. After a row emits `eos_id`, the rest of the row is `pad_id`.
+  `adapter_ids_B` [B] (a multi-LoRA Transformer only): row b samples from adapter
+  adapter_ids_B[b], the tokens that adapter's model alone gives the row (same key, same place).
   """
   prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
   if prompt_BP.ndim != 2 or prompt_BP.shape[1] == 0:
@@ -183,9 +190,14 @@ def generate(apply_fn_or_model, params, prompt_BP, *, key, max_new_tokens: int,
     if prompt_BP.shape[1] + max_new_tokens > model.cfg.max_len:
       raise ValueError(f'prompt ({prompt_BP.shape[1]}) + max_new_tokens ({max_new_tokens}) '
                        f'exceeds model.max_len={model.cfg.max_len}')
+    check_adapter_ids(model.cfg, adapter_ids_B, prompt_BP.shape[0])
+    if adapter_ids_B is not None:
+      adapter_ids_B = jnp.asarray(adapter_ids_B, jnp.int32)
     mask = (jnp.ones_like(prompt_BP, bool) if prompt_mask_BP is None
             else jnp.asarray(prompt_mask_BP, bool))
-    return _generate_cached(model, params, prompt_BP, mask, key, **kw)
+    return _generate_cached(model, params, prompt_BP, mask, key, adapter_ids_B, **kw)
+  if adapter_ids_B is not None:
+    raise ValueError('adapter_ids_B needs the Transformer module (a plain apply_fn takes no ids)')
   if prompt_mask_BP is not None:
     raise ValueError('left-padded prompts need the Transformer module (for segment ids), not a '
                      'plain apply_fn')

@@ -155,3 +155,13 @@ def test_ab_step_variants_change_a_copy_of_the_config_with_typed_values():
   got = ab_step.apply_overrides(cfg, overrides, name)
   assert got.model.causal_query_blocks == 1 and isinstance(got.model.causal_query_blocks, int)
   assert got.train.lr == 2e-3 and cfg.model.causal_query_blocks == before
+
+
+def test_multi_lora_prints_every_variant_against_the_merged_model(tmp_path):
+  stdout = _run(tmp_path, 'multi_lora.py', '--batch=4', '--new_tokens=4', '--adapters=2',
+                '--rank=2', '--repeats=1')
+  rows = [l for l in stdout.splitlines() if l.startswith('| ') and 'x (' in l]
+  assert [r.split(' | ')[0] for r in rows] == ['| merged (one model)',
+                                               '| multi-LoRA, 2 adapters mixed',
+                                               '| one unmerged adapter'], stdout
+  assert rows[0].split(' | ')[3].startswith('1.00x'), stdout

@@ -42,7 +42,7 @@ class _NoMLP(nn.Module):
   cfg: object
 
   @nn.compact
-  def __call__(self, x_TD):
+  def __call__(self, x_TD, *_):  # the MLP's other inputs (multi-LoRA adapter ids) are unused
     return jnp.zeros_like(x_TD)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from pathways_jax.adapters import lora
 from pathways_jax.config import ModelConfig
-from pathways_jax.interop.hf import checkpoint
+import pathways_jax.interop.hf.checkpoint as checkpoint
 import pathways_jax.interop.hf.config as hf_config
 
 ADAPTER_CONFIG = 'adapter_config.json'

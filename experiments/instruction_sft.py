@@ -15,7 +15,8 @@
    up to the assistant turn, greedy decoding to eos).
 
 WORKDIR/results.json: `base` and `sft` (format_compliance, accuracy, strict_accuracy, counts, per
-kind / format / template / fact group, sample outputs), the stages' wall times, date, device, config.
+kind / format / template / fact group, sample outputs), the stages' wall times, date, device,
+config.
 Finished stages (a run directory whose results.json says completed) are skipped, so the same
 command resumes; `--config.seed` changes the training seeds only (initialisation, data order),
 not the world or the instruction set.

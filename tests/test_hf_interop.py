@@ -292,3 +292,19 @@ def test_bfloat16_checkpoints_round_trip(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
     assert b.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
+
+
+def test_an_export_is_written_whole_or_not_at_all(tmp_path):
+  from pathways_jax.interop.hf.checkpoint import new_directory
+  out = tmp_path / 'out'
+  with pytest.raises(RuntimeError, match='midway'):
+    with new_directory(str(out), hf.HFCheckpointError) as tmp:
+      (tmp_path / 'out.partial' / 'model.safetensors').write_text('half')
+      raise RuntimeError('midway')
+  assert not out.exists() and not (tmp_path / 'out.partial').exists()
+  with new_directory(str(out), hf.HFCheckpointError) as tmp:
+    (tmp_path / 'out.partial' / 'config.json').write_text('{}')
+  assert (out / 'config.json').exists()
+  with pytest.raises(hf.HFCheckpointError, match='exists; export into a new directory'):
+    with new_directory(str(out), hf.HFCheckpointError):
+      pass

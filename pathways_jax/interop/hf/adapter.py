@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 
 import jax
 import numpy as np
@@ -170,21 +169,11 @@ def save_adapter(lora_params, lcfg: lora.LoraConfig, model_cfg: ModelConfig, out
       'bias': 'none', 'fan_in_fan_out': False, 'use_dora': False, 'init_lora_weights': True,
       'inference_mode': True, 'modules_to_save': None, 'layers_to_transform': None,
       'layers_pattern': None, 'rank_pattern': {}, 'alpha_pattern': {}, 'revision': None}
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir):
-    raise AdapterError(f'{out_dir} exists; export into a new directory')
-  tmp = out_dir + '.partial'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+  with checkpoint.new_directory(out_dir, AdapterError) as tmp:
     save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={'format': 'pt'})
     with open(os.path.join(tmp, ADAPTER_CONFIG), 'w') as f:
       json.dump(config, f, indent=2)
-    os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out_dir
+  return os.path.abspath(out_dir)
 
 
 # ------------------------------------------------------------------------------------- import

@@ -24,6 +24,7 @@ Both use rotate-half RoPE on the head dimension as it is stored, so no permutati
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -354,13 +355,7 @@ def save_pretrained(params, model_cfg: ModelConfig, out_dir: str, *, tokenizer=N
     diff = sorted(set(flat) ^ {t.path for t in spec})[:4]
     raise HFCheckpointError(f'the params do not match the model config (first differences: '
                             f'{["/".join(p) for p in diff]})')
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir):
-    raise HFCheckpointError(f'{out_dir} exists; export into a new directory')
-  tmp = out_dir + '.partial'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+  with new_directory(out_dir, HFCheckpointError) as tmp:
     np_dtype = jnp.dtype(dtype) if dtype else None
     shards, current, size = [], {}, 0
     for t in spec:
@@ -389,13 +384,22 @@ def save_pretrained(params, model_cfg: ModelConfig, out_dir: str, *, tokenizer=N
       json.dump(config, f, indent=2)
     if tokenizer is not None and hasattr(tokenizer, 'save'):
       tokenizer.save(tmp)
+  return os.path.abspath(out_dir)
+
+
+@contextlib.contextmanager
+def new_directory(out_dir: str, error_cls: type[Exception]):
+  """Yields OUT_DIR.partial to write into; renamed to `out_dir` when the block succeeds, removed
+  when it fails, so an export is never half written. `out_dir` must not exist."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir):
+    raise error_cls(f'{out_dir} exists; export into a new directory')
+  tmp = out_dir + '.partial'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    yield tmp
     os.replace(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return out_dir
-
-
-def iter_tensor_names(cfg: ModelConfig, model_type: str) -> Iterator[str]:
-  """The HF tensor names of a model (for tools and tests)."""
-  return (t.name for t in tensor_map(cfg, model_type))

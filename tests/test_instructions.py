@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, tiny_config
+from helpers import REPO, cli, tiny_config
 from pathways_jax import config as config_lib
 from pathways_jax import tasks
 from pathways_jax.data import chat, sft, synthetic, tokenizers
@@ -132,6 +132,10 @@ def test_bad_input_is_named(examples, tmp_path):
     I.read_jsonl(str(bad))
   with pytest.raises(ValueError, match='same'):
     instr_eval.score([], [])
+  # The command line: one line on stderr, no traceback, nothing written.
+  out = cli('pathways_jax.data.instructions', f'--out={tmp_path / "cli"}', '--num_people=0')
+  assert out.returncode == 1 and out.stderr.strip() == 'error: num_people must be in [1, 2048], got 0'
+  assert not (tmp_path / 'cli').exists()
 
 
 def test_the_train_file_is_chat_data_trained_on_the_answers_only(examples, tmp_path):

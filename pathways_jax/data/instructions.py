@@ -45,6 +45,7 @@ import json
 import os
 import random
 import re
+import sys
 from typing import Sequence
 
 from pathways_jax.data import splits as splits_lib
@@ -340,16 +341,20 @@ def main(argv) -> int:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  world = synthetic.make_world(f.seed, f.num_people)
-  examples = make_examples(world, num_arithmetic=f.num_arithmetic, variants=f.variants,
-                           heldout_fraction=f.heldout_fraction, split_by=f.split_by)
-  for split, path in write_splits(examples, f.out).items():
+  try:
+    world = synthetic.make_world(f.seed, f.num_people)
+    examples = make_examples(world, num_arithmetic=f.num_arithmetic, variants=f.variants,
+                             heldout_fraction=f.heldout_fraction, split_by=f.split_by)
+    paths = write_splits(examples, f.out)
+  except (ValueError, OSError) as e:  # DataError is a ValueError
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  for split, path in paths.items():
     print(f'{split}: {len(examples[split])} examples -> {path}')
   return 0
 
 
 if __name__ == '__main__':
-  import sys  # pylint: disable=g-import-not-at-top
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('out', None, 'output directory (train.jsonl, heldout.jsonl)', required=True)
   flags.DEFINE_integer('seed', 0, "the world's seed (data.synthetic.seed)")

@@ -75,6 +75,11 @@ def get_config():
   i.sft_steps = 800
   i.sft_lr = 4e-3
   i.sft_warmup_steps = 20
+  # The LoRA arm (0: none): the same SFT with the base frozen and adapters of this rank on every
+  # dense weight (model.lora_targets='all-linear'), in WORKDIR/lora.
+  i.lora_rank = 8
+  i.lora_alpha = 16.0
+  i.lora_lr = 1e-2
   i.eval_batch = 64
   i.eval_limit = 0  # > 0: evaluate the first N held-out examples only (quick runs)
   return c
@@ -105,6 +110,15 @@ def sft_config_of(cfg, train_path: str, base_dir: str):
   c.train.warmup_steps = cfg.instructions.sft_warmup_steps
   c.train.eval_every = cfg.instructions.sft_steps
   c.train.checkpoint_every = cfg.instructions.sft_steps
+  return c
+
+
+def lora_config_of(cfg, train_path: str, base_dir: str):
+  c = sft_config_of(cfg, train_path, base_dir)
+  c.name = f'{cfg.name}-lora'
+  c.model.lora_rank = cfg.instructions.lora_rank
+  c.model.lora_alpha = cfg.instructions.lora_alpha
+  c.train.lr = cfg.instructions.lora_lr
   return c
 
 
@@ -139,16 +153,20 @@ def run(cfg, workdir: str) -> dict:
   heldout = examples['heldout']
   if cfg.instructions.eval_limit > 0:
     heldout = heldout[:cfg.instructions.eval_limit]
-  base_dir, sft_dir = os.path.join(workdir, 'base'), os.path.join(workdir, 'sft')
-  wall = {}
+  dirs = {arm: os.path.join(workdir, arm) for arm in ('base', 'sft', 'lora')}
+  if not cfg.instructions.lora_rank:
+    del dirs['lora']
+  wall, trained = {}, {}
   t0 = time.perf_counter()
-  base_res = _train(base_config_of(cfg), base_dir)
+  base_res = _train(base_config_of(cfg), dirs['base'])
   wall['base_train_s'] = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  sft_res = _train(sft_config_of(cfg, paths['train'], base_dir), sft_dir)
-  wall['sft_train_s'] = time.perf_counter() - t0
+  for arm, make in (('sft', sft_config_of), ('lora', lora_config_of)):
+    if arm in dirs:
+      t0 = time.perf_counter()
+      trained[arm] = _train(make(cfg, paths['train'], dirs['base']), dirs[arm])
+      wall[f'{arm}_train_s'] = time.perf_counter() - t0
   evals = {}
-  for name, run_dir in (('base', base_dir), ('sft', sft_dir)):
+  for name, run_dir in dirs.items():
     t0 = time.perf_counter()
     evals[name] = instr_eval.evaluate_run(run_dir, heldout, batch_size=cfg.instructions.eval_batch,
                                           train_keys={e.key for e in examples['train']})
@@ -160,9 +178,10 @@ def run(cfg, workdir: str) -> dict:
   results = {
       'status': 'completed', 'seed': cfg.seed,
       'examples': {s: len(v) for s, v in examples.items()}, 'evaluated': len(heldout),
-      'base': evals['base'], 'sft': evals['sft'],
-      'base_val_loss': base_res.get('val_loss'), 'sft_val_loss': sft_res.get('val_loss'),
-      'sft_train_loss': sft_res.get('train_loss'), 'wall_s': wall,
+      **evals, 'base_val_loss': base_res.get('val_loss'),
+      **{f'{arm}_{k}': r.get(k) for arm, r in trained.items()
+         for k in ('val_loss', 'train_loss', 'params', 'trainable_params')},
+      'wall_s': wall,
       'date': datetime.date.today().isoformat(),
       'device': {'kind': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
                  'count': jax.device_count(), 'cpus': os.cpu_count(),

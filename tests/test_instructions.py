@@ -176,8 +176,8 @@ def test_the_train_file_is_chat_data_trained_on_the_answers_only(examples, tmp_p
 
 
 def test_the_experiment_end_to_end_on_tiny_settings(tmp_path):
-  """Base pretraining, SFT on the written train split through the trainer (init_from the base),
-  and the held-out evaluation of both: numbers in [0, 1] and a complete results.json."""
+  """Base pretraining, SFT and LoRA on the written train split through the trainer (init_from
+  the base), and the held-out evaluation of all three: numbers in [0, 1] and a complete results.json."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location(
       'instruction_sft', os.path.join(REPO, 'experiments', 'instruction_sft.py'))
@@ -197,7 +197,13 @@ def test_the_experiment_end_to_end_on_tiny_settings(tmp_path):
   sft_cfg = json.loads((tmp_path / 'run' / 'sft' / 'config.json').read_text())
   assert sft_cfg['task'] == 'sft' and sft_cfg['data']['corpus'] == 'chat'
   assert sft_cfg['train']['init_from'] == str(tmp_path / 'run' / 'base')
-  for name in ('base', 'sft'):
+  lora_cfg = json.loads((tmp_path / 'run' / 'lora' / 'config.json').read_text())
+  assert lora_cfg['model']['lora_rank'] == 8 and lora_cfg['train']['init_from'] == sft_cfg[
+      'train']['init_from']
+  # Only the adapters train: the LoRA model is the base's parameters plus the trained ones.
+  assert saved['lora_params'] == saved['sft_params'] + saved['lora_trainable_params']
+  assert saved['sft_trainable_params'] == saved['sft_params']
+  for name in ('base', 'sft', 'lora'):
     r = saved[name]
     assert r['n'] == 12 and 0 <= r['format_compliance'] <= 1 and 0 <= r['accuracy'] <= 1
     assert r['format_ok_count'] == round(12 * r['format_compliance'])

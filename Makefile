@@ -12,7 +12,7 @@ UV_VERSION := 0.13.9
 TORCH ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv lock run test test-variants reproduce bench golden-hf check-export-hf clean
+.PHONY: venv lock run test test-variants reproduce bench bench-trl golden-hf check-export-hf clean
 
 venv: $(STAMP)
 
@@ -61,6 +61,13 @@ bench: $(STAMP)
 	$(PY) -m pip install -q '$(TORCH)' || echo "torch not installed: benchmarks run without the PyTorch column"
 	$(PY) benchmarks/train_throughput.py
 
+# SFT step tokens/s against TRL's SFTTrainer on the same HF model and chat data, and the LoRA vs
+# full step's compiled memory (benchmarks/sft_vs_trl.py, benchmarks/RESULTS.md). The TRL side runs
+# in .venv-golden (`make golden-hf` installs trl there, as it keeps torch out of .venv); without
+# it the script reports pathways_jax and the memory table alone.
+bench-trl: $(STAMP)
+	$(PY) benchmarks/sft_vs_trl.py
+
 # tests/golden/hf: tiny random Llama/Qwen2/Qwen3 checkpoints and the logits and greedy tokens
 # transformers computes for them, for the torch-free tests of pathways_jax.interop.hf. Run it only
 # to regenerate them (then commit tests/golden/hf); its own venv keeps torch out of .venv. $(TORCH)
@@ -75,7 +82,7 @@ LLADA_CODE ?=
 golden-hf:
 	$(PYTHON) -m venv $(GOLDEN_VENV)
 	$(GOLDEN_VENV)/bin/python -m pip install -q '$(TORCH)' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
-	$(GOLDEN_VENV)/bin/python -m pip install -q '$(TORCH)' '$(TRANSFORMERS)' 'peft==0.21.2' safetensors numpy
+	$(GOLDEN_VENV)/bin/python -m pip install -q '$(TORCH)' '$(TRANSFORMERS)' 'peft==0.21.2' 'trl==1.16.0' safetensors numpy
 	$(GOLDEN_VENV)/bin/python tests/golden/hf/make_golden.py $(if $(LLADA_CODE),--llada_code='$(LLADA_CODE)',)
 
 # The export half of the round trip, judged by transformers: the golden checkpoints imported and

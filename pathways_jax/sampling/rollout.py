@@ -12,6 +12,10 @@ log-probability of every sampled token (what RL objectives need).
     ro.completion_mask_BN  [B*G, N] True on generated tokens, up to and including EOS
     ro.steps               decoding steps run: the loop stops once every row has emitted EOS
 
+A multi-LoRA policy (model.lora_num_adapters = K > 1) takes `adapter_ids_B` [B], one adapter per
+prompt (its G samples share it): one batch samples K fine-tunes at once, row by row what each
+adapter's own model gives (tests/test_rollout.py).
+
 One jitted program around `autoregressive.decode` (the KV-cache decoder `autoregressive.generate`
 uses too): the prompt forward fills a KV cache, then a `while_loop` decodes one token per step.
 The cache lives only inside the program, as a loop carry XLA updates in place (nothing to
@@ -29,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from pathways_jax import parallel
-from pathways_jax.models.transformer import CACHE_AXES, Transformer, init_cache
+from pathways_jax.models.transformer import CACHE_AXES, Transformer, check_adapter_ids, init_cache
 from pathways_jax.sampling import autoregressive
 
 
@@ -47,12 +51,16 @@ def cache_shardings(model_cfg, batch_size: int, length: int, mesh, rules):
   return parallel.logical_to_sharding(boxed, mesh, rules)
 
 
-def _decode(model, params, prompt_BP, prompt_mask_BP, key, cache_sh, *, num_samples, **kw):
+def _decode(model, params, prompt_BP, prompt_mask_BP, key, adapter_ids_B, cache_sh, *,
+            num_samples, **kw):
   """Each prompt `num_samples` times, through autoregressive.decode (the one KV-cache decoder)."""
   prompt_BP = jnp.repeat(prompt_BP, num_samples, axis=0)
   prompt_mask_BP = jnp.repeat(prompt_mask_BP, num_samples, axis=0)
+  if adapter_ids_B is not None:
+    adapter_ids_B = jnp.repeat(adapter_ids_B, num_samples, axis=0)
   return Rollout(*autoregressive.decode(model, params, prompt_BP, prompt_mask_BP, key,
-                                        cache_sharding=cache_sh, **kw))
+                                        cache_sharding=cache_sh, adapter_ids_B=adapter_ids_B,
+                                        **kw))
 
 
 class RolloutSampler:
@@ -78,6 +86,7 @@ class RolloutSampler:
       from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
       param_shardings = frozen.abstract_params_and_shardings(model, mesh, rules)[1]
     self.mesh, self.rules, self.shape = mesh, rules, (batch_size, prompt_len)
+    self.model_cfg = model.cfg
     self.rows = parallel.batch_sharding(mesh)
     cache_sh = cache_shardings(model.cfg, batch_size * num_samples, prompt_len + max_new_tokens,
                                mesh, rules)
@@ -86,20 +95,24 @@ class RolloutSampler:
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k or None,
         top_p=top_p or None, min_p=min_p or None, eos_id=eos_id, pad_id=pad_id)
     self._fn = jax.jit(fn, in_shardings=(param_shardings, self.rows, self.rows,
-                                         parallel.replicated(mesh)),
+                                         parallel.replicated(mesh), self.rows),
                        out_shardings=Rollout(self.rows, self.rows, self.rows,
                                              parallel.replicated(mesh)))
 
-  def __call__(self, params, prompt_BP, prompt_mask_BP=None, *, key) -> Rollout:
+  def __call__(self, params, prompt_BP, prompt_mask_BP=None, *, key,
+               adapter_ids_B=None) -> Rollout:
     prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
     if prompt_BP.shape != self.shape:
       raise ValueError(f'prompt_BP has shape {prompt_BP.shape}, this sampler was built for '
                        f'{self.shape}')
+    check_adapter_ids(self.model_cfg, adapter_ids_B, self.shape[0])  # one clear error, eagerly
     mask = (jnp.ones_like(prompt_BP, bool) if prompt_mask_BP is None
             else jnp.asarray(prompt_mask_BP, bool))
+    ids = None if adapter_ids_B is None else jax.device_put(
+        jnp.asarray(adapter_ids_B, jnp.int32), self.rows)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._fn(params, jax.device_put(prompt_BP, self.rows),
-                      jax.device_put(mask, self.rows), key)
+                      jax.device_put(mask, self.rows), key, ids)
 
 
 @functools.lru_cache(maxsize=16)
@@ -110,9 +123,10 @@ def _sampler(model, mesh, rules, **kwargs) -> RolloutSampler:
 def rollout(model: Transformer, params, prompt_BP, prompt_mask_BP=None, *, key, mesh, rules,
             max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-            eos_id: int | None = None, pad_id: int = 0) -> Rollout:
+            eos_id: int | None = None, pad_id: int = 0, adapter_ids_B=None) -> Rollout:
   """`num_samples` completions of each prompt (see the module docstring); the program is built
-  once per model, mesh, shape and setup, and reused."""
+  once per model, mesh, shape and setup, and reused. `adapter_ids_B` [B]: each prompt's adapter
+  of a multi-LoRA model."""
   prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
   if prompt_BP.ndim != 2:
     raise ValueError(f'prompt_BP must be [batch, length], got shape {prompt_BP.shape}')
@@ -120,4 +134,4 @@ def rollout(model: Transformer, params, prompt_BP, prompt_mask_BP=None, *, key, 
                      prompt_len=prompt_BP.shape[1], max_new_tokens=max_new_tokens,
                      num_samples=num_samples, temperature=float(temperature), top_k=top_k,
                      top_p=top_p, min_p=min_p, eos_id=eos_id, pad_id=pad_id)
-  return sampler(params, prompt_BP, prompt_mask_BP, key=key)
+  return sampler(params, prompt_BP, prompt_mask_BP, key=key, adapter_ids_B=adapter_ids_B)

@@ -70,9 +70,16 @@ def base_config() -> ml_collections.ConfigDict:
   # sampling. The train step gives the model its 'dropout' rng only when this is > 0.
   m.lora_dropout = 0.0
   # Multi-LoRA (docs/lora.md): K adapters on one base, each row of a batch naming its own
-  # (`adapter_ids_B`). 1 = one adapter, today's layout. The model and the sampler take K > 1; the
-  # trainer and run directories hold one adapter, so a run config must keep 1.
+  # (`adapter_ids_B`). 1 = one adapter. A run with K > 1 trains K adapters at once on
+  # data.corpus='chat': data.path names K JSONL files (file k trains adapter k), or one whose
+  # lines carry "adapter": k. Tasks 'sft' and 'llada_sft'.
   m.lora_num_adapters = 1
+  # QLoRA (docs/qlora.md): '' (off) | 'int8' | 'int4' | 'nf4': the frozen base's dense weights
+  # held quantised by qwix (adapters.qlora) while the adapters train in model.param_dtype. Needs
+  # model.lora_rank > 0 and train.init_from (the base to quantise). Blocks of
+  # lora_quantize_block input values share one scale (0: one scale per output channel).
+  m.lora_quantize = ''
+  m.lora_quantize_block = 64
 
   c.data = d = ml_collections.ConfigDict()
   d.corpus = 'stdlib'  # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'rows' | 'chat'
@@ -228,6 +235,7 @@ _CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'full', 'dots'),
     'model.attention': ('xla', 'cpu', 'pallas', 'cudnn'),
+    'model.lora_quantize': ('', 'int8', 'int4', 'nf4'),  # adapters.qlora.QTYPES
     'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds', 'rows', 'chat'),
     'data.chat.train_on': ('assistant', 'all'),
     'data.chat.truncation': ('cut', 'drop'),
@@ -299,10 +307,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.train.warmup_steps must be >= 0, got {t.warmup_steps}')
   if cfg.objective == 'diffusion' and m.causal:
     raise ConfigError("config.objective='diffusion' needs config.model.causal=False")
-  if m.get('lora_num_adapters', 1) != 1:
-    raise ConfigError(f'config.model.lora_num_adapters={m.lora_num_adapters}: a run trains and '
-                      'stores one adapter; several adapters on one base are served with the model '
-                      'and sampler directly (lora.stack, adapter_ids_B: docs/lora.md)')
+  _validate_adapters(cfg)
   if m.get('shift_logits') and m.causal:
     raise ConfigError('config.model.shift_logits=True is for bidirectional models '
                       '(config.model.causal=False); a causal model already predicts the next token')
@@ -324,6 +329,48 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ConfigError('config.train.trainable (training a subset) and config.growth cannot be '
                         'combined yet: the grown model would need its own split')
   _validate_selective(cfg)
+
+
+def chat_paths(data_cfg) -> list[str]:
+  """The JSONL files data.path names for corpus 'chat': one, or K comma-separated (multi-LoRA:
+  file k trains adapter k)."""
+  return [p.strip() for p in str(data_cfg.path).split(',') if p.strip()]
+
+
+def _validate_adapters(cfg) -> None:
+  """Multi-LoRA (model.lora_num_adapters) and QLoRA (model.lora_quantize) runs."""
+  m, d, t = cfg.model, cfg.data, cfg.train
+  k, rank = m.get('lora_num_adapters', 1), m.get('lora_rank', 0)
+  if k < 1:
+    raise ConfigError(f'config.model.lora_num_adapters must be >= 1, got {k}')
+  if k > 1 and rank < 1:
+    raise ConfigError(f'config.model.lora_num_adapters={k} needs config.model.lora_rank > 0 '
+                      '(K adapters of that rank)')
+  if k > 1 and d.corpus != 'chat':
+    raise ConfigError(f'config.model.lora_num_adapters={k} trains each adapter on its own data: '
+                      "set config.data.corpus='chat' with data.path naming K JSONL files "
+                      '(comma-separated) or one whose lines carry "adapter": k')
+  if d.corpus == 'chat':
+    n = len(chat_paths(d))
+    if n > 1 and n != k:
+      raise ConfigError(f'config.data.path names {n} files for config.model.lora_num_adapters='
+                        f'{k}: give one file per adapter, or one file whose lines carry '
+                        '"adapter": k')
+  quantize = m.get('lora_quantize', '')
+  if quantize:
+    if rank < 1:
+      raise ConfigError(f'config.model.lora_quantize={quantize!r} quantises the frozen base '
+                        'under LoRA adapters: set config.model.lora_rank > 0')
+    if not t.get('init_from'):
+      raise ConfigError(f'config.model.lora_quantize={quantize!r} needs the base to quantise: '
+                        'set config.train.init_from (a run or HF directory); a random base is '
+                        'not worth fine-tuning')
+    if m.get('lora_quantize_block', 64) < 0:
+      raise ConfigError('config.model.lora_quantize_block must be >= 0, got '
+                        f'{m.lora_quantize_block}')
+    if importlib.util.find_spec('qwix') is None:
+      raise ConfigError(f'config.model.lora_quantize={quantize!r} quantises with qwix, which is '
+                        'not installed: pip install -e ".[qlora]"')
 
 
 def _validate_selective(cfg) -> None:

@@ -4,6 +4,7 @@
     python -m pathways_jax.evaluate --workdir=runs/x --tasks=my_task --include_path=my_tasks/ \
         [--limit=N] [--batch_size=16] [--num_fewshot=K] [--output=results.json] \
         [--model_args=mc_num=128,check_greedy=false] [--apply_chat_template] [--log_samples]
+        [--adapter=K]   # a multi-LoRA run (model.lora_num_adapters = K > 1): which adapter
 
 Prints the harness's results table and writes its results as JSON (default
 WORKDIR/lm_eval/results.json). Standard tasks need their datasets (downloaded by `datasets`
@@ -22,7 +23,8 @@ import sys
 
 _USAGE = """python -m pathways_jax.evaluate --workdir=W --tasks=t1,t2 [--include_path=DIR]
     [--limit=N] [--batch_size=B] [--num_fewshot=K] [--output=path.json] [--model_args=k=v,...]
-    [--step=N] [--seed=S] [--gen_kwargs=k=v,...] [--apply_chat_template] [--log_samples]"""
+    [--step=N] [--seed=S] [--gen_kwargs=k=v,...] [--apply_chat_template] [--log_samples]
+    [--adapter=K]"""
 
 
 def _task_manager(tasks: list[str], include_path: str | None):
@@ -54,10 +56,18 @@ def evaluate(workdir: str, tasks: list[str], *, include_path: str | None = None,
              batch_size: int = 16, num_fewshot: int | None = None, model_args: str = '',
              step: int | None = None, seed: int = 0, gen_kwargs: str | None = None,
              apply_chat_template: bool = False, log_samples: bool = False,
-             bootstrap_iters: int = 100000) -> dict:
-  """lm_eval.simple_evaluate with the `pathways` model on the run directory `workdir`."""
+             bootstrap_iters: int = 100000, adapter: int | None = None) -> dict:
+  """lm_eval.simple_evaluate with the `pathways` model on the run directory `workdir` (a
+  multi-LoRA run's adapter `adapter`)."""
   import lm_eval  # pylint: disable=g-import-not-at-top
+  from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from pathways_jax import sample  # pylint: disable=g-import-not-at-top
   from pathways_jax.eval import harness  # pylint: disable=g-import-not-at-top  (registers it)
+  run_model = config_lib.load_run_config(workdir).model
+  k = run_model.get('lora_num_adapters', 1) if run_model.get('lora_rank') else 1
+  if k > 1 and adapter is None:
+    raise ValueError(f'{workdir} trained {k} adapters (model.lora_num_adapters): evaluate one '
+                     f'with --adapter=k, k in [0, {k})')
   args = dict(workdir=workdir, step=step, batch_size=batch_size, seed=seed)
   for kv in filter(None, model_args.split(',')):
     if '=' not in kv:
@@ -66,6 +76,9 @@ def evaluate(workdir: str, tasks: list[str], *, include_path: str | None = None,
     args[key.strip()] = value.strip()
   task_manager = _task_manager(tasks, include_path)  # unknown tasks fail before the model loads
   lm = harness.PathwaysLM(**args)
+  if adapter is not None:
+    # The harness model reads `model` and `params` when it computes; give it adapter k alone.
+    lm.model, lm.params = sample.select_adapter(lm.model, lm.params, adapter)
   return lm_eval.simple_evaluate(
       model=lm, tasks=tasks, task_manager=task_manager, limit=limit,
       num_fewshot=num_fewshot, gen_kwargs=gen_kwargs, apply_chat_template=apply_chat_template,
@@ -90,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--apply_chat_template', action='store_true')
   parser.add_argument('--log_samples', action='store_true', help='per-sample outputs in the JSON')
   parser.add_argument('--bootstrap_iters', type=int, default=100000)
+  parser.add_argument('--adapter', type=int, default=None,
+                      help='a multi-LoRA run: the adapter to evaluate')
   args = parser.parse_args(argv)
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's INFO lines would bury the table
   tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
@@ -107,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                        num_fewshot=args.num_fewshot, model_args=args.model_args, step=args.step,
                        seed=args.seed, gen_kwargs=args.gen_kwargs,
                        apply_chat_template=args.apply_chat_template,
-                       log_samples=args.log_samples, bootstrap_iters=args.bootstrap_iters)
+                       log_samples=args.log_samples, bootstrap_iters=args.bootstrap_iters,
+                       adapter=args.adapter)
   except (FileNotFoundError, CheckpointError, ConfigError, ValueError, NotImplementedError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

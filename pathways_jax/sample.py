@@ -1,9 +1,12 @@
 """Sample from a trained run directory.
 
     python -m pathways_jax.sample --workdir=runs/quickstart --prompt='def ' [--prompt=...]
-        [--max_new_tokens=64 --temperature=0.8 --top_p=0.9 --min_p=0.05 --step=N]
+        [--max_new_tokens=64 --temperature=0.8 --top_p=0.9 --min_p=0.05 --step=N] [--adapter=K]
 
-AR runs decode with the KV cache; diffusion (LLaDA) runs use the diffusion sampler.
+AR runs decode with the KV cache; diffusion (LLaDA) runs use the diffusion sampler. A multi-LoRA
+run (model.lora_num_adapters = K > 1) samples from adapter `--adapter`, or from every adapter
+(each prompt K times in one batch, labelled) without it. A QLoRA run (model.lora_quantize)
+samples from the model it trained: its base quantised again, read dequantised.
 """
 from __future__ import annotations
 
@@ -29,13 +32,28 @@ def _encode_prompts(tokenizer, prompts):
   return tokens, mask
 
 
-def sample_texts(cfg, model, params, tokenizer, *, key, prompts=None, **overrides) -> list[str]:
-  """Prompt + continuation strings for `prompts` (default: config.sample.prompts)."""
+def sample_texts(cfg, model, params, tokenizer, *, key, prompts=None, adapter: int | None = None,
+                 **overrides) -> list[str]:
+  """Prompt + continuation strings for `prompts` (default: config.sample.prompts). A multi-LoRA
+  model samples each prompt from adapter `adapter`, or (None) from every adapter in one batch,
+  each text then starting '[adapter k] '."""
   s = dict(cfg.sample)
   s.update({k: v for k, v in overrides.items() if v is not None})
   prompts = list(prompts if prompts is not None else s['prompts'])
   if not prompts:
     return []
+  num_adapters = model.cfg.lora_num_adapters
+  if adapter is not None and not 0 <= adapter < num_adapters:
+    raise ValueError(f'adapter {adapter} is not in [0, {num_adapters}) '
+                     '(model.lora_num_adapters)' if num_adapters > 1 else
+                     f'adapter {adapter}: this is not a multi-LoRA model '
+                     '(model.lora_num_adapters=1)')
+  ids, labels = None, [''] * len(prompts)
+  if num_adapters > 1:
+    which = [adapter] if adapter is not None else list(range(num_adapters))
+    ids = np.repeat(np.asarray(which, np.int32), len(prompts))
+    labels = [f'[adapter {k}] ' if adapter is None else '' for k in which for _ in prompts]
+    prompts = prompts * len(which)
   tokens, mask = _encode_prompts(tokenizer, prompts)
   new = min(s['max_new_tokens'], model.cfg.max_len - tokens.shape[1])
   if new < 1:
@@ -46,8 +64,12 @@ def sample_texts(cfg, model, params, tokenizer, *, key, prompts=None, **override
     out = autoregressive.generate(model, params, tokens, key=key, max_new_tokens=new,
                                   temperature=s['temperature'], top_k=s['top_k'],
                                   top_p=s['top_p'], min_p=s['min_p'], prompt_mask_BP=mask,
-                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                  adapter_ids_B=ids)
   else:
+    if ids is not None:
+      raise ValueError('sampling a multi-LoRA LLaDA model is not supported (the diffusion sampler '
+                       'passes no adapter ids); export one adapter or merge it')
     from pathways_jax.sampling import diffusion  # pylint: disable=g-import-not-at-top
     block = min(s.get('block_length') or new, new)
     new = (new // block) * block
@@ -66,20 +88,41 @@ def sample_texts(cfg, model, params, tokenizer, *, key, prompts=None, **override
     gen = [int(t) for t in out[i, tokens.shape[1]:]]
     if tokenizer.eos_id in gen:
       gen = gen[:gen.index(tokenizer.eos_id)]
-    texts.append(prompt + tokenizer.decode(gen))
+    texts.append(labels[i] + prompt + tokenizer.decode(gen))
   return texts
 
 
-def load_run(workdir: str, step: int | None = None):
+def load_run(workdir: str, step: int | None = None, adapter: int | None = None):
   """(cfg, model, params, tokenizer) from a run directory's config.json and checkpoint `step`
-  (default: the newest); only the params are read (train.frozen)."""
+  (default: the newest); only the params are read (train.frozen). A QLoRA run's model is the
+  one it trained (its base quantised, read dequantised: adapters.qlora). `adapter` (a multi-LoRA
+  run's): that adapter alone, as a one-adapter model."""
   from pathways_jax import config as config_lib, parallel  # pylint: disable=g-import-not-at-top,multiple-import
+  from pathways_jax.adapters import qlora  # pylint: disable=g-import-not-at-top
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
   cfg = config_lib.load_run_config(workdir)
   config_lib.validate(cfg)
   fm = frozen.load(workdir, parallel.make_mesh(cfg), parallel.logical_rules(cfg), step=step)
-  return cfg, fm.model, fm.params, tokenizers.get_tokenizer(cfg.data)
+  model, params = fm.model, fm.params
+  if adapter is not None:
+    model, params = select_adapter(model, params, adapter)
+  model, params = qlora.run_model_and_params(model, params, cfg)
+  return cfg, model, params, tokenizers.get_tokenizer(cfg.data)
+
+
+def select_adapter(model, params, k: int):
+  """(model, params) of adapter k of a multi-LoRA model alone (model.lora_num_adapters=1)."""
+  from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
+  n = model.cfg.lora_num_adapters
+  if n == 1:
+    raise ValueError(f'adapter {k}: this run trained one adapter (model.lora_num_adapters=1); '
+                     'leave the adapter out')
+  if not 0 <= k < n:
+    raise ValueError(f'adapter {k} is not in [0, {n}) (this run trained {n} adapters)')
+  base, adapters = lora.split(params)
+  return (model.clone(cfg=model.cfg.replace(lora_num_adapters=1)),
+          lora.combine(base, lora.select(adapters, k)))
 
 
 def main(argv):
@@ -92,7 +135,8 @@ def main(argv):
     cfg, model, params, tokenizer = load_run(f.workdir, f.step)
     texts = sample_texts(cfg, model, params, tokenizer, key=jax.random.key(f.seed),
                          prompts=f.prompt or None, max_new_tokens=f.max_new_tokens,
-                         temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p)
+                         temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p,
+                         adapter=f.adapter)
   except (FileNotFoundError, CheckpointError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -112,4 +156,6 @@ if __name__ == '__main__':
   flags.DEFINE_float('top_p', None, 'nucleus sampling mass')
   flags.DEFINE_float('min_p', None, 'keep tokens with p >= min_p * p_max')
   flags.DEFINE_integer('seed', 0, 'sampling seed')
+  flags.DEFINE_integer('adapter', None, 'a multi-LoRA run: sample from this adapter (default: '
+                       'from each)')
   app.run(lambda argv: sys.exit(main(argv)))

@@ -241,8 +241,8 @@ def test_bad_adapter_ids_and_settings_are_one_clear_error():
     lora.stack(singles, [lcfg])
   with pytest.raises(ConfigError, match='lora_num_adapters=2 must be 1, or > 1 with model.lora_r'):
     BASE.replace(lora_num_adapters=2)
-  run_cfg = base_config()
+  run_cfg = base_config()  # a run trains K adapters on chat data (tests/test_multi_lora_training)
   run_cfg.data.vocab_size = 64
   run_cfg.model.lora_rank, run_cfg.model.lora_num_adapters = 4, 2
-  with pytest.raises(ConfigError, match='a run trains and stores one adapter'):
+  with pytest.raises(ConfigError, match="each adapter on its own data: set config.data.corpus='c"):
     validate(run_cfg)

@@ -220,3 +220,64 @@ def adapters_like(adapters, dtype: str) -> Any:
   dt = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[dtype]
   return jax.tree_util.tree_map(lambda x: x.astype(dt), adapters)
 
+
+
+# ------------------------------------------------------------------------------------ runs
+
+def run_quant_config(cfg) -> QuantConfig | None:
+  """The QuantConfig of a run config's model.lora_quantize / lora_quantize_block (None: off)."""
+  qtype = cfg.model.get('lora_quantize', '')
+  if not qtype:
+    return None
+  return QuantConfig(qtype=qtype, block_size=int(cfg.model.get('lora_quantize_block', 64)))
+
+
+def quantized_shardings(qparams, shardings, qcfg: QuantConfig):
+  """Shardings of `quantize_base`'s output from those of the float params: a QArray's qvalue
+  takes its weight's sharding; its scale the same, except the blocked (tiled) axis, which is
+  replicated (the scale is 1/block_size of it, and a block count need not divide the mesh)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  flat_q = traverse_util.flatten_dict(qparams)
+  flat_s = traverse_util.flatten_dict(shardings)
+  out = {}
+  for path, s in flat_s.items():
+    q = flat_q[path]
+    if not is_quantized(q):
+      out[path] = s
+      continue
+    _, tiled = _how(path, tuple(q.shape), qcfg)
+    spec = list(s.spec) + [None] * (len(q.shape) - len(s.spec))
+    for axis in tiled:
+      spec[axis] = None
+    out[path] = dataclasses.replace(q, qvalue=s, scale=NamedSharding(s.mesh, P(*spec)))
+  return traverse_util.unflatten_dict(out)
+
+
+def quantize_placed(params, shardings, qcfg: QuantConfig):
+  """(`quantize_base(params, qcfg)`, its shardings) for params placed with `shardings` (a run's
+  frozen base): quantised in one program whose outputs land in their shardings."""
+  abstract = jax.eval_shape(lambda p: quantize_base(p, qcfg), params)
+  qshardings = quantized_shardings(abstract, shardings, qcfg)
+  return jax.jit(lambda p: quantize_base(p, qcfg), out_shardings=qshardings)(params), qshardings
+
+
+def describe_bytes(qparams, qcfg: QuantConfig) -> tuple[dict, str]:
+  """(numbers for results.json, a line for the log) of a quantised base's dense weights."""
+  b = dense_bytes(qparams)
+  mib = lambda n: n / 2**20
+  numbers = {'qtype': qcfg.qtype, 'block_size': qcfg.block_size,
+             'dense_weights': len(quantized_paths(qparams)), 'dense_bytes_float32': b.float32,
+             'dense_bytes_stored': b.stored, 'dense_bytes_packed': b.packed}
+  line = (f'QLoRA: frozen base dense weights held {qcfg.qtype} (block {qcfg.block_size}): '
+          f'{mib(b.stored):.2f} MiB on device against {mib(b.float32):.2f} MiB in float32 '
+          f'({b.stored_ratio:.3f}x; {b.packed_ratio:.3f}x where 4-bit values pack)')
+  return numbers, line
+
+
+def run_model_and_params(model, params, cfg):
+  """A run directory's (model, params) as its QLoRA run trained them: the frozen base quantised
+  as model.lora_quantize says, the model reading it dequantised; unchanged for other runs."""
+  qcfg = run_quant_config(cfg)
+  if qcfg is None:
+    return model, params
+  return quantized_model(model), quantize_base(params, qcfg)

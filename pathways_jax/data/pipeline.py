@@ -231,7 +231,10 @@ def load_packed_rows(cfg, tokenizer, split: str, *, vocab_size: int | None = Non
   """The packed rows of `split` (for corpus 'rows': the file's rows), ids checked against
   `vocab_size`."""
   if cfg.data.corpus in ('rows', 'chat'):
-    fields = sft_lib.load_rows(cfg.data, tokenizer, split)[0] if cfg.data.corpus == 'chat' else None
+    fields = None
+    if cfg.data.corpus == 'chat':  # a multi-LoRA run's rows also carry adapter_ids [R]
+      fields = sft_lib.load_rows(cfg.data, tokenizer, split,
+                                 num_adapters=cfg.model.get('lora_num_adapters', 1))[0]
     rows = rows_lib.Rows(cfg.data.path, split, fields)
     if rows.seq_len != cfg.data.seq_len:
       raise corpora.DataError(f'rows file {cfg.data.path!r} holds rows of {rows.seq_len} tokens; '

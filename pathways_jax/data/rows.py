@@ -7,10 +7,11 @@
 For data that is already in the shape a task trains on — a fact sentence with its prompt marked,
 an SFT example with its loss mask — rather than documents to pack. The file holds, for each split
 (`train`, optionally `validation`), `tokens` plus any per-token fields a task reads (`prompt`,
-`loss_mask`, ...), all [N, L]; `segment_ids` and `positions` default to one segment spanning the
-row (1s and 0..L-1). A row's `segment_ids` 0 marks padding, as in packed rows: the autoregressive
-task takes no target there. Rows go through the same grain shuffle, process slicing and
-checkpointable iterator as packed corpora (`pipeline.make_train_dataset`).
+`loss_mask`, ...), all [N, L], and per-row fields of shape [N] (a multi-LoRA row's
+`adapter_ids`: a batch holds them as [B]); `segment_ids` and `positions` default to one segment
+spanning the row (1s and 0..L-1). A row's `segment_ids` 0 marks padding, as in packed rows: the
+autoregressive task takes no target there. Rows go through the same grain shuffle, process
+slicing and checkpointable iterator as packed corpora (`pipeline.make_train_dataset`).
 """
 from __future__ import annotations
 
@@ -58,9 +59,9 @@ class Rows:
       raise EmptySplitError(f'rows file {path!r} has no {split} split')
     n, seq_len = fields['tokens'].shape
     for name, values in fields.items():
-      if values.shape != (n, seq_len):
+      if values.shape not in ((n, seq_len), (n,)):
         raise DataError(f'rows file {path!r}: {split}/{name} has shape {values.shape}, '
-                        f'{split}/tokens has {(n, seq_len)}')
+                        f'{split}/tokens has {(n, seq_len)} (a per-row field: ({n},))')
     if n == 0:
       raise EmptySplitError(f'the {split} split of rows file {path!r} is empty')
     fields.setdefault('segment_ids', np.ones((n, seq_len), np.int32))
@@ -90,7 +91,7 @@ class Rows:
 
   def __getitem__(self, r: int) -> dict[str, np.ndarray]:
     if r < 0 or r >= len(self):
-      out = {k: np.zeros([self.seq_len], np.int32) for k in self.fields}
+      out = {k: np.zeros(v.shape[1:], np.int32) for k, v in self.fields.items()}
       out.update({k: np.zeros([self.seq_len], v.dtype) for k, v in self.row_fields.items()})
       return out
     out = {k: v[r].copy() for k, v in self.fields.items()}

@@ -13,6 +13,11 @@ SFT never masks). `pack=False` puts one conversation per row; with `eos_padding`
 format) the rest of the row is eos, part of that conversation and trained, so the model learns
 where an answer ends; otherwise it is padding (segment 0). Truncation is counted and logged.
 The validation split is 2% of the conversations by hash of their line (data.splits).
+
+Multi-LoRA runs (model.lora_num_adapters = K > 1) train adapter k on its own conversations:
+`data.path` names K files separated by commas (file k: adapter k), or one file whose lines carry
+`"adapter": k`. Rows are packed per adapter (a row is one adapter's: the model's ids are per row)
+and carry a per-row field `adapter_ids` (int32 [R]; a batch holds it as [B]).
 """
 from __future__ import annotations
 
@@ -31,11 +36,10 @@ from pathways_jax.data.packing import pack as pack_lengths
 TRUNCATION = ('cut', 'drop')
 
 
-def read_jsonl(path: str) -> list[tuple[str, list[dict]]]:
-  """[(the line, its messages)] of a JSONL file of conversations; errors name path and line."""
+def _records(path: str):
+  """(where, the line, its JSON object) of each non-blank line; errors name path and line."""
   if not os.path.isfile(path):
     raise DataError(f'config.data.path={path!r}: no such file')
-  out = []
   with open(path, encoding='utf-8') as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
@@ -46,9 +50,42 @@ def read_jsonl(path: str) -> list[tuple[str, list[dict]]]:
         raise DataError(f'{path}:{n}: not JSON ({e})') from None
       if not isinstance(record, dict):
         raise DataError(f'{path}:{n}: expected a JSON object')
-      out.append((line, chat.from_record(record, f'{path}:{n}')))
+      yield f'{path}:{n}', line, record
+
+
+def read_jsonl(path: str) -> list[tuple[str, list[dict]]]:
+  """[(the line, its messages)] of a JSONL file of conversations; errors name path and line."""
+  out = [(line, chat.from_record(record, where)) for where, line, record in _records(path)]
   if not out:
     raise DataError(f'{path} holds no conversations')
+  return out
+
+
+def read_adapter_jsonl(paths: Sequence[str], num_adapters: int
+                       ) -> list[tuple[str, list[dict], int]]:
+  """[(the line, its messages, its adapter)] of a multi-LoRA run's data: K files (file k is
+  adapter k's) or one whose lines carry "adapter": k in [0, K)."""
+  if len(paths) not in (1, num_adapters):
+    raise DataError(f'config.data.path names {len(paths)} files for {num_adapters} adapters: '
+                    'give one per adapter, or one whose lines carry "adapter": k')
+  out = []
+  for k, path in enumerate(paths):
+    for where, line, record in _records(path):
+      given = record.get('adapter')
+      if given is not None and (isinstance(given, bool) or not isinstance(given, int)
+                                or not 0 <= given < num_adapters):
+        raise DataError(f'{where}: "adapter": {given!r} is not an integer in [0, '
+                        f'{num_adapters}) (model.lora_num_adapters)')
+      if len(paths) > 1:
+        if given is not None and given != k:
+          raise DataError(f'{where}: "adapter": {given} in the file of adapter {k} (data.path '
+                          'names one file per adapter, in order)')
+        given = k
+      elif given is None:
+        raise DataError(f'{where}: no "adapter" key; a multi-LoRA run '
+                        f'(model.lora_num_adapters={num_adapters}) with one data file needs '
+                        '"adapter": k on every line (or one file per adapter in data.path)')
+      out.append((line, chat.from_record(record, where), given))
   return out
 
 
@@ -122,8 +159,12 @@ def build_rows(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, 
   return fields, stats
 
 
-def load_rows(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarray], dict]:
-  """The rows of `split` of the JSONL at data.path (`build_rows` with data.chat's settings)."""
+def load_rows(data_cfg, tokenizer, split: str, *, num_adapters: int = 1
+              ) -> tuple[dict[str, np.ndarray], dict]:
+  """The rows of `split` of the JSONL at data.path (`build_rows` with data.chat's settings);
+  with `num_adapters` > 1 packed per adapter, with `adapter_ids` [R]."""
+  if num_adapters > 1:
+    return _load_adapter_rows(data_cfg, tokenizer, split, num_adapters)
   c = data_cfg.chat
   lines = read_jsonl(data_cfg.path)
   chosen = splits_lib.split_by_hash(lines, split, key=lambda x: x[0])
@@ -134,6 +175,43 @@ def load_rows(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarray], d
                              eos_id=tokenizer.eos_id, pack=c.pack, truncation=c.truncation,
                              eos_padding=c.eos_padding)
   logging.info('chat data %s (%s): %s', data_cfg.path, split, stats)
+  if stats['truncated'] or stats['dropped']:
+    logging.warning('%s (%s): %d conversations longer than data.seq_len=%d were %s',
+                    data_cfg.path, split, stats['truncated'] or stats['dropped'],
+                    data_cfg.seq_len, 'cut' if stats['truncated'] else 'dropped')
+  return fields, stats
+
+
+def _load_adapter_rows(data_cfg, tokenizer, split: str, num_adapters: int):
+  from pathways_jax.config import chat_paths  # pylint: disable=g-import-not-at-top
+  c, paths = data_cfg.chat, chat_paths(data_cfg)
+  lines = read_adapter_jsonl(paths, num_adapters)
+  chosen = splits_lib.split_by_hash(lines, split, key=lambda x: x[0])
+  parts, per_adapter = [], []
+  for k in range(num_adapters):
+    mine = [m for _, m, a in chosen if a == k]
+    try:
+      if not mine:
+        raise EmptySplitError(f'adapter {k} has no conversations in the {split} split')
+      fields, stats = build_rows(encode(tokenizer, mine, train_on=c.train_on), data_cfg.seq_len,
+                                 pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, pack=c.pack,
+                                 truncation=c.truncation, eos_padding=c.eos_padding)
+    except EmptySplitError as e:
+      if split == 'train':  # an adapter with nothing to learn from would silently stay at init
+        raise EmptySplitError(f'{data_cfg.path}: adapter {k} has nothing to train on ({e})'
+                              ) from None
+      continue  # a small adapter may have no validation conversation
+    fields['adapter_ids'] = np.full(len(fields['tokens']), k, np.int32)
+    parts.append(fields)
+    per_adapter.append({'adapter': k, **stats})
+  if not parts:
+    raise EmptySplitError(f'the {split} split of {data_cfg.path} is empty')
+  fields = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+  stats = {key: sum(s[key] for s in per_adapter)
+           for key in ('conversations', 'rows', 'truncated', 'dropped', 'trained_tokens')}
+  stats['fill'] = float((fields['segment_ids'] > 0).mean())
+  stats['adapters'] = per_adapter
+  logging.info('chat data %s (%s), %d adapters: %s', data_cfg.path, split, num_adapters, stats)
   if stats['truncated'] or stats['dropped']:
     logging.warning('%s (%s): %d conversations longer than data.seq_len=%d were %s',
                     data_cfg.path, split, stats['truncated'] or stats['dropped'],

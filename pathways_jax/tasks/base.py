@@ -27,6 +27,14 @@ from pathways_jax.config import ConfigError
 
 COUNT = 'loss_count'
 TOKEN_FIELDS = ('tokens', 'segment_ids', 'positions')
+# Per-row batch fields, [B] rather than [B, L]: a multi-LoRA row's adapter (data/sft.py).
+ADAPTER_IDS = 'adapter_ids'
+ROW_FIELDS = (ADAPTER_IDS,)
+
+
+def adapter_fields(model) -> dict:
+  """{'adapter_ids': int32} for a multi-LoRA model (model.lora_num_adapters > 1), else {}."""
+  return {ADAPTER_IDS: jnp.int32} if model.cfg.lora_num_adapters > 1 else {}
 
 
 @dataclasses.dataclass
@@ -70,11 +78,12 @@ class Task:
 
   # -- the batch ------------------------------------------------------------------------------
   def batch_fields(self) -> dict[str, Any]:
-    """Field name -> dtype of the [B, L] arrays a batch holds."""
+    """Field name -> dtype of the [B, L] arrays (the ROW_FIELDS: [B]) a batch holds."""
     return {k: jnp.int32 for k in TOKEN_FIELDS}
 
   def batch_spec(self, batch_size: int, seq_len: int, sharding=None) -> dict:
-    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=sharding)
+    shape = lambda k: (batch_size,) if k in ROW_FIELDS else (batch_size, seq_len)
+    return {k: jax.ShapeDtypeStruct(shape(k), dtype, sharding=sharding)
             for k, dtype in self.batch_fields().items()}
 
   def check_batch(self, batch: dict) -> None:

@@ -3,6 +3,11 @@
 `sft`: next-token cross-entropy over the tokens `loss_mask` marks (assistant turns, from
 `data.corpus='chat'`, pathways_jax/data/sft.py), a mean over the trained tokens of the whole batch.
 
+Both take a multi-LoRA model (model.lora_num_adapters = K > 1): the batch then carries
+`adapter_ids` [B] and row b runs adapter adapter_ids[b]. The loss stays the mean over the
+batch's trained tokens (all adapters' together), so adapter k's gradient is its own rows'
+gradient times their share of the batch's trained tokens (docs/lora.md).
+
 `llada_sft`: a batch holds, beside `tokens/segment_ids/positions`, `prompt` [B, L] (1 on the
 prompt's tokens, bos included). The prompt is never masked; CE / p_mask over the masked answer
 tokens, per row / answer length, mean over rows. Each row is one example: the prompt, the answer,
@@ -23,7 +28,7 @@ import jax.numpy as jnp
 
 from pathways_jax.config import ConfigError
 from pathways_jax.objectives import autoregressive, diffusion
-from pathways_jax.tasks.base import COUNT, TOKEN_FIELDS, Task
+from pathways_jax.tasks.base import ADAPTER_IDS, COUNT, TOKEN_FIELDS, Task, adapter_fields
 from pathways_jax.tasks.pretrain import mask_id
 from pathways_jax.tasks.registry import register
 
@@ -47,13 +52,14 @@ class SftTask(Task):
       raise ConfigError("task 'sft' trains a causal model; for LLaDA use task 'llada_sft'")
 
   def batch_fields(self):
-    return {**{k: jnp.int32 for k in TOKEN_FIELDS}, 'loss_mask': jnp.int32}
+    return {**{k: jnp.int32 for k in TOKEN_FIELDS}, 'loss_mask': jnp.int32,
+            **adapter_fields(self.model)}
 
   def loss(self, params, batch, key, aux=None):
     del key, aux
     tokens, segments = batch['tokens'], batch['segment_ids']
     logits = self.model.apply({'params': params}, tokens, positions_BL=batch['positions'],
-                              segment_ids_BL=segments)
+                              segment_ids_BL=segments, adapter_ids_B=batch.get(ADAPTER_IDS))
     loss, metrics = autoregressive.loss(logits, tokens, segments, z_loss=self.cfg.train.z_loss,
                                         target_mask_BL=batch['loss_mask'])
     return loss, {**metrics, COUNT: metrics['num_tokens']}
@@ -71,7 +77,8 @@ class LladaSftTask(Task):
     self.sft_fraction = _fraction(cfg)
 
   def batch_fields(self):
-    return {**{k: jnp.int32 for k in TOKEN_FIELDS}, 'prompt': jnp.int32}
+    return {**{k: jnp.int32 for k in TOKEN_FIELDS}, 'prompt': jnp.int32,
+            **adapter_fields(self.model)}
 
   def loss(self, params, batch, key, aux=None):
     del aux
@@ -87,7 +94,7 @@ class LladaSftTask(Task):
     prompt_BL = batch['prompt'].astype(bool)
     noisy, masked = diffusion.unmask_prompt(noisy, masked, tokens, prompt_BL & sft_row_B[:, None])
     logits = self.model.apply({'params': params}, noisy, positions_BL=positions,
-                              segment_ids_BL=segments)
+                              segment_ids_BL=segments, adapter_ids_B=batch.get(ADAPTER_IDS))
     sft, m = diffusion.sft_loss(logits, tokens, masked, p_mask, prompt_BL | ~maskable_BL,
                                 valid_BL=maskable_BL & sft_row_B[:, None], segment_ids_BL=segments)
     metrics = {'ce': m['ce'], 'accuracy': m['accuracy']}

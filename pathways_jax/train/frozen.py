@@ -30,6 +30,7 @@ from pathways_jax import parallel
 from pathways_jax.models.transformer import Transformer
 from pathways_jax.train import trainable as trainable_lib
 from pathways_jax.train.checkpoint import FROZEN_PARAMS, CheckpointError, restore_frozen_params
+from pathways_jax.train.state import example_adapter_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +123,9 @@ def abstract_params_and_shardings(model: Transformer, mesh, rules, example_BL=No
   if example_BL is None:  # as many rows as devices: any batch sharding divides it
     example_BL = np.zeros((mesh.size, min(8, model.cfg.max_len)), np.int32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(lambda k: model.init(k, example_BL)['params'], jax.random.key(0))
+    ids = example_adapter_ids(model, example_BL)  # a multi-LoRA model needs them
+    boxed = jax.eval_shape(lambda k: model.init(k, example_BL, adapter_ids_B=ids)['params'],
+                           jax.random.key(0))
     shardings = parallel.logical_to_sharding(boxed, mesh, rules)
   return nn.unbox(boxed), shardings
 

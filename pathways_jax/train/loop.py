@@ -33,6 +33,7 @@ from pathways_jax.train import state as state_lib
 from pathways_jax.train import trainable as trainable_lib
 from pathways_jax.train import step as step_lib
 from pathways_jax.adapters import lora as lora_lib
+from pathways_jax.adapters import qlora
 from pathways_jax.adapters.lora import LORA_PARAMS
 
 _LOG = logging.getLogger(__name__)
@@ -47,9 +48,11 @@ class Callback:
   """`fn(step, params) -> {name: float} | None`, called every `every` steps and at the last one.
 
   What it returns is logged with the step's metrics (metrics.jsonl, TensorBoard). `params` are the
-  whole model's (trained and frozen parts merged). It may raise `StopTraining` to end the run
-  early: the loop saves a checkpoint and finishes as at the last step (status 'stopped'). An
-  experiment's own evaluation during training goes here, e.g. the reversal experiment's checks.
+  whole model's (trained and frozen parts merged; a QLoRA run's frozen dense weights are qwix
+  QArrays, which its model, `qlora.quantized_model`, reads). It may raise `StopTraining` to end
+  the run early: the loop saves a checkpoint and finishes as at the last step (status
+  'stopped'). An experiment's own evaluation during training goes here, e.g. the reversal
+  experiment's checks.
   """
   every: int
   fn: Callable[[int, Any], dict | None]
@@ -185,8 +188,17 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
       f.write(cfg.to_json_best_effort(indent=2))
 
   tx = opt_lib.make_optimizer(cfg.train)
-  task = tasks.make(cfg, model)  # config.task: what is trained, its loss and frozen inputs
+  # model.lora_quantize (QLoRA): the frozen base is held quantised and read dequantised by
+  # `run_model`; `model` (plain) still describes the params' shapes and shardings.
+  qcfg = qlora.run_quant_config(cfg)
+  run_model = model if qcfg is None else qlora.quantized_model(model)
+  task = tasks.make(cfg, run_model)  # config.task: what is trained, its loss and frozen inputs
   tokenizers.require_special_ids(cfg, task.required_specials, f'task {task.name!r}')
+  if model_cfg.lora_num_adapters > 1 and tasks.ADAPTER_IDS not in task.batch_fields():
+    raise config_lib.ConfigError(
+        f'task {task.name!r} does not pass per-row adapter ids: a multi-LoRA run '
+        f'(model.lora_num_adapters={model_cfg.lora_num_adapters}) trains with task \'sft\' or '
+        "'llada_sft'")
   growth = growth_phase.Growth(cfg, model_cfg)  # config.growth: the model grows mid-run
   example = np.zeros((cfg.data.batch_size, cfg.data.seq_len), np.int32)
   # train.trainable: the state holds only the trained params; the frozen ones are stored once.
@@ -223,12 +235,21 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
       init_params = run_dir.load_init_params(cfg.train.init_from, model, mesh, rules)
     state, frozen_params = state_lib.init_split_state(model, tx, example, jax.random.key(cfg.seed),
                                                       mesh, rules, trainable, params=init_params)
+    init_params = None  # the loaded copy; a QLoRA run keeps only the quantised base below
     if frozen_params is not None:
       ckpt_lib.save_frozen_params(workdir, frozen_params)
     start = 0
+  n_frozen = count_params(frozen_params) if frozen_params is not None else 0
+  qlora_bytes = None
+  if qcfg is not None:
+    # Saved in float (WORKDIR/frozen_params, once), quantised here at every start: qwix's
+    # round-to-nearest is deterministic, so a resumed run holds the same base bit for bit.
+    frozen_params, frozen_shardings = qlora.quantize_placed(frozen_params, frozen_shardings, qcfg)
+    qlora_bytes, qlora_line = qlora.describe_bytes(frozen_params, qcfg)
+    _LOG.info(qlora_line)
   aux_args, input_shardings = step_lib.step_inputs(frozen_in, frozen_params, frozen_shardings)
 
-  m = _compile(cfg, model_cfg, model, task, tx, shardings, mesh, input_shardings)
+  m = _compile(cfg, model_cfg, run_model, task, tx, shardings, mesh, input_shardings)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_lead)
   peak, peak_source = metrics_lib.peak_flops_per_device(cfg.train.peak_flops)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -250,7 +271,7 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
             f'{count_params(state.params) / 1e6:.2f}M params; val loss {before:.4f} -> {after:.4f}')
     return state
 
-  n_params = count_params(trainable_lib.merge(state.params, frozen_params))
+  n_params = count_params(state.params) + n_frozen
   stop = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
   if is_lead and not quiet:
     print(f'model: {n_params / 1e6:.2f}M params, {model_cfg.num_layers} layers, d={model_cfg.d_model}, '
@@ -261,6 +282,8 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
             f'(train.trainable={trainable!r}); the rest are frozen')
     for line in (*frozen_in.describe, *growth.describe()):
       print(line)
+    if qlora_bytes is not None:
+      print(qlora_line)
 
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=stop, initial=start, disable=quiet or not is_lead or not cfg.train.progress_bar,
@@ -352,10 +375,12 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
       ckpt.wait()
 
   results = {'status': status, 'step': step, 'train_loss': last.get('loss'),
-             'tokens': step * tokens_per_step, 'params': count_params(trainable_lib.merge(state.params, frozen_params)),
+             'tokens': step * tokens_per_step, 'params': count_params(state.params) + n_frozen,
              'trainable_params': count_params(state.params),
              'flops_per_token': m.flops_per_token, 'total_flops': growth.flops(step),
              'tokens_per_s': last.get('tokens_per_s'), 'mfu': last.get('mfu')}
+  if qlora_bytes is not None:
+    results['qlora'] = qlora_bytes
   if growth.enabled:
     results['growth'] = {'at_step': growth.at_step, 'num_layers': m.cfg.num_layers,
                          'd_model': m.cfg.d_model,

@@ -20,8 +20,16 @@ class TrainState:
   bad_step: jax.Array  # int32 scalar: first step with a non-finite loss/grad, -1 if none
 
 
+def example_adapter_ids(model, example_BL):
+  """Adapter ids for initialising a multi-LoRA model (it needs them; None for any other)."""
+  if model.cfg.lora_num_adapters <= 1:
+    return None
+  return jnp.zeros((example_BL.shape[0],), jnp.int32)
+
+
 def _boxed_init(model, example_BL, key):
-  return model.init(key, example_BL)['params']
+  return model.init(key, example_BL,
+                    adapter_ids_B=example_adapter_ids(model, example_BL))['params']
 
 
 def split_state_and_shardings(model, tx, example_BL, mesh, rules, trainable: str = ''):

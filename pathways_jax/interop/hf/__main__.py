@@ -14,9 +14,9 @@ _USAGE = """usage:
   python -m pathways_jax.interop.hf import --hf_dir=DIR --workdir=W [--dtype=float32]
       [--adapter_dir=PEFT_ADAPTER]
   python -m pathways_jax.interop.hf export --workdir=W --out=DIR [--step=N] [--model_type=llama]
-      [--dtype=bfloat16]
+      [--dtype=bfloat16] [--adapter=K (a multi-LoRA run: the adapter merged in)]
   python -m pathways_jax.interop.hf export-adapter --workdir=LORA_RUN --out=DIR [--step=N]
-      [--base=BASE_MODEL_NAME_OR_PATH]"""
+      [--base=BASE_MODEL_NAME_OR_PATH] [--adapter=K (a multi-LoRA run: which adapter)]"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--step', type=int, default=None)
   parser.add_argument('--model_type', default=None, choices=SUPPORTED)
   parser.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'))
+  parser.add_argument('--adapter', type=int, default=None,
+                      help='a multi-LoRA run: the adapter to export (merged, or alone)')
   args = parser.parse_args(argv)
   try:
     if args.command == 'import':
@@ -44,13 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('export-adapter needs --out')
       path = run_dir.export_adapter(args.workdir, args.out, step=args.step,
                                     base_model_name_or_path=args.base,
-                                    model_type=args.model_type)
-      print(f'exported the adapters of {args.workdir} to {path}')
+                                    model_type=args.model_type, adapter_index=args.adapter)
+      which = '' if args.adapter is None else f' (adapter {args.adapter})'
+      print(f'exported the adapters of {args.workdir}{which} to {path}')
     else:
       if not args.out:
         parser.error('export needs --out')
       path = run_dir.export_run(args.workdir, args.out, step=args.step,
-                                model_type=args.model_type, dtype=args.dtype)
+                                model_type=args.model_type, dtype=args.dtype,
+                                adapter_index=args.adapter)
       print(f'exported {args.workdir} to {path}')
   except (CheckpointError, ConfigError, OSError) as e:
     print(f'Error: {e}', file=sys.stderr)

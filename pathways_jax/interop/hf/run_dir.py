@@ -30,7 +30,7 @@ import pathways_jax.interop.hf.config as hf_config
 # What a run may choose for itself when it starts from another model: how it computes, not what.
 RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'causal_query_blocks', 'max_len',
                   'init_std', 'lora_rank', 'lora_alpha', 'lora_targets', 'lora_rslora',
-                  'lora_dropout')
+                  'lora_dropout', 'lora_num_adapters')
 
 
 def run_config(model_cfg: config_lib.ModelConfig, *, name: str, tokenizer_path: str = ''):
@@ -94,17 +94,24 @@ def import_to_run(hf_dir: str, workdir: str, *, dtype: str = 'float32',
 
 
 def export_run(workdir: str, out_dir: str, *, step: int | None = None,
-               model_type: str | None = None, dtype: str | None = None) -> str:
+               model_type: str | None = None, dtype: str | None = None,
+               adapter_index: int | None = None) -> str:
   """A run directory's params (checkpoint `step`, default the newest) as a HF directory. A LoRA
   run is written merged (W + scale * A @ B): the model it computes, without PEFT
-  (`export_adapter` writes its adapters alone)."""
+  (`export_adapter` writes its adapters alone); a multi-LoRA run's adapter `adapter_index`. A
+  QLoRA run's adapters are merged into its float base (train.init_from's weights, as PEFT's
+  merge_and_unload does), not into the quantised one it trained on."""
   from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   run_cfg = config_lib.load_run_config(workdir)
+  _check_adapter_index(workdir, run_cfg, adapter_index)
   fm = _load_run(workdir, step)
   params, model_cfg = fm.params, fm.model_cfg
   if model_cfg.lora_rank:
     base, adapters = lora.split(hf._unscanned(params, model_cfg))  # pylint: disable=protected-access
+    if adapter_index is not None:
+      adapters, model_cfg = lora.select(adapters, adapter_index), model_cfg.replace(
+          lora_num_adapters=1)
     params = lora.merge(base, adapters, lora.LoraConfig.of(model_cfg))
     model_cfg = model_cfg.replace(lora_rank=0)
   tok = None
@@ -116,21 +123,41 @@ def export_run(workdir: str, out_dir: str, *, step: int | None = None,
 
 def export_adapter(workdir: str, out_dir: str, *, step: int | None = None,
                    base_model_name_or_path: str | None = None,
-                   model_type: str | None = None) -> str:
+                   model_type: str | None = None, adapter_index: int | None = None) -> str:
   """A LoRA run's adapters (checkpoint `step`, default the newest) as a PEFT adapter directory.
-  Its base_model_name_or_path: the argument, else the run's train.init_from."""
+  Its base_model_name_or_path: the argument, else the run's train.init_from. A multi-LoRA run
+  (model.lora_num_adapters = K > 1) exports one adapter, `adapter_index` in [0, K)."""
   from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
   run_cfg = config_lib.load_run_config(workdir)
   if not run_cfg.model.get('lora_rank'):
     raise config_lib.ConfigError(f'{workdir} is not a LoRA run (model.lora_rank is 0): export '
                                  'its model with `export`')
+  _check_adapter_index(workdir, run_cfg, adapter_index)
   fm = _load_run(workdir, step)
   _, adapters = lora.split(fm.params)
+  model_cfg = fm.model_cfg
+  if adapter_index is not None:
+    adapters, model_cfg = lora.select(adapters, adapter_index), model_cfg.replace(
+        lora_num_adapters=1)
   if base_model_name_or_path is None:
     base_model_name_or_path = run_cfg.train.get('init_from', '')
-  return adapter.save_adapter(adapters, lora.LoraConfig.of(fm.model_cfg), fm.model_cfg, out_dir,
+  return adapter.save_adapter(adapters, lora.LoraConfig.of(model_cfg), model_cfg, out_dir,
                               base_model_name_or_path=base_model_name_or_path,
                               model_type=model_type)
+
+
+def _check_adapter_index(workdir: str, run_cfg, adapter_index: int | None) -> None:
+  """A multi-LoRA run (model.lora_num_adapters = K > 1) exports one adapter, named by index."""
+  k = run_cfg.model.get('lora_num_adapters', 1) if run_cfg.model.get('lora_rank') else 1
+  if k > 1 and adapter_index is None:
+    raise config_lib.ConfigError(f'{workdir} trained {k} adapters (model.lora_num_adapters): '
+                                 f'choose one with --adapter=k, k in [0, {k})')
+  if k == 1 and adapter_index is not None:
+    raise config_lib.ConfigError(f'--adapter={adapter_index}: {workdir} is not a multi-LoRA run '
+                                 '(model.lora_num_adapters=1); leave --adapter out')
+  if k > 1 and not 0 <= adapter_index < k:
+    raise config_lib.ConfigError(f'--adapter={adapter_index} is not in [0, {k}) '
+                                 f'({workdir} trained {k} adapters)')
 
 
 def _load_run(workdir: str, step: int | None):
@@ -184,10 +211,21 @@ def load_init_params(source: str, model, mesh, rules):
                                  f'{diff})')
   from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
   base, adapters = lora.split(params)
-  if model.cfg.lora_rank and not jax.tree_util.tree_leaves(adapters):
-    # A LoRA run from a plain model: fresh adapters (B = 0: it starts as the source model).
-    lcfg = lora.LoraConfig.of(model.cfg)
-    params = lora.combine(base, lora.init(jax.random.key(0), base, lcfg))
+  if not model.cfg.lora_rank:
+    return params
+  lcfg, k = lora.LoraConfig.of(model.cfg), model.cfg.lora_num_adapters
+  if not jax.tree_util.tree_leaves(adapters):
+    # A LoRA run from a plain model: fresh adapters (B = 0: it starts as the source model);
+    # K of them (multi-LoRA), each its own A.
+    if k == 1:
+      adapters = lora.init(jax.random.key(0), base, lcfg)
+    else:
+      adapters = lora.stack([lora.init(jax.random.fold_in(jax.random.key(0), i), base, lcfg)
+                             for i in range(k)], [lcfg] * k)[0]
+    params = lora.combine(base, adapters)
+  elif k > 1 and lora.num_adapters(adapters) == 1:
+    # K adapters from a one-adapter LoRA run: each starts as its adapter.
+    params = lora.combine(base, lora.stack([adapters] * k, [lcfg] * k)[0])
   return params
 
 

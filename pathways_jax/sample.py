@@ -68,8 +68,8 @@ def sample_texts(cfg, model, params, tokenizer, *, key, prompts=None, adapter: i
                                   adapter_ids_B=ids)
   else:
     if ids is not None:
-      raise ValueError('sampling a multi-LoRA LLaDA model is not supported (the diffusion sampler '
-                       'passes no adapter ids); export one adapter or merge it')
+      raise ValueError('the diffusion sampler passes no adapter ids: sample one adapter of a '
+                       'multi-LoRA LLaDA model (load_run(adapter=k), sample --adapter=k)')
     from pathways_jax.sampling import diffusion  # pylint: disable=g-import-not-at-top
     block = min(s.get('block_length') or new, new)
     new = (new // block) * block
@@ -132,11 +132,11 @@ def main(argv):
   logging.getLogger('jax').setLevel(logging.WARNING)
   from pathways_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   try:
-    cfg, model, params, tokenizer = load_run(f.workdir, f.step)
+    # --adapter: that adapter alone, a one-adapter model (which the LLaDA sampler takes too).
+    cfg, model, params, tokenizer = load_run(f.workdir, f.step, adapter=f.adapter)
     texts = sample_texts(cfg, model, params, tokenizer, key=jax.random.key(f.seed),
                          prompts=f.prompt or None, max_new_tokens=f.max_new_tokens,
-                         temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p,
-                         adapter=f.adapter)
+                         temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p)
   except (FileNotFoundError, CheckpointError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -82,7 +82,9 @@ def test_bad_shapes_are_named():
 
 def test_a_mixed_adapter_batch_rolls_out_as_each_adapter_alone():
   """Multi-LoRA: prompt b sampled with adapter ids_B[b] (greedy, G = 2) gives the tokens and
-  log-probs that adapter's own one-adapter model gives it."""
+  log-probs a rollout of adapter ids_B[b] alone gives it (every prompt on that adapter: the same
+  program, so one compilation; that one adapter's rows equal its own one-adapter model's is
+  tests/test_multi_lora.py's)."""
   from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
   base_model, base, mesh, rules = _setup()
   cfg = base_model.cfg.replace(lora_rank=4, lora_num_adapters=2)
@@ -94,11 +96,10 @@ def test_a_mixed_adapter_batch_rolls_out_as_each_adapter_alone():
       lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
   kw = dict(key=jax.random.key(0), mesh=mesh, rules=rules, num_samples=2, max_new_tokens=6,
             temperature=0.0)
-  mixed = rollout_lib.rollout(Transformer(cfg), lora.combine(base, adapters), PROMPTS, MASK,
-                              adapter_ids_B=ids, **kw)
-  single = Transformer(cfg.replace(lora_num_adapters=1))
-  alone = [rollout_lib.rollout(single, lora.combine(base, lora.select(adapters, k)), PROMPTS,
-                               MASK, **kw) for k in (0, 1)]
+  params = lora.combine(base, adapters)
+  mixed = rollout_lib.rollout(Transformer(cfg), params, PROMPTS, MASK, adapter_ids_B=ids, **kw)
+  alone = [rollout_lib.rollout(Transformer(cfg), params, PROMPTS, MASK,
+                               adapter_ids_B=np.full(2, k, np.int32), **kw) for k in (0, 1)]
   for b, k in enumerate(ids):
     rows = slice(2 * b, 2 * b + 2)  # prompt b's G samples
     np.testing.assert_array_equal(mixed.tokens_BT[rows], alone[k].tokens_BT[rows])
@@ -106,7 +107,7 @@ def test_a_mixed_adapter_batch_rolls_out_as_each_adapter_alone():
   # It can fail: the adapters give prompt 0 different continuations.
   assert (np.asarray(alone[0].tokens_BT[:2]) != np.asarray(alone[1].tokens_BT[:2])).any()
   with pytest.raises(ValueError, match='lora_num_adapters=2: pass adapter_ids_B'):
-    rollout_lib.rollout(Transformer(cfg), lora.combine(base, adapters), PROMPTS, MASK, **kw)
+    rollout_lib.rollout(Transformer(cfg), params, PROMPTS, MASK, **kw)
 
 
 _SHARDED = '''

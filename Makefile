@@ -30,8 +30,9 @@ $(STAMP): setup.cfg pyproject.toml $(LOCK)
 lock:
 	$(PYTHON) -m venv $(VENV)-lock
 	$(VENV)-lock/bin/python -m pip install -q 'uv==$(UV_VERSION)'
-	$(VENV)-lock/bin/uv pip compile setup.cfg --extra test --extra eval --extra qlora --universal \
-	  --fork-strategy fewest --python-version 3.11 --generate-hashes $(if $(UPGRADE),--upgrade,) \
+	$(VENV)-lock/bin/uv pip compile setup.cfg --extra test --extra eval --extra qlora \
+	  --extra retrieval --universal --fork-strategy fewest --python-version 3.11 \
+	  --generate-hashes $(if $(UPGRADE),--upgrade,) \
 	  --custom-compile-command 'make lock' -o $(LOCK)
 
 run: $(STAMP)

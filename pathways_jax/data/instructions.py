@@ -284,6 +284,40 @@ def make_examples(world: synthetic.World, *, num_arithmetic: int = 400, variants
   return out
 
 
+# The kinds that ask a fact the world holds about a person (not the name itself, not arithmetic).
+PERSON_KINDS = ('description', 'name', 'occupation', 'city', 'birth_year', 'parent', 'friend')
+
+
+def person_questions(world: synthetic.World, *, kinds: Sequence[str] = PERSON_KINDS,
+                     templates: Sequence[int] = (0, 1), variants: int = 1,
+                     people: Sequence[synthetic.Person] | None = None) -> list[Example]:
+  """Every question of `kinds` about `people` (default: all of `world`'s) in `templates`, each
+  in `variants` formats chosen by its text as `make_examples` chooses them (template 2, the
+  last, is the one `make_examples` never trains on). No split: callers split by person."""
+  unknown = [k for k in kinds if k not in PERSON_KINDS]
+  if unknown:
+    raise ValueError(f'kinds {unknown} are not person kinds {PERSON_KINDS}')
+  names = None if people is None else {p.name for p in people}
+  out = []
+  for q in _questions(world, 0, world.seed):
+    kind, subject = q[0], q[1]
+    if kind not in kinds or (names is not None and subject not in names):
+      continue
+    for t in templates:
+      text = KINDS[kind].templates[t].format(**q[2])
+      rng = random.Random(f'pathways_jax.instructions/v{GENERATOR_VERSION}/{world.seed}/{text}')
+      formats = formats_for(kind)
+      out += [_example(*q, t, f) for f in rng.sample(formats, min(variants, len(formats)))]
+  return out
+
+
+def open_book(example: Example, passages: Sequence[str]) -> Example:
+  """`example` with `passages` before its question in the prompt (the reading-comprehension
+  form: the answer may be in a passage, or, when none is about the subject, in the model)."""
+  context = '\n'.join(f'Passage {i + 1}: {p}' for i, p in enumerate(passages))
+  return dataclasses.replace(example, prompt=f'{context}\n\n{example.prompt}')
+
+
 def from_config(data_cfg, **kwargs) -> dict[str, list[Example]]:
   """The instruction set of the world behind a config's data.synthetic section."""
   return make_examples(synthetic.world_from_config(data_cfg), **kwargs)

@@ -165,3 +165,43 @@ def test_multi_lora_prints_every_variant_against_the_merged_model(tmp_path):
                                                '| multi-LoRA, 2 adapters mixed',
                                                '| one unmerged adapter'], stdout
   assert rows[0].split(' | ')[3].startswith('1.00x'), stdout
+
+
+def test_sft_vs_trl_times_the_sft_step_and_tables_lora_against_full_memory(tmp_path):
+  """Tiny sizes. The pathways_jax side and the memory table always run (~20 s); the TRL side
+  where the torch venv with trl exists (`make golden-hf`; CI has no torch; ~a minute more)."""
+  golden = os.path.join(REPO, '.venv-golden', 'bin', 'python')
+  has_trl = os.path.isfile(golden) and subprocess.run(
+      [golden, '-c', 'import torch, transformers, trl'], capture_output=True, check=False,
+      timeout=300).returncode == 0
+  args = ['--rounds=1', '--seq_len=128', '--batch_size=2', '--d_model=32', '--num_layers=1',
+          '--num_heads=2', '--num_kv_heads=1', '--mlp_dim=64', '--vocab=384', '--num_people=8',
+          '--max_turns=1', '--conversations=24', f'--workdir={tmp_path}', '--json',
+          *([] if has_trl else ['--no_torch'])]
+  out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'sft_vs_trl.py'), *args],
+                       capture_output=True, text=True, cwd=REPO, timeout=600, check=False,
+                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  jax_row = result['rows']['pathways_jax']
+  assert jax_row['tokens_per_s'] > 0 and 0 < jax_row['real_per_step'] <= jax_row['slots_per_step']
+  assert jax_row['slots_per_step'] == 2 * 128 and result['jax_data']['conversations'] == 24
+  full, lora = result['memory']['full'], result['memory']['lora_r8']
+  assert full['trainable'] == full['params'] and lora['params'] > full['params']
+  assert lora['trainable'] == lora['params'] - full['params']  # the adapters alone are trained
+  # Adam keeps two f32 moments per trained param (and a few scalars): the optimizer state shrinks
+  # by the trainable-parameter ratio.
+  assert 8 * full['trainable'] <= full['opt_state_bytes'] < 8 * full['trainable'] + 1024
+  assert abs(lora['opt_state_bytes'] / full['opt_state_bytes']
+             - lora['trainable'] / full['trainable']) < 0.01
+  assert lora['output_bytes'] < full['output_bytes']  # the step returns the adapters' state only
+  assert 'LoRA r=8' in out.stdout and 'full fine-tuning' in out.stdout
+  if has_trl:
+    assert set(result['rows']) == {'pathways_jax', 'trl padding_free', 'trl rows'}
+    # The same conversations, rendered and masked alike by both sides.
+    assert (result['trl']['tokens'], result['trl']['trained_tokens']) == (
+        result['jax_data']['tokens'], result['jax_data']['trained_tokens'])
+    assert all(r['best'] > 0 for r in result['ratios'].values()), result['ratios']
+    # Both TRL variants keep conversations apart and draw the same batches: the same loss.
+    rows = result['rows']
+    assert abs(rows['trl padding_free']['loss'] - rows['trl rows']['loss']) < 1e-3, rows

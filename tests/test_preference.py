@@ -2,6 +2,8 @@
 against plain numpy (float64) written here from the papers' formulas, closed-form gradients, edge
 cases, bad input."""
 import functools
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -300,3 +302,64 @@ def test_sequence_logps_matches_numpy():
   assert_close(g, want_g)
   with pytest.raises(ValueError, match='must agree'):
     sequence_logps(logits, targets[:, :-1], mask[:, :-1].T)
+
+
+GOLDEN = pathlib.Path(__file__).parent / 'golden' / 'preference'
+
+
+def _golden_logps():
+  """The golden batch's log-probs, recomputed here with sequence_logps from the saved logits."""
+  data = np.load(GOLDEN / 'golden.npz')
+  targets, mask = data['input_ids'][:, 1:], data['completion_mask'][:, 1:]
+  out = {}
+  for name in ('logits', 'ref_logits'):
+    for avg in (False, True):
+      logps = np.asarray(sequence_logps(data[name][:, :-1], targets, mask, average=avg))
+      out[name, avg] = np.split(logps, 2)  # TRL's rows are [chosen; rejected]
+  return data, mask, out
+
+
+def test_matches_trl_golden():
+  """TRL's own DPOTrainer / CPOTrainer / ORPOTrainer losses (tests/golden/preference/
+  make_golden.py) on a tiny random Llama's logits."""
+  golden = json.loads((GOLDEN / 'golden.json').read_text())
+  data, mask, logps = _golden_logps()
+  (c, r), (rc, rr) = logps['logits', False], logps['ref_logits', False]
+  (ca, ra), (rca, rra) = logps['logits', True], logps['ref_logits', True]
+  # The longest reductions behind a loss: the log-softmax over V, the sum over the completion.
+  b, length = c.shape[0], mask.shape[1] + data['logits'].shape[-1]
+  # TRL's RPO term ('sft') is the token mean of the chosen NLL over the batch.
+  token_mean_nll_B = -c * b / mask[:b].sum()
+  ours = {
+      'sigmoid': dpo_loss(c, r, rc, rr, beta=0.1),
+      'hinge': dpo_loss(c, r, rc, rr, beta=0.1, loss_type='hinge'),
+      'robust': dpo_loss(c, r, rc, rr, beta=0.1, loss_type='robust', label_smoothing=0.2),
+      'rpo': dpo_loss(c, r, rc, rr, beta=0.1, chosen_nll_B=token_mean_nll_B, rpo_alpha=0.5),
+      'ipo': dpo_loss(ca, ra, rca, rra, beta=0.5, loss_type='ipo'),
+  }
+  assert set(ours) == set(golden['dpo'])
+  for name, (loss, metrics) in ours.items():
+    want = golden['dpo'][name]
+    # The rounding is relative to beta * the log-probs the loss is made of, not to the loss.
+    scale = want['config']['beta'] * np.abs(np.concatenate([c, r, rc, rr])).max()
+    assert_close(loss, want['loss'], terms=length, scale=max(abs(want['loss']), scale),
+                 err_msg=name)
+    if name == 'ipo':
+      continue  # TRL logs beta * the summed (not length-averaged) log-ratios for IPO too
+    for key, value in want['metrics'].items():
+      assert_close(metrics[key], value, terms=length, scale=max(abs(value), scale),
+                   err_msg=f'{name} {key}')
+  # SimPO and ORPO on TRL's own length-averaged log-probs (CPOTrainer.get_batch_logps).
+  assert_close(np.concatenate([ca, ra]), data['cpo_avg_logps'], terms=length)
+  want = golden['simpo']
+  loss, metrics = dpo_loss(ca, ra, loss_type='simpo', **want['config'])
+  assert_close(loss, want['loss'], terms=length, scale=2.0 * np.abs(ca).max())
+  for key, value in want['metrics'].items():
+    assert_close(metrics[key], value, terms=length, err_msg=f'simpo {key}')
+  want = golden['orpo']
+  loss, metrics = dpo_loss(ca, ra, loss_type='orpo', chosen_nll_B=token_mean_nll_B,
+                           **want['config'])
+  assert_close(loss, want['loss'], terms=length)
+  for key, value in want['metrics'].items():
+    assert_close(metrics[key], value, terms=length, scale=max(abs(value), 1.0),
+                 err_msg=f'orpo {key}')

@@ -1,5 +1,8 @@
 """Bradley-Terry reward-model loss: against plain numpy (float64), its closed-form gradient, edge
 cases, bad input."""
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +83,18 @@ def test_bad_input():
     bradley_terry_loss(r_w, r_l, margin_B=margin[:3])
   with pytest.raises(ValueError, match='center_coef must be >= 0'):
     bradley_terry_loss(r_w, r_l, center_coef=-0.1)
+
+
+def test_matches_trl_golden():
+  """TRL's RewardTrainer.compute_loss on fixed rewards (tests/golden/preference/make_golden.py)."""
+  golden_dir = pathlib.Path(__file__).parent / 'golden' / 'preference'
+  golden = json.loads((golden_dir / 'golden.json').read_text())['reward']
+  data = np.load(golden_dir / 'golden.npz')
+  r_w, r_l = np.split(data['rewards'], 2)  # TRL's rows are [chosen; rejected]
+  for name, want in golden.items():
+    margin = data['margins'] if want['margin'] else None
+    loss, metrics = bradley_terry_loss(r_w, r_l, margin_B=margin, center_coef=want['center_coef'])
+    scale = np.abs(data['rewards']).max() * 2
+    assert_close(loss, want['loss'], terms=r_w.size, scale=scale, err_msg=name)
+    for key, value in want['metrics'].items():
+      assert_close(metrics[key], value, terms=r_w.size, scale=scale, err_msg=f'{name} {key}')

@@ -10,11 +10,12 @@
    arithmetic; a sentencepiece tokenizer trained on it) in WORKDIR/base.
 3. The base is fine-tuned on train.jsonl through the project trainer: task 'sft',
    data.corpus='chat' (loss on the assistant turns only), train.init_from=WORKDIR/base, in
-   WORKDIR/sft.
-4. Both are evaluated on the held-out split (`pathways_jax.eval.instructions`: the chat template
+   WORKDIR/sft; and, with `instructions.lora_rank` > 0 (8 by default), the same SFT as a LoRA run
+   (the base frozen, adapters on every dense weight) in WORKDIR/lora.
+4. All are evaluated on the held-out split (`pathways_jax.eval.instructions`: the chat template
    up to the assistant turn, greedy decoding to eos).
 
-WORKDIR/results.json: `base` and `sft` (format_compliance, accuracy, strict_accuracy, counts, per
+WORKDIR/results.json: `base`, `sft` and `lora` (format_compliance, accuracy, strict_accuracy, counts, per
 kind / format / template / fact group, sample outputs), the stages' wall times, date, device,
 config.
 Finished stages (a run directory whose results.json says completed) are skipped, so the same
@@ -80,6 +81,7 @@ def get_config():
   i.lora_rank = 8
   i.lora_alpha = 16.0
   i.lora_lr = 1e-2
+  i.lora_weight_decay = 0.1
   i.eval_batch = 64
   i.eval_limit = 0  # > 0: evaluate the first N held-out examples only (quick runs)
   return c
@@ -119,6 +121,7 @@ def lora_config_of(cfg, train_path: str, base_dir: str):
   c.model.lora_rank = cfg.instructions.lora_rank
   c.model.lora_alpha = cfg.instructions.lora_alpha
   c.train.lr = cfg.instructions.lora_lr
+  c.train.weight_decay = cfg.instructions.lora_weight_decay
   return c
 
 

@@ -15,9 +15,9 @@
 4. All are evaluated on the held-out split (`pathways_jax.eval.instructions`: the chat template
    up to the assistant turn, greedy decoding to eos).
 
-WORKDIR/results.json: `base`, `sft` and `lora` (format_compliance, accuracy, strict_accuracy, counts, per
-kind / format / template / fact group, sample outputs), the stages' wall times, date, device,
-config.
+WORKDIR/results.json: `base`, `sft` and `lora` (format_compliance, accuracy, strict_accuracy,
+counts, per kind / format / template / fact group, sample outputs), the stages' wall times and
+parameter counts, date, device, config.
 Finished stages (a run directory whose results.json says completed) are skipped, so the same
 command resumes; `--config.seed` changes the training seeds only (initialisation, data order),
 not the world or the instruction set.

@@ -2,6 +2,7 @@
 
     python experiments/figures.py                      # redraw docs/figures/*.png from the data
     python experiments/figures.py --rho1=runs/rho1 --gstack=runs/gstack --reversal=runs/reversal
+    python experiments/figures.py --knowledge_injection=runs/ki_s0,runs/ki_s1,runs/ki_s2
 
 With no run directory the figures are drawn from docs/results/data/<experiment>.json (curves,
 final numbers, date, device, commit). A run directory given (a finished run of
@@ -12,6 +13,8 @@ and reads the data files elsewhere (e.g. to look at a run without touching the c
   rho1.png      clean validation loss vs training tokens per arm (LLaDA arms in a second panel)
   gstack.png    validation loss vs training FLOPs per arm, the growth marked (LLaDA: second panel)
   reversal.png  forward / reverse / held-out exact match per model, and the forward checks
+  knowledge_injection.png  new- and old-fact accuracy and answer NLL per arm, seeds as dots
+                (its run directories, one per seed, comma-separated)
 
 Needs only matplotlib (the `notebooks` or `test` extra), not JAX.
 """
@@ -23,7 +26,7 @@ import os
 import subprocess
 import sys
 
-EXPERIMENTS = ('rho1', 'gstack', 'reversal')
+EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'knowledge_injection')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, 'docs', 'results', 'data')
 OUT_DIR = os.path.join(REPO, 'docs', 'figures')
@@ -163,7 +166,38 @@ def extract_reversal(run_dir: str, commit: str | None = None) -> dict:
   return out
 
 
-EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack, 'reversal': extract_reversal}
+KI_ARMS = ('prompt', 'static', 'modular', 'dynamic')
+KI_MEASURES = ('new_accuracy', 'new_format', 'new_nll', 'old_accuracy', 'old_nll',
+               'trainable_params', 'train_wall_s', 'prompt_tokens', 'retrieval_recall')
+
+
+def extract_knowledge_injection(run_dirs: str, commit: str | None = None) -> dict:
+  """Comma-separated run directories of experiments/knowledge_injection.py, one per seed."""
+  seeds = {}
+  first = None
+  for run_dir in [d for d in run_dirs.split(',') if d]:
+    res = _load_results(run_dir)
+    first = first or (res, run_dir)
+    seeds[str(res.get('seed'))] = {
+        arm: {m: _r(v) for m, v in (
+            ('new_accuracy', a['new']['accuracy']), ('new_format', a['new']['format_compliance']),
+            ('new_nll', a['new']['answer_nll']), ('old_accuracy', a['old']['accuracy']),
+            ('old_nll', a['old']['answer_nll']), ('trainable_params', a['trainable_params']),
+            ('train_wall_s', _r(a['train_wall_s'], 1)),
+            ('prompt_tokens', _r(a['new']['prompt_tokens'], 1)),
+            ('retrieval_recall', a['retrieval_recall']))}
+        for arm, a in res['arms'].items()}
+  if first is None:
+    raise MissingData('--knowledge_injection: no run directory given')
+  res, run_dir = first
+  out = _meta('knowledge_injection', res, run_dirs, commit, res.get('wall_s'))
+  out.update(seed=sorted(seeds), n_new=res['arms']['prompt']['new']['n'],
+             n_old=res['arms']['prompt']['old']['n'], seeds=seeds)
+  return out
+
+
+EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack, 'reversal': extract_reversal,
+           'knowledge_injection': extract_knowledge_injection}
 
 
 def save_data(name: str, data: dict, data_dir: str = DATA_DIR) -> str:
@@ -324,7 +358,40 @@ def draw_reversal(data: dict, path: str) -> str:
   return _save(fig, path)
 
 
-DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'reversal': draw_reversal}
+KI_LABELS = {'prompt': 'prompt\n(no training)', 'static': 'static\n(full FT)',
+             'modular': 'modular\n(LoRA r=8)', 'dynamic': 'dynamic\n(BM25 + prompt)'}
+
+
+def draw_knowledge_injection(data: dict, path: str) -> str:
+  plt = _plt()
+  seeds = list(data['seeds'].values())
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  panels = ((axes[0], ('new_accuracy', 'old_accuracy'), 'accuracy (greedy, lenient format)',
+             f'Accuracy: new facts ({data["n_new"]} questions, unseen phrasing), old facts '
+             f'({data["n_old"]})'),
+            (axes[1], ('new_nll', 'old_nll'), 'answer NLL (nats/token, lower is better)',
+             'Teacher-forced NLL of the right answer'))
+  for ax, measures, ylabel, title in panels:
+    for i, m in enumerate(measures):
+      xs = [j + (i - 0.5) * 0.38 for j in range(len(KI_ARMS))]
+      means = [sum(s[a][m] for s in seeds) / len(seeds) for a in KI_ARMS]
+      bars = ax.bar(xs, means, 0.38, color=f'C{i}', alpha=0.8,
+                    label=('new facts' if m.startswith('new') else 'old facts (retention)'))
+      ax.bar_label(bars, labels=[f'{v:.2f}' for v in means], fontsize=6, padding=1)
+      for x, a in zip(xs, KI_ARMS):
+        ax.plot([x] * len(seeds), [s[a][m] for s in seeds], 'k.', ms=3)
+    ax.set_xticks(range(len(KI_ARMS)), [KI_LABELS[a] for a in KI_ARMS], fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+  axes[0].set_ylim(0, 1.1)
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
+  return _save(fig, path)
+
+
+DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'reversal': draw_reversal,
+        'knowledge_injection': draw_knowledge_injection}
 
 
 def make_figures(run_dirs: dict | None = None, *, data_dir: str = DATA_DIR, out_dir: str = OUT_DIR,
@@ -341,8 +408,8 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   for name in EXPERIMENTS:
     ap.add_argument(f'--{name}', default='', metavar='RUN_DIR',
-                    help=f'a finished experiments/{name}.py run: copy its numbers into the '
-                         'data file')
+                    help=f'a finished experiments/{name}.py run (knowledge_injection: one per '
+                         'seed, comma-separated): copy its numbers into the data file')
   ap.add_argument('--data', default=DATA_DIR,
                   help='where the data files are (default: %(default)s)')
   ap.add_argument('--out', default=OUT_DIR, help='where the PNGs go (default: %(default)s)')

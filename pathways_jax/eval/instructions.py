@@ -126,3 +126,37 @@ def evaluate_run(workdir: str, examples: Sequence[instructions_lib.Example], *,
     raise ValueError(f'{workdir} holds a diffusion (LLaDA) model; this evaluation decodes '
                      'autoregressively')
   return evaluate(model, params, tokenizer, examples, **kwargs)
+
+
+def answer_nll(model, params, tokenizer, examples: Sequence[instructions_lib.Example], *,
+               batch_size: int = 64) -> float:
+  """Mean over `examples` of `answer_nlls`."""
+  return float(np.mean(answer_nlls(model, params, tokenizer, examples, batch_size=batch_size)))
+
+
+def answer_nlls(model, params, tokenizer, examples: Sequence[instructions_lib.Example], *,
+                batch_size: int = 64) -> list[float]:
+  """Per example, the mean per-token NLL (nats) of the expected output and eos after the prompt,
+  teacher-forced (causal models): a graded measure of what a model knows, where greedy accuracy
+  is all or nothing. Rows are right-padded to one shape (one compile)."""
+  from pathways_jax.eval.facts import log_probs  # pylint: disable=g-import-not-at-top
+  if not examples:
+    raise ValueError('no examples to score (an empty split)')
+  seqs = [(list(prompt_tokens(tokenizer, e)), list(tokenizer.encode(e.answer)) + [
+      tokenizer.eos_id]) for e in examples]
+  width = max(len(p) + len(a) for p, a in seqs)
+  if width > model.cfg.max_len:
+    raise ValueError(f'a prompt and answer of {width} tokens exceed model.max_len='
+                     f'{model.cfg.max_len}')
+  batch_size = min(batch_size, len(seqs))
+  nll = []
+  for s in range(0, len(seqs), batch_size):
+    chunk = seqs[s:s + batch_size]
+    tokens_BL = np.full((batch_size, width), tokenizer.pad_id, np.int32)
+    for i, (p, a) in enumerate(chunk):
+      tokens_BL[i, :len(p) + len(a)] = p + a
+    logp_BLV = np.asarray(log_probs(model, params, tokens_BL))
+    for i, (p, a) in enumerate(chunk):
+      at_L = np.arange(len(p) - 1, len(p) + len(a) - 1)  # the positions that predict the answer
+      nll.append(-float(logp_BLV[i, at_L, a].mean()))
+  return nll

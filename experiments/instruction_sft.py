@@ -126,14 +126,8 @@ def lora_config_of(cfg, train_path: str, base_dir: str):
 
 
 def _train(cfg, run_dir: str) -> dict:
-  """Trains a stage, or returns its results if it already finished."""
   from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
-  path = os.path.join(run_dir, 'results.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      res = json.load(f)
-    if res.get('status') == 'completed':
-      return res
+  return loop.train_stage(cfg, run_dir)
   t0 = time.perf_counter()
   res = loop.train(cfg, run_dir, quiet=True)
   if res.get('status') != 'completed':

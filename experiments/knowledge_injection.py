@@ -228,14 +228,8 @@ def stage_configs(cfg, files: dict, dirs: dict) -> dict:
 
 
 def _train(cfg, run_dir: str) -> dict:
-  """Trains a stage, or returns its results if it already finished."""
   from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
-  path = os.path.join(run_dir, 'results.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      res = json.load(f)
-    if res.get('status') == 'completed':
-      return res
+  return loop.train_stage(cfg, run_dir)
   t0 = time.perf_counter()
   res = loop.train(cfg, run_dir, quiet=True)
   if res.get('status') != 'completed':

@@ -414,3 +414,24 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=2, default=str)
   return results
+
+
+def train_stage(cfg, workdir: str) -> dict:
+  """One stage of a multi-run experiment: `train`, or the saved results of a stage that already
+  completed (so rerunning the experiment resumes it); a stage that stops early is an error
+  (`wall_s`, this call's wall time, is added to results.json)."""
+  path = os.path.join(workdir, 'results.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      res = json.load(f)
+    if res.get('status') == 'completed':
+      return res
+  t0 = time.perf_counter()
+  res = train(cfg, workdir, quiet=True)
+  if res.get('status') != 'completed':
+    raise TrainingError(f'{workdir} stopped ({res.get("status")}); rerun the same command to '
+                        'resume (finished stages are skipped)')
+  res['wall_s'] = time.perf_counter() - t0
+  with open(path, 'w') as f:
+    json.dump(res, f, indent=2, default=str)
+  return res

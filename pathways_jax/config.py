@@ -82,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.lora_quantize_block = 64
 
   c.data = d = ml_collections.ConfigDict()
-  d.corpus = 'stdlib'  # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'rows' | 'chat'
+  # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'rows' | 'chat' | 'preference' (data/preference.py)
+  d.corpus = 'stdlib'
   # corpus='path': a text/JSONL file or a folder of them; 'rows': a .npz of token rows
   # (pathways_jax.data.rows); 'chat': a JSONL of conversations (pathways_jax.data.sft)
   d.path = ''
@@ -164,6 +165,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.llada_sft = ml_collections.ConfigDict()
   c.llada_sft.sft_fraction = 1.0
 
+  # task 'dpo' (pathways_jax/tasks/dpo.py, docs/preference.md) over data.corpus='preference'.
+  c.dpo = dp = ml_collections.ConfigDict()
+  dp.beta = 0.1
+  dp.loss_type = 'sigmoid'  # objectives.preference.LOSS_TYPES
+  dp.label_smoothing = 0.0  # cDPO / robust DPO's label-flip rate
+  dp.rpo_alpha = 0.0  # + alpha * the chosen response's length-normalised NLL (RPO)
+  dp.simpo_gamma = 0.5
+  # The frozen reference: '' = the model the run starts from (train.init_from; for a LoRA policy
+  # that is the same params with the adapters off, no second copy), or a run / HF directory.
+  dp.reference = ''
+  # Score the data with the reference once, before training (cached in WORKDIR/ref_logps): the
+  # reference is then not held during training.
+  dp.precompute = False
+
   # RHO-1 selective language modelling (docs/rho1.md): train on the top `ratio` of the targets by
   # score; the base objective stays `objective` (autoregressive or diffusion).
   c.selective = sl = ml_collections.ConfigDict()
@@ -236,13 +251,14 @@ _CHOICES = {
     'model.remat': ('none', 'full', 'dots'),
     'model.attention': ('xla', 'cpu', 'pallas', 'cudnn'),
     'model.lora_quantize': ('', 'int8', 'int4', 'nf4'),  # adapters.qlora.QTYPES
-    'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds', 'rows', 'chat'),
+    'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds', 'rows', 'chat', 'preference'),
     'data.chat.train_on': ('assistant', 'all'),
     'data.chat.truncation': ('cut', 'drop'),
     'data.tokenizer': ('sentencepiece', 'byte', 'hf'),
     'train.schedule': ('cosine', 'wsd', 'constant'),
     'selective.score': ('excess', 'reference_loss', 'reference_entropy', 'random', 'oracle'),
     'selective.mode': ('online', 'offline'),
+    'dpo.loss_type': ('sigmoid', 'robust', 'ipo', 'hinge', 'simpo', 'orpo'),
     'growth.method': ('stack', 'interleave', 'zero', 'random'),
     'growth.width_method': ('direct', 'zero'),
     'growth.optimizer': ('fresh', 'map'),
@@ -294,7 +310,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if d.batch_size % t.grad_accum:
     raise ConfigError(f'config.data.batch_size={d.batch_size} is not divisible by '
                       f'config.train.grad_accum={t.grad_accum}')
-  if d.corpus in ('path', 'rows', 'chat') and not d.path:
+  if d.corpus in ('path', 'rows', 'chat', 'preference') and not d.path:
     raise ConfigError(f"config.data.corpus={d.corpus!r} needs config.data.path")
   if d.corpus == 'rows' and d.tokenizer == 'sentencepiece' and not d.tokenizer_path:
     raise ConfigError("config.data.corpus='rows' holds token ids: name the tokenizer that made "

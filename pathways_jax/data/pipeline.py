@@ -46,6 +46,7 @@ import grain
 import numpy as np
 
 from pathways_jax.data import corpora
+from pathways_jax.data import preference as preference_lib
 from pathways_jax.data import rows as rows_lib
 from pathways_jax.data import sft as sft_lib
 from pathways_jax.data.packing import pack  # pylint: disable=unused-import  (re-exported)
@@ -230,11 +231,13 @@ def load_packed_rows(cfg, tokenizer, split: str, *, vocab_size: int | None = Non
                      ) -> PackedRows | rows_lib.Rows:
   """The packed rows of `split` (for corpus 'rows': the file's rows), ids checked against
   `vocab_size`."""
-  if cfg.data.corpus in ('rows', 'chat'):
+  if cfg.data.corpus in ('rows', 'chat', 'preference'):
     fields = None
     if cfg.data.corpus == 'chat':  # a multi-LoRA run's rows also carry adapter_ids [R]
       fields = sft_lib.load_rows(cfg.data, tokenizer, split,
                                  num_adapters=cfg.model.get('lora_num_adapters', 1))[0]
+    elif cfg.data.corpus == 'preference':  # pairs as adjacent segments (data/preference.py)
+      fields = preference_lib.load_rows(cfg.data, tokenizer, split)[0]
     rows = rows_lib.Rows(cfg.data.path, split, fields)
     if rows.seq_len != cfg.data.seq_len:
       raise corpora.DataError(f'rows file {cfg.data.path!r} holds rows of {rows.seq_len} tokens; '
@@ -328,12 +331,14 @@ def make_train_iterator(cfg, tokenizer, *, process_index: int = 0, process_count
 
 
 def make_eval_batches(cfg, tokenizer, *, process_index: int = 0, process_count: int = 1,
-                      vocab_size: int | None = None) -> list[dict[str, np.ndarray]]:
+                      vocab_size: int | None = None, row_fields: dict | None = None
+                      ) -> list[dict[str, np.ndarray]]:
   """The first `cfg.data.eval_batches` batches of the validation split, unshuffled.
 
   Same format as training batches. The last batch is filled up with all-padding rows
   (segment_ids 0) when the split runs out, so every batch has the full shape. A corpus without
-  validation documents (one document in all) gives [] and a warning.
+  validation documents (one document in all) gives [] and a warning. `row_fields` ride along
+  with the validation rows, as in `make_train_dataset`.
   """
   _check_processes(cfg, process_index, process_count)
   if cfg.data.eval_batches <= 0:
@@ -343,6 +348,8 @@ def make_eval_batches(cfg, tokenizer, *, process_index: int = 0, process_count: 
   except EmptySplitError:
     logging.warning('corpus %r has no validation documents: no eval batches', cfg.data.corpus)
     return []
+  for name, values in (row_fields or {}).items():
+    rows.attach(name, values)
   G, B = cfg.data.batch_size, cfg.data.batch_size // process_count
   n = min(cfg.data.eval_batches, -(-len(rows) // G))
   # PackedRows returns padding past its end, so the last batch is filled, never wrapped.

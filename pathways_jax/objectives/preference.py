@@ -103,11 +103,44 @@ def sequence_logps(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Ar
   return logps_B
 
 
+def packed_pair_logps(token_logps_BL: jax.Array, loss_mask_BL: jax.Array,
+                      segment_ids_BL: jax.Array) -> dict[str, jax.Array]:
+  """Per-pair sequence log-probs of rows that pack pairs as segments (data/preference.py: segment
+  2k-1 is the k-th pair's prompt + chosen, segment 2k its prompt + rejected).
+
+  `token_logps_BL[b, i]` is log p(token i) (aligned with the tokens: for a causal LM the previous
+  position's prediction); it is read only where `loss_mask_BL` is 1 (the responses). Returns
+  float32 [P] arrays over P = B * (L // 2) pair slots (row b's k-th pair at b * (L // 2) + k - 1):
+  `chosen`, `rejected` (sums), `chosen_tokens`, `rejected_tokens` (counts) and `valid` (bool:
+  the slot holds a pair, both sides with response tokens). Slots that hold no pair are 0.
+  """
+  b, l = segment_ids_BL.shape
+  per_row = l // 2
+  seg = segment_ids_BL
+  trained = loss_mask_BL.astype(bool) & (seg > 0)
+  pair_BL = jnp.clip((seg + 1) // 2 - 1, 0, per_row - 1) + per_row * jnp.arange(b)[:, None]
+  slot = (pair_BL * 2 + (seg % 2 == 0)).reshape(-1)  # side 0: chosen (odd segment), 1: rejected
+  n = b * per_row * 2
+  vals = jnp.where(trained, token_logps_BL.astype(jnp.float32), 0.0).reshape(-1)
+  sums = jax.ops.segment_sum(vals, slot, num_segments=n).reshape(-1, 2)
+  counts = jax.ops.segment_sum(trained.reshape(-1).astype(jnp.float32), slot,
+                               num_segments=n).reshape(-1, 2)
+  return {'chosen': sums[:, 0], 'rejected': sums[:, 1], 'chosen_tokens': counts[:, 0],
+          'rejected_tokens': counts[:, 1], 'valid': (counts[:, 0] > 0) & (counts[:, 1] > 0)}
+
+
+def causal_token_logps(logits_BLV: jax.Array, tokens_BL: jax.Array) -> jax.Array:
+  """float32 [B, L]: log p(token i | tokens < i) at i >= 1 (position 0, which nothing predicts,
+  is 0), from a causal LM's logits. Aligned with the tokens, for `packed_pair_logps`."""
+  ce_BL, _ = autoregressive.token_losses(logits_BLV, jnp.roll(tokens_BL, -1, axis=1))
+  return jnp.pad(-ce_BL[:, :-1], ((0, 0), (1, 0)))
+
+
 def _is_number(x) -> bool:
   return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
 
 
-def _check_args(loss_type, beta, label_smoothing, rpo_alpha, chosen_nll_B, has_ref) -> None:
+def check_args(loss_type, beta, label_smoothing, rpo_alpha, chosen_nll_B, has_ref) -> None:
   if loss_type not in LOSS_TYPES:
     raise ValueError(f'dpo_loss: loss_type={loss_type!r} is not one of {LOSS_TYPES}')
   if _is_number(beta) and not beta > 0:
@@ -166,7 +199,8 @@ def dpo_loss(chosen_logps_B: jax.Array, rejected_logps_B: jax.Array,
              ref_rejected_logps_B: jax.Array | None = None, *, beta: float = 0.1,
              loss_type: str = 'sigmoid', label_smoothing: float = 0.0,
              chosen_nll_B: jax.Array | None = None, rpo_alpha: float = 0.0,
-             simpo_gamma: float = 0.5) -> tuple[jax.Array, dict[str, jax.Array]]:
+             simpo_gamma: float = 0.5, valid_B: jax.Array | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Preference loss (mean over the batch) and metrics; the module docstring gives the formulas.
 
   Args:
@@ -184,9 +218,12 @@ def dpo_loss(chosen_logps_B: jax.Array, rejected_logps_B: jax.Array,
       otherwise only logged as `nll_loss`).
     rpo_alpha: weight of mean(chosen_nll_B) added to the loss (RPO / CPO); not with 'orpo'.
     simpo_gamma: SimPO's target reward margin gamma (used by 'simpo' only; TRL's default 0.5).
+    valid_B: optional bool [B]: the examples that count (packed pair slots that hold a pair,
+      `packed_pair_logps`); the loss and metrics are means over them (0 when there is none), and
+      the others get no gradient.
   """
   has_ref = ref_chosen_logps_B is not None or ref_rejected_logps_B is not None
-  _check_args(loss_type, beta, label_smoothing, rpo_alpha, chosen_nll_B, has_ref)
+  check_args(loss_type, beta, label_smoothing, rpo_alpha, chosen_nll_B, has_ref)
   if has_ref and (ref_chosen_logps_B is None or ref_rejected_logps_B is None):
     raise ValueError('dpo_loss: pass both ref_chosen_logps_B and ref_rejected_logps_B, or neither')
   _check_shapes('dpo_loss', chosen_logps_B=chosen_logps_B, rejected_logps_B=rejected_logps_B,
@@ -197,6 +234,12 @@ def dpo_loss(chosen_logps_B: jax.Array, rejected_logps_B: jax.Array,
   beta = f32(beta)
   eps = label_smoothing
   metrics = {}
+  if valid_B is None:
+    mean = lambda x_B: x_B.mean()
+  else:
+    _check_shapes('dpo_loss', chosen_logps_B=chosen_logps_B, valid_B=valid_B)
+    w_B = valid_B.astype(jnp.float32)
+    mean = lambda x_B: jnp.where(valid_B, x_B, 0.0).sum() / jnp.maximum(w_B.sum(), 1.0)
 
   if loss_type in REFERENCE_FREE:
     chosen_score, rejected_score = chosen, rejected
@@ -224,12 +267,12 @@ def dpo_loss(chosen_logps_B: jax.Array, rejected_logps_B: jax.Array,
     log_odds_B = (p_w - p_l) - (log1mexp(p_w) - log1mexp(p_l))
     ratio_B = jax.nn.log_sigmoid(log_odds_B)
     per_B = -beta * ratio_B
-    metrics['log_odds_ratio'] = jax.lax.stop_gradient(ratio_B.mean())
-    metrics['log_odds_chosen'] = jax.lax.stop_gradient(log_odds_B.mean())
+    metrics['log_odds_ratio'] = jax.lax.stop_gradient(mean(ratio_B))
+    metrics['log_odds_chosen'] = jax.lax.stop_gradient(mean(log_odds_B))
 
-  loss = per_B.mean()
+  loss = mean(per_B)
   if chosen_nll_B is not None:
-    nll = f32(chosen_nll_B).mean()
+    nll = mean(f32(chosen_nll_B))
     metrics['nll_loss'] = jax.lax.stop_gradient(nll)
     if loss_type == 'orpo':
       loss = loss + nll
@@ -239,11 +282,11 @@ def dpo_loss(chosen_logps_B: jax.Array, rejected_logps_B: jax.Array,
   r_chosen = jax.lax.stop_gradient(beta * chosen_score)
   r_rejected = jax.lax.stop_gradient(beta * rejected_score)
   metrics.update({
-      'rewards/chosen': r_chosen.mean(),
-      'rewards/rejected': r_rejected.mean(),
-      'rewards/accuracies': (r_chosen > r_rejected).astype(jnp.float32).mean(),
-      'rewards/margins': (r_chosen - r_rejected).mean(),
-      'logps/chosen': jax.lax.stop_gradient(chosen.mean()),
-      'logps/rejected': jax.lax.stop_gradient(rejected.mean()),
+      'rewards/chosen': mean(r_chosen),
+      'rewards/rejected': mean(r_rejected),
+      'rewards/accuracies': mean((r_chosen > r_rejected).astype(jnp.float32)),
+      'rewards/margins': mean(r_chosen - r_rejected),
+      'logps/chosen': jax.lax.stop_gradient(mean(chosen)),
+      'logps/rejected': jax.lax.stop_gradient(mean(rejected)),
   })
   return loss, metrics

@@ -58,6 +58,7 @@ class FrozenInputs:
   aux: Any = None
   aux_shardings: Any = None
   row_fields: dict[str, np.ndarray] | None = None
+  eval_row_fields: dict[str, np.ndarray] | None = None  # the same for the validation rows
   describe: tuple[str, ...] = ()  # lines the trainer prints at the start
 
 

@@ -215,7 +215,8 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
                                             vocab_size=model_cfg.vocab_size,
                                             row_fields=frozen_in.row_fields)
   eval_batches = pipeline.make_eval_batches(cfg, tokenizer, process_index=pindex,
-                                            process_count=pcount)
+                                            process_count=pcount,
+                                            row_fields=frozen_in.eval_row_fields)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints,
                                async_save=cfg.train.async_checkpoints)
   start = ckpt.latest_step()

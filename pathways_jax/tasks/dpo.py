@@ -1,0 +1,268 @@
+"""Direct preference optimisation as a task ('dpo'): DPO and its family on preference pairs.
+
+    config.task = 'dpo'
+    config.data.corpus = 'preference'     # data/preference.py: pairs packed as segment pairs
+    config.train.init_from = 'runs/sft'   # the policy starts here (a run or a HF directory)
+    config.dpo.loss_type = 'sigmoid'      # objectives.preference.LOSS_TYPES; beta, ...
+
+The loss is `objectives.preference.dpo_loss` over the batch's pairs, with per-pair sequence
+log-probs summed over each response's tokens (length-averaged for 'ipo', 'simpo' and 'orpo', as
+those methods prescribe); the chosen response's length-normalised NLL feeds RPO (`rpo_alpha`)
+and ORPO. A batch's units (`COUNT`) are its pairs, so accumulation and validation average over
+pairs however they fall into rows.
+
+The reference (not needed by 'simpo' and 'orpo'), in order of what it costs:
+  * precomputed (`dpo.precompute`): the reference scores every training and validation row once
+    before training (per-token log-probs cached in WORKDIR/ref_logps, keyed by the rows and the
+    reference); batches carry them as the field `ref_logp` and no reference is held in memory.
+  * adapters off: a LoRA (or QLoRA) policy whose reference is the model it started from is its
+    own reference with the adapters removed: the same base params, no second copy.
+  * a frozen model: the start model (`train.init_from`) or `dpo.reference` (a run or HF
+    directory), loaded once and passed to every step as `aux`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pathways_jax import parallel
+from pathways_jax.config import ConfigError
+from pathways_jax.models.transformer import Transformer
+from pathways_jax.objectives import preference
+from pathways_jax.tasks.base import COUNT, TOKEN_FIELDS, FrozenInputs, RunContext, Task
+from pathways_jax.tasks.registry import register
+
+_LOG = logging.getLogger(__name__)
+REF_LOGP = 'ref_logp'  # the batch field of precomputed reference log-probs, float32 [B, L]
+AVERAGED = ('ipo', 'simpo', 'orpo')  # losses on length-averaged log-probs
+
+
+def _lora_free(model_cfg):
+  return model_cfg.replace(lora_rank=0, lora_num_adapters=1, lora_dropout=0.0)
+
+
+def _base_params(params):
+  from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
+  return lora.split(params)[0]
+
+
+def _same_path(a: str, b: str) -> bool:
+  return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _rows_key(fields: dict, source: str) -> str:
+  h = hashlib.blake2b(digest_size=12)
+  for name in ('tokens', 'segment_ids', 'positions'):
+    h.update(np.ascontiguousarray(fields[name]).tobytes())
+  h.update(os.path.abspath(source).encode())
+  return h.hexdigest()
+
+
+@register('dpo')
+class DpoTask(Task):
+  """DPO / cDPO / robust / IPO / hinge / RPO / SimPO / ORPO over packed preference pairs."""
+
+  def __init__(self, cfg, model):
+    super().__init__(cfg, model)
+    if not model.cfg.causal:
+      raise ConfigError("task 'dpo' trains a causal model (LLaDA's VRPO is not built yet)")
+    if cfg.data.corpus != 'preference':
+      raise ConfigError(f"task 'dpo' trains on pairs: set config.data.corpus='preference' (it "
+                        f'is {cfg.data.corpus!r})')
+    d = cfg.dpo
+    self.loss_type = d.loss_type
+    self.needs_ref = d.loss_type not in preference.REFERENCE_FREE
+    try:  # the loss's own argument checks, now rather than at the first step
+      preference.check_args(d.loss_type, d.beta, d.label_smoothing, d.rpo_alpha, jnp.zeros(()),
+                            self.needs_ref)
+    except ValueError as e:
+      raise ConfigError(f'config.dpo: {e}') from None
+    self.source = d.reference or cfg.train.init_from
+    if self.needs_ref and not self.source:
+      raise ConfigError("task 'dpo' needs a reference: set config.train.init_from (the model the "
+                        'policy starts from, its reference by default) or config.dpo.reference')
+    # A LoRA policy starting from its reference: the adapters-off model is the reference.
+    self.adapters_off = (self.needs_ref and not d.precompute and model.cfg.lora_rank > 0
+                         and bool(cfg.train.init_from)
+                         and _same_path(self.source, cfg.train.init_from))
+    self.ref_model = None  # a frozen reference's model, set by setup
+
+  def batch_fields(self):
+    fields = {**{k: jnp.int32 for k in TOKEN_FIELDS}, 'loss_mask': jnp.int32}
+    if self.needs_ref and self.cfg.dpo.precompute:
+      fields[REF_LOGP] = jnp.float32
+    return fields
+
+  def describe(self) -> str:
+    d = self.cfg.dpo
+    ref = ('none' if not self.needs_ref else 'precomputed' if d.precompute
+           else 'adapters off' if self.adapters_off else self.source)
+    return f'dpo({d.loss_type}, beta={d.beta}, reference={ref})'
+
+  # -- the reference ------------------------------------------------------------------------
+  def _load_reference(self, run: RunContext):
+    """(model, params, shardings) of the frozen reference at `self.source`, on the run's mesh."""
+    from pathways_jax.interop.hf import run_dir  # pylint: disable=g-import-not-at-top
+    from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
+    ref_cfg = _lora_free(run_dir.init_model_config(self.source, self.cfg.model))
+    if ref_cfg.vocab_size != self.model.cfg.vocab_size:
+      raise ConfigError(f'config.dpo.reference={self.source!r} has vocab_size '
+                        f'{ref_cfg.vocab_size}, the policy {self.model.cfg.vocab_size}: the '
+                        'reference must share the policy\'s tokenizer')
+    if not _same_path(self.source, self.cfg.train.init_from or '/nonexistent'):
+      self._check_tokenizer(run)
+    ref_model = Transformer(ref_cfg)
+    params = run_dir.load_init_params(self.source, ref_model, run.mesh, run.rules)
+    params = _base_params(params)  # a LoRA source's adapters are merged by no one: drop them
+    _, shardings = frozen.abstract_params_and_shardings(ref_model, run.mesh, run.rules)
+    return ref_model, params, shardings
+
+  def _check_tokenizer(self, run: RunContext) -> None:
+    from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+    from pathways_jax.interop.hf import run_dir  # pylint: disable=g-import-not-at-top
+    data = self.cfg.data.copy_and_resolve_references()
+    data.unlock()
+    data.tokenizer, data.tokenizer_path = run_dir.source_tokenizer(self.source)
+    theirs = getattr(tokenizers.get_tokenizer(data), 'fingerprint', None)
+    ours = getattr(run.tokenizer, 'fingerprint', None)
+    if theirs != ours:
+      raise ConfigError(f'config.dpo.reference={self.source!r} uses another tokenizer '
+                        f'({theirs} vs this run\'s {ours})')
+
+  def setup(self, run: RunContext) -> FrozenInputs:
+    if not self.needs_ref:
+      return FrozenInputs(describe=(f'dpo: {self.loss_type} needs no reference',))
+    if self.adapters_off:
+      return FrozenInputs(describe=('dpo: reference = the policy with its LoRA adapters off '
+                                    f'(the base from {self.source}, no second copy)',))
+    ref_model, params, shardings = self._load_reference(run)
+    if not self.cfg.dpo.precompute:
+      self.ref_model = ref_model
+      return FrozenInputs(aux=params, aux_shardings=shardings,
+                          describe=(f'dpo: frozen reference {self.source}',))
+    train_logps = self._precomputed(run, 'train', ref_model, params, shardings)
+    eval_logps = self._precomputed(run, 'validation', ref_model, params, shardings)
+    return FrozenInputs(row_fields={REF_LOGP: train_logps},
+                        eval_row_fields=None if eval_logps is None else {REF_LOGP: eval_logps},
+                        describe=(f'dpo: reference {self.source} scored the data once (cached '
+                                  f'in {os.path.join(run.workdir, "ref_logps")}); it is not '
+                                  'held during training',))
+
+  def _precomputed(self, run: RunContext, split: str, ref_model, params, shardings):
+    """float32 [R, L] reference log-probs of `split`'s rows (None if the split is empty)."""
+    from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from pathways_jax.data.corpora import EmptySplitError  # pylint: disable=g-import-not-at-top
+    try:
+      rows = pipeline.load_packed_rows(self.cfg, run.tokenizer, split, vocab_size=run.vocab_size)
+    except EmptySplitError:
+      if split == 'train':
+        raise
+      return None
+    path = os.path.join(run.workdir, 'ref_logps', f'{split}-{_rows_key(rows.fields, self.source)}.npy')
+    if os.path.exists(path):
+      try:
+        cached = np.load(path)
+        if cached.shape == (len(rows), rows.seq_len):
+          return cached
+      except (OSError, ValueError):
+        pass  # a corrupt cache entry is recomputed, never trusted
+    values = score_token_logps(rows, ref_model, params, shardings, run.mesh, run.rules,
+                               self.cfg.data.batch_size)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.ref_logps.', suffix='.tmp')
+      with os.fdopen(fd, 'wb') as f:
+        np.save(f, values)
+      os.replace(tmp, path)
+    return values
+
+  def abstract_frozen(self, mesh, rules) -> FrozenInputs:
+    """A frozen reference as shapes (the policy's architecture without adapters), for the dry
+    run; nothing is read."""
+    if not self.needs_ref or self.adapters_off or self.cfg.dpo.precompute:
+      return FrozenInputs()
+    from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
+    self.ref_model = Transformer(_lora_free(self.model.cfg))
+    abstract, shardings = frozen.abstract_params_and_shardings(self.ref_model, mesh, rules)
+    aux = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 abstract, shardings)
+    return FrozenInputs(aux=aux, aux_shardings=shardings)
+
+  # -- the loss -------------------------------------------------------------------------------
+  def _reference_model(self):
+    """The adapters-off model: the policy's (a QLoRA policy's reads its quantised base)."""
+    from pathways_jax.adapters import qlora  # pylint: disable=g-import-not-at-top
+    base = Transformer(_lora_free(self.model.cfg))
+    return base if qlora.run_quant_config(self.cfg) is None else qlora.quantized_model(base)
+
+  def loss(self, params, batch, key, aux=None):
+    del key
+    d = self.cfg.dpo
+    tokens, segments, mask = batch['tokens'], batch['segment_ids'], batch['loss_mask']
+    kw = dict(positions_BL=batch['positions'], segment_ids_BL=segments)
+    logits = self.model.apply({'params': params}, tokens, **kw)
+    pol = preference.packed_pair_logps(preference.causal_token_logps(logits, tokens), mask,
+                                       segments)
+    ref = None
+    if self.needs_ref:
+      if REF_LOGP in batch:
+        ref_tok_BL = batch[REF_LOGP]
+      else:
+        if self.adapters_off:
+          ref_model, ref_params = self._reference_model(), _base_params(params)
+        else:
+          ref_model, ref_params = self.ref_model, aux
+        ref_logits = ref_model.apply({'params': jax.lax.stop_gradient(ref_params)}, tokens, **kw)
+        ref_tok_BL = preference.causal_token_logps(ref_logits, tokens)
+      ref = preference.packed_pair_logps(jax.lax.stop_gradient(ref_tok_BL), mask, segments)
+    n_c = jnp.maximum(pol['chosen_tokens'], 1.0)
+    n_r = jnp.maximum(pol['rejected_tokens'], 1.0)
+    per = (lambda x, n: x / n) if self.loss_type in AVERAGED else (lambda x, n: x)
+    loss, metrics = preference.dpo_loss(
+        per(pol['chosen'], n_c), per(pol['rejected'], n_r),
+        None if ref is None else per(ref['chosen'], n_c),
+        None if ref is None else per(ref['rejected'], n_r),
+        beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+        chosen_nll_B=-pol['chosen'] / n_c, rpo_alpha=d.rpo_alpha, simpo_gamma=d.simpo_gamma,
+        valid_B=pol['valid'])
+    return loss, {**metrics, COUNT: pol['valid'].astype(jnp.float32).sum()}
+
+
+def score_token_logps(rows, ref_model, params, shardings, mesh, rules, batch_size: int
+                      ) -> np.ndarray:
+  """float32 [len(rows), L]: log p(token i | tokens < i, same segment) under `ref_model` at every
+  position of every row (0 at each segment's first token and on padding), in batches of
+  `batch_size` rows (the train step's shapes)."""
+  if jax.process_count() > 1:
+    raise ConfigError('dpo.precompute scores on one process; score once with a single process '
+                      '(the cache in WORKDIR/ref_logps is then read by every one)')
+  from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  def fn(p, batch):
+    logits = ref_model.apply({'params': p}, batch['tokens'], positions_BL=batch['positions'],
+                             segment_ids_BL=batch['segment_ids'])
+    out = preference.causal_token_logps(logits, batch['tokens'])
+    seg = batch['segment_ids']
+    same = jnp.pad((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0), ((0, 0), (1, 0)))
+    return jnp.where(same, out, 0.0)
+
+  sharding = parallel.batch_sharding(mesh)
+  jitted = jax.jit(fn, in_shardings=(shardings, sharding), out_shardings=parallel.replicated(mesh))
+  out = np.zeros((len(rows), rows.seq_len), np.float32)
+  for start in range(0, len(rows), batch_size):
+    batch = pipeline._stack([rows[start + i] for i in range(batch_size)])  # pylint: disable=protected-access
+    batch = {k: batch[k] for k in TOKEN_FIELDS}
+    res = np.asarray(parallel.run_with_rules(mesh, rules, jitted, params,
+                                             jax.device_put(batch, sharding)))
+    n = min(batch_size, len(rows) - start)
+    out[start:start + n] = res[:n]
+  return out
+
+
+__all__ = ('DpoTask', 'score_token_logps', 'REF_LOGP')

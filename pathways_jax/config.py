@@ -100,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.batch_size = 16  # global batch (rows), across all processes
   d.eval_batches = 8
   d.shuffle = True
+  # corpus='preference': a JSONL of its own for validation ('' = 2% of data.path by hash).
+  d.validation_path = ''
   # Special token ids: -1 = the tokenizer's (filled in when the run starts; the project's own
   # tokenizers use pad 0, bos 1, eos 2, mask 3). Set one only to give an id the tokenizer lacks.
   d.pad_id = -1
@@ -111,13 +113,13 @@ def base_config() -> ml_collections.ConfigDict:
   d.synthetic.num_people = 200
   d.synthetic.num_stories = 200
   d.synthetic.num_arithmetic = 2000
-  # Random-token spans written over the TRAIN split (RHO-1 experiments); batches then carry a
-  # per-token `noise` field. fraction 0: off, nothing changes.
   d.chat = ml_collections.ConfigDict()  # corpus='chat' (supervised fine-tuning data)
   d.chat.train_on = 'assistant'  # 'assistant' turns only, or 'all' tokens
   d.chat.pack = True  # several conversations per row (segment ids keep them apart)
   d.chat.truncation = 'cut'  # a conversation longer than a row: 'cut' or 'drop' (both counted)
   d.chat.eos_padding = False  # one conversation per row, eos-padded and trained (LLaDA's SFT)
+  # Random-token spans written over the TRAIN split (RHO-1 experiments); batches then carry a
+  # per-token `noise` field. fraction 0: off, nothing changes.
   d.noise = ml_collections.ConfigDict()
   d.noise.fraction = 0.0  # expected share of the tokens overwritten
   d.noise.span_min = 4
@@ -315,6 +317,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if d.corpus == 'rows' and d.tokenizer == 'sentencepiece' and not d.tokenizer_path:
     raise ConfigError("config.data.corpus='rows' holds token ids: name the tokenizer that made "
                       'them (config.data.tokenizer_path; there is no text to train one on)')
+  if d.get('validation_path') and d.corpus != 'preference':
+    raise ConfigError(f"config.data.validation_path is read for corpus='preference' only (the "
+                      f'corpus is {d.corpus!r})')
   if d.corpus == 'tfds' and not d.tfds_name:
     raise ConfigError("config.data.corpus='tfds' needs config.data.tfds_name")
   if not 0.0 <= t.min_lr_ratio <= 1.0:

@@ -27,7 +27,8 @@ Bad input, counted and reported (`stats`), never silent:
     TRL's keep_start), when that leaves each side some response tokens;
   * dropped: a pair whose prompt alone leaves one side no response token in half a row.
 A split left with no pair is an error naming the file. The validation split is 2% of the lines
-by hash (data.splits), as for chat data.
+by hash (data.splits), as for chat data, or the file `data.validation_path` names (e.g. pairs on
+held-out questions; training then reads every line of data.path).
 """
 from __future__ import annotations
 
@@ -169,9 +170,13 @@ def build_rows(pairs: Sequence[tuple[tuple[np.ndarray, np.ndarray], ...]], seq_l
 
 
 def load_rows(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarray], dict]:
-  """The rows of `split` of the preference JSONL at data.path."""
-  lines = read_jsonl(data_cfg.path)
-  chosen = splits_lib.split_by_hash(lines, split, key=lambda x: x[0])
+  """The rows of `split` of the preference JSONL at data.path (with `data.validation_path`, the
+  validation split is that file and training uses every line of data.path)."""
+  other = data_cfg.get('validation_path') or ''
+  if other:
+    chosen = read_jsonl(other if split == 'validation' else data_cfg.path)
+  else:
+    chosen = splits_lib.split_by_hash(read_jsonl(data_cfg.path), split, key=lambda x: x[0])
   if not chosen:
     raise EmptySplitError(f'the {split} split of {data_cfg.path} is empty')
   pairs = [render_pair(tokenizer, *p) for _, p in chosen]

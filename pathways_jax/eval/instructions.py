@@ -27,8 +27,10 @@ def prompt_tokens(tokenizer, example: instructions_lib.Example) -> np.ndarray:
 
 
 def generate_outputs(model, params, tokenizer, examples: Sequence[instructions_lib.Example], *,
-                     batch_size: int = 64, max_new_tokens: int = 0) -> list[dict]:
-  """[{'text': output up to eos, 'finished': emitted eos}] per example, greedy.
+                     batch_size: int = 64, max_new_tokens: int = 0, temperature: float = 0.0,
+                     seed: int = 0) -> list[dict]:
+  """[{'text': output up to eos, 'finished': emitted eos}] per example, greedy (or sampled at
+  `temperature` > 0, batch k with key fold_in(key(seed), k)).
 
   max_new_tokens 0: the longest expected answer of `examples` in tokens, plus 8 (room for eos
   and a little more), within the model's max_len.
@@ -56,8 +58,9 @@ def generate_outputs(model, params, tokenizer, examples: Sequence[instructions_l
     chunk = prompts[s:s + batch_size]
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape: one compile
     tokens_BP, mask_BP = left_pad(chunk, tokenizer.pad_id, width)
-    tokens_BT = autoregressive.generate(model, params, tokens_BP, key=jax.random.key(0),
-                                        max_new_tokens=max_new_tokens, temperature=0.0,
+    key = jax.random.fold_in(jax.random.key(seed), s // batch_size)
+    tokens_BT = autoregressive.generate(model, params, tokens_BP, key=key,
+                                        max_new_tokens=max_new_tokens, temperature=temperature,
                                         prompt_mask_BP=mask_BP, eos_id=tokenizer.eos_id,
                                         pad_id=tokenizer.pad_id)
     for row in np.asarray(tokens_BT)[:len(prompts) - s, width:]:

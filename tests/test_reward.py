@@ -98,3 +98,29 @@ def test_matches_trl_golden():
     assert_close(loss, want['loss'], terms=r_w.size, scale=scale, err_msg=name)
     for key, value in want['metrics'].items():
       assert_close(metrics[key], value, terms=r_w.size, scale=scale, err_msg=f'{name} {key}')
+
+
+def test_a_mask_gives_the_loss_of_the_kept_pairs():
+  """valid_B (packed pair slots): loss and metrics equal those of the kept pairs alone; the
+  others get no gradient, even when they hold huge or non-finite values."""
+  r_w, r_l, margin = _rewards(9)
+  keep = np.arange(B) % 3 != 1
+  r_w_bad = np.where(keep, r_w, np.float32(np.inf))  # padding slots may hold anything
+  for kw, kw_kept in (({}, {}), ({'margin_B': margin, 'center_coef': 0.05},
+                                 {'margin_B': margin[keep], 'center_coef': 0.05})):
+    got, gm = bradley_terry_loss(r_w_bad, r_l, valid_B=keep, **kw)
+    want, wm = bradley_terry_loss(r_w[keep], r_l[keep], **kw_kept)
+    assert_close(got, want, terms=B, scale=float(want) + 10)
+    assert gm.keys() == wm.keys()
+    for k in wm:
+      assert_close(gm[k], wm[k], terms=2 * B, scale=np.abs(r_w).max() + 1, err_msg=k)
+    g_w, g_l = jax.grad(lambda a, b: bradley_terry_loss(a, b, valid_B=keep, **kw)[0],
+                        argnums=(0, 1))(r_w_bad, r_l)
+    for g in (g_w, g_l):
+      assert np.all(np.asarray(g)[~keep] == 0) and np.all(np.asarray(g)[keep] != 0)
+  # No valid pair: 0 loss and metrics, zero gradient.
+  none = np.zeros(B, bool)
+  loss, metrics = bradley_terry_loss(r_w, r_l, valid_B=none)
+  assert float(loss) == 0 and all(float(v) == 0 for v in metrics.values())
+  with pytest.raises(ValueError, match='valid_B'):
+    bradley_terry_loss(r_w, r_l, valid_B=keep[:-1])

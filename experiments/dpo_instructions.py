@@ -101,6 +101,10 @@ def dpo_config_of(cfg, pairs_dir: str, sft_dir: str):
   c.data.path = os.path.join(pairs_dir, 'train.jsonl')
   c.data.validation_path = os.path.join(pairs_dir, 'heldout.jsonl')
   c.data.batch_size = e.batch_size
+  # Two sides of a pair share a row: rows twice the SFT length, so no answer is cut (RoPE has no
+  # length-bound params; positions restart per side and stay below the SFT's own max_len).
+  c.data.seq_len = 2 * cfg.data.seq_len
+  c.model.max_len = max(cfg.model.max_len, c.data.seq_len)
   c.data.eval_batches = 64
   c.train.init_from = os.path.abspath(sft_dir)
   c.train.steps = e.steps

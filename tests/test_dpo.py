@@ -187,3 +187,18 @@ def test_bad_dpo_settings_are_named_before_training(pretrained):
     tasks.make(_dpo_cfg(pretrained), llada)
   assert tasks.make(_dpo_cfg(pretrained, **{'dpo.loss_type': 'simpo',
                                            'train.init_from': ''}), model).needs_ref is False
+
+
+def test_a_validation_file_replaces_the_hash_split(tmp_path):
+  import ml_collections
+  from pathways_jax import config as config_lib
+  _write_pairs(tmp_path / 'train.jsonl', n=50)
+  (tmp_path / 'held.jsonl').write_text(json.dumps({'prompt': 'q', 'chosen': 'a', 'rejected': 'b'})
+                                       + '\n')
+  data = ml_collections.ConfigDict({'path': str(tmp_path / 'train.jsonl'), 'seq_len': 64,
+                                    'validation_path': str(tmp_path / 'held.jsonl')})
+  assert pref_data.load_rows(data, BYTES, 'validation')[1]['pairs'] == 1
+  assert pref_data.load_rows(data, BYTES, 'train')[1]['pairs'] == 50  # every line trains
+  cfg = tiny_config(str(tmp_path), **{'data.validation_path': str(tmp_path / 'held.jsonl')})
+  with pytest.raises(ConfigError, match='validation_path'):
+    config_lib.validate(cfg)

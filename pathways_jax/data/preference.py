@@ -172,19 +172,20 @@ def build_rows(pairs: Sequence[tuple[tuple[np.ndarray, np.ndarray], ...]], seq_l
 def load_rows(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarray], dict]:
   """The rows of `split` of the preference JSONL at data.path (with `data.validation_path`, the
   validation split is that file and training uses every line of data.path)."""
-  other = data_cfg.get('validation_path') or ''
-  if other:
-    chosen = read_jsonl(other if split == 'validation' else data_cfg.path)
+  path = data_cfg.path
+  if data_cfg.get('validation_path'):
+    path = data_cfg.validation_path if split == 'validation' else path
+    chosen = read_jsonl(path)
   else:
-    chosen = splits_lib.split_by_hash(read_jsonl(data_cfg.path), split, key=lambda x: x[0])
+    chosen = splits_lib.split_by_hash(read_jsonl(path), split, key=lambda x: x[0])
   if not chosen:
-    raise EmptySplitError(f'the {split} split of {data_cfg.path} is empty')
+    raise EmptySplitError(f'the {split} split of {path} is empty')
   pairs = [render_pair(tokenizer, *p) for _, p in chosen]
   fields, stats = build_rows(pairs, data_cfg.seq_len, pad_id=tokenizer.pad_id)
-  logging.info('preference data %s (%s): %s', data_cfg.path, split, stats)
+  logging.info('preference data %s (%s): %s', path, split, stats)
   if stats['identical'] or stats['truncated'] or stats['dropped']:
     logging.warning('%s (%s): of %d pairs, %d had identical sides (dropped), %d were cut to half '
-                    'of data.seq_len=%d each, %d dropped (prompt too long)', data_cfg.path, split,
+                    'of data.seq_len=%d each, %d dropped (prompt too long)', path, split,
                     stats['pairs'], stats['identical'], stats['truncated'], data_cfg.seq_len,
                     stats['dropped'])
   return fields, stats

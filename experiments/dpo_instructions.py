@@ -13,10 +13,11 @@ resumes):
    answer right or wrong; a question with both gives up to `dpo_exp.pairs_per_question`
    (right, wrong) pairs -> WORKDIR/dpo_pairs/train.jsonl. The same on the held-out questions ->
    heldout.jsonl, which is DPO's validation data only (data.validation_path): never trained on.
-3. dpo: task 'dpo' from WORKDIR/sft, the SFT model being its own reference, in WORKDIR/dpo.
+3. dpo: task 'dpo' from WORKDIR/sft, the SFT model being its own reference, in WORKDIR/dpo
+   (WORKDIR/<dpo_exp.arm>: arms with other dpo.* settings share the base, SFT and pairs).
 4. Held-out greedy accuracy of sft and dpo with the evaluator of instruction_sft.
 
-WORKDIR/dpo_results.json: the pair counts, `sft` and `dpo` held-out evaluations, DPO's validation
+WORKDIR/<dpo_exp.arm>_results.json (default dpo_results.json): the pair counts, `sft` and `dpo` held-out evaluations, DPO's validation
 metrics on the held-out pairs at every evaluation (rewards/accuracies, rewards/margins,
 logps/chosen, logps/rejected), wall times, date, device, config.
 """
@@ -43,6 +44,7 @@ def get_config():
   c = instruction_sft.get_config()
   c.name = 'dpo_instructions'
   c.dpo_exp = e = ml_collections.ConfigDict()
+  e.arm = 'dpo'  # the DPO stage's run directory and results name: WORKDIR/<arm>
   e.samples = 8  # answers sampled per question
   e.temperature = 1.0
   e.pairs_per_question = 2
@@ -137,7 +139,8 @@ def run(cfg, workdir: str) -> dict:
   heldout = examples['heldout']
   if cfg.instructions.eval_limit > 0:
     heldout = heldout[:cfg.instructions.eval_limit]
-  dirs = {arm: os.path.join(workdir, arm) for arm in ('base', 'sft', 'dpo')}
+  dirs = {arm: os.path.join(workdir, arm) for arm in ('base', 'sft')}
+  dirs['dpo'] = os.path.join(workdir, cfg.dpo_exp.arm)
   wall = {}
   t0 = time.perf_counter()
   loop.train_stage(instruction_sft.base_config_of(cfg), dirs['base'])
@@ -188,6 +191,6 @@ def run(cfg, workdir: str) -> dict:
                  'count': jax.device_count(), 'cpus': os.cpu_count(),
                  'machine': platform.machine()},
       'config': json.loads(cfg.to_json_best_effort())}
-  with open(os.path.join(workdir, 'dpo_results.json'), 'w') as f:
+  with open(os.path.join(workdir, f'{cfg.dpo_exp.arm}_results.json'), 'w') as f:
     json.dump(results, f, indent=2, default=str)
   return results

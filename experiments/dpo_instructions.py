@@ -17,9 +17,10 @@ resumes):
    (WORKDIR/<dpo_exp.arm>: arms with other dpo.* settings share the base, SFT and pairs).
 4. Held-out greedy accuracy of sft and dpo with the evaluator of instruction_sft.
 
-WORKDIR/<dpo_exp.arm>_results.json (default dpo_results.json): the pair counts, `sft` and `dpo` held-out evaluations, DPO's validation
-metrics on the held-out pairs at every evaluation (rewards/accuracies, rewards/margins,
-logps/chosen, logps/rejected), wall times, date, device, config.
+WORKDIR/<dpo_exp.arm>_results.json (default dpo_results.json): the pair counts, `sft` and `dpo`
+held-out evaluations, DPO's validation metrics on the held-out pairs at every evaluation
+(rewards/accuracies, rewards/margins, logps/chosen, logps/rejected), wall times, date, device,
+config.
 """
 from __future__ import annotations
 

@@ -164,7 +164,8 @@ class DpoTask(Task):
       if split == 'train':
         raise
       return None
-    path = os.path.join(run.workdir, 'ref_logps', f'{split}-{_rows_key(rows.fields, self.source)}.npy')
+    name = f'{split}-{_rows_key(rows.fields, self.source)}.npy'
+    path = os.path.join(run.workdir, 'ref_logps', name)
     if os.path.exists(path):
       try:
         cached = np.load(path)

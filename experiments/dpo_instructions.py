@@ -15,7 +15,8 @@ resumes):
    heldout.jsonl, which is DPO's validation data only (data.validation_path): never trained on.
 3. dpo: task 'dpo' from WORKDIR/sft, the SFT model being its own reference, in WORKDIR/dpo
    (WORKDIR/<dpo_exp.arm>: arms with other dpo.* settings share the base, SFT and pairs).
-4. Held-out greedy accuracy of sft and dpo with the evaluator of instruction_sft.
+4. Greedy accuracy of sft and dpo with the evaluator of instruction_sft, on the held-out
+   questions and on as many training questions (those the pairs came from).
 
 WORKDIR/<dpo_exp.arm>_results.json (default dpo_results.json): the pair counts, `sft` and `dpo`
 held-out evaluations, DPO's validation metrics on the held-out pairs at every evaluation
@@ -174,14 +175,17 @@ def run(cfg, workdir: str) -> dict:
           'val_logps/rejected')
   curve = {k: metrics.logged(dirs['dpo'], k) for k in keys}
 
+  # Held-out questions (the claim), and as many training questions (what the pairs asked).
+  seen = examples['train'][::max(1, len(examples['train']) // len(heldout))][:len(heldout)]
   evals = {}
   for arm in ('sft', 'dpo'):
     t0 = time.perf_counter()
-    evals[arm] = instr_eval.evaluate_run(dirs[arm], heldout, batch_size=cfg.instructions.eval_batch,
-                                         train_keys={e.key for e in examples['train']})
+    for name, exs in ((arm, heldout), (f'{arm}_train_questions', seen)):
+      evals[name] = instr_eval.evaluate_run(dirs[arm], exs, batch_size=cfg.instructions.eval_batch,
+                                            train_keys={e.key for e in examples['train']})
+      print(f'{name}: format compliance {evals[name]["format_compliance"]:.3f}, accuracy '
+            f'{evals[name]["accuracy"]:.3f} ({evals[name]["correct_count"]}/{evals[name]["n"]})')
     wall[f'{arm}_eval_s'] = time.perf_counter() - t0
-    print(f'{arm}: format compliance {evals[arm]["format_compliance"]:.3f}, accuracy '
-          f'{evals[arm]["accuracy"]:.3f} ({evals[arm]["correct_count"]}/{evals[arm]["n"]})')
   wall['total_s'] = time.perf_counter() - start
   results = {
       'status': 'completed', 'seed': cfg.seed, 'pairs': counts, 'evaluated': len(heldout),

@@ -13,6 +13,9 @@ RMSNorm (Qwen3), long-context RoPE scaling (Llama 3.1+).
         # LoRA model with lora_dropout > 0; without a 'dropout' rng its adapters drop nothing
     logits_BLV = model.apply({'params': p}, tokens_BL, adapter_ids_B=ids_B)  # multi-LoRA
         # (lora_num_adapters = K > 1): row b runs adapter ids_B[b] of the K on the one base
+    rewards_BL = model.apply({'params': p}, tokens_BL, return_scalar=True)  # model.scalar_head:
+        # float32 [B, L], a linear head on the final-normed hidden state at every position
+        # (a reward model reads it at a sequence's last token: tasks/reward_model.py)
 
 The dense layers run on a 2-D residual stream [B*L, D]: on CPU, XLA lowers 2-D matmuls markedly
 faster than the batched 3-D form (measured in benchmarks/train_throughput.py). Two pieces have
@@ -32,6 +35,7 @@ checkpoints rely on:
     (lora_num_adapters = K > 1) a leading [K], unnamed (replicated): A [K, *in, r], B [K, r, *out]
     mlp/w_gate, mlp/w_up [embed, mlp]  mlp/w_down [mlp, embed]
   final_norm/scale [embed]
+  (scalar_head) scalar_head/kernel [embed], scalar_head/bias [] (float32 whatever param_dtype)
 """
 from __future__ import annotations
 
@@ -310,6 +314,24 @@ class Block(nn.Module):
     return x_TD, new_cache
 
 
+class ScalarHead(nn.Module):
+  """r = h . kernel + bias, float32, at every position of the final-normed hidden state h.
+
+  The kernel starts as N(0, init_std^2) (as transformers initialises a sequence-classification
+  `score` layer) and the bias at 0; both are float32 whatever model.param_dtype, so a small
+  reward difference is not rounded away.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_TD):
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        nn.initializers.normal(self.cfg.init_std), ('embed',)), (self.cfg.d_model,), jnp.float32)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
+                      jnp.float32)
+    return jnp.dot(h_TD.astype(jnp.float32), kernel) + bias
+
+
 def _remat(block_cls, policy: str):
   if policy == 'none':
     return block_cls
@@ -326,8 +348,9 @@ class Transformer(nn.Module):
                segment_ids_BL: jax.Array | None = None, cache: Cache | None = None,
                cache_index: Any = 0, return_hidden: bool = False,
                logits_window: tuple[Any, int] | None = None,
-               adapter_ids_B: jax.Array | None = None):
-    """Logits [B, L, V] (or hidden states [B, L, D] with `return_hidden`).
+               adapter_ids_B: jax.Array | None = None, return_scalar: bool = False):
+    """Logits [B, L, V] (or hidden states [B, L, D] with `return_hidden`, or the scalar head's
+    float32 [B, L] with `return_scalar`: a model.scalar_head model only).
 
     `adapter_ids_B` [B] (a multi-LoRA model, `lora_num_adapters` = K > 1, needs it; any other
     refuses it): row b runs adapter adapter_ids_B[b] in [0, K). A packed row is one adapter's.
@@ -338,6 +361,12 @@ class Transformer(nn.Module):
     """
     cfg = self.cfg
     b, l = tokens_BL.shape
+    if return_scalar and not cfg.scalar_head:
+      raise ValueError('return_scalar=True needs a scalar head: this model has none (set '
+                       'model.scalar_head=True)')
+    if return_scalar and (return_hidden or logits_window is not None):
+      raise ValueError('return_scalar=True returns the head\'s [B, L] only: drop return_hidden '
+                       'and logits_window')
     check_adapter_ids(cfg, adapter_ids_B, b)
     if adapter_ids_B is not None:
       adapter_ids_B = jnp.asarray(adapter_ids_B, jnp.int32)
@@ -381,12 +410,18 @@ class Transformer(nn.Module):
                             'v': jnp.stack([c['v'] for c in outs])}
 
     h_TD = RMSNorm(cfg, name='final_norm')(x_TD)
+    scalar_BL = None
+    if cfg.scalar_head and (return_scalar or self.is_initializing()):
+      # Read off each position's own hidden state (model.shift_logits moves only the LM head).
+      scalar_BL = ScalarHead(cfg, name='scalar_head')(h_TD).reshape(b, l)
     if cfg.shift_logits:
       # Position i reads token i off the hidden state at i - 1, as the AR model it was adapted
       # from predicted it (Dream / DiffuLLaMA); position 0, with nothing before it, reads its own.
       h_BLD = h_TD.reshape(b, l, cfg.d_model)
       h_TD = jnp.concatenate([h_BLD[:, :1], h_BLD[:, :-1]], axis=1).reshape(b * l, cfg.d_model)
-    if return_hidden:
+    if return_scalar:
+      out = scalar_BL
+    elif return_hidden:
       out = h_TD.reshape(b, l, cfg.d_model)
     else:
       if cfg.tie_embeddings:

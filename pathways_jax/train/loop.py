@@ -202,8 +202,11 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
   growth = growth_phase.Growth(cfg, model_cfg)  # config.growth: the model grows mid-run
   example = np.zeros((cfg.data.batch_size, cfg.data.seq_len), np.int32)
   # train.trainable: the state holds only the trained params; the frozen ones are stored once.
-  # A LoRA model (model.lora_rank > 0) trains its adapters unless the config says otherwise.
-  trainable = cfg.train.trainable or (LORA_PARAMS if model_cfg.lora_rank else '')
+  # A LoRA model (model.lora_rank > 0) trains its adapters (and a reward model's scalar head)
+  # unless the config says otherwise.
+  trainable = cfg.train.trainable or (
+      LORA_PARAMS + ('|scalar_head/.*' if model_cfg.scalar_head else '') if model_cfg.lora_rank
+      else '')
   abstract, shardings, frozen_abstract, frozen_shardings = state_lib.split_state_and_shardings(
       model, tx, example, mesh, rules, trainable)
   pindex, pcount = parallel.process_batch_slice(mesh)  # this process's rows of each batch

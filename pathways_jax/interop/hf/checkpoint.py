@@ -338,6 +338,10 @@ def save_pretrained(params, model_cfg: ModelConfig, out_dir: str, *, tokenizer=N
   """
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  if model_cfg.scalar_head or 'scalar_head' in params:
+    raise HFCheckpointError('a reward model (model.scalar_head=True) has no HuggingFace causal-LM '
+                            'layout: its scalar head would be lost. Score with '
+                            'pathways_jax.eval.reward instead (export of the head is not built)')
   model_type = model_type or hf_config.default_model_type(model_cfg)
   extra = {}
   if tokenizer is not None:

@@ -31,6 +31,9 @@ import pathways_jax.interop.hf.config as hf_config
 RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'causal_query_blocks', 'max_len',
                   'init_std', 'lora_rank', 'lora_alpha', 'lora_targets', 'lora_rslora',
                   'lora_dropout', 'lora_num_adapters')
+# What a run may add to (or drop from) the model it starts from: a reward model's scalar head
+# starts fresh on a source without one (load_init_params).
+HEAD_FIELDS = ('scalar_head',)
 
 
 def run_config(model_cfg: config_lib.ModelConfig, *, name: str, tokenizer_path: str = ''):
@@ -105,6 +108,10 @@ def export_run(workdir: str, out_dir: str, *, step: int | None = None,
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   run_cfg = config_lib.load_run_config(workdir)
   _check_adapter_index(workdir, run_cfg, adapter_index)
+  if run_cfg.model.get('scalar_head'):
+    raise hf.HFCheckpointError(f'{workdir} is a reward model (model.scalar_head=True): a '
+                               'HuggingFace causal-LM directory has no place for its scalar '
+                               'head (export of the head is not built)')
   fm = _load_run(workdir, step)
   params, model_cfg = fm.params, fm.model_cfg
   if model_cfg.lora_rank:
@@ -133,6 +140,10 @@ def export_adapter(workdir: str, out_dir: str, *, step: int | None = None,
     raise config_lib.ConfigError(f'{workdir} is not a LoRA run (model.lora_rank is 0): export '
                                  'its model with `export`')
   _check_adapter_index(workdir, run_cfg, adapter_index)
+  if run_cfg.model.get('scalar_head'):
+    raise config_lib.ConfigError(f'{workdir} is a reward model (model.scalar_head=True): a PEFT '
+                                 'adapter would leave its trained scalar head behind (export of '
+                                 'the head is not built)')
   fm = _load_run(workdir, step)
   _, adapters = lora.split(fm.params)
   model_cfg = fm.model_cfg
@@ -177,7 +188,7 @@ def init_model_config(source: str, cfg_model) -> config_lib.ModelConfig:
   else:
     from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
     model_cfg = frozen.describe_model(source)
-  keep = {k: cfg_model[k] for k in RUNTIME_FIELDS if k in cfg_model}
+  keep = {k: cfg_model[k] for k in RUNTIME_FIELDS + HEAD_FIELDS if k in cfg_model}
   if not keep.get('max_len'):
     keep.pop('max_len', None)
   if model_cfg.causal and not cfg_model.causal:
@@ -201,14 +212,16 @@ def load_init_params(source: str, model, mesh, rules):
     params, loaded_cfg, _ = hf.load_pretrained(source, dtype=model.cfg.param_dtype, mesh=mesh,
                                                rules=rules, tokenizer=False)
   # Attention direction and logit shift change no parameter (init_model_config decides them).
+  own = RUNTIME_FIELDS + HEAD_FIELDS
   arch = lambda c: dataclasses.replace(c, **{k: getattr(model.cfg, k)
-                                             for k in RUNTIME_FIELDS + ('causal', 'shift_logits')})
+                                             for k in own + ('causal', 'shift_logits')})
   if arch(loaded_cfg) != arch(model.cfg):
     diff = [f.name for f in dataclasses.fields(loaded_cfg)
             if getattr(loaded_cfg, f.name) != getattr(model.cfg, f.name)
-            and f.name not in RUNTIME_FIELDS]
+            and f.name not in own]
     raise config_lib.ConfigError(f'train.init_from={source!r} holds another model (differs in '
                                  f'{diff})')
+  params = _with_scalar_head(params, model, mesh, rules)
   from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
   base, adapters = lora.split(params)
   if not model.cfg.lora_rank:
@@ -226,6 +239,27 @@ def load_init_params(source: str, model, mesh, rules):
   elif k > 1 and lora.num_adapters(adapters) == 1:
     # K adapters from a one-adapter LoRA run: each starts as its adapter.
     params = lora.combine(base, lora.stack([adapters] * k, [lcfg] * k)[0])
+  return params
+
+
+def _with_scalar_head(params, model, mesh, rules):
+  """`params` with the scalar head `model` has: a source's own head kept; none in the source:
+  a fresh one (the model's init, key 0), placed with its sharding; a model without a head drops
+  the source's."""
+  params = dict(params)
+  if not model.cfg.scalar_head:
+    params.pop('scalar_head', None)
+    return params
+  if 'scalar_head' in params:
+    return params
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from pathways_jax.models.transformer import ScalarHead  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
+  _, shardings = frozen.abstract_params_and_shardings(model, mesh, rules)
+  head = nn.unbox(ScalarHead(model.cfg).init(jax.random.key(0),
+                                             jnp.zeros((1, model.cfg.d_model)))['params'])
+  params['scalar_head'] = jax.device_put(head, shardings['scalar_head'])
   return params
 
 

@@ -1,0 +1,214 @@
+"""Reward models: the scalar head, task 'reward_model', and the scoring API (eval/reward.py)."""
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import logged_losses, tiny_config
+from pathways_jax.config import ConfigError, ModelConfig
+from pathways_jax.data import chat
+from pathways_jax.data import preference as pref_data
+from pathways_jax.data import tokenizers
+from pathways_jax.eval import reward as reward_eval
+from pathways_jax.models.transformer import ScalarHead, Transformer
+from pathways_jax.tasks.reward_model import pair_rewards
+
+BYTES = tokenizers.ByteTokenizer()
+# Two lengths of side (one compile each for the reference below), chosen and rejected of unequal
+# length in one pair; every pair fits half of a 64-token row.
+PAIRS = [('2+3=', '5', '7'), ('1+1=', '2', '11'), ('6+2=', '8', '9')]
+
+
+def _conversations(prompt, chosen, rejected):
+  p, c, r = pref_data.from_record({'prompt': prompt, 'chosen': chosen, 'rejected': rejected})
+  return p + c, p + r
+
+
+def _model(**kw):
+  cfg = ModelConfig.from_config(tiny_config('/tmp/unused').model, vocab_size=264)
+  return Transformer(cfg.replace(scalar_head=True, **kw))
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_rewards_of_packed_rows_are_each_sequence_run_alone(causal):
+  """The independent reference: each side through the model alone (exact length, no padding, no
+  segment ids), read at its last token; the packed rows hold three pairs and padding. A
+  bidirectional (LLaDA) backbone too: there, padding or a neighbouring segment would reach every
+  token, the last included."""
+  model = _model(causal=causal)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))['params'])
+  head = params['scalar_head']
+  assert head['kernel'].shape == (32,) and head['bias'].shape == ()
+  assert head['kernel'].dtype == jnp.float32 and float(jnp.abs(head['kernel']).max()) < 0.2
+  fields, _ = pref_data.build_rows([pref_data.render_pair(BYTES, *pref_data.from_record(
+      {'prompt': p, 'chosen': c, 'rejected': r})) for p, c, r in PAIRS], 96, pad_id=0)
+  assert (fields['segment_ids'] == 0).any()  # padding at the end of a row
+  scalar = jax.jit(lambda p, b: model.apply({'params': p}, b['tokens'],
+                                            positions_BL=b['positions'],
+                                            segment_ids_BL=b['segment_ids'], return_scalar=True))
+  got = pair_rewards(scalar(params, fields), jnp.asarray(fields['segment_ids']))
+  assert got['chosen'].dtype == jnp.float32
+  valid = np.asarray(got['valid'])
+  assert valid.sum() == len(PAIRS)
+  got_pairs = sorted(zip(np.asarray(got['chosen'])[valid].tolist(),
+                         np.asarray(got['rejected'])[valid].tolist()))
+  apply = jax.jit(lambda p, t: model.apply({'params': p}, t, return_scalar=True))
+  alone = []
+  for p, c, r in PAIRS:
+    c_conv, r_conv = _conversations(p, c, r)
+    pair = []
+    for conv in (c_conv, r_conv):
+      ids, _ = chat.render(BYTES, conv)
+      pair.append(float(apply(params, jnp.asarray(ids)[None])[0, -1]))
+    alone.append(tuple(pair))
+  np.testing.assert_allclose(got_pairs, sorted(alone), rtol=1e-5, atol=1e-6)
+  # The scoring API on the same conversations (one per row, right-padded, batches of 4).
+  convs = [conv for p, c, r in PAIRS for conv in _conversations(p, c, r)]
+  scored = reward_eval.score(model, params, BYTES, convs, batch_size=4, max_len=48)
+  np.testing.assert_allclose(scored, [x for pair in alone for x in pair], rtol=1e-5, atol=1e-6)
+
+
+def test_scalar_head_refusals_and_truncation():
+  plain = Transformer(_model().cfg.replace(scalar_head=False))
+  params = jax.eval_shape(plain.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  assert 'scalar_head' not in params
+  with pytest.raises(ValueError, match='model.scalar_head'):
+    jax.eval_shape(lambda p: plain.apply({'params': p}, jnp.zeros((1, 8), jnp.int32),
+                                         return_scalar=True), params)
+  with pytest.raises(ValueError, match='scalar head'):
+    reward_eval.score(plain, params, BYTES, [[{'role': 'user', 'content': 'hi'}]])
+  model = _model()
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+  from pathways_jax.interop import hf  # pylint: disable=g-import-not-at-top
+  with pytest.raises(hf.HFCheckpointError, match='scalar head'):
+    hf.save_pretrained(params, model.cfg, '/tmp/never_written')
+  # Too long: refused with truncation='error'; by default cut from the left (first token kept),
+  # counted, and the reward is that of the cut sequence.
+  long = [{'role': 'user', 'content': 'x' * 40}, {'role': 'assistant', 'content': 'yes'}]
+  short = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'no'}]
+  with pytest.raises(ValueError, match=r'1 of 2 conversations are longer than max_len=32: #0'):
+    reward_eval.score(model, params, BYTES, [long, short], max_len=32, truncation='error')
+  got, stats = reward_eval.score(model, params, BYTES, [long, short], batch_size=2, max_len=32,
+                                 return_stats=True)
+  assert stats == {'conversations': 2, 'truncated': 1, 'batches': 1, 'max_len': 32}
+  ids, _ = chat.render(BYTES, long)
+  cut = np.concatenate([ids[:1], ids[-31:]])
+  assert cut[0] == BYTES.bos_id
+  want = jax.jit(lambda p, t: model.apply({'params': p}, t, return_scalar=True))(
+      params, jnp.asarray(cut)[None])[0, -1]
+  np.testing.assert_allclose(got[0], float(want), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- training
+
+def _write_pairs(path, n=400, shuffled=False):
+  """'yes' chosen over 'no' whatever the prompt; `shuffled`: the two swapped at random (labels
+  that carry no preference)."""
+  rng = np.random.default_rng(0)
+  with open(path, 'w') as f:
+    for _ in range(n):
+      a, b = (int(v) for v in rng.integers(0, 10, 2))
+      chosen, rejected = ('no', 'yes') if shuffled and rng.random() < 0.5 else ('yes', 'no')
+      f.write(json.dumps({'prompt': f'{a}+{b}?', 'chosen': chosen, 'rejected': rejected}) + '\n')
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  """A causal LM without a head (the reward models' train.init_from), and the pairs. The run
+  directory is written as `interop.hf` imports one (config.json, the params as the checkpoint of
+  step 0): a freshly initialised model, which is all a reward model's start needs here, without
+  the seconds of compiling a pretraining run."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.mktemp('rm')
+  cfg = tiny_config(str(base / 'cache'))
+  model = Transformer(ModelConfig.from_config(cfg.model, vocab_size=264))  # the run's: 260 -> x8
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  (base / 'pre').mkdir()
+  (base / 'pre' / 'config.json').write_text(cfg.to_json_best_effort())
+  ocp.PyTreeCheckpointer().save(str(base / 'pre' / 'checkpoints' / '0' / 'state'), params)
+  _write_pairs(base / 'pairs.jsonl')
+  _write_pairs(base / 'shuffled.jsonl', shuffled=True)
+  return base
+
+
+def _rm_cfg(base, **kw):
+  return tiny_config(str(base / 'cache'), **{
+      'task': 'reward_model', 'model.scalar_head': True, 'data.corpus': 'preference',
+      'data.path': str(base / 'pairs.jsonl'), 'data.seq_len': 64, 'data.batch_size': 8,
+      'train.init_from': str(base / 'pre'), 'train.steps': 8, 'train.lr': 1e-2,
+      'train.warmup_steps': 0, 'train.eval_every': 8, 'train.checkpoint_every': 1000,
+      'sample.prompts': (), **kw})
+
+
+def _train(base, name, **kw):
+  from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
+  res = loop.train(_rm_cfg(base, **kw), str(base / name), quiet=True)
+  assert res['status'] == 'completed'
+  return res, logged_losses(base / name)
+
+
+def test_a_reward_model_learns_a_preference_and_scores_as_it_trained(pretrained):
+  res, losses = _train(pretrained, 'rm')
+  # The head starts fresh and small on the pretrained backbone: rewards near 0, loss near log 2.
+  assert losses[1] == pytest.approx(math.log(2), abs=0.05)
+  assert res['val_accuracy'] == 1.0 and res['val_margin'] > 0, res
+  assert losses[8] < 0.6 and res['val_loss'] < 0.6, (losses, res)
+  # score (the API) == the task's rewards of the same sequences, under the trained params.
+  from pathways_jax import tasks  # pylint: disable=g-import-not-at-top
+  model, params, tok = reward_eval.load(str(pretrained / 'rm'))
+  task = tasks.make(_rm_cfg(pretrained), model)
+  fields, _ = pref_data.build_rows([pref_data.render_pair(tok, *pref_data.from_record(
+      {'prompt': p, 'chosen': c, 'rejected': r})) for p, c, r in PAIRS], 64, pad_id=tok.pad_id)
+  r = jax.jit(task.rewards)(params, {k: jnp.asarray(v) for k, v in fields.items()})
+  valid = np.asarray(r['valid'])
+  from_task = sorted(zip(np.asarray(r['chosen'])[valid].tolist(),
+                         np.asarray(r['rejected'])[valid].tolist()))
+  convs = [conv for p, c, r_ in PAIRS for conv in _conversations(p, c, r_)]
+  yes_no = [[{'role': 'user', 'content': '4+4?'}, {'role': 'assistant', 'content': a}]
+            for a in ('yes', 'no')]
+  scored = reward_eval.score(model, params, tok, convs + yes_no, batch_size=4, max_len=32)
+  np.testing.assert_allclose(sorted(zip(scored[:6:2], scored[1:6:2])), from_task, rtol=1e-5,
+                             atol=1e-5)
+  assert scored[6] > scored[7]  # what it learnt: 'yes' over 'no'
+
+
+def test_shuffled_labels_teach_no_preference(pretrained):
+  """The same run as the one above, with chosen and rejected swapped at random: the training loss
+  stays at log 2 (the learnable run's falls to about 0.5 by step 8)."""
+  res, losses = _train(pretrained, 'shuffled', **{'data.path': str(pretrained / 'shuffled.jsonl')})
+  late = np.mean([losses[k] for k in (5, 6, 7, 8)])
+  assert abs(late - math.log(2)) < 0.03, losses
+  assert res['val_loss'] == pytest.approx(math.log(2), abs=0.03)
+
+
+def test_a_lora_reward_model_on_a_bidirectional_backbone_trains_adapters_and_head(pretrained):
+  """LoRA, a bidirectional (LLaDA-style) backbone adapted from the causal base, and a fresh head,
+  in one run (CI time): it learns the preference, and what it trains is the adapters and the
+  head (d_model + 1 values), the base frozen."""
+  res, losses = _train(pretrained, 'lora', **{'model.lora_rank': 4, 'model.causal': False,
+                                              'train.lr': 3e-2})
+  assert res['val_accuracy'] == 1.0 and res['val_margin'] > 0, (res, losses)
+  from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
+  model, params, _ = reward_eval.load(str(pretrained / 'lora'))
+  assert not model.cfg.causal
+  adapters = sum(x.size for x in jax.tree_util.tree_leaves(lora.split(params)[1]))
+  assert res['trainable_params'] == adapters + model.cfg.d_model + 1
+  # The head init_from gave it (interop/hf/run_dir.py: the model's init, key 0) has moved.
+  fresh = nn.unbox(ScalarHead(model.cfg).init(jax.random.key(0), jnp.zeros((1, 32))))['params']
+  assert np.abs(np.asarray(params['scalar_head']['kernel']) - fresh['kernel']).max() > 1e-2
+
+
+def test_bad_reward_model_settings_are_named(pretrained):
+  from pathways_jax import tasks  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match='model.scalar_head=True'):
+    tasks.make(_rm_cfg(pretrained), Transformer(_model().cfg.replace(scalar_head=False)))
+  with pytest.raises(ConfigError, match="corpus='preference'"):
+    tasks.make(_rm_cfg(pretrained, **{'data.corpus': 'chat'}), _model())
+  with pytest.raises(ConfigError, match='center_coef'):
+    tasks.make(_rm_cfg(pretrained, **{'reward_model.center_coef': -1.0}), _model())
+  with pytest.raises(ValueError, match='not a reward model'):
+    reward_eval.load(str(pretrained / 'pre'))

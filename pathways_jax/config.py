@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   # lora_quantize_block input values share one scale (0: one scale per output channel).
   m.lora_quantize = ''
   m.lora_quantize_block = 64
+  # A reward model's head (task 'reward_model', docs/preference.md): param scalar_head (kernel
+  # [d_model] + bias, float32) on the final-normed hidden state; apply(..., return_scalar=True)
+  # gives float32 [B, L]. A run starting (train.init_from) from a model without one gets it fresh.
+  m.scalar_head = False
 
   c.data = d = ml_collections.ConfigDict()
   # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'rows' | 'chat' | 'preference' (data/preference.py)
@@ -180,6 +184,21 @@ def base_config() -> ml_collections.ConfigDict:
   # Score the data with the reference once, before training (cached in WORKDIR/ref_logps): the
   # reference is then not held during training.
   dp.precompute = False
+
+  # task 'vrpo' (pathways_jax/tasks/vrpo.py, docs/preference.md): DPO for LLaDA (model.causal=False)
+  # on Monte Carlo ELBO estimates (LLaDA 1.5); loss, beta and reference are config.dpo's
+  # (dpo.precompute is refused). Each step runs n = n_t * n_yt forwards per model per row.
+  c.vrpo = vr = ml_collections.ConfigDict()
+  vr.n_t = 8  # timesteps per response (VRPO's optimal allocation: n_t = n, n_yt = 1)
+  vr.n_yt = 1  # masks per timestep
+  vr.antithetic = True  # the reference scores the policy's own timesteps and masks
+
+  # task 'reward_model' (pathways_jax/tasks/reward_model.py, docs/preference.md): a Bradley-Terry
+  # reward model over data.corpus='preference' pairs; needs model.scalar_head=True.
+  c.reward_model = rm = ml_collections.ConfigDict()
+  # + center_coef * mean((r_chosen + r_rejected)^2): pins the reward's free offset near 0
+  # (TRL's center_rewards_coefficient; its docs suggest 1e-2).
+  rm.center_coef = 0.0
 
   # RHO-1 selective language modelling (docs/rho1.md): train on the top `ratio` of the targets by
   # score; the base objective stays `objective` (autoregressive or diffusion).
@@ -456,6 +475,7 @@ class ModelConfig:
   lora_rslora: bool = False
   lora_dropout: float = 0.0
   lora_num_adapters: int = 1
+  scalar_head: bool = False
 
   def __post_init__(self):
     # config.validate() names the key for configs; this catches a ModelConfig built in code.

@@ -6,4 +6,5 @@ from pathways_jax.tasks.registry import get, make, names, register, task_name
 from pathways_jax.tasks import pretrain  # pylint: disable=unused-import  (registers its tasks)
 from pathways_jax.tasks import dpo  # pylint: disable=unused-import
 from pathways_jax.tasks import rho1  # pylint: disable=unused-import
+from pathways_jax.tasks import reward_model  # pylint: disable=unused-import
 from pathways_jax.tasks import sft  # pylint: disable=unused-import

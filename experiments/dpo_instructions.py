@@ -129,12 +129,11 @@ def _write_jsonl(records, path):
   os.replace(tmp, path)
 
 
-def run(cfg, workdir: str) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
+def prepare(cfg, workdir: str) -> dict:
+  """Stages 1-2 (each skipped once finished): the instruction set, base, SFT and the pairs.
+  Returns {examples, heldout, dirs (base, sft), pairs_dir, counts, wall}."""
   from pathways_jax.data import instructions  # pylint: disable=g-import-not-at-top
-  from pathways_jax.eval import instructions as instr_eval  # pylint: disable=g-import-not-at-top
-  from pathways_jax.train import loop, metrics  # pylint: disable=g-import-not-at-top,multiple-import
-  start = time.perf_counter()
+  from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   examples = instruction_sft.instruction_set(cfg)
   paths = instructions.write_splits(examples, os.path.join(workdir, 'instructions'))
@@ -142,7 +141,6 @@ def run(cfg, workdir: str) -> dict:
   if cfg.instructions.eval_limit > 0:
     heldout = heldout[:cfg.instructions.eval_limit]
   dirs = {arm: os.path.join(workdir, arm) for arm in ('base', 'sft')}
-  dirs['dpo'] = os.path.join(workdir, cfg.dpo_exp.arm)
   wall = {}
   t0 = time.perf_counter()
   loop.train_stage(instruction_sft.base_config_of(cfg), dirs['base'])
@@ -167,7 +165,24 @@ def run(cfg, workdir: str) -> dict:
       json.dump({**counts, 'wall_s': wall['pairs_s']}, f, indent=2)
   with open(counts_path) as f:
     counts = json.load(f)
+  return {'examples': examples, 'heldout': heldout, 'dirs': dirs, 'pairs_dir': pairs_dir,
+          'counts': counts, 'wall': wall}
 
+
+def device() -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  return {'kind': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
+          'count': jax.device_count(), 'cpus': os.cpu_count(), 'machine': platform.machine()}
+
+
+def run(cfg, workdir: str) -> dict:
+  from pathways_jax.eval import instructions as instr_eval  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import loop, metrics  # pylint: disable=g-import-not-at-top,multiple-import
+  start = time.perf_counter()
+  prep = prepare(cfg, workdir)
+  examples, heldout, counts, wall = prep['examples'], prep['heldout'], prep['counts'], prep['wall']
+  dirs, pairs_dir = prep['dirs'], prep['pairs_dir']
+  dirs['dpo'] = os.path.join(workdir, cfg.dpo_exp.arm)
   t0 = time.perf_counter()
   dpo_res = loop.train_stage(dpo_config_of(cfg, pairs_dir, dirs['sft']), dirs['dpo'])
   wall['dpo_train_s'] = time.perf_counter() - t0
@@ -192,9 +207,7 @@ def run(cfg, workdir: str) -> dict:
       **evals, 'dpo_validation': curve,
       'dpo_train_loss': dpo_res.get('train_loss'), 'wall_s': wall,
       'date': datetime.date.today().isoformat(),
-      'device': {'kind': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
-                 'count': jax.device_count(), 'cpus': os.cpu_count(),
-                 'machine': platform.machine()},
+      'device': device(),
       'config': json.loads(cfg.to_json_best_effort())}
   with open(os.path.join(workdir, f'{cfg.dpo_exp.arm}_results.json'), 'w') as f:
     json.dump(results, f, indent=2, default=str)

@@ -12,7 +12,7 @@ UV_VERSION := 0.13.9
 TORCH ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv lock run test test-variants reproduce bench bench-trl golden-hf check-export-hf clean
+.PHONY: venv lock run test test-variants reproduce bench bench-trl bench-preference golden-hf check-export-hf clean
 
 venv: $(STAMP)
 
@@ -68,6 +68,12 @@ bench: $(STAMP)
 # it the script reports pathways_jax and the memory table alone.
 bench-trl: $(STAMP)
 	$(PY) benchmarks/sft_vs_trl.py
+
+# DPO and reward-model step tokens/s against TRL's DPOTrainer and RewardTrainer on the same HF
+# model and pairs, and the DPO step's compiled memory with a frozen vs a precomputed reference
+# (benchmarks/preference_vs_trl.py, benchmarks/RESULTS.md; the TRL side in .venv-golden, as above).
+bench-preference: $(STAMP)
+	$(PY) benchmarks/preference_vs_trl.py
 
 # tests/golden/hf: tiny random Llama/Qwen2/Qwen3 checkpoints and the logits and greedy tokens
 # transformers computes for them, for the torch-free tests of pathways_jax.interop.hf. Run it only

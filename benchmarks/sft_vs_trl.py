@@ -41,8 +41,6 @@ import json
 import os
 import random
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +59,8 @@ from pathways_jax.data import hf_tokenizer, instructions, sft, synthetic  # noqa
 from pathways_jax.interop import hf  # noqa: E402
 from pathways_jax.models.transformer import Transformer  # noqa: E402
 from pathways_jax.train import optimizer, state as state_lib, step as step_lib  # noqa: E402
-from train_throughput import paired_ratio  # noqa: E402
+# The worker process, the rounds and their summary, shared with preference_vs_trl.py.
+from _rounds import Worker, ratio, round_rows, time_rounds, usable_torch_python  # noqa: E402
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -69,9 +68,6 @@ SPECIALS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
 SYSTEM = 'You are a concise assistant. Answer every question in exactly the format it asks for.'
 TORCH_PYTHON = os.path.join(REPO, '.venv-golden', 'bin', 'python')
 WORKER = os.path.join(REPO, 'benchmarks', 'sft_vs_trl_torch.py')
-# pathways_jax.host_memory's mallopt settings as glibc tunables, for the torch process.
-REUSE_TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
-                  'glibc.malloc.trim_threshold=2147483647')
 
 
 # ------------------------------------------------------------------------------ shared inputs
@@ -202,7 +198,7 @@ def jax_runner(args, hf_dir: str, data: str):
 
 # ------------------------------------------------------------------------------ TRL worker
 
-class TorchWorker:
+class TorchWorker(Worker):
   """benchmarks/sft_vs_trl_torch.py in the torch venv, over stdin/stdout JSON lines."""
 
   def __init__(self, python: str, args, hf_dir: str, data: str, workdir: str, variants: list,
@@ -210,74 +206,7 @@ class TorchWorker:
     cmd = [python, WORKER, f'--hf_dir={hf_dir}', f'--data={data}', f'--workdir={workdir}',
            f'--seq_len={args.seq_len}', f'--batch_size={args.batch_size}', f'--lr={args.lr}',
            f'--variants={",".join(variants)}', f'--threads={args.torch_threads}']
-    # pylint: disable-next=consider-using-with
-    self.log = open(os.path.join(workdir, 'trl_worker.log'), 'w')
-    env = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1',
-           'TOKENIZERS_PARALLELISM': 'false', 'HF_HOME': os.path.join(workdir, 'hf_home')}
-    if malloc_reuse:  # torch under the malloc options this process runs with (host_memory.py)
-      env['GLIBC_TUNABLES'] = REUSE_TUNABLES
-    # pylint: disable-next=consider-using-with
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=self.log, text=True, env=env, cwd=REPO)
-    self.malloc_reuse = malloc_reuse
-    self.info = self._read()
-
-  def _read(self) -> dict:
-    line = self.proc.stdout.readline()
-    if not line:
-      self.proc.wait()
-      self.log.flush()
-      with open(self.log.name) as f:
-        tail = f.read()[-3000:]
-      raise RuntimeError(f'the TRL worker exited ({self.proc.returncode}); its log ends:\n{tail}')
-    out = json.loads(line)
-    if 'error' in out:
-      raise RuntimeError(f'the TRL worker failed: {out["error"]}')
-    return out
-
-  def runner(self, variant: str):
-    def run(steps):
-      self.proc.stdin.write(json.dumps({'run': variant, 'steps': steps}) + '\n')
-      self.proc.stdin.flush()
-      r = self._read()
-      return r['seconds'], r['real_tokens'], r['slots'], r['loss']
-    return run
-
-  def close(self):
-    if self.proc.poll() is None:
-      try:
-        self.proc.stdin.write(json.dumps({'quit': True}) + '\n')
-        self.proc.stdin.flush()
-        self.proc.wait(timeout=60)
-      except (BrokenPipeError, subprocess.TimeoutExpired):
-        self.proc.kill()
-    self.log.close()
-
-
-def usable_torch_python(path: str) -> bool:
-  if not os.path.isfile(path):
-    return False
-  probe = subprocess.run([path, '-c', 'import torch, transformers, trl'], capture_output=True,
-                         check=False, timeout=300)
-  return probe.returncode == 0
-
-
-# ------------------------------------------------------------------------------ rounds
-
-def time_rounds(runners: dict, steps: int, rounds: int, pause: float, seed: int = 0) -> dict:
-  """{runner: [(seconds, real tokens, slots, loss) of each round]}: two warm-up steps each, then
-  every runner once per round in a shuffled order (train_throughput.time_rounds, with the
-  runners timing themselves: the TRL worker's round excludes the pipe's round trip)."""
-  for r in runners.values():
-    r(2)
-  out = {k: [] for k in runners}
-  order, rng = list(runners), random.Random(seed)
-  for _ in range(rounds):
-    rng.shuffle(order)
-    for k in order:
-      time.sleep(pause)  # the previous runner's spinning threads go idle first
-      out[k].append(runners[k](steps))
-  return out
+    super().__init__(cmd, workdir, 'trl_worker.log', malloc_reuse)
 
 
 # ------------------------------------------------------------------------------ memory
@@ -409,16 +338,7 @@ def main():
 
 
 def report(args, facts, jstats, tinfo, rounds, mem, host_malloc) -> None:
-  per_token = {k: [s / t for s, t, _, _ in v] for k, v in rounds.items()}  # seconds per token
-  rows = {}
-  for k, v in rounds.items():
-    best = min(range(len(v)), key=lambda i: per_token[k][i])
-    rows[k] = {'tokens_per_s': 1 / per_token[k][best],
-               'median_tokens_per_s': 1 / statistics.median(per_token[k]),
-               'step_s': statistics.median(s / args.steps for s, _, _, _ in v),
-               'real_per_step': statistics.mean(t / args.steps for _, t, _, _ in v),
-               'slots_per_step': statistics.mean(n / args.steps for _, _, n, _ in v),
-               'loss': v[-1][3]}
+  per_token, rows = round_rows(rounds, args.steps)  # per_token: seconds per token
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()} (jax {jax.__version__}, '
         f'host malloc: {host_malloc}); pathways_jax attention={jstats["attention"]}')
   print(f'model: Llama, {args.num_layers} layers, d={args.d_model}, {args.num_heads} heads / '
@@ -448,11 +368,10 @@ def report(args, facts, jstats, tinfo, rounds, mem, host_malloc) -> None:
   ratios = {}
   for k in rows:
     if k.startswith('trl '):
-      paired = paired_ratio(per_token, k, 'pathways_jax')
-      ratios[k] = {'best': rows['pathways_jax']['tokens_per_s'] / rows[k]['tokens_per_s'],
-                   'paired_median': paired[0], 'quartiles': paired[1:]}
+      ratios[k] = ratio(per_token, rows, 'pathways_jax', k)
+      q = ratios[k]['quartiles']
       print(f'ratio pathways_jax / {k}: {ratios[k]["best"]:.2f}x of the best rounds; per round '
-            f'{paired[0]:.2f}x median (quartiles {paired[1]:.2f}-{paired[2]:.2f})')
+            f'{ratios[k]["paired_median"]:.2f}x median (quartiles {q[0]:.2f}-{q[1]:.2f})')
   if mem:
     print_memory(mem)
   if args.json:

@@ -205,3 +205,26 @@ def test_sft_vs_trl_times_the_sft_step_and_tables_lora_against_full_memory(tmp_p
     # Both TRL variants keep conversations apart and draw the same batches: the same loss.
     rows = result['rows']
     assert abs(rows['trl padding_free']['loss'] - rows['trl rows']['loss']) < 1e-3, rows
+
+
+def test_preference_vs_trl_pairs_and_the_batch_that_fills_its_rows():
+  """The inputs both sides of benchmarks/preference_vs_trl.py train on (no step is compiled:
+  `make bench-preference` runs the rest): pairs whose two answers differ in the same format, and
+  the batch, the most leading pairs that pack into exactly the asked number of rows."""
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import preference_vs_trl  # pylint: disable=g-import-not-at-top
+  from pathways_jax.data import preference  # pylint: disable=g-import-not-at-top
+  records = preference_vs_trl.make_pairs(num_people=8, max_turns=3)
+  assert len(records) > 100
+  for r in records:
+    assert r['prompt'][0]['role'] == 'system' and r['prompt'][-1]['role'] == 'user'
+    assert [m['role'] for m in r['chosen'] + r['rejected']] == ['assistant', 'assistant']
+    assert r['chosen'][0]['content'] != r['rejected'][0]['content']
+  assert max(len(r['prompt']) for r in records) == 1 + 2 * 2 + 1  # up to two earlier turns
+  tok = preference_vs_trl.train_tokenizer(
+      [r['prompt'] + r['chosen'] + r['rejected'] for r in records], 384)
+  rendered = [preference.render_pair(tok, r['prompt'], r['chosen'], r['rejected'])
+              for r in records[:40]]
+  n = preference_vs_trl.choose_batch(rendered, 256, 3, tok.pad_id)
+  rows = lambda k: preference.build_rows(rendered[:k], 256, pad_id=tok.pad_id)[1]['rows']
+  assert rows(n) == 3 and rows(n + 1) > 3

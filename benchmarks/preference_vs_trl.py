@@ -1,7 +1,7 @@
 """Preference steps, pathways_jax vs TRL (PyTorch): DPO vs DPOTrainer, a reward model vs
 RewardTrainer, and the DPO step's memory with a frozen vs a precomputed reference.
 
-    python benchmarks/preference_vs_trl.py [--rounds=8] [--steps=1] [--seq_len=512]
+    python benchmarks/preference_vs_trl.py [--rounds=6] [--steps=1] [--seq_len=512]
         [--batch_size=8] [--max_turns=4] [--d_model=256 --num_layers=4 --num_heads=4
         --num_kv_heads=2 --mlp_dim=688 --vocab=8192] [--torch_python=.venv-golden/bin/python]
         [--no_torch] [--no_memory] [--workdir=DIR] [--json]
@@ -270,7 +270,7 @@ class TorchWorker(Worker):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--rounds', type=int, default=8)
+  ap.add_argument('--rounds', type=int, default=6)
   ap.add_argument('--steps', type=int, default=1, help='optimizer steps per round')
   ap.add_argument('--seq_len', type=int, default=512)
   ap.add_argument('--batch_size', type=int, default=8, help='pathways_jax rows a step')

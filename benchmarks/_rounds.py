@@ -82,12 +82,13 @@ class Worker:
     self.log.close()
 
 
-def time_rounds(runners: dict, steps: int, rounds: int, pause: float, seed: int = 0) -> dict:
-  """{runner: [(seconds, real tokens, slots, loss) of each round]}: two warm-up steps each, then
+def time_rounds(runners: dict, steps: int, rounds: int, pause: float, seed: int = 0,
+                warmup: int = 2) -> dict:
+  """{runner: [(seconds, real tokens, slots, loss) of each round]}: `warmup` steps each, then
   every runner once per round in a shuffled order (train_throughput.time_rounds, with the
   runners timing themselves: the TRL worker's round excludes the pipe's round trip)."""
   for r in runners.values():
-    r(2)
+    r(warmup)
   out = {k: [] for k in runners}
   order, rng = list(runners), random.Random(seed)
   for _ in range(rounds):

@@ -1,7 +1,7 @@
 """Preference steps, pathways_jax vs TRL (PyTorch): DPO vs DPOTrainer, a reward model vs
 RewardTrainer, and the DPO step's memory with a frozen vs a precomputed reference.
 
-    python benchmarks/preference_vs_trl.py [--rounds=6] [--steps=1] [--seq_len=512]
+    python benchmarks/preference_vs_trl.py [--rounds=6] [--steps=1] [--warmup=1] [--seq_len=512]
         [--batch_size=8] [--max_turns=4] [--d_model=256 --num_layers=4 --num_heads=4
         --num_kv_heads=2 --mlp_dim=688 --vocab=8192] [--torch_python=.venv-golden/bin/python]
         [--no_torch] [--no_memory] [--workdir=DIR] [--json]
@@ -36,7 +36,8 @@ constant lr, no activation checkpointing):
     directory (its `score` head new and random). The heads differ; the backbones are the same.
 The TRL side runs in the torch venv (benchmarks/preference_vs_trl_torch.py, a subprocess; its
 trainers' own loops, paused between rounds). Rounds alternate (every runner once per round, in a
-shuffled order, after two warm-up steps each; _rounds.py). Throughput counts the real
+shuffled order, after `--warmup` untimed steps each (1: the first step of either side is the one
+that sets things up: XLA's first execution, TRL's optimizer state); _rounds.py). Throughput counts the real
 (non-padding) tokens of the chosen and rejected sequences (prompt included); the ratios are of the
 best rounds and the median over rounds of each round's own ratio. A third figure, the same
 per-round median per slot (padding counted on both sides), separates what packing rather than
@@ -272,6 +273,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--rounds', type=int, default=6)
   ap.add_argument('--steps', type=int, default=1, help='optimizer steps per round')
+  ap.add_argument('--warmup', type=int, default=1, help='untimed steps of each runner first')
   ap.add_argument('--seq_len', type=int, default=512)
   ap.add_argument('--batch_size', type=int, default=8, help='pathways_jax rows a step')
   ap.add_argument('--d_model', type=int, default=256)
@@ -304,8 +306,8 @@ def main():
     host_malloc = 'reuse' if host_memory.reuse_freed_memory() else 'default'  # before the backend
   except ValueError as e:
     ap.error(str(e))
-  if args.steps < 1 or args.rounds < 1 or args.batch_size < 1:
-    ap.error('--steps, --rounds and --batch_size must be >= 1')
+  if min(args.steps, args.rounds, args.batch_size, args.warmup) < 1:
+    ap.error('--steps, --rounds, --batch_size and --warmup must be >= 1')
   if args.attention not in config_lib.choices('model.attention'):
     ap.error(f'--attention={args.attention!r} is not one of '
              f'{config_lib.choices("model.attention")}')
@@ -338,7 +340,7 @@ def main():
     order = sorted(runners, key=lambda k: (which.index(k.split()[-1]), k))
     runners = {k: runners[k] for k in order}
     try:
-      rounds = time_rounds(runners, args.steps, args.rounds, args.pause)
+      rounds = time_rounds(runners, args.steps, args.rounds, args.pause, warmup=args.warmup)
     finally:
       if worker:
         worker.close()
@@ -401,8 +403,9 @@ def report(args, which, facts, jinfo, tinfo, rounds, mem, host_malloc, seconds) 
       if mismatch:
         print(f'WARNING: the two sides tokenized the pairs differently for {t} (TRL: '
               f'{b["real_tokens"]} real, {b.get("trained_tokens")} response tokens)')
-  print(f'best and median of {args.rounds} rounds (shuffled order) of {args.steps} step(s); '
-        'tokens = real (non-padding) tokens of chosen + rejected')
+  print(f'best and median of {args.rounds} rounds (shuffled order) of {args.steps} step(s), after '
+        f'{args.warmup} warm-up step(s) each; tokens = real (non-padding) tokens of chosen + '
+        'rejected')
   print(f"{'implementation':<20} {'tokens/s':>9} {'median':>9} {'s/step':>7} {'real/step':>10} "
         f"{'slots/step':>10} {'loss':>7}")
   for k, r in rows.items():

@@ -37,11 +37,11 @@ constant lr, no activation checkpointing):
 The TRL side runs in the torch venv (benchmarks/preference_vs_trl_torch.py, a subprocess; its
 trainers' own loops, paused between rounds). Rounds alternate (every runner once per round, in a
 shuffled order, after `--warmup` untimed steps each (1: the first step of either side is the one
-that sets things up: XLA's first execution, TRL's optimizer state); _rounds.py). Throughput counts the real
-(non-padding) tokens of the chosen and rejected sequences (prompt included); the ratios are of the
-best rounds and the median over rounds of each round's own ratio. A third figure, the same
-per-round median per slot (padding counted on both sides), separates what packing rather than
-padding gains from what the step itself gains.
+that sets things up: XLA's first execution, TRL's optimizer state); _rounds.py). Throughput
+counts the real (non-padding) tokens of the chosen and rejected sequences (prompt included); the
+ratios are of the best rounds and the median over rounds of each round's own ratio. A third
+figure, the same per-round median per slot (padding counted on both sides), separates what
+packing rather than padding gains from what the step itself gains.
 
 **Memory** (no torch needed): the DPO step compiled with the frozen reference (the timed program)
 and with `dpo.precompute=True` (the reference's per-token log-probs a batch field `ref_logp`, no

@@ -5,7 +5,7 @@ Runs in a venv with torch, transformers and trl (`make golden-hf` makes `.venv-g
 by preference_vs_trl.py, which it answers over stdin/stdout in JSON lines (the protocol, the
 pausing callback and the stdout redirection are benchmarks/sft_vs_trl_torch.py's, imported):
 
-    -> {"ready": true, versions, threads, per-variant batch statistics}   once the trainers are built
+    -> {"ready": true, versions, threads, per-variant batch statistics}   the trainers built
     <- {"run": VARIANT, "steps": N}
     -> {"seconds": S, "real_tokens": T, "slots": K, "loss": L}    N optimizer steps of VARIANT
     <- {"quit": true}
@@ -66,7 +66,8 @@ def _common(args, variant: str) -> dict:
   """The TrainingArguments both trainers share (sft_vs_trl_torch's, the optimizer the pathways_jax
   side uses): AdamW b1 0.9, b2 0.95, clipping at 1, constant lr, no activation checkpointing."""
   return dict(
-      output_dir=os.path.join(args.workdir, f'trl_{variant}'), per_device_train_batch_size=args.pairs,
+      output_dir=os.path.join(args.workdir, f'trl_{variant}'),
+      per_device_train_batch_size=args.pairs,
       gradient_accumulation_steps=1, learning_rate=args.lr, weight_decay=args.weight_decay,
       adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0,
       lr_scheduler_type='constant', max_steps=10**9, use_cpu=True, bf16=False, fp16=False,

@@ -8,3 +8,4 @@ from pathways_jax.tasks import dpo  # pylint: disable=unused-import
 from pathways_jax.tasks import rho1  # pylint: disable=unused-import
 from pathways_jax.tasks import reward_model  # pylint: disable=unused-import
 from pathways_jax.tasks import sft  # pylint: disable=unused-import
+from pathways_jax.tasks import vrpo  # pylint: disable=unused-import

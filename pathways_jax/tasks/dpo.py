@@ -70,11 +70,10 @@ class DpoTask(Task):
 
   def __init__(self, cfg, model):
     super().__init__(cfg, model)
-    if not model.cfg.causal:
-      raise ConfigError("task 'dpo' trains a causal model (LLaDA's VRPO is not built yet)")
+    self._check_model(model)
     if cfg.data.corpus != 'preference':
-      raise ConfigError(f"task 'dpo' trains on pairs: set config.data.corpus='preference' (it "
-                        f'is {cfg.data.corpus!r})')
+      raise ConfigError(f"task {self.name!r} trains on pairs: set config.data.corpus='preference' "
+                        f'(it is {cfg.data.corpus!r})')
     d = cfg.dpo
     self.loss_type = d.loss_type
     self.needs_ref = d.loss_type not in preference.REFERENCE_FREE
@@ -85,13 +84,20 @@ class DpoTask(Task):
       raise ConfigError(f'config.dpo: {e}') from None
     self.source = d.reference or cfg.train.init_from
     if self.needs_ref and not self.source:
-      raise ConfigError("task 'dpo' needs a reference: set config.train.init_from (the model the "
-                        'policy starts from, its reference by default) or config.dpo.reference')
+      raise ConfigError(f'task {self.name!r} needs a reference: set config.train.init_from (the '
+                        'model the policy starts from, its reference by default) or '
+                        'config.dpo.reference')
     # A LoRA policy starting from its reference: the adapters-off model is the reference.
     self.adapters_off = (self.needs_ref and not d.precompute and model.cfg.lora_rank > 0
                          and bool(cfg.train.init_from)
                          and _same_path(self.source, cfg.train.init_from))
     self.ref_model = None  # a frozen reference's model, set by setup
+
+  def _check_model(self, model) -> None:
+    """The kind of model the task trains (a hook: 'vrpo', tasks/vrpo.py, trains LLaDA)."""
+    if not model.cfg.causal:
+      raise ConfigError("task 'dpo' trains a causal model; for LLaDA (model.causal=False) use "
+                        "task 'vrpo'")
 
   def batch_fields(self):
     fields = {**{k: jnp.int32 for k in TOKEN_FIELDS}, 'loss_mask': jnp.int32}
@@ -202,9 +208,10 @@ class DpoTask(Task):
     base = Transformer(_lora_free(self.model.cfg))
     return base if qlora.run_quant_config(self.cfg) is None else qlora.quantized_model(base)
 
-  def loss(self, params, batch, key, aux=None):
+  def _pair_logps(self, params, batch, key, aux):
+    """(policy, reference or None): `preference.packed_pair_logps` dicts of the batch's pairs,
+    the reference's gradients stopped (a hook: 'vrpo' returns ELBO estimates instead)."""
     del key
-    d = self.cfg.dpo
     tokens, segments, mask = batch['tokens'], batch['segment_ids'], batch['loss_mask']
     kw = dict(positions_BL=batch['positions'], segment_ids_BL=segments)
     logits = self.model.apply({'params': params}, tokens, **kw)
@@ -222,6 +229,11 @@ class DpoTask(Task):
         ref_logits = ref_model.apply({'params': jax.lax.stop_gradient(ref_params)}, tokens, **kw)
         ref_tok_BL = preference.causal_token_logps(ref_logits, tokens)
       ref = preference.packed_pair_logps(jax.lax.stop_gradient(ref_tok_BL), mask, segments)
+    return pol, ref
+
+  def loss(self, params, batch, key, aux=None):
+    d = self.cfg.dpo
+    pol, ref = self._pair_logps(params, batch, key, aux)
     n_c = jnp.maximum(pol['chosen_tokens'], 1.0)
     n_r = jnp.maximum(pol['rejected_tokens'], 1.0)
     per = (lambda x, n: x / n) if self.loss_type in AVERAGED else (lambda x, n: x)

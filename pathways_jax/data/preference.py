@@ -32,9 +32,7 @@ held-out questions; training then reads every line of data.path).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Sequence
 
 import numpy as np
@@ -43,6 +41,7 @@ from pathways_jax.data import chat
 from pathways_jax.data import splits as splits_lib
 from pathways_jax.data.corpora import DataError, EmptySplitError
 from pathways_jax.data.packing import pack as pack_lengths
+from pathways_jax.data.sft import jsonl_records
 
 FIELDS = ('tokens', 'segment_ids', 'positions', 'loss_mask', 'prompt')
 
@@ -83,18 +82,7 @@ def from_record(record: dict, where: str = 'record') -> tuple[list[dict], list[d
 
 def read_jsonl(path: str) -> list[tuple[str, tuple[list[dict], list[dict], list[dict]]]]:
   """[(the line, (prompt, chosen, rejected))]; errors name the file and line."""
-  if not os.path.isfile(path):
-    raise DataError(f'config.data.path={path!r}: no such file')
-  out = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except ValueError as e:
-        raise DataError(f'{path}:{n}: not JSON ({e})') from None
-      out.append((line, from_record(record, f'{path}:{n}')))
+  out = [(line, from_record(record, where)) for where, line, record in jsonl_records(path)]
   if not out:
     raise DataError(f'{path} holds no preference pairs')
   return out

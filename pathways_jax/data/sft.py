@@ -36,7 +36,7 @@ from pathways_jax.data.packing import pack as pack_lengths
 TRUNCATION = ('cut', 'drop')
 
 
-def _records(path: str):
+def jsonl_records(path: str):
   """(where, the line, its JSON object) of each non-blank line; errors name path and line."""
   if not os.path.isfile(path):
     raise DataError(f'config.data.path={path!r}: no such file')
@@ -55,7 +55,7 @@ def _records(path: str):
 
 def read_jsonl(path: str) -> list[tuple[str, list[dict]]]:
   """[(the line, its messages)] of a JSONL file of conversations; errors name path and line."""
-  out = [(line, chat.from_record(record, where)) for where, line, record in _records(path)]
+  out = [(line, chat.from_record(record, where)) for where, line, record in jsonl_records(path)]
   if not out:
     raise DataError(f'{path} holds no conversations')
   return out
@@ -70,7 +70,7 @@ def read_adapter_jsonl(paths: Sequence[str], num_adapters: int
                     'give one per adapter, or one whose lines carry "adapter": k')
   out = []
   for k, path in enumerate(paths):
-    for where, line, record in _records(path):
+    for where, line, record in jsonl_records(path):
       given = record.get('adapter')
       if given is not None and (isinstance(given, bool) or not isinstance(given, int)
                                 or not 0 <= given < num_adapters):

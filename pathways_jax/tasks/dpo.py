@@ -33,27 +33,14 @@ import numpy as np
 
 from pathways_jax import parallel
 from pathways_jax.config import ConfigError
-from pathways_jax.models.transformer import Transformer
 from pathways_jax.objectives import preference
 from pathways_jax.tasks.base import COUNT, TOKEN_FIELDS, FrozenInputs, RunContext, Task
+from pathways_jax.tasks.reference import ReferenceMixin, base_params
 from pathways_jax.tasks.registry import register
 
 _LOG = logging.getLogger(__name__)
 REF_LOGP = 'ref_logp'  # the batch field of precomputed reference log-probs, float32 [B, L]
 AVERAGED = ('ipo', 'simpo', 'orpo')  # losses on length-averaged log-probs
-
-
-def _lora_free(model_cfg):
-  return model_cfg.replace(lora_rank=0, lora_num_adapters=1, lora_dropout=0.0)
-
-
-def _base_params(params):
-  from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
-  return lora.split(params)[0]
-
-
-def _same_path(a: str, b: str) -> bool:
-  return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _rows_key(fields: dict, source: str) -> str:
@@ -65,7 +52,7 @@ def _rows_key(fields: dict, source: str) -> str:
 
 
 @register('dpo')
-class DpoTask(Task):
+class DpoTask(ReferenceMixin, Task):
   """DPO / cDPO / robust / IPO / hinge / RPO / SimPO / ORPO over packed preference pairs."""
 
   def __init__(self, cfg, model):
@@ -88,9 +75,8 @@ class DpoTask(Task):
                         'model the policy starts from, its reference by default) or '
                         'config.dpo.reference')
     # A LoRA policy starting from its reference: the adapters-off model is the reference.
-    self.adapters_off = (self.needs_ref and not d.precompute and model.cfg.lora_rank > 0
-                         and bool(cfg.train.init_from)
-                         and _same_path(self.source, cfg.train.init_from))
+    self.adapters_off = self.needs_ref and not d.precompute and self.is_adapters_off()
+    self.ref_key = 'dpo.reference'
     self.ref_model = None  # a frozen reference's model, set by setup
 
   def _check_model(self, model) -> None:
@@ -112,35 +98,6 @@ class DpoTask(Task):
     return f'dpo({d.loss_type}, beta={d.beta}, reference={ref})'
 
   # -- the reference ------------------------------------------------------------------------
-  def _load_reference(self, run: RunContext):
-    """(model, params, shardings) of the frozen reference at `self.source`, on the run's mesh."""
-    from pathways_jax.interop.hf import run_dir  # pylint: disable=g-import-not-at-top
-    from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
-    ref_cfg = _lora_free(run_dir.init_model_config(self.source, self.cfg.model))
-    if ref_cfg.vocab_size != self.model.cfg.vocab_size:
-      raise ConfigError(f'config.dpo.reference={self.source!r} has vocab_size '
-                        f'{ref_cfg.vocab_size}, the policy {self.model.cfg.vocab_size}: the '
-                        'reference must share the policy\'s tokenizer')
-    if not _same_path(self.source, self.cfg.train.init_from or '/nonexistent'):
-      self._check_tokenizer(run)
-    ref_model = Transformer(ref_cfg)
-    params = run_dir.load_init_params(self.source, ref_model, run.mesh, run.rules)
-    params = _base_params(params)  # a LoRA source's adapters are merged by no one: drop them
-    _, shardings = frozen.abstract_params_and_shardings(ref_model, run.mesh, run.rules)
-    return ref_model, params, shardings
-
-  def _check_tokenizer(self, run: RunContext) -> None:
-    from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-    from pathways_jax.interop.hf import run_dir  # pylint: disable=g-import-not-at-top
-    data = self.cfg.data.copy_and_resolve_references()
-    data.unlock()
-    data.tokenizer, data.tokenizer_path = run_dir.source_tokenizer(self.source)
-    theirs = getattr(tokenizers.get_tokenizer(data), 'fingerprint', None)
-    ours = getattr(run.tokenizer, 'fingerprint', None)
-    if theirs != ours:
-      raise ConfigError(f'config.dpo.reference={self.source!r} uses another tokenizer '
-                        f'({theirs} vs this run\'s {ours})')
-
   def setup(self, run: RunContext) -> FrozenInputs:
     if not self.needs_ref:
       return FrozenInputs(describe=(f'dpo: {self.loss_type} needs no reference',))
@@ -190,24 +147,11 @@ class DpoTask(Task):
     return values
 
   def abstract_frozen(self, mesh, rules) -> FrozenInputs:
-    """A frozen reference as shapes (the policy's architecture without adapters), for the dry
-    run; nothing is read."""
     if not self.needs_ref or self.adapters_off or self.cfg.dpo.precompute:
       return FrozenInputs()
-    from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
-    self.ref_model = Transformer(_lora_free(self.model.cfg))
-    abstract, shardings = frozen.abstract_params_and_shardings(self.ref_model, mesh, rules)
-    aux = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                 abstract, shardings)
-    return FrozenInputs(aux=aux, aux_shardings=shardings)
+    return self._abstract_reference(mesh, rules)
 
   # -- the loss -------------------------------------------------------------------------------
-  def _reference_model(self):
-    """The adapters-off model: the policy's (a QLoRA policy's reads its quantised base)."""
-    from pathways_jax.adapters import qlora  # pylint: disable=g-import-not-at-top
-    base = Transformer(_lora_free(self.model.cfg))
-    return base if qlora.run_quant_config(self.cfg) is None else qlora.quantized_model(base)
-
   def _pair_logps(self, params, batch, key, aux):
     """(policy, reference or None): `preference.packed_pair_logps` dicts of the batch's pairs,
     the reference's gradients stopped (a hook: 'vrpo' returns ELBO estimates instead)."""
@@ -223,7 +167,7 @@ class DpoTask(Task):
         ref_tok_BL = batch[REF_LOGP]
       else:
         if self.adapters_off:
-          ref_model, ref_params = self._reference_model(), _base_params(params)
+          ref_model, ref_params = self._reference_model(), base_params(params)
         else:
           ref_model, ref_params = self.ref_model, aux
         ref_logits = ref_model.apply({'params': jax.lax.stop_gradient(ref_params)}, tokens, **kw)

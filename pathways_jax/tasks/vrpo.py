@@ -35,7 +35,8 @@ import jax.numpy as jnp
 
 from pathways_jax.config import ConfigError
 from pathways_jax.objectives import vrpo
-from pathways_jax.tasks.dpo import DpoTask, _base_params
+from pathways_jax.tasks.dpo import DpoTask
+from pathways_jax.tasks.reference import base_params
 from pathways_jax.tasks.pretrain import mask_id
 from pathways_jax.tasks.registry import register
 
@@ -113,7 +114,7 @@ class VrpoTask(DpoTask):
     ref = None
     if self.needs_ref:
       if self.adapters_off:
-        ref_model, ref_params = self._reference_model(), _base_params(params)
+        ref_model, ref_params = self._reference_model(), base_params(params)
       else:
         ref_model, ref_params = self.ref_model, aux
       terms = draw_token_terms(ref_model, jax.lax.stop_gradient(ref_params), batch, ref_draws)

@@ -104,7 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.batch_size = 16  # global batch (rows), across all processes
   d.eval_batches = 8
   d.shuffle = True
-  # corpus='preference': a JSONL of its own for validation ('' = 2% of data.path by hash).
+  # corpus='preference': a JSONL of its own for validation ('' = 2% of data.path by hash);
+  # corpus='prompts': held-out prompts, answered greedily and scored by the rewards.
   d.validation_path = ''
   # Special token ids: -1 = the tokenizer's (filled in when the run starts; the project's own
   # tokenizers use pad 0, bos 1, eos 2, mask 3). Set one only to give an id the tokenizer lacks.
@@ -200,6 +201,40 @@ def base_config() -> ml_collections.ConfigDict:
   # (TRL's center_rewards_coefficient; its docs suggest 1e-2).
   rm.center_coef = 0.0
 
+  # task 'grpo' (pathways_jax/tasks/grpo.py, docs/rl.md): RL with rollouts over data.corpus='prompts'
+  # (data.path: a JSONL of prompts; data.seq_len: the prompt budget; data.batch_size: prompts per
+  # rollout). GRPO by default; DAPO, Dr.GRPO and RLOO are settings of this section.
+  c.rl = r = ml_collections.ConfigDict()
+  r.num_generations = 8  # G completions per prompt (a group)
+  r.max_new_tokens = 32
+  r.temperature = 1.0
+  r.top_k = 0
+  r.top_p = 0.0
+  r.min_p = 0.0
+  # 'name[:weight],...' from pathways_jax.rl.rewards.REWARDS, summed with their weights.
+  r.rewards = 'correct'
+  r.scale = 'group'  # advantages: 'group' | 'batch' | 'none' (Dr.GRPO) | 'rloo'
+  r.beta = 0.0  # KL to the reference as a loss term (0: no reference is held)
+  r.kl = 'k3'  # 'k1' | 'k2' | 'k3'
+  r.eps_low = 0.2
+  r.eps_high = 0.2  # DAPO's clip-higher: 0.28
+  r.agg = 'token-mean'  # 'token-mean' | 'seq-mean-token-mean' | 'seq-mean-token-sum-norm'
+  r.entropy_coef = 0.0  # + entropy bonus (the loss subtracts coef * mean token entropy)
+  # Optimizer steps per rollout batch, each on 1/minibatches of its rows (> 1: the old policy's
+  # log-probs are computed once at rollout time and the ratio leaves 1).
+  r.minibatches = 1
+  # DAPO's dynamic sampling: groups whose rewards are all equal are dropped and the batch refilled
+  # from up to max_rollouts rollouts per step (slots still empty are masked out).
+  r.dynamic_sampling = False
+  r.max_rollouts = 3
+  # DAPO's soft overlong punishment: completions within the last overlong_buffer tokens of
+  # max_new_tokens lose up to overlong_penalty, linearly (0: off).
+  r.overlong_buffer = 0
+  r.overlong_penalty = 1.0
+  r.reference = ''  # '' = train.init_from (a LoRA policy: its own base, adapters off)
+  r.eval_batch = 64  # held-out prompts (data.validation_path) decoded per greedy batch
+  r.eval_max = 0  # > 0: only the first N held-out prompts
+
   # RHO-1 selective language modelling (docs/rho1.md): train on the top `ratio` of the targets by
   # score; the base objective stays `objective` (autoregressive or diffusion).
   c.selective = sl = ml_collections.ConfigDict()
@@ -272,7 +307,8 @@ _CHOICES = {
     'model.remat': ('none', 'full', 'dots'),
     'model.attention': ('xla', 'cpu', 'pallas', 'cudnn'),
     'model.lora_quantize': ('', 'int8', 'int4', 'nf4'),  # adapters.qlora.QTYPES
-    'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds', 'rows', 'chat', 'preference'),
+    'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds', 'rows', 'chat', 'preference',
+                    'prompts'),
     'data.chat.train_on': ('assistant', 'all'),
     'data.chat.truncation': ('cut', 'drop'),
     'data.tokenizer': ('sentencepiece', 'byte', 'hf'),
@@ -280,6 +316,9 @@ _CHOICES = {
     'selective.score': ('excess', 'reference_loss', 'reference_entropy', 'random', 'oracle'),
     'selective.mode': ('online', 'offline'),
     'dpo.loss_type': ('sigmoid', 'robust', 'ipo', 'hinge', 'simpo', 'orpo'),
+    'rl.scale': ('group', 'batch', 'none', 'rloo'),
+    'rl.kl': ('k1', 'k2', 'k3'),
+    'rl.agg': ('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'),
     'growth.method': ('stack', 'interleave', 'zero', 'random'),
     'growth.width_method': ('direct', 'zero'),
     'growth.optimizer': ('fresh', 'map'),
@@ -331,14 +370,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if d.batch_size % t.grad_accum:
     raise ConfigError(f'config.data.batch_size={d.batch_size} is not divisible by '
                       f'config.train.grad_accum={t.grad_accum}')
-  if d.corpus in ('path', 'rows', 'chat', 'preference') and not d.path:
+  if d.corpus in ('path', 'rows', 'chat', 'preference', 'prompts') and not d.path:
     raise ConfigError(f"config.data.corpus={d.corpus!r} needs config.data.path")
   if d.corpus == 'rows' and d.tokenizer == 'sentencepiece' and not d.tokenizer_path:
     raise ConfigError("config.data.corpus='rows' holds token ids: name the tokenizer that made "
                       'them (config.data.tokenizer_path; there is no text to train one on)')
-  if d.get('validation_path') and d.corpus != 'preference':
-    raise ConfigError(f"config.data.validation_path is read for corpus='preference' only (the "
-                      f'corpus is {d.corpus!r})')
+  if d.get('validation_path') and d.corpus not in ('preference', 'prompts'):
+    raise ConfigError(f"config.data.validation_path is read for corpus='preference' or 'prompts' "
+                      f'only (the corpus is {d.corpus!r})')
   if d.corpus == 'tfds' and not d.tfds_name:
     raise ConfigError("config.data.corpus='tfds' needs config.data.tfds_name")
   if not 0.0 <= t.min_lr_ratio <= 1.0:

@@ -231,13 +231,16 @@ def load_packed_rows(cfg, tokenizer, split: str, *, vocab_size: int | None = Non
                      ) -> PackedRows | rows_lib.Rows:
   """The packed rows of `split` (for corpus 'rows': the file's rows), ids checked against
   `vocab_size`."""
-  if cfg.data.corpus in ('rows', 'chat', 'preference'):
+  if cfg.data.corpus in ('rows', 'chat', 'preference', 'prompts'):
     fields = None
     if cfg.data.corpus == 'chat':  # a multi-LoRA run's rows also carry adapter_ids [R]
       fields = sft_lib.load_rows(cfg.data, tokenizer, split,
                                  num_adapters=cfg.model.get('lora_num_adapters', 1))[0]
     elif cfg.data.corpus == 'preference':  # pairs as adjacent segments (data/preference.py)
       fields = preference_lib.load_rows(cfg.data, tokenizer, split)[0]
+    elif cfg.data.corpus == 'prompts':  # one left-padded prompt per row (rl/prompts.py)
+      from pathways_jax.rl import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+      fields = prompts_lib.load_rows(cfg.data, tokenizer, split)[0]
     rows = rows_lib.Rows(cfg.data.path, split, fields)
     if rows.seq_len != cfg.data.seq_len:
       raise corpora.DataError(f'rows file {cfg.data.path!r} holds rows of {rows.seq_len} tokens; '
@@ -341,8 +344,8 @@ def make_eval_batches(cfg, tokenizer, *, process_index: int = 0, process_count: 
   with the validation rows, as in `make_train_dataset`.
   """
   _check_processes(cfg, process_index, process_count)
-  if cfg.data.eval_batches <= 0:
-    return []
+  if cfg.data.eval_batches <= 0 or cfg.data.corpus == 'prompts':
+    return []  # prompts have no loss to validate: task 'grpo' evaluates its held-out answers
   try:
     rows = load_packed_rows(cfg, tokenizer, 'validation', vocab_size=vocab_size)
   except EmptySplitError:

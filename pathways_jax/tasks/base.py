@@ -66,6 +66,9 @@ class Task:
   """A training kind. Subclasses set `name` (by `register`) and implement `loss`."""
   name: ClassVar[str] = ''
   perplexity: ClassVar[bool] = False  # validation reports exp(val_ce)
+  # The task makes each step's batch itself from the data iterator and the current params
+  # (`make_batch`; RL: rollouts), rather than training on the iterator's rows as they are.
+  makes_batches: ClassVar[bool] = False
   required_specials: tuple[str, ...] = ()  # special tokens the loss uses ('mask', ...)
 
   def __init__(self, cfg, model):
@@ -93,6 +96,21 @@ class Task:
     if missing:
       raise ConfigError(f'task {self.name!r} needs batch fields {missing}; the batch has '
                         f'{sorted(batch)}')
+
+  def make_batch(self, train_iter, *, step: int, params, aux=None) -> tuple[dict, dict]:
+    """(the global batch of step `step`, host metrics to log with it), for `makes_batches`
+    tasks; `params` are the whole model's (trained and frozen parts merged)."""
+    raise NotImplementedError
+
+  def can_checkpoint(self, step: int) -> bool:
+    """Whether the run may be saved after `step` (RL: only between rollout batches)."""
+    del step
+    return True
+
+  def callbacks(self) -> list[tuple[int, Callable]]:
+    """[(every, fn(step, params) -> metrics)]: the task's own evaluations during training,
+    run by the loop as its `Callback`s (after `setup`)."""
+    return []
 
   # -- frozen inputs ------------------------------------------------------------------------
   def setup(self, run: RunContext) -> FrozenInputs:

@@ -308,14 +308,32 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
           f'checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is intact. Lower train.lr, '
           'raise train.warmup_steps or check the data.')
 
+  task_results = {}  # the newest metrics of the task's own evaluations, for results.json
+
+  def task_callback(fn):
+    def run(step, params):
+      out = fn(step, params)
+      task_results.update(out or {})
+      return out
+    return run
+
+  all_callbacks = (*callbacks,
+                   *(Callback(every, task_callback(fn)) for every, fn in task.callbacks()))
   with _Preemption() as preempt:
     try:
       while step < stop:
-        host_batch = next(train_iter)
-        if step == start:
-          m.task.check_batch(host_batch)  # a missing field is named before the step compiles
-        batch = _global_batch(host_batch, mesh)
+        host_metrics = {}
+        if m.task.makes_batches:  # e.g. RL: rollouts from the current policy
+          batch, host_metrics = m.task.make_batch(
+              train_iter, step=step, params=trainable_lib.merge(state.params, frozen_params),
+              aux=aux_args[0].get('aux') if aux_args else None)
+        else:
+          host_batch = next(train_iter)
+          if step == start:
+            m.task.check_batch(host_batch)  # a missing field is named before the step compiles
+          batch = _global_batch(host_batch, mesh)
         state, out = step_lib.run_with_rules(mesh, rules, m.train_fn, state, batch, *aux_args)
+        out = {**out, **host_metrics}
         if trimmed_after is not m.train_fn:  # its first call compiled it
           host_memory.release_free_memory()
           trimmed_after = m.train_fn
@@ -338,7 +356,7 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
           pending, t_last = [], time.perf_counter()
         bar.update(1)
         stop_now = False
-        for cb in callbacks:
+        for cb in all_callbacks:
           if step % cb.every == 0 or step == stop:
             try:
               logged = cb.fn(step, trainable_lib.merge(state.params, frozen_params))
@@ -363,7 +381,7 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
         if step % cfg.train.checkpoint_every == 0 and step != stop:
           check_finite()
           ckpt.save(step, state, train_iter)
-        if preempt.requested:
+        if preempt.requested and m.task.can_checkpoint(step):
           check_finite()
           ckpt.save(step, state, train_iter, force=True)
           status = 'preempted'
@@ -393,6 +411,7 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
   if status in ('completed', 'stopped'):
     val = validate(state.params)
     writer.write(step, val)
+    val.update(task_results)  # evaluated at this last step by the task's callbacks
     results.update(val)
     if is_lead and not quiet:
       print('validation: ' + ', '.join(f'{k}={v:.4f}' for k, v in sorted(val.items())))

@@ -1,0 +1,138 @@
+"""Reward functions over a prompt's record and a completion's text, composable with weights.
+
+    config.rl.rewards = 'correct:1,format:0.2'   # sum of weight * reward over the named ones
+
+Built in (`REWARDS`):
+  correct  1 if the completion is a right answer. Instruction-set records (`kind`, `format`,
+           `accepted`) use its checker (`data.instructions.check`: any known format counts);
+           other records compare the normalised text with `accepted` or `answer`.
+  format   1 if the completion is exactly in the record's requested format (instruction-set
+           records; `data.instructions.format_ok`), right or wrong.
+  random   a fair coin per completion, independent of the text: the control arm that shows what
+           reward-independent updates do (seeded by run seed, rollout and row).
+A function of your own: `REWARDS['name'] = Reward(fn, requires=('field', ...))`, fn(record, text)
+-> float.
+
+A reward that raises or returns a non-finite value scores 0 for that completion; `score` counts
+the failures per reward and keeps the first message, and the run logs them and goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pathways_jax.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+  fn: Callable[[dict, str], float] | None  # None: drawn by `score` (random)
+  requires: tuple[str, ...] = ()  # record fields it reads (one of each '|'-joined alternative)
+
+
+def _norm(s: str) -> str:
+  return ' '.join(str(s).split()).rstrip('.').strip().casefold()
+
+
+def _is_instruction(record: dict) -> bool:
+  return all(k in record for k in ('kind', 'format', 'accepted'))
+
+
+def correct(record: dict, text: str) -> float:
+  from pathways_jax.data import instructions  # pylint: disable=g-import-not-at-top
+  if _is_instruction(record):
+    example = types.SimpleNamespace(kind=record['kind'], format=record['format'],
+                                    accepted=tuple(record['accepted']))
+    return float(instructions.check(example, text)['correct'])
+  accepted = record.get('accepted') or [record['answer']]
+  return float(_norm(text) in {_norm(a) for a in accepted})
+
+
+def format_ok(record: dict, text: str) -> float:
+  from pathways_jax.data import instructions  # pylint: disable=g-import-not-at-top
+  return float(instructions.format_ok(record['kind'], record['format'], text))
+
+
+REWARDS: dict[str, Reward] = {
+    'correct': Reward(correct, requires=('answer|accepted',)),
+    'format': Reward(format_ok, requires=('kind', 'format')),
+    'random': Reward(None),
+}
+
+
+def parse(spec: str) -> list[tuple[str, float]]:
+  """'correct:1,format:0.2' -> [('correct', 1.0), ('format', 0.2)] (weight 1 when omitted)."""
+  out = []
+  for part in (p.strip() for p in spec.split(',')):
+    if not part:
+      continue
+    name, _, weight = part.partition(':')
+    name = name.strip()
+    if name not in REWARDS:
+      raise ConfigError(f'config.rl.rewards: {name!r} is not a reward; known: {sorted(REWARDS)}')
+    try:
+      w = float(weight) if weight else 1.0
+    except ValueError:
+      raise ConfigError(f'config.rl.rewards: weight {weight!r} of {name!r} is not a number'
+                        ) from None
+    if not math.isfinite(w):
+      raise ConfigError(f'config.rl.rewards: weight of {name!r} must be finite, got {w}')
+    out.append((name, w))
+  if not out:
+    raise ConfigError("config.rl.rewards names no reward (e.g. 'correct' or 'correct:1,format:0.2')")
+  if len({n for n, _ in out}) != len(out):
+    raise ConfigError(f'config.rl.rewards names a reward twice: {spec!r}')
+  return out
+
+
+def check_records(specs: Sequence[tuple[str, float]], records: Sequence[dict], where: str) -> None:
+  """Every record has the fields the named rewards read (else a ConfigError naming the first)."""
+  for name, _ in specs:
+    for need in REWARDS[name].requires:
+      options = need.split('|')
+      for i, r in enumerate(records):
+        if not any(o in r for o in options):
+          raise ConfigError(f'reward {name!r} reads the field {" or ".join(options)!r}, which '
+                            f'line {i + 1} of {where} lacks')
+
+
+def score(specs: Sequence[tuple[str, float]], records: Sequence[dict], texts: Sequence[str], *,
+          rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+  """(total [N] float32, {name: [N] values}, {name: (failures, first message)} for rewards that
+  failed): the weighted sum of the rewards of each (record, text)."""
+  n = len(texts)
+  if len(records) != n:
+    raise ValueError(f'{len(records)} records for {n} texts')
+  total = np.zeros(n, np.float64)
+  values, failures = {}, {}
+  for name, weight in specs:
+    fn = REWARDS[name].fn
+    if fn is None:  # random
+      vals = rng.integers(0, 2, size=n).astype(np.float64)
+    else:
+      vals = np.zeros(n, np.float64)
+      for i, (record, text) in enumerate(zip(records, texts)):
+        try:
+          v = float(fn(record, text))
+          if not math.isfinite(v):
+            raise ValueError(f'returned {v}')
+        except Exception as e:  # pylint: disable=broad-except  (a user function: scored 0, counted)
+          count, first = failures.get(name, (0, f'{type(e).__name__}: {e}'))
+          failures[name] = (count + 1, first)
+          v = 0.0
+        vals[i] = v
+    values[name] = vals.astype(np.float32)
+    total += weight * vals
+  return total.astype(np.float32), values, failures
+
+
+def overlong_penalty(lengths_N: np.ndarray, *, max_new_tokens: int, buffer: int) -> np.ndarray:
+  """DAPO's soft overlong punishment, in [-1, 0]: 0 up to max_new_tokens - buffer tokens, then
+  falling linearly to -1 at max_new_tokens (a completion the budget cut off)."""
+  start = max_new_tokens - buffer
+  return np.clip((start - np.asarray(lengths_N, np.float64)) / buffer, -1.0, 0.0).astype(
+      np.float32)

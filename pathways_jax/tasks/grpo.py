@@ -1,0 +1,366 @@
+"""Reinforcement learning with rollouts inside the training loop ('grpo'): GRPO, DAPO, Dr.GRPO
+and RLOO as settings of one task.
+
+    config.task = 'grpo'
+    config.data.corpus = 'prompts'        # rl/prompts.py: one prompt per JSONL line
+    config.data.path = 'train.jsonl'      # data.validation_path: held-out prompts (greedy eval)
+    config.data.seq_len = 64              # the prompt budget (left-padded)
+    config.data.batch_size = 8            # prompts per rollout; the step trains on B * G rows
+    config.train.init_from = 'runs/sft'   # the policy starts here (its reference too)
+    config.rl.rewards = 'correct:1,format:0.2'
+
+Every rollout (steps 0, k, 2k, ... with k = rl.minibatches):
+  1. the next B prompts from the data iterator (its position is in every checkpoint);
+  2. G completions each from the current policy (`sampling.rollout`: KV-cache decoding on the
+     run's mesh, temperature / top-k / top-p / min-p, stopping at EOS), keyed by the rollout's
+     index, so a resumed run draws what an uninterrupted one would;
+  3. rewards on the host (rl/rewards.py: weighted verifiable functions; a failing one scores 0
+     and is counted), DAPO's overlong shaping, group advantages (`objectives.rl`);
+  4. DAPO's dynamic sampling (optional): groups with all-equal rewards are dropped and more
+     prompts are rolled out, up to rl.max_rollouts per step; slots still empty are masked out;
+  5. with k > 1, the old policy's log-probs once, by a forward pass; the batch is then k
+     optimizer steps of N/k rows each.
+The loss (`objectives.rl.policy_loss`) is the clipped surrogate on log softmax(logits / T) of
+the sampled tokens, plus beta * KL to the reference (a frozen model, or for a LoRA policy its own
+base with the adapters off) and minus an entropy bonus. Checkpoints fall only on rollout
+boundaries (a SIGTERM mid-batch saves at the batch's end).
+
+Validation: the held-out prompts (data.validation_path) answered greedily every
+train.eval_every steps and at the end, scored by every reward but 'random' (`val_<reward>`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pathways_jax import parallel
+from pathways_jax.config import ConfigError
+from pathways_jax.objectives import preference, rl
+from pathways_jax.rl import batch as batch_lib
+from pathways_jax.rl import prompts as prompts_lib
+from pathways_jax.rl import rewards as rewards_lib
+from pathways_jax.tasks.base import COUNT, FrozenInputs, RunContext, Task
+from pathways_jax.tasks.reference import ReferenceMixin, base_params
+from pathways_jax.tasks.registry import register
+
+_LOG = logging.getLogger(__name__)
+_ROLLOUT_STREAM = 0x726F6C6C  # 'roll': rollout keys, apart from the step's own draws
+TRAIN_FIELDS = ('tokens', 'segment_ids', 'positions', 'completion_mask')
+
+
+@register('grpo')
+class GrpoTask(ReferenceMixin, Task):
+  """GRPO / DAPO / Dr.GRPO / RLOO on prompts with verifiable rewards (module docstring)."""
+  makes_batches = True
+
+  def __init__(self, cfg, model):
+    super().__init__(cfg, model)
+    r, d = cfg.rl, cfg.data
+    if not model.cfg.causal:
+      raise ConfigError("task 'grpo' trains a causal model (LLaDA's diffu-GRPO is not built yet)")
+    if d.corpus != 'prompts':
+      raise ConfigError(f"task 'grpo' rolls out from prompts: set config.data.corpus='prompts' "
+                        f'(it is {d.corpus!r})')
+    if model.cfg.lora_num_adapters > 1 or cfg.model.get('lora_quantize'):
+      raise ConfigError("task 'grpo' takes a full or LoRA policy; multi-LoRA and QLoRA policies "
+                        'are not supported yet')
+    if r.num_generations < 1 or r.max_new_tokens < 1 or r.temperature < 0:
+      raise ConfigError(f'config.rl: need num_generations >= 1, max_new_tokens >= 1 and '
+                        f'temperature >= 0, got {r.num_generations}, {r.max_new_tokens}, '
+                        f'{r.temperature}')
+    if r.num_generations == 1 and r.scale in ('group', 'rloo'):
+      raise ConfigError(f"config.rl.scale={r.scale!r} needs num_generations >= 2 (one sample per "
+                        "prompt has no group to compare with); use scale='batch' or 'none'")
+    if d.seq_len + r.max_new_tokens > model.cfg.max_len:
+      raise ConfigError(f'data.seq_len ({d.seq_len}, the prompt budget) + rl.max_new_tokens '
+                        f'({r.max_new_tokens}) exceeds model.max_len={model.cfg.max_len}')
+    self.rows = d.batch_size * r.num_generations
+    k = r.minibatches
+    if k < 1 or self.rows % k or (self.rows // k) % cfg.train.grad_accum:
+      raise ConfigError(f'config.rl.minibatches={k} must divide the {self.rows} rows of a '
+                        f'rollout (data.batch_size x rl.num_generations) into parts that '
+                        f'train.grad_accum={cfg.train.grad_accum} divides')
+    for key in ('checkpoint_every', 'steps', 'stop_at'):
+      if cfg.train.get(key) and cfg.train[key] % k:
+        raise ConfigError(f'config.train.{key}={cfg.train[key]} is not a multiple of '
+                          f'rl.minibatches={k}: checkpoints fall on rollout boundaries')
+    if r.dynamic_sampling and r.max_rollouts < 1:
+      raise ConfigError(f'config.rl.max_rollouts must be >= 1, got {r.max_rollouts}')
+    if r.overlong_buffer < 0 or r.overlong_buffer > r.max_new_tokens:
+      raise ConfigError(f'config.rl.overlong_buffer={r.overlong_buffer} must be in [0, '
+                        f'rl.max_new_tokens={r.max_new_tokens}]')
+    if r.eps_low < 0 or r.eps_low >= 1 or r.eps_high < 0 or r.beta < 0:
+      raise ConfigError(f'config.rl: need 0 <= eps_low < 1, eps_high >= 0, beta >= 0; got '
+                        f'{r.eps_low}, {r.eps_high}, {r.beta}')
+    self.reward_specs = rewards_lib.parse(r.rewards)
+    self.needs_ref = r.beta > 0
+    self.source, self.ref_key = r.reference or cfg.train.init_from, 'rl.reference'
+    if self.needs_ref and not self.source:
+      raise ConfigError('config.rl.beta > 0 needs a reference: set config.train.init_from (the '
+                        'model the policy starts from) or config.rl.reference')
+    self.adapters_off = self.needs_ref and self.is_adapters_off()
+    self.on_policy = k == 1  # one update per rollout: old = current policy, ratio exactly 1
+    self.ref_model = None
+    self._run = self._sampler = self._buffer = None
+    self._records = self._eval = None
+
+  def describe(self) -> str:
+    r = self.cfg.rl
+    ref = ('none' if not self.needs_ref else 'adapters off' if self.adapters_off
+           else self.source)
+    return (f'grpo(G={r.num_generations}, scale={r.scale}, agg={r.agg}, rewards={r.rewards}, '
+            f'beta={r.beta}, reference={ref})')
+
+  # -- the batch the step trains on -----------------------------------------------------------
+  def batch_fields(self):
+    return {**{k: jnp.int32 for k in TRAIN_FIELDS}, 'advantages': jnp.float32,
+            'old_logp': jnp.float32}
+
+  def batch_spec(self, batch_size: int, seq_len: int, sharding=None) -> dict:
+    """One optimizer step's rows: batch_size prompts x G samples / minibatches."""
+    n = batch_size * self.cfg.rl.num_generations // self.cfg.rl.minibatches
+    length = seq_len + self.cfg.rl.max_new_tokens
+    return {k: jax.ShapeDtypeStruct((n,) if k == 'advantages' else (n, length), dtype,
+                                    sharding=sharding)
+            for k, dtype in self.batch_fields().items()}
+
+  def check_batch(self, batch: dict) -> None:
+    missing = sorted({'tokens', 'segment_ids', prompts_lib.EXAMPLE_ID} - set(batch))
+    if missing:
+      raise ConfigError(f"task 'grpo' reads prompt batches with {missing}; the batch has "
+                        f"{sorted(batch)} (use data.corpus='prompts')")
+
+  def can_checkpoint(self, step: int) -> bool:
+    return step % self.cfg.rl.minibatches == 0
+
+  # -- frozen inputs and the samplers -------------------------------------------------------
+  def setup(self, run: RunContext) -> FrozenInputs:
+    if jax.process_count() > 1:
+      raise ConfigError("task 'grpo' runs in one process for now (rollouts and rewards are "
+                        'scored on one host)')
+    self._run = run
+    self._records = [rec for rec, _ in prompts_lib.read_prompts(self.cfg.data.path)]
+    rewards_lib.check_records(self.reward_specs, self._records, self.cfg.data.path)
+    r = self.cfg.rl
+    self._sampler = self._make_sampler(self.cfg.data.batch_size, r.num_generations,
+                                       r.temperature)
+    lines = [f'grpo: {len(self._records)} prompts, G={r.num_generations}, '
+             f'{self.rows} rollout rows per {r.minibatches} step(s), rewards {r.rewards}']
+    if self.cfg.data.get('validation_path'):
+      self._eval = self._eval_set()
+      lines.append(f'grpo: {len(self._eval[0])} held-out prompts answered greedily every '
+                   f'{self.cfg.train.eval_every} steps')
+    if not self.needs_ref:
+      return FrozenInputs(describe=tuple(lines))
+    if self.adapters_off:
+      return FrozenInputs(describe=(*lines, 'grpo: reference = the policy with its LoRA '
+                                    f'adapters off (the base from {self.source})'))
+    self.ref_model, params, shardings = self._load_reference(run)
+    return FrozenInputs(aux=params, aux_shardings=shardings,
+                        describe=(*lines, f'grpo: frozen reference {self.source}'))
+
+  def abstract_frozen(self, mesh, rules) -> FrozenInputs:
+    if not self.needs_ref or self.adapters_off:
+      return FrozenInputs()
+    return self._abstract_reference(mesh, rules)
+
+  def _make_sampler(self, batch_size, num_samples, temperature):
+    from pathways_jax.sampling.rollout import RolloutSampler  # pylint: disable=g-import-not-at-top
+    r, tok = self.cfg.rl, self._run.tokenizer
+    return RolloutSampler(self.model, self._run.mesh, self._run.rules, batch_size=batch_size,
+                          prompt_len=self.cfg.data.seq_len, max_new_tokens=r.max_new_tokens,
+                          num_samples=num_samples, temperature=temperature,
+                          top_k=r.top_k or None, top_p=r.top_p or None, min_p=r.min_p or None,
+                          eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+  def _eval_set(self):
+    """(records, tokens [E, P], mask [E, P]) of the held-out prompts, E padded to eval_batch."""
+    fields, _ = prompts_lib.load_rows(self.cfg.data, self._run.tokenizer, 'validation')
+    records = [rec for rec, _ in prompts_lib.read_prompts(self.cfg.data.validation_path)]
+    ids = fields[prompts_lib.EXAMPLE_ID]
+    if self.cfg.rl.eval_max:
+      ids = ids[:self.cfg.rl.eval_max]
+    rewards_lib.check_records([s for s in self.reward_specs if s[0] != 'random'],
+                              [records[i] for i in ids], self.cfg.data.validation_path)
+    return ([records[i] for i in ids], fields['tokens'][:len(ids)],
+            fields['segment_ids'][:len(ids)])
+
+  # -- rollouts -----------------------------------------------------------------------------
+  def make_batch(self, train_iter, *, step: int, params, aux=None) -> tuple[dict, dict]:
+    """(the global batch of optimizer step `step`, host metrics to log with it)."""
+    k = self.cfg.rl.minibatches
+    if step % k == 0 or self._buffer is None or self._buffer[0] != step // k:
+      if step % k:
+        raise RuntimeError(f'step {step} is inside a rollout batch that was not made here: '
+                           'a run resumes only at rollout boundaries')
+      self._buffer = (step // k, *self._rollout(train_iter, step // k, params, aux))
+    _, rows, metrics = self._buffer
+    part = self.rows // k
+    i = step % k
+    local = {name: v[i * part:(i + 1) * part] for name, v in rows.items()}
+    return parallel.global_batch(local, self._run.mesh), metrics
+
+  def _rollout(self, train_iter, index: int, params, aux):
+    r, B, G = self.cfg.rl, self.cfg.data.batch_size, self.cfg.rl.num_generations
+    tok = self._run.tokenizer
+    t0 = time.perf_counter()
+    t_sample = t_reward = 0.0
+    kept, dropped = [], []  # groups: dicts of [G, ...] arrays
+    all_rewards, all_lengths, all_finished, values_by_name = [], [], [], {}
+    fails: dict[str, list] = {}
+    attempts = r.max_rollouts if r.dynamic_sampling else 1
+    made = 0
+    for attempt in range(attempts):
+      prompts = next(train_iter)
+      if index == 0 and attempt == 0:
+        self.check_batch(prompts)
+      key = jax.random.fold_in(jax.random.fold_in(
+          jax.random.fold_in(jax.random.key(self.cfg.seed), _ROLLOUT_STREAM), index), attempt)
+      ts = time.perf_counter()
+      ro = self._sampler(params, prompts['tokens'], prompts['segment_ids'], key=key)
+      tokens, cmask = np.asarray(ro.tokens_BT), np.asarray(ro.completion_mask_BN)
+      t_sample += time.perf_counter() - ts
+      made += 1
+      tr = time.perf_counter()
+      P = prompts['tokens'].shape[1]
+      texts, lengths, finished = batch_lib.completion_texts(tokens[:, P:], cmask, tok)
+      records = [self._records[int(e)] for e in np.repeat(prompts[prompts_lib.EXAMPLE_ID], G)]
+      rng = np.random.default_rng([self.cfg.seed, index, attempt])
+      rewards, values, failures = rewards_lib.score(self.reward_specs, records, texts, rng=rng)
+      if r.overlong_buffer:
+        rewards = rewards + r.overlong_penalty * rewards_lib.overlong_penalty(
+            lengths, max_new_tokens=r.max_new_tokens, buffer=r.overlong_buffer)
+      t_reward += time.perf_counter() - tr
+      for name, (n, first) in failures.items():
+        fails.setdefault(name, [0, first])[0] += n
+      all_rewards.append(rewards)
+      all_lengths.append(lengths)
+      all_finished.append(finished)
+      for name, v in values.items():
+        values_by_name.setdefault(name, []).append(v)
+      rows = batch_lib.training_rows(np.repeat(prompts['segment_ids'], G, axis=0), tokens, cmask)
+      flat = lambda x: x.reshape((B, G) + x.shape[1:])
+      zero = batch_lib.zero_variance(rewards.reshape(B, G))
+      for b in range(B):
+        group = {name: flat(v)[b] for name, v in rows.items()}
+        group['rewards'] = rewards.reshape(B, G)[b]
+        (dropped if r.dynamic_sampling and zero[b] else kept).append(group)
+      if len(kept) >= B:
+        break
+    for name, (n, first) in fails.items():
+      _LOG.warning('reward %r failed on %d completions at rollout %d (scored 0): %s', name, n,
+                   index, first)
+    kept, slots_masked = kept[:B], max(0, B - len(kept))
+    groups = kept + dropped[:slots_masked]
+    stack = lambda name: np.concatenate([g[name] for g in groups])
+    rows = {name: stack(name) for name in TRAIN_FIELDS}
+    rewards_PG = np.stack([g['rewards'] for g in groups])
+    adv = np.asarray(rl.group_advantages(jnp.asarray(rewards_PG), scale=r.scale)).reshape(-1)
+    live = np.repeat(np.arange(B) < len(kept), G)
+    rows['completion_mask'] = rows['completion_mask'] * live[:, None].astype(np.int32)
+    rows['advantages'] = np.where(live, adv, 0.0).astype(np.float32)
+    rows['old_logp'] = (np.zeros(rows['tokens'].shape, np.float32) if self.on_policy
+                        else self._old_logps(rows, params))
+    rewards_all, lengths_all = np.concatenate(all_rewards), np.concatenate(all_lengths)
+    first = all_rewards[0].reshape(B, G)
+    metrics = {'reward': float(rewards_all.mean()), 'reward_std': float(rewards_all.std()),
+               'completion_length': float(lengths_all.mean()),
+               'finished': float(np.concatenate(all_finished).mean()),
+               'zero_std_groups': float(batch_lib.zero_variance(first).mean()),
+               'rollouts': float(made), 'masked_groups': float(slots_masked),
+               'reward_failures': float(sum(n for n, _ in fails.values())),
+               'time_rollout_s': t_sample, 'time_reward_s': t_reward,
+               'time_batch_s': time.perf_counter() - t0}
+    for name, vals in values_by_name.items():
+      metrics[f'reward/{name}'] = float(np.concatenate(vals).mean())
+    return rows, metrics
+
+  def _old_logps(self, rows, params) -> np.ndarray:
+    """float32 [N, T]: log pi_old of every token (the policy at rollout time), in the step's
+    row blocks so it compiles once."""
+    if getattr(self, '_old_fn', None) is None:
+      fn = lambda p, b: self._token_logps(self.model, p, b)
+      self._old_fn = jax.jit(fn, out_shardings=parallel.replicated(self._run.mesh))
+    part = self.rows // self.cfg.rl.minibatches
+    out = []
+    for s in range(0, self.rows, part):
+      b = {k: rows[k][s:s + part] for k in ('tokens', 'segment_ids', 'positions')}
+      b = parallel.global_batch(b, self._run.mesh)
+      out.append(np.asarray(parallel.run_with_rules(self._run.mesh, self._run.rules,
+                                                    self._old_fn, params, b)))
+    return np.concatenate(out).astype(np.float32)
+
+  # -- the loss -------------------------------------------------------------------------------
+  def _logits(self, model, params, batch):
+    logits = model.apply({'params': params}, batch['tokens'], positions_BL=batch['positions'],
+                         segment_ids_BL=batch['segment_ids'])
+    t = self.cfg.rl.temperature
+    return logits.astype(jnp.float32) / (t if t > 0 else 1.0)
+
+  def _token_logps(self, model, params, batch):
+    return preference.causal_token_logps(self._logits(model, params, batch), batch['tokens'])
+
+  def loss(self, params, batch, key, aux=None):
+    del key
+    r = self.cfg.rl
+    logits = self._logits(self.model, params, batch)
+    logp = preference.causal_token_logps(logits, batch['tokens'])
+    lsm = jax.nn.log_softmax(logits, axis=-1)
+    # The entropy of the distribution each token was drawn from (position i-1's prediction).
+    entropy = jnp.pad(-(jnp.exp(lsm) * lsm).sum(-1)[:, :-1], ((0, 0), (1, 0)))
+    old = jax.lax.stop_gradient(logp) if self.on_policy else batch['old_logp']
+    ref = None
+    if self.needs_ref:
+      if self.adapters_off:
+        ref_model, ref_params = self._reference_model(), base_params(params)
+      else:
+        ref_model, ref_params = self.ref_model, aux
+      ref = jax.lax.stop_gradient(self._token_logps(ref_model, jax.lax.stop_gradient(ref_params),
+                                                    batch))
+    mask = batch['completion_mask']
+    loss, metrics = rl.policy_loss(
+        logp, old, batch['advantages'], mask, ref_logp_BT=ref, beta=r.beta, kl=r.kl,
+        eps_low=r.eps_low, eps_high=r.eps_high, agg=r.agg,
+        max_len=r.max_new_tokens if r.agg == 'seq-mean-token-sum-norm' else None,
+        entropy_BT=entropy)
+    if r.entropy_coef:
+      valid = mask > 0
+      loss = loss - r.entropy_coef * (jnp.where(valid, entropy, 0.0).sum()
+                                      / jnp.maximum(valid.sum(), 1))
+    rows_with_tokens = (mask.sum(axis=1) > 0).sum()
+    count = {'token-mean': mask.sum(), 'seq-mean-token-mean': rows_with_tokens,
+             'seq-mean-token-sum-norm': mask.shape[0]}[r.agg]
+    return loss, {**metrics, COUNT: jnp.asarray(count, jnp.float32)}
+
+  # -- held-out evaluation --------------------------------------------------------------------
+  def callbacks(self):
+    """[(every, fn(step, params) -> metrics)]: greedy held-out rewards (data.validation_path)."""
+    if self._eval is None:
+      return []
+    return [(self.cfg.train.eval_every, lambda step, params: self.evaluate(params))]
+
+  def evaluate(self, params) -> dict[str, float]:
+    """{'val_<reward>': mean over the held-out prompts} of their greedy answers."""
+    records, tokens, mask = self._eval
+    n, width = len(records), min(self.cfg.rl.eval_batch, len(records))
+    if getattr(self, '_greedy', None) is None:
+      self._greedy = self._make_sampler(width, 1, 0.0)
+    texts = []
+    for s in range(0, n, width):
+      idx = np.minimum(np.arange(s, s + width), n - 1)  # the last batch repeats its last prompt
+      ro = self._greedy(params, tokens[idx], mask[idx], key=jax.random.key(0))
+      got, _, _ = batch_lib.completion_texts(np.asarray(ro.tokens_BT)[:, tokens.shape[1]:],
+                                             np.asarray(ro.completion_mask_BN),
+                                             self._run.tokenizer)
+      texts += got[:n - s]
+    specs = [(name, 1.0) for name, _ in self.reward_specs if name != 'random']
+    out = {}
+    for name, _ in specs:
+      _, values, _ = rewards_lib.score([(name, 1.0)], records, texts,
+                                       rng=np.random.default_rng(0))
+      out[f'val_{name}'] = float(values[name].mean())
+    return out

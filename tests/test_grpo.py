@@ -1,0 +1,215 @@
+"""The 'grpo' task: rollouts inside the loop, rewards, advantages, minibatches, references,
+dynamic sampling, held-out evaluation, exact resume and bad input."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import assert_resume_is_exact, tiny_config
+from pathways_jax.config import ConfigError
+from pathways_jax.data import tokenizers
+from pathways_jax.objectives import preference
+from pathways_jax.rl import batch as batch_lib
+from pathways_jax.rl import prompts as prompts_lib
+from pathways_jax.rl import rewards as rewards_lib
+
+BYTES = tokenizers.ByteTokenizer()
+NEW = 6  # rl.max_new_tokens
+
+
+def _spaces(record, text):
+  """A reward a few steps can learn: the share of spaces (frequent in the pretraining text)."""
+  del record
+  return text.count(' ') / NEW
+
+
+def _flaky(record, text):
+  """Raises on odd ids, NaN on even ones: both must score 0 and be counted."""
+  del text
+  if record['id'] % 2:
+    raise KeyError('no such thing')
+  return float('nan')
+
+
+def _half_constant(record, text):
+  """Every completion of an even-id prompt gets 1 (a zero-variance group)."""
+  return 1.0 if record['id'] % 2 == 0 else _spaces(record, text)
+
+
+rewards_lib.REWARDS.update(spaces=rewards_lib.Reward(_spaces),
+                           flaky=rewards_lib.Reward(_flaky, requires=('id',)),
+                           half_constant=rewards_lib.Reward(_half_constant, requires=('id',)))
+
+
+def _metrics(workdir):
+  with open(workdir / 'metrics.jsonl') as f:
+    return [json.loads(line) for line in f]
+
+
+def _by_step(workdir, key):
+  return {r['step']: r[key] for r in _metrics(workdir) if key in r}
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+  from pathways_jax.train import loop
+  base = tmp_path_factory.mktemp('grpo')
+  loop.train(tiny_config(str(base / 'cache'), **{'train.steps': 30, 'sample.prompts': ()}),
+             str(base / 'pre'), quiet=True)
+  with open(base / 'prompts.jsonl', 'w') as f:
+    for i in range(40):
+      f.write(json.dumps({'prompt': f'Tell {i}', 'answer': 'x', 'id': i}) + '\n')
+  return base
+
+
+def _cfg(base, **kw):
+  return tiny_config(str(base / 'cache'), **{
+      'task': 'grpo', 'data.corpus': 'prompts', 'data.path': str(base / 'prompts.jsonl'),
+      'data.seq_len': 48, 'data.batch_size': 4, 'train.init_from': str(base / 'pre'),
+      'train.steps': 12, 'train.lr': 1e-2, 'train.warmup_steps': 0,
+      'rl.num_generations': 8, 'rl.max_new_tokens': NEW, 'rl.rewards': 'spaces',
+      'sample.prompts': (), **kw})
+
+
+def test_training_rows_score_the_tokens_the_sampler_drew(base):
+  """Independent reference: the KV-cache sampler's own log-probs of what it drew. The training
+  layout (left-padded prompt, segment ids, positions) must give the same numbers."""
+  from pathways_jax.sample import load_run
+  from pathways_jax.sampling.rollout import rollout
+  from pathways_jax import parallel
+  cfg, model, params, tok = load_run(str(base / 'pre'))
+  fields, counts = prompts_lib.load_rows(_cfg(base).data, tok, 'train')
+  assert counts == {'prompts': 40, 'too_long': 0}
+  mesh = parallel.make_mesh(cfg)
+  prompt, mask = fields['tokens'][:3], fields['segment_ids'][:3]
+  ro = rollout(model, params, prompt, mask, key=jax.random.key(1), mesh=mesh,
+               rules=parallel.logical_rules(cfg), num_samples=2, max_new_tokens=NEW,
+               temperature=0.7, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  rows = batch_lib.training_rows(np.repeat(mask, 2, axis=0), np.asarray(ro.tokens_BT),
+                                 np.asarray(ro.completion_mask_BN))
+  logits = model.apply({'params': params}, rows['tokens'], positions_BL=rows['positions'],
+                       segment_ids_BL=rows['segment_ids'])
+  logp = np.asarray(preference.causal_token_logps(logits / 0.7, rows['tokens']))[:, 48:]
+  cm = np.asarray(ro.completion_mask_BN)
+  np.testing.assert_allclose(logp[cm], np.asarray(ro.logprobs_BN)[cm], atol=2e-5)
+  assert (rows['completion_mask'][:, 48:] == cm).all() and rows['completion_mask'][:, :48].sum() == 0
+
+
+def test_grpo_raises_a_learnable_reward(base):
+  from pathways_jax.train import loop
+  res = loop.train(_cfg(base), str(base / 'learn'), quiet=True)
+  reward = _by_step(base / 'learn', 'reward')
+  assert res['status'] == 'completed' and sorted(reward) == list(range(1, 13))
+  first, last = np.mean([reward[s] for s in (1, 2, 3)]), np.mean([reward[s] for s in (10, 11, 12)])
+  assert last > first + 0.2, reward
+  m = _metrics(base / 'learn')[0]
+  # On-policy (one update per rollout): the ratio is exactly 1, nothing is clipped.
+  assert m['ratio/mean'] == pytest.approx(1.0, abs=1e-6) and m['clip_ratio/region_mean'] == 0
+  for key in ('completion_length', 'finished', 'zero_std_groups', 'entropy', 'time_rollout_s',
+              'time_reward_s', 'reward/spaces', 'reward_failures'):
+    assert key in m, key
+
+
+def test_minibatches_resume_exactly_on_rollout_boundaries(base, tmp_path):
+  make = lambda **kw: _cfg(base, **{'train.steps': 8, 'rl.minibatches': 2,
+                                    'train.checkpoint_every': 2, **kw})
+  assert_resume_is_exact(make, tmp_path, sigterm_at=4, stop_at=6)
+  ratio = _by_step(tmp_path / 'full', 'ratio/mean')
+  # The first part of each rollout is trained by the policy that sampled it: ratio 1; the
+  # second by the updated one.
+  assert ratio[1] == pytest.approx(1.0, abs=1e-5) and ratio[3] == pytest.approx(1.0, abs=1e-5)
+  assert abs(ratio[2] - 1.0) > 1e-4
+  assert _by_step(tmp_path / 'part', 'reward') == _by_step(tmp_path / 'full', 'reward')
+  from pathways_jax.train import loop
+  with pytest.raises(ConfigError, match='rollout boundaries'):
+    loop.train(make(**{'train.checkpoint_every': 3}), str(tmp_path / 'bad'), quiet=True)
+
+
+def test_a_lora_policy_is_held_to_its_own_base(base):
+  from pathways_jax.train import loop
+  res = loop.train(_cfg(base, **{'model.lora_rank': 4, 'rl.beta': 0.1, 'train.steps': 4,
+                                 'train.lr': 3e-2}), str(base / 'lora'), quiet=True)
+  kl = _by_step(base / 'lora', 'kl')
+  assert kl[1] == pytest.approx(0.0, abs=1e-7) and kl[4] > 1e-6, kl
+  assert res['trainable_params'] < res['params'] // 4
+
+
+def test_dynamic_sampling_refills_zero_variance_groups(base):
+  from pathways_jax.train import loop
+  loop.train(_cfg(base, **{'rl.rewards': 'half_constant', 'rl.dynamic_sampling': True,
+                           'rl.max_rollouts': 3, 'train.steps': 3}), str(base / 'dyn'),
+             quiet=True)
+  ms = _metrics(base / 'dyn')
+  rows = [m for m in ms if 'rollouts' in m]
+  # Half the prompts are constant: the first rollout keeps about half its groups, so more follow.
+  assert all(m['zero_std_groups'] >= 0.25 for m in rows)
+  assert all(m['rollouts'] >= 2 for m in rows), rows
+  assert all(m['masked_groups'] <= 1 for m in rows)
+
+
+def test_heldout_prompts_are_answered_greedily_and_scored(base, tmp_path):
+  from pathways_jax.train import loop
+  # Instruction-set records (kind, format, accepted), with prompts short enough for this model.
+  for name, n in (('train', 24), ('held', 10)):
+    with open(tmp_path / f'{name}.jsonl', 'w') as f:
+      for i in range(n):
+        a, b = i % 5, i // 5
+        f.write(json.dumps({'prompt': f'{a}+{b}?', 'kind': 'arithmetic', 'format': 'bare',
+                            'accepted': [str(a + b)], 'answer': str(a + b)}) + '\n')
+  res = loop.train(_cfg(base, **{'data.path': str(tmp_path / 'train.jsonl'),
+                                 'data.validation_path': str(tmp_path / 'held.jsonl'),
+                                 'rl.max_new_tokens': 8,
+                                 'rl.rewards': 'correct,format:0.5', 'train.steps': 2,
+                                 'rl.eval_batch': 4}), str(tmp_path / 'run'), quiet=True)
+  assert {'val_correct', 'val_format'} <= set(res) and 0 <= res['val_format'] <= 1
+  assert 'reward/correct' in _metrics(tmp_path / 'run')[0]
+
+
+def test_bad_rewards_prompts_and_settings_are_named(base, tmp_path):
+  from pathways_jax import tasks
+  from pathways_jax.config import ModelConfig
+  from pathways_jax.models.transformer import Transformer
+  from pathways_jax.train import loop
+  # A reward that raises or returns NaN: scored 0, counted, and the run goes on.
+  res = loop.train(_cfg(base, **{'rl.rewards': 'flaky', 'train.steps': 1}),
+                   str(tmp_path / 'flaky'), quiet=True)
+  assert res['status'] == 'completed'
+  assert _metrics(tmp_path / 'flaky')[0]['reward_failures'] == 4 * 8
+  model = Transformer(ModelConfig.from_config(_cfg(base).model, vocab_size=264))
+  with pytest.raises(ConfigError, match='num_generations >= 2'):
+    tasks.make(_cfg(base, **{'rl.num_generations': 1}), model)
+  tasks.make(_cfg(base, **{'rl.num_generations': 1, 'rl.scale': 'batch'}), model)
+  with pytest.raises(ConfigError, match="'nope' is not a reward"):
+    tasks.make(_cfg(base, **{'rl.rewards': 'correct,nope'}), model)
+  with pytest.raises(ConfigError, match='exceeds model.max_len'):
+    tasks.make(_cfg(base, **{'rl.max_new_tokens': 32}), model)
+  with pytest.raises(ConfigError, match='needs a reference'):
+    tasks.make(_cfg(base, **{'rl.beta': 0.1, 'train.init_from': ''}), model)
+  with pytest.raises(ConfigError, match='format'):  # the prompts lack the fields it reads
+    loop.train(_cfg(base, **{'rl.rewards': 'format'}), str(tmp_path / 'fmt'), quiet=True)
+  # Prompts longer than the budget are skipped and counted; none left is an error.
+  with open(tmp_path / 'long.jsonl', 'w') as f:
+    f.write(json.dumps({'prompt': 'x' * 100, 'answer': 'y'}) + '\n')
+    f.write(json.dumps({'prompt': 'short', 'answer': 'y'}) + '\n')
+  data = _cfg(base, **{'data.path': str(tmp_path / 'long.jsonl')}).data
+  fields, counts = prompts_lib.load_rows(data, BYTES, 'train')
+  assert counts == {'prompts': 2, 'too_long': 1} and fields['example_id'].tolist() == [1]
+  with open(tmp_path / 'bad.jsonl', 'w') as f:
+    f.write(json.dumps({'question': 'x'}) + '\n')
+  with pytest.raises(Exception, match="needs 'prompt'"):
+    prompts_lib.read_prompts(str(tmp_path / 'bad.jsonl'))
+
+
+def test_rewards_compose_with_weights_and_shape_overlong_completions():
+  rec = {'answer': 'Ada'}
+  total, values, failures = rewards_lib.score(rewards_lib.parse('correct:2,random:0.5'),
+                                              [rec] * 4, ['ada.', 'Bob', ' Ada ', ''],
+                                              rng=np.random.default_rng(0))
+  coin = values['random']
+  np.testing.assert_allclose(total, 2 * np.asarray([1, 0, 1, 0]) + 0.5 * coin)
+  assert set(coin.tolist()) <= {0.0, 1.0} and not failures
+  np.testing.assert_allclose(
+      rewards_lib.overlong_penalty(np.asarray([4, 6, 7, 8]), max_new_tokens=8, buffer=4),
+      [0.0, -0.5, -0.75, -1.0])
+  assert batch_lib.zero_variance(np.asarray([[1, 1], [0, 1]])).tolist() == [True, False]

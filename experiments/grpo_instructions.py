@@ -1,0 +1,138 @@
+"""GRPO on the instruction set's verifiable task, from the SFT model, with its two controls.
+
+    python -m pathways_jax.main --config=experiments/grpo_instructions.py --workdir=runs/instr \
+        [--config.seed=1 --config.grpo_exp.arm=grpo_random --config.rl.rewards=random ...]
+
+WORKDIR may be an experiments/instruction_sft.py (or dpo_instructions.py) workdir of the same
+config and seed: its finished base and sft stages are reused. Stages (each skipped once
+finished, so the same command resumes):
+
+1. base, sft: as experiments/instruction_sft.py.
+2. grpo: task 'grpo' from WORKDIR/sft on the training questions as prompts (the instruction
+   set's train.jsonl is a prompt file as it is), rewarded by config.rl.rewards, in
+   WORKDIR/<grpo_exp.arm>. The arms of the README's comparison:
+     grpo               rl.rewards='correct'  (the checker's verdict: right answer, any format)
+     grpo_random        rl.rewards='random'   (a fair coin: updates that ignore the answer)
+     grpo_format_only   rl.rewards='format'   (right format, right or wrong)
+3. Greedy accuracy of sft and the arm with the evaluator of instruction_sft, on the held-out
+   questions and on as many training questions.
+
+WORKDIR/<arm>_results.json: the `sft` and arm evaluations, the arm's training curve (reward,
+KL, entropy, completion length, time split), wall times, date, device, config.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import time
+
+import ml_collections
+
+from pathways_jax import config as config_lib
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+instruction_sft = config_lib._load_config_module(  # pylint: disable=protected-access
+    os.path.join(_HERE, 'instruction_sft.py'))
+dpo_instructions = config_lib._load_config_module(  # pylint: disable=protected-access
+    os.path.join(_HERE, 'dpo_instructions.py'))
+
+ARMS = {'grpo': 'correct', 'grpo_random': 'random', 'grpo_format_only': 'format'}
+
+
+def get_config():
+  c = instruction_sft.get_config()
+  c.name = 'grpo_instructions'
+  c.grpo_exp = e = ml_collections.ConfigDict()
+  e.arm = 'grpo'  # the run directory and results name: WORKDIR/<arm>; sets rl.rewards (ARMS)
+  e.steps = 150
+  e.lr = 2e-4
+  e.prompts = 16  # prompts per rollout
+  e.prompt_len = 64  # the prompt budget in tokens (the longest training prompt is ~45)
+  e.eval_every = 50
+  c.rl.num_generations = 8
+  c.rl.max_new_tokens = 24
+  c.rl.temperature = 1.0
+  c.rl.rewards = ''  # '' = the arm's (ARMS)
+  c.rl.eval_max = 128  # held-out prompts scored during training (the final evaluation: all)
+  return c
+
+
+def grpo_config_of(cfg, instructions_dir: str, sft_dir: str):
+  e = cfg.grpo_exp
+  if e.arm not in ARMS and not cfg.rl.rewards:
+    raise config_lib.ConfigError(f'config.grpo_exp.arm={e.arm!r} is not one of {sorted(ARMS)}: '
+                                 'name its rewards with config.rl.rewards')
+  if e.steps < 1 or e.prompts < 1 or e.eval_every < 1:
+    raise config_lib.ConfigError(f'config.grpo_exp: steps, prompts and eval_every must be >= 1, '
+                                 f'got {e.steps}, {e.prompts}, {e.eval_every}')
+  c = copy.deepcopy(cfg)
+  c.name = f'{cfg.name}-{e.arm}'
+  c.task = 'grpo'
+  c.rl.rewards = cfg.rl.rewards or ARMS[e.arm]
+  c.data.corpus = 'prompts'
+  c.data.path = os.path.join(instructions_dir, 'train.jsonl')
+  c.data.validation_path = os.path.join(instructions_dir, 'heldout.jsonl')
+  c.data.seq_len = e.prompt_len
+  c.data.batch_size = e.prompts
+  c.train.init_from = os.path.abspath(sft_dir)
+  c.train.steps = e.steps
+  c.train.lr = e.lr
+  c.train.warmup_steps = min(10, e.steps // 10)
+  c.train.schedule = 'constant'
+  c.train.weight_decay = 0.0
+  c.train.eval_every = e.eval_every
+  c.train.checkpoint_every = e.eval_every
+  return c
+
+
+def run(cfg, workdir: str) -> dict:
+  from pathways_jax.data import instructions  # pylint: disable=g-import-not-at-top
+  from pathways_jax.eval import instructions as instr_eval  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import loop, metrics  # pylint: disable=g-import-not-at-top,multiple-import
+  start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  examples = instruction_sft.instruction_set(cfg)
+  inst_dir = os.path.join(workdir, 'instructions')
+  paths = instructions.write_splits(examples, inst_dir)
+  run_cfg = grpo_config_of(cfg, inst_dir, os.path.join(workdir, 'sft'))  # settings checked first
+  heldout = examples['heldout']
+  if cfg.instructions.eval_limit > 0:
+    heldout = heldout[:cfg.instructions.eval_limit]
+  dirs = {arm: os.path.join(workdir, arm) for arm in ('base', 'sft')}
+  wall = {}
+  t0 = time.perf_counter()
+  loop.train_stage(instruction_sft.base_config_of(cfg), dirs['base'])
+  loop.train_stage(instruction_sft.sft_config_of(cfg, paths['train'], dirs['base']), dirs['sft'])
+  wall['base_sft_s'] = time.perf_counter() - t0
+  arm = cfg.grpo_exp.arm
+  dirs[arm] = os.path.join(workdir, arm)
+  t0 = time.perf_counter()
+  res = loop.train_stage(run_cfg, dirs[arm])
+  wall[f'{arm}_train_s'] = time.perf_counter() - t0
+  keys = ('reward', 'kl', 'entropy', 'completion_length', 'zero_std_groups', 'val_correct',
+          'val_format', 'time_rollout_s', 'time_reward_s', 'time_batch_s')
+  curve = {k: metrics.logged(dirs[arm], k) for k in keys}
+
+  seen = examples['train'][::max(1, len(examples['train']) // len(heldout))][:len(heldout)]
+  evals = {}
+  for name in ('sft', arm):
+    t0 = time.perf_counter()
+    for label, exs in ((name, heldout), (f'{name}_train_questions', seen)):
+      evals[label] = instr_eval.evaluate_run(dirs[name], exs,
+                                             batch_size=cfg.instructions.eval_batch,
+                                             train_keys={e.key for e in examples['train']})
+      print(f'{label}: format compliance {evals[label]["format_compliance"]:.3f}, accuracy '
+            f'{evals[label]["accuracy"]:.3f} ({evals[label]["correct_count"]}/'
+            f'{evals[label]["n"]})')
+    wall[f'{name}_eval_s'] = time.perf_counter() - t0
+  wall['total_s'] = time.perf_counter() - start
+  results = {'status': 'completed', 'seed': cfg.seed, 'arm': arm, 'rewards': run_cfg.rl.rewards,
+             'evaluated': len(heldout), **evals, 'curve': curve,
+             'train_loss': res.get('train_loss'), 'wall_s': wall,
+             'date': datetime.date.today().isoformat(), 'device': dpo_instructions.device(),
+             'config': json.loads(cfg.to_json_best_effort())}
+  with open(os.path.join(workdir, f'{arm}_results.json'), 'w') as f:
+    json.dump(results, f, indent=2, default=str)
+  return results

@@ -232,6 +232,9 @@ def base_config() -> ml_collections.ConfigDict:
   r.overlong_buffer = 0
   r.overlong_penalty = 1.0
   r.reference = ''  # '' = train.init_from (a LoRA policy: its own base, adapters off)
+  # ProRL: every reset_every steps the policy becomes the reference and the optimizer state
+  # starts afresh (needs beta > 0 and a full-parameter policy; 0: never).
+  r.reset_every = 0
   r.eval_batch = 64  # held-out prompts (data.validation_path) decoded per greedy batch
   r.eval_max = 0  # > 0: only the first N held-out prompts
 

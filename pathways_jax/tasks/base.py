@@ -107,6 +107,14 @@ class Task:
     del step
     return True
 
+  def after_step(self, step: int, state, aux_args: tuple, *, fresh_opt_state: Callable,
+                 workdir: str) -> tuple[Any, tuple, dict]:
+    """(state, aux_args, metrics to log) after optimizer step `step`: a task may replace its
+    frozen inputs and re-initialise the optimizer (`fresh_opt_state(params)`; ProRL's reference
+    resets). Unchanged by default."""
+    del step, fresh_opt_state, workdir
+    return state, aux_args, {}
+
   def callbacks(self) -> list[tuple[int, Callable]]:
     """[(every, fn(step, params) -> metrics)]: the task's own evaluations during training,
     run by the loop as its `Callback`s (after `setup`)."""

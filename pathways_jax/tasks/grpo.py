@@ -50,6 +50,12 @@ from pathways_jax.tasks.registry import register
 _LOG = logging.getLogger(__name__)
 _ROLLOUT_STREAM = 0x726F6C6C  # 'roll': rollout keys, apart from the step's own draws
 TRAIN_FIELDS = ('tokens', 'segment_ids', 'positions', 'completion_mask')
+RESETS = 'reference_resets'  # WORKDIR/reference_resets/<step>: the reference after a ProRL reset
+
+
+def inputs_shardings(aux_args: tuple):
+  """The shardings of the step's `aux` (the frozen reference's params)."""
+  return jax.tree_util.tree_map(lambda x: x.sharding, aux_args[0]['aux'])
 
 
 @register('grpo')
@@ -103,6 +109,13 @@ class GrpoTask(ReferenceMixin, Task):
       raise ConfigError('config.rl.beta > 0 needs a reference: set config.train.init_from (the '
                         'model the policy starts from) or config.rl.reference')
     self.adapters_off = self.needs_ref and self.is_adapters_off()
+    if r.reset_every:
+      if r.reset_every < 0 or r.reset_every % k:
+        raise ConfigError(f'config.rl.reset_every={r.reset_every} must be a positive multiple of '
+                          f'rl.minibatches={k}')
+      if not self.needs_ref or model.cfg.lora_rank or cfg.train.get('trainable'):
+        raise ConfigError('config.rl.reset_every (ProRL reference resets) needs rl.beta > 0 and '
+                          'a full-parameter policy (no LoRA, no train.trainable)')
     self.on_policy = k == 1  # one update per rollout: old = current policy, ratio exactly 1
     self.ref_model = None
     self._run = self._sampler = self._buffer = None
@@ -160,8 +173,44 @@ class GrpoTask(ReferenceMixin, Task):
       return FrozenInputs(describe=(*lines, 'grpo: reference = the policy with its LoRA '
                                     f'adapters off (the base from {self.source})'))
     self.ref_model, params, shardings = self._load_reference(run)
-    return FrozenInputs(aux=params, aux_shardings=shardings,
-                        describe=(*lines, f'grpo: frozen reference {self.source}'))
+    line = f'grpo: frozen reference {self.source}'
+    if self.cfg.rl.reset_every:
+      params, line = self._reset_reference(run, params, shardings, line)
+    return FrozenInputs(aux=params, aux_shardings=shardings, describe=(*lines, line))
+
+  def _reset_reference(self, run, params, shardings, line):
+    """(the reference a resumed run had, its describe line): the newest reset saved at or
+    before the newest checkpoint (WORKDIR/reference_resets/<step>), else the start model."""
+    import os  # pylint: disable=g-import-not-at-top
+    from pathways_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    saved = ckpt_lib.saved_steps(run.workdir)
+    directory = os.path.join(run.workdir, RESETS)
+    resets = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(
+        directory) else []
+    usable = [r for r in resets if saved and r <= saved[-1]]
+    if not usable:
+      return params, line + f'; the policy replaces it every {self.cfg.rl.reset_every} steps'
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    params = ckpt_lib.restore_params(os.path.join(directory, str(usable[-1])), abstract,
+                                     shardings)
+    return params, f'grpo: reference = the policy at step {usable[-1]} (a ProRL reset)'
+
+  def after_step(self, step, state, aux_args, *, fresh_opt_state, workdir):
+    """ProRL's reset every rl.reset_every steps: the policy becomes the reference (a copy,
+    saved in WORKDIR/reference_resets/<step> for resuming) and the optimizer starts afresh."""
+    every = self.cfg.rl.reset_every
+    if not every or step % every:
+      return state, aux_args, {}
+    import os  # pylint: disable=g-import-not-at-top
+    from pathways_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    inputs = dict(aux_args[0])
+    # A copy: the step donates the state's buffers, the reference must outlive them.
+    inputs['aux'] = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
+                            out_shardings=inputs_shardings(aux_args))(state.params)
+    if jax.process_index() == 0:
+      ckpt_lib.save_params(os.path.join(workdir, RESETS, str(step)), inputs['aux'])
+    state = state.replace(opt_state=fresh_opt_state(state.params))
+    return state, (inputs,), {'reference_reset': float(step)}
 
   def abstract_frozen(self, mesh, rules) -> FrozenInputs:
     if not self.needs_ref or self.adapters_off:

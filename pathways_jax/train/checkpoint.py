@@ -116,8 +116,33 @@ FROZEN_PARAMS = 'frozen_params'  # WORKDIR/frozen_params: the params a subset-tr
 
 def save_frozen_params(workdir: str, params) -> None:
   """Saves the frozen part of a subset-trained run's params, once (train/trainable.py)."""
-  ocp.PyTreeCheckpointer().save(os.path.join(os.path.abspath(workdir), FROZEN_PARAMS), params,
-                                force=True)
+  save_params(os.path.join(os.path.abspath(workdir), FROZEN_PARAMS), params)
+
+
+def save_params(path: str, params) -> None:
+  """A param tree at `path` (orbax writes a temporary directory and renames it when done)."""
+  ocp.PyTreeCheckpointer().save(os.path.abspath(path), params, force=True)
+
+
+def restore_params(path: str, abstract, shardings):
+  """The param tree `save_params` wrote at `path`, placed with `shardings`."""
+  target = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  try:
+    return ocp.PyTreeCheckpointer().restore(
+        os.path.abspath(path), args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  except Exception as e:  # orbax raises many types; the user needs the path
+    raise CheckpointError(f'the params in {path} could not be restored ({type(e).__name__}: '
+                          f'{e}); the directory is left as it is') from e
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the finished checkpoints in WORKDIR/checkpoints (read without orbax)."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
 def restore_frozen_params(workdir: str, abstract, shardings):

@@ -317,6 +317,10 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
       return out
     return run
 
+  def fresh_opt_state(params):
+    """The optimizer's initial state for `params`, placed as the state's (a new buffer)."""
+    return jax.jit(m.tx.init, out_shardings=m.shardings.opt_state)(params)
+
   all_callbacks = (*callbacks,
                    *(Callback(every, task_callback(fn)) for every, fn in task.callbacks()))
   with _Preemption() as preempt:
@@ -339,6 +343,11 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
           trimmed_after = m.train_fn
         step += 1
         pending.append(out)
+        state, aux_args, reset = m.task.after_step(step, state, aux_args, workdir=workdir,
+                                                   fresh_opt_state=fresh_opt_state)
+        if reset:
+          writer.write(step, reset)
+          last.update(reset)
         if growth.due(step, m.cfg):  # before this step's eval and checkpoint
           state = grow(state)
         if step % cfg.train.log_every == 0 or step == stop:

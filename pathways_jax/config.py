@@ -213,6 +213,7 @@ def base_config() -> ml_collections.ConfigDict:
   r.min_p = 0.0
   # 'name[:weight],...' from pathways_jax.rl.rewards.REWARDS, summed with their weights.
   r.rewards = 'correct'
+  r.reward_model = ''  # the run directory of a task='reward_model' run, for the 'reward_model' reward
   r.scale = 'group'  # advantages: 'group' | 'batch' | 'none' (Dr.GRPO) | 'rloo'
   r.beta = 0.0  # KL to the reference as a loss term (0: no reference is held)
   r.kl = 'k3'  # 'k1' | 'k2' | 'k3'

@@ -231,3 +231,35 @@ def test_prorl_resets_zero_the_kl_and_resume_exactly(base, tmp_path):
   model = Transformer(ModelConfig.from_config(_cfg(base).model, vocab_size=264))
   with pytest.raises(ConfigError, match='beta > 0'):
     tasks.make(_cfg(base, **{'rl.reset_every': 4}), model)
+
+
+def test_a_reward_model_scores_prompt_and_completion(base, tmp_path):
+  """The 'reward_model' reward is the RM's score of the prompt's messages + the completion as
+  the assistant's turn (eval.reward.score, the RM's own scoring API)."""
+  from pathways_jax.eval import reward
+  from pathways_jax.train import loop
+  with open(tmp_path / 'pairs.jsonl', 'w') as f:
+    for i in range(16):
+      f.write(json.dumps({'prompt': f'Tell {i}', 'chosen': 'a b c', 'rejected': 'abc'}) + '\n')
+  loop.train(tiny_config(str(base / 'cache'), **{
+      'task': 'reward_model', 'model.scalar_head': True, 'data.corpus': 'preference',
+      'data.path': str(tmp_path / 'pairs.jsonl'), 'data.seq_len': 64, 'data.batch_size': 8,
+      'train.init_from': str(base / 'pre'), 'train.steps': 2, 'train.eval_every': 1000,
+      'sample.prompts': ()}), str(tmp_path / 'rm'), quiet=True)
+  scorer = rewards_lib.RewardModelScorer(str(tmp_path / 'rm'), batch_size=4)
+  prompts = [[{'role': 'user', 'content': 'Tell 1'}], [{'role': 'user', 'content': 'Tell 2'}]]
+  total, values, _ = rewards_lib.score([('reward_model', 2.0)], [{}, {}], ['a b', 'xyz'],
+                                       rng=np.random.default_rng(0), prompts=prompts,
+                                       reward_model=scorer)
+  want = reward.score(scorer.model, scorer.params, scorer.tokenizer,
+                      [prompts[0] + [{'role': 'assistant', 'content': 'a b'}],
+                       prompts[1] + [{'role': 'assistant', 'content': 'xyz'}]])
+  np.testing.assert_allclose(values['reward_model'], want, rtol=1e-6)
+  np.testing.assert_allclose(total, 2 * want, rtol=1e-6)
+  res = loop.train(_cfg(base, **{'rl.rewards': 'reward_model,spaces:0.1', 'train.steps': 1,
+                                 'rl.reward_model': str(tmp_path / 'rm')}),
+                   str(tmp_path / 'rl'), quiet=True)
+  m = _metrics(tmp_path / 'rl')[0]
+  assert res['status'] == 'completed' and np.isfinite(m['reward/reward_model'])
+  with pytest.raises(ConfigError, match='rl.reward_model'):
+    loop.train(_cfg(base, **{'rl.rewards': 'reward_model'}), str(tmp_path / 'no_rm'), quiet=True)

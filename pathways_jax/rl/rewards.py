@@ -10,6 +10,10 @@ Built in (`REWARDS`):
            records; `data.instructions.format_ok`), right or wrong.
   random   a fair coin per completion, independent of the text: the control arm that shows what
            reward-independent updates do (seeded by run seed, rollout and row).
+  reward_model  a trained reward model's score (task 'reward_model', `rl.reward_model` names its
+           run directory) of the prompt's messages followed by the completion as the assistant's
+           turn. The texts are re-tokenised with the reward model's own tokenizer and chat
+           template, so its tokenizer may differ from the policy's (the run says so at start).
 A function of your own: `REWARDS['name'] = Reward(fn, requires=('field', ...))`, fn(record, text)
 -> float.
 
@@ -30,8 +34,27 @@ from pathways_jax.config import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Reward:
-  fn: Callable[[dict, str], float] | None  # None: drawn by `score` (random)
+  fn: Callable[[dict, str], float] | None  # None: drawn by `score` (random) or a batch scorer
   requires: tuple[str, ...] = ()  # record fields it reads (one of each '|'-joined alternative)
+
+
+class RewardModelScorer:
+  """The 'reward_model' reward: `scorer(prompts_messages, texts) -> float32 [N]`."""
+
+  def __init__(self, run_dir: str, *, batch_size: int = 64, mesh=None, rules=None):
+    from pathways_jax.eval import reward  # pylint: disable=g-import-not-at-top
+    try:
+      self.model, self.params, self.tokenizer = reward.load(run_dir)
+    except (ValueError, FileNotFoundError, OSError) as e:
+      raise ConfigError(f'config.rl.reward_model={run_dir!r}: {e}') from None
+    self.run_dir, self.batch_size = run_dir, batch_size
+
+  def __call__(self, prompts: Sequence[Sequence[dict]], texts: Sequence[str]) -> np.ndarray:
+    from pathways_jax.eval import reward  # pylint: disable=g-import-not-at-top
+    conversations = [list(p) + [{'role': 'assistant', 'content': t}]
+                     for p, t in zip(prompts, texts)]
+    return reward.score(self.model, self.params, self.tokenizer, conversations,
+                        batch_size=self.batch_size)
 
 
 def _norm(s: str) -> str:
@@ -61,6 +84,7 @@ REWARDS: dict[str, Reward] = {
     'correct': Reward(correct, requires=('answer|accepted',)),
     'format': Reward(format_ok, requires=('kind', 'format')),
     'random': Reward(None),
+    'reward_model': Reward(None),
 }
 
 
@@ -101,9 +125,12 @@ def check_records(specs: Sequence[tuple[str, float]], records: Sequence[dict], w
 
 
 def score(specs: Sequence[tuple[str, float]], records: Sequence[dict], texts: Sequence[str], *,
-          rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+          rng: np.random.Generator, prompts: Sequence[Sequence[dict]] | None = None,
+          reward_model: RewardModelScorer | None = None
+          ) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
   """(total [N] float32, {name: [N] values}, {name: (failures, first message)} for rewards that
-  failed): the weighted sum of the rewards of each (record, text)."""
+  failed): the weighted sum of the rewards of each (record, text). 'reward_model' needs the
+  `prompts` (messages) and the `reward_model` scorer."""
   n = len(texts)
   if len(records) != n:
     raise ValueError(f'{len(records)} records for {n} texts')
@@ -111,7 +138,15 @@ def score(specs: Sequence[tuple[str, float]], records: Sequence[dict], texts: Se
   values, failures = {}, {}
   for name, weight in specs:
     fn = REWARDS[name].fn
-    if fn is None:  # random
+    if name == 'reward_model':
+      if reward_model is None or prompts is None:
+        raise ValueError("reward 'reward_model' needs the prompts and a RewardModelScorer")
+      vals = np.asarray(reward_model(prompts, texts), np.float64)
+      bad = ~np.isfinite(vals)
+      if bad.any():
+        failures[name] = (int(bad.sum()), 'non-finite reward-model scores')
+        vals = np.where(bad, 0.0, vals)
+    elif fn is None:  # random
       vals = rng.integers(0, 2, size=n).astype(np.float64)
     else:
       vals = np.zeros(n, np.float64)

@@ -119,7 +119,7 @@ class GrpoTask(ReferenceMixin, Task):
     self.on_policy = k == 1  # one update per rollout: old = current policy, ratio exactly 1
     self.ref_model = None
     self._run = self._sampler = self._buffer = None
-    self._records = self._eval = None
+    self._records = self._messages = self._eval = self._rm = None
 
   def describe(self) -> str:
     r = self.cfg.rl
@@ -156,13 +156,27 @@ class GrpoTask(ReferenceMixin, Task):
       raise ConfigError("task 'grpo' runs in one process for now (rollouts and rewards are "
                         'scored on one host)')
     self._run = run
-    self._records = [rec for rec, _ in prompts_lib.read_prompts(self.cfg.data.path)]
+    read = prompts_lib.read_prompts(self.cfg.data.path)
+    self._records, self._messages = [rec for rec, _ in read], [m for _, m in read]
+    self._rm = None
+    if any(name == 'reward_model' for name, _ in self.reward_specs):
+      if not self.cfg.rl.reward_model:
+        raise ConfigError("the 'reward_model' reward needs config.rl.reward_model (the run "
+                          "directory of a task='reward_model' run)")
+      self._rm = rewards_lib.RewardModelScorer(self.cfg.rl.reward_model,
+                                               batch_size=self.cfg.rl.eval_batch)
     rewards_lib.check_records(self.reward_specs, self._records, self.cfg.data.path)
     r = self.cfg.rl
     self._sampler = self._make_sampler(self.cfg.data.batch_size, r.num_generations,
                                        r.temperature)
     lines = [f'grpo: {len(self._records)} prompts, G={r.num_generations}, '
              f'{self.rows} rollout rows per {r.minibatches} step(s), rewards {r.rewards}']
+    if self._rm is not None:
+      same = (getattr(self._rm.tokenizer, 'fingerprint', None)
+              == getattr(run.tokenizer, 'fingerprint', None))
+      lines.append(f'grpo: reward model {r.reward_model} scores each prompt + completion, '
+                   + ('with the policy\'s tokenizer' if same else
+                      're-tokenised with its own tokenizer (it differs from the policy\'s)'))
     if self.cfg.data.get('validation_path'):
       self._eval = self._eval_set()
       lines.append(f'grpo: {len(self._eval[0])} held-out prompts answered greedily every '
@@ -229,14 +243,14 @@ class GrpoTask(ReferenceMixin, Task):
   def _eval_set(self):
     """(records, tokens [E, P], mask [E, P]) of the held-out prompts, E padded to eval_batch."""
     fields, _ = prompts_lib.load_rows(self.cfg.data, self._run.tokenizer, 'validation')
-    records = [rec for rec, _ in prompts_lib.read_prompts(self.cfg.data.validation_path)]
+    read = prompts_lib.read_prompts(self.cfg.data.validation_path)
     ids = fields[prompts_lib.EXAMPLE_ID]
     if self.cfg.rl.eval_max:
       ids = ids[:self.cfg.rl.eval_max]
     rewards_lib.check_records([s for s in self.reward_specs if s[0] != 'random'],
-                              [records[i] for i in ids], self.cfg.data.validation_path)
-    return ([records[i] for i in ids], fields['tokens'][:len(ids)],
-            fields['segment_ids'][:len(ids)])
+                              [read[i][0] for i in ids], self.cfg.data.validation_path)
+    return ([read[i][0] for i in ids], fields['tokens'][:len(ids)],
+            fields['segment_ids'][:len(ids)], [read[i][1] for i in ids])
 
   # -- rollouts -----------------------------------------------------------------------------
   def make_batch(self, train_iter, *, step: int, params, aux=None) -> tuple[dict, dict]:
@@ -277,9 +291,12 @@ class GrpoTask(ReferenceMixin, Task):
       tr = time.perf_counter()
       P = prompts['tokens'].shape[1]
       texts, lengths, finished = batch_lib.completion_texts(tokens[:, P:], cmask, tok)
-      records = [self._records[int(e)] for e in np.repeat(prompts[prompts_lib.EXAMPLE_ID], G)]
+      ids = [int(e) for e in np.repeat(prompts[prompts_lib.EXAMPLE_ID], G)]
+      records = [self._records[e] for e in ids]
       rng = np.random.default_rng([self.cfg.seed, index, attempt])
-      rewards, values, failures = rewards_lib.score(self.reward_specs, records, texts, rng=rng)
+      rewards, values, failures = rewards_lib.score(
+          self.reward_specs, records, texts, rng=rng, prompts=[self._messages[e] for e in ids],
+          reward_model=self._rm)
       if r.overlong_buffer:
         rewards = rewards + r.overlong_penalty * rewards_lib.overlong_penalty(
             lengths, max_new_tokens=r.max_new_tokens, buffer=r.overlong_buffer)
@@ -394,7 +411,7 @@ class GrpoTask(ReferenceMixin, Task):
 
   def evaluate(self, params) -> dict[str, float]:
     """{'val_<reward>': mean over the held-out prompts} of their greedy answers."""
-    records, tokens, mask = self._eval
+    records, tokens, mask, messages = self._eval
     n, width = len(records), min(self.cfg.rl.eval_batch, len(records))
     if getattr(self, '_greedy', None) is None:
       self._greedy = self._make_sampler(width, 1, 0.0)
@@ -410,6 +427,7 @@ class GrpoTask(ReferenceMixin, Task):
     out = {}
     for name, _ in specs:
       _, values, _ = rewards_lib.score([(name, 1.0)], records, texts,
-                                       rng=np.random.default_rng(0))
+                                       rng=np.random.default_rng(0), prompts=messages,
+                                       reward_model=self._rm)
       out[f'val_{name}'] = float(values[name].mean())
     return out

@@ -107,7 +107,7 @@ def test_grpo_raises_a_learnable_reward(base):
   # On-policy (one update per rollout): the ratio is exactly 1, nothing is clipped.
   assert m['ratio/mean'] == pytest.approx(1.0, abs=1e-6) and m['clip_ratio/region_mean'] == 0
   for key in ('completion_length', 'finished', 'zero_std_groups', 'entropy', 'time_rollout_s',
-              'time_reward_s', 'reward/spaces', 'reward_failures'):
+              'time_reward_s', 'time_update_s', 'reward/spaces', 'reward_failures'):
     assert key in m, key
 
 

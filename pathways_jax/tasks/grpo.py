@@ -256,6 +256,11 @@ class GrpoTask(ReferenceMixin, Task):
   def make_batch(self, train_iter, *, step: int, params, aux=None) -> tuple[dict, dict]:
     """(the global batch of optimizer step `step`, host metrics to log with it)."""
     k = self.cfg.rl.minibatches
+    # The previous update was dispatched asynchronously: wait for it here, so that its time is
+    # not counted as the rollout's (it is the wait, plus the loop's own work in between).
+    t0 = time.perf_counter()
+    jax.block_until_ready(params)
+    wait = time.perf_counter() - t0
     if step % k == 0 or self._buffer is None or self._buffer[0] != step // k:
       if step % k:
         raise RuntimeError(f'step {step} is inside a rollout batch that was not made here: '
@@ -265,7 +270,7 @@ class GrpoTask(ReferenceMixin, Task):
     part = self.rows // k
     i = step % k
     local = {name: v[i * part:(i + 1) * part] for name, v in rows.items()}
-    return parallel.global_batch(local, self._run.mesh), metrics
+    return parallel.global_batch(local, self._run.mesh), {**metrics, 'time_update_s': wait}
 
   def _rollout(self, train_iter, index: int, params, aux):
     r, B, G = self.cfg.rl, self.cfg.data.batch_size, self.cfg.rl.num_generations

@@ -217,6 +217,9 @@ def base_config() -> ml_collections.ConfigDict:
   r.scale = 'group'  # advantages: 'group' | 'batch' | 'none' (Dr.GRPO) | 'rloo'
   r.beta = 0.0  # KL to the reference as a loss term (0: no reference is held)
   r.kl = 'k3'  # 'k1' | 'k2' | 'k3'
+  # 'loss': beta * KL per token in the loss; 'reward': beta * the completion's summed log-ratio
+  # to the reference (k1) is subtracted from its reward, before the advantages.
+  r.kl_penalty = 'loss'
   r.eps_low = 0.2
   r.eps_high = 0.2  # DAPO's clip-higher: 0.28
   r.agg = 'token-mean'  # 'token-mean' | 'seq-mean-token-mean' | 'seq-mean-token-sum-norm'

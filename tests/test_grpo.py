@@ -133,6 +133,13 @@ def test_a_lora_policy_is_held_to_its_own_base(base):
   kl = _by_step(base / 'lora', 'kl')
   assert kl[1] == pytest.approx(0.0, abs=1e-7) and kl[4] > 1e-6, kl
   assert res['trainable_params'] < res['params'] // 4
+  # The same KL as a reward penalty: the completions' summed log-ratio, 0 at the start.
+  loop.train(_cfg(base, **{'model.lora_rank': 4, 'rl.beta': 0.1, 'rl.kl_penalty': 'reward',
+                           'train.steps': 4, 'train.lr': 3e-2}), str(base / 'lora_kl_reward'),
+             quiet=True)
+  seq = _by_step(base / 'lora_kl_reward', 'kl_sequence')
+  assert abs(seq[1]) < 1e-5 and max(seq[2], seq[3], seq[4]) > 1e-2, seq
+  assert 'kl' not in _metrics(base / 'lora_kl_reward')[0]  # not in the loss
 
 
 def test_dynamic_sampling_refills_zero_variance_groups(base):

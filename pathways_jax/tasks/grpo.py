@@ -116,6 +116,9 @@ class GrpoTask(ReferenceMixin, Task):
       if not self.needs_ref or model.cfg.lora_rank or cfg.train.get('trainable'):
         raise ConfigError('config.rl.reset_every (ProRL reference resets) needs rl.beta > 0 and '
                           'a full-parameter policy (no LoRA, no train.trainable)')
+    if r.kl_penalty not in ('loss', 'reward'):
+      raise ConfigError(f"config.rl.kl_penalty={r.kl_penalty!r} is not 'loss' or 'reward'")
+    self.kl_in_reward = self.needs_ref and r.kl_penalty == 'reward'
     self.on_policy = k == 1  # one update per rollout: old = current policy, ratio exactly 1
     self.ref_model = None
     self._run = self._sampler = self._buffer = None
@@ -280,6 +283,7 @@ class GrpoTask(ReferenceMixin, Task):
     kept, dropped = [], []  # groups: dicts of [G, ...] arrays
     all_rewards, all_lengths, all_finished, values_by_name = [], [], [], {}
     fails: dict[str, list] = {}
+    kl_rewards = []
     attempts = r.max_rollouts if r.dynamic_sampling else 1
     made = 0
     for attempt in range(attempts):
@@ -305,6 +309,12 @@ class GrpoTask(ReferenceMixin, Task):
       if r.overlong_buffer:
         rewards = rewards + r.overlong_penalty * rewards_lib.overlong_penalty(
             lengths, max_new_tokens=r.max_new_tokens, buffer=r.overlong_buffer)
+      rows = batch_lib.training_rows(np.repeat(prompts['segment_ids'], G, axis=0), tokens, cmask)
+      if self.kl_in_reward:  # the sequence's KL estimate (sum of k1) is a reward penalty
+        ref = self._forward_logps(rows, *self._reference(params, aux))
+        kl_N = ((np.asarray(ro.logprobs_BN) - ref[:, P:]) * cmask).sum(axis=1)
+        rewards = rewards - r.beta * kl_N
+        kl_rewards.append(kl_N)
       t_reward += time.perf_counter() - tr
       for name, (n, first) in failures.items():
         fails.setdefault(name, [0, first])[0] += n
@@ -313,7 +323,6 @@ class GrpoTask(ReferenceMixin, Task):
       all_finished.append(finished)
       for name, v in values.items():
         values_by_name.setdefault(name, []).append(v)
-      rows = batch_lib.training_rows(np.repeat(prompts['segment_ids'], G, axis=0), tokens, cmask)
       flat = lambda x: x.reshape((B, G) + x.shape[1:])
       zero = batch_lib.zero_variance(rewards.reshape(B, G))
       for b in range(B):
@@ -335,7 +344,7 @@ class GrpoTask(ReferenceMixin, Task):
     rows['completion_mask'] = rows['completion_mask'] * live[:, None].astype(np.int32)
     rows['advantages'] = np.where(live, adv, 0.0).astype(np.float32)
     rows['old_logp'] = (np.zeros(rows['tokens'].shape, np.float32) if self.on_policy
-                        else self._old_logps(rows, params))
+                        else self._forward_logps(rows, self.model, params))
     rewards_all, lengths_all = np.concatenate(all_rewards), np.concatenate(all_lengths)
     first = all_rewards[0].reshape(B, G)
     metrics = {'reward': float(rewards_all.mean()), 'reward_std': float(rewards_all.std()),
@@ -348,21 +357,31 @@ class GrpoTask(ReferenceMixin, Task):
                'time_batch_s': time.perf_counter() - t0}
     for name, vals in values_by_name.items():
       metrics[f'reward/{name}'] = float(np.concatenate(vals).mean())
+    if kl_rewards:
+      metrics['kl_sequence'] = float(np.concatenate(kl_rewards).mean())
     return rows, metrics
 
-  def _old_logps(self, rows, params) -> np.ndarray:
-    """float32 [N, T]: log pi_old of every token (the policy at rollout time), in the step's
-    row blocks so it compiles once."""
-    if getattr(self, '_old_fn', None) is None:
-      fn = lambda p, b: self._token_logps(self.model, p, b)
-      self._old_fn = jax.jit(fn, out_shardings=parallel.replicated(self._run.mesh))
+  def _reference(self, params, aux):
+    """(model, params) of the reference: the policy's base with adapters off, or the frozen one."""
+    if self.adapters_off:
+      return self._reference_model(), base_params(params)
+    return self.ref_model, aux
+
+  def _forward_logps(self, rows, model, params) -> np.ndarray:
+    """float32 [N, T]: log-probs of every token of the rollout rows under `model` (the old
+    policy at rollout time, or the reference), in the step's row blocks so it compiles once."""
+    fns = self.__dict__.setdefault('_logp_fns', {})
+    if id(model) not in fns:
+      fns[id(model)] = (model, jax.jit(lambda p, b: self._token_logps(model, p, b),
+                                       out_shardings=parallel.replicated(self._run.mesh)))
+    fn = fns[id(model)][1]
     part = self.rows // self.cfg.rl.minibatches
     out = []
     for s in range(0, self.rows, part):
       b = {k: rows[k][s:s + part] for k in ('tokens', 'segment_ids', 'positions')}
       b = parallel.global_batch(b, self._run.mesh)
-      out.append(np.asarray(parallel.run_with_rules(self._run.mesh, self._run.rules,
-                                                    self._old_fn, params, b)))
+      out.append(np.asarray(parallel.run_with_rules(self._run.mesh, self._run.rules, fn,
+                                                    params, b)))
     return np.concatenate(out).astype(np.float32)
 
   # -- the loss -------------------------------------------------------------------------------
@@ -385,16 +404,14 @@ class GrpoTask(ReferenceMixin, Task):
     entropy = jnp.pad(-(jnp.exp(lsm) * lsm).sum(-1)[:, :-1], ((0, 0), (1, 0)))
     old = jax.lax.stop_gradient(logp) if self.on_policy else batch['old_logp']
     ref = None
-    if self.needs_ref:
-      if self.adapters_off:
-        ref_model, ref_params = self._reference_model(), base_params(params)
-      else:
-        ref_model, ref_params = self.ref_model, aux
+    if self.needs_ref and not self.kl_in_reward:
+      ref_model, ref_params = self._reference(params, aux)
       ref = jax.lax.stop_gradient(self._token_logps(ref_model, jax.lax.stop_gradient(ref_params),
                                                     batch))
     mask = batch['completion_mask']
     loss, metrics = rl.policy_loss(
-        logp, old, batch['advantages'], mask, ref_logp_BT=ref, beta=r.beta, kl=r.kl,
+        logp, old, batch['advantages'], mask, ref_logp_BT=ref,
+        beta=0.0 if self.kl_in_reward else r.beta, kl=r.kl,
         eps_low=r.eps_low, eps_high=r.eps_high, agg=r.agg,
         max_len=r.max_new_tokens if r.agg == 'seq-mean-token-sum-norm' else None,
         entropy_BT=entropy)

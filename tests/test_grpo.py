@@ -111,19 +111,32 @@ def test_grpo_raises_a_learnable_reward(base):
     assert key in m, key
 
 
-def test_minibatches_resume_exactly_on_rollout_boundaries(base, tmp_path):
-  make = lambda **kw: _cfg(base, **{'train.steps': 8, 'rl.minibatches': 2,
-                                    'train.checkpoint_every': 2, **kw})
+def test_minibatches_and_prorl_resets_resume_exactly_on_rollout_boundaries(base, tmp_path):
+  """Two optimizer steps per rollout and a ProRL reset every 4 steps, interrupted and resumed."""
+  make = lambda **kw: _cfg(base, **{'train.steps': 8, 'rl.minibatches': 2, 'rl.beta': 0.5,
+                                    'rl.reset_every': 4, 'train.checkpoint_every': 2, **kw})
   assert_resume_is_exact(make, tmp_path, sigterm_at=4, stop_at=6)
-  ratio = _by_step(tmp_path / 'full', 'ratio/mean')
+  full, part = tmp_path / 'full', tmp_path / 'part'
+  ratio, kl = _by_step(full, 'ratio/mean'), _by_step(full, 'kl')
   # The first part of each rollout is trained by the policy that sampled it: ratio 1; the
   # second by the updated one.
   assert ratio[1] == pytest.approx(1.0, abs=1e-5) and ratio[3] == pytest.approx(1.0, abs=1e-5)
   assert abs(ratio[2] - 1.0) > 1e-4
-  assert _by_step(tmp_path / 'part', 'reward') == _by_step(tmp_path / 'full', 'reward')
+  # The step after a reset scores the policy against itself: KL exactly 0; it grows between.
+  assert kl[1] == 0 and kl[5] == 0 and kl[4] > 0 and kl[8] > 0, kl
+  assert _by_step(full, 'reference_reset') == {4: 4.0, 8: 8.0}
+  assert sorted(p.name for p in (part / 'reference_resets').iterdir()) == ['4', '8']
+  for key in ('reward', 'kl'):
+    assert _by_step(part, key) == _by_step(full, key), key
   from pathways_jax.train import loop
   with pytest.raises(ConfigError, match='rollout boundaries'):
     loop.train(make(**{'train.checkpoint_every': 3}), str(tmp_path / 'bad'), quiet=True)
+  from pathways_jax import tasks
+  from pathways_jax.config import ModelConfig
+  from pathways_jax.models.transformer import Transformer
+  model = Transformer(ModelConfig.from_config(_cfg(base).model, vocab_size=264))
+  with pytest.raises(ConfigError, match='beta > 0'):
+    tasks.make(_cfg(base, **{'rl.reset_every': 4}), model)
 
 
 def test_a_lora_policy_is_held_to_its_own_base(base):
@@ -220,24 +233,6 @@ def test_rewards_compose_with_weights_and_shape_overlong_completions():
       rewards_lib.overlong_penalty(np.asarray([4, 6, 7, 8]), max_new_tokens=8, buffer=4),
       [0.0, -0.5, -0.75, -1.0])
   assert batch_lib.zero_variance(np.asarray([[1, 1], [0, 1]])).tolist() == [True, False]
-
-
-def test_prorl_resets_zero_the_kl_and_resume_exactly(base, tmp_path):
-  make = lambda **kw: _cfg(base, **{'train.steps': 8, 'rl.beta': 0.5, 'rl.reset_every': 4,
-                                    'train.checkpoint_every': 2, **kw})
-  assert_resume_is_exact(make, tmp_path, sigterm_at=3, stop_at=6)
-  kl = _by_step(tmp_path / 'full', 'kl')
-  # The step after a reset scores the policy against itself: KL exactly 0; it grows between.
-  assert kl[1] == 0 and kl[5] == 0 and kl[4] > 0 and kl[8] > 0, kl
-  assert _by_step(tmp_path / 'full', 'reference_reset') == {4: 4.0, 8: 8.0}
-  assert sorted(p.name for p in (tmp_path / 'part' / 'reference_resets').iterdir()) == ['4', '8']
-  assert _by_step(tmp_path / 'part', 'kl') == kl
-  from pathways_jax import tasks
-  from pathways_jax.config import ModelConfig
-  from pathways_jax.models.transformer import Transformer
-  model = Transformer(ModelConfig.from_config(_cfg(base).model, vocab_size=264))
-  with pytest.raises(ConfigError, match='beta > 0'):
-    tasks.make(_cfg(base, **{'rl.reset_every': 4}), model)
 
 
 def test_a_reward_model_scores_prompt_and_completion(base, tmp_path):

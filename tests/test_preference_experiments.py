@@ -1,4 +1,5 @@
-"""experiments/dpo_instructions.py and reward_instructions.py end to end on tiny settings."""
+"""experiments/dpo_instructions.py, reward_instructions.py and grpo_instructions.py end to end on
+tiny settings."""
 import json
 import os
 
@@ -29,7 +30,7 @@ def test_pairs_are_right_over_wrong_answers_of_questions_that_got_both():
   assert counts['sampled_accuracy'] == pytest.approx((1 / 3 + 1 + 0) / 3)
 
 
-def test_dpo_and_reward_experiments_end_to_end(tmp_path, monkeypatch):
+def test_dpo_reward_and_grpo_experiments_end_to_end(tmp_path, monkeypatch):
   """Tiny runs of every stage; the sampled answers are stood in for (a 3-step model answers
   nothing right, so it would give no pair): the gold answer and a wrong one per question."""
   dpo, rm = _module('dpo_instructions'), _module('reward_instructions')
@@ -58,3 +59,17 @@ def test_dpo_and_reward_experiments_end_to_end(tmp_path, monkeypatch):
   assert out['dpo']['n'] == 8 and 0 <= out['dpo']['accuracy'] <= 1
   assert out['dpo_validation']['val_rewards/accuracies']
   assert json.loads((tmp_path / 'run' / 'dpo_results.json').read_text())['status'] == 'completed'
+
+  # GRPO from the same SFT model (the base and sft stages are reused, not retrained).
+  grpo = _module('grpo_instructions')
+  cfg.grpo_exp = grpo.get_config().grpo_exp
+  cfg.grpo_exp.update(steps=2, eval_every=1, prompts=2, prompt_len=160)
+  cfg.rl.update(num_generations=2, max_new_tokens=8, eval_max=4, rewards='')
+  out = grpo.run(cfg, workdir)
+  assert out['rewards'] == 'correct' and out['grpo']['n'] == 8
+  assert [s for s, _ in out['curve']['reward']] == [1, 2] and 'base_sft_s' in out['wall_s']
+  saved = json.loads((tmp_path / 'run' / 'grpo' / 'config.json').read_text())
+  assert saved['task'] == 'grpo' and saved['train']['init_from'].endswith('sft')
+  cfg.grpo_exp.arm = 'other'
+  with pytest.raises(config_lib.ConfigError, match='grpo_exp.arm'):
+    grpo.run(cfg, workdir)

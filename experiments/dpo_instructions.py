@@ -129,11 +129,25 @@ def _write_jsonl(records, path):
   os.replace(tmp, path)
 
 
+def check_settings(section, name: str, positive: tuple[str, ...], non_negative=()) -> None:
+  """An experiment's own settings, named before any stage runs (not after the SFT stage)."""
+  for key in positive:
+    if not section[key] > 0:
+      raise config_lib.ConfigError(f'config.{name}.{key} must be > 0, got {section[key]}')
+  for key in non_negative:
+    if not section[key] >= 0:
+      raise config_lib.ConfigError(f'config.{name}.{key} must be >= 0, got {section[key]}')
+
+
 def prepare(cfg, workdir: str) -> dict:
   """Stages 1-2 (each skipped once finished): the instruction set, base, SFT and the pairs.
   Returns {examples, heldout, dirs (base, sft), pairs_dir, counts, wall}."""
   from pathways_jax.data import instructions  # pylint: disable=g-import-not-at-top
   from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
+  check_settings(cfg.dpo_exp, 'dpo_exp', ('samples', 'pairs_per_question', 'steps', 'lr',
+                                          'batch_size', 'eval_every'), ('temperature',))
+  if cfg.get('rm') is not None:  # reward_instructions' section
+    check_settings(cfg.rm, 'rm', ('steps', 'lr', 'batch_size', 'eval_every'))
   os.makedirs(workdir, exist_ok=True)
   examples = instruction_sft.instruction_set(cfg)
   paths = instructions.write_splits(examples, os.path.join(workdir, 'instructions'))

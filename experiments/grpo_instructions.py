@@ -64,9 +64,8 @@ def grpo_config_of(cfg, instructions_dir: str, sft_dir: str):
   if e.arm not in ARMS and not cfg.rl.rewards:
     raise config_lib.ConfigError(f'config.grpo_exp.arm={e.arm!r} is not one of {sorted(ARMS)}: '
                                  'name its rewards with config.rl.rewards')
-  if e.steps < 1 or e.prompts < 1 or e.eval_every < 1:
-    raise config_lib.ConfigError(f'config.grpo_exp: steps, prompts and eval_every must be >= 1, '
-                                 f'got {e.steps}, {e.prompts}, {e.eval_every}')
+  dpo_instructions.check_settings(e, 'grpo_exp', ('steps', 'lr', 'prompts', 'prompt_len',
+                                                  'eval_every'))
   c = copy.deepcopy(cfg)
   c.name = f'{cfg.name}-{e.arm}'
   c.task = 'grpo'

@@ -30,6 +30,17 @@ def test_pairs_are_right_over_wrong_answers_of_questions_that_got_both():
   assert counts['sampled_accuracy'] == pytest.approx((1 / 3 + 1 + 0) / 3)
 
 
+def test_experiment_settings_are_checked_before_any_stage(tmp_path):
+  rm = _module('reward_instructions')
+  for key, value in (('dpo_exp.samples', 0), ('dpo_exp.temperature', -1.0), ('rm.steps', 0)):
+    cfg = rm.get_config()
+    section, leaf = key.split('.')
+    cfg[section][leaf] = value
+    with pytest.raises(config_lib.ConfigError, match=key.replace('.', r'\.')):
+      rm.run(cfg, str(tmp_path / 'run'))
+    assert not (tmp_path / 'run' / 'base').exists()  # nothing was trained
+
+
 def test_dpo_reward_and_grpo_experiments_end_to_end(tmp_path, monkeypatch):
   """Tiny runs of every stage; the sampled answers are stood in for (a 3-step model answers
   nothing right, so it would give no pair): the gold answer and a wrong one per question."""

@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 
-EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'knowledge_injection')
+EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'knowledge_injection', 'grpo_instructions')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, 'docs', 'results', 'data')
 OUT_DIR = os.path.join(REPO, 'docs', 'figures')
@@ -196,8 +196,40 @@ def extract_knowledge_injection(run_dirs: str, commit: str | None = None) -> dic
   return out
 
 
+GRPO_ARMS = ('grpo', 'grpo_random', 'grpo_format_only')
+
+
+def extract_grpo_instructions(run_dirs: str, commit: str | None = None) -> dict:
+  """Comma-separated WORKDIRs of experiments/grpo_instructions.py, one per seed, each holding
+  the <arm>_results.json of every arm in GRPO_ARMS."""
+  seeds, first = {}, None
+  for run_dir in [d for d in run_dirs.split(',') if d]:
+    per_arm = {}
+    for arm in GRPO_ARMS:
+      path = os.path.join(run_dir, f'{arm}_results.json')
+      if not os.path.isfile(path):
+        raise MissingData(f'{path} not found: run the {arm} arm in {run_dir} first')
+      with open(path) as f:
+        res = json.load(f)
+      first = first or (res, run_dir)
+      per_arm['sft'] = {'heldout': _r(res['sft']['accuracy']),
+                        'train_questions': _r(res['sft_train_questions']['accuracy'])}
+      per_arm[arm] = {'heldout': _r(res[arm]['accuracy']),
+                      'train_questions': _r(res[f'{arm}_train_questions']['accuracy']),
+                      'format': _r(res[arm]['format_compliance']),
+                      'reward': [[s, _r(v)] for s, v in res['curve']['reward']]}
+    seeds[str(res['seed'])] = per_arm
+  if first is None:
+    raise MissingData('--grpo_instructions: no run directory given')
+  res, run_dir = first
+  out = _meta('grpo_instructions', res, run_dirs, commit, None)
+  out.update(seed=sorted(seeds), n=res['sft']['n'], seeds=seeds)
+  return out
+
+
 EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack, 'reversal': extract_reversal,
-           'knowledge_injection': extract_knowledge_injection}
+           'knowledge_injection': extract_knowledge_injection,
+           'grpo_instructions': extract_grpo_instructions}
 
 
 def save_data(name: str, data: dict, data_dir: str = DATA_DIR) -> str:
@@ -390,8 +422,47 @@ def draw_knowledge_injection(data: dict, path: str) -> str:
   return _save(fig, path)
 
 
+GRPO_LABELS = {'sft': 'SFT (start)', 'grpo': 'GRPO\n(correct)', 'grpo_random': 'GRPO\n(random)',
+               'grpo_format_only': 'GRPO\n(format only)'}
+
+
+def draw_grpo_instructions(data: dict, path: str) -> str:
+  plt = _plt()
+  seeds = list(data['seeds'].values())
+  arms = ('sft',) + GRPO_ARMS
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  ax = axes[0]
+  for i, m in enumerate(('train_questions', 'heldout')):
+    xs = [j + (i - 0.5) * 0.38 for j in range(len(arms))]
+    means = [sum(s[a][m] for s in seeds) / len(seeds) for a in arms]
+    bars = ax.bar(xs, means, 0.38, color=f'C{i}', alpha=0.8,
+                  label='training questions' if i == 0 else 'held-out questions')
+    ax.bar_label(bars, labels=[f'{v:.2f}' for v in means], fontsize=6, padding=1)
+    for x, a in zip(xs, arms):
+      ax.plot([x] * len(seeds), [s[a][m] for s in seeds], 'k.', ms=3)
+  ax.set_xticks(range(len(arms)), [GRPO_LABELS[a] for a in arms], fontsize=7)
+  ax.set_ylabel('greedy accuracy', fontsize=8)
+  ax.set_ylim(0, 1.0)
+  ax.set_title(f'Accuracy after 150 steps ({data["n"]} questions each)', fontsize=8)
+  ax.legend(fontsize=7)
+  ax = axes[1]
+  for i, arm in enumerate(GRPO_ARMS):
+    for k, s in enumerate(seeds):
+      xs, ys = zip(*s[arm]['reward'])
+      ax.plot(xs, ys, color=f'C{i + 2}', lw=1, alpha=0.8,
+              label=GRPO_LABELS[arm].replace('\n', ' ') if k == 0 else None)
+  ax.set_xlabel('step', fontsize=8)
+  ax.set_ylabel('mean reward of the sampled answers', fontsize=8)
+  ax.set_title('Training reward (each arm its own reward; one line per seed)', fontsize=8)
+  ax.legend(fontsize=7)
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
+  return _save(fig, path)
+
+
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'reversal': draw_reversal,
-        'knowledge_injection': draw_knowledge_injection}
+        'knowledge_injection': draw_knowledge_injection,
+        'grpo_instructions': draw_grpo_instructions}
 
 
 def make_figures(run_dirs: dict | None = None, *, data_dir: str = DATA_DIR, out_dir: str = OUT_DIR,
@@ -408,8 +479,9 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   for name in EXPERIMENTS:
     ap.add_argument(f'--{name}', default='', metavar='RUN_DIR',
-                    help=f'a finished experiments/{name}.py run (knowledge_injection: one per '
-                         'seed, comma-separated): copy its numbers into the data file')
+                    help=f'a finished experiments/{name}.py run (knowledge_injection and '
+                         'grpo_instructions: one per seed, comma-separated): copy its numbers '
+                         'into the data file')
   ap.add_argument('--data', default=DATA_DIR,
                   help='where the data files are (default: %(default)s)')
   ap.add_argument('--out', default=OUT_DIR, help='where the PNGs go (default: %(default)s)')

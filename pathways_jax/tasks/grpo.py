@@ -244,7 +244,7 @@ class GrpoTask(ReferenceMixin, Task):
                           eos_id=tok.eos_id, pad_id=tok.pad_id)
 
   def _eval_set(self):
-    """(records, tokens [E, P], mask [E, P]) of the held-out prompts, E padded to eval_batch."""
+    """(records, tokens [E, P], mask [E, P], messages) of the held-out prompts (rl.eval_max)."""
     fields, _ = prompts_lib.load_rows(self.cfg.data, self._run.tokenizer, 'validation')
     read = prompts_lib.read_prompts(self.cfg.data.validation_path)
     ids = fields[prompts_lib.EXAMPLE_ID]

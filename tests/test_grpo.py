@@ -98,9 +98,15 @@ def test_training_rows_score_the_tokens_the_sampler_drew(base):
 
 def test_grpo_raises_a_learnable_reward(base):
   from pathways_jax.train import loop
-  res = loop.train(_cfg(base), str(base / 'learn'), quiet=True)
+  # The prompts are their own held-out set here: answered greedily at the end, every reward
+  # but 'random' scored (val_<reward>, in results.json too).
+  res = loop.train(_cfg(base, **{'data.validation_path': str(base / 'prompts.jsonl'),
+                                 'rl.rewards': 'spaces,correct:0', 'rl.eval_batch': 16}),
+                   str(base / 'learn'), quiet=True)
   reward = _by_step(base / 'learn', 'reward')
   assert res['status'] == 'completed' and sorted(reward) == list(range(1, 13))
+  assert res['val_correct'] == 0 and res['val_spaces'] > 0.2, res  # no answer is 'x'
+  assert _by_step(base / 'learn', 'val_spaces') == {12: res['val_spaces']}
   first, last = np.mean([reward[s] for s in (1, 2, 3)]), np.mean([reward[s] for s in (10, 11, 12)])
   assert last > first + 0.2, reward
   m = _metrics(base / 'learn')[0]
@@ -155,35 +161,20 @@ def test_a_lora_policy_is_held_to_its_own_base(base):
   assert 'kl' not in _metrics(base / 'lora_kl_reward')[0]  # not in the loss
 
 
-def test_dynamic_sampling_refills_zero_variance_groups(base):
+def test_dynamic_sampling_refills_zero_variance_groups_and_failing_rewards_count(base):
   from pathways_jax.train import loop
-  loop.train(_cfg(base, **{'rl.rewards': 'half_constant', 'rl.dynamic_sampling': True,
-                           'rl.max_rollouts': 3, 'train.steps': 3}), str(base / 'dyn'),
-             quiet=True)
+  # 'flaky' adds 0 to every reward: it raises or returns NaN, is counted, and the run goes on.
+  res = loop.train(_cfg(base, **{'rl.rewards': 'half_constant,flaky', 'rl.dynamic_sampling': True,
+                                 'rl.max_rollouts': 3, 'train.steps': 3}), str(base / 'dyn'),
+                   quiet=True)
   ms = _metrics(base / 'dyn')
   rows = [m for m in ms if 'rollouts' in m]
+  assert res['status'] == 'completed'
+  assert all(m['reward_failures'] == 4 * 8 * m['rollouts'] for m in rows), rows
   # Half the prompts are constant: the first rollout keeps about half its groups, so more follow.
   assert all(m['zero_std_groups'] >= 0.25 for m in rows)
   assert all(m['rollouts'] >= 2 for m in rows), rows
   assert all(m['masked_groups'] <= 1 for m in rows)
-
-
-def test_heldout_prompts_are_answered_greedily_and_scored(base, tmp_path):
-  from pathways_jax.train import loop
-  # Instruction-set records (kind, format, accepted), with prompts short enough for this model.
-  for name, n in (('train', 24), ('held', 10)):
-    with open(tmp_path / f'{name}.jsonl', 'w') as f:
-      for i in range(n):
-        a, b = i % 5, i // 5
-        f.write(json.dumps({'prompt': f'{a}+{b}?', 'kind': 'arithmetic', 'format': 'bare',
-                            'accepted': [str(a + b)], 'answer': str(a + b)}) + '\n')
-  res = loop.train(_cfg(base, **{'data.path': str(tmp_path / 'train.jsonl'),
-                                 'data.validation_path': str(tmp_path / 'held.jsonl'),
-                                 'rl.max_new_tokens': 8,
-                                 'rl.rewards': 'correct,format:0.5', 'train.steps': 2,
-                                 'rl.eval_batch': 4}), str(tmp_path / 'run'), quiet=True)
-  assert {'val_correct', 'val_format'} <= set(res) and 0 <= res['val_format'] <= 1
-  assert 'reward/correct' in _metrics(tmp_path / 'run')[0]
 
 
 def test_bad_rewards_prompts_and_settings_are_named(base, tmp_path):
@@ -191,11 +182,6 @@ def test_bad_rewards_prompts_and_settings_are_named(base, tmp_path):
   from pathways_jax.config import ModelConfig
   from pathways_jax.models.transformer import Transformer
   from pathways_jax.train import loop
-  # A reward that raises or returns NaN: scored 0, counted, and the run goes on.
-  res = loop.train(_cfg(base, **{'rl.rewards': 'flaky', 'train.steps': 1}),
-                   str(tmp_path / 'flaky'), quiet=True)
-  assert res['status'] == 'completed'
-  assert _metrics(tmp_path / 'flaky')[0]['reward_failures'] == 4 * 8
   model = Transformer(ModelConfig.from_config(_cfg(base).model, vocab_size=264))
   with pytest.raises(ConfigError, match='num_generations >= 2'):
     tasks.make(_cfg(base, **{'rl.num_generations': 1}), model)

@@ -186,6 +186,9 @@ def test_bad_rewards_prompts_and_settings_are_named(base, tmp_path):
   with pytest.raises(ConfigError, match='num_generations >= 2'):
     tasks.make(_cfg(base, **{'rl.num_generations': 1}), model)
   tasks.make(_cfg(base, **{'rl.num_generations': 1, 'rl.scale': 'batch'}), model)
+  for key, value in (('rl.top_p', 1.5), ('rl.min_p', -0.1), ('rl.eval_batch', 0)):
+    with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
+      tasks.make(_cfg(base, **{key: value}), model)
   with pytest.raises(ConfigError, match="'nope' is not a reward"):
     tasks.make(_cfg(base, **{'rl.rewards': 'correct,nope'}), model)
   with pytest.raises(ConfigError, match='exceeds model.max_len'):

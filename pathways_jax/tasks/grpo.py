@@ -102,6 +102,14 @@ class GrpoTask(ReferenceMixin, Task):
     if r.eps_low < 0 or r.eps_low >= 1 or r.eps_high < 0 or r.beta < 0:
       raise ConfigError(f'config.rl: need 0 <= eps_low < 1, eps_high >= 0, beta >= 0; got '
                         f'{r.eps_low}, {r.eps_high}, {r.beta}')
+    for key, ok, want in (('top_p', 0 <= r.top_p <= 1, 'in [0, 1]'),
+                          ('min_p', 0 <= r.min_p <= 1, 'in [0, 1]'),
+                          ('top_k', r.top_k >= 0, '>= 0'),
+                          ('eval_batch', r.eval_batch >= 1, '>= 1'),
+                          ('eval_max', r.eval_max >= 0, '>= 0'),
+                          ('overlong_penalty', r.overlong_penalty >= 0, '>= 0')):
+      if not ok:
+        raise ConfigError(f'config.rl.{key}={r[key]} must be {want}')
     self.reward_specs = rewards_lib.parse(r.rewards)
     self.needs_ref = r.beta > 0
     self.source, self.ref_key = r.reference or cfg.train.init_from, 'rl.reference'

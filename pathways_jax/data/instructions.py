@@ -193,15 +193,16 @@ def _candidates(output: str) -> list[str]:
   return out
 
 
-def _norm(s: str) -> str:
+def normalise_answer(s: str) -> str:
+  """Whitespace collapsed, a final period and case dropped: how answers are compared."""
   return ' '.join(s.split()).rstrip('.').strip().casefold()
 
 
 def check(example: Example, output: str) -> dict[str, bool]:
   """{'format_ok': strict format match, 'correct': the right answer in any known format}."""
-  accepted = {_norm(a) for a in example.accepted}
+  accepted = {normalise_answer(a) for a in example.accepted}
   return {'format_ok': format_ok(example.kind, example.format, output),
-          'correct': any(_norm(c) in accepted for c in _candidates(output))}
+          'correct': any(normalise_answer(c) in accepted for c in _candidates(output))}
 
 
 # ------------------------------------------------------------------------------------ generation

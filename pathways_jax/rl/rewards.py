@@ -57,10 +57,6 @@ class RewardModelScorer:
                         batch_size=self.batch_size)
 
 
-def _norm(s: str) -> str:
-  return ' '.join(str(s).split()).rstrip('.').strip().casefold()
-
-
 def _is_instruction(record: dict) -> bool:
   return all(k in record for k in ('kind', 'format', 'accepted'))
 
@@ -72,7 +68,8 @@ def correct(record: dict, text: str) -> float:
                                     accepted=tuple(record['accepted']))
     return float(instructions.check(example, text)['correct'])
   accepted = record.get('accepted') or [record['answer']]
-  return float(_norm(text) in {_norm(a) for a in accepted})
+  norm = instructions.normalise_answer
+  return float(norm(text) in {norm(str(a)) for a in accepted})
 
 
 def format_ok(record: dict, text: str) -> float:

@@ -214,7 +214,14 @@ def base_config() -> ml_collections.ConfigDict:
   # 'name[:weight],...' from pathways_jax.rl.rewards.REWARDS, summed with their weights.
   r.rewards = 'correct'
   r.reward_model = ''  # the run directory of a task='reward_model' run, for the 'reward_model' reward
-  r.scale = 'group'  # advantages: 'group' | 'batch' | 'none' (Dr.GRPO) | 'rloo'
+  # advantages: 'group' | 'batch' | 'none' (Dr.GRPO) | 'rloo' | 'gae' (PPO: per-token GAE from a
+  # value head on the policy's backbone; needs model.scalar_head=True, any G >= 1)
+  r.scale = 'group'
+  r.gamma = 1.0  # PPO's discount and GAE's lambda
+  r.lam = 0.95
+  r.vf_coef = 0.1  # PPO: + vf_coef * the value loss (TRL's default)
+  r.vf_clip = 0.2  # PPO: values clipped to old +- vf_clip in the value loss (0: unclipped)
+  r.whiten = True  # PPO: advantages centred and scaled over the batch's completion tokens
   r.beta = 0.0  # KL to the reference as a loss term (0: no reference is held)
   r.kl = 'k3'  # 'k1' | 'k2' | 'k3'
   # 'loss': beta * KL per token in the loss; 'reward': beta * the completion's summed log-ratio
@@ -323,7 +330,7 @@ _CHOICES = {
     'selective.score': ('excess', 'reference_loss', 'reference_entropy', 'random', 'oracle'),
     'selective.mode': ('online', 'offline'),
     'dpo.loss_type': ('sigmoid', 'robust', 'ipo', 'hinge', 'simpo', 'orpo'),
-    'rl.scale': ('group', 'batch', 'none', 'rloo'),
+    'rl.scale': ('group', 'batch', 'none', 'rloo', 'gae'),
     'rl.kl': ('k1', 'k2', 'k3'),
     'rl.agg': ('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'),
     'growth.method': ('stack', 'interleave', 'zero', 'random'),

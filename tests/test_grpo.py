@@ -38,6 +38,7 @@ def _half_constant(record, text):
 
 
 rewards_lib.REWARDS.update(spaces=rewards_lib.Reward(_spaces),
+                           one=rewards_lib.Reward(lambda record, text: 1.0),
                            flaky=rewards_lib.Reward(_flaky, requires=('id',)),
                            half_constant=rewards_lib.Reward(_half_constant, requires=('id',)))
 
@@ -159,6 +160,57 @@ def test_a_lora_policy_is_held_to_its_own_base(base):
   seq = _by_step(base / 'lora_kl_reward', 'kl_sequence')
   assert abs(seq[1]) < 1e-5 and max(seq[2], seq[3], seq[4]) > 1e-2, seq
   assert 'kl' not in _metrics(base / 'lora_kl_reward')[0]  # not in the loss
+
+
+def test_ppo_value_head_learns_the_returns_while_the_reward_rises(base):
+  """PPO (rl.scale='gae'): a value head on the policy's backbone, added fresh to a start model
+  without one; two minibatches per rollout and the per-token KL penalty in the reward. The
+  constant reward 'one' puts the returns near 1, far from the fresh head's values."""
+  from pathways_jax.train import loop
+  res = loop.train(_cfg(base, **{'rl.scale': 'gae', 'model.scalar_head': True,
+                                 'rl.minibatches': 2, 'rl.beta': 0.02,
+                                 'rl.kl_penalty': 'reward', 'train.steps': 16,
+                                 'rl.rewards': 'spaces,one'}),
+                   str(base / 'ppo'), quiet=True)
+  assert res['status'] == 'completed'
+  got = {k: _by_step(base / 'ppo', k) for k in ('reward', 'value_loss', 'value_mean',
+                                                   'return_mean', 'ratio/mean')}
+  reward, vloss, value, returns = (got[k] for k in ('reward', 'value_loss', 'value_mean',
+                                                    'return_mean'))
+  assert reward[1] == reward[2] and reward[3] == reward[4]  # a rollout feeds two steps
+  first, last = np.mean([reward[s] for s in (1, 3, 5)]), np.mean([reward[s] for s in (11, 13, 15)])
+  assert last > first + 0.1, got
+  # The value head learns the returns: far at step 1, close at the end; its loss falls 5x.
+  assert abs(value[1] - returns[1]) > 0.5 and abs(value[16] - returns[16]) < 0.25, got
+  assert np.mean([vloss[s] for s in (14, 15, 16)]) < 0.2 * np.mean([vloss[s] for s in (1, 2, 3)])
+  ratio = got['ratio/mean']
+  assert ratio[1] == pytest.approx(1.0, abs=1e-5) and abs(ratio[2] - 1.0) > 1e-4
+  m = _metrics(base / 'ppo')[0]
+  assert 'value_clipfrac' in m and 'value_explained_var' in m and abs(m['kl_sequence']) < 1e-5
+  from pathways_jax import tasks
+  from pathways_jax.config import ModelConfig
+  from pathways_jax.models.transformer import Transformer
+  model = Transformer(ModelConfig.from_config(_cfg(base).model, vocab_size=264))
+  with pytest.raises(ConfigError, match='model.scalar_head=True'):
+    tasks.make(_cfg(base, **{'rl.scale': 'gae'}), model)
+
+
+def test_ppo_token_rewards_put_the_score_last_and_the_kl_where_it_was_incurred():
+  """With gamma = lam = 1, GAE's return at a token is the score minus beta times the KL still
+  to come (closed form); whitening leaves mean 0 and variance 1 over the valid tokens."""
+  from pathways_jax.objectives import rl
+  mask = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0]])
+  kl = np.arange(15, dtype=np.float32).reshape(3, 5) / 10
+  scores = np.array([1.0, -2.0, 5.0])
+  per_token = batch_lib.token_rewards(scores, mask, kl, beta=0.5)
+  _, returns = rl.gae(per_token, np.zeros(mask.shape), mask, gamma=1.0, lam=1.0)
+  for b, t in zip(*np.nonzero(mask)):
+    want = scores[b] - 0.5 * sum(kl[b, s] for s in range(t, 5) if mask[b, s])
+    assert float(returns[b, t]) == pytest.approx(want, abs=1e-5)
+  assert not per_token[2].any() and not per_token[0, 4] and not per_token[0, 0]
+  white = batch_lib.whiten(np.asarray(returns), mask)
+  assert white[mask > 0].mean() == pytest.approx(0, abs=1e-6)
+  assert white[mask > 0].std() == pytest.approx(1, abs=1e-4) and not white[mask == 0].any()
 
 
 def test_dynamic_sampling_refills_zero_variance_groups_and_failing_rewards_count(base):

@@ -475,6 +475,53 @@ def test_gae_refusals():
     rl.gae(r, v, GAE_MASK, gamma=-0.1)
 
 
+# ----------------------------------------------------------------------------- value loss
+
+
+def ref_value_loss(v, old, ret, mask, clip):
+  """PPO2's clipped value loss token by token in plain Python floats, with its gradient d/dv
+  (the larger square's derivative; 0 where the clipped one is larger)."""
+  total, n, grad, clipped = 0.0, 0, np.zeros(np.shape(v)), 0
+  for b, t in zip(*np.nonzero(mask)):
+    vv, oo, rr = float(v[b, t]), float(old[b, t]), float(ret[b, t])
+    un = (vv - rr) ** 2
+    if clip is None:
+      total, g = total + un, 2 * (vv - rr)
+    else:
+      vc = oo + min(max(vv - oo, -clip), clip)
+      cl = (vc - rr) ** 2
+      inside = -clip < vv - oo < clip
+      if cl > un:
+        total, g, clipped = total + cl, (2 * (vc - rr) if inside else 0.0), clipped + 1
+      else:
+        total, g = total + un, 2 * (vv - rr)
+    grad[b, t] = g
+    n += 1
+  n = max(n, 1)
+  return 0.5 * total / n, 0.5 * grad / n, clipped / n
+
+
+@pytest.mark.parametrize('clip', [0.2, None])
+def test_value_loss_values_gradient_and_clip_fraction(clip):
+  rng = np.random.default_rng(8)
+  mask = GAE_MASK
+  ret = rng.normal(size=mask.shape).astype(np.float32)
+  old = rng.normal(size=mask.shape).astype(np.float32)
+  v = (old + rng.normal(scale=0.4, size=mask.shape)).astype(np.float32)
+  v_pad = np.where(mask == 1, v, np.nan).astype(np.float32)  # masked entries are never read
+  loss, metrics = rl.value_loss(v_pad, old, ret, mask, clip=clip)
+  grad = jax.grad(lambda x: rl.value_loss(x, old, ret, mask, clip=clip)[0])(jnp.asarray(v_pad))
+  want, want_grad, frac = ref_value_loss(v, old, ret, mask, clip)
+  assert_close(loss, want, terms=8, scale=want + 1)
+  assert_close(grad, want_grad, terms=8)
+  assert float(metrics['value_clipfrac']) == pytest.approx(frac, abs=1e-6)
+  if clip is not None:
+    assert 0 < frac < 1  # both branches are exercised
+  assert float(rl.value_loss(v, old, ret, np.zeros_like(mask), clip=clip)[0]) == 0.0
+  with pytest.raises(ValueError, match='clip must be >= 0'):
+    rl.value_loss(v, old, ret, mask, clip=-1.0)
+
+
 # ----------------------------------------------------------------------------- jit
 
 

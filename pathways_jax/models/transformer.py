@@ -348,9 +348,11 @@ class Transformer(nn.Module):
                segment_ids_BL: jax.Array | None = None, cache: Cache | None = None,
                cache_index: Any = 0, return_hidden: bool = False,
                logits_window: tuple[Any, int] | None = None,
-               adapter_ids_B: jax.Array | None = None, return_scalar: bool = False):
+               adapter_ids_B: jax.Array | None = None, return_scalar: bool = False,
+               with_scalar: bool = False):
     """Logits [B, L, V] (or hidden states [B, L, D] with `return_hidden`, or the scalar head's
-    float32 [B, L] with `return_scalar`: a model.scalar_head model only).
+    float32 [B, L] with `return_scalar`: a model.scalar_head model only). `with_scalar`: both,
+    (logits [B, L, V], scalar [B, L]), from one pass (PPO's policy and value head).
 
     `adapter_ids_B` [B] (a multi-LoRA model, `lora_num_adapters` = K > 1, needs it; any other
     refuses it): row b runs adapter adapter_ids_B[b] in [0, K). A packed row is one adapter's.
@@ -367,6 +369,10 @@ class Transformer(nn.Module):
     if return_scalar and (return_hidden or logits_window is not None):
       raise ValueError('return_scalar=True returns the head\'s [B, L] only: drop return_hidden '
                        'and logits_window')
+    if with_scalar and (not cfg.scalar_head or return_scalar or return_hidden or
+                        logits_window is not None or cache is not None):
+      raise ValueError('with_scalar=True returns (logits, scalar [B, L]) of a model.scalar_head '
+                       'model, without a cache, return_hidden, return_scalar or logits_window')
     check_adapter_ids(cfg, adapter_ids_B, b)
     if adapter_ids_B is not None:
       adapter_ids_B = jnp.asarray(adapter_ids_B, jnp.int32)
@@ -411,7 +417,7 @@ class Transformer(nn.Module):
 
     h_TD = RMSNorm(cfg, name='final_norm')(x_TD)
     scalar_BL = None
-    if cfg.scalar_head and (return_scalar or self.is_initializing()):
+    if cfg.scalar_head and (return_scalar or with_scalar or self.is_initializing()):
       # Read off each position's own hidden state (model.shift_logits moves only the LM head).
       scalar_BL = ScalarHead(cfg, name='scalar_head')(h_TD).reshape(b, l)
     if cfg.shift_logits:
@@ -438,6 +444,8 @@ class Transformer(nn.Module):
                                             axis=1).reshape(b * rows, cfg.d_model)
       logits = dense(h_TD, unembed_DV.astype(h_TD.dtype), jnp.float32)
       out = logits.reshape(b, rows, cfg.vocab_size)
+    if with_scalar:
+      return out, scalar_BL
     if cache is None:
       return out
     return out, {**new_layer_caches, 'segment_ids': kv_segment, 'positions': kv_positions}

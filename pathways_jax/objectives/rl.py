@@ -76,6 +76,15 @@ the gap as verl's multi-turn GAE does). A_t and R_t are 0 where the mask is 0. g
 gradients (advantages are stopped inside policy_loss; stop the returns yourself when they are
 value targets).
 
+`value_loss(values_BT, old_values_BT, returns_BT, mask_BT, clip)`: PPO's value-function loss
+with the value clipped around the values at rollout time (PPO2's form, as TRL's PPOTrainer and
+OpenAI's baselines write it), a token mean over valid tokens:
+
+  0.5 * max((V - R)^2, (V_old + clip(V - V_old, -clip, clip) - R)^2)      (clip=None: (V - R)^2 / 2)
+
+Metrics: `value_loss`, `value_clipfrac` (share of valid tokens where the clipped term is the
+larger, i.e. its gradient is 0), `value_mean`. Returns and old values are constants.
+
 Everything is computed in float32 whatever the input dtype and works under jit and grad; names,
 shapes and (concrete) hyper-parameters are checked and a ValueError names the argument.
 
@@ -299,3 +308,32 @@ def gae(rewards_BT: jax.Array, values_BT: jax.Array, mask_BT: jax.Array, *, gamm
   adv_BT = adv_TB.T
   returns_BT = jnp.where(valid, adv_BT + v, 0.0)
   return adv_BT, returns_BT
+
+
+def value_loss(values_BT: jax.Array, old_values_BT: jax.Array, returns_BT: jax.Array,
+               mask_BT: jax.Array, *, clip: float | None = 0.2
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """PPO's clipped value loss and metrics (module docstring); 0 on a batch with no valid token."""
+  name = 'value_loss'
+  _check_rank(name, 'values_BT', values_BT, 2)
+  _check_same_shape(name, values_BT=values_BT, old_values_BT=old_values_BT,
+                    returns_BT=returns_BT, mask_BT=mask_BT)
+  if clip is not None and _is_number(clip) and not clip >= 0:
+    raise ValueError(f'{name}: clip must be >= 0 or None, got {clip}')
+  valid = jnp.asarray(mask_BT).astype(bool)
+  stop = jax.lax.stop_gradient
+  v = jnp.where(valid, _f32(values_BT), 0.0)
+  ret = stop(jnp.where(valid, _f32(returns_BT), 0.0))
+  unclipped = jnp.square(v - ret)
+  if clip is None:
+    per_token, clipped = unclipped, jnp.zeros_like(valid)
+  else:
+    old = stop(jnp.where(valid, _f32(old_values_BT), 0.0))
+    v_clipped = old + jnp.clip(v - old, -_f32(clip), _f32(clip))
+    clipped_sq = jnp.square(v_clipped - ret)
+    clipped = clipped_sq > unclipped
+    per_token = jnp.maximum(unclipped, clipped_sq)
+  loss = 0.5 * _masked_token_mean(per_token, valid)
+  return loss, {'value_loss': stop(loss),
+                'value_clipfrac': stop(_masked_token_mean(clipped.astype(jnp.float32), valid)),
+                'value_mean': stop(_masked_token_mean(v, valid))}

@@ -10,7 +10,10 @@ by N_new generated tokens (pad after EOS). The training rows keep that layout:
     positions        [N, P+N_new]  0 at each row's first real token, as the sampler counted
     completion_mask  [N, P+N_new]  1 on the generated tokens that count (0 on the prompt, on
                                    padding, and on every row of a group that is masked out)
-    advantages       [N]           one per completion
+    advantages       [N]           one per completion (PPO: [N, P+N_new], one per token)
+
+PPO (rl.scale='gae') adds, per token: old_values (the value head at rollout time) and returns
+(GAE's value targets); `token_rewards` places each completion's score on its last token.
 """
 from __future__ import annotations
 
@@ -51,3 +54,30 @@ def zero_variance(rewards_PG: np.ndarray) -> np.ndarray:
   """[P] bool: groups whose rewards are all equal (no learning signal under group centring)."""
   r = np.asarray(rewards_PG)
   return np.all(r == r[:, :1], axis=1)
+
+
+def token_rewards(scores_N: np.ndarray, mask_NT: np.ndarray, kl_NT: np.ndarray | None = None,
+                  beta: float = 0.0) -> np.ndarray:
+  """float32 [N, T]: PPO's per-token rewards, each row's score on its last valid token and, with
+  kl_NT, -beta * kl_NT on every valid token (the KL penalty placed where it was incurred). Rows
+  with no valid token get none."""
+  mask = np.asarray(mask_NT) > 0
+  out = np.zeros(mask.shape, np.float32)
+  if kl_NT is not None:
+    out -= np.where(mask, beta * np.asarray(kl_NT, np.float32), 0.0)
+  has = mask.any(axis=1)
+  last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+  rows = np.nonzero(has)[0]
+  out[rows, last[rows]] += np.asarray(scores_N, np.float32)[rows]
+  return out
+
+
+def whiten(x_NT: np.ndarray, mask_NT: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+  """x centred and scaled to unit variance over the valid tokens (0 elsewhere), as PPO
+  implementations normalise advantages per batch."""
+  mask = np.asarray(mask_NT) > 0
+  if not mask.any():
+    return np.zeros_like(x_NT, np.float32)
+  vals = np.asarray(x_NT, np.float64)[mask]
+  out = (np.asarray(x_NT, np.float64) - vals.mean()) / np.sqrt(vals.var() + eps)
+  return np.where(mask, out, 0.0).astype(np.float32)

@@ -1,5 +1,5 @@
-"""Reinforcement learning with rollouts inside the training loop ('grpo'): GRPO, DAPO, Dr.GRPO
-and RLOO as settings of one task.
+"""Reinforcement learning with rollouts inside the training loop ('grpo'): GRPO, DAPO, Dr.GRPO,
+RLOO and PPO as settings of one task.
 
     config.task = 'grpo'
     config.data.corpus = 'prompts'        # rl/prompts.py: one prompt per JSONL line
@@ -20,6 +20,11 @@ Every rollout (steps 0, k, 2k, ... with k = rl.minibatches):
      prompts are rolled out, up to rl.max_rollouts per step; slots still empty are masked out;
   5. with k > 1, the old policy's log-probs once, by a forward pass; the batch is then k
      optimizer steps of N/k rows each.
+PPO (rl.scale='gae', model.scalar_head=True): the policy carries a value head on its own
+backbone. Step 3's score goes on each completion's last token (the KL penalty, with
+rl.kl_penalty='reward', on every token), the value head's estimates at rollout time give GAE's
+per-token advantages (whitened over the batch) and returns, and the loss adds
+rl.vf_coef * the clipped value loss (`objectives.rl.value_loss`).
 The loss (`objectives.rl.policy_loss`) is the clipped surrogate on log softmax(logits / T) of
 the sampled tokens, plus beta * KL to the reference (a frozen model, or for a LoRA policy its own
 base with the adapters off) and minus an entropy bonus. Checkpoints fall only on rollout
@@ -50,6 +55,7 @@ from pathways_jax.tasks.registry import register
 _LOG = logging.getLogger(__name__)
 _ROLLOUT_STREAM = 0x726F6C6C  # 'roll': rollout keys, apart from the step's own draws
 TRAIN_FIELDS = ('tokens', 'segment_ids', 'positions', 'completion_mask')
+PPO_FIELDS = ('old_values', 'returns')  # float32 [N, T] each, rl.scale='gae' only
 RESETS = 'reference_resets'  # WORKDIR/reference_resets/<step>: the reference after a ProRL reset
 
 
@@ -110,6 +116,18 @@ class GrpoTask(ReferenceMixin, Task):
                           ('overlong_penalty', r.overlong_penalty >= 0, '>= 0')):
       if not ok:
         raise ConfigError(f'config.rl.{key}={r[key]} must be {want}')
+    self.ppo = r.scale == 'gae'
+    if self.ppo:
+      if not model.cfg.scalar_head:
+        raise ConfigError("config.rl.scale='gae' (PPO) reads values off the policy's value head: "
+                          'set config.model.scalar_head=True (a fresh head is added to a start '
+                          'model that has none)')
+      for key, ok, want in (('gamma', 0 <= r.gamma <= 1, 'in [0, 1]'),
+                            ('lam', 0 <= r.lam <= 1, 'in [0, 1]'),
+                            ('vf_coef', r.vf_coef >= 0, '>= 0'),
+                            ('vf_clip', r.vf_clip >= 0, '>= 0')):
+        if not ok:
+          raise ConfigError(f'config.rl.{key}={r[key]} must be {want}')
     self.reward_specs = rewards_lib.parse(r.rewards)
     self.needs_ref = r.beta > 0
     self.source, self.ref_key = r.reference or cfg.train.init_from, 'rl.reference'
@@ -136,19 +154,23 @@ class GrpoTask(ReferenceMixin, Task):
     r = self.cfg.rl
     ref = ('none' if not self.needs_ref else 'adapters off' if self.adapters_off
            else self.source)
+    ppo = (f', PPO value head: gamma={r.gamma}, lam={r.lam}, vf_coef={r.vf_coef}'
+           if self.ppo else '')
     return (f'grpo(G={r.num_generations}, scale={r.scale}, agg={r.agg}, rewards={r.rewards}, '
-            f'beta={r.beta}, reference={ref})')
+            f'beta={r.beta}, reference={ref}{ppo})')
 
   # -- the batch the step trains on -----------------------------------------------------------
   def batch_fields(self):
+    ppo = {k: jnp.float32 for k in PPO_FIELDS} if self.ppo else {}
     return {**{k: jnp.int32 for k in TRAIN_FIELDS}, 'advantages': jnp.float32,
-            'old_logp': jnp.float32}
+            'old_logp': jnp.float32, **ppo}
 
   def batch_spec(self, batch_size: int, seq_len: int, sharding=None) -> dict:
     """One optimizer step's rows: batch_size prompts x G samples / minibatches."""
     n = batch_size * self.cfg.rl.num_generations // self.cfg.rl.minibatches
     length = seq_len + self.cfg.rl.max_new_tokens
-    return {k: jax.ShapeDtypeStruct((n,) if k == 'advantages' else (n, length), dtype,
+    per_row = 'advantages' if not self.ppo else None
+    return {k: jax.ShapeDtypeStruct((n,) if k == per_row else (n, length), dtype,
                                     sharding=sharding)
             for k, dtype in self.batch_fields().items()}
 
@@ -318,10 +340,14 @@ class GrpoTask(ReferenceMixin, Task):
         rewards = rewards + r.overlong_penalty * rewards_lib.overlong_penalty(
             lengths, max_new_tokens=r.max_new_tokens, buffer=r.overlong_buffer)
       rows = batch_lib.training_rows(np.repeat(prompts['segment_ids'], G, axis=0), tokens, cmask)
-      if self.kl_in_reward:  # the sequence's KL estimate (sum of k1) is a reward penalty
+      kl_NT = None
+      if self.kl_in_reward:  # the KL estimate (k1, summed over the sequence) is a reward penalty
         ref = self._forward_logps(rows, *self._reference(params, aux))
-        kl_N = ((np.asarray(ro.logprobs_BN) - ref[:, P:]) * cmask).sum(axis=1)
-        rewards = rewards - r.beta * kl_N
+        kl_NT = np.zeros(tokens.shape, np.float32)
+        kl_NT[:, P:] = (np.asarray(ro.logprobs_BN) - ref[:, P:]) * cmask
+        kl_N = kl_NT.sum(axis=1)
+        if not self.ppo:  # PPO charges each token's share on that token (batch.token_rewards)
+          rewards = rewards - r.beta * kl_N
         kl_rewards.append(kl_N)
       t_reward += time.perf_counter() - tr
       for name, (n, first) in failures.items():
@@ -336,6 +362,8 @@ class GrpoTask(ReferenceMixin, Task):
       for b in range(B):
         group = {name: flat(v)[b] for name, v in rows.items()}
         group['rewards'] = rewards.reshape(B, G)[b]
+        if kl_NT is not None:
+          group['kl'] = flat(kl_NT)[b]
         (dropped if r.dynamic_sampling and zero[b] else kept).append(group)
       if len(kept) >= B:
         break
@@ -347,12 +375,18 @@ class GrpoTask(ReferenceMixin, Task):
     stack = lambda name: np.concatenate([g[name] for g in groups])
     rows = {name: stack(name) for name in TRAIN_FIELDS}
     rewards_PG = np.stack([g['rewards'] for g in groups])
-    adv = np.asarray(rl.group_advantages(jnp.asarray(rewards_PG), scale=r.scale)).reshape(-1)
     live = np.repeat(np.arange(B) < len(kept), G)
     rows['completion_mask'] = rows['completion_mask'] * live[:, None].astype(np.int32)
-    rows['advantages'] = np.where(live, adv, 0.0).astype(np.float32)
+    ppo_metrics = {}
+    if self.ppo:
+      old_logp, ppo_metrics = self._ppo_targets(
+          rows, rewards_PG.reshape(-1), stack('kl') if self.kl_in_reward else None, params)
+    else:
+      adv = np.asarray(rl.group_advantages(jnp.asarray(rewards_PG), scale=r.scale)).reshape(-1)
+      rows['advantages'] = np.where(live, adv, 0.0).astype(np.float32)
+      old_logp = None if self.on_policy else self._forward_logps(rows, self.model, params)
     rows['old_logp'] = (np.zeros(rows['tokens'].shape, np.float32) if self.on_policy
-                        else self._forward_logps(rows, self.model, params))
+                        else old_logp)
     rewards_all, lengths_all = np.concatenate(all_rewards), np.concatenate(all_lengths)
     first = all_rewards[0].reshape(B, G)
     metrics = {'reward': float(rewards_all.mean()), 'reward_std': float(rewards_all.std()),
@@ -362,12 +396,29 @@ class GrpoTask(ReferenceMixin, Task):
                'rollouts': float(made), 'masked_groups': float(slots_masked),
                'reward_failures': float(sum(n for n, _ in fails.values())),
                'time_rollout_s': t_sample, 'time_reward_s': t_reward,
-               'time_batch_s': time.perf_counter() - t0}
+               'time_batch_s': time.perf_counter() - t0, **ppo_metrics}
     for name, vals in values_by_name.items():
       metrics[f'reward/{name}'] = float(np.concatenate(vals).mean())
     if kl_rewards:
       metrics['kl_sequence'] = float(np.concatenate(kl_rewards).mean())
     return rows, metrics
+
+  def _ppo_targets(self, rows, scores_N, kl_NT, params):
+    """Fills rows' advantages [N, T] (GAE, whitened with rl.whiten), old_values and returns from
+    one forward pass of the policy; (its log-probs [N, T], metrics)."""
+    r, mask = self.cfg.rl, rows['completion_mask']
+    logp, values = self._forward_logps(rows, self.model, params, values=True)
+    values = np.where(mask > 0, values, 0.0).astype(np.float32)
+    per_token = batch_lib.token_rewards(scores_N, mask, kl_NT, r.beta)
+    adv, returns = (np.asarray(x) for x in rl.gae(per_token, values, mask, gamma=r.gamma,
+                                                  lam=r.lam))
+    rows['advantages'] = batch_lib.whiten(adv, mask) if r.whiten else adv.astype(np.float32)
+    rows['old_values'], rows['returns'] = values, returns.astype(np.float32)
+    valid = mask > 0
+    explained = (1.0 - np.var(returns[valid] - values[valid]) / max(np.var(returns[valid]), 1e-8)
+                 if valid.any() else 0.0)
+    return logp, {'return_mean': float(returns[valid].mean()) if valid.any() else 0.0,
+                  'value_explained_var': float(explained)}
 
   def _reference(self, params, aux):
     """(model, params) of the reference: the policy's base with adapters off, or the frozen one."""
@@ -375,37 +426,56 @@ class GrpoTask(ReferenceMixin, Task):
       return self._reference_model(), base_params(params)
     return self.ref_model, aux
 
-  def _forward_logps(self, rows, model, params) -> np.ndarray:
+  def _forward_logps(self, rows, model, params, values: bool = False):
     """float32 [N, T]: log-probs of every token of the rollout rows under `model` (the old
-    policy at rollout time, or the reference), in the step's row blocks so it compiles once."""
+    policy at rollout time, or the reference), in the step's row blocks so it compiles once.
+    values=True: (log-probs, the value head's estimates [N, T]) of the policy (PPO)."""
     fns = self.__dict__.setdefault('_logp_fns', {})
-    if id(model) not in fns:
-      fns[id(model)] = (model, jax.jit(lambda p, b: self._token_logps(model, p, b),
-                                       out_shardings=parallel.replicated(self._run.mesh)))
-    fn = fns[id(model)][1]
+    key = (id(model), values)
+    if key not in fns:
+      if values:
+        fn = lambda p, b: self._logps_and_values(model, p, b)
+      else:
+        fn = lambda p, b: self._token_logps(model, p, b)
+      fns[key] = (model, jax.jit(fn, out_shardings=parallel.replicated(self._run.mesh)))
+    fn = fns[key][1]
     part = self.rows // self.cfg.rl.minibatches
     out = []
     for s in range(0, self.rows, part):
       b = {k: rows[k][s:s + part] for k in ('tokens', 'segment_ids', 'positions')}
       b = parallel.global_batch(b, self._run.mesh)
-      out.append(np.asarray(parallel.run_with_rules(self._run.mesh, self._run.rules, fn,
-                                                    params, b)))
+      got = parallel.run_with_rules(self._run.mesh, self._run.rules, fn, params, b)
+      out.append(jax.tree_util.tree_map(np.asarray, got))
+    if values:
+      return tuple(np.concatenate([o[i] for o in out]).astype(np.float32) for i in range(2))
     return np.concatenate(out).astype(np.float32)
 
   # -- the loss -------------------------------------------------------------------------------
-  def _logits(self, model, params, batch):
-    logits = model.apply({'params': params}, batch['tokens'], positions_BL=batch['positions'],
-                         segment_ids_BL=batch['segment_ids'])
+  def _logits(self, model, params, batch, values: bool = False):
+    """logits / T [N, T, V]; values=True: (those, the value of the state each token was drawn
+    from [N, T], i.e. the value head at the position before it; 0 at position 0)."""
+    out = model.apply({'params': params}, batch['tokens'], positions_BL=batch['positions'],
+                      segment_ids_BL=batch['segment_ids'], with_scalar=values)
+    logits, scalar_BT = out if values else (out, None)
     t = self.cfg.rl.temperature
-    return logits.astype(jnp.float32) / (t if t > 0 else 1.0)
+    logits = logits.astype(jnp.float32) / (t if t > 0 else 1.0)
+    if not values:
+      return logits
+    return logits, jnp.pad(scalar_BT[:, :-1], ((0, 0), (1, 0)))
 
   def _token_logps(self, model, params, batch):
     return preference.causal_token_logps(self._logits(model, params, batch), batch['tokens'])
 
+  def _logps_and_values(self, model, params, batch):
+    """(token log-probs [N, T], values [N, T]) of the rows under a model with a value head."""
+    logits, values_BT = self._logits(model, params, batch, values=True)
+    return preference.causal_token_logps(logits, batch['tokens']), values_BT
+
   def loss(self, params, batch, key, aux=None):
     del key
     r = self.cfg.rl
-    logits = self._logits(self.model, params, batch)
+    logits, values = (self._logits(self.model, params, batch, values=True) if self.ppo
+                      else (self._logits(self.model, params, batch), None))
     logp = preference.causal_token_logps(logits, batch['tokens'])
     lsm = jax.nn.log_softmax(logits, axis=-1)
     # The entropy of the distribution each token was drawn from (position i-1's prediction).
@@ -423,6 +493,11 @@ class GrpoTask(ReferenceMixin, Task):
         eps_low=r.eps_low, eps_high=r.eps_high, agg=r.agg,
         max_len=r.max_new_tokens if r.agg == 'seq-mean-token-sum-norm' else None,
         entropy_BT=entropy)
+    if self.ppo:
+      vloss, vmetrics = rl.value_loss(values, batch['old_values'], batch['returns'], mask,
+                                      clip=r.vf_clip if r.vf_clip > 0 else None)
+      loss = loss + r.vf_coef * vloss
+      metrics = {**metrics, **vmetrics}
     if r.entropy_coef:
       valid = mask > 0
       loss = loss - r.entropy_coef * (jnp.where(valid, entropy, 0.0).sum()

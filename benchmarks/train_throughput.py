@@ -204,11 +204,7 @@ def main():
     cfg, model_cfg = load_config(args.config)
   except config_lib.ConfigError as e:
     ap.error(str(e))
-  peak = metrics.measure_matmul_peak()
-  fpt = metrics.flops_per_token(model_cfg, cfg.data.seq_len)
-  tokens = cfg.data.batch_size * cfg.data.seq_len
-
-  runners = {'pathways_jax': compiled_runner(cfg, model_cfg)[0]}
+  # Every argument is checked before anything is measured or compiled.
   try:
     extra_blocks = [int(b) for b in args.also_query_blocks.split(',') if b.strip()]
   except ValueError:
@@ -216,13 +212,20 @@ def main():
              'ints')
   if any(b < 1 for b in extra_blocks):
     ap.error('--also_query_blocks values must be >= 1')
+  choices = config_lib.choices('model.attention')
+  extra_attention = [a.strip() for a in args.also_attention.split(',') if a.strip()]
+  for impl in extra_attention:
+    if impl not in choices:
+      ap.error(f'--also_attention: {impl!r} is not one of {choices}')
+  peak = metrics.measure_matmul_peak()
+  fpt = metrics.flops_per_token(model_cfg, cfg.data.seq_len)
+  tokens = cfg.data.batch_size * cfg.data.seq_len
+
+  runners = {'pathways_jax': compiled_runner(cfg, model_cfg)[0]}
   for b in extra_blocks:
     runners[f'pathways_jax qb={b}'] = compiled_runner(
         cfg, model_cfg.replace(causal_query_blocks=b))[0]
-  choices = config_lib.choices('model.attention')
-  for impl in (a.strip() for a in args.also_attention.split(',') if a.strip()):
-    if impl not in choices:
-      ap.error(f'--also_attention: {impl!r} is not one of {choices}')
+  for impl in extra_attention:
     runners[f'pathways_jax {impl}'] = compiled_runner(cfg, model_cfg.replace(attention=impl))[0]
   torch_info = None
   if not args.no_torch:

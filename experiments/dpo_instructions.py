@@ -110,14 +110,17 @@ def dpo_config_of(cfg, pairs_dir: str, sft_dir: str):
   c.data.seq_len = 2 * cfg.data.seq_len
   c.model.max_len = max(cfg.model.max_len, c.data.seq_len)
   c.data.eval_batches = 64
-  c.train.init_from = os.path.abspath(sft_dir)
-  c.train.steps = e.steps
-  c.train.lr = e.lr
-  c.train.warmup_steps = min(10, e.steps // 10)
-  c.train.schedule = 'constant'
-  c.train.weight_decay = 0.0
-  c.train.eval_every = e.eval_every
-  c.train.checkpoint_every = e.steps
+  return stage_schedule(c, sft_dir, steps=e.steps, lr=e.lr, eval_every=e.eval_every,
+                        checkpoint_every=e.steps)
+
+
+def stage_schedule(c, sft_dir: str, *, steps: int, lr: float, eval_every: int,
+                   checkpoint_every: int):
+  """`c` set to start from the SFT model and train `steps` at a constant `lr` after a short
+  warmup, without weight decay (the DPO and GRPO stages alike)."""
+  c.train.update(init_from=os.path.abspath(sft_dir), steps=steps, lr=lr,
+                 warmup_steps=min(10, steps // 10), schedule='constant', weight_decay=0.0,
+                 eval_every=eval_every, checkpoint_every=checkpoint_every)
   return c
 
 

@@ -75,15 +75,8 @@ def grpo_config_of(cfg, instructions_dir: str, sft_dir: str):
   c.data.validation_path = os.path.join(instructions_dir, 'heldout.jsonl')
   c.data.seq_len = e.prompt_len
   c.data.batch_size = e.prompts
-  c.train.init_from = os.path.abspath(sft_dir)
-  c.train.steps = e.steps
-  c.train.lr = e.lr
-  c.train.warmup_steps = min(10, e.steps // 10)
-  c.train.schedule = 'constant'
-  c.train.weight_decay = 0.0
-  c.train.eval_every = e.eval_every
-  c.train.checkpoint_every = e.eval_every
-  return c
+  return dpo_instructions.stage_schedule(c, sft_dir, steps=e.steps, lr=e.lr,
+                                         eval_every=e.eval_every, checkpoint_every=e.eval_every)
 
 
 def run(cfg, workdir: str) -> dict:

@@ -80,6 +80,7 @@ def test_profile_step_breaks_the_step_down(tmp_path):
 
 def test_benchmarks_reject_bad_arguments_in_one_line(tmp_path):
   bad_malloc = {'PATHWAYS_HOST_MALLOC': 'no'}
+  cases = []
   for script, args, env, message in [
       ('train_throughput.py', ['--config=nope.py', '--no_torch'], {},
        'is not a .py file that exists'),
@@ -99,11 +100,41 @@ def test_benchmarks_reject_bad_arguments_in_one_line(tmp_path):
       ('ab_step.py', ['--variant=a: train.lr=1', '--variant=a: train.lr=2'], {}, 'names repeat'),
       ('ab_step.py', ['--rounds=0'], {}, '--steps and --rounds must be >= 1'),
       ('diffusion_sampling.py', ['--attention=flash'], {}, "--attention='flash' is not one of")]:
-    out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
-                         capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
-                         env={**os.environ, **env})
-    assert out.returncode == 2 and message in out.stderr and 'Traceback' not in out.stderr, (
-        script, out.stderr[-2000:])
+    cases.append((script, args, env, message))
+  # One interpreter runs every case as `python SCRIPT ARGS` would (runpy, __main__), so the heavy
+  # imports are paid once; each case reports its exit code and stderr.
+  out = subprocess.run([sys.executable, '-c', _RUN_AS_MAIN, json.dumps(cases)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  for (script, _, _, message), (code, stderr) in zip(cases, json.loads(out.stdout.splitlines()[-1])):
+    assert code == 2 and message in stderr and 'Traceback' not in stderr, (script, stderr[-2000:])
+
+
+_RUN_AS_MAIN = r'''
+import contextlib, io, json, os, runpy, sys, traceback
+results = []
+sys.path.insert(0, os.path.join(os.getcwd(), 'benchmarks'))
+for script, args, env, _ in json.loads(sys.argv[1]):
+  saved_env, saved_argv, err = dict(os.environ), sys.argv, io.StringIO()
+  os.environ.update(env)
+  sys.argv = [os.path.join('benchmarks', script), *args]
+  if 'pathways_jax.host_memory' in sys.modules:  # its once-per-process setting, as if fresh
+    sys.modules['pathways_jax.host_memory']._enabled = False
+  code = 0
+  with contextlib.redirect_stderr(err):
+    try:
+      runpy.run_path(sys.argv[0], run_name='__main__')
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # what `python SCRIPT` would print
+      traceback.print_exc()
+      code = 1
+  os.environ.clear()
+  os.environ.update(saved_env)
+  sys.argv = saved_argv
+  results.append((code, err.getvalue()))
+print(json.dumps(results))
+'''
 
 
 def test_step_parts_times_the_step_without_attention_and_without_the_mlp(tmp_path):

@@ -242,6 +242,10 @@ def base_config() -> ml_collections.ConfigDict:
   # max_new_tokens lose up to overlong_penalty, linearly (0: off).
   r.overlong_buffer = 0
   r.overlong_penalty = 1.0
+  # RLMT's think, then answer: the rewards (a reward model too) score only the text after the first
+  # think_tag, e.g. '</think>'; a completion without it totals think_malformed ('': off).
+  r.think_tag = ''
+  r.think_malformed = -1.0
   r.reference = ''  # '' = train.init_from (a LoRA policy: its own base, adapters off)
   # ProRL: every reset_every steps the policy becomes the reference and the optimizer state
   # starts afresh (needs beta > 0 and a full-parameter policy; 0: never).

@@ -276,6 +276,27 @@ def test_rewards_compose_with_weights_and_shape_overlong_completions():
   assert batch_lib.zero_variance(np.asarray([[1, 1], [0, 1]])).tolist() == [True, False]
 
 
+def test_think_then_answer_scores_the_response_alone():
+  """RLMT: every reward, a reward model's too, sees only the text after the think tag; a
+  completion without the tag totals rl.think_malformed."""
+  seen = []
+
+  def fake_rm(prompts, texts):
+    seen.extend(texts)
+    return np.asarray([len(t) for t in texts], np.float32)
+
+  texts = ['hmm, Bob? no. </think> Ada', 'Ada is it</think>Bob', 'no tag: Ada']
+  total, values, _ = rewards_lib.score(
+      [('correct', 1.0), ('reward_model', 0.5)], [{'answer': 'Ada'}] * 3, texts,
+      rng=np.random.default_rng(0), prompts=[[]] * 3, reward_model=fake_rm,
+      think_tag='</think>', think_malformed=-2.0)
+  assert seen == ['Ada', 'Bob', '']
+  np.testing.assert_allclose(values['correct'], [1, 0, 0])
+  np.testing.assert_allclose(total, [1 + 0.5 * 3, 0.5 * 3, -2.0])
+  np.testing.assert_allclose(values['think_ok'], [1, 1, 0])
+  assert rewards_lib.split_thinking(['a</t>b</t>c'], '</t>') == (['b</t>c'], np.asarray([True]))
+
+
 def test_a_reward_model_scores_prompt_and_completion(base, tmp_path):
   """The 'reward_model' reward is the RM's score of the prompt's messages + the completion as
   the assistant's turn (eval.reward.score, the RM's own scoring API)."""
@@ -299,10 +320,12 @@ def test_a_reward_model_scores_prompt_and_completion(base, tmp_path):
                        prompts[1] + [{'role': 'assistant', 'content': 'xyz'}]])
   np.testing.assert_allclose(values['reward_model'], want, rtol=1e-6)
   np.testing.assert_allclose(total, 2 * want, rtol=1e-6)
+  # RLMT's shape: the reward model scores the response after the think tag (here a space).
   res = loop.train(_cfg(base, **{'rl.rewards': 'reward_model,spaces:0.1', 'train.steps': 1,
-                                 'rl.reward_model': str(tmp_path / 'rm')}),
+                                 'rl.reward_model': str(tmp_path / 'rm'), 'rl.think_tag': ' '}),
                    str(tmp_path / 'rl'), quiet=True)
   m = _metrics(tmp_path / 'rl')[0]
   assert res['status'] == 'completed' and np.isfinite(m['reward/reward_model'])
+  assert 0 <= m['reward/think_ok'] <= 1
   with pytest.raises(ConfigError, match='rl.reward_model'):
     loop.train(_cfg(base, **{'rl.rewards': 'reward_model'}), str(tmp_path / 'no_rm'), quiet=True)

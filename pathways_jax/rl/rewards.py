@@ -17,6 +17,11 @@ Built in (`REWARDS`):
 A function of your own: `REWARDS['name'] = Reward(fn, requires=('field', ...))`, fn(record, text)
 -> float.
 
+Think, then answer (RLMT; `rl.think_tag`, e.g. '</think>'): each completion is a thinking trace,
+the tag, then the response. Every reward scores the response alone (a reward model never sees
+the trace), and a completion without the tag scores `rl.think_malformed` in total instead;
+`values['think_ok']` says which completions had it.
+
 A reward that raises or returns a non-finite value scores 0 for that completion; `score` counts
 the failures per reward and keeps the first message, and the run logs them and goes on.
 """
@@ -50,11 +55,16 @@ class RewardModelScorer:
     self.run_dir, self.batch_size = run_dir, batch_size
 
   def __call__(self, prompts: Sequence[Sequence[dict]], texts: Sequence[str]) -> np.ndarray:
+    """Scores [N]; NaN for an empty text (no assistant turn to score), which `score` counts."""
     from pathways_jax.eval import reward  # pylint: disable=g-import-not-at-top
-    conversations = [list(p) + [{'role': 'assistant', 'content': t}]
-                     for p, t in zip(prompts, texts)]
-    return reward.score(self.model, self.params, self.tokenizer, conversations,
-                        batch_size=self.batch_size)
+    keep = [i for i, t in enumerate(texts) if t.strip()]
+    out = np.full(len(texts), np.nan, np.float32)
+    if keep:
+      conversations = [list(prompts[i]) + [{'role': 'assistant', 'content': texts[i]}]
+                       for i in keep]
+      out[keep] = reward.score(self.model, self.params, self.tokenizer, conversations,
+                               batch_size=self.batch_size)
+    return out
 
 
 def _is_instruction(record: dict) -> bool:
@@ -121,13 +131,29 @@ def check_records(specs: Sequence[tuple[str, float]], records: Sequence[dict], w
                             f'line {i + 1} of {where} lacks')
 
 
+def split_thinking(texts: Sequence[str], tag: str) -> tuple[list[str], np.ndarray]:
+  """(responses, ok [N] bool) of think-then-answer completions: the text after the first `tag`,
+  stripped; '' and ok False where the tag is missing."""
+  responses, ok = [], []
+  for text in texts:
+    _, found, response = text.partition(tag)
+    responses.append(response.strip() if found else '')
+    ok.append(bool(found))
+  return responses, np.asarray(ok, bool)
+
+
 def score(specs: Sequence[tuple[str, float]], records: Sequence[dict], texts: Sequence[str], *,
           rng: np.random.Generator, prompts: Sequence[Sequence[dict]] | None = None,
-          reward_model: RewardModelScorer | None = None
+          reward_model: RewardModelScorer | None = None, think_tag: str = '',
+          think_malformed: float = -1.0
           ) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
   """(total [N] float32, {name: [N] values}, {name: (failures, first message)} for rewards that
   failed): the weighted sum of the rewards of each (record, text). 'reward_model' needs the
-  `prompts` (messages) and the `reward_model` scorer."""
+  `prompts` (messages) and the `reward_model` scorer. With `think_tag`, the rewards score the
+  responses after it and a completion without it totals `think_malformed` (module docstring)."""
+  ok = None
+  if think_tag:
+    texts, ok = split_thinking(texts, think_tag)
   n = len(texts)
   if len(records) != n:
     raise ValueError(f'{len(records)} records for {n} texts')
@@ -141,7 +167,8 @@ def score(specs: Sequence[tuple[str, float]], records: Sequence[dict], texts: Se
       vals = np.asarray(reward_model(prompts, texts), np.float64)
       bad = ~np.isfinite(vals)
       if bad.any():
-        failures[name] = (int(bad.sum()), 'non-finite reward-model scores')
+        failures[name] = (int(bad.sum()), 'no finite reward-model score (an empty completion '
+                                          'has none)')
         vals = np.where(bad, 0.0, vals)
     elif fn is None:  # random
       vals = rng.integers(0, 2, size=n).astype(np.float64)
@@ -159,6 +186,9 @@ def score(specs: Sequence[tuple[str, float]], records: Sequence[dict], texts: Se
         vals[i] = v
     values[name] = vals.astype(np.float32)
     total += weight * vals
+  if ok is not None:
+    total = np.where(ok, total, think_malformed)
+    values['think_ok'] = ok.astype(np.float32)
   return total.astype(np.float32), values, failures
 
 

@@ -335,7 +335,7 @@ class GrpoTask(ReferenceMixin, Task):
       rng = np.random.default_rng([self.cfg.seed, index, attempt])
       rewards, values, failures = rewards_lib.score(
           self.reward_specs, records, texts, rng=rng, prompts=[self._messages[e] for e in ids],
-          reward_model=self._rm)
+          reward_model=self._rm, think_tag=r.think_tag, think_malformed=r.think_malformed)
       if r.overlong_buffer:
         rewards = rewards + r.overlong_penalty * rewards_lib.overlong_penalty(
             lengths, max_new_tokens=r.max_new_tokens, buffer=r.overlong_buffer)
@@ -533,6 +533,8 @@ class GrpoTask(ReferenceMixin, Task):
     for name, _ in specs:
       _, values, _ = rewards_lib.score([(name, 1.0)], records, texts,
                                        rng=np.random.default_rng(0), prompts=messages,
-                                       reward_model=self._rm)
+                                       reward_model=self._rm, think_tag=self.cfg.rl.think_tag)
       out[f'val_{name}'] = float(values[name].mean())
+      if 'think_ok' in values:
+        out['val_think_ok'] = float(values['think_ok'].mean())
     return out

@@ -250,6 +250,10 @@ def base_config() -> ml_collections.ConfigDict:
   # ProRL: every reset_every steps the policy becomes the reference and the optimizer state
   # starts afresh (needs beta > 0 and a full-parameter policy; 0: never).
   r.reset_every = 0
+  # ProRL on stall: a reset at the first rollout boundary after reset_on_stall held-out evaluations
+  # (data.validation_path, every train.eval_every) of the first non-random reward brought no new
+  # best since the best or the last reset (0: never). Combines with reset_every.
+  r.reset_on_stall = 0
   r.eval_batch = 64  # held-out prompts (data.validation_path) decoded per greedy batch
   r.eval_max = 0  # > 0: only the first N held-out prompts
 

@@ -119,9 +119,14 @@ def test_grpo_raises_a_learnable_reward(base):
 
 
 def test_minibatches_and_prorl_resets_resume_exactly_on_rollout_boundaries(base, tmp_path):
-  """Two optimizer steps per rollout and a ProRL reset every 4 steps, interrupted and resumed."""
-  make = lambda **kw: _cfg(base, **{'train.steps': 8, 'rl.minibatches': 2, 'rl.beta': 0.5,
-                                    'rl.reset_every': 4, 'train.checkpoint_every': 2, **kw})
+  """Two optimizer steps per rollout; ProRL resets every 4 steps and whenever the held-out score
+  (val_one, the first reward's: constant, so never a new best) has not improved for one
+  evaluation since the best or the last reset; interrupted and resumed."""
+  make = lambda **kw: _cfg(base, **{
+      'train.steps': 8, 'rl.minibatches': 2, 'rl.beta': 0.5, 'rl.reset_every': 4,
+      'rl.reset_on_stall': 1, 'rl.rewards': 'one:0,spaces', 'train.eval_every': 1,
+      'data.validation_path': str(base / 'prompts.jsonl'), 'rl.eval_max': 2, 'rl.eval_batch': 2,
+      'train.checkpoint_every': 2, **kw})
   assert_resume_is_exact(make, tmp_path, sigterm_at=4, stop_at=6)
   full, part = tmp_path / 'full', tmp_path / 'part'
   ratio, kl = _by_step(full, 'ratio/mean'), _by_step(full, 'kl')
@@ -129,11 +134,15 @@ def test_minibatches_and_prorl_resets_resume_exactly_on_rollout_boundaries(base,
   # second by the updated one.
   assert ratio[1] == pytest.approx(1.0, abs=1e-5) and ratio[3] == pytest.approx(1.0, abs=1e-5)
   assert abs(ratio[2] - 1.0) > 1e-4
-  # The step after a reset scores the policy against itself: KL exactly 0; it grows between.
-  assert kl[1] == 0 and kl[5] == 0 and kl[4] > 0 and kl[8] > 0, kl
-  assert _by_step(full, 'reference_reset') == {4: 4.0, 8: 8.0}
-  assert sorted(p.name for p in (part / 'reference_resets').iterdir()) == ['4', '8']
-  for key in ('reward', 'kl'):
+  # Resets: at 4 (scheduled; stalled too: evals 2, 3 after the best at 1), at 6 (stalled: eval 5
+  # after the reset at 4; the run resumed at 6 must still know it) and at 8. The step after a
+  # reset scores the policy against itself: KL 0; it grows between.
+  assert _by_step(full, 'reference_reset') == {4: 4.0, 6: 6.0, 8: 8.0}
+  assert _by_step(full, 'reference_reset_stall') == {4: 1.0, 6: 1.0, 8: 1.0}
+  # (0 to rounding: the two forward passes of the same params may round apart, 1e-15 seen)
+  assert max(kl[1], kl[5], kl[7]) < 1e-12 and min(kl[4], kl[6]) > 1e-4, kl
+  assert sorted(p.name for p in (part / 'reference_resets').iterdir()) == ['4', '6', '8']
+  for key in ('reward', 'kl', 'val_spaces'):
     assert _by_step(part, key) == _by_step(full, key), key
   from pathways_jax.train import loop
   with pytest.raises(ConfigError, match='rollout boundaries'):
@@ -144,6 +153,8 @@ def test_minibatches_and_prorl_resets_resume_exactly_on_rollout_boundaries(base,
   model = Transformer(ModelConfig.from_config(_cfg(base).model, vocab_size=264))
   with pytest.raises(ConfigError, match='beta > 0'):
     tasks.make(_cfg(base, **{'rl.reset_every': 4}), model)
+  with pytest.raises(ConfigError, match='validation_path'):
+    tasks.make(_cfg(base, **{'rl.reset_on_stall': 2, 'rl.beta': 0.1}), model)
 
 
 def test_a_lora_policy_is_held_to_its_own_base(base):

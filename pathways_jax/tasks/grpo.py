@@ -35,6 +35,7 @@ train.eval_every steps and at the end, scored by every reward but 'random' (`val
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -57,6 +58,9 @@ _ROLLOUT_STREAM = 0x726F6C6C  # 'roll': rollout keys, apart from the step's own 
 TRAIN_FIELDS = ('tokens', 'segment_ids', 'positions', 'completion_mask')
 PPO_FIELDS = ('old_values', 'returns')  # float32 [N, T] each, rl.scale='gae' only
 RESETS = 'reference_resets'  # WORKDIR/reference_resets/<step>: the reference after a ProRL reset
+# WORKDIR/prorl_validation.json: [[step, value], ...] of the held-out score that rl.reset_on_stall
+# watches, so that a resumed run sees the history the uninterrupted one saw.
+STALL_HISTORY = 'prorl_validation.json'
 
 
 def inputs_shardings(aux_args: tuple):
@@ -135,13 +139,18 @@ class GrpoTask(ReferenceMixin, Task):
       raise ConfigError('config.rl.beta > 0 needs a reference: set config.train.init_from (the '
                         'model the policy starts from) or config.rl.reference')
     self.adapters_off = self.needs_ref and self.is_adapters_off()
-    if r.reset_every:
-      if r.reset_every < 0 or r.reset_every % k:
-        raise ConfigError(f'config.rl.reset_every={r.reset_every} must be a positive multiple of '
-                          f'rl.minibatches={k}')
+    if r.reset_every and (r.reset_every < 0 or r.reset_every % k):
+      raise ConfigError(f'config.rl.reset_every={r.reset_every} must be a positive multiple of '
+                        f'rl.minibatches={k}')
+    if r.reset_on_stall < 0:
+      raise ConfigError(f'config.rl.reset_on_stall={r.reset_on_stall} must be >= 0')
+    if r.reset_on_stall and not d.get('validation_path'):
+      raise ConfigError('config.rl.reset_on_stall watches the held-out score: set '
+                        'config.data.validation_path (held-out prompts)')
+    if r.reset_every or r.reset_on_stall:
       if not self.needs_ref or model.cfg.lora_rank or cfg.train.get('trainable'):
-        raise ConfigError('config.rl.reset_every (ProRL reference resets) needs rl.beta > 0 and '
-                          'a full-parameter policy (no LoRA, no train.trainable)')
+        raise ConfigError('config.rl.reset_every / reset_on_stall (ProRL reference resets) need '
+                          'rl.beta > 0 and a full-parameter policy (no LoRA, no train.trainable)')
     if r.kl_penalty not in ('loss', 'reward'):
       raise ConfigError(f"config.rl.kl_penalty={r.kl_penalty!r} is not 'loss' or 'reward'")
     self.kl_in_reward = self.needs_ref and r.kl_penalty == 'reward'
@@ -149,6 +158,15 @@ class GrpoTask(ReferenceMixin, Task):
     self.ref_model = None
     self._run = self._sampler = self._buffer = None
     self._records = self._messages = self._eval = self._rm = None
+    # ProRL on stall: the watched held-out score ('val_' + the first reward that is not
+    # 'random'), its history [(step, value)] and the step of the newest reset.
+    watched = [n for n, _ in self.reward_specs if n != 'random']
+    self.stall_key = f'val_{watched[0]}' if watched else None
+    if r.reset_on_stall and self.stall_key is None:
+      raise ConfigError("config.rl.reset_on_stall watches the held-out score of the first reward "
+                        "that is not 'random'; rl.rewards names none")
+    self._history: list[tuple[int, float]] = []
+    self._last_reset = 0
 
   def describe(self) -> str:
     r = self.cfg.rl
@@ -221,7 +239,7 @@ class GrpoTask(ReferenceMixin, Task):
                                     f'adapters off (the base from {self.source})'))
     self.ref_model, params, shardings = self._load_reference(run)
     line = f'grpo: frozen reference {self.source}'
-    if self.cfg.rl.reset_every:
+    if self.cfg.rl.reset_every or self.cfg.rl.reset_on_stall:
       params, line = self._reset_reference(run, params, shardings, line)
     return FrozenInputs(aux=params, aux_shardings=shardings, describe=(*lines, line))
 
@@ -235,18 +253,41 @@ class GrpoTask(ReferenceMixin, Task):
     resets = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(
         directory) else []
     usable = [r for r in resets if saved and r <= saved[-1]]
+    self._last_reset = usable[-1] if usable else 0
+    self._history = []
+    history_file = os.path.join(run.workdir, STALL_HISTORY)
+    if self.cfg.rl.reset_on_stall and saved and os.path.exists(history_file):
+      with open(history_file) as f:  # evaluations past the checkpoint will be made again
+        self._history = [(int(s), float(v)) for s, v in json.load(f) if int(s) <= saved[-1]]
     if not usable:
-      return params, line + f'; the policy replaces it every {self.cfg.rl.reset_every} steps'
+      r = self.cfg.rl
+      when = ' and '.join(([f'every {r.reset_every} steps'] if r.reset_every else []) + (
+          [f'when {self.stall_key} has not improved for {r.reset_on_stall} evaluations']
+          if r.reset_on_stall else []))
+      return params, line + f'; the policy replaces it {when}'
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     params = ckpt_lib.restore_params(os.path.join(directory, str(usable[-1])), abstract,
                                      shardings)
     return params, f'grpo: reference = the policy at step {usable[-1]} (a ProRL reset)'
 
+  def stalled(self, step: int) -> bool:
+    """rl.reset_on_stall evaluations of the watched held-out score have come (at steps < `step`,
+    after the newest reset) without beating the best so far."""
+    n = self.cfg.rl.reset_on_stall
+    seen = [(s, v) for s, v in self._history if s < step]
+    if not n or not seen:
+      return False
+    best_step = max(seen, key=lambda sv: (sv[1], -sv[0]))[0]  # the first time the best was seen
+    return sum(s > max(best_step, self._last_reset) for s, _ in seen) >= n
+
   def after_step(self, step, state, aux_args, *, fresh_opt_state, workdir):
-    """ProRL's reset every rl.reset_every steps: the policy becomes the reference (a copy,
-    saved in WORKDIR/reference_resets/<step> for resuming) and the optimizer starts afresh."""
-    every = self.cfg.rl.reset_every
-    if not every or step % every:
+    """ProRL's reset every rl.reset_every steps, or at the first rollout boundary after the
+    held-out score stalled (rl.reset_on_stall): the policy becomes the reference (a copy, saved
+    in WORKDIR/reference_resets/<step> for resuming) and the optimizer starts afresh."""
+    every, k = self.cfg.rl.reset_every, self.cfg.rl.minibatches
+    scheduled = bool(every) and step % every == 0
+    stall = step % k == 0 and self.stalled(step)
+    if not (scheduled or stall):
       return state, aux_args, {}
     import os  # pylint: disable=g-import-not-at-top
     from pathways_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -257,7 +298,8 @@ class GrpoTask(ReferenceMixin, Task):
     if jax.process_index() == 0:
       ckpt_lib.save_params(os.path.join(workdir, RESETS, str(step)), inputs['aux'])
     state = state.replace(opt_state=fresh_opt_state(state.params))
-    return state, (inputs,), {'reference_reset': float(step)}
+    self._last_reset = step
+    return state, (inputs,), {'reference_reset': float(step), 'reference_reset_stall': float(stall)}
 
   def abstract_frozen(self, mesh, rules) -> FrozenInputs:
     if not self.needs_ref or self.adapters_off:
@@ -512,7 +554,19 @@ class GrpoTask(ReferenceMixin, Task):
     """[(every, fn(step, params) -> metrics)]: greedy held-out rewards (data.validation_path)."""
     if self._eval is None:
       return []
-    return [(self.cfg.train.eval_every, lambda step, params: self.evaluate(params))]
+    return [(self.cfg.train.eval_every, self._evaluate_and_record)]
+
+  def _evaluate_and_record(self, step: int, params) -> dict[str, float]:
+    out = self.evaluate(params)
+    if self.cfg.rl.reset_on_stall:
+      self._history = [(s, v) for s, v in self._history if s < step] + [(step, out[self.stall_key])]
+      if jax.process_index() == 0:
+        import os  # pylint: disable=g-import-not-at-top
+        path = os.path.join(self._run.workdir, STALL_HISTORY)
+        with open(path + '.tmp', 'w') as f:
+          json.dump(self._history, f)
+        os.replace(path + '.tmp', path)
+    return out
 
   def evaluate(self, params) -> dict[str, float]:
     """{'val_<reward>': mean over the held-out prompts} of their greedy answers."""

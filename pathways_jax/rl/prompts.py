@@ -3,6 +3,7 @@
     {"prompt": "What is 3 + 4? Answer with the number only.", "answer": "7"}
     {"prompt": [{"role": "system", ...}, {"role": "user", ...}], "answer": "..."}
     {"messages": [{"role": "user", ...}, {"role": "assistant", "content": "7"}], ...}
+    {"text": "Ada lives in", "continuation": " Paris", ...}   # raw text, no chat template (RPT)
 
 A `prompt` is a user turn or a message list; `messages` is a conversation whose final assistant
 turn, if any, is the reference answer (kept as `answer` unless the line has one) and not part of
@@ -10,7 +11,9 @@ the prompt. Every other field of the line (`answer`, `accepted`, the instruction
 `format`, ...) stays in the record for the reward functions (rl/rewards.py); the instruction
 set's files (`data.instructions.write_jsonl`) are prompt files as they are.
 
-Each prompt is rendered with the chat template up to the assistant's turn (`chat.prompt_ids`) and
+A `text` prompt is raw text (a base model's context, as Reinforcement Pre-Training gives it): bos +
+its tokens, no template; a reward model, if any, sees it as a user turn.
+Each other prompt is rendered with the chat template up to the assistant's turn (`chat.prompt_ids`) and
 left-padded to `data.seq_len` tokens (the prompt budget), so every row ends where generation
 starts. A prompt longer than the budget is skipped, counted and logged, never cut.
 """
@@ -37,20 +40,35 @@ def read_prompts(path: str) -> list[tuple[dict, list[dict]]]:
       prompt = record['prompt']
       messages = ([{'role': 'user', 'content': prompt}] if isinstance(prompt, str)
                   else chat.from_record({'messages': prompt}, where))
+    elif 'text' in record:
+      if not isinstance(record['text'], str) or not record['text']:
+        raise DataError(f"{where}: 'text' must be a non-empty string")
+      messages = [{'role': 'user', 'content': record['text']}]
     elif 'messages' in record:
       messages = chat.from_record(record, where)
       if messages and messages[-1]['role'] == 'assistant':
         record.setdefault('answer', messages[-1]['content'])
         messages = messages[:-1]
     else:
-      raise DataError(f"{where}: a prompt line needs 'prompt' (a string or messages) or "
-                      f"'messages'; it has {sorted(record)}")
+      raise DataError(f"{where}: a prompt line needs 'prompt' (a string or messages), "
+                      f"'messages' or 'text'; it has {sorted(record)}")
     if not messages:
       raise DataError(f'{where}: the prompt is empty')
     out.append((record, messages))
   if not out:
     raise DataError(f'{path} holds no prompts')
   return out
+
+
+def is_raw_text(record: dict) -> bool:
+  return 'text' in record and 'prompt' not in record and 'messages' not in record
+
+
+def raw_text_ids(tokenizer, text: str) -> np.ndarray:
+  """bos + the tokens of `text` (a tokenizer without bos, Qwen's: the tokens alone), as the
+  pretraining pipeline starts a document."""
+  bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  return np.asarray(bos + list(tokenizer.encode(text)), np.int32)
 
 
 def left_padded(ids_list, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,8 +92,9 @@ def load_rows(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarray], d
   records = read_prompts(path)
   width = data_cfg.seq_len
   kept, ids_list, too_long = [], [], 0
-  for i, (_, messages) in enumerate(records):
-    ids = chat.prompt_ids(tokenizer, messages)
+  for i, (record, messages) in enumerate(records):
+    ids = (raw_text_ids(tokenizer, record['text']) if is_raw_text(record)
+           else chat.prompt_ids(tokenizer, messages))
     if len(ids) > width:
       too_long += 1
       continue

@@ -10,6 +10,10 @@ Built in (`REWARDS`):
            records; `data.instructions.format_ok`), right or wrong.
   random   a fair coin per completion, independent of the text: the control arm that shows what
            reward-independent updates do (seeded by run seed, rollout and row).
+  next_token  RPT's prefix match (Reinforcement Pre-Training): 1 if the completion is a prefix
+           of the record's `continuation` (the text that followed the prompt) ending on one of
+           its token boundaries (`boundaries`: character lengths), leading whitespace aside;
+           records from `pathways_jax.rl.rpt`.
   reward_model  a trained reward model's score (task 'reward_model', `rl.reward_model` names its
            run directory) of the prompt's messages followed by the completion as the assistant's
            turn. The texts are re-tokenised with the reward model's own tokenizer and chat
@@ -87,9 +91,20 @@ def format_ok(record: dict, text: str) -> float:
   return float(instructions.format_ok(record['kind'], record['format'], text))
 
 
+def next_token(record: dict, text: str) -> float:
+  """RPT's reward (module docstring). Leading whitespace is set aside on both sides, as decoding
+  a lone token may drop the space a word-initial piece carries."""
+  continuation = record['continuation']
+  lead = len(continuation) - len(continuation.lstrip())
+  target, guess = continuation.lstrip(), text.lstrip()
+  boundaries = {int(b) - lead for b in record['boundaries']}
+  return float(bool(guess) and target.startswith(guess) and len(guess) in boundaries)
+
+
 REWARDS: dict[str, Reward] = {
     'correct': Reward(correct, requires=('answer|accepted',)),
     'format': Reward(format_ok, requires=('kind', 'format')),
+    'next_token': Reward(next_token, requires=('continuation', 'boundaries')),
     'random': Reward(None),
     'reward_model': Reward(None),
 }

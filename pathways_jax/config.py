@@ -246,6 +246,11 @@ def base_config() -> ml_collections.ConfigDict:
   # think_tag, e.g. '</think>'; a completion without it totals think_malformed ('': off).
   r.think_tag = ''
   r.think_malformed = -1.0
+  # diffu-GRPO (a model.causal=False policy): the diffusion sampler's steps and block length
+  # (0: max_new_tokens, one token per step, one block) and d1's prompt masking probability.
+  r.diffusion_steps = 0
+  r.block_length = 0
+  r.prompt_mask_p = 0.15
   r.reference = ''  # '' = train.init_from (a LoRA policy: its own base, adapters off)
   # ProRL: every reset_every steps the policy becomes the reference and the optimizer state
   # starts afresh (needs beta > 0 and a full-parameter policy; 0: never).

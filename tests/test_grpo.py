@@ -389,3 +389,54 @@ def test_a_reward_model_scores_prompt_and_completion(base, tmp_path):
   assert 0 <= m['reward/think_ok'] <= 1
   with pytest.raises(ConfigError, match='rl.reward_model'):
     loop.train(_cfg(base, **{'rl.rewards': 'reward_model'}), str(tmp_path / 'no_rm'), quiet=True)
+
+
+# ------------------------------------------------------------------ diffu-GRPO (LLaDA policies)
+
+
+def test_diffusion_estimator_inputs_and_completion_masks():
+  from pathways_jax.rl import diffusion as dl
+  gen = np.array([[5, 2, 2, 2], [5, 6, 7, 8], [2, 9, 2, 9]])
+  np.testing.assert_array_equal(dl.completion_mask(gen, eos_id=2),
+                                [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+  tokens = np.arange(1, 1 + 3 * 7).reshape(3, 7)
+  prompt_mask = np.array([[0, 1, 1], [1, 1, 1], [0, 0, 1]])
+  masked = dl.masked_inputs(tokens, prompt_mask, mask_id=99, p=0.5, rng=np.random.default_rng(0))
+  assert (masked[:, 3:] == 99).all()  # the completion: always masked
+  hidden = masked[:, :3] == 99
+  assert not hidden[prompt_mask == 0].any() and hidden[prompt_mask == 1].any()
+  np.testing.assert_array_equal(masked[:, :3][~hidden], tokens[:, :3][~hidden])
+  assert not (dl.masked_inputs(tokens, prompt_mask, mask_id=99, p=0.0,
+                               rng=np.random.default_rng(0))[:, :3] == 99).any()
+  logits = np.random.default_rng(1).normal(size=(3, 7, 11)).astype(np.float32)
+  ids = np.random.default_rng(2).integers(0, 11, size=(3, 7))
+  lsm = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  np.testing.assert_allclose(dl.token_logps(logits, ids),
+                             np.take_along_axis(lsm, ids[..., None], -1)[..., 0], atol=1e-5)
+
+
+def test_diffu_grpo_raises_a_learnable_reward_with_the_reference_on_the_same_mask(base, tmp_path):
+  """A LLaDA policy: rollouts from the diffusion sampler, d1's estimate. With beta > 0 the
+  reference (the start model) reads the same masked input, so at step 1 the KL is 0."""
+  from pathways_jax.train import loop
+  llada = lambda **kw: {'objective': 'diffusion', 'model.causal': False, **kw}
+  loop.train(tiny_config(str(base / 'cache'), **llada(**{'train.steps': 30,
+                                                          'sample.prompts': ()})),
+             str(tmp_path / 'pre'), quiet=True)
+  res = loop.train(_cfg(base, **llada(**{
+      'train.init_from': str(tmp_path / 'pre'), 'rl.beta': 0.01, 'rl.diffusion_steps': 3,
+      'train.steps': 12, 'data.validation_path': str(base / 'prompts.jsonl'), 'rl.eval_max': 8,
+      'rl.eval_batch': 8})), str(tmp_path / 'rl'), quiet=True)
+  reward, kl = _by_step(tmp_path / 'rl', 'reward'), _by_step(tmp_path / 'rl', 'kl')
+  assert res['status'] == 'completed' and 0 <= res['val_spaces'] <= 1
+  assert kl[1] < 1e-12 and kl[12] > 1e-3, kl  # 0 to rounding (1e-16 seen)
+  first, last = np.mean([reward[s] for s in (1, 2, 3)]), np.mean([reward[s] for s in (10, 11, 12)])
+  assert last > first + 0.1, reward
+  m = _metrics(tmp_path / 'rl')[0]
+  assert m['ratio/mean'] == pytest.approx(1.0, abs=1e-6)
+  from pathways_jax import tasks
+  from pathways_jax.config import ModelConfig
+  from pathways_jax.models.transformer import Transformer
+  model = Transformer(ModelConfig.from_config(_cfg(base, **llada()).model, vocab_size=264))
+  with pytest.raises(ConfigError, match='diffu-GRPO'):
+    tasks.make(_cfg(base, **llada(**{'rl.scale': 'gae', 'model.scalar_head': True})), model)

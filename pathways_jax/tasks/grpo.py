@@ -1,5 +1,5 @@
 """Reinforcement learning with rollouts inside the training loop ('grpo'): GRPO, DAPO, Dr.GRPO,
-RLOO and PPO as settings of one task.
+RLOO and PPO as settings of one task, for AR models and (diffu-GRPO) LLaDA models.
 
     config.task = 'grpo'
     config.data.corpus = 'prompts'        # rl/prompts.py: one prompt per JSONL line
@@ -25,6 +25,10 @@ backbone. Step 3's score goes on each completion's last token (the KL penalty, w
 rl.kl_penalty='reward', on every token), the value head's estimates at rollout time give GAE's
 per-token advantages (whitened over the batch) and returns, and the loss adds
 rl.vf_coef * the clipped value loss (`objectives.rl.value_loss`).
+diffu-GRPO (a bidirectional model, model.causal=False; rl/diffusion.py): rollouts from the
+masked-diffusion sampler (rl.diffusion_steps, rl.block_length) and d1's one-step log-prob
+estimate, on an input with the completion masked and the prompt masked at rl.prompt_mask_p, one
+mask per rollout shared by policy, old policy and reference.
 The loss (`objectives.rl.policy_loss`) is the clipped surrogate on log softmax(logits / T) of
 the sampled tokens, plus beta * KL to the reference (a frozen model, or for a LoRA policy its own
 base with the adapters off) and minus an entropy bonus. Checkpoints fall only on rollout
@@ -47,6 +51,7 @@ from pathways_jax import parallel
 from pathways_jax.config import ConfigError
 from pathways_jax.objectives import preference, rl
 from pathways_jax.rl import batch as batch_lib
+from pathways_jax.rl import diffusion as diffusion_lib
 from pathways_jax.rl import prompts as prompts_lib
 from pathways_jax.rl import rewards as rewards_lib
 from pathways_jax.tasks.base import COUNT, FrozenInputs, RunContext, Task
@@ -76,8 +81,8 @@ class GrpoTask(ReferenceMixin, Task):
   def __init__(self, cfg, model):
     super().__init__(cfg, model)
     r, d = cfg.rl, cfg.data
-    if not model.cfg.causal:
-      raise ConfigError("task 'grpo' trains a causal model (LLaDA's diffu-GRPO is not built yet)")
+    # A bidirectional (LLaDA) model: diffu-GRPO (module docstring).
+    self.diffusion = not model.cfg.causal
     if d.corpus != 'prompts':
       raise ConfigError(f"task 'grpo' rolls out from prompts: set config.data.corpus='prompts' "
                         f'(it is {d.corpus!r})')
@@ -121,6 +126,14 @@ class GrpoTask(ReferenceMixin, Task):
       if not ok:
         raise ConfigError(f'config.rl.{key}={r[key]} must be {want}')
     self.ppo = r.scale == 'gae'
+    if self.diffusion:
+      if self.ppo or r.kl_penalty == 'reward':
+        raise ConfigError("diffu-GRPO (a model.causal=False policy) takes no rl.scale='gae' (PPO) "
+                          "and no rl.kl_penalty='reward' (the sampler gives no log-probs)")
+      if not 0 <= r.prompt_mask_p < 1 or r.diffusion_steps < 0 or r.block_length < 0:
+        raise ConfigError(f'config.rl: need 0 <= prompt_mask_p < 1, diffusion_steps >= 0 and '
+                          f'block_length >= 0; got {r.prompt_mask_p}, {r.diffusion_steps}, '
+                          f'{r.block_length}')
     if self.ppo:
       if not model.cfg.scalar_head:
         raise ConfigError("config.rl.scale='gae' (PPO) reads values off the policy's value head: "
@@ -180,8 +193,9 @@ class GrpoTask(ReferenceMixin, Task):
   # -- the batch the step trains on -----------------------------------------------------------
   def batch_fields(self):
     ppo = {k: jnp.float32 for k in PPO_FIELDS} if self.ppo else {}
+    masked = {'masked_tokens': jnp.int32} if self.diffusion else {}
     return {**{k: jnp.int32 for k in TRAIN_FIELDS}, 'advantages': jnp.float32,
-            'old_logp': jnp.float32, **ppo}
+            'old_logp': jnp.float32, **ppo, **masked}
 
   def batch_spec(self, batch_size: int, seq_len: int, sharding=None) -> dict:
     """One optimizer step's rows: batch_size prompts x G samples / minibatches."""
@@ -309,6 +323,14 @@ class GrpoTask(ReferenceMixin, Task):
   def _make_sampler(self, batch_size, num_samples, temperature):
     from pathways_jax.sampling.rollout import RolloutSampler  # pylint: disable=g-import-not-at-top
     r, tok = self.cfg.rl, self._run.tokenizer
+    if self.diffusion:
+      from pathways_jax.tasks.pretrain import mask_id  # pylint: disable=g-import-not-at-top
+      return diffusion_lib.DiffusionRollouts(
+          self.model, self._run.mesh, self._run.rules, batch_size=batch_size,
+          prompt_len=self.cfg.data.seq_len, num_samples=num_samples,
+          max_new_tokens=r.max_new_tokens, steps=r.diffusion_steps or r.max_new_tokens,
+          block_length=r.block_length or r.max_new_tokens, temperature=temperature,
+          mask_id=mask_id(self.cfg), eos_id=tok.eos_id)
     return RolloutSampler(self.model, self._run.mesh, self._run.rules, batch_size=batch_size,
                           prompt_len=self.cfg.data.seq_len, max_new_tokens=r.max_new_tokens,
                           num_samples=num_samples, temperature=temperature,
@@ -381,7 +403,10 @@ class GrpoTask(ReferenceMixin, Task):
       if r.overlong_buffer:
         rewards = rewards + r.overlong_penalty * rewards_lib.overlong_penalty(
             lengths, max_new_tokens=r.max_new_tokens, buffer=r.overlong_buffer)
-      rows = batch_lib.training_rows(np.repeat(prompts['segment_ids'], G, axis=0), tokens, cmask)
+      prompt_mask = np.repeat(prompts['segment_ids'], G, axis=0)
+      rows = batch_lib.training_rows(prompt_mask, tokens, cmask)
+      if self.diffusion:
+        rows.update(self._diffusion_rows(rows, prompt_mask, cmask, index, attempt))
       kl_NT = None
       if self.kl_in_reward:  # the KL estimate (k1, summed over the sequence) is a reward penalty
         ref = self._forward_logps(rows, *self._reference(params, aux))
@@ -415,7 +440,8 @@ class GrpoTask(ReferenceMixin, Task):
     kept, slots_masked = kept[:B], max(0, B - len(kept))
     groups = kept + dropped[:slots_masked]
     stack = lambda name: np.concatenate([g[name] for g in groups])
-    rows = {name: stack(name) for name in TRAIN_FIELDS}
+    rows = {name: stack(name) for name in TRAIN_FIELDS + (('masked_tokens',) if self.diffusion
+                                                          else ())}
     rewards_PG = np.stack([g['rewards'] for g in groups])
     live = np.repeat(np.arange(B) < len(kept), G)
     rows['completion_mask'] = rows['completion_mask'] * live[:, None].astype(np.int32)
@@ -444,6 +470,19 @@ class GrpoTask(ReferenceMixin, Task):
     if kl_rewards:
       metrics['kl_sequence'] = float(np.concatenate(kl_rewards).mean())
     return rows, metrics
+
+  def _diffusion_rows(self, rows, prompt_mask, cmask, index, attempt):
+    """diffu-GRPO's row fields: every generated position in the sequence (the sampler decoded
+    them all) and the estimator's masked input, drawn from (seed, rollout, attempt)."""
+    from pathways_jax.tasks.pretrain import mask_id  # pylint: disable=g-import-not-at-top
+    segment_ids = np.concatenate([prompt_mask.astype(np.int32),
+                                  np.ones(cmask.shape, np.int32)], axis=1)
+    rng = np.random.default_rng([self.cfg.seed, 0x6431, index, attempt])  # 'd1'
+    return {'segment_ids': segment_ids,
+            'positions': np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32),
+            'masked_tokens': diffusion_lib.masked_inputs(
+                rows['tokens'], prompt_mask, mask_id=mask_id(self.cfg),
+                p=self.cfg.rl.prompt_mask_p, rng=rng)}
 
   def _ppo_targets(self, rows, scores_N, kl_NT, params):
     """Fills rows' advantages [N, T] (GAE, whitened with rl.whiten), old_values and returns from
@@ -484,7 +523,8 @@ class GrpoTask(ReferenceMixin, Task):
     part = self.rows // self.cfg.rl.minibatches
     out = []
     for s in range(0, self.rows, part):
-      b = {k: rows[k][s:s + part] for k in ('tokens', 'segment_ids', 'positions')}
+      b = {k: rows[k][s:s + part] for k in ('tokens', 'segment_ids', 'positions') + (
+          ('masked_tokens',) if self.diffusion else ())}
       b = parallel.global_batch(b, self._run.mesh)
       got = parallel.run_with_rules(self._run.mesh, self._run.rules, fn, params, b)
       out.append(jax.tree_util.tree_map(np.asarray, got))
@@ -496,7 +536,9 @@ class GrpoTask(ReferenceMixin, Task):
   def _logits(self, model, params, batch, values: bool = False):
     """logits / T [N, T, V]; values=True: (those, the value of the state each token was drawn
     from [N, T], i.e. the value head at the position before it; 0 at position 0)."""
-    out = model.apply({'params': params}, batch['tokens'], positions_BL=batch['positions'],
+    # diffu-GRPO reads the estimator's masked input; the targets stay batch['tokens'].
+    inputs = batch['masked_tokens'] if self.diffusion else batch['tokens']
+    out = model.apply({'params': params}, inputs, positions_BL=batch['positions'],
                       segment_ids_BL=batch['segment_ids'], with_scalar=values)
     logits, scalar_BT = out if values else (out, None)
     t = self.cfg.rl.temperature
@@ -506,7 +548,12 @@ class GrpoTask(ReferenceMixin, Task):
     return logits, jnp.pad(scalar_BT[:, :-1], ((0, 0), (1, 0)))
 
   def _token_logps(self, model, params, batch):
-    return preference.causal_token_logps(self._logits(model, params, batch), batch['tokens'])
+    return self._logps_of(self._logits(model, params, batch), batch['tokens'])
+
+  def _logps_of(self, logits, tokens):
+    if self.diffusion:
+      return diffusion_lib.token_logps(logits, tokens)
+    return preference.causal_token_logps(logits, tokens)
 
   def _logps_and_values(self, model, params, batch):
     """(token log-probs [N, T], values [N, T]) of the rows under a model with a value head."""
@@ -518,10 +565,11 @@ class GrpoTask(ReferenceMixin, Task):
     r = self.cfg.rl
     logits, values = (self._logits(self.model, params, batch, values=True) if self.ppo
                       else (self._logits(self.model, params, batch), None))
-    logp = preference.causal_token_logps(logits, batch['tokens'])
-    lsm = jax.nn.log_softmax(logits, axis=-1)
-    # The entropy of the distribution each token was drawn from (position i-1's prediction).
-    entropy = jnp.pad(-(jnp.exp(lsm) * lsm).sum(-1)[:, :-1], ((0, 0), (1, 0)))
+    logp = self._logps_of(logits, batch['tokens'])
+    # The entropy of the distribution each token was drawn from (AR: position i-1's prediction).
+    entropy = diffusion_lib.token_entropy(logits)
+    if not self.diffusion:
+      entropy = jnp.pad(entropy[:, :-1], ((0, 0), (1, 0)))
     old = jax.lax.stop_gradient(logp) if self.on_policy else batch['old_logp']
     ref = None
     if self.needs_ref and not self.kl_in_reward:

@@ -17,6 +17,10 @@ finished, so the same command resumes):
 3. Greedy accuracy of sft and the arm with the evaluator of instruction_sft, on the held-out
    questions and on as many training questions.
 
+`grpo_exp.kinds` (e.g. 'arithmetic'): the GRPO stage trains on, and both are evaluated on, the
+questions of those kinds only (the SFT model is the same); the arm's directory and results are
+then WORKDIR/<arm>_<kinds>.
+
 WORKDIR/<arm>_results.json: the `sft` and arm evaluations, the arm's training curve (reward,
 KL, entropy, completion length, time split), wall times, date, device, config.
 """
@@ -51,6 +55,7 @@ def get_config():
   e.prompts = 16  # prompts per rollout
   e.prompt_len = 80  # the prompt budget in tokens (a few held-out prompts exceed 64)
   e.eval_every = 50
+  e.kinds = ''  # comma-separated question kinds to train and evaluate on ('' = all)
   c.rl.num_generations = 8
   c.rl.max_new_tokens = 24
   c.rl.temperature = 1.0
@@ -88,8 +93,19 @@ def run(cfg, workdir: str) -> dict:
   examples = instruction_sft.instruction_set(cfg)
   inst_dir = os.path.join(workdir, 'instructions')
   paths = instructions.write_splits(examples, inst_dir)
-  run_cfg = grpo_config_of(cfg, inst_dir, os.path.join(workdir, 'sft'))  # settings checked first
-  heldout = examples['heldout']
+  kinds = tuple(k.strip() for k in cfg.grpo_exp.kinds.split(',') if k.strip())
+  rl_examples, rl_dir, tag = examples, inst_dir, ''
+  if kinds:
+    unknown = sorted(set(kinds) - {e.kind for e in examples['train']})
+    if unknown:
+      raise config_lib.ConfigError(f'config.grpo_exp.kinds: {unknown} are not kinds of the '
+                                   f'instruction set ({sorted({e.kind for e in examples["train"]})})')
+    rl_examples = {split: [e for e in exs if e.kind in kinds] for split, exs in examples.items()}
+    tag = '_' + '_'.join(kinds)
+    rl_dir = os.path.join(workdir, 'instructions' + tag)
+    instructions.write_splits(rl_examples, rl_dir)
+  run_cfg = grpo_config_of(cfg, rl_dir, os.path.join(workdir, 'sft'))  # settings checked first
+  heldout = rl_examples['heldout']
   if cfg.instructions.eval_limit > 0:
     heldout = heldout[:cfg.instructions.eval_limit]
   dirs = {arm: os.path.join(workdir, arm) for arm in ('base', 'sft')}
@@ -98,7 +114,7 @@ def run(cfg, workdir: str) -> dict:
   loop.train_stage(instruction_sft.base_config_of(cfg), dirs['base'])
   loop.train_stage(instruction_sft.sft_config_of(cfg, paths['train'], dirs['base']), dirs['sft'])
   wall['base_sft_s'] = time.perf_counter() - t0
-  arm = cfg.grpo_exp.arm
+  arm = cfg.grpo_exp.arm + tag
   dirs[arm] = os.path.join(workdir, arm)
   t0 = time.perf_counter()
   res = loop.train_stage(run_cfg, dirs[arm])
@@ -107,7 +123,8 @@ def run(cfg, workdir: str) -> dict:
           'val_format', 'time_rollout_s', 'time_reward_s', 'time_batch_s')
   curve = {k: metrics.logged(dirs[arm], k) for k in keys}
 
-  seen = examples['train'][::max(1, len(examples['train']) // len(heldout))][:len(heldout)]
+  train = rl_examples['train']
+  seen = train[::max(1, len(train) // len(heldout))][:len(heldout)]
   evals = {}
   for name in ('sft', arm):
     t0 = time.perf_counter()
@@ -120,7 +137,8 @@ def run(cfg, workdir: str) -> dict:
             f'{evals[label]["n"]})')
     wall[f'{name}_eval_s'] = time.perf_counter() - t0
   wall['total_s'] = time.perf_counter() - start
-  results = {'status': 'completed', 'seed': cfg.seed, 'arm': arm, 'rewards': run_cfg.rl.rewards,
+  results = {'status': 'completed', 'seed': cfg.seed, 'arm': arm, 'kinds': list(kinds),
+             'rewards': run_cfg.rl.rewards,
              'evaluated': len(heldout), **evals, 'curve': curve,
              'train_loss': res.get('train_loss'), 'wall_s': wall,
              'date': datetime.date.today().isoformat(), 'device': dpo_instructions.device(),

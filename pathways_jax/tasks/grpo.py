@@ -54,6 +54,7 @@ from pathways_jax.rl import batch as batch_lib
 from pathways_jax.rl import diffusion as diffusion_lib
 from pathways_jax.rl import prompts as prompts_lib
 from pathways_jax.rl import rewards as rewards_lib
+from pathways_jax.rl import settings
 from pathways_jax.tasks.base import COUNT, FrozenInputs, RunContext, Task
 from pathways_jax.tasks.reference import ReferenceMixin, base_params
 from pathways_jax.tasks.registry import register
@@ -80,104 +81,24 @@ class GrpoTask(ReferenceMixin, Task):
 
   def __init__(self, cfg, model):
     super().__init__(cfg, model)
-    r, d = cfg.rl, cfg.data
+    settings.check(cfg, model.cfg)  # every setting this task reads, named when wrong
+    r = cfg.rl
     # A bidirectional (LLaDA) model: diffu-GRPO (module docstring).
     self.diffusion = not model.cfg.causal
-    if d.corpus != 'prompts':
-      raise ConfigError(f"task 'grpo' rolls out from prompts: set config.data.corpus='prompts' "
-                        f'(it is {d.corpus!r})')
-    if model.cfg.lora_num_adapters > 1 or cfg.model.get('lora_quantize'):
-      raise ConfigError("task 'grpo' takes a full or LoRA policy; multi-LoRA and QLoRA policies "
-                        'are not supported yet')
-    if r.num_generations < 1 or r.max_new_tokens < 1 or r.temperature < 0:
-      raise ConfigError(f'config.rl: need num_generations >= 1, max_new_tokens >= 1 and '
-                        f'temperature >= 0, got {r.num_generations}, {r.max_new_tokens}, '
-                        f'{r.temperature}')
-    if r.num_generations == 1 and r.scale in ('group', 'rloo'):
-      raise ConfigError(f"config.rl.scale={r.scale!r} needs num_generations >= 2 (one sample per "
-                        "prompt has no group to compare with); use scale='batch' or 'none'")
-    if d.seq_len + r.max_new_tokens > model.cfg.max_len:
-      raise ConfigError(f'data.seq_len ({d.seq_len}, the prompt budget) + rl.max_new_tokens '
-                        f'({r.max_new_tokens}) exceeds model.max_len={model.cfg.max_len}')
-    self.rows = d.batch_size * r.num_generations
-    k = r.minibatches
-    if k < 1 or self.rows % k or (self.rows // k) % cfg.train.grad_accum:
-      raise ConfigError(f'config.rl.minibatches={k} must divide the {self.rows} rows of a '
-                        f'rollout (data.batch_size x rl.num_generations) into parts that '
-                        f'train.grad_accum={cfg.train.grad_accum} divides')
-    for key in ('checkpoint_every', 'steps', 'stop_at'):
-      if cfg.train.get(key) and cfg.train[key] % k:
-        raise ConfigError(f'config.train.{key}={cfg.train[key]} is not a multiple of '
-                          f'rl.minibatches={k}: checkpoints fall on rollout boundaries')
-    if r.dynamic_sampling and r.max_rollouts < 1:
-      raise ConfigError(f'config.rl.max_rollouts must be >= 1, got {r.max_rollouts}')
-    if r.overlong_buffer < 0 or r.overlong_buffer > r.max_new_tokens:
-      raise ConfigError(f'config.rl.overlong_buffer={r.overlong_buffer} must be in [0, '
-                        f'rl.max_new_tokens={r.max_new_tokens}]')
-    if r.eps_low < 0 or r.eps_low >= 1 or r.eps_high < 0 or r.beta < 0:
-      raise ConfigError(f'config.rl: need 0 <= eps_low < 1, eps_high >= 0, beta >= 0; got '
-                        f'{r.eps_low}, {r.eps_high}, {r.beta}')
-    for key, ok, want in (('top_p', 0 <= r.top_p <= 1, 'in [0, 1]'),
-                          ('min_p', 0 <= r.min_p <= 1, 'in [0, 1]'),
-                          ('top_k', r.top_k >= 0, '>= 0'),
-                          ('eval_batch', r.eval_batch >= 1, '>= 1'),
-                          ('eval_max', r.eval_max >= 0, '>= 0'),
-                          ('overlong_penalty', r.overlong_penalty >= 0, '>= 0')):
-      if not ok:
-        raise ConfigError(f'config.rl.{key}={r[key]} must be {want}')
     self.ppo = r.scale == 'gae'
-    if self.diffusion:
-      if self.ppo or r.kl_penalty == 'reward':
-        raise ConfigError("diffu-GRPO (a model.causal=False policy) takes no rl.scale='gae' (PPO) "
-                          "and no rl.kl_penalty='reward' (the sampler gives no log-probs)")
-      if not 0 <= r.prompt_mask_p < 1 or r.diffusion_steps < 0 or r.block_length < 0:
-        raise ConfigError(f'config.rl: need 0 <= prompt_mask_p < 1, diffusion_steps >= 0 and '
-                          f'block_length >= 0; got {r.prompt_mask_p}, {r.diffusion_steps}, '
-                          f'{r.block_length}')
-    if self.ppo:
-      if not model.cfg.scalar_head:
-        raise ConfigError("config.rl.scale='gae' (PPO) reads values off the policy's value head: "
-                          'set config.model.scalar_head=True (a fresh head is added to a start '
-                          'model that has none)')
-      for key, ok, want in (('gamma', 0 <= r.gamma <= 1, 'in [0, 1]'),
-                            ('lam', 0 <= r.lam <= 1, 'in [0, 1]'),
-                            ('vf_coef', r.vf_coef >= 0, '>= 0'),
-                            ('vf_clip', r.vf_clip >= 0, '>= 0')):
-        if not ok:
-          raise ConfigError(f'config.rl.{key}={r[key]} must be {want}')
+    self.rows = cfg.data.batch_size * r.num_generations
     self.reward_specs = rewards_lib.parse(r.rewards)
     self.needs_ref = r.beta > 0
     self.source, self.ref_key = r.reference or cfg.train.init_from, 'rl.reference'
-    if self.needs_ref and not self.source:
-      raise ConfigError('config.rl.beta > 0 needs a reference: set config.train.init_from (the '
-                        'model the policy starts from) or config.rl.reference')
     self.adapters_off = self.needs_ref and self.is_adapters_off()
-    if r.reset_every and (r.reset_every < 0 or r.reset_every % k):
-      raise ConfigError(f'config.rl.reset_every={r.reset_every} must be a positive multiple of '
-                        f'rl.minibatches={k}')
-    if r.reset_on_stall < 0:
-      raise ConfigError(f'config.rl.reset_on_stall={r.reset_on_stall} must be >= 0')
-    if r.reset_on_stall and not d.get('validation_path'):
-      raise ConfigError('config.rl.reset_on_stall watches the held-out score: set '
-                        'config.data.validation_path (held-out prompts)')
-    if r.reset_every or r.reset_on_stall:
-      if not self.needs_ref or model.cfg.lora_rank or cfg.train.get('trainable'):
-        raise ConfigError('config.rl.reset_every / reset_on_stall (ProRL reference resets) need '
-                          'rl.beta > 0 and a full-parameter policy (no LoRA, no train.trainable)')
-    if r.kl_penalty not in ('loss', 'reward'):
-      raise ConfigError(f"config.rl.kl_penalty={r.kl_penalty!r} is not 'loss' or 'reward'")
     self.kl_in_reward = self.needs_ref and r.kl_penalty == 'reward'
-    self.on_policy = k == 1  # one update per rollout: old = current policy, ratio exactly 1
+    self.on_policy = r.minibatches == 1  # one update per rollout: old = current, ratio exactly 1
     self.ref_model = None
     self._run = self._sampler = self._buffer = None
     self._records = self._messages = self._eval = self._rm = None
     # ProRL on stall: the watched held-out score ('val_' + the first reward that is not
     # 'random'), its history [(step, value)] and the step of the newest reset.
-    watched = [n for n, _ in self.reward_specs if n != 'random']
-    self.stall_key = f'val_{watched[0]}' if watched else None
-    if r.reset_on_stall and self.stall_key is None:
-      raise ConfigError("config.rl.reset_on_stall watches the held-out score of the first reward "
-                        "that is not 'random'; rl.rewards names none")
+    self.stall_key = settings.watched_score(self.reward_specs)
     self._history: list[tuple[int, float]] = []
     self._last_reset = 0
 

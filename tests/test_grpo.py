@@ -106,6 +106,7 @@ def test_grpo_raises_a_learnable_reward(base):
                    str(base / 'learn'), quiet=True)
   reward = _by_step(base / 'learn', 'reward')
   assert res['status'] == 'completed' and sorted(reward) == list(range(1, 13))
+  assert res['tokens'] == 12 * (4 * 8) * (48 + NEW)  # rollout rows: prompt budget + completion
   assert res['val_correct'] == 0 and res['val_spaces'] > 0.2, res  # no answer is 'x'
   assert _by_step(base / 'learn', 'val_spaces') == {12: res['val_spaces']}
   first, last = np.mean([reward[s] for s in (1, 2, 3)]), np.mean([reward[s] for s in (10, 11, 12)])

@@ -102,6 +102,11 @@ class Task:
     tasks; `params` are the whole model's (trained and frozen parts merged)."""
     raise NotImplementedError
 
+  def tokens_per_step(self) -> int:
+    """Tokens one optimizer step trains on (the loop's tokens/s and MFU): the batch's rows x
+    their length unless the task's rows differ (RL: rollout rows of prompt + completion)."""
+    return self.cfg.data.batch_size * self.cfg.data.seq_len
+
   def can_checkpoint(self, step: int) -> bool:
     """Whether the run may be saved after `step` (RL: only between rollout batches)."""
     del step

@@ -133,6 +133,12 @@ class GrpoTask(ReferenceMixin, Task):
       raise ConfigError(f"task 'grpo' reads prompt batches with {missing}; the batch has "
                         f"{sorted(batch)} (use data.corpus='prompts')")
 
+  def tokens_per_step(self) -> int:
+    """The rows one optimizer step trains on (B x G / minibatches), prompt budget + completion
+    slots each; the rollouts' own compute is not counted (their time is time_rollout_s)."""
+    r = self.cfg.rl
+    return (self.rows // r.minibatches) * (self.cfg.data.seq_len + r.max_new_tokens)
+
   def can_checkpoint(self, step: int) -> bool:
     return step % self.cfg.rl.minibatches == 0
 

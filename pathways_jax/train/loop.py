@@ -256,7 +256,7 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
   m = _compile(cfg, model_cfg, run_model, task, tx, shardings, mesh, input_shardings)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_lead)
   peak, peak_source = metrics_lib.peak_flops_per_device(cfg.train.peak_flops)
-  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  tokens_per_step = m.task.tokens_per_step()
   validate = lambda params: evaluate(m.eval_fn, params, eval_batches, mesh, rules,
                                      perplexity=m.task.perplexity, aux_args=aux_args)
 

@@ -12,7 +12,7 @@ UV_VERSION := 0.13.9
 TORCH ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv lock run test test-variants reproduce bench bench-trl bench-preference golden-hf check-export-hf clean
+.PHONY: venv lock run test test-variants reproduce bench bench-trl bench-preference bench-rl golden-hf check-export-hf clean
 
 venv: $(STAMP)
 
@@ -74,6 +74,12 @@ bench-trl: $(STAMP)
 # (benchmarks/preference_vs_trl.py, benchmarks/RESULTS.md; the TRL side in .venv-golden, as above).
 bench-preference: $(STAMP)
 	$(PY) benchmarks/preference_vs_trl.py
+
+# A GRPO step, rollouts included, samples/s and its time split against TRL's GRPOTrainer (no
+# vLLM) on the same HF model, prompts, G and lengths (benchmarks/rl_step.py,
+# benchmarks/RESULTS.md; the TRL side in .venv-golden, as above).
+bench-rl: $(STAMP)
+	$(PY) benchmarks/rl_step.py
 
 # tests/golden/hf: tiny random Llama/Qwen2/Qwen3 checkpoints and the logits and greedy tokens
 # transformers computes for them, for the torch-free tests of pathways_jax.interop.hf. Run it only

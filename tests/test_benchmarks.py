@@ -99,7 +99,11 @@ def test_benchmarks_reject_bad_arguments_in_one_line(tmp_path):
       ('ab_step.py', ['--variant=x model.num_heads=2'], {}, 'is not "NAME: KEY=VALUE'),
       ('ab_step.py', ['--variant=a: train.lr=1', '--variant=a: train.lr=2'], {}, 'names repeat'),
       ('ab_step.py', ['--rounds=0'], {}, '--steps and --rounds must be >= 1'),
-      ('diffusion_sampling.py', ['--attention=flash'], {}, "--attention='flash' is not one of")]:
+      ('diffusion_sampling.py', ['--attention=flash'], {}, "--attention='flash' is not one of"),
+      ('rl_step.py', ['--num_generations=1'], {}, 'it needs >= 2'),
+      ('rl_step.py', ['--max_new_tokens=0'], {}, '--max_new_tokens must be >= 1'),
+      ('rl_step.py', ['--num_heads=3'], {}, 'must be a multiple of --num_heads=3'),
+      ('rl_step.py', ['--attention=flash'], {}, "--attention='flash' is not one of")]:
     cases.append((script, args, env, message))
   # One interpreter runs every case as `python SCRIPT ARGS` would (runpy, __main__), so the heavy
   # imports are paid once; each case reports its exit code and stderr.
@@ -259,3 +263,33 @@ def test_preference_vs_trl_pairs_and_the_batch_that_fills_its_rows():
   n = preference_vs_trl.choose_batch(rendered, 256, 3, tok.pad_id)
   rows = lambda k: preference.build_rows(rendered[:k], 256, pad_id=tok.pad_id)[1]['rows']
   assert rows(n) == 3 and rows(n + 1) > 3
+
+
+def test_rl_step_renders_the_same_prompts_for_both_sides_and_a_grpo_task_takes_its_config(
+    tmp_path):
+  """The inputs of benchmarks/rl_step.py (no rollout or step is compiled: `make bench-rl` runs
+  them): the TRL file's prompts and the pathways_jax file's read back as the same messages, the
+  prompt budget is the longest prompt, and task 'grpo' accepts the run config, its step's rows
+  [P*G, prompt + new tokens]."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import rl_step  # pylint: disable=g-import-not-at-top
+  from pathways_jax import tasks  # pylint: disable=g-import-not-at-top
+  from pathways_jax.interop.hf import run_dir  # pylint: disable=g-import-not-at-top
+  from pathways_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  from pathways_jax.rl import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+  args = argparse.Namespace(num_people=8, prompts=3, seed=0, vocab=384, max_new_tokens=8,
+                            d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64,
+                            num_generations=4, lr=1e-4, attention='cpu')
+  data, hf_dir, facts = rl_step.prepare(args, str(tmp_path))
+  trl_prompts = [json.loads(line)['prompt'] for line in open(data['trl'], encoding='utf-8')]
+  jax_read = prompts_lib.read_prompts(data['jax'])
+  assert [m for _, m in jax_read] == trl_prompts and len(trl_prompts) == 3
+  assert [m['role'] for m in trl_prompts[0]] == ['system', 'user']
+  assert facts['prompt_width'] == max(facts['prompt_tokens']) == max(map(len, facts['prompt_ids']))
+  cfg = rl_step.run_config(args, hf_dir, data['jax'], facts['prompt_width'])
+  cfg.rl.rewards = 'correct'  # the benchmark's own reward is registered when it runs
+  task = tasks.make(cfg, Transformer(run_dir.init_model_config(hf_dir, cfg.model)))
+  spec = task.batch_spec(cfg.data.batch_size, cfg.data.seq_len)
+  assert spec['tokens'].shape == (3 * 4, facts['prompt_width'] + 8)
+  assert rl_step.space_share('a b c') == 0.4 and rl_step.space_share('') == 0.0

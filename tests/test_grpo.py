@@ -272,6 +272,17 @@ def test_bad_rewards_prompts_and_settings_are_named(base, tmp_path):
     f.write(json.dumps({'question': 'x'}) + '\n')
   with pytest.raises(Exception, match="needs 'prompt'"):
     prompts_lib.read_prompts(str(tmp_path / 'bad.jsonl'))
+  # Message-list prompts need no assistant turn; a final one is the reference answer.
+  system = {'role': 'system', 'content': 'Be brief.'}
+  with open(tmp_path / 'msgs.jsonl', 'w') as f:
+    f.write(json.dumps({'prompt': [system, {'role': 'user', 'content': 'Hi?'}], 'answer': 'x'})
+            + '\n')
+    f.write(json.dumps({'messages': [{'role': 'user', 'content': 'Q'},
+                                     {'role': 'assistant', 'content': 'A'}]}) + '\n')
+    f.write(json.dumps({'messages': [{'role': 'user', 'content': 'Q2'}]}) + '\n')
+  read = prompts_lib.read_prompts(str(tmp_path / 'msgs.jsonl'))
+  assert [len(m) for _, m in read] == [2, 1, 1] and read[1][0]['answer'] == 'A'
+  assert 'answer' not in read[2][0]
 
 
 def test_rewards_compose_with_weights_and_shape_overlong_completions():

@@ -29,8 +29,10 @@ ROLES = ('system', 'user', 'assistant')
 TRAIN_ON = ('assistant', 'all')
 
 
-def check_messages(messages, where: str = 'conversation') -> list[dict]:
-  """The messages as a list of {role, content}; a clear error for anything else."""
+def check_messages(messages, where: str = 'conversation', *, require_assistant: bool = True
+                   ) -> list[dict]:
+  """The messages as a list of {role, content}; a clear error for anything else. Training data
+  needs an assistant turn; a prompt (require_assistant=False) need not have one."""
   if not isinstance(messages, (list, tuple)) or not messages:
     raise DataError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}}')
   out = []
@@ -44,7 +46,7 @@ def check_messages(messages, where: str = 'conversation') -> list[dict]:
     if m['role'] == 'assistant' and not m['content'].strip():
       raise DataError(f'{where}: message {i} is an empty assistant turn')
     out.append({'role': m['role'], 'content': m['content']})
-  if not any(m['role'] == 'assistant' for m in out):
+  if require_assistant and not any(m['role'] == 'assistant' for m in out):
     raise DataError(f'{where}: no assistant turn (nothing to train on)')
   return out
 

@@ -39,13 +39,13 @@ def read_prompts(path: str) -> list[tuple[dict, list[dict]]]:
     if 'prompt' in record:
       prompt = record['prompt']
       messages = ([{'role': 'user', 'content': prompt}] if isinstance(prompt, str)
-                  else chat.from_record({'messages': prompt}, where))
+                  else chat.check_messages(prompt, where, require_assistant=False))
     elif 'text' in record:
       if not isinstance(record['text'], str) or not record['text']:
         raise DataError(f"{where}: 'text' must be a non-empty string")
       messages = [{'role': 'user', 'content': record['text']}]
     elif 'messages' in record:
-      messages = chat.from_record(record, where)
+      messages = chat.check_messages(record['messages'], where, require_assistant=False)
       if messages and messages[-1]['role'] == 'assistant':
         record.setdefault('answer', messages[-1]['content'])
         messages = messages[:-1]

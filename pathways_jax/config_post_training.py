@@ -101,6 +101,12 @@ def add_sections(c: ml_collections.ConfigDict) -> None:
   r.diffusion_steps = 0
   r.block_length = 0
   r.prompt_mask_p = 0.15
+  # Reflect, Retry, Reward (pathways_jax/rl/reflect.py): G reflections after a failed greedy first
+  # attempt, each rewarded 1 if the greedy retry after it succeeds (total reward >= success_at).
+  r.reflect = False
+  r.reflect_instruction = 'That answer is wrong. In one or two sentences, say what went wrong.'
+  r.retry_instruction = 'Now answer the question again.'
+  r.success_at = 1.0
   r.reference = ''  # '' = train.init_from (a LoRA policy: its own base, adapters off)
   # ProRL: every reset_every steps the policy becomes the reference and the optimizer state
   # starts afresh (needs beta > 0 and a full-parameter policy; 0: never).

@@ -285,6 +285,30 @@ def test_bad_rewards_prompts_and_settings_are_named(base, tmp_path):
   assert 'answer' not in read[2][0]
 
 
+def test_reflect_retry_reward_trains_reflections_on_failed_first_attempts(base):
+  """RRR's control flow, on rewards whose outcome is known: 'one:0' never succeeds (every first
+  attempt fails, every retry fails: all groups kept, rewards 0); 'one' always does (every prompt
+  is answered at once: nothing to reflect on, all groups replaced, then masked)."""
+  from pathways_jax.rl import reflect
+  from pathways_jax.train import loop
+  msgs = reflect.retry_messages(reflect.reflection_messages(
+      [{'role': 'user', 'content': 'Q'}], 'A1', 'Why?'), 'Because.', 'Again.')
+  assert [(m['role'], m['content']) for m in msgs] == [
+      ('user', 'Q'), ('assistant', 'A1'), ('user', 'Why?'), ('assistant', 'Because.'),
+      ('user', 'Again.')]
+  kw = {'rl.reflect': True, 'rl.reflect_instruction': 'Why?', 'rl.retry_instruction': 'Again.',
+        'data.seq_len': 120, 'model.max_len': 128, 'rl.max_new_tokens': 4, 'train.steps': 1,
+        'rl.max_rollouts': 2}
+  loop.train(_cfg(base, **kw, **{'rl.rewards': 'one:0'}), str(base / 'rrr_fail'), quiet=True)
+  m = _metrics(base / 'rrr_fail')[0]
+  assert m['first_attempt_success'] == 0 and m['retry_success'] == 0 and m['reward'] == 0
+  assert m['masked_groups'] == 0 and m['rollouts'] == 1
+  assert m['reflect_too_long'] == m['retry_too_long'] == 0
+  loop.train(_cfg(base, **kw, **{'rl.rewards': 'one'}), str(base / 'rrr_pass'), quiet=True)
+  m = _metrics(base / 'rrr_pass')[0]
+  assert m['first_attempt_success'] == 1 and m['rollouts'] == 2 and m['masked_groups'] == 4
+
+
 def test_rewards_compose_with_weights_and_shape_overlong_completions():
   rec = {'answer': 'Ada'}
   total, values, failures = rewards_lib.score(rewards_lib.parse('correct:2,random:0.5'),

@@ -79,6 +79,9 @@ def check(cfg, model_cfg) -> None:
     _in_range(r, (('gamma', 0 <= r.gamma <= 1, 'in [0, 1]'), ('lam', 0 <= r.lam <= 1, 'in [0, 1]'),
                   ('vf_coef', r.vf_coef >= 0, '>= 0'), ('vf_clip', r.vf_clip >= 0, '>= 0')))
   specs = rewards_lib.parse(r.rewards)
+  if r.reflect and not (r.reflect_instruction.strip() and r.retry_instruction.strip()):
+    raise ConfigError('config.rl.reflect needs rl.reflect_instruction and rl.retry_instruction '
+                      '(the user turns that ask for a reflection and for a retry)')
   if r.beta > 0 and not (r.reference or cfg.train.init_from):
     raise ConfigError('config.rl.beta > 0 needs a reference: set config.train.init_from (the '
                       'model the policy starts from) or config.rl.reference')

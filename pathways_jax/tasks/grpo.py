@@ -29,6 +29,9 @@ diffu-GRPO (a bidirectional model, model.causal=False; rl/diffusion.py): rollout
 masked-diffusion sampler (rl.diffusion_steps, rl.block_length) and d1's one-step log-prob
 estimate, on an input with the completion masked and the prompt masked at rl.prompt_mask_p, one
 mask per rollout shared by policy, old policy and reference.
+Reflect, Retry, Reward (rl.reflect; rl/reflect.py): the group is G reflections on a failed greedy
+first attempt, each rewarded by whether the greedy retry after it succeeds; only the reflections
+are trained.
 The loss (`objectives.rl.policy_loss`) is the clipped surrogate on log softmax(logits / T) of
 the sampled tokens, plus beta * KL to the reference (a frozen model, or for a LoRA policy its own
 base with the adapters off) and minus an entropy bonus. Checkpoints fall only on rollout
@@ -53,6 +56,7 @@ from pathways_jax.objectives import preference, rl
 from pathways_jax.rl import batch as batch_lib
 from pathways_jax.rl import diffusion as diffusion_lib
 from pathways_jax.rl import prompts as prompts_lib
+from pathways_jax.rl import reflect as reflect_lib
 from pathways_jax.rl import rewards as rewards_lib
 from pathways_jax.rl import settings
 from pathways_jax.tasks.base import COUNT, FrozenInputs, RunContext, Task
@@ -158,6 +162,9 @@ class GrpoTask(ReferenceMixin, Task):
       self._rm = rewards_lib.RewardModelScorer(self.cfg.rl.reward_model,
                                                batch_size=self.cfg.rl.eval_batch)
     rewards_lib.check_records(self.reward_specs, self._records, self.cfg.data.path)
+    if self.cfg.rl.reflect and any(prompts_lib.is_raw_text(rec) for rec in self._records):
+      raise ConfigError(f'config.rl.reflect: {self.cfg.data.path} holds raw-text prompts; '
+                        'reflecting and retrying need chat prompts (prompt or messages)')
     r = self.cfg.rl
     self._sampler = self._make_sampler(self.cfg.data.batch_size, r.num_generations,
                                        r.temperature)
@@ -305,7 +312,9 @@ class GrpoTask(ReferenceMixin, Task):
     all_rewards, all_lengths, all_finished, values_by_name = [], [], [], {}
     fails: dict[str, list] = {}
     kl_rewards = []
-    attempts = r.max_rollouts if r.dynamic_sampling else 1
+    # Dynamic sampling and RRR (whose prompts answered right at once teach nothing) refill.
+    attempts = r.max_rollouts if r.dynamic_sampling or r.reflect else 1
+    reflect_stats = []
     made = 0
     for attempt in range(attempts):
       prompts = next(train_iter)
@@ -314,23 +323,31 @@ class GrpoTask(ReferenceMixin, Task):
       key = jax.random.fold_in(jax.random.fold_in(
           jax.random.fold_in(jax.random.key(self.cfg.seed), _ROLLOUT_STREAM), index), attempt)
       ts = time.perf_counter()
-      ro = self._sampler(params, prompts['tokens'], prompts['segment_ids'], key=key)
+      rng = np.random.default_rng([self.cfg.seed, index, attempt])
+      skip = np.zeros(B, bool)  # groups that teach nothing (RRR: right at the first attempt)
+      if r.reflect:
+        ro, prompt_mask, rewards, values, failures, skip, stats = self._reflect_round(
+            params, prompts, key, rng)
+        reflect_stats.append(stats)
+        prompt_mask = np.asarray(prompt_mask)
+      else:
+        ro = self._sampler(params, prompts['tokens'], prompts['segment_ids'], key=key)
+        prompt_mask = np.repeat(prompts['segment_ids'], G, axis=0)
       tokens, cmask = np.asarray(ro.tokens_BT), np.asarray(ro.completion_mask_BN)
       t_sample += time.perf_counter() - ts
       made += 1
       tr = time.perf_counter()
       P = prompts['tokens'].shape[1]
       texts, lengths, finished = batch_lib.completion_texts(tokens[:, P:], cmask, tok)
-      ids = [int(e) for e in np.repeat(prompts[prompts_lib.EXAMPLE_ID], G)]
-      records = [self._records[e] for e in ids]
-      rng = np.random.default_rng([self.cfg.seed, index, attempt])
-      rewards, values, failures = rewards_lib.score(
-          self.reward_specs, records, texts, rng=rng, prompts=[self._messages[e] for e in ids],
-          reward_model=self._rm, think_tag=r.think_tag, think_malformed=r.think_malformed)
+      if not r.reflect:
+        ids = [int(e) for e in np.repeat(prompts[prompts_lib.EXAMPLE_ID], G)]
+        rewards, values, failures = rewards_lib.score(
+            self.reward_specs, [self._records[e] for e in ids], texts, rng=rng,
+            prompts=[self._messages[e] for e in ids], reward_model=self._rm,
+            think_tag=r.think_tag, think_malformed=r.think_malformed)
       if r.overlong_buffer:
         rewards = rewards + r.overlong_penalty * rewards_lib.overlong_penalty(
             lengths, max_new_tokens=r.max_new_tokens, buffer=r.overlong_buffer)
-      prompt_mask = np.repeat(prompts['segment_ids'], G, axis=0)
       rows = batch_lib.training_rows(prompt_mask, tokens, cmask)
       if self.diffusion:
         rows.update(self._diffusion_rows(rows, prompt_mask, cmask, index, attempt))
@@ -358,7 +375,7 @@ class GrpoTask(ReferenceMixin, Task):
         group['rewards'] = rewards.reshape(B, G)[b]
         if kl_NT is not None:
           group['kl'] = flat(kl_NT)[b]
-        (dropped if r.dynamic_sampling and zero[b] else kept).append(group)
+        (dropped if (r.dynamic_sampling and zero[b]) or skip[b] else kept).append(group)
       if len(kept) >= B:
         break
     for name, (n, first) in fails.items():
@@ -394,9 +411,61 @@ class GrpoTask(ReferenceMixin, Task):
                'time_batch_s': time.perf_counter() - t0, **ppo_metrics}
     for name, vals in values_by_name.items():
       metrics[f'reward/{name}'] = float(np.concatenate(vals).mean())
+    if reflect_stats:
+      for key in reflect_stats[0]:
+        metrics[key] = float(np.mean([s[key] for s in reflect_stats]))
     if kl_rewards:
       metrics['kl_sequence'] = float(np.concatenate(kl_rewards).mean())
     return rows, metrics
+
+  def _reflect_round(self, params, prompts, key, rng):
+    """Reflect, Retry, Reward on one batch of prompts (rl/reflect.py): (the reflections as a
+    rollout, their prompts' mask [B*G, P], rewards [B*G] = retry success, the retries' reward
+    values, failures, skip [B]: groups with nothing to learn, stats)."""
+    r, G, tok, P = self.cfg.rl, self.cfg.rl.num_generations, self._run.tokenizer, self.cfg.data.seq_len
+    ids = [int(e) for e in prompts[prompts_lib.EXAMPLE_ID]]
+    B = len(ids)
+    greedy = lambda batch: self._greedy_sampler(batch)
+    k_attempt, k_reflect, k_retry = jax.random.split(key, 3)
+    score = lambda recs, texts, msgs: rewards_lib.score(
+        self.reward_specs, recs, texts, rng=rng, prompts=msgs, reward_model=self._rm,
+        think_tag=r.think_tag, think_malformed=r.think_malformed)
+    texts_of = lambda ro: batch_lib.completion_texts(np.asarray(ro.tokens_BT)[:, P:],
+                                                     np.asarray(ro.completion_mask_BN), tok)[0]
+    messages = [self._messages[e] for e in ids]
+    records = [self._records[e] for e in ids]
+    first = texts_of(greedy(B)(params, prompts['tokens'], prompts['segment_ids'],
+                               key=k_attempt))
+    first_score, _, _ = score(records, first, messages)
+    failed = first_score < r.success_at
+    own = reflect_lib.unpadded(prompts['tokens'], prompts['segment_ids'])
+    asks = [reflect_lib.reflection_messages(m, a, r.reflect_instruction)
+            for m, a in zip(messages, first)]
+    ask_tokens, ask_mask, ask_fits = reflect_lib.encode(tok, asks, P, own)
+    ro = self._sampler(params, ask_tokens, ask_mask, key=k_reflect)
+    reflections = texts_of(ro)
+    retries = [reflect_lib.retry_messages(asks[n // G], text, r.retry_instruction)
+               for n, text in enumerate(reflections)]
+    fallback = [ids_ for ids_ in reflect_lib.unpadded(ask_tokens, ask_mask) for _ in range(G)]
+    retry_tokens, retry_mask, retry_fits = reflect_lib.encode(tok, retries, P, fallback)
+    second = texts_of(greedy(B * G)(params, retry_tokens, retry_mask, key=k_retry))
+    rep = lambda xs: [x for x in xs for _ in range(G)]
+    retry_score, values, failures = score(rep(records), second, rep(messages))
+    success = (retry_score >= r.success_at) & retry_fits
+    tried = np.repeat(failed & ask_fits, G)
+    stats = {'first_attempt_success': float((~failed).mean()),
+             'retry_success': float(success[tried].mean()) if tried.any() else 0.0,
+             'reflect_too_long': float((failed & ~ask_fits).sum()),
+             'retry_too_long': float((tried & ~retry_fits).sum())}
+    return (ro, np.repeat(ask_mask, G, axis=0), success.astype(np.float32), values, failures,
+            ~(failed & ask_fits), stats)
+
+  def _greedy_sampler(self, batch_size: int):
+    """One greedy sampler per batch size (RRR's attempts and retries, held-out answers)."""
+    cache = self.__dict__.setdefault('_greedy_samplers', {})
+    if batch_size not in cache:
+      cache[batch_size] = self._make_sampler(batch_size, 1, 0.0)
+    return cache[batch_size]
 
   def _diffusion_rows(self, rows, prompt_mask, cmask, index, attempt):
     """diffu-GRPO's row fields: every generated position in the sequence (the sampler decoded
@@ -547,12 +616,11 @@ class GrpoTask(ReferenceMixin, Task):
     """{'val_<reward>': mean over the held-out prompts} of their greedy answers."""
     records, tokens, mask, messages = self._eval
     n, width = len(records), min(self.cfg.rl.eval_batch, len(records))
-    if getattr(self, '_greedy', None) is None:
-      self._greedy = self._make_sampler(width, 1, 0.0)
+    greedy = self._greedy_sampler(width)
     texts = []
     for s in range(0, n, width):
       idx = np.minimum(np.arange(s, s + width), n - 1)  # the last batch repeats its last prompt
-      ro = self._greedy(params, tokens[idx], mask[idx], key=jax.random.key(0))
+      ro = greedy(params, tokens[idx], mask[idx], key=jax.random.key(0))
       got, _, _ = batch_lib.completion_texts(np.asarray(ro.tokens_BT)[:, tokens.shape[1]:],
                                              np.asarray(ro.completion_mask_BN),
                                              self._run.tokenizer)

@@ -77,7 +77,7 @@ from pathways_jax.train import optimizer, state as state_lib, step as step_lib  
 from _rounds import Worker, ratio, round_rows, time_rounds, usable_torch_python  # noqa: E402
 from train_throughput import paired_ratio  # noqa: E402
 from sft_vs_trl import SYSTEM, TORCH_PYTHON, model_config, train_config  # noqa: E402
-from sft_vs_trl import train_tokenizer, tree_bytes  # noqa: E402
+from sft_vs_trl import add_model_args, train_tokenizer, tree_bytes  # noqa: E402
 
 WORKER = os.path.join(REPO, 'benchmarks', 'preference_vs_trl_torch.py')
 PAIRS = (('dpo', 'DPO (sigmoid, frozen reference)'), ('reward', 'reward model (Bradley-Terry)'))
@@ -276,13 +276,7 @@ def main():
   ap.add_argument('--warmup', type=int, default=1, help='untimed steps of each runner first')
   ap.add_argument('--seq_len', type=int, default=512)
   ap.add_argument('--batch_size', type=int, default=8, help='pathways_jax rows a step')
-  ap.add_argument('--d_model', type=int, default=256)
-  ap.add_argument('--num_layers', type=int, default=4)
-  ap.add_argument('--num_heads', type=int, default=4)
-  ap.add_argument('--num_kv_heads', type=int, default=2)
-  ap.add_argument('--mlp_dim', type=int, default=688)
-  ap.add_argument('--vocab', type=int, default=8192, help='model vocabulary (tokenizer: at most)')
-  ap.add_argument('--num_people', type=int, default=200, help='of the instruction set world')
+  add_model_args(ap)
   ap.add_argument('--max_turns', type=int, default=4, help='turns of a pair, the last compared')
   ap.add_argument('--candidates', type=int, default=400, help='pairs rendered to pick the batch')
   ap.add_argument('--lr', type=float, default=1e-4)

@@ -86,7 +86,7 @@ from _rl_reward import space_share  # noqa: E402
 from _rounds import Worker, ratio, round_rows, time_rounds, usable_torch_python  # noqa: E402
 from train_throughput import paired_ratio  # noqa: E402
 from sft_vs_trl import SYSTEM, TORCH_PYTHON, model_config, train_config  # noqa: E402
-from sft_vs_trl import train_tokenizer  # noqa: E402
+from sft_vs_trl import add_model_args, train_tokenizer  # noqa: E402
 
 WORKER = os.path.join(REPO, 'benchmarks', 'rl_step_torch.py')
 REWARD = 'bench_space_share'  # this script's entry in pathways_jax.rl.rewards.REWARDS
@@ -263,13 +263,7 @@ def main():
   ap.add_argument('--prompts', type=int, default=8, help='prompts per rollout (P)')
   ap.add_argument('--num_generations', type=int, default=8, help='completions per prompt (G)')
   ap.add_argument('--max_new_tokens', type=int, default=64)
-  ap.add_argument('--d_model', type=int, default=256)
-  ap.add_argument('--num_layers', type=int, default=4)
-  ap.add_argument('--num_heads', type=int, default=4)
-  ap.add_argument('--num_kv_heads', type=int, default=2)
-  ap.add_argument('--mlp_dim', type=int, default=688)
-  ap.add_argument('--vocab', type=int, default=8192, help='model vocabulary (tokenizer: at most)')
-  ap.add_argument('--num_people', type=int, default=200, help='of the instruction set world')
+  add_model_args(ap)
   ap.add_argument('--lr', type=float, default=1e-4)
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--attention', default='cpu', help="pathways_jax's model.attention")

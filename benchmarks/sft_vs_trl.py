@@ -266,12 +266,9 @@ def print_memory(mem: dict) -> None:
 
 # ------------------------------------------------------------------------------ main
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--rounds', type=int, default=10)
-  ap.add_argument('--steps', type=int, default=1, help='optimizer steps per round')
-  ap.add_argument('--seq_len', type=int, default=512)
-  ap.add_argument('--batch_size', type=int, default=8)
+def add_model_args(ap) -> None:
+  """The flags of the Llama both sides train and of its instruction-set data (the TRL
+  comparisons share them: sft_vs_trl, preference_vs_trl, rl_step)."""
   ap.add_argument('--d_model', type=int, default=256)
   ap.add_argument('--num_layers', type=int, default=4)
   ap.add_argument('--num_heads', type=int, default=4)
@@ -279,6 +276,15 @@ def main():
   ap.add_argument('--mlp_dim', type=int, default=688)
   ap.add_argument('--vocab', type=int, default=8192, help='model vocabulary (tokenizer: at most)')
   ap.add_argument('--num_people', type=int, default=200, help='of the instruction set world')
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--rounds', type=int, default=10)
+  ap.add_argument('--steps', type=int, default=1, help='optimizer steps per round')
+  ap.add_argument('--seq_len', type=int, default=512)
+  ap.add_argument('--batch_size', type=int, default=8)
+  add_model_args(ap)
   ap.add_argument('--max_turns', type=int, default=8)
   ap.add_argument('--conversations', type=int, default=0, help='at most this many (0: all)')
   ap.add_argument('--lr', type=float, default=1e-4)

@@ -26,7 +26,8 @@ import os
 import subprocess
 import sys
 
-EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'knowledge_injection', 'grpo_instructions')
+EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'knowledge_injection', 'grpo_instructions',
+               'grpo_arithmetic')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, 'docs', 'results', 'data')
 OUT_DIR = os.path.join(REPO, 'docs', 'figures')
@@ -227,9 +228,47 @@ def extract_grpo_instructions(run_dirs: str, commit: str | None = None) -> dict:
   return out
 
 
+ARITH_ARMS = ('grpo', 'grpo_random')
+
+
+def extract_grpo_arithmetic(run_dirs: str, commit: str | None = None) -> dict:
+  """Comma-separated WORKDIRs of experiments/grpo_instructions.py run with
+  grpo_exp.kinds='arithmetic', one per seed; each arm of ARITH_ARMS whose
+  <arm>_arithmetic_results.json is there is taken (a seed needs the 'grpo' arm)."""
+  seeds, first = {}, None
+  for run_dir in [d for d in run_dirs.split(',') if d]:
+    per_arm = {}
+    for arm in ARITH_ARMS:
+      path = os.path.join(run_dir, f'{arm}_arithmetic_results.json')
+      if not os.path.isfile(path):
+        if arm == 'grpo':
+          raise MissingData(f'{path} not found: run the grpo arm with '
+                            f'--config.grpo_exp.kinds=arithmetic in {run_dir} first')
+        continue
+      with open(path) as f:
+        res = json.load(f)
+      first = first or (res, run_dir)
+      name = f'{arm}_arithmetic'
+      per_arm['sft'] = {'heldout': _r(res['sft']['accuracy']),
+                        'train_questions': _r(res['sft_train_questions']['accuracy'])}
+      per_arm[arm] = {'heldout': _r(res[name]['accuracy']),
+                      'train_questions': _r(res[f'{name}_train_questions']['accuracy']),
+                      'reward': [[s, _r(v)] for s, v in res['curve']['reward']],
+                      'val_correct': [[s, _r(v)] for s, v in res['curve'].get('val_correct') or []]}
+    seeds[str(res['seed'])] = per_arm
+  if first is None:
+    raise MissingData('--grpo_arithmetic: no run directory given')
+  res, run_dir = first
+  out = _meta('grpo_arithmetic', res, run_dirs, commit, None)
+  out.update(source='experiments/grpo_instructions.py (grpo_exp.kinds=arithmetic)',
+             seed=sorted(seeds), n=res['sft']['n'], seeds=seeds)
+  return out
+
+
 EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack, 'reversal': extract_reversal,
            'knowledge_injection': extract_knowledge_injection,
-           'grpo_instructions': extract_grpo_instructions}
+           'grpo_instructions': extract_grpo_instructions,
+           'grpo_arithmetic': extract_grpo_arithmetic}
 
 
 def save_data(name: str, data: dict, data_dir: str = DATA_DIR) -> str:
@@ -460,9 +499,45 @@ def draw_grpo_instructions(data: dict, path: str) -> str:
   return _save(fig, path)
 
 
+def draw_grpo_arithmetic(data: dict, path: str) -> str:
+  plt = _plt()
+  seeds = data['seeds']
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  ax = axes[0]
+  arms = [a for a in ('sft',) + ARITH_ARMS if any(a in s for s in seeds.values())]
+  for i, m in enumerate(('train_questions', 'heldout')):
+    xs = [j + (i - 0.5) * 0.38 for j in range(len(arms))]
+    vals = [[s[a][m] for s in seeds.values() if a in s] for a in arms]
+    means = [sum(v) / len(v) for v in vals]
+    bars = ax.bar(xs, means, 0.38, color=f'C{i}', alpha=0.8,
+                  label='training questions' if i == 0 else 'held-out questions')
+    ax.bar_label(bars, labels=[f'{v:.2f}' for v in means], fontsize=6, padding=1)
+    for x, v in zip(xs, vals):
+      ax.plot([x] * len(v), v, 'k.', ms=3)
+  ax.set_xticks(range(len(arms)), [GRPO_LABELS[a] for a in arms], fontsize=7)
+  ax.set_ylabel('greedy accuracy (arithmetic)', fontsize=8)
+  ax.set_ylim(0, 1.0)
+  ax.set_title(f'Arithmetic questions only, after 150 steps ({data["n"]} each)', fontsize=8)
+  ax.legend(fontsize=7)
+  ax = axes[1]
+  for k, (seed, s) in enumerate(sorted(seeds.items())):
+    curve = [[0, s['sft']['heldout']]] + s['grpo']['val_correct']
+    xs, ys = zip(*curve)
+    ax.plot(xs, ys, color=f'C{k}', marker='.', lw=1, label=f'seed {seed}')
+  ax.set_xlabel('step', fontsize=8)
+  ax.set_ylabel('held-out accuracy (greedy)', fontsize=8)
+  ax.set_ylim(0, 1.0)
+  ax.set_title('GRPO (correct reward): held-out arithmetic during training', fontsize=8)
+  ax.legend(fontsize=7)
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
+  return _save(fig, path)
+
+
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'reversal': draw_reversal,
         'knowledge_injection': draw_knowledge_injection,
-        'grpo_instructions': draw_grpo_instructions}
+        'grpo_instructions': draw_grpo_instructions,
+        'grpo_arithmetic': draw_grpo_arithmetic}
 
 
 def make_figures(run_dirs: dict | None = None, *, data_dir: str = DATA_DIR, out_dir: str = OUT_DIR,
@@ -479,9 +554,10 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   for name in EXPERIMENTS:
     ap.add_argument(f'--{name}', default='', metavar='RUN_DIR',
-                    help=f'a finished experiments/{name}.py run (knowledge_injection and '
-                         'grpo_instructions: one per seed, comma-separated): copy its numbers '
-                         'into the data file')
+                    help=f'a finished run of its experiment (knowledge_injection and '
+                         'the grpo ones: one per seed, comma-separated; grpo_arithmetic: '
+                         'experiments/grpo_instructions.py with grpo_exp.kinds=arithmetic): '
+                         'copy its numbers into the data file')
   ap.add_argument('--data', default=DATA_DIR,
                   help='where the data files are (default: %(default)s)')
   ap.add_argument('--out', default=OUT_DIR, help='where the PNGs go (default: %(default)s)')

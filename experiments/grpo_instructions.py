@@ -101,6 +101,10 @@ def run(cfg, workdir: str) -> dict:
       raise config_lib.ConfigError(f'config.grpo_exp.kinds: {unknown} are not kinds of the '
                                    f'instruction set ({sorted({e.kind for e in examples["train"]})})')
     rl_examples = {split: [e for e in exs if e.kind in kinds] for split, exs in examples.items()}
+    empty = [split for split, exs in rl_examples.items() if not exs]
+    if empty:
+      raise config_lib.ConfigError(f'config.grpo_exp.kinds={cfg.grpo_exp.kinds!r}: the '
+                                   f'{empty} split(s) hold no question of those kinds')
     tag = '_' + '_'.join(kinds)
     rl_dir = os.path.join(workdir, 'instructions' + tag)
     instructions.write_splits(rl_examples, rl_dir)

@@ -55,7 +55,6 @@ import collections
 import json
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -64,20 +63,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pathways_jax import config as config_lib, host_memory, parallel, tasks  # noqa: E402
 from pathways_jax.data import instructions, preference, synthetic  # noqa: E402
-from pathways_jax.interop import hf  # noqa: E402
 from pathways_jax.interop.hf import run_dir  # noqa: E402
 from pathways_jax.models.transformer import Transformer  # noqa: E402
 from pathways_jax.train import optimizer, state as state_lib, step as step_lib  # noqa: E402
 from _rounds import Worker, ratio, round_rows, time_rounds, usable_torch_python  # noqa: E402
 from train_throughput import paired_ratio  # noqa: E402
 from sft_vs_trl import SYSTEM, TORCH_PYTHON, model_config, train_config  # noqa: E402
-from sft_vs_trl import add_model_args, train_tokenizer, tree_bytes  # noqa: E402
+from sft_vs_trl import add_model_args, write_random_model, train_tokenizer, tree_bytes  # noqa: E402
 
 WORKER = os.path.join(REPO, 'benchmarks', 'preference_vs_trl_torch.py')
 PAIRS = (('dpo', 'DPO (sigmoid, frozen reference)'), ('reward', 'reward model (Bradley-Terry)'))
@@ -146,12 +143,7 @@ def prepare(args, workdir: str) -> tuple[str, str, dict, dict]:
     for r in kept[:n]:
       f.write(json.dumps(r) + '\n')
   cfg = model_config(args, args.vocab)
-  model = Transformer(cfg)
-  params = nn.unbox(jax.jit(lambda k: model.init(k, np.zeros((1, 8), np.int32))['params'])(
-      jax.random.key(args.seed)))
-  hf_dir = os.path.join(workdir, 'hf_model')
-  shutil.rmtree(hf_dir, ignore_errors=True)  # a kept --workdir: this run's model replaces it
-  hf.save_pretrained(params, cfg, hf_dir, tokenizer=tok)
+  params, hf_dir = write_random_model(cfg, tok, args.seed, workdir)
   lengths = [len(c[0]) + len(r[0]) for c, r in rendered[:n]]
   facts = {'records': len(records), 'pairs': n, 'tokenizer_vocab': tok.vocab_size,
            'params': int(sum(x.size for x in jax.tree_util.tree_leaves(params))),

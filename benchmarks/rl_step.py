@@ -61,7 +61,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import statistics
 import sys
 import tempfile
@@ -71,22 +70,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pathways_jax import config as config_lib, host_memory, tasks  # noqa: E402
 from pathways_jax.data import chat, instructions, pipeline, synthetic  # noqa: E402
-from pathways_jax.interop import hf  # noqa: E402
 from pathways_jax.interop.hf import run_dir  # noqa: E402
-from pathways_jax.models.transformer import Transformer  # noqa: E402
 from pathways_jax.rl import rewards as rewards_lib  # noqa: E402
 from pathways_jax.train import loop, optimizer, state as state_lib, step as step_lib  # noqa: E402
 from _rl_reward import space_share  # noqa: E402
 from _rounds import Worker, ratio, round_rows, time_rounds, usable_torch_python  # noqa: E402
 from train_throughput import paired_ratio  # noqa: E402
 from sft_vs_trl import SYSTEM, TORCH_PYTHON, model_config, train_config  # noqa: E402
-from sft_vs_trl import add_model_args, train_tokenizer  # noqa: E402
+from sft_vs_trl import add_model_args, write_random_model, train_tokenizer  # noqa: E402
 
 WORKER = os.path.join(REPO, 'benchmarks', 'rl_step_torch.py')
 REWARD = 'bench_space_share'  # this script's entry in pathways_jax.rl.rewards.REWARDS
@@ -122,21 +118,15 @@ def prepare(args, workdir: str) -> tuple[dict, str, dict]:
   with open(data['trl'], 'w', encoding='utf-8') as f:
     for r in records:
       f.write(json.dumps(r) + '\n')
-  # The same prompts as {"messages": [system, user, assistant answer]}: rl/prompts.py reads a
-  # message-list "prompt" through chat.check_messages, which refuses one without an assistant
-  # turn; a "messages" line's final assistant turn becomes the answer and leaves the prompt.
+  # The same prompts as {"messages": [system, user, assistant answer]}: a "messages" line's final
+  # assistant turn becomes the record's answer and leaves the prompt (rl/prompts.py).
   with open(data['jax'], 'w', encoding='utf-8') as f:
     for r in records:
       f.write(json.dumps({'messages': r['prompt'] + [
           {'role': 'assistant', 'content': r['answer']}]}) + '\n')
   cfg = model_config(argparse.Namespace(**{**vars(args), 'seq_len': width + args.max_new_tokens}),
                      args.vocab)
-  model = Transformer(cfg)
-  params = nn.unbox(jax.jit(lambda k: model.init(k, np.zeros((1, 8), np.int32))['params'])(
-      jax.random.key(args.seed)))
-  hf_dir = os.path.join(workdir, 'hf_model')
-  shutil.rmtree(hf_dir, ignore_errors=True)  # a kept --workdir: this run's model replaces it
-  hf.save_pretrained(params, cfg, hf_dir, tokenizer=tok)
+  params, hf_dir = write_random_model(cfg, tok, args.seed, workdir)
   facts = {'prompts': len(records), 'prompt_width': width,
            'prompt_tokens': [len(p) for p in prompt_ids], 'prompt_ids': prompt_ids,
            'tokenizer_vocab': tok.vocab_size, 'eos_id': tok.eos_id,

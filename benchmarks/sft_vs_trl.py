@@ -109,6 +109,18 @@ def train_tokenizer(conversations: list[list[dict]], vocab: int) -> hf_tokenizer
       'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': 1 << 20})
 
 
+def write_random_model(cfg, tok, seed: int, workdir: str):
+  """(params, WORKDIR/hf_model): a randomly initialised model of `cfg` written as the HF
+  directory both sides of a TRL comparison load (a kept --workdir: this run's replaces it)."""
+  model = Transformer(cfg)
+  params = nn.unbox(jax.jit(lambda k: model.init(k, np.zeros((1, 8), np.int32))['params'])(
+      jax.random.key(seed)))
+  hf_dir = os.path.join(workdir, 'hf_model')
+  shutil.rmtree(hf_dir, ignore_errors=True)
+  hf.save_pretrained(params, cfg, hf_dir, tokenizer=tok)
+  return params, hf_dir
+
+
 def model_config(args, vocab: int) -> config_lib.ModelConfig:
   return config_lib.ModelConfig(
       vocab_size=vocab, d_model=args.d_model, num_layers=args.num_layers,
@@ -123,12 +135,7 @@ def prepare(args, workdir: str) -> tuple[str, str, dict]:
                           limit=args.conversations)
   tok = train_tokenizer([m for _, m in sft.read_jsonl(data)], args.vocab)
   cfg = model_config(args, args.vocab)
-  model = Transformer(cfg)
-  params = nn.unbox(jax.jit(lambda k: model.init(k, np.zeros((1, 8), np.int32))['params'])(
-      jax.random.key(args.seed)))
-  hf_dir = os.path.join(workdir, 'hf_model')
-  shutil.rmtree(hf_dir, ignore_errors=True)  # a kept --workdir: this run's model replaces it
-  hf.save_pretrained(params, cfg, hf_dir, tokenizer=tok)
+  params, hf_dir = write_random_model(cfg, tok, args.seed, workdir)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   return data, hf_dir, {'conversations': n, 'tokenizer_vocab': tok.vocab_size,
                         'params': int(n_params)}

@@ -9,10 +9,12 @@ A line is one comparison, in any of TRL's three shapes:
     {"prompt": [messages...], "chosen": [assistant messages...], "rejected": [...]}
     {"chosen": [whole conversation...], "rejected": [whole conversation...]}  # implicit prompt
 
-(the implicit prompt is the messages both conversations share before they differ). Each side is
+(the implicit prompt is the messages both conversations share before they differ). A response
+starts with an assistant message and may go on for several turns, the user's (an environment's)
+replies between the assistant's: a multi-turn game, as PAPRIKA compares them. Each side is
 rendered with the tokenizer's chat template (data/chat.py) as prompt + response; `loss_mask` is 1
 on the response's assistant turns only (the prompt's own assistant turns, in a multi-turn prompt,
-are context).
+and the user turns inside a response are context).
 
 Rows. A pair is two adjacent segments of one row: segment 2k-1 holds prompt + chosen of the row's
 k-th pair and segment 2k prompt + rejected (attention never crosses segments, so the two sides are
@@ -73,8 +75,10 @@ def from_record(record: dict, where: str = 'record') -> tuple[list[dict], list[d
       raise DataError(f'{where}: no "prompt", and the two conversations share no leading '
                       'message to serve as one')
   for side, msgs in (('chosen', chosen), ('rejected', rejected)):
-    if any(m.get('role') != 'assistant' for m in msgs if isinstance(m, dict)):
-      raise DataError(f'{where}: the {side} response must be assistant messages only')
+    roles = [m.get('role') if isinstance(m, dict) else None for m in msgs]
+    if roles[0] != 'assistant' or any(r not in ('assistant', 'user') for r in roles):
+      raise DataError(f'{where}: the {side} response must start with an assistant message and '
+                      'hold only assistant messages and the user turns between them')
   chat.check_messages(prompt + chosen, f'{where} (prompt + chosen)')
   chat.check_messages(prompt + rejected, f'{where} (prompt + rejected)')
   return prompt, chosen, rejected
@@ -103,7 +107,8 @@ def render_pair(tokenizer, prompt: Sequence[dict], chosen: Sequence[dict],
   out = []
   for response in (chosen, rejected):
     ids, mask = chat.render(tokenizer, list(prompt) + list(response))
-    out.append((ids, _response_mask(mask, len(response))))
+    turns = sum(m['role'] == 'assistant' for m in response)
+    out.append((ids, _response_mask(mask, turns)))
   return tuple(out)
 
 

@@ -65,12 +65,12 @@ def get_config():
   c.model.mlp_dim = 384
   c.model.max_len = 320
   c.model.attention = 'cpu'  # the fused XLA:CPU kernel; falls back to 'xla' off CPU
-  c.train.steps = 600  # the base, on random play
+  c.train.steps = 1500  # the base, on random play
   c.train.lr = 3e-3
   c.train.warmup_steps = 40
   c.train.log_every = 50
-  c.train.eval_every = 600
-  c.train.checkpoint_every = 600
+  c.train.eval_every = 1500
+  c.train.checkpoint_every = 1500
   c.train.progress_bar = False
   c.sample.prompts = ()
   c.dpo.beta = 0.1
@@ -80,16 +80,16 @@ def get_config():
   p.heldout_game = 'mastermind'  # never in PAPRIKA's data ('' : none held out)
   p.world_people = 60  # twenty questions' world (data.synthetic.make_world(0, N))
   p.random_games = 1500  # random-play games per game, for the base
-  p.instances = 150  # training instances per training game, for PAPRIKA's data
+  p.instances = 300  # training instances per training game, for PAPRIKA's data
   p.samples = 8  # games per instance
   p.temperature = 1.5
   p.min_p = 0.3  # PAPRIKA's code default at temperature >= 0.2
   p.min_gap = 1  # pairs: the chosen game's score exceeds the rejected one's by at least this
   p.sft_per_instance = 1
-  p.sft_steps = 300
-  p.sft_lr = 1e-3
-  p.rpo_steps = 200
-  p.rpo_lr = 2e-4
+  p.sft_steps = 150
+  p.sft_lr = 3e-4
+  p.rpo_steps = 150
+  p.rpo_lr = 5e-5
   p.rpo_batch_size = 8
   p.eval_instances = 128  # held-out instances per game (fewer if the game has fewer)
   p.eval_samples = 4  # games per evaluation instance
@@ -196,6 +196,13 @@ def _play(cfg, run_dir, jobs, *, samples, temperature, min_p, seed):
                    context=cfg.data.seq_len)
 
 
+def _generate(cfg, base_dir, jobs):
+  """PAPRIKA's data: the base's games at `paprika.temperature` with min-p."""
+  p = cfg.paprika
+  return _play(cfg, base_dir, jobs, samples=p.samples, temperature=p.temperature, min_p=p.min_p,
+               seed=cfg.seed * 1000 + 1)
+
+
 def paprika_data(cfg, workdir: str, game_set: dict, base_dir: str) -> dict:
   """Stage 3: the base's min-p games on training instances of the training games -> SFT and
   pair files, and the diversity comparison (written once)."""
@@ -211,8 +218,7 @@ def paprika_data(cfg, workdir: str, game_set: dict, base_dir: str) -> dict:
   train_games = {n: g for n, g in game_set.items() if n != p.heldout_game}
   jobs = [(g, inst) for k, g in enumerate(train_games.values())
           for inst in g.instances('train', p.instances, seed=cfg.seed * 100 + k)]
-  trajs = _play(cfg, base_dir, jobs, samples=p.samples, temperature=p.temperature,
-                min_p=p.min_p, seed=cfg.seed * 1000 + 1)
+  trajs = _generate(cfg, base_dir, jobs)
   max_turns = {n: g.max_turns for n, g in game_set.items()}
   sft = T.sft_records(trajs, max_turns, per_instance=p.sft_per_instance)
   pairs = T.pair_records(trajs, max_turns, min_gap=p.min_gap)

@@ -10,7 +10,9 @@ An episode is a conversation: the intro as the user's first message, then the ag
 (assistant turns) and the game's replies (user turns). A move the game cannot parse, or one its
 rules forbid, is *illegal*: the game says so, the turn is spent and counted, and play goes on (an
 agent's bad output never ends or crashes a rollout). An episode ends on success or when its turn
-budget (`max_turns` moves) is spent. `ep.random_move(rng)` is a uniformly random legal move: the
+budget (`max_turns` moves) is spent. A legal move is also judged *consistent* or not: consistent
+with everything the game has said so far -- a guess among the secrets still possible, a question
+whose answer is not already known -- the measure of play that luck does not inflate. `ep.random_move(rng)` is a uniformly random legal move: the
 random-play transcripts a base model learns the games' formats from.
 
 Instances are split by hash of their key (`data.splits.split_by_hash`): 'heldout' instances are
@@ -33,6 +35,7 @@ class Reply(NamedTuple):
   done: bool      # the episode is over (success, or the turn budget is spent)
   success: bool   # the agent has won
   legal: bool     # the move was understood and allowed
+  consistent: bool  # a legal move that agrees with every earlier reply (could win, or informs)
 
 
 class Episode(abc.ABC):
@@ -40,7 +43,7 @@ class Episode(abc.ABC):
 
   def __init__(self, game: 'Game', instance: dict):
     self.game, self.instance = game, instance
-    self.turns = self.illegal = 0
+    self.turns = self.illegal = self.consistent = 0
     self.done = self.success = False
 
   @property
@@ -49,8 +52,9 @@ class Episode(abc.ABC):
     """The rules, the move format and the turn budget: the conversation's first message."""
 
   @abc.abstractmethod
-  def respond(self, move: str) -> tuple[str, bool, bool]:
-    """(reply text, success, legal) of one move; called by `step`."""
+  def respond(self, move: str) -> tuple[str, bool, bool, bool]:
+    """(reply text, success, legal, consistent) of one move, the episode's record of what is
+    still possible updated; called by `step`."""
 
   @abc.abstractmethod
   def random_move(self, rng: random.Random) -> str:
@@ -63,14 +67,15 @@ class Episode(abc.ABC):
   def step(self, move: str) -> Reply:
     if self.done:
       raise RuntimeError('the episode is over: start a new one')
-    text, success, legal = self.respond(move.strip())
+    text, success, legal, consistent = self.respond(move.strip())
     self.turns += 1
     self.illegal += not legal
+    self.consistent += consistent
     self.success = success
     self.done = success or self.turns >= self.game.max_turns
     if self.done and not success:
       text = f'{text} No turns left. {self.answer()}'
-    return Reply(text, self.done, success, legal)
+    return Reply(text, self.done, success, legal, consistent)
 
 
 class Game(abc.ABC):

@@ -6,7 +6,8 @@
 Ranges are `width` wide and start anywhere in 1..`max_low`, so the same strategy (halve the
 interval) has to work on numbers the agent has not seen in that place. Binary search wins within
 ceil(log2(width + 1)) guesses (6 for width 32); random guessing within 7 guesses about 1 in 5.
-A guess outside the range, or not a number, is illegal.
+A guess outside the range, or not a number, is illegal; a guess outside what the answers so far
+leave possible is legal but not consistent.
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ _MOVE = re.compile(r'^guess\s*:?\s*(-?\d+)\s*\.?$', re.IGNORECASE)
 
 class GuessNumberEpisode(Episode):
 
+  def __init__(self, game, instance):
+    super().__init__(game, instance)
+    self.lo, self.hi = instance['low'], instance['high']  # what is still possible
+
   @property
   def intro(self) -> str:
     i = self.instance
@@ -30,13 +35,18 @@ class GuessNumberEpisode(Episode):
     i = self.instance
     m = _MOVE.match(move)
     if not m:
-      return 'Reply as `Guess: <number>`.', False, False
+      return 'Reply `Guess: <number>`.', False, False, False
     n = int(m.group(1))
     if not i['low'] <= n <= i['high']:
-      return f'{n} is not from {i["low"]} to {i["high"]}.', False, False
+      return f'{n} is not from {i["low"]} to {i["high"]}.', False, False, False
+    consistent = self.lo <= n <= self.hi
     if n == i['secret']:
-      return 'Correct!', True, True
-    return ('Higher.' if n < i['secret'] else 'Lower.'), False, True
+      return 'Correct!', True, True, True
+    if n < i['secret']:
+      self.lo = max(self.lo, n + 1)
+      return 'Higher.', False, True, consistent
+    self.hi = min(self.hi, n - 1)
+    return 'Lower.', False, True, consistent
 
   def random_move(self, rng: random.Random) -> str:
     return f'Guess: {rng.randint(self.instance["low"], self.instance["high"])}'

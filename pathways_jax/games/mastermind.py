@@ -7,7 +7,8 @@ number of digits in the right place (exact) and of right digits in a wrong place
 
 With 3 digits of 4 colours there are 64 codes; guessing only codes consistent with every answer
 so far wins within 6 guesses; random guessing within 8, about 1 in 10. Digits may be separated by
-spaces or not ('112', '1 1 2'); any other shape, or a digit out of range, is illegal.
+spaces or not ('112', '1 1 2'); any other shape, or a digit out of range, is illegal; a code
+that an earlier answer already rules out is legal but not consistent.
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def score(code: tuple[int, ...], guess: tuple[int, ...]) -> tuple[int, int]:
 
 class MastermindEpisode(Episode):
 
+  def __init__(self, game, instance):
+    super().__init__(game, instance)
+    self.possible = [tuple(c['code']) for c in game.all_instances()]  # agree with every answer
+
   @property
   def intro(self) -> str:
     g = self.game
@@ -40,11 +45,15 @@ class MastermindEpisode(Episode):
     m = re.match(r'^guess\s*:?\s*([\d ]+?)\s*\.?$', move, re.IGNORECASE)
     digits = [int(d) for d in m.group(1) if d != ' '] if m else []
     if len(digits) != g.length or not all(1 <= d <= g.colors for d in digits):
-      return (f'Reply `Guess: ` and {g.length} digits from 1 to {g.colors}.', False, False)
-    exact, near = score(tuple(self.instance['code']), tuple(digits))
+      return (f'Reply `Guess: ` and {g.length} digits from 1 to {g.colors}.', False, False,
+              False)
+    guess = tuple(digits)
+    consistent = guess in self.possible
+    exact, near = score(tuple(self.instance['code']), guess)
+    self.possible = [c for c in self.possible if score(c, guess) == (exact, near)]
     if exact == g.length:
-      return 'Correct!', True, True
-    return f'{exact} exact, {near} near.', False, True
+      return 'Correct!', True, True, True
+    return f'{exact} exact, {near} near.', False, True, consistent
 
   def random_move(self, rng: random.Random) -> str:
     return 'Guess: ' + ''.join(str(rng.randint(1, self.game.colors))

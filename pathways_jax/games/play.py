@@ -6,7 +6,8 @@
 
 A trajectory is a dict: `game`, `instance`, `messages` (the conversation: the intro as the user's
 first message, then the agent's moves and the game's replies), `success`, `turns`, `illegal`
-(moves the game could not accept) and `overflow` (the conversation outgrew the model's context
+(moves the game could not accept), `consistent` (moves that agree with every earlier reply:
+games/base.py) and `overflow` (the conversation outgrew the model's context
 before the game ended: a loss, counted apart).
 
 Model play: every unfinished episode's conversation is rendered with the tokenizer's chat template
@@ -32,7 +33,7 @@ EMPTY_MOVE = '(no move)'
 def _trajectory(game: Game, instance: dict, ep, messages: list[dict], overflow=False) -> dict:
   return {'game': game.name, 'instance': instance, 'messages': messages,
           'success': bool(ep.success), 'turns': ep.turns, 'illegal': ep.illegal,
-          'overflow': overflow}
+          'consistent': ep.consistent, 'overflow': overflow}
 
 
 def play_random(jobs: Sequence[tuple[Game, dict]], *, samples: int = 1, seed: int = 0

@@ -5,7 +5,8 @@
     pair_records(trajs, max_turns)     stage 2: (best, worst) game of each instance (preference
                                        JSONL of whole conversations: the shared intro is the
                                        prompt, the agent's turns are what is trained)
-    summarize(trajs)                   per game: success rate, mean turns, illegal-move rate
+    summarize(trajs)                   per game: success rate, mean turns, illegal and
+                                       consistent move rates
     diversity(trajs)                   per game: distinct games and distinct first moves per
                                        instance, over its samples
 
@@ -73,7 +74,8 @@ def pair_records(trajs: Sequence[dict], max_turns: dict[str, int], *, min_gap: i
 
 def summarize(trajs: Sequence[dict]) -> dict[str, dict]:
   """Per game: games, success_rate, mean_turns (all games; a loss counts its turns played),
-  mean_turns_won, illegal_rate (illegal moves / moves), overflow."""
+  mean_turns_won, illegal_rate (illegal moves / moves), consistent_rate (consistent moves /
+  moves: games/base.py), overflow."""
   per = collections.defaultdict(list)
   for t in trajs:
     per[t['game']].append(t)
@@ -85,6 +87,7 @@ def summarize(trajs: Sequence[dict]) -> dict[str, dict]:
                  'mean_turns': sum(t['turns'] for t in ts) / len(ts),
                  'mean_turns_won': (sum(t['turns'] for t in won) / len(won)) if won else None,
                  'illegal_rate': sum(t['illegal'] for t in ts) / max(n_moves, 1),
+                 'consistent_rate': sum(t['consistent'] for t in ts) / max(n_moves, 1),
                  'overflow': sum(t['overflow'] for t in ts)}
   return out
 

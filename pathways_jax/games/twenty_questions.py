@@ -10,7 +10,8 @@ few candidates, with yes/no questions answered from the world's ground truth.
 The world is `data.synthetic.make_world(world_seed, num_people)` (the people of the instruction
 set and of the synthetic corpus). An instance is `candidates` people and the secret one. A wrong
 guess is a legal move answered "No."; a question the game cannot parse, or about an occupation,
-city or name that no candidate has, is illegal. Asking about attributes that split the
+city or name that no candidate has, is illegal; a legal question whose answer the earlier
+answers already give, or a guess they rule out, is not consistent. Asking about attributes that split the
 candidates, then guessing, wins in about log2(candidates) + 1 turns; random play within 6 turns
 about 2 in 5 (4 candidates).
 """
@@ -32,6 +33,10 @@ def _article(word: str) -> str:
 
 
 class TwentyQuestionsEpisode(Episode):
+
+  def __init__(self, game, instance):
+    super().__init__(game, instance)
+    self.alive = list(range(len(instance['candidates'])))  # agree with every answer so far
 
   @property
   def people(self) -> list[dict]:
@@ -55,12 +60,16 @@ class TwentyQuestionsEpisode(Episode):
         continue
       value = ' '.join(m.group(1).lower().split())
       if value not in {p[field].lower() for p in self.people}:
-        return f'No candidate has that {field}.', False, False
+        return f'No candidate has that {field}.', False, False, False
+      has = {j for j in self.alive if self.people[j][field].lower() == value}
+      yes = value == self.secret[field].lower()
+      # A question is consistent when its answer is not yet known; a guess, when it could win.
+      consistent = bool(has) if field == 'name' else 0 < len(has) < len(self.alive)
+      self.alive = [j for j in self.alive if (j in has) == yes]
       if field == 'name':
-        return ('Yes!', True, True) if value == self.secret['name'].lower() else ('No.', False,
-                                                                                   True)
-      return ('Yes.' if value == self.secret[field].lower() else 'No.'), False, True
-    return 'Ask about an occupation or a city, or guess a name.', False, False
+        return ('Yes!', True, True, True) if yes else ('No.', False, True, consistent)
+      return ('Yes.' if yes else 'No.'), False, True, consistent
+    return 'Ask about an occupation or a city, or guess a name.', False, False, False
 
   def random_move(self, rng: random.Random) -> str:
     moves = sorted({f'Is the person {_article(p["occupation"])} {p["occupation"]}?'

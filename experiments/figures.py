@@ -15,6 +15,8 @@ and reads the data files elsewhere (e.g. to look at a run without touching the c
   reversal.png  forward / reverse / held-out exact match per model, and the forward checks
   knowledge_injection.png  new- and old-fact accuracy and answer NLL per arm, seeds as dots
                 (its run directories, one per seed, comma-separated)
+  paprika.png   success and consistent-move rates per game for base / SFT / SFT + RPO, and
+                min-p against plain sampling (one run directory per seed, comma-separated)
 
 Needs only matplotlib (the `notebooks` or `test` extra), not JAX.
 """
@@ -27,7 +29,7 @@ import subprocess
 import sys
 
 EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'knowledge_injection', 'grpo_instructions',
-               'grpo_arithmetic')
+               'grpo_arithmetic', 'paprika')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, 'docs', 'results', 'data')
 OUT_DIR = os.path.join(REPO, 'docs', 'figures')
@@ -265,10 +267,46 @@ def extract_grpo_arithmetic(run_dirs: str, commit: str | None = None) -> dict:
   return out
 
 
+PAPRIKA_ARMS = ('base', 'sft', 'rpo')
+PAPRIKA_KEYS = ('success_rate', 'mean_turns', 'illegal_rate', 'consistent_rate')
+
+
+def extract_paprika(run_dirs: str, commit: str | None = None) -> dict:
+  """Comma-separated WORKDIRs of experiments/paprika.py, one per seed (the same held-out game)."""
+  seeds, first = {}, None
+  for run_dir in [d for d in run_dirs.split(',') if d]:
+    res = _load_results(run_dir)
+    first = first or (res, run_dir)
+    if res['heldout_game'] != first[0]['heldout_game']:
+      raise ValueError(f'{run_dir} held out {res["heldout_game"]}, {first[1]} '
+                       f'{first[0]["heldout_game"]}: one held-out game per figure')
+    data = res['data']
+    seeds[str(res['seed'])] = {
+        'eval': {arm: {g: {k: _r(v[k]) for k in PAPRIKA_KEYS} | {'games': v['games']}
+                       for g, v in res['eval'][arm].items()} for arm in PAPRIKA_ARMS},
+        'data': {'sft_games': data['sft_games'], 'pairs': data['pairs'],
+                 'trajectories': data['trajectories']},
+        'diversity': {mode: {g: {**{k: _r(v) for k, v in d['diversity'][g].items()},
+                                 **{k: _r(d['play'][g][k]) for k in PAPRIKA_KEYS}}
+                             for g in d['diversity']}
+                      for mode, d in data['diversity'].items()}}
+  if first is None:
+    raise MissingData('--paprika: no run directory given')
+  res, run_dir = first
+  out = _meta('paprika', res, run_dirs, commit, None)
+  pc = res['config']['paprika']
+  out.update(source='experiments/paprika.py', heldout_game=res['heldout_game'],
+             sampling={k: pc[k] for k in ('temperature', 'min_p', 'eval_temperature')},
+             random={g: {k: _r(v[k]) for k in PAPRIKA_KEYS}
+                     for g, v in res['eval']['random'].items()},
+             seed=sorted(seeds), seeds=seeds)
+  return out
+
+
 EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack, 'reversal': extract_reversal,
            'knowledge_injection': extract_knowledge_injection,
            'grpo_instructions': extract_grpo_instructions,
-           'grpo_arithmetic': extract_grpo_arithmetic}
+           'grpo_arithmetic': extract_grpo_arithmetic, 'paprika': extract_paprika}
 
 
 def save_data(name: str, data: dict, data_dir: str = DATA_DIR) -> str:
@@ -534,10 +572,58 @@ def draw_grpo_arithmetic(data: dict, path: str) -> str:
   return _save(fig, path)
 
 
+def draw_paprika(data: dict, path: str) -> str:
+  plt = _plt()
+  seeds = list(data['seeds'].values())
+  held = data['heldout_game']
+  games = sorted(seeds[0]['eval']['base'], key=lambda g: (g == held, g))
+  labels = [f'{g}\n(held out)' if g == held else g for g in games]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  names = {'base': 'base (random play)', 'sft': 'PAPRIKA SFT', 'rpo': 'PAPRIKA SFT + RPO'}
+  for ax, key, title in ((axes[0], 'success_rate', 'success rate'),
+                         (axes[1], 'consistent_rate', 'consistent moves / moves')):
+    for i, arm in enumerate(PAPRIKA_ARMS):
+      xs = [j + (i - 1) * 0.27 for j in range(len(games))]
+      vals = [[s['eval'][arm][g][key] for s in seeds] for g in games]
+      means = [sum(v) / len(v) for v in vals]
+      bars = ax.bar(xs, means, 0.27, color=f'C{i}', alpha=0.8, label=names[arm])
+      ax.bar_label(bars, labels=[f'{v:.2f}' for v in means], fontsize=6, padding=1)
+      for x, v in zip(xs, vals):
+        ax.plot([x] * len(v), v, 'k.', ms=3)
+    for j, g in enumerate(games):  # uniformly random legal moves: the chance level
+      ax.hlines(data['random'][g][key], j - 0.42, j + 0.42, colors='k', linestyles=':', lw=1,
+                label='random legal moves' if j == 0 else None)
+    ax.set_xticks(range(len(games)), labels, fontsize=7)
+    ax.set_ylim(0, 1.0)
+    ax.set_title(f'{title} (sampled play, held-out instances)', fontsize=8)
+    ax.legend(fontsize=6)
+  ax = axes[2]
+  train_games = sorted(seeds[0]['diversity']['min_p'])
+  metrics = (('distinct_first_moves', 'distinct first moves'), ('illegal_rate', 'illegal moves'),
+             ('success_rate', 'success'))
+  for i, mode in enumerate(('min_p', 'plain')):
+    xs, means, ticks = [], [], []
+    for j, (g, (k, name)) in enumerate([(g, m) for g in train_games for m in metrics]):
+      xs.append(j + (i - 0.5) * 0.38)
+      means.append(sum(s['diversity'][mode][g][k] for s in seeds) / len(seeds))
+      ticks.append(f'{g}\n{name}')
+    bars = ax.bar(xs, means, 0.38, color=f'C{i + 3}', alpha=0.8,
+                  label=f'min-p {data["sampling"]["min_p"]}' if mode == 'min_p' else 'plain')
+    ax.bar_label(bars, labels=[f'{v:.2f}' for v in means], fontsize=5, padding=1)
+  ax.set_xticks(range(len(ticks)), ticks, fontsize=5)
+  ax.set_ylim(0, 1.05)
+  ax.set_title(f'the base at temperature {data["sampling"]["temperature"]}: min-p vs plain '
+               'sampling', fontsize=8)
+  ax.legend(fontsize=6)
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
+  return _save(fig, path)
+
+
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'reversal': draw_reversal,
         'knowledge_injection': draw_knowledge_injection,
         'grpo_instructions': draw_grpo_instructions,
-        'grpo_arithmetic': draw_grpo_arithmetic}
+        'grpo_arithmetic': draw_grpo_arithmetic, 'paprika': draw_paprika}
 
 
 def make_figures(run_dirs: dict | None = None, *, data_dir: str = DATA_DIR, out_dir: str = OUT_DIR,
@@ -554,7 +640,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   for name in EXPERIMENTS:
     ap.add_argument(f'--{name}', default='', metavar='RUN_DIR',
-                    help=f'a finished run of its experiment (knowledge_injection and '
+                    help=f'a finished run of its experiment (knowledge_injection, paprika and '
                          'the grpo ones: one per seed, comma-separated; grpo_arithmetic: '
                          'experiments/grpo_instructions.py with grpo_exp.kinds=arithmetic): '
                          'copy its numbers into the data file')

@@ -27,7 +27,8 @@ the paper). Stages (each skipped once finished, so the same command resumes):
    training game, and as many instances of the held-out game, `paprika.eval_samples` times each
    at `paprika.eval_temperature` (the same instances and random draws for every arm).
 
-WORKDIR/results.json: per arm and game the success rate, mean turns and illegal-move rate; the
+WORKDIR/results.json: per arm (and `random`: uniformly random legal moves on the same instances,
+the chance level) and game the success rate, mean turns, illegal- and consistent-move rates; the
 data counts; the diversity comparison (min-p vs plain sampling: distinct games and first moves
 per instance, success, illegal-move rate); wall times; date, device, config. docs/paprika.md.
 """
@@ -310,7 +311,9 @@ def run(cfg, workdir: str) -> dict:
   loop.train_stage(rpo_config_of(cfg, os.path.join(data_dir, 'pairs.jsonl'), paths['tokenizer'],
                                  dirs['sft']), dirs['rpo'])
   wall['rpo_train_s'] = time.perf_counter() - t0
-  evals = {}
+  from pathways_jax.games import play, trajectories  # pylint: disable=g-import-not-at-top
+  evals = {'random': trajectories.summarize(play.play_random(  # the chance level, same games
+      eval_jobs(cfg, game_set), samples=p.eval_samples, seed=12345))}
   for arm, run_dir in dirs.items():
     t0 = time.perf_counter()
     evals[arm] = evaluate(cfg, run_dir, game_set)

@@ -90,7 +90,7 @@ def get_config():
   p.sft_steps = 150
   p.sft_lr = 3e-4
   p.rpo_steps = 150
-  p.rpo_lr = 5e-5
+  p.rpo_lr = 1e-5
   p.rpo_batch_size = 8
   p.eval_instances = 128  # held-out instances per game (fewer if the game has fewer)
   p.eval_samples = 4  # games per evaluation instance

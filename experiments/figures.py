@@ -269,6 +269,7 @@ def extract_grpo_arithmetic(run_dirs: str, commit: str | None = None) -> dict:
 
 PAPRIKA_ARMS = ('base', 'sft', 'rpo')
 PAPRIKA_KEYS = ('success_rate', 'mean_turns', 'illegal_rate', 'consistent_rate')
+PAPRIKA_SHORT = {'guess_number': 'guess no.', 'twenty_questions': '20 questions'}
 
 
 def extract_paprika(run_dirs: str, commit: str | None = None) -> dict:
@@ -595,18 +596,19 @@ def draw_paprika(data: dict, path: str) -> str:
                 label='random legal moves' if j == 0 else None)
     ax.set_xticks(range(len(games)), labels, fontsize=7)
     ax.set_ylim(0, 1.0)
-    ax.set_title(f'{title} (sampled play, held-out instances)', fontsize=8)
+    ax.set_title(f'{title} (sampled play at temperature {data["sampling"]["eval_temperature"]})',
+                 fontsize=8)
     ax.legend(fontsize=6)
   ax = axes[2]
   train_games = sorted(seeds[0]['diversity']['min_p'])
-  metrics = (('distinct_first_moves', 'distinct first moves'), ('illegal_rate', 'illegal moves'),
+  metrics = (('distinct_first_moves', 'distinct 1st'), ('illegal_rate', 'illegal'),
              ('success_rate', 'success'))
   for i, mode in enumerate(('min_p', 'plain')):
     xs, means, ticks = [], [], []
     for j, (g, (k, name)) in enumerate([(g, m) for g in train_games for m in metrics]):
       xs.append(j + (i - 0.5) * 0.38)
       means.append(sum(s['diversity'][mode][g][k] for s in seeds) / len(seeds))
-      ticks.append(f'{g}\n{name}')
+      ticks.append(f'{PAPRIKA_SHORT.get(g, g)}\n{name}')
     bars = ax.bar(xs, means, 0.38, color=f'C{i + 3}', alpha=0.8,
                   label=f'min-p {data["sampling"]["min_p"]}' if mode == 'min_p' else 'plain')
     ax.bar_label(bars, labels=[f'{v:.2f}' for v in means], fontsize=5, padding=1)

@@ -330,3 +330,26 @@ def run(cfg, workdir: str) -> dict:
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2, default=str)
   return results
+
+
+def markdown_table(data: dict, key: str = 'success_rate') -> str:
+  """A markdown table of `key` per arm and game, mean ± sample std over the seeds of a figures
+  data file (experiments/figures.py extract_paprika); the chance level as its first row."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  seeds = list(data['seeds'].values())
+  held = data['heldout_game']
+  games = sorted(seeds[0]['eval']['base'], key=lambda g: (g == held, g))
+  head = [f'{g} (held out)' if g == held else g for g in games]
+  lines = ['| arm | ' + ' | '.join(head) + ' |', '|---|' + '---|' * len(games),
+           '| random legal moves | ' + ' | '.join(f'{data["random"][g][key]:.3f}'
+                                                  for g in games) + ' |']
+  names = {'base': 'base (random-play SFT)', 'sft': 'PAPRIKA stage 1 (SFT)',
+           'rpo': 'PAPRIKA stage 2 (SFT + RPO)'}
+  for arm in ('base', 'sft', 'rpo'):
+    cells = []
+    for g in games:
+      vals = [s['eval'][arm][g][key] for s in seeds]
+      sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+      cells.append(f'{statistics.mean(vals):.3f} ± {sd:.3f}')
+    lines.append(f'| {names[arm]} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)

@@ -364,6 +364,17 @@ def test_paprika_end_to_end_on_tiny_settings(tmp_path, monkeypatch):
   assert rpo['train']['init_from'] == str(workdir / 'sft')
   random_play = (workdir / 'games' / 'random_play.jsonl').read_text().splitlines()
   assert {json.loads(l)['game'] for l in random_play} == set(games.GAMES)  # held-out one too
+  # Its numbers as the README's figure and the notebook's table take them.
+  from pathways_jax import config as config_lib
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  figures = config_lib._load_config_module(os.path.join(repo, 'experiments', 'figures.py'))  # pylint: disable=protected-access
+  data = figures.extract_paprika(str(workdir), commit='abc')
+  assert data['heldout_game'] == held and data['seed'] == ['0']
+  assert data['random'] == {g: {k: pytest.approx(v[k], abs=1e-4) for k in figures.PAPRIKA_KEYS}
+                            for g, v in res['eval']['random'].items()}
+  assert os.path.getsize(figures.draw_paprika(data, str(tmp_path / 'p.png'))) > 10_000
+  table = paprika.markdown_table(data).splitlines()
+  assert len(table) == 6 and table[2].startswith('| random legal moves')
   # The same command again: every stage is found finished, only the evaluation reruns.
   monkeypatch.setattr(paprika, '_generate', None)
   again = paprika.run(cfg, str(workdir))

@@ -309,6 +309,31 @@ def test_reflect_retry_reward_trains_reflections_on_failed_first_attempts(base):
   assert m['first_attempt_success'] == 1 and m['rollouts'] == 2 and m['masked_groups'] == 4
 
 
+def test_reflect_retry_reward_trains_the_reflection_tokens_only(base, monkeypatch):
+  """The rows RRR trains: each is the reflection prompt (the question, the failed attempt, the
+  reflection instruction) followed by the sampled reflection; the loss mask covers the
+  reflection and nothing before it, and no retry (its instruction or answer) is in any row."""
+  from pathways_jax.train import loop
+  seen = []
+  real = batch_lib.training_rows
+  monkeypatch.setattr(batch_lib, 'training_rows',
+                      lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+  kw = {'rl.reflect': True, 'rl.reflect_instruction': 'Why?', 'rl.retry_instruction': 'Again.',
+        'data.seq_len': 120, 'model.max_len': 128, 'rl.max_new_tokens': 4, 'train.steps': 1,
+        'rl.max_rollouts': 1, 'rl.rewards': 'one:0'}
+  loop.train(_cfg(base, **kw), str(base / 'rrr_rows'), quiet=True)
+  assert len(seen) == 1
+  rows, tok = seen[0], BYTES
+  P = 120
+  for tokens, mask, seg in zip(rows['tokens'], rows['completion_mask'], rows['segment_ids']):
+    assert mask[:P].sum() == 0 and mask[P:].sum() > 0  # trained: generated tokens only
+    context = tok.decode([int(t) for t, s in zip(tokens[:P], seg[:P]) if s and t not in
+                          tok.special_ids])
+    assert context.startswith('<user>\nTell ') and context.endswith('<user>\nWhy?\n<assistant>\n')
+    text = tok.decode([int(t) for t in tokens if t not in tok.special_ids])
+    assert 'Again.' not in text
+
+
 def test_rewards_compose_with_weights_and_shape_overlong_completions():
   rec = {'answer': 'Ada'}
   total, values, failures = rewards_lib.score(rewards_lib.parse('correct:2,random:0.5'),

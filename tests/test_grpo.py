@@ -253,6 +253,23 @@ def test_bad_rewards_prompts_and_settings_are_named(base, tmp_path):
   for key, value in (('rl.top_p', 1.5), ('rl.min_p', -0.1), ('rl.eval_batch', 0)):
     with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
       tasks.make(_cfg(base, **{key: value}), model)
+  # PPO's, diffu-GRPO's and RRR's own settings (settings.check: named before anything loads).
+  from pathways_jax.rl import settings
+  ppo = {'rl.scale': 'gae', 'model.scalar_head': True}
+  diffu = ModelConfig.from_config(_cfg(base, **{'model.causal': False}).model, vocab_size=264)
+  for kw, model_cfg, match in (
+      ({**ppo, 'rl.gamma': 1.5}, None, r'rl\.gamma=1\.5 must be in \[0, 1\]'),
+      ({**ppo, 'rl.lam': -0.1}, None, r'rl\.lam=-0\.1'),
+      ({**ppo, 'rl.vf_coef': -1.0}, None, r'rl\.vf_coef=-1\.0 must be >= 0'),
+      ({**ppo, 'rl.vf_clip': -1.0}, None, r'rl\.vf_clip'),
+      ({'rl.prompt_mask_p': 1.0}, diffu, 'prompt_mask_p < 1'),
+      ({'rl.diffusion_steps': -1}, diffu, 'diffusion_steps >= 0'),
+      ({'rl.scale': 'gae'}, diffu, 'diffu-GRPO'),
+      ({'rl.reflect': True, 'rl.reflect_instruction': ' '}, None, 'reflect_instruction'),
+      ({'rl.reflect': True, 'rl.retry_instruction': ''}, None, 'retry_instruction')):
+    cfg = _cfg(base, **kw)
+    with pytest.raises(ConfigError, match=match):
+      settings.check(cfg, model_cfg or ModelConfig.from_config(cfg.model, vocab_size=264))
   with pytest.raises(ConfigError, match="'nope' is not a reward"):
     tasks.make(_cfg(base, **{'rl.rewards': 'correct,nope'}), model)
   with pytest.raises(ConfigError, match='exceeds model.max_len'):

@@ -84,3 +84,16 @@ def test_dpo_reward_and_grpo_experiments_end_to_end(tmp_path, monkeypatch):
   cfg.grpo_exp.arm = 'other'
   with pytest.raises(config_lib.ConfigError, match='grpo_exp.arm'):
     grpo.run(cfg, workdir)
+  # One kind of question only (the arithmetic arm of docs/rl.md): its own questions, directory
+  # and results; a kind the instruction set lacks is named before anything trains.
+  cfg.grpo_exp.arm = 'grpo'
+  cfg.grpo_exp.kinds = 'arithmetic'
+  out = grpo.run(cfg, workdir)
+  assert out['arm'] == 'grpo_arithmetic' and out['kinds'] == ['arithmetic']
+  held = [json.loads(l) for l in open(tmp_path / 'run' / 'instructions_arithmetic' /
+                                        'heldout.jsonl')]
+  assert held and {r['kind'] for r in held} == {'arithmetic'}
+  assert (tmp_path / 'run' / 'grpo_arithmetic_results.json').exists()
+  cfg.grpo_exp.kinds = 'poetry'
+  with pytest.raises(config_lib.ConfigError, match=r"\['poetry'\] are not kinds"):
+    grpo.run(cfg, workdir)

@@ -129,11 +129,6 @@ def _write_jsonl(records, path):
   os.replace(tmp, path)
 
 
-def _read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def random_play_data(cfg, workdir: str, game_set: dict) -> dict:
   """Stage 1: WORKDIR/games/{random_play.jsonl, tokenizer.model} (written once)."""
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top

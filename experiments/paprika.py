@@ -12,7 +12,8 @@ the paper). Stages (each skipped once finished, so the same command resumes):
    one included, on training instances -> WORKDIR/games/random_play.jsonl; a sentencepiece
    tokenizer trained on their text -> WORKDIR/games/tokenizer.model.
 2. base: a tiny AR model trained from scratch on the random-play transcripts (task 'sft', loss on
-   the agent's turns): it plays every game legally, and no better than chance.
+   the agent's turns): it plays every game, mostly legally, below the chance level of random
+   legal moves.
 3. trajectories: the base plays `paprika.instances` training instances of each training game
    `paprika.samples` times with min-p sampling (temperature `paprika.temperature`, min-p
    `paprika.min_p`) -> WORKDIR/paprika_data/{trajectories,sft,pairs}.jsonl: each instance's best

@@ -8,6 +8,7 @@ from pathways_jax.config import base_config
 def get_config():
   c = base_config()
   c.name = 'ar_tiny'
+  c.host_malloc = 'reuse'  # a CPU config: keep freed host memory (pathways_jax/host_memory.py)
   c.objective = 'autoregressive'
   c.data.corpus = 'stdlib'
   c.data.tokenizer = 'sentencepiece'

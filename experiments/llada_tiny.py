@@ -12,6 +12,7 @@ from pathways_jax.config import base_config
 def get_config():
   c = base_config()
   c.name = 'llada_tiny'
+  c.host_malloc = 'reuse'  # a CPU config: keep freed host memory (pathways_jax/host_memory.py)
   c.objective = 'diffusion'
   c.data.corpus = 'stdlib'
   c.data.tokenizer = 'sentencepiece'

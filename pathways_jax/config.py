@@ -24,6 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.name = 'experiment'
   c.objective = 'autoregressive'  # 'autoregressive' | 'diffusion'
+  # 'reuse': glibc keeps freed host memory (pathways_jax/host_memory.py), which pays on XLA:CPU
+  # only (the quickstart configs set it); 'default': malloc as it is. PATHWAYS_HOST_MALLOC overrides.
+  c.host_malloc = 'default'
   # What is trained (pathways_jax.tasks): a registered task name; '' = `objective`, or 'rho1' when
   # selective.enabled. A config file may register a task of its own.
   c.task = ''
@@ -238,6 +241,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 _CHOICES = {
     'objective': ('autoregressive', 'diffusion'),
+    'host_malloc': ('default', 'reuse'),
     'model.dtype': ('float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'full', 'dots'),

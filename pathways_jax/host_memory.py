@@ -18,9 +18,14 @@ The prices: the process keeps freed memory instead of giving it back to the OS, 
 JAX's device allocators already do; and compiling is about a quarter slower, because the
 compiler's threads then share one malloc lock.
 
-Call it before JAX starts its CPU backend (the CLIs do so first thing): threads that have
-already allocated keep their own arenas. `PATHWAYS_HOST_MALLOC=default` leaves malloc alone.
-It does nothing off glibc (macOS, musl).
+It is opt-in: it pays on XLA:CPU only, and on a TPU or GPU host it would cost compile time and
+put the input pipeline's threads on one malloc arena for nothing. A run asks for it with
+`config.host_malloc='reuse'` (the quickstart configs do; the default is 'default', glibc's own
+behaviour); the environment variable `PATHWAYS_HOST_MALLOC=reuse|default`, when set, overrides
+the config either way. The CPU benchmarks call `reuse_freed_memory()` themselves. Call it before
+JAX starts its CPU backend (the CLIs do so once the config is read, before anything runs):
+threads that have already allocated keep their own arenas. It does nothing off glibc (macOS,
+musl).
 
 Compiling a step frees hundreds of MB that the heap would then keep (the benchmark step's
 process held 1.2 GB instead of 0.68 GB). `release_free_memory()` (glibc's malloc_trim) hands the
@@ -59,18 +64,25 @@ _enabled = False  # set by reuse_freed_memory(), once per process
 _MODES = ('reuse', 'default')
 
 
-def reuse_freed_memory() -> bool:
-  """Sets the malloc options above; True if they are set (glibc, not disabled by env).
-
-  Raises ValueError if PATHWAYS_HOST_MALLOC is set to anything but 'reuse' or 'default'.
-  """
-  global _enabled
-  if _enabled:
-    return True
-  mode = os.environ.get('PATHWAYS_HOST_MALLOC', '').strip().lower() or 'reuse'
-  if mode not in _MODES:
+def resolve_mode(requested: str = 'reuse') -> str:
+  """The mode that applies: PATHWAYS_HOST_MALLOC when set, else `requested` (a run's
+  config.host_malloc). ValueError naming the source for anything but 'reuse' or 'default'."""
+  env = os.environ.get('PATHWAYS_HOST_MALLOC', '').strip().lower()
+  if env and env not in _MODES:
     raise ValueError(f'PATHWAYS_HOST_MALLOC={os.environ["PATHWAYS_HOST_MALLOC"]!r} must be one '
                      f'of {", ".join(_MODES)} (or unset)')
+  if requested not in _MODES:
+    raise ValueError(f'config.host_malloc={requested!r} must be one of {", ".join(_MODES)}')
+  return env or requested
+
+
+def reuse_freed_memory(requested: str = 'reuse') -> bool:
+  """Sets the malloc options above when `resolve_mode(requested)` is 'reuse'; True if they are
+  set (glibc only). Raises ValueError for a mode that is neither."""
+  global _enabled
+  mode = resolve_mode(requested)
+  if _enabled:
+    return True
   if mode == 'default':
     return False
   libc = _glibc()

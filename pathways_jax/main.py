@@ -42,13 +42,8 @@ def main(argv) -> int:
     raise app.UsageError('--workdir is required')
   logging.getLogger('absl').setLevel(logging.WARNING)
   logging.getLogger('jax').setLevel(logging.WARNING)
-  from pathways_jax import host_memory  # pylint: disable=g-import-not-at-top
-  try:
-    host_memory.reuse_freed_memory()  # before anything starts the JAX backend's threads
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
   from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from pathways_jax import host_memory  # pylint: disable=g-import-not-at-top
   cfg = _CONFIG.value
   if cfg is None:  # no --config: continue a run directory (e.g. one made by pathways_jax.growth)
     try:
@@ -56,6 +51,11 @@ def main(argv) -> int:
     except config_lib.ConfigError as e:
       print(f'error: {e}: give --config', file=sys.stderr)
       return 1
+  try:  # before anything starts the JAX backend's threads
+    host_memory.reuse_freed_memory(cfg.get('host_malloc', 'default'))
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   if _DRY_RUN.value:  # before anything starts a JAX backend: it needs N fake devices
     from pathways_jax import dry_run  # pylint: disable=g-import-not-at-top
     try:

@@ -137,7 +137,8 @@ def main(argv) -> int:
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   try:
-    host_memory.reuse_freed_memory()  # before anything starts the JAX backend's threads
+    # before anything starts the JAX backend's threads
+    host_memory.reuse_freed_memory(_CONFIG.value.get('host_malloc', 'default'))
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -76,6 +76,40 @@ def test_training_with_reuse_gives_the_same_losses(tmp_path, monkeypatch):
   assert runs['reuse'][1]['val_loss'] == runs['default'][1]['val_loss']
 
 
+def test_reuse_is_opt_in_and_the_environment_overrides_the_config(monkeypatch):
+  from pathways_jax import config as config_lib
+  from pathways_jax import host_memory
+  assert config_lib.base_config().host_malloc == 'default'  # off unless a run asks for it
+  monkeypatch.delenv('PATHWAYS_HOST_MALLOC', raising=False)
+  assert [host_memory.resolve_mode(m) for m in ('default', 'reuse')] == ['default', 'reuse']
+  monkeypatch.setenv('PATHWAYS_HOST_MALLOC', 'Default ')
+  assert host_memory.resolve_mode('reuse') == 'default'
+  monkeypatch.setenv('PATHWAYS_HOST_MALLOC', 'reuse')
+  assert host_memory.resolve_mode('default') == 'reuse'
+  with pytest.raises(ValueError, match=r"config\.host_malloc='yes' must be one of reuse"):
+    host_memory.resolve_mode('yes')
+  with pytest.raises(config_lib.ConfigError, match='host_malloc'):
+    cfg = config_lib.base_config()
+    cfg.host_malloc = 'always'
+    config_lib.validate(cfg)
+
+
+def test_the_cli_takes_the_mode_from_the_config(tmp_path, monkeypatch):
+  """No environment variable: the quickstart's own config turns reuse on (on glibc), a run that
+  says host_malloc='default' leaves malloc alone."""
+  monkeypatch.delenv('PATHWAYS_HOST_MALLOC', raising=False)
+  flags_ = cli_overrides('experiments/quickstart.py', str(tmp_path / 'cache')) + [
+      '--config.train.steps=1', '--config.train.eval_every=100',
+      '--config.train.checkpoint_every=100']
+  glibc = platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'
+  for extra, want in (([], 'reuse' if glibc else 'default'),
+                      (['--config.host_malloc=default'], 'default')):
+    out = cli('pathways_jax.main', *flags_, *extra, f'--workdir={tmp_path / want}')
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(tmp_path / want / 'results.json') as f:
+      assert json.load(f)['device']['host_malloc'] == want
+
+
 @pytest.mark.parametrize('module', ['pathways_jax.main', 'pathways_jax.sweep'])
 def test_a_bad_mode_is_a_one_line_error(tmp_path, monkeypatch, module):
   monkeypatch.setenv('PATHWAYS_HOST_MALLOC', 'defualt')

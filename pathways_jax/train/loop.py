@@ -178,7 +178,8 @@ def _versions() -> dict:
 def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callback] = ()) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final results dict."""
   from pathways_jax.data import pipeline, tokenizers  # pylint: disable=g-import-not-at-top,multiple-import
-  host_memory.reuse_freed_memory()  # a no-op if the CLI already did it, before the backend
+  # A no-op if the CLI already did it; before the backend starts (config.host_malloc).
+  host_memory.reuse_freed_memory(cfg.get('host_malloc', 'default'))
   check_workdir(workdir)
   tokenizer, model_cfg, model, mesh, rules = build(cfg)
   is_lead = jax.process_index() == 0

@@ -140,11 +140,12 @@ def test_causal_query_blocks_compute_the_same_function(blocks):
   blocked = Transformer(model.cfg.replace(causal_query_blocks=blocks))
   assert attn_lib.MIN_QUERY_BLOCK * 3 <= 100 < attn_lib.MIN_QUERY_BLOCK * 4
 
-  def score_dots(m):  # the blocked path really runs: two attention einsums per block and layer
+  def score_dots(m):  # the blocked path really runs (in a CPU lowering, as here): two attention
+    # matmuls per block and layer
     tokens, pos, seg = packed_rows_with_padding(model.cfg.vocab_size)
-    jaxpr = jax.make_jaxpr(lambda p: m.apply({'params': p}, tokens, positions_BL=pos,
-                                             segment_ids_BL=seg))(params)
-    return sum(str(e.primitive) == 'dot_general' for e in jaxpr.jaxpr.eqns)
+    fn = jax.jit(lambda p: m.apply({'params': p}, tokens, positions_BL=pos, segment_ids_BL=seg))
+    return jax.export.export(fn, platforms=['cpu'])(params).mlir_module().count(
+        'stablehlo.dot_general')
 
   extra = 2 * (min(blocks, 3) - 1) * model.cfg.num_layers
   assert score_dots(blocked) == score_dots(model) + extra
@@ -250,6 +251,25 @@ def test_dense_picks_its_weight_gradient_by_the_platform_it_is_lowered_for():
   for platform, barriers in (('cpu', 2), ('cuda', 0), ('tpu', 0)):
     text = jax.export.export(grad, platforms=[platform])(x, w).mlir_module()
     assert text.count('stablehlo.optimization_barrier') == barriers, (platform, text)
+
+
+def test_causal_query_blocks_are_taken_only_when_lowered_for_cpu():
+  """The blocked causal attention (one score matmul per query block) in a CPU lowering only; a
+  GPU or TPU lowering from this CPU process has the one plain attention, forward and backward."""
+  from pathways_jax.models import attention  # pylint: disable=g-import-not-at-top
+  L = 4 * attention.MIN_QUERY_BLOCK
+  q = jnp.ones((1, L, 2, 8))
+  seg, pos = jnp.ones((1, L), jnp.int32), jnp.arange(L)[None]
+  f = lambda q, k, v: jnp.sum(attention.attend(
+      q, k, v, q_segment_BL=seg, kv_segment_BS=seg, q_positions_BL=pos, kv_positions_BS=pos,
+      causal=True, causal_query_blocks=4) ** 2)
+  counts = {}
+  for platform in ('cpu', 'cuda', 'tpu'):
+    for name, fn in (('fwd', f), ('grad', jax.grad(f, argnums=(0, 1, 2)))):
+      text = jax.export.export(jax.jit(fn), platforms=[platform])(q, q, q).mlir_module()
+      counts[platform, name] = text.count('stablehlo.dot_general')
+  assert counts['cpu', 'fwd'] == 2 * 4 and counts['cuda', 'fwd'] == counts['tpu', 'fwd'] == 2
+  assert counts['cuda', 'grad'] == counts['tpu', 'grad'] < counts['cpu', 'grad'], counts
 
 
 def test_the_model_carries_optimization_barriers_only_when_lowered_for_cpu():

@@ -197,7 +197,8 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_B
 
   'xla' causal self-attention (no cache) with `causal_query_blocks` > 1 skips the key blocks
   after each query block (_causal_blocked_attention), using as many blocks as have at least
-  MIN_QUERY_BLOCK queries each. Like 'pallas', it relies on positions increasing with the index
+  MIN_QUERY_BLOCK queries each, when lowered for CPU (where it was measured); a GPU or TPU
+  lowering keeps the plain form. Like 'pallas', it relies on positions increasing with the index
   inside each segment, as they do in packed rows.
 
   'cpu' (kernels_cpu.attention) is a fused kernel for XLA:CPU, forward and backward, called
@@ -243,5 +244,11 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_B
   mask = attention_mask(q_segment_BL, kv_segment_BS, q_positions_BL, kv_positions_BS, causal)
   blocks = min(causal_query_blocks, q_BLHD.shape[1] // MIN_QUERY_BLOCK)
   if causal and self_attention and not kv_from_cache and blocks > 1:
-    return _causal_blocked_attention(q_BLHD, k_BSKD, v_BSKD, mask, scale, blocks)
+    # Skipping masked key blocks was measured on XLA:CPU only (docs/performance.md): a CPU
+    # lowering takes the blocked form, chosen when the step is lowered (as `dense` and the RoPE
+    # tables do); TPU and GPU keep the one attention XLA fuses.
+    return jax.lax.platform_dependent(
+        q_BLHD, k_BSKD, v_BSKD, mask,
+        cpu=lambda q, k, v, m: _causal_blocked_attention(q, k, v, m, scale, blocks),
+        default=lambda q, k, v, m: _xla_attention(q, k, v, m, scale))
   return _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask, scale)

@@ -538,6 +538,16 @@ def draw_grpo_instructions(data: dict, path: str) -> str:
   return _save(fig, path)
 
 
+def _seed_bars(ax, xs, vals, width, color, label, fontsize=6):
+  """Bars of the means of `vals` (one list of per-seed values per bar), each labelled, with
+  the seeds as dots."""
+  means = [sum(v) / len(v) for v in vals]
+  bars = ax.bar(xs, means, width, color=color, alpha=0.8, label=label)
+  ax.bar_label(bars, labels=[f'{v:.2f}' for v in means], fontsize=fontsize, padding=1)
+  for x, v in zip(xs, vals):
+    ax.plot([x] * len(v), v, 'k.', ms=3)
+
+
 def draw_grpo_arithmetic(data: dict, path: str) -> str:
   plt = _plt()
   seeds = data['seeds']
@@ -547,12 +557,8 @@ def draw_grpo_arithmetic(data: dict, path: str) -> str:
   for i, m in enumerate(('train_questions', 'heldout')):
     xs = [j + (i - 0.5) * 0.38 for j in range(len(arms))]
     vals = [[s[a][m] for s in seeds.values() if a in s] for a in arms]
-    means = [sum(v) / len(v) for v in vals]
-    bars = ax.bar(xs, means, 0.38, color=f'C{i}', alpha=0.8,
-                  label='training questions' if i == 0 else 'held-out questions')
-    ax.bar_label(bars, labels=[f'{v:.2f}' for v in means], fontsize=6, padding=1)
-    for x, v in zip(xs, vals):
-      ax.plot([x] * len(v), v, 'k.', ms=3)
+    _seed_bars(ax, xs, vals, 0.38, f'C{i}',
+               'training questions' if i == 0 else 'held-out questions')
   ax.set_xticks(range(len(arms)), [GRPO_LABELS[a] for a in arms], fontsize=7)
   ax.set_ylabel('greedy accuracy (arithmetic)', fontsize=8)
   ax.set_ylim(0, 1.0)
@@ -585,12 +591,8 @@ def draw_paprika(data: dict, path: str) -> str:
                          (axes[1], 'consistent_rate', 'consistent moves / moves')):
     for i, arm in enumerate(PAPRIKA_ARMS):
       xs = [j + (i - 1) * 0.27 for j in range(len(games))]
-      vals = [[s['eval'][arm][g][key] for s in seeds] for g in games]
-      means = [sum(v) / len(v) for v in vals]
-      bars = ax.bar(xs, means, 0.27, color=f'C{i}', alpha=0.8, label=names[arm])
-      ax.bar_label(bars, labels=[f'{v:.2f}' for v in means], fontsize=6, padding=1)
-      for x, v in zip(xs, vals):
-        ax.plot([x] * len(v), v, 'k.', ms=3)
+      _seed_bars(ax, xs, [[s['eval'][arm][g][key] for s in seeds] for g in games], 0.27,
+                 f'C{i}', names[arm])
     for j, g in enumerate(games):  # uniformly random legal moves: the chance level
       ax.hlines(data['random'][g][key], j - 0.42, j + 0.42, colors='k', linestyles=':', lw=1,
                 label='random legal moves' if j == 0 else None)
@@ -604,14 +606,12 @@ def draw_paprika(data: dict, path: str) -> str:
   metrics = (('distinct_first_moves', 'distinct 1st'), ('illegal_rate', 'illegal'),
              ('success_rate', 'success'))
   for i, mode in enumerate(('min_p', 'plain')):
-    xs, means, ticks = [], [], []
-    for j, (g, (k, name)) in enumerate([(g, m) for g in train_games for m in metrics]):
-      xs.append(j + (i - 0.5) * 0.38)
-      means.append(sum(s['diversity'][mode][g][k] for s in seeds) / len(seeds))
-      ticks.append(f'{PAPRIKA_SHORT.get(g, g)}\n{name}')
-    bars = ax.bar(xs, means, 0.38, color=f'C{i + 3}', alpha=0.8,
-                  label=f'min-p {data["sampling"]["min_p"]}' if mode == 'min_p' else 'plain')
-    ax.bar_label(bars, labels=[f'{v:.2f}' for v in means], fontsize=5, padding=1)
+    pairs = [(g, m) for g in train_games for m in metrics]
+    ticks = [f'{PAPRIKA_SHORT.get(g, g)}\n{name}' for g, (_, name) in pairs]
+    _seed_bars(ax, [j + (i - 0.5) * 0.38 for j in range(len(pairs))],
+               [[s['diversity'][mode][g][k] for s in seeds] for g, (k, _) in pairs], 0.38,
+               f'C{i + 3}', f'min-p {data["sampling"]["min_p"]}' if mode == 'min_p' else 'plain',
+               fontsize=5)
   ax.set_xticks(range(len(ticks)), ticks, fontsize=5)
   ax.set_ylim(0, 1.05)
   ax.set_title(f'the base at temperature {data["sampling"]["temperature"]}: min-p vs plain '

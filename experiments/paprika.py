@@ -283,6 +283,11 @@ def run(cfg, workdir: str) -> dict:
               'max_move_tokens', 'sft_per_instance', 'min_gap', 'eval_samples'):
     if not p[key] > 0:
       raise config_lib.ConfigError(f'config.paprika.{key} must be > 0, got {p[key]}')
+  for key, ok, want in (('temperature', p.temperature > 0, '> 0 (the games are sampled)'),
+                        ('min_p', 0 <= p.min_p < 1, 'in [0, 1)'),
+                        ('eval_temperature', p.eval_temperature >= 0, '>= 0 (0: greedy)')):
+    if not ok:
+      raise config_lib.ConfigError(f'config.paprika.{key}={p[key]} must be {want}')
   if p.samples < 2:
     raise config_lib.ConfigError('config.paprika.samples must be >= 2: pairs and diversity '
                                  'compare games of one instance')

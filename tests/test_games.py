@@ -301,6 +301,12 @@ def test_a_multi_turn_pair_trains_only_the_agents_turns_after_the_shared_prompt(
   trained = BYTES.decode([int(i) for i, m in zip(c_ids, c_mask) if m and i != BYTES.eos_id])
   assert trained == 'Guess: 4Guess: 6'  # the agent's turns; the game's replies are context
   assert int(c_mask.sum()) == len('Guess: 4Guess: 6') + 2  # and each turn's eos
+  # A prompt with an assistant turn of its own (shared moves before the games differ): context,
+  # not trained, however many user turns the responses hold.
+  shared = [intro, {'role': 'assistant', 'content': 'Guess: 8'}, {'role': 'user', 'content': 'Lower.'}]
+  (c_ids, c_mask), _ = pref_data.render_pair(BYTES, shared, c, r)
+  trained = BYTES.decode([int(i) for i, m in zip(c_ids, c_mask) if m and i != BYTES.eos_id])
+  assert trained == 'Guess: 4Guess: 6'
   with pytest.raises(Exception, match='must start with an assistant message'):
     pref_data.from_record({'prompt': 'hi', 'chosen': [{'role': 'user', 'content': 'x'}],
                            'rejected': 'y'})
@@ -318,7 +324,10 @@ def _paprika():
     ('paprika.samples', 1, 'samples must be >= 2'), ('paprika.sft_steps', 0, 'sft_steps'),
     ('paprika.games', 'guess_number,chess', "unknown game 'chess'"),
     ('paprika.heldout_game', 'chess', 'heldout_game'),
-    ('paprika.games', 'mastermind', 'only game')])
+    ('paprika.games', 'mastermind', 'only game'),
+    ('paprika.temperature', 0.0, r'temperature=0\.0 must be > 0'),
+    ('paprika.min_p', 1.0, r'min_p=1\.0 must be in \[0, 1\)'),
+    ('paprika.eval_temperature', -0.5, 'eval_temperature')])
 def test_paprika_settings_are_checked_before_any_stage(tmp_path, key, value, match):
   from pathways_jax import config as config_lib
   paprika = _paprika()

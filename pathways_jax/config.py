@@ -92,9 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.scalar_head = False
 
   c.data = d = ml_collections.ConfigDict()
-  # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'rows' | 'chat' | 'preference' (data/preference.py)
+  # 'stdlib' | 'synthetic' | 'path' | 'tfds' | 'prepared' | 'rows' | 'chat' | 'preference'
+  # (data/preference.py) | 'prompts'
   d.corpus = 'stdlib'
-  # corpus='path': a text/JSONL file or a folder of them; 'rows': a .npz of token rows
+  # corpus='path': a text/JSONL file or a folder of them; 'prepared': a folder of packed
+  # ArrayRecord shards (python -m pathways_jax.data.prepare); 'rows': a .npz of token rows
   # (pathways_jax.data.rows); 'chat': a JSONL of conversations (pathways_jax.data.sft)
   d.path = ''
   d.tfds_name = ''  # for corpus='tfds', e.g. 'lm1b'
@@ -248,8 +250,8 @@ _CHOICES = {
     'model.remat': ('none', 'full', 'dots'),
     'model.attention': ('xla', 'cpu', 'pallas', 'cudnn'),
     'model.lora_quantize': ('', 'int8', 'int4', 'nf4'),  # adapters.qlora.QTYPES
-    'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds', 'rows', 'chat', 'preference',
-                    'prompts'),
+    'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds', 'prepared', 'rows', 'chat',
+                    'preference', 'prompts'),
     'data.chat.train_on': ('assistant', 'all'),
     'data.chat.truncation': ('cut', 'drop'),
     'data.tokenizer': ('sentencepiece', 'byte', 'hf'),
@@ -308,7 +310,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if d.batch_size % t.grad_accum:
     raise ConfigError(f'config.data.batch_size={d.batch_size} is not divisible by '
                       f'config.train.grad_accum={t.grad_accum}')
-  if d.corpus in ('path', 'rows', 'chat', 'preference', 'prompts') and not d.path:
+  if d.corpus in ('path', 'prepared', 'rows', 'chat', 'preference', 'prompts') and not d.path:
     raise ConfigError(f"config.data.corpus={d.corpus!r} needs config.data.path")
   if d.corpus == 'rows' and d.tokenizer == 'sentencepiece' and not d.tokenizer_path:
     raise ConfigError("config.data.corpus='rows' holds token ids: name the tokenizer that made "
@@ -316,6 +318,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if d.get('validation_path') and d.corpus not in ('preference', 'prompts'):
     raise ConfigError(f"config.data.validation_path is read for corpus='preference' or 'prompts' "
                       f'only (the corpus is {d.corpus!r})')
+  if d.corpus == 'prepared' and d.get('noise') is not None and d.noise.fraction > 0:
+    raise ConfigError("config.data.noise is applied when a corpus is packed in memory; "
+                      "corpus='prepared' rows are packed already")
   if d.corpus == 'tfds' and not d.tfds_name:
     raise ConfigError("config.data.corpus='tfds' needs config.data.tfds_name")
   if not 0.0 <= t.min_lr_ratio <= 1.0:

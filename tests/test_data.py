@@ -317,7 +317,7 @@ def test_path_corpus_files_and_folders(tmp_path):
 
 
 def test_stdlib_split_is_disjoint_and_by_file(tmp_path):
-  files = corpora._stdlib_files()  # pylint: disable=protected-access
+  files = corpora.stdlib_files()
   key = lambda p: p.as_posix()
   train = corpora.split_by_hash(files, 'train', key)
   val = corpora.split_by_hash(files, 'validation', key)
@@ -362,6 +362,17 @@ def test_tfds_offline_source(tmp_path):
   assert len(corpora.load_documents(cfg.data, 'train')) == 5
   batch = next(pipeline.make_train_iterator(cfg, tokenizers.ByteTokenizer()))
   assert batch['tokens'].shape == (4, 32)
+  # Prepared: ranges of 5 records per shard, the test split as validation, read back in order.
+  from pathways_jax.data import prepare, prepared  # pylint: disable=g-import-not-at-top
+  cfg.data.max_documents = 0
+  manifest = prepare.prepare(cfg, str(tmp_path / 'ds'), workers=1, records_per_unit=5,
+                             progress=False)
+  assert [len(manifest['splits'][s]['shards']) for s in ('train', 'validation')] == [3, 1]
+  for split, prefix, n in (('train', 'train', 12), ('validation', 'test', 3)):
+    rows = prepared.PreparedRows(str(tmp_path / 'ds'), split)
+    got = [tokenizers.ByteTokenizer().decode(rows[r]['tokens'][rows[r]['segment_ids'] == s])
+           for r in range(len(rows)) for s in range(1, rows[r]['segment_ids'].max() + 1)]
+    assert sorted(got) == sorted(f'{prefix} document {i} ü' for i in range(n))
   cfg.data.tfds_name = 'no_such_dataset'
   with pytest.raises(corpora.DataError, match='no_such_dataset'):
     corpora.load_documents(cfg.data, 'train')

@@ -51,7 +51,7 @@ def stdlib_root() -> pathlib.Path:
   return pathlib.Path(sysconfig.get_paths()['stdlib'])
 
 
-def _stdlib_files() -> list[pathlib.Path]:
+def stdlib_files() -> list[pathlib.Path]:
   root = stdlib_root()
   files = []
   for dirpath, dirnames, filenames in os.walk(root):
@@ -69,7 +69,7 @@ def _stdlib_files() -> list[pathlib.Path]:
 def _stdlib_documents(split: str) -> list[str]:
   root = stdlib_root()
   docs = []
-  for rel in split_by_hash(_stdlib_files(), split, key=lambda p: p.as_posix()):
+  for rel in split_by_hash(stdlib_files(), split, key=lambda p: p.as_posix()):
     try:
       docs.append((root / rel).read_text('utf-8'))
     except (UnicodeDecodeError, OSError):
@@ -91,7 +91,7 @@ def _read_utf8(path: pathlib.Path) -> str:
                     ' convert it, e.g. iconv -t UTF-8') from None
 
 
-def _path_files(path: pathlib.Path) -> list[pathlib.Path]:
+def path_files(path: pathlib.Path) -> list[pathlib.Path]:
   if not path.exists():
     raise DataError(f'corpus path {path} does not exist (config.data.path)')
   if path.is_file():
@@ -105,7 +105,7 @@ def _path_files(path: pathlib.Path) -> list[pathlib.Path]:
   return files
 
 
-def _file_documents(path: pathlib.Path, text_field: str, separator: str) -> Iterable[str]:
+def file_documents(path: pathlib.Path, text_field: str, separator: str) -> Iterable[str]:
   text = _read_utf8(path)
   if path.suffix.lower() in JSONL_SUFFIXES:
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -148,8 +148,8 @@ def _split_paragraphs(text: str) -> list[str]:
 def _path_documents(data_cfg, split: str) -> list[str]:
   path = pathlib.Path(data_cfg.path).expanduser()
   separator = data_cfg.get('document_separator', '\n\n')
-  docs = [d for f in _path_files(path)
-          for d in _file_documents(f, data_cfg.get('text_field', 'text'), separator)]
+  docs = [d for f in path_files(path)
+          for d in file_documents(f, data_cfg.get('text_field', 'text'), separator)]
   if not docs:
     raise DataError(f'corpus path {path} holds no documents (empty or only whitespace)')
   return split_by_hash(docs, split, key=lambda d: d)
@@ -157,7 +157,7 @@ def _path_documents(data_cfg, split: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ tfds
 
-def _tfds_source(data_cfg, split: str):
+def tfds_source(data_cfg, split: str):
   import tensorflow_datasets as tfds
   name, data_dir = data_cfg.tfds_name, data_cfg.get('tfds_data_dir') or None
   try:
@@ -180,7 +180,7 @@ def _tfds_source(data_cfg, split: str):
 
 
 def _tfds_documents(data_cfg, split: str) -> list[str]:
-  source, by_hash = _tfds_source(data_cfg, split)
+  source, by_hash = tfds_source(data_cfg, split)
   field = data_cfg.get('text_field', 'text')
   limit = data_cfg.get('max_documents', 0)
   n = len(source) if (by_hash or not limit) else min(limit, len(source))
@@ -214,15 +214,15 @@ def load_documents(data_cfg, split: str) -> list[str]:
     docs = _path_documents(data_cfg, split)
   elif corpus == 'tfds':
     docs = _tfds_documents(data_cfg, split)
-  elif corpus == 'rows':
-    raise ValueError("config.data.corpus='rows' holds token rows, not documents "
-                     '(pathways_jax.data.rows)')
+  elif corpus in ('rows', 'prepared'):
+    raise ValueError(f"config.data.corpus={corpus!r} holds token rows, not documents "
+                     '(pathways_jax.data.rows, pathways_jax.data.prepared)')
   elif corpus == 'chat':
     raise ValueError("config.data.corpus='chat' holds conversations, not documents: the "
                      'tokenizer must be given (config.data.tokenizer_path, or bytes)')
   else:
     raise ValueError(f"config.data.corpus={corpus!r} is not one of "
-                     "('stdlib', 'synthetic', 'path', 'tfds', 'rows', 'chat')")
+                     "('stdlib', 'synthetic', 'path', 'tfds', 'prepared', 'rows', 'chat')")
   if data_cfg.get('max_documents', 0) > 0:
     docs = docs[:data_cfg.max_documents]
   return docs
@@ -244,7 +244,7 @@ def corpus_fingerprint(data_cfg) -> str:
   if corpus == 'stdlib':
     root = stdlib_root()
     parts += [sys.version, str(root)]
-    for rel in _stdlib_files():
+    for rel in stdlib_files():
       st = (root / rel).stat()
       parts.append((rel.as_posix(), st.st_size, st.st_mtime_ns))
   elif corpus == 'synthetic':
@@ -256,7 +256,7 @@ def corpus_fingerprint(data_cfg) -> str:
     path = pathlib.Path(data_cfg.path).expanduser().resolve()
     parts += [str(path), data_cfg.get('text_field', 'text'),
               data_cfg.get('document_separator', '\n\n')]
-    for f in _path_files(path):
+    for f in path_files(path):
       st = f.stat()
       parts.append((str(f), st.st_size, st.st_mtime_ns))
   elif corpus == 'tfds':

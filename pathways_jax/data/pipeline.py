@@ -47,6 +47,7 @@ import numpy as np
 
 from pathways_jax.data import corpora
 from pathways_jax.data import preference as preference_lib
+from pathways_jax.data import prepared as prepared_lib
 from pathways_jax.data import rows as rows_lib
 from pathways_jax.data import sft as sft_lib
 from pathways_jax.data.packing import pack  # pylint: disable=unused-import  (re-exported)
@@ -228,7 +229,7 @@ class PackedRows:
 
 
 def load_packed_rows(cfg, tokenizer, split: str, *, vocab_size: int | None = None
-                     ) -> PackedRows | rows_lib.Rows:
+                     ) -> PackedRows | rows_lib.Rows | prepared_lib.PreparedRows:
   """The packed rows of `split` (for corpus 'rows': the file's rows), ids checked against
   `vocab_size`."""
   if cfg.data.corpus in ('rows', 'chat', 'preference', 'prompts'):
@@ -247,6 +248,9 @@ def load_packed_rows(cfg, tokenizer, split: str, *, vocab_size: int | None = Non
                               f'config.data.seq_len={cfg.data.seq_len}')
     check_token_ids(rows.tokens, vocab_size or tokenizer.vocab_size)
     return rows
+  if cfg.data.corpus == 'prepared':  # packed already, read row by row from its shards
+    return prepared_lib.load_rows(cfg.data, tokenizer, split,
+                                  vocab_size=vocab_size or tokenizer.vocab_size)
   tokens, lengths = load_tokens(cfg.data, tokenizer, split)
   check_token_ids(tokens, vocab_size or tokenizer.vocab_size)
   noise_cfg, noise = cfg.data.get('noise'), None

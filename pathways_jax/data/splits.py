@@ -13,6 +13,11 @@ def _hash01(key: str) -> float:
   return int.from_bytes(hashlib.blake2b(key.encode('utf-8'), digest_size=8).digest(), 'big') / 2**64
 
 
+def split_of(key: str, fraction: float = VALIDATION_FRACTION) -> str:
+  """One item's split by `split_by_hash`'s rule, without its fallback for an empty validation."""
+  return 'validation' if _hash01(key) < fraction else 'train'
+
+
 def split_by_hash(items: Sequence, split: str, key: Callable[[object], str],
                   fraction: float = VALIDATION_FRACTION) -> list:
   """The items of `split`, order preserved: validation gets those whose key hashes below `fraction`."""

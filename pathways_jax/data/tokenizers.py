@@ -132,6 +132,10 @@ class SentencePieceTokenizer(_Specials):
   def piece(self, token_id: int) -> str:
     return self._sp.id_to_piece(int(token_id))
 
+  def model_proto(self) -> bytes:
+    """The serialised model (what `from_file` reads)."""
+    return self._sp.serialized_model_proto()
+
 
 def _training_sentences(texts: Iterable[str], max_sentences: int, seed: int = 0) -> list[str]:
   """Lines of `texts`, subsampled deterministically to at most `max_sentences`.
@@ -223,6 +227,8 @@ def get_tokenizer(data_cfg):
   if kind != 'sentencepiece':
     raise ValueError(f"config.data.tokenizer={kind!r} is not one of ('sentencepiece', 'byte', "
                      "'hf')")
+  if data_cfg.get('corpus') == 'prepared' and not data_cfg.get('tokenizer_path'):
+    return _prepared_tokenizer(data_cfg.path)  # the one the dataset was tokenised with
   if data_cfg.get('tokenizer_path'):
     path = pathlib.Path(data_cfg.tokenizer_path).expanduser()
     if not path.is_file():
@@ -246,6 +252,19 @@ def get_tokenizer(data_cfg):
   tok = train_sentencepiece(corpora.load_documents(data_cfg, 'train'), data_cfg.vocab_size, prefix)
   if model.is_file():
     tok.path = str(model)
+  return tok
+
+
+def _prepared_tokenizer(path: str) -> SentencePieceTokenizer:
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from pathways_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  model = epath.Path(path) / prepared.TOKENIZER_FILE
+  if not model.exists():
+    raise FileNotFoundError(f"prepared dataset {path} holds no {prepared.TOKENIZER_FILE} (it was "
+                            'not made with a sentencepiece tokenizer): set config.data.tokenizer '
+                            "(and tokenizer_path) to the dataset's, manifest.json names it")
+  tok = SentencePieceTokenizer(model.read_bytes(), name=f'sentencepiece:{model}')
+  tok.path = str(model)
   return tok
 
 

@@ -230,8 +230,11 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
 def rows_key(rows, ref: Reference) -> str:
   """Identity of (the packed rows, the reference checkpoint): the cache is valid iff both match."""
   h = hashlib.blake2b(digest_size=12)
-  for a in (rows.tokens, rows.row_ptr, rows.piece_start, rows.piece_len):
-    h.update(np.ascontiguousarray(a).tobytes())
+  if hasattr(rows, 'identity'):  # a prepared dataset's rows, named by its manifest
+    h.update(rows.identity.encode())
+  else:
+    for a in (rows.tokens, rows.row_ptr, rows.piece_start, rows.piece_len):
+      h.update(np.ascontiguousarray(a).tobytes())
   h.update(repr((rows.seq_len, os.path.abspath(ref.run_dir), ref.step)).encode())
   return h.hexdigest()
 

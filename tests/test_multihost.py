@@ -183,6 +183,42 @@ def test_two_processes_match_one_process_and_their_checkpoint_resumes_in_one(tmp
   assert_close([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], terms=6 * 8 * 32)
 
 
+def test_two_processes_stream_disjoint_slices_of_a_prepared_dataset_and_resume_in_one(
+    tmp_path, cache):
+  """corpus='prepared': each process reads only its rows of each batch from the shards; the
+  two-process run logs the one-process losses (so the slices' union is the batch) and its
+  checkpointed iterator resumes in one process where it stopped."""
+  from pathways_jax.config import base_config  # pylint: disable=g-import-not-at-top
+  from pathways_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  cfg = base_config()
+  flags = dict(f[len('--config.'):].split('=', 1) for f in _flags(cache)
+               if f.startswith('--config.'))
+  cfg.data.cache_dir, cfg.data.corpus, cfg.data.tokenizer = cache, 'synthetic', 'byte'
+  for key in ('num_people', 'num_stories', 'num_arithmetic'):
+    cfg.data.synthetic[key] = int(flags[f'data.synthetic.{key}'])
+  cfg.data.seq_len = int(flags['data.seq_len'])
+  prepare.prepare(cfg, str(tmp_path / 'ds'), workers=1, progress=False)
+  data = ['--config.data.corpus=prepared', f'--config.data.path={tmp_path / "ds"}',
+          '--config.data.eval_batches=1']
+  port = _free_port()
+  mp, ref = tmp_path / 'mp', tmp_path / 'ref'
+  procs = [_main(*_flags(cache, *data, '--config.train.stop_at=3'), f'--workdir={mp}',
+                 f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                 f'--process_id={i}', '--heartbeat_timeout_s=30', devices=1) for i in (0, 1)]
+  ref_proc = _main(*_flags(cache, *data, '--config.mesh.dcn_data=1'), f'--workdir={ref}',
+                   devices=2)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f'process {i}:\n{_first_errors(out)}{out[-3000:]}'
+  _finish(ref_proc)
+  assert max(_losses(mp)) == 3
+  _finish(_main(*_flags(cache, *data, '--config.mesh.dcn_data=1', '--config.mesh.fsdp=1',
+                        '--config.mesh.data=-1'), f'--workdir={mp}'))
+  got, want = _losses(mp), _losses(ref)
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
+  assert_close([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], terms=6 * 8 * 32)
+
+
 def _wait_for_line(proc, text, timeout) -> str:
   """Reads proc's output until it contains `text`; fails after `timeout` seconds."""
   seen, deadline = b'', time.time() + timeout

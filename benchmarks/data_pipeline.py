@@ -150,7 +150,7 @@ def main() -> None:
     return
   print(f'prepared vs in-memory reading, rows of 128 x 16 (quickstart), {os.cpu_count()} CPUs, '
         f'load {load[0]:.1f}')
-  print('| corpus tokens | prepare s (cached: ~0) | shards | reader tokens/s | RSS warm / end / '
+  print('| corpus tokens | prepare s | shards | reader tokens/s | RSS warm / end / '
         'peak MiB | in-memory tokens/s | in-memory start s | in-memory RSS end / peak MiB |')
   print('|---|---|---|---|---|---|---|---|')
   for r in results:

@@ -67,7 +67,7 @@ def _forward(hidden_TD, unembed_DV, targets_T, chunk: int):
     carry = step(tail_start, tail, carry)
   m_T, s_T, tgt_T = carry
   lse_T = m_T + jnp.log(s_T)
-  return lse_T - tgt_T, lse_T
+  return lse_T - tgt_T, lse_T, m_T
 
 
 def _backward(hidden_TD, unembed_DV, targets_T, lse_T, g_loss_T, g_lse_T, chunk: int):
@@ -102,14 +102,14 @@ def _fused(hidden_TD, unembed_DV, targets_T, valid_T, chunk: int):
 
 
 def _fused_fwd(hidden_TD, unembed_DV, targets_T, valid_T, chunk: int):
-  loss_T, lse_T = _forward(hidden_TD, unembed_DV, targets_T, chunk)
+  loss_T, lse_T, max_T = _forward(hidden_TD, unembed_DV, targets_T, chunk)
   loss_T = jnp.where(valid_T, loss_T, 0.0)
-  return (loss_T, lse_T), (hidden_TD, unembed_DV, targets_T, valid_T, lse_T)
+  return (loss_T, lse_T, max_T), (hidden_TD, unembed_DV, targets_T, valid_T, lse_T)
 
 
 def _fused_bwd(chunk: int, res, g):
   hidden_TD, unembed_DV, targets_T, valid_T, lse_T = res
-  g_loss_T, g_lse_T = g
+  g_loss_T, g_lse_T, _ = g  # the max logit is a metric's input (argmax accuracy): no gradient
   g_loss_T = jnp.where(valid_T, g_loss_T, 0.0)
   dh, dw = _backward(hidden_TD, unembed_DV, targets_T, lse_T, g_loss_T, g_lse_T, chunk)
   return dh, dw, None, None
@@ -119,8 +119,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_cross_entropy(hidden_TD: jax.Array, unembed_DV: jax.Array, targets_T: jax.Array, *,
-                        valid_T: jax.Array | None = None,
-                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+                        valid_T: jax.Array | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                        return_max: bool = False) -> tuple[jax.Array, ...]:
   """Per-token cross-entropy of softmax(hidden @ unembed) against integer targets.
 
   Args:
@@ -131,10 +131,13 @@ def fused_cross_entropy(hidden_TD: jax.Array, unembed_DV: jax.Array, targets_T: 
     valid_T: optional bool mask; invalid tokens get loss 0 and no gradient through `loss_T`.
     chunk_size: vocabulary columns per step. Peak temporary memory is about
       3 * T * chunk_size * 4 bytes; larger chunks mean fewer, larger matmuls.
+    return_max: also return each token's largest logit (float32 [T], no gradient), e.g. for
+      argmax accuracy: the target is the argmax iff lse - loss >= max.
 
   Returns:
     (loss_T, logsumexp_T), float32 [T] each. `logsumexp_T` is differentiable (z-loss) and is
-    returned for every token, valid or not: weight it by `valid_T` yourself.
+    returned for every token, valid or not: weight it by `valid_T` yourself. With
+    `return_max`, (loss_T, logsumexp_T, max_T).
   """
   t, d = hidden_TD.shape
   if unembed_DV.ndim != 2 or unembed_DV.shape[0] != d:
@@ -145,7 +148,9 @@ def fused_cross_entropy(hidden_TD: jax.Array, unembed_DV: jax.Array, targets_T: 
     raise ValueError(f'chunk_size must be positive, got {chunk_size}')
   valid_T = jnp.ones((t,), bool) if valid_T is None else valid_T.astype(bool)
   chunk = min(int(chunk_size), unembed_DV.shape[1])
-  return _fused(hidden_TD, unembed_DV, targets_T.astype(jnp.int32), valid_T, chunk)
+  loss_T, lse_T, max_T = _fused(hidden_TD, unembed_DV, targets_T.astype(jnp.int32), valid_T,
+                                chunk)
+  return (loss_T, lse_T, max_T) if return_max else (loss_T, lse_T)
 
 
 def cross_entropy_reference(hidden_TD, unembed_DV, targets_T, *, valid_T=None):

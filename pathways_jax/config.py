@@ -157,6 +157,11 @@ def base_config() -> ml_collections.ConfigDict:
   # '' trains every param.
   t.trainable = ''
   t.z_loss = 0.0
+  # The unembedding + cross-entropy (pathways_jax/tasks/lm_head.py): 'logits' holds the [B, L, V]
+  # logits; 'fused' walks the vocabulary in chunks of cross_entropy_chunk columns and never does
+  # (one more unembedding matmul in the backward); 'auto': fused from a vocabulary of 32768 up.
+  t.cross_entropy = 'auto'
+  t.cross_entropy_chunk = 4096
   t.log_every = 10
   t.eval_every = 100
   t.checkpoint_every = 100
@@ -256,6 +261,7 @@ _CHOICES = {
     'data.chat.truncation': ('cut', 'drop'),
     'data.tokenizer': ('sentencepiece', 'byte', 'hf'),
     'train.schedule': ('cosine', 'wsd', 'constant'),
+    'train.cross_entropy': ('auto', 'fused', 'logits'),
     'selective.score': ('excess', 'reference_loss', 'reference_entropy', 'random', 'oracle'),
     'selective.mode': ('online', 'offline'),
     'growth.method': ('stack', 'interleave', 'zero', 'random'),

@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pathways_jax.objectives import token_losses as token_losses_lib
+
 
 def token_losses(logits_BLV: jax.Array, targets_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per-token cross-entropy and log-sum-exp, both [B, L] float32."""
@@ -20,6 +22,13 @@ def next_token_valid(tokens_BL: jax.Array, segment_ids_BL: jax.Array | None) -> 
   return (segment_ids_BL[:, 1:] == segment_ids_BL[:, :-1]) & (segment_ids_BL[:, 1:] != 0)
 
 
+def next_token_targets(tokens_BL: jax.Array) -> jax.Array:
+  """[B, L]: position i's target is token i+1. The last position wraps round (and is never
+  valid): the same sum as over logits[:, :-1], without copying a [B, L-1, V] slice (2-2.5% of the
+  CPU step)."""
+  return jnp.roll(tokens_BL, -1, axis=1)
+
+
 def loss(logits_BLV: jax.Array, tokens_BL: jax.Array, segment_ids_BL: jax.Array | None = None,
          *, z_loss: float = 0.0, target_mask_BL: jax.Array | None = None
          ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -27,11 +36,11 @@ def loss(logits_BLV: jax.Array, tokens_BL: jax.Array, segment_ids_BL: jax.Array 
 
   Position i predicts token i+1; the last position and document boundaries of packed rows carry
   no target, nor does a token where `target_mask_BL` is 0 (SFT: only the assistant's tokens are
-  targets). Returns (loss, metrics) with metrics `ce` (the plain cross-entropy) and `num_tokens`.
+  targets). `logits_BLV` may be a `token_losses.TokenLosses` against `next_token_targets`
+  instead. Returns (loss, metrics) with metrics `ce` (the plain cross-entropy) and `num_tokens`.
   """
-  # Every position against the next token, the last one wrapping round and masked out: the same
-  # sum as over logits[:, :-1], without copying the [B, L-1, V] slice (2-2.5% of the CPU step).
-  ce_BL, lse_BL = token_losses(logits_BLV, jnp.roll(tokens_BL, -1, axis=1))
+  stats = token_losses_lib.of(logits_BLV, next_token_targets(tokens_BL))
+  ce_BL, lse_BL = stats.ce_BL, stats.lse_BL
   valid = next_token_valid(tokens_BL, segment_ids_BL)
   if target_mask_BL is not None:
     valid &= target_mask_BL[:, 1:].astype(bool)

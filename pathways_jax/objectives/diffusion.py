@@ -28,15 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pathways_jax.objectives import token_losses as token_losses_lib
+
 Metrics = dict[str, jax.Array]
 
 
-def _token_ce(logits_BLV: jax.Array, tokens_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-token cross-entropy [B, L] float32 and whether the argmax was right."""
-  logits = logits_BLV.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target = jnp.take_along_axis(logits, tokens_BL[..., None], axis=-1)[..., 0]
-  return lse - target, jnp.argmax(logits, axis=-1) == tokens_BL
+def _token_ce(logits_BLV, tokens_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token CE [B, L] (float32) and argmax == target [B, L] (bool), from the logits or from a
+  `token_losses.TokenLosses` against `tokens_BL`."""
+  stats = token_losses_lib.of(logits_BLV, tokens_BL)
+  return stats.ce_BL, stats.correct_BL
 
 
 def forward_process(key: jax.Array, tokens_BL: jax.Array, *, mask_id: int, eps: float = 1e-3,
@@ -115,6 +116,8 @@ def pretraining_draws(key: jax.Array, tokens_BL: jax.Array, segment_ids_BL: jax.
 def loss(logits_BLV: jax.Array, tokens_BL: jax.Array, masked_BL: jax.Array, p_mask_BL: jax.Array,
          *, valid_BL: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
   """LLaDA pretraining loss: sum over masked tokens of CE / p_mask, divided by B * L.
+
+  `logits_BLV` (here and in `sft_loss`) may be a `token_losses.TokenLosses` against `tokens_BL`.
 
   With `valid_BL` (packing padding, random-length tail) invalid positions never count and the
   denominator is the number of valid positions (B * L when all are valid). Metrics: `ce` (mean

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from pathways_jax.config import ConfigError
 from pathways_jax.objectives import autoregressive, diffusion
+from pathways_jax.tasks import lm_head
 from pathways_jax.tasks.base import ADAPTER_IDS, COUNT, TOKEN_FIELDS, Task, adapter_fields
 from pathways_jax.tasks.pretrain import mask_id
 from pathways_jax.tasks.registry import register
@@ -58,8 +59,10 @@ class SftTask(Task):
   def loss(self, params, batch, key, aux=None):
     del key, aux
     tokens, segments = batch['tokens'], batch['segment_ids']
-    logits = self.model.apply({'params': params}, tokens, positions_BL=batch['positions'],
-                              segment_ids_BL=segments, adapter_ids_B=batch.get(ADAPTER_IDS))
+    logits = lm_head.outputs(self.cfg, self.model, params, tokens,
+                             autoregressive.next_token_targets(tokens),
+                             positions_BL=batch['positions'], segment_ids_BL=segments,
+                             adapter_ids_B=batch.get(ADAPTER_IDS))
     loss, metrics = autoregressive.loss(logits, tokens, segments, z_loss=self.cfg.train.z_loss,
                                         target_mask_BL=batch['loss_mask'])
     return loss, {**metrics, COUNT: metrics['num_tokens']}
@@ -93,8 +96,8 @@ class LladaSftTask(Task):
                                                       valid_BL=maskable_BL)
     prompt_BL = batch['prompt'].astype(bool)
     noisy, masked = diffusion.unmask_prompt(noisy, masked, tokens, prompt_BL & sft_row_B[:, None])
-    logits = self.model.apply({'params': params}, noisy, positions_BL=positions,
-                              segment_ids_BL=segments, adapter_ids_B=batch.get(ADAPTER_IDS))
+    logits = lm_head.outputs(self.cfg, self.model, params, noisy, tokens, positions_BL=positions,
+                             segment_ids_BL=segments, adapter_ids_B=batch.get(ADAPTER_IDS))
     sft, m = diffusion.sft_loss(logits, tokens, masked, p_mask, prompt_BL | ~maskable_BL,
                                 valid_BL=maskable_BL & sft_row_B[:, None], segment_ids_BL=segments)
     metrics = {'ce': m['ce'], 'accuracy': m['accuracy']}

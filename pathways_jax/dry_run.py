@@ -170,6 +170,12 @@ def run(cfg, *, num_devices: int | None = None, out=print) -> dict:
     fits = 'fits' if peak <= hbm * 2**30 else 'DOES NOT FIT'
     fits = f' of {hbm:g} GiB HBM: {fits}'
   out(f'    estimated peak            {_gib(peak)}{fits}')
+  from pathways_jax.tasks import lm_head  # pylint: disable=g-import-not-at-top
+  fused = lm_head.fused(cfg, model_cfg)
+  report['cross_entropy'] = 'fused' if fused else 'logits'
+  out(f'  cross-entropy: {report["cross_entropy"]} (train.cross_entropy='
+      f'{cfg.train.get("cross_entropy", "logits")!r}; rerun with --config.train.cross_entropy='
+      f'{"logits" if fused else "fused"} for the other path\'s temp memory)')
   if model_cfg.scan_layers:
     counted = "the compiler's count is not shown: XLA counts a scanned layer stack once"
   else:

@@ -16,9 +16,10 @@ VOCAB = 261  # 4 chunks of 64 and a tail of 5: both loop paths of the kernel
 
 def _task(name, mode, **overrides):
   causal = name in ('autoregressive', 'sft')
-  cfg = tiny_config('/unused', task=name, objective='autoregressive' if causal else 'diffusion',
-                    **{'model.causal': causal, 'train.cross_entropy': mode,
-                       'train.cross_entropy_chunk': 64, 'data.mask_id': 3, **overrides})
+  cfg = tiny_config('/unused', **{'task': name, 'model.causal': causal,
+                                  'objective': 'autoregressive' if causal else 'diffusion',
+                                  'train.cross_entropy': mode, 'train.cross_entropy_chunk': 64,
+                                  'data.mask_id': 3, **overrides})
   model = Transformer(config_lib.ModelConfig.from_config(cfg.model, vocab_size=VOCAB))
   return tasks.make(cfg, model), model
 
@@ -74,3 +75,51 @@ def test_auto_fuses_large_vocabularies_and_a_quantised_base_is_refused():
   cfg.train.cross_entropy = 'chunked'
   with pytest.raises(config_lib.ConfigError, match=r"train.cross_entropy='chunked'"):
     config_lib.validate(cfg)
+
+
+def _grads_equal(fn_plain, fn_fused, params, metric_atol=1e-7):
+  want = jax.value_and_grad(fn_plain, has_aux=True)(params)
+  got = jax.value_and_grad(fn_fused, has_aux=True)(params)
+  np.testing.assert_allclose(got[0][0], want[0][0], rtol=2e-6)
+  for k in want[0][1]:
+    np.testing.assert_allclose(got[0][1][k], want[0][1][k], rtol=2e-6, atol=metric_atol,
+                               err_msg=k)
+  for w, g in zip(jax.tree.leaves(want[1]), jax.tree.leaves(got[1])):
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-7)
+
+
+def test_dpo_takes_the_fused_log_probs_for_the_policy_and_its_reference():
+  def make(mode):
+    task, model = _task('autoregressive', mode, **{'task': 'dpo', 'data.corpus': 'preference',
+                                                   'train.init_from': '/unused'})
+    task.ref_model = model  # what setup() sets from the reference run
+    return task, model
+  plain, model = make('logits')
+  fused, _ = make('fused')
+  tokens, pos, _ = packed_rows_with_padding(VOCAB)
+  seg = jnp.array([[1] * 30 + [2] * 30 + [3] * 20 + [4] * 20, [1] * 50 + [2] * 50])
+  pos = jnp.concatenate([jnp.arange(n) for n in (30, 30, 20, 20, 50, 50)]).reshape(2, 100)
+  batch = {'tokens': tokens, 'positions': pos, 'segment_ids': seg,
+           'loss_mask': (pos > 6).astype(jnp.int32)}
+  init = lambda k: model.init(jax.random.key(k), tokens)['params']
+  params, ref = init(0), init(5)
+  key = jax.random.key(1)
+  # The implicit rewards are beta times differences of sums of ~50 log-probs of ~5.5 each.
+  _grads_equal(lambda p: plain.loss(p, batch, key, ref), lambda p: fused.loss(p, batch, key, ref),
+               params, metric_atol=1e-5)
+
+
+@pytest.mark.parametrize('objective', ['autoregressive', 'diffusion'])
+def test_rho1_selects_and_trains_on_the_fused_losses_of_the_model_and_its_reference(objective):
+  from pathways_jax.tasks import rho1  # pylint: disable=g-import-not-at-top
+  name = 'autoregressive' if objective == 'autoregressive' else 'diffusion'
+  (plain, model), (fused, _) = (_task(name, m, **{'selective.enabled': True, 'task': 'rho1',
+                                                  'selective.ratio': 0.6})
+                                for m in ('logits', 'fused'))
+  batch = _batch()
+  init = lambda k: model.init(jax.random.key(k), batch['tokens'])['params']
+  params, ref = init(0), init(5)
+  key = jax.random.key(1)
+  loss = lambda task: lambda p: rho1.selective_loss(task.cfg, model, p, batch, key, ref,
+                                                    ref_model=model)
+  _grads_equal(loss(plain), loss(fused), params)

@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathways_jax.objectives import autoregressive
+from pathways_jax.objectives import autoregressive, token_losses
 
 LOSS_TYPES = ('sigmoid', 'robust', 'ipo', 'hinge', 'simpo', 'orpo')
 REFERENCE_FREE = ('simpo', 'orpo')
@@ -131,8 +131,9 @@ def packed_pair_logps(token_logps_BL: jax.Array, loss_mask_BL: jax.Array,
 
 def causal_token_logps(logits_BLV: jax.Array, tokens_BL: jax.Array) -> jax.Array:
   """float32 [B, L]: log p(token i | tokens < i) at i >= 1 (position 0, which nothing predicts,
-  is 0), from a causal LM's logits. Aligned with the tokens, for `packed_pair_logps`."""
-  ce_BL, _ = autoregressive.token_losses(logits_BLV, jnp.roll(tokens_BL, -1, axis=1))
+  is 0), from a causal LM's logits (or `token_losses.TokenLosses` against
+  `autoregressive.next_token_targets`). Aligned with the tokens, for `packed_pair_logps`."""
+  ce_BL = token_losses.of(logits_BLV, autoregressive.next_token_targets(tokens_BL)).ce_BL
   return jnp.pad(-ce_BL[:, :-1], ((0, 0), (1, 0)))
 
 

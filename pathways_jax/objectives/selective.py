@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathways_jax.objectives import autoregressive
+from pathways_jax.objectives import autoregressive, token_losses
 
 SCORES = ('excess', 'reference_loss', 'reference_entropy')
 
@@ -212,9 +212,13 @@ def ar_token_losses(logits_BLV: jax.Array, tokens_BL: jax.Array,
   """Next-token losses and validity, both [B, L-1] (position i predicts token i+1).
 
   The same alignment as `objectives.autoregressive.loss`; an offline L_ref cache must be stored in
-  this alignment for the same packed rows.
+  this alignment for the same packed rows. `logits_BLV` may be a `token_losses.TokenLosses`
+  against `autoregressive.next_token_targets`.
   """
-  ce_BL, _ = autoregressive.token_losses(logits_BLV[:, :-1], tokens_BL[:, 1:])
+  if isinstance(logits_BLV, token_losses.TokenLosses):
+    ce_BL = logits_BLV.ce_BL[:, :-1]
+  else:
+    ce_BL, _ = autoregressive.token_losses(logits_BLV[:, :-1], tokens_BL[:, 1:])
   return ce_BL, autoregressive.next_token_valid(tokens_BL, segment_ids_BL)
 
 
@@ -231,7 +235,7 @@ def diffusion_token_losses(logits_BLV: jax.Array, tokens_BL: jax.Array, masked_B
   `sum_masked CE / p_mask / (B*L)`. Ranking the unweighted CE keeps rows with few masks (small t,
   large 1/t) from dominating a whole-batch ranking; per-row ranking is unaffected either way.
   """
-  ce_BL, _ = autoregressive.token_losses(logits_BLV, tokens_BL)
+  ce_BL = token_losses.of(logits_BLV, tokens_BL).ce_BL  # logits, or TokenLosses against tokens
   valid = masked_BL.astype(bool)
   weight = jnp.where(valid, 1.0 / p_mask_BL.astype(jnp.float32), 0.0)
   return ce_BL, weight, valid

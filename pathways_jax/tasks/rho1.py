@@ -39,7 +39,8 @@ import numpy as np
 
 from pathways_jax import config as config_lib
 from pathways_jax import parallel
-from pathways_jax.objectives import selective
+from pathways_jax.objectives import autoregressive, selective
+from pathways_jax.tasks import lm_head
 from pathways_jax.tasks.registry import get as get_task, register
 from pathways_jax.tasks.pretrain import mask_id as resolved_mask_id
 from pathways_jax.tasks.base import COUNT, FrozenInputs, RunContext, Task
@@ -142,10 +143,15 @@ def load_reference(cfg, ref_dir: str, tokenizer, mesh, rules) -> Reference:
 
 # ------------------------------------------------------------------------------------- the loss
 
-def _ar_reference(ref_model, ref_params, batch, with_entropy: bool):
+def _ar_reference(cfg, ref_model, ref_params, batch, with_entropy: bool):
   tokens, segments = batch['tokens'], batch['segment_ids']
-  logits = ref_model.apply({'params': jax.lax.stop_gradient(ref_params)}, tokens,
-                           positions_BL=batch['positions'], segment_ids_BL=segments)
+  kw = dict(positions_BL=batch['positions'], segment_ids_BL=segments)
+  ref_params = jax.lax.stop_gradient(ref_params)
+  if with_entropy:  # the entropy needs the whole distribution: logits
+    logits = ref_model.apply({'params': ref_params}, tokens, **kw)
+  else:
+    logits = lm_head.outputs(cfg, ref_model, ref_params, tokens,
+                             autoregressive.next_token_targets(tokens), **kw)
   ref, _ = selective.ar_token_losses(logits, tokens, segments)
   ent = selective.token_entropy(logits[:, :-1]) if with_entropy else None
   return jax.lax.stop_gradient(ref), ent
@@ -167,8 +173,8 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
                                  '(config.data.noise.fraction > 0)')
   need_ref = score in NEEDS_REFERENCE
   if cfg.objective == 'autoregressive':
-    logits = model.apply({'params': params}, tokens, positions_BL=positions,
-                         segment_ids_BL=segments)
+    logits = lm_head.outputs(cfg, model, params, tokens, autoregressive.next_token_targets(tokens),
+                             positions_BL=positions, segment_ids_BL=segments)
     tok, valid = selective.ar_token_losses(logits, tokens, segments)
     noise_t = None if noise is None else noise[:, 1:].astype(bool)
     ent = None
@@ -177,7 +183,7 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
     elif REF_LOSS in batch:
       ref = batch[REF_LOSS][:, :-1].astype(jnp.float32)
     else:
-      ref, ent = _ar_reference(ref_model, ref_params, batch, score == 'reference_entropy')
+      ref, ent = _ar_reference(cfg, ref_model, ref_params, batch, score == 'reference_entropy')
     weights, n_positions = None, None
   elif cfg.objective == 'diffusion':
     from pathways_jax.objectives import diffusion  # pylint: disable=g-import-not-at-top
@@ -186,13 +192,16 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
         key, tokens, segments, mask_id=resolved_mask_id(cfg), eps=cfg.diffusion.eps,
         random_length_prob=cfg.diffusion.random_length_prob)
     kw = dict(positions_BL=positions, segment_ids_BL=segments * in_row)
-    logits = model.apply({'params': params}, noisy, **kw)
+    logits = lm_head.outputs(cfg, model, params, noisy, tokens, **kw)
     tok, weights, valid = selective.diffusion_token_losses(logits, tokens, masked & in_row,
                                                                p_mask)
     noise_t = None if noise is None else noise.astype(bool)
     ent = None
     if need_ref:
-      ref_logits = ref_model.apply({'params': jax.lax.stop_gradient(ref_params)}, noisy, **kw)
+      frozen = jax.lax.stop_gradient(ref_params)
+      ref_logits = (ref_model.apply({'params': frozen}, noisy, **kw)
+                    if score == 'reference_entropy'  # the entropy needs the logits
+                    else lm_head.outputs(cfg, ref_model, frozen, noisy, tokens, **kw))
       ref, _, _ = selective.diffusion_token_losses(ref_logits, tokens, masked & in_row, p_mask)
       ref = jax.lax.stop_gradient(ref)
       if score == 'reference_entropy':
@@ -252,7 +261,7 @@ def score_rows(cfg, rows, ref: Reference, mesh, rules) -> np.ndarray:
   B, L = cfg.data.batch_size, rows.seq_len
 
   def fn(params, batch):
-    ref_BL, _ = _ar_reference(ref.model, params, batch, False)
+    ref_BL, _ = _ar_reference(cfg, ref.model, params, batch, False)
     valid = selective.ar_token_losses(jnp.zeros(batch['tokens'].shape + (1,)),
                                           batch['tokens'], batch['segment_ids'])[1]
     ref_BL = jnp.where(valid, ref_BL, 0.0)

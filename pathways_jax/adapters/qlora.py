@@ -21,12 +21,13 @@ where NF4 is a storage type and the compute dtype is bfloat16).
 Why not qwix's own PTQ/QLoRA providers (`qwix.PtqProvider`, `qwix.LoraProvider`): they
 quantise the weight operand of intercepted `dot_general`/`einsum`/`jnp.dot` calls, finding the
 param by object identity, by walking a tracer's parents, or by shape. Our dense layers are
-`transformer.dense`, a `jax.custom_vjp` around `jnp.dot` whose inputs reach the dot as fresh
-tracers, and the attention weights are reshaped from [embed, heads, head_dim] to 2-D first, so
-on this model qwix finds 1 of the 7 dense weights of a block (w_down, by its shape), then
-refuses its own quantised params in `apply`, and the custom backward cannot take a QArray
-(docs/qlora.md has the transcript). Reading the weight dequantised at `Module.param` needs no
-change to the model and keeps its hand-written gradient; qwix's interception machinery
+`transformer.dense`, a custom-derivative function around `jnp.dot` (a `jax.custom_vjp` when
+this was measured, a `jax.custom_jvp` since) whose inputs reach the dot as fresh tracers, and
+the attention weights are reshaped from [embed, heads, head_dim] to 2-D first, so on this model
+qwix finds 1 of the 7 dense weights of a block (w_down, by its shape), then refuses its own
+quantised params in `apply`, and the custom backward could not take a QArray (docs/qlora.md has
+the transcript). Reading the weight dequantised at `Module.param` needs no change to the model
+and keeps its CPU weight gradient; qwix's interception machinery
 (`qwix.quantize_model` with a provider) is what puts that hook on `Module.param`.
 """
 from __future__ import annotations

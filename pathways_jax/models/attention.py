@@ -58,49 +58,19 @@ def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float, scaling: t
                                     default=lambda c, s: (c, s))
 
 
-def _rotate(x_BLHD, cos_BL12F, sin_BL12F):
-  b, l, h, d = x_BLHD.shape
-  x = x_BLHD.reshape(b, l, h, 2, d // 2)
-  return (x * cos_BL12F + x[..., ::-1, :] * sin_BL12F).reshape(b, l, h, d)
-
-
-@jax.custom_vjp
 def apply_rope(x_BLHD, cos_BL12F, sin_BL12F):
   """Rotate-half RoPE, out = [x1 cos - x2 sin, x2 cos + x1 sin], with the halves as an axis.
 
   Written as x * cos + swap_halves(x) * sin on a [.., 2, D/2] view: no slice or concatenation
-  on the minor axis. The gradient is written out: autodiff's version of the slicing form (pads,
-  and sin/cos recomputed per element inside its fusions) was the slowest elementwise work of the
-  CPU step (benchmarks/RESULTS.md). The tables may broadcast over any axis (heads, batch); their
-  gradient is exact too, and XLA drops it when, as in `rope`, they come from integer positions.
+  on the minor axis, which is what makes autodiff's gradient fast on CPU (that of the slicing
+  form, with pads and sin/cos recomputed inside its fusions, was the slowest elementwise work of
+  the CPU step: benchmarks/RESULTS.md). Plain code, so forward mode works too; the hand-written
+  gradient it had until 2026-12-06 compiled to the same CPU instructions. The tables may
+  broadcast over any axis (heads, batch).
   """
-  return _rotate(x_BLHD, cos_BL12F, sin_BL12F)
-
-
-def _apply_rope_fwd(x_BLHD, cos_BL12F, sin_BL12F):
-  return _rotate(x_BLHD, cos_BL12F, sin_BL12F), (x_BLHD, cos_BL12F, sin_BL12F)
-
-
-def _sum_to_shape(x, shape):
-  """Sums `x` over the axes a `shape`-d operand was broadcast along (the transpose of that)."""
-  lead = x.ndim - len(shape)
-  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
-                                    if n == 1 and x.shape[lead + i] != 1)
-  return x.sum(axis=axes, keepdims=True).reshape(shape) if axes else x
-
-
-def _apply_rope_bwd(res, dout_BLHD):
-  x_BLHD, cos_BL12F, sin_BL12F = res
-  b, l, h, d = dout_BLHD.shape
-  g = dout_BLHD.reshape(b, l, h, 2, d // 2)
+  b, l, h, d = x_BLHD.shape
   x = x_BLHD.reshape(b, l, h, 2, d // 2)
-  dx = (g * cos_BL12F + (g * sin_BL12F)[..., ::-1, :]).reshape(b, l, h, d)
-  dcos = _sum_to_shape(g * x, jnp.shape(cos_BL12F)).astype(cos_BL12F.dtype)
-  dsin = _sum_to_shape(g * x[..., ::-1, :], jnp.shape(sin_BL12F)).astype(sin_BL12F.dtype)
-  return dx.astype(x_BLHD.dtype), dcos, dsin
-
-
-apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
+  return (x * cos_BL12F + x[..., ::-1, :] * sin_BL12F).reshape(b, l, h, d)
 
 
 def rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float, scaling: tuple = ()
@@ -208,6 +178,10 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_B
   'pallas' (kernels_pallas.flash_attention) applies causality by index order, which equals the
   position order whenever positions increase within each segment (always so for packed rows).
   Off GPU/TPU it runs the Pallas interpreter: correct, but only fast enough for tests.
+
+  Forward mode (jax.jvp, jax.linearize, Hessian-vector products as jvp of grad) needs 'xla':
+  'pallas', 'cudnn' and, on CPU, 'cpu' are kernels with custom VJPs, which JAX cannot
+  differentiate forwards.
   """
   scale = q_BLHD.shape[-1] ** -0.5
   self_attention = q_BLHD.shape[1] == k_BSKD.shape[1]

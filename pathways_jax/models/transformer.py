@@ -18,9 +18,9 @@ RMSNorm (Qwen3), long-context RoPE scaling (Llama 3.1+).
         # (a reward model reads it at a sequence's last token: tasks/reward_model.py)
 
 The dense layers run on a 2-D residual stream [B*L, D]: on CPU, XLA lowers 2-D matmuls markedly
-faster than the batched 3-D form (measured in benchmarks/train_throughput.py). Two pieces have
-hand-written gradients because XLA:CPU runs autodiff's version slowly: `dense` (the form of the
-weight gradient's matmul) and, in attention.py, `apply_rope`.
+faster than the batched 3-D form (measured in benchmarks/train_throughput.py). `dense` has a
+written-out JVP, because XLA:CPU runs autodiff's form of the weight gradient's matmul slowly; it
+is a JVP (not a VJP) so that forward mode, and Hessian-vector products, work through the model.
 
 Parameter layout (logical axis names in brackets), the contract that growth, sharding rules and
 checkpoints rely on:
@@ -76,45 +76,49 @@ class RMSNorm(nn.Module):
     return (normed * scale.astype(jnp.float32)).astype(_dtype(self.cfg.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def dense(x_TD: jax.Array, w_DF: jax.Array, out_dtype=None) -> jax.Array:
   """x @ w on the 2-D token stream [T, D] -> [T, F]; on CPU, with a faster weight gradient.
 
-  Autodiff computes dW = x^T dy as one dot that contracts the leading (token) axis of both
-  operands. XLA:CPU runs that form of matmul well below its row-major speed (benchmarks/
-  RESULTS.md), so on CPU the backward pass materialises x^T first: one pass over x, then a
-  plain [D, T] @ [T, F] matmul. The barrier stops XLA from folding the transpose back into the
-  dot. Other platforms keep autodiff's form (the CPU form has not been measured there); the
-  choice is made per platform when the step is lowered (`jax.lax.platform_dependent`), not by
-  the process's default backend.
+  Autodiff's weight gradient dW = x^T dY is one dot contracting the leading (token) axis of both
+  operands, which XLA:CPU runs well below its row-major speed (benchmarks/RESULTS.md). The
+  derivative is a custom JVP rather than a custom VJP so that jvp, linearize and Hessian-vector
+  products work too: reverse mode transposes the JVP's x dW term, and on CPU that term is written
+  (`_x_dw_cpu`) so that its transpose is a plain [D, T] @ [T, F] matmul. Other platforms get
+  autodiff's form (the CPU form has not been measured there); the choice is made per platform
+  when the step is lowered (`jax.lax.platform_dependent`), not by the process's default backend.
   """
   return jnp.dot(x_TD, w_DF, preferred_element_type=out_dtype)
 
 
-def _dense_fwd(x_TD, w_DF, out_dtype):
-  return dense(x_TD, w_DF, out_dtype), (x_TD, w_DF)
+def _x_dw(x_TD, dw_DF, out_dtype):
+  return jnp.dot(x_TD, dw_DF, preferred_element_type=out_dtype)
 
 
-def _weight_grad(x_TD, dout_TF):
-  return jnp.dot(x_TD.T.astype(dout_TF.dtype), dout_TF, preferred_element_type=jnp.float32)
+def _x_dw_cpu(x_TD, dw_DF, out_dtype):
+  """x dW written for its transpose, dW = x^T dY: x^T materialised row-major [D, T] (the barrier
+  keeps XLA from folding the transpose back into the dot), and dW kept apart from a tied
+  embedding's transpose (w = embedding.T) by another. Forward mode pays for it on CPU: a copy of
+  x and a dot in the slow form (correct, not tuned: training is reverse mode)."""
+  x_TD = jax.lax.optimization_barrier(x_TD.T).T
+  return jnp.dot(x_TD, jax.lax.optimization_barrier(dw_DF), preferred_element_type=out_dtype)
 
 
-def _weight_grad_cpu(x_TD, dout_TF):
-  x_DT = jax.lax.optimization_barrier(x_TD.T.astype(dout_TF.dtype))
-  dw = jnp.dot(x_DT, dout_TF, preferred_element_type=jnp.float32)
-  # A tied embedding's w is embedding.T: keep that transpose out of this dot too.
-  return jax.lax.optimization_barrier(dw)
-
-
-def _dense_bwd(out_dtype, inputs, dout_TF):
-  del out_dtype
-  x_TD, w_DF = inputs
-  dx = jnp.dot(dout_TF, w_DF.T.astype(dout_TF.dtype), preferred_element_type=jnp.float32)
-  dw = jax.lax.platform_dependent(x_TD, dout_TF, cpu=_weight_grad_cpu, default=_weight_grad)
-  return dx.astype(x_TD.dtype), dw.astype(w_DF.dtype)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
+# Symbolic zeros: a weight that is not differentiated (a frozen LoRA base) costs no x dW matmul.
+@functools.partial(dense.defjvp, symbolic_zeros=True)
+def _dense_jvp(out_dtype, primals, tangents):
+  x_TD, w_DF = primals
+  dx_TD, dw_DF = tangents
+  out = jnp.dot(x_TD, w_DF, preferred_element_type=out_dtype)
+  dout = None
+  if not isinstance(dx_TD, jax.custom_derivatives.SymbolicZero):
+    dout = jnp.dot(dx_TD, w_DF, preferred_element_type=out_dtype)
+  if not isinstance(dw_DF, jax.custom_derivatives.SymbolicZero):
+    x_dw = jax.lax.platform_dependent(x_TD, dw_DF,
+                                      cpu=functools.partial(_x_dw_cpu, out_dtype=out_dtype),
+                                      default=functools.partial(_x_dw, out_dtype=out_dtype))
+    dout = x_dw if dout is None else dout + x_dw
+  return out, jnp.zeros_like(out) if dout is None else dout
 
 
 LORA_SUFFIXES = ('_lora_a', '_lora_b')

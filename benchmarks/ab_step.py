@@ -3,12 +3,16 @@
     python benchmarks/ab_step.py [--config=experiments/quickstart.py] [--rounds=150] [--steps=1]
         --variant 'qb1: model.causal_query_blocks=1'
         --variant 'conc: xla.xla_cpu_enable_concurrency_optimized_scheduler=true'
+        --variant 'old: code.pathways_jax.models.transformer.dense=../old_checkout'
         [--variant 'NAME: KEY=VALUE KEY=VALUE ...'] [--torch]
 
 Each variant is the benchmark's step (train_throughput.jax_step: the config's model, AdamW, a fixed
-random batch) with config overrides (`model.causal_query_blocks=1`) and/or XLA compiler options
-(`xla.NAME=VALUE`, passed to `compile(compiler_options=...)`). All are compiled first, in one
-process; then every round runs each variant for --steps steps, in a shuffled order (see
+random batch) with config overrides (`model.causal_query_blocks=1`), XLA compiler options
+(`xla.NAME=VALUE`, passed to `compile(compiler_options=...)`) and/or model code from another
+checkout (`code.MODULE.NAME=DIR`: MODULE's NAME taken from DIR's copy of the module's file, e.g.
+a `git worktree` of an older commit, and swapped in while the variant is compiled; what that
+file imports still comes from this checkout). All are compiled first, in one process; then
+every round runs each variant for --steps steps, in a shuffled order (see
 train_throughput.time_rounds). The figure to quote is
 the median over rounds of each variant's time divided by the baseline's in the same round, with
 its quartiles: on a shared VM, whole-run timings drift by more than the 2-5% effects this is for,
@@ -18,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
+import importlib
+import importlib.util
 import os
 import statistics
 import sys
@@ -80,10 +87,47 @@ def apply_overrides(cfg, overrides: dict, name: str):
   return cfg
 
 
-def compiled_runner(cfg, options: dict, name: str):
-  """run(steps) for the step of `cfg` compiled with XLA `options`, on its own copy of the state."""
+def take_code_swaps(overrides: dict, name: str) -> dict:
+  """Pops the `code.MODULE.NAME=DIR` items off `overrides`: {(MODULE, NAME): the object NAME
+  of DIR's copy of MODULE's file}, that file loaded as a module of its own."""
+  swaps = {}
+  for key in [k for k in overrides if k.startswith('code.')]:
+    checkout = overrides.pop(key)
+    module, _, attr = key[len('code.'):].rpartition('.')
+    path = os.path.join(checkout, *module.split('.')) + '.py'
+    if not module or not os.path.isfile(path):
+      raise VariantError(f'--variant {name!r}: {key}={checkout}: no file {path}')
+    alias = f'_ab_step_{name}_{module}'.replace('.', '_')
+    spec = importlib.util.spec_from_file_location(alias, path)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = loaded  # dataclasses and pickling look their module up by name
+    spec.loader.exec_module(loaded)
+    if not hasattr(loaded, attr) or not hasattr(importlib.import_module(module), attr):
+      raise VariantError(f'--variant {name!r}: {key}: {attr!r} is not in both {path} and '
+                         f'{module}')
+    swaps[module, attr] = getattr(loaded, attr)
+  return swaps
+
+
+@contextlib.contextmanager
+def swapped(swaps: dict):
+  """The objects of take_code_swaps in place of this checkout's, restored on exit."""
+  saved = {(m, a): getattr(importlib.import_module(m), a) for m, a in swaps}
   try:
-    return tt.compiled_runner(cfg, tt.model_config(cfg), options or None)[0]
+    for (m, a), obj in swaps.items():
+      setattr(importlib.import_module(m), a, obj)
+    yield
+  finally:
+    for (m, a), obj in saved.items():
+      setattr(importlib.import_module(m), a, obj)
+
+
+def compiled_runner(cfg, options: dict, name: str, swaps: dict | None = None):
+  """run(steps) for the step of `cfg` compiled with XLA `options` (and the code `swaps`), on its
+  own copy of the state. The executable is fixed when this returns, so the swap ends here."""
+  try:
+    with swapped(swaps or {}):
+      return tt.compiled_runner(cfg, tt.model_config(cfg), options or None)[0]
   except Exception as e:  # XLA's own message, e.g. "No such compile option"  # pylint: disable=broad-except
     raise VariantError(f'--variant {name!r} does not compile: '
                        f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
@@ -109,11 +153,13 @@ def main():
     names = [BASELINE] + [n for n, _, _ in variants]
     if len(set(names)) != len(names):
       raise VariantError(f'--variant names repeat: {names[1:]}')
+    shown = {name: dict(overrides) for name, overrides, _ in variants}
+    swaps = {name: take_code_swaps(overrides, name) for name, overrides, _ in variants}
     configs = {name: (apply_overrides(cfg, overrides, name), options)  # all checked first
                for name, overrides, options in variants}
     runners = {BASELINE: compiled_runner(cfg, {}, BASELINE)}
     for name, (variant_cfg, options) in configs.items():
-      runners[name] = compiled_runner(variant_cfg, options, name)
+      runners[name] = compiled_runner(variant_cfg, options, name, swaps[name])
   except (ValueError, config_lib.ConfigError) as e:  # VariantError, ConfigError, malloc mode
     ap.error(str(e))
   if args.torch:
@@ -125,8 +171,8 @@ def main():
 
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}; {args.config}; '
         f'{args.rounds} alternating rounds of {args.steps} step(s)')
-  for name, overrides, options in variants:
-    print(f'  {name}: ' + ' '.join([f'{k}={v}' for k, v in overrides.items()] +
+  for name, _, options in variants:
+    print(f'  {name}: ' + ' '.join([f'{k}={v}' for k, v in shown[name].items()] +
                                    [f'xla.{k}={v!r}' for k, v in options.items()]))
   print(f"{'variant':<16} {'best ms':>8} {'median ms':>10}   time / {BASELINE}'s, per round: "
         'median [quartiles]')

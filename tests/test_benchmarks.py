@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 _TINY_CONFIG = '''
@@ -190,6 +192,27 @@ def test_ab_step_variants_change_a_copy_of_the_config_with_typed_values():
   got = ab_step.apply_overrides(cfg, overrides, name)
   assert got.model.causal_query_blocks == 1 and isinstance(got.model.causal_query_blocks, int)
   assert got.train.lr == 2e-3 and cfg.model.causal_query_blocks == before
+
+
+def test_ab_step_takes_model_code_from_another_checkout_for_its_variant_only(tmp_path):
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import ab_step  # pylint: disable=g-import-not-at-top
+  from pathways_jax.models import attention  # pylint: disable=g-import-not-at-top
+  models = tmp_path / 'pathways_jax' / 'models'
+  models.mkdir(parents=True)
+  (models / 'attention.py').write_text('def apply_rope(x, cos, sin):\n  return "old"\n')
+  _, overrides, _ = ab_step.parse_variant(
+      f'old: code.pathways_jax.models.attention.apply_rope={tmp_path} train.lr=1e-3')
+  swaps = ab_step.take_code_swaps(overrides, 'old')
+  assert overrides == {'train.lr': '1e-3'}  # what apply_overrides then takes
+  current = attention.apply_rope
+  with ab_step.swapped(swaps):
+    assert attention.apply_rope(None, None, None) == 'old'
+  assert attention.apply_rope is current
+  with pytest.raises(ab_step.VariantError, match='no file'):
+    ab_step.take_code_swaps({'code.pathways_jax.models.nope.f': str(tmp_path)}, 'x')
+  with pytest.raises(ab_step.VariantError, match="'rope' is not in both"):
+    ab_step.take_code_swaps({'code.pathways_jax.models.attention.rope': str(tmp_path)}, 'x')
 
 
 def test_multi_lora_prints_every_variant_against_the_merged_model(tmp_path):

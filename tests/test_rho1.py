@@ -105,7 +105,7 @@ def test_online_and_offline_select_the_same_tokens(reference_run):
     b_on, b_off = next(online), next(offline)
     np.testing.assert_array_equal(b_on['tokens'], b_off['tokens'])
     with _on(mesh, rules):  # the cached L_ref is the online reference forward, row by row
-      ref_on, _ = jax.jit(lambda rp, b: rho1_task._ar_reference(ref.model, rp, b, False))(  # pylint: disable=protected-access
+      ref_on, _ = jax.jit(lambda rp, b: rho1_task._ar_reference(cfg, ref.model, rp, b, False))(  # pylint: disable=protected-access
           ref.params, b_on)
     valid = np.asarray(rho1_task.selective.ar_token_losses(
         np.zeros(b_on['tokens'].shape + (1,), np.float32), b_on['tokens'], b_on['segment_ids'])[1])

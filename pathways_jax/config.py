@@ -253,7 +253,6 @@ _CHOICES = {
     'model.dtype': ('float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'full', 'dots'),
-    'model.attention': ('xla', 'cpu', 'pallas', 'cudnn'),
     'model.lora_quantize': ('', 'int8', 'int4', 'nf4'),  # adapters.qlora.QTYPES
     'data.corpus': ('stdlib', 'synthetic', 'path', 'tfds', 'prepared', 'rows', 'chat',
                     'preference', 'prompts'),
@@ -281,7 +280,7 @@ def _get(cfg, dotted):
 
 
 def choices(key: str) -> tuple[str, ...]:
-  """The values a string-valued key such as 'model.attention' may take."""
+  """The values a string-valued key such as 'model.dtype' may take."""
   return _CHOICES[key]
 
 
@@ -292,6 +291,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if value is not None and value not in choices:
       raise ConfigError(f'config.{key}={value!r} is not one of {choices}')
   m, d, t = cfg.model, cfg.data, cfg.train
+  from pathways_jax.models import attention_backends  # pylint: disable=g-import-not-at-top
+  if m.attention not in attention_backends.names():  # a config file may register its own
+    raise ConfigError(f'config.model.attention={m.attention!r} is not one of '
+                      f'{attention_backends.names()}')
   positive = {'model.d_model': m.d_model, 'model.num_layers': m.num_layers,
               'model.num_heads': m.num_heads, 'model.num_kv_heads': m.num_kv_heads,
               'model.mlp_dim': m.mlp_dim, 'data.seq_len': d.seq_len,

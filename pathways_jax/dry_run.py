@@ -115,7 +115,8 @@ def run(cfg, *, num_devices: int | None = None, out=print) -> dict:
       frozen_shardings)
   step_args, input_shardings = step_lib.step_inputs(frozen_in, frozen_in_shapes, frozen_shardings)
   train_fn = step_lib.jit_train_step(cfg, task, tx, shardings, mesh, input_shardings)
-  with jax.set_mesh(mesh):
+  from pathways_jax.models import attention_backends  # pylint: disable=g-import-not-at-top
+  with jax.set_mesh(mesh), attention_backends.recording() as attention_choices:
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     with nn.logical_axis_rules(rules):
       compiled = train_fn.lower(state_in, batch_in, *step_args).compile()
@@ -170,6 +171,10 @@ def run(cfg, *, num_devices: int | None = None, out=print) -> dict:
     fits = 'fits' if peak <= hbm * 2**30 else 'DOES NOT FIT'
     fits = f' of {hbm:g} GiB HBM: {fits}'
   out(f'    estimated peak            {_gib(peak)}{fits}')
+  # Chosen when tracing for the fake CPU devices: on the target platform a GPU/TPU kernel
+  # that the CPU cannot take here may be taken (the line gives the reason it was not).
+  report['attention'] = attention_backends.summarize(attention_choices)
+  out(f'  attention (as compiled here, on CPU): {"; ".join(report["attention"])}')
   from pathways_jax.tasks import lm_head  # pylint: disable=g-import-not-at-top
   fused = lm_head.fused(cfg, model_cfg)
   report['cross_entropy'] = 'fused' if fused else 'logits'

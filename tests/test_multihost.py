@@ -291,6 +291,10 @@ def test_dry_run_compiles_a_pod_config_on_fake_devices(cache):
   assert 'per-device memory (compiled memory analysis)' in out
   assert 'of 80 GiB HBM: fits' in out
   assert 'FLOPs per step: ' in out and 'steps: 150,000' in out
+  # The backends the CPU compile took, and why the config's cuDNN attention was not among them.
+  assert ('attention (as compiled here, on CPU): cudnn -> xla (it needs a GPU (backend is cpu))'
+          in out)
+  assert "cross-entropy: fused (train.cross_entropy='auto'" in out  # vocabulary 32768
 
 
 def test_dry_run_rejects_a_config_that_does_not_fit_or_has_no_device_count(cache):

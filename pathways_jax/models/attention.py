@@ -7,14 +7,10 @@ Fast-dLLM block caches both work.
 """
 from __future__ import annotations
 
-import functools
-import logging
-
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
-_LOG = logging.getLogger(__name__)
+from pathways_jax.models import attention_backends
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: str = '', factor: float = 1.0,
@@ -88,9 +84,7 @@ def attention_mask(q_segment_BL, kv_segment_BS, q_positions_BL, kv_positions_BS,
   return mask
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(msg: str) -> None:
-  _LOG.warning(msg)
+_warn_once = attention_backends.warn_once
 
 
 def _xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS, scale):
@@ -126,41 +120,14 @@ def _causal_blocked_attention(q_BLHD, k_BLKD, v_BLKD, mask_BLL, scale, num_block
   return jnp.concatenate(outs, axis=1)
 
 
-def _cpu_kernel_attention(q_BLHD, k_BSKD, v_BSKD, q_segment_BL, kv_segment_BS, q_positions_BL,
-                          kv_positions_BS, causal, scale):
-  """kernels_cpu.attention, run per batch shard when a multi-device mesh shards the batch.
-
-  XLA cannot partition a custom call: left alone, it would gather every operand onto every
-  device. Under `jax.set_mesh` the batch axis is split the way the logical rules map
-  'activation_batch'; the heads are gathered (the kernel takes all of a row's heads).
-  """
-  from kernels_cpu import attention as cpu_attention  # pylint: disable=g-import-not-at-top
-
-  def kernel(q, k, v, q_seg, kv_seg, q_pos, kv_pos):
-    return cpu_attention.attention(q, k, v, q_segment_BL=q_seg, kv_segment_BS=kv_seg,
-                                   q_positions_BL=q_pos, kv_positions_BS=kv_pos, causal=causal,
-                                   scale=scale)
-
-  args = (q_BLHD, k_BSKD, v_BSKD, q_segment_BL, kv_segment_BS, q_positions_BL, kv_positions_BS)
-  mesh = jax.sharding.get_abstract_mesh()
-  batch_axes = None
-  if not mesh.empty and mesh.size > 1:
-    batch_axes = nn.logical_to_mesh_axes(('activation_batch',))[0]
-    if isinstance(batch_axes, str):
-      batch_axes = (batch_axes,)
-    batch_axes = tuple(a for a in batch_axes or () if a in mesh.axis_names)
-  if not batch_axes:
-    return kernel(*args)
-  spec = jax.sharding.PartitionSpec(batch_axes)
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
-                       check_vma=False)(*args)
-
-
 def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_BL,
            kv_positions_BS, causal: bool, implementation: str = 'xla',
            packed: bool = True, kv_from_cache: bool = False,
            causal_query_blocks: int = 1) -> jax.Array:
   """Dispatches to the configured attention backend; returns [B, L, H, D].
+
+  `implementation` names an entry of `attention_backends` (where the kernels are registered). A
+  backend that cannot serve a call says why; that reason is warned once and the call runs 'xla'.
 
   `packed=False` promises that segments are trivial (one document per row, no cache), which lets
   kernels that cannot take segment ids run.
@@ -171,13 +138,7 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_B
   lowering keeps the plain form. Like 'pallas', it relies on positions increasing with the index
   inside each segment, as they do in packed rows.
 
-  'cpu' (kernels_cpu.attention) is a fused kernel for XLA:CPU, forward and backward, called
-  through XLA FFI; it applies the mask rule exactly (any segments, positions and cache), and
-  gives a query that sees no key a zero output where 'xla' averages all values.
-
-  'pallas' (kernels_pallas.flash_attention) applies causality by index order, which equals the
-  position order whenever positions increase within each segment (always so for packed rows).
-  Off GPU/TPU it runs the Pallas interpreter: correct, but only fast enough for tests.
+  The registered kernels ('cpu', 'pallas', 'cudnn') are described in attention_backends.py.
 
   Forward mode (jax.jvp, jax.linearize, Hessian-vector products as jvp of grad) needs 'xla':
   'pallas', 'cudnn' and, on CPU, 'cpu' are kernels with custom VJPs, which JAX cannot
@@ -185,36 +146,21 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_B
   """
   scale = q_BLHD.shape[-1] ** -0.5
   self_attention = q_BLHD.shape[1] == k_BSKD.shape[1]
-  if implementation == 'pallas':
-    if self_attention:
-      from kernels_pallas import flash_attention as fa  # pylint: disable=g-import-not-at-top
-      if jax.default_backend() not in ('gpu', 'tpu'):
-        _warn_once(f"attention='pallas' on {jax.default_backend()} runs the Pallas interpreter "
-                   '(slow: meant for tests)')
-      return fa.flash_attention(q_BLHD, k_BSKD, v_BSKD, causal=causal,
-                                segment_ids_BL=q_segment_BL if packed else None, sm_scale=scale)
-    _warn_once("attention='pallas' has no KV-cache path; using 'xla' for cached decoding")
-  elif implementation == 'cpu':
-    if jax.default_backend() == 'cpu':
-      from kernels_cpu import attention as cpu_attention  # pylint: disable=g-import-not-at-top
-      try:
-        cpu_attention.ensure_built()
-      except cpu_attention.KernelBuildError as e:
-        _warn_once(f"{e}\n(attention='cpu' falls back to 'xla')")
-      else:
-        return _cpu_kernel_attention(q_BLHD, k_BSKD, v_BSKD, q_segment_BL, kv_segment_BS,
-                                     q_positions_BL, kv_positions_BS, causal, scale)
+  backend = attention_backends.get(implementation)
+  if backend is not None:
+    call = attention_backends.AttentionCall(
+        q_BLHD, k_BSKD, v_BSKD, q_segment_BL, kv_segment_BS, q_positions_BL, kv_positions_BS,
+        causal=causal, scale=scale, packed=packed, kv_from_cache=kv_from_cache)
+    try:
+      out = backend(call)
+    except attention_backends.NotTaken as e:
+      _warn_once(f"attention={implementation!r} not taken: {e}; using 'xla'")
+      attention_backends.note(implementation, 'xla', str(e).splitlines()[0])
     else:
-        _warn_once(f"attention='cpu' is the XLA:CPU kernel (backend is {jax.default_backend()}); "
-                 "using 'xla'")
-  elif implementation == 'cudnn':
-    if jax.default_backend() != 'gpu':
-      _warn_once(f"attention='cudnn' needs a GPU (backend is {jax.default_backend()}); using 'xla'")
-    elif packed or not self_attention:
-      _warn_once("attention='cudnn' takes no segment ids or cache here; using 'xla'")
-    else:
-      return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, is_causal=causal,
-                                          scale=scale, implementation='cudnn')
+      attention_backends.note(implementation, implementation)
+      return out
+  else:
+    attention_backends.note('xla', 'xla')
   mask = attention_mask(q_segment_BL, kv_segment_BS, q_positions_BL, kv_positions_BS, causal)
   blocks = min(causal_query_blocks, q_BLHD.shape[1] // MIN_QUERY_BLOCK)
   if causal and self_attention and not kv_from_cache and blocks > 1:

@@ -84,41 +84,54 @@ def dense(x_TD: jax.Array, w_DF: jax.Array, out_dtype=None) -> jax.Array:
   operands, which XLA:CPU runs well below its row-major speed (benchmarks/RESULTS.md). The
   derivative is a custom JVP rather than a custom VJP so that jvp, linearize and Hessian-vector
   products work too: reverse mode transposes the JVP's x dW term, and on CPU that term is written
-  (`_x_dw_cpu`) so that its transpose is a plain [D, T] @ [T, F] matmul. Other platforms get
+  (`_tangent_cpu`) so that its transpose is a plain [D, T] @ [T, F] matmul. Other platforms get
   autodiff's form (the CPU form has not been measured there); the choice is made per platform
   when the step is lowered (`jax.lax.platform_dependent`), not by the process's default backend.
   """
   return jnp.dot(x_TD, w_DF, preferred_element_type=out_dtype)
 
 
-def _x_dw(x_TD, dw_DF, out_dtype):
-  return jnp.dot(x_TD, dw_DF, preferred_element_type=out_dtype)
+def _tangent(x_TD, w_DF, dx_TD, dw_DF, out_dtype):
+  """dx w + x dw (a None tangent is a zero): autodiff's form, for non-CPU platforms."""
+  terms = []
+  if dx_TD is not None:
+    terms.append(jnp.dot(dx_TD, w_DF, preferred_element_type=out_dtype))
+  if dw_DF is not None:
+    terms.append(jnp.dot(x_TD, dw_DF, preferred_element_type=out_dtype))
+  return functools.reduce(jnp.add, terms)
 
 
-def _x_dw_cpu(x_TD, dw_DF, out_dtype):
-  """x dW written for its transpose, dW = x^T dY: x^T materialised row-major [D, T] (the barrier
-  keeps XLA from folding the transpose back into the dot), and dW kept apart from a tied
-  embedding's transpose (w = embedding.T) by another. Forward mode pays for it on CPU: a copy of
-  x and a dot in the slow form (correct, not tuned: training is reverse mode)."""
-  x_TD = jax.lax.optimization_barrier(x_TD.T).T
-  return jnp.dot(x_TD, jax.lax.optimization_barrier(dw_DF), preferred_element_type=out_dtype)
+def _tangent_cpu(x_TD, w_DF, dx_TD, dw_DF, out_dtype):
+  """dx w + x dw written for their transposes, which reverse mode computes. x dw's is
+  dW = x^T dY: x^T materialised row-major [D, T] (the barrier keeps XLA from folding the
+  transpose back into the dot), and dW kept apart from a tied embedding's transpose
+  (w = embedding.T) by another. Every dot accumulates in float32 (or wider) and then casts, as
+  the custom VJP did: with bfloat16 compute, bf16-output dots made the CPU step 1.14x slower
+  (benchmarks/RESULTS.md). Forward mode pays for the x^T on CPU: a copy of x and a dot in the
+  slow form (correct, not tuned: training is reverse mode)."""
+  out = jnp.result_type(x_TD, w_DF) if out_dtype is None else out_dtype
+  dot = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.promote_types(out, jnp.float32))
+  terms = []
+  if dx_TD is not None:
+    terms.append(dot(dx_TD, w_DF).astype(out))
+  if dw_DF is not None:
+    x_TD = jax.lax.optimization_barrier(x_TD.T).T
+    terms.append(dot(x_TD, jax.lax.optimization_barrier(dw_DF)).astype(out))
+  return functools.reduce(jnp.add, terms)
 
 
 # Symbolic zeros: a weight that is not differentiated (a frozen LoRA base) costs no x dW matmul.
 @functools.partial(dense.defjvp, symbolic_zeros=True)
 def _dense_jvp(out_dtype, primals, tangents):
   x_TD, w_DF = primals
-  dx_TD, dw_DF = tangents
+  dx_TD, dw_DF = (None if isinstance(t, jax.custom_derivatives.SymbolicZero) else t
+                  for t in tangents)
   out = jnp.dot(x_TD, w_DF, preferred_element_type=out_dtype)
-  dout = None
-  if not isinstance(dx_TD, jax.custom_derivatives.SymbolicZero):
-    dout = jnp.dot(dx_TD, w_DF, preferred_element_type=out_dtype)
-  if not isinstance(dw_DF, jax.custom_derivatives.SymbolicZero):
-    x_dw = jax.lax.platform_dependent(x_TD, dw_DF,
-                                      cpu=functools.partial(_x_dw_cpu, out_dtype=out_dtype),
-                                      default=functools.partial(_x_dw, out_dtype=out_dtype))
-    dout = x_dw if dout is None else dout + x_dw
-  return out, jnp.zeros_like(out) if dout is None else dout
+  if dx_TD is None and dw_DF is None:
+    return out, jnp.zeros_like(out)
+  return out, jax.lax.platform_dependent(
+      x_TD, w_DF, dx_TD, dw_DF, cpu=functools.partial(_tangent_cpu, out_dtype=out_dtype),
+      default=functools.partial(_tangent, out_dtype=out_dtype))
 
 
 LORA_SUFFIXES = ('_lora_a', '_lora_b')

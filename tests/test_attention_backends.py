@@ -80,3 +80,62 @@ def test_off_gpu_cudnn_declines_naming_the_platform_and_the_model_imports_no_ker
   out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                        check=True)
   assert out.stdout.strip() == '[]'
+
+
+def _packed_rows(length=128):
+  ks = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(ks[0], (2, length, 4, 16))
+  k, v = (jax.random.normal(x, (2, length, 2, 16)) for x in ks[1:])
+  seg = jnp.array([[1] * 50 + [2] * 60 + [0] * (length - 110), [3] * length])
+  pos = jnp.array([list(range(50)) + list(range(60)) + list(range(length - 110)),
+                   list(range(length))])
+  return (q, k, v), seg, pos
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_splash_in_the_interpreter_equals_xla_on_packed_rows_with_gradients(monkeypatch, causal):
+  monkeypatch.setattr(attention_backends, 'SPLASH_INTERPRET_OFF_TPU', True)
+  (q, k, v), seg, pos = _packed_rows()
+  kw = dict(q_segment_BL=seg, kv_segment_BS=seg, q_positions_BL=pos, kv_positions_BS=pos,
+            causal=causal)
+  valid = (seg > 0)[:, :, None, None]  # padding queries: 'xla' averages every value, splash not
+
+  def loss(impl):
+    return lambda q, k, v: jnp.sum(
+        jnp.where(valid, attention.attend(q, k, v, implementation=impl, **kw), 0.0) ** 2)
+
+  with attention_backends.recording() as record:
+    got = jax.value_and_grad(loss('splash'), argnums=(0, 1, 2))(q, k, v)
+  assert ('splash', 'splash', '') in record
+  want = jax.value_and_grad(loss('xla'), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, w, atol=3e-5)
+
+
+def test_splash_declines_off_tpu_and_rows_it_cannot_tile_and_lowers_to_a_tpu_kernel(
+    monkeypatch):
+  (q, k, v), seg, pos = _packed_rows()
+  kw = dict(q_segment_BL=seg, kv_segment_BS=seg, q_positions_BL=pos, kv_positions_BS=pos,
+            causal=True)
+  with attention_backends.recording() as record:
+    attention.attend(q, k, v, implementation='splash', **kw)
+    attention.attend(q[:, :100], k[:, :100], v[:, :100], implementation='splash',
+                     **{**kw, **{n: a[:, :100] for n, a in kw.items() if n != 'causal'}})
+  assert record[0] == ('splash', 'xla', f'it is a TPU kernel (backend is {jax.default_backend()})')
+  from pathways_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config('/unused', **{'model.attention': 'splash', 'model.max_len': 128})
+  model = Transformer(config_lib.ModelConfig.from_config(cfg.model, vocab_size=64))
+  tokens = jnp.zeros((2, 128), jnp.int32)
+  params = model.init(jax.random.key(0), tokens, segment_ids_BL=seg)['params']
+  # As if on a TPU: rows that do not tile still decline; the model's gradient lowered for TPU
+  # from this CPU runs the attention as the Mosaic kernel.
+  monkeypatch.setattr(attention_backends, '_platform', lambda: 'tpu')
+  with attention_backends.recording() as record:
+    attention.attend(q[:, :100], k[:, :100], v[:, :100], implementation='splash',
+                     **{**kw, **{n: a[:, :100] for n, a in kw.items() if n != 'causal'}})
+  assert record == [('splash', 'xla', 'rows of 100 tokens: splash tiles rows in blocks of 128')]
+  grad = jax.jit(jax.grad(lambda p: model.apply({'params': p}, tokens, positions_BL=pos,
+                                                segment_ids_BL=seg).sum()))
+  text = jax.export.export(grad, platforms=['tpu'])(params).mlir_module()
+  assert 'tpu_custom_call' in text

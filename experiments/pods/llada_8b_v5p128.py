@@ -44,7 +44,9 @@ def get_config():
   c.model.param_dtype = 'float32'
   c.model.remat = 'full'
   c.model.scan_layers = True
-  c.model.attention = 'xla'  # 'pallas' (flash attention) on TPU once validated there
+  # TPU splash attention (segment ids, a full mask for LLaDA). The dry run compiles on CPU, where
+  # it runs 'xla' instead and says so; not yet run on a TPU by this project.
+  c.model.attention = 'splash'
   c.train.steps = 100_000
   c.train.lr = 4e-4  # LLaDA's pretraining LR with WSD
   c.train.schedule = 'wsd'

@@ -189,3 +189,50 @@ def _per_batch_shard(kernel, *args):
   spec = jax.sharding.PartitionSpec(batch_axes)
   return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
                        check_vma=False)(*args)
+
+
+# Off TPU, 'splash' declines; tests set this to run its kernels in the Pallas interpreter.
+SPLASH_INTERPRET_OFF_TPU = False
+_SPLASH_TILE = 128
+
+
+@register('splash')
+def _splash(call: AttentionCall):
+  """TPU splash attention (jax.experimental.pallas.ops.tpu), the standard kernel for packed rows:
+  segment ids, causal or full masks, blocks of the score matrix that the mask empties skipped.
+  Grouped-query heads run as one multi-query kernel per KV head; causality by index order, as
+  'pallas' (positions increase within each segment in packed rows)."""
+  if not call.self_attention:
+    raise NotTaken('it has no KV-cache path (cached decoding)')
+  if _platform() != 'tpu' and not SPLASH_INTERPRET_OFF_TPU:
+    raise NotTaken(f'it is a TPU kernel (backend is {_platform()})')
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import splash_attention  # imported only when asked for
+  sk, sm = splash_attention.splash_attention_kernel, splash_attention.splash_attention_mask
+  b, l, h, d = call.q_BLHD.shape
+  kh = call.k_BSKD.shape[2]
+  g = h // kh
+  if l % _SPLASH_TILE:
+    raise NotTaken(f'rows of {l} tokens: splash tiles rows in blocks of {_SPLASH_TILE}')
+  block = max(c for c in (512, 256, 128) if l % c == 0)
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                        block_kv_dq=block)
+  head_mask = sm.CausalMask((l, l)) if call.causal else sm.FullMask((l, l))
+  kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([head_mask] * g), block_sizes=sizes,
+                                            interpret=_platform() != 'tpu')
+  # splash takes no scale: queries come scaled. [B, L, KH*G, D] -> [B, KH, G, L, D].
+  q = (call.q_BLHD * call.scale).astype(call.q_BLHD.dtype)
+  q = q.reshape(b, l, kh, g, d).transpose(0, 2, 3, 1, 4)
+  k, v = (x.transpose(0, 2, 1, 3) for x in (call.k_BSKD, call.v_BSKD))  # [B, KH, L, D]
+  packed = call.packed
+
+  def rows(q, k, v, q_seg, kv_seg):
+    def row(q_KGLD, k_KLD, v_KLD, qs_L, ks_L):
+      ids = sk.SegmentIds(q=qs_L, kv=ks_L) if packed else None
+      return jax.vmap(lambda qh, kh_, vh: kernel(qh, kh_, vh, segment_ids=ids))(
+          q_KGLD, k_KLD, v_KLD)
+    return jax.vmap(row)(q, k, v, q_seg, kv_seg)
+
+  out = _per_batch_shard(rows, q, k, v, call.q_segment_BL, call.kv_segment_BS)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)

@@ -297,6 +297,20 @@ def test_dry_run_compiles_a_pod_config_on_fake_devices(cache):
   assert "cross-entropy: fused (train.cross_entropy='auto'" in out  # vocabulary 32768
 
 
+def test_the_embedding_lookup_on_a_data_x_fsdp_mesh_is_not_rematerialized(cache):
+  """The multi-slice config's layout (data 2 x fsdp 4 here) at toy size: without the lookup's
+  own layout (transformer._lookup_layout) XLA warns 'Involuntary full rematerialization' and
+  all-gathers the [tokens, d_model / fsdp] lookup every step."""
+  out = _finish(_main('--config=experiments/pods/llada_8b_2x_v5p128.py', '--dry_run',
+                      '--dry_run_devices=8', '--config.pod.devices=8', '--config.mesh.fsdp=4',
+                      '--config.model.d_model=256', '--config.model.num_layers=2',
+                      '--config.model.num_heads=4', '--config.model.num_kv_heads=4',
+                      '--config.model.mlp_dim=512', '--config.data.seq_len=256',
+                      '--config.model.max_len=256', '--config.data.batch_size=16'))
+  assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in out
+  assert 'Involuntary full rematerialization' not in out
+
+
 def test_dry_run_rejects_a_config_that_does_not_fit_or_has_no_device_count(cache):
   tiny = cli_overrides('experiments/quickstart.py', cache)
   proc = _main(*tiny, '--dry_run', '--dry_run_devices=4', '--config.mesh.fsdp=2',

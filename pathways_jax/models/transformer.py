@@ -410,6 +410,7 @@ class Transformer(nn.Module):
                                               ('vocab', 'embed')),
         (cfg.vocab_size, cfg.d_model), _dtype(cfg.param_dtype))
     x_TD = jnp.take(embedding, tokens_BL.reshape(-1), axis=0).astype(_dtype(cfg.dtype))
+    x_TD = _lookup_layout(x_TD)
     x_TD = nn.with_logical_constraint(x_TD, ('activation_tokens', 'activation_embed'))
 
     block_cls = _remat(Block, cfg.remat)
@@ -466,6 +467,37 @@ class Transformer(nn.Module):
     if cache is None:
       return out
     return out, {**new_layer_caches, 'segment_ids': kv_segment, 'positions': kv_positions}
+
+
+def _lookup_layout(x_TD: jax.Array) -> jax.Array:
+  """The embedding lookup's output laid out as the table is: embed over the axes that shard the
+  table's embed dim, tokens over the other batch axes.
+
+  When the tokens' axes include the table's embed axes (data > 1 and fsdp > 1 under the default
+  rules, e.g. multi-slice), XLA's partitioner cannot move the lookup (tokens over data, embed
+  over fsdp) to the residual stream's layout (tokens over data x fsdp) directly: it warns
+  "Involuntary full rematerialization" and all-gathers a [tokens, d_model / fsdp] tensor each
+  step. Stating this intermediate layout makes that an all-to-all. Other meshes are untouched.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x_TD
+  # One name at a time: a spec resolving both would drop the mesh axis they share.
+  tokens_axes, embed_axes = (_as_tuple(nn.logical_to_mesh_axes((name,))[0])
+                             for name in ('activation_tokens', 'embed'))
+  size = lambda axes: int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
+  overlap = tuple(a for a in tokens_axes if a in embed_axes)
+  rest = tuple(a for a in tokens_axes if a not in embed_axes)
+  if not overlap or size(overlap) == 1 or size(rest) == 1:
+    return x_TD
+  spec = jax.sharding.PartitionSpec(rest, embed_axes)
+  return jax.lax.with_sharding_constraint(x_TD, spec)
+
+
+def _as_tuple(axes) -> tuple:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def unembedding(params, cfg: ModelConfig) -> jax.Array:

@@ -196,6 +196,13 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
   assert len(out.stderr.strip().splitlines()) == 1
 
 
+def test_a_remote_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(loop.TrainingError, match=r"workdir 'gs://bucket/run' is a remote URL"):
+    loop.check_workdir('gs://bucket/run')
+  assert not os.listdir(tmp_path)  # no local 'gs:' folder
+
+
 def test_processes_sharing_a_workdir_all_pass_its_writability_check(tmp_path):
   # Every host of a multi-host run checks the same workdir on a shared filesystem at once; a
   # probe file they shared was removed by one under another, which then failed as "not writable".

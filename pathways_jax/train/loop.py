@@ -68,6 +68,11 @@ class StopTraining(Exception):
 
 
 def check_workdir(workdir: str) -> None:
+  if '://' in str(workdir):
+    # os.makedirs would make a local folder named 'gs:' and the run would look fine.
+    raise TrainingError(f'workdir {workdir!r} is a remote URL: run directories are local or '
+                        'mounted paths for now (mount the bucket, e.g. with gcsfuse, and pass '
+                        'the mount point); prepared datasets (data.path) may be remote')
   try:
     os.makedirs(workdir, exist_ok=True)
     # A probe of this process's own: every host of a multi-host run checks the same workdir.

@@ -7,7 +7,8 @@ vocabulary in chunks of `train.cross_entropy_chunk` columns and never holds [B, 
 returns the `TokenLosses` the objectives take in place of logits. Its backward recomputes each
 chunk's logits (one more [T, D] x [D, V] matmul per step), which buys the memory of the logits
 and their gradient: for a 126k vocabulary, 2 GB per 4096 tokens each. 'auto' fuses from a
-vocabulary of FUSED_FROM_VOCAB up, where that memory matters.
+vocabulary of FUSED_FROM_VOCAB up, where that memory matters. The fused kernel is a custom VJP:
+forward mode (jax.jvp, Hessian-vector products) through a loss needs 'logits'.
 """
 from __future__ import annotations
 

@@ -177,6 +177,11 @@ def model_config(cfg) -> config_lib.ModelConfig:
 
 def load_config(path: str):
   cfg = config_lib.config_from_file(path)
+  if cfg.data.tokenizer in ('sentencepiece', 'byte'):
+    # The project's own tokenizers fix their special ids (LLaDA's task needs the mask id); no
+    # tokenizer is trained for a benchmark on random tokens.
+    from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+    tokenizers.resolve_special_ids(cfg, tokenizers.ByteTokenizer())
   return cfg, model_config(cfg)
 
 

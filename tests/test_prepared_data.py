@@ -142,10 +142,12 @@ def test_a_stopped_prepare_redoes_only_the_unfinished_units(dataset, tmp_path):
   (copy / 'parts' / '00001.json').unlink()  # unit 1 stopped before it was marked done
   (copy / 'train-00001.array_record').unlink()
   kept = (copy / 'train-00000.array_record').stat().st_mtime_ns
+  (copy / '.train-00001.array_record.123.tmp').write_bytes(b'half a shard')
   again = prepare.prepare(cfg, str(copy), workers=1, progress=False)
   assert again == manifest
   assert (copy / 'train-00000.array_record').stat().st_mtime_ns == kept  # not rewritten
   assert (copy / 'train-00001.array_record').is_file()
+  assert not list(copy.glob('.*.tmp'))
   bigger = cfg.copy_and_resolve_references()
   bigger.data.seq_len = 64
   with pytest.raises(corpora.DataError, match=r'seq_len.*48.*64|other settings'):

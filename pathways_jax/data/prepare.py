@@ -218,6 +218,9 @@ def prepare(cfg, out: str, *, workers: int = 0, records_per_unit: int = 100_000,
   out_path = epath.Path(out)
   out_path.mkdir(parents=True, exist_ok=True)
   (out_path / 'parts').mkdir(exist_ok=True)
+  for folder in (out_path, out_path / 'parts'):  # shards of units a stopped prepare left half-done
+    for stale in folder.glob('.*.tmp'):
+      stale.unlink()
   tokenizer = tokenizers.get_tokenizer(d)
   spec, tok_info = _tokenizer_spec(tokenizer, d, out)
   dtype = fmt.token_dtype(tokenizer.vocab_size).name

@@ -72,6 +72,8 @@ def test_auto_fuses_large_vocabularies_and_a_quantised_base_is_refused():
   cfg.train.cross_entropy = 'fused'
   with pytest.raises(config_lib.ConfigError, match='quantised'):
     lm_head.fused(cfg, large)
+  with pytest.raises(config_lib.ConfigError, match='quantised'):  # before anything compiles
+    config_lib.validate(cfg)
   cfg.train.cross_entropy = 'chunked'
   with pytest.raises(config_lib.ConfigError, match=r"train.cross_entropy='chunked'"):
     config_lib.validate(cfg)

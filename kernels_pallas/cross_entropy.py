@@ -53,25 +53,31 @@ def _forward(hidden_TD, unembed_DV, targets_T, chunk: int):
   n, tail_start, tail = _chunk_starts(unembed_DV.shape[1], chunk)
 
   def step(start, width, carry):
-    m_T, s_T, tgt_T = carry
+    m_T, s_T, u_T, tgt_T = carry
     z_TC, _ = _chunk_logits(hidden_TD, unembed_DV, start, width)
     m_new = jnp.maximum(m_T, jnp.max(z_TC, axis=1))
-    s_T = s_T * jnp.exp(m_T - m_new) + jnp.sum(jnp.exp(z_TC - m_new[:, None]), axis=1)
+    e_TC = jnp.exp(z_TC - m_new[:, None])
+    rescale = jnp.exp(m_T - m_new)
+    s_T = s_T * rescale + jnp.sum(e_TC, axis=1)
+    u_T = u_T * rescale + jnp.sum(e_TC * z_TC, axis=1)  # for E_p[z], the entropy's mean logit
     tgt_T = tgt_T + jnp.sum(jnp.where(_is_target(targets_T, start, width), z_TC, 0.0), axis=1)
-    return m_new, s_T, tgt_T
+    return m_new, s_T, u_T, tgt_T
 
-  carry = (jnp.full((t,), -jnp.inf, jnp.float32), jnp.zeros((t,), jnp.float32),
-           jnp.zeros((t,), jnp.float32))
+  zeros = jnp.zeros((t,), jnp.float32)
+  carry = (jnp.full((t,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
   carry = lax.fori_loop(0, n, lambda i, c: step(i * chunk, chunk, c), carry)
   if tail:
     carry = step(tail_start, tail, carry)
-  m_T, s_T, tgt_T = carry
+  m_T, s_T, u_T, tgt_T = carry
   lse_T = m_T + jnp.log(s_T)
-  return lse_T - tgt_T, lse_T, m_T
+  mean_T = u_T / s_T
+  return lse_T - tgt_T, lse_T, m_T, lse_T - mean_T, mean_T
 
 
-def _backward(hidden_TD, unembed_DV, targets_T, lse_T, g_loss_T, g_lse_T, chunk: int):
-  """dlogits = softmax * (g_loss + g_lse) - onehot(target) * g_loss, one chunk at a time."""
+def _backward(hidden_TD, unembed_DV, targets_T, lse_T, mean_T, g_loss_T, g_lse_T, g_ent_T,
+              chunk: int):
+  """dlogits = softmax * (g_loss + g_lse) - onehot(target) * g_loss
+  - g_ent * softmax * (logit - E_softmax[logit]), one chunk at a time."""
   n, tail_start, tail = _chunk_starts(unembed_DV.shape[1], chunk)
   g_all_T = g_loss_T + g_lse_T
 
@@ -81,6 +87,8 @@ def _backward(hidden_TD, unembed_DV, targets_T, lse_T, g_loss_T, g_lse_T, chunk:
     p_TC = jnp.exp(z_TC - lse_T[:, None])
     dz_TC = p_TC * g_all_T[:, None] - jnp.where(_is_target(targets_T, start, width),
                                                 g_loss_T[:, None], 0.0)
+    # The entropy lse - E_p[z]: its derivative wrt z_k is -p_k (z_k - E_p[z]).
+    dz_TC = dz_TC - (g_ent_T[:, None] * p_TC) * (z_TC - mean_T[:, None])
     dz_TC = dz_TC.astype(hidden_TD.dtype)
     dh_TD = dh_TD + jnp.dot(dz_TC, w_DC.astype(hidden_TD.dtype).T,
                             preferred_element_type=jnp.float32)
@@ -102,16 +110,18 @@ def _fused(hidden_TD, unembed_DV, targets_T, valid_T, chunk: int):
 
 
 def _fused_fwd(hidden_TD, unembed_DV, targets_T, valid_T, chunk: int):
-  loss_T, lse_T, max_T = _forward(hidden_TD, unembed_DV, targets_T, chunk)
+  loss_T, lse_T, max_T, ent_T, mean_T = _forward(hidden_TD, unembed_DV, targets_T, chunk)
   loss_T = jnp.where(valid_T, loss_T, 0.0)
-  return (loss_T, lse_T, max_T), (hidden_TD, unembed_DV, targets_T, valid_T, lse_T)
+  return (loss_T, lse_T, max_T, ent_T), (hidden_TD, unembed_DV, targets_T, valid_T, lse_T,
+                                         mean_T)
 
 
 def _fused_bwd(chunk: int, res, g):
-  hidden_TD, unembed_DV, targets_T, valid_T, lse_T = res
-  g_loss_T, g_lse_T, _ = g  # the max logit is a metric's input (argmax accuracy): no gradient
+  hidden_TD, unembed_DV, targets_T, valid_T, lse_T, mean_T = res
+  g_loss_T, g_lse_T, _, g_ent_T = g  # the max logit feeds a metric (argmax accuracy): no gradient
   g_loss_T = jnp.where(valid_T, g_loss_T, 0.0)
-  dh, dw = _backward(hidden_TD, unembed_DV, targets_T, lse_T, g_loss_T, g_lse_T, chunk)
+  dh, dw = _backward(hidden_TD, unembed_DV, targets_T, lse_T, mean_T, g_loss_T, g_lse_T, g_ent_T,
+                     chunk)
   return dh, dw, None, None
 
 
@@ -120,7 +130,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def fused_cross_entropy(hidden_TD: jax.Array, unembed_DV: jax.Array, targets_T: jax.Array, *,
                         valid_T: jax.Array | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                        return_max: bool = False) -> tuple[jax.Array, ...]:
+                        return_max: bool = False, return_entropy: bool = False
+                        ) -> tuple[jax.Array, ...]:
   """Per-token cross-entropy of softmax(hidden @ unembed) against integer targets.
 
   Args:
@@ -133,11 +144,13 @@ def fused_cross_entropy(hidden_TD: jax.Array, unembed_DV: jax.Array, targets_T: 
       3 * T * chunk_size * 4 bytes; larger chunks mean fewer, larger matmuls.
     return_max: also return each token's largest logit (float32 [T], no gradient), e.g. for
       argmax accuracy: the target is the argmax iff lse - loss >= max.
+    return_entropy: also return the entropy of each token's distribution (float32 [T],
+      differentiable: RL's entropy bonus), accumulated as lse - E_p[logit] over the chunks.
 
   Returns:
     (loss_T, logsumexp_T), float32 [T] each. `logsumexp_T` is differentiable (z-loss) and is
-    returned for every token, valid or not: weight it by `valid_T` yourself. With
-    `return_max`, (loss_T, logsumexp_T, max_T).
+    returned for every token, valid or not: weight it by `valid_T` yourself. `return_max` and
+    `return_entropy` append max_T and entropy_T, in that order.
   """
   t, d = hidden_TD.shape
   if unembed_DV.ndim != 2 or unembed_DV.shape[0] != d:
@@ -148,9 +161,9 @@ def fused_cross_entropy(hidden_TD: jax.Array, unembed_DV: jax.Array, targets_T: 
     raise ValueError(f'chunk_size must be positive, got {chunk_size}')
   valid_T = jnp.ones((t,), bool) if valid_T is None else valid_T.astype(bool)
   chunk = min(int(chunk_size), unembed_DV.shape[1])
-  loss_T, lse_T, max_T = _fused(hidden_TD, unembed_DV, targets_T.astype(jnp.int32), valid_T,
-                                chunk)
-  return (loss_T, lse_T, max_T) if return_max else (loss_T, lse_T)
+  loss_T, lse_T, max_T, ent_T = _fused(hidden_TD, unembed_DV, targets_T.astype(jnp.int32),
+                                       valid_T, chunk)
+  return (loss_T, lse_T) + ((max_T,) if return_max else ()) + ((ent_T,) if return_entropy else ())
 
 
 def cross_entropy_reference(hidden_TD, unembed_DV, targets_T, *, valid_T=None):

@@ -125,3 +125,51 @@ def test_rho1_selects_and_trains_on_the_fused_losses_of_the_model_and_its_refere
   loss = lambda task: lambda p: rho1.selective_loss(task.cfg, model, p, batch, key, ref,
                                                     ref_model=model)
   _grads_equal(loss(plain), loss(fused), params)
+
+
+def test_the_fused_kernel_entropy_and_its_gradient_match_the_softmax():
+  from kernels_pallas import cross_entropy  # pylint: disable=g-import-not-at-top
+  k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+  h = jax.random.normal(k1, (24, 16))
+  w = jax.random.normal(k2, (16, VOCAB)) * 0.5
+  y = jax.random.randint(k3, (24,), 0, VOCAB)
+
+  def fused(h, w):
+    ce, lse, ent = cross_entropy.fused_cross_entropy(h, w, y, chunk_size=64, return_entropy=True)
+    return (ce + 0.3 * ent + 0.1 * lse).sum(), ent
+
+  def plain(h, w):  # the softmax written out
+    logp = jax.nn.log_softmax(h @ w, axis=-1)
+    ent = -(jnp.exp(logp) * logp).sum(-1)
+    lse = jax.nn.logsumexp(h @ w, axis=-1)
+    return (-logp[jnp.arange(24), y] + 0.3 * ent + 0.1 * lse).sum(), ent
+
+  (got, got_ent), got_g = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(h, w)
+  (want, want_ent), want_g = jax.value_and_grad(plain, argnums=(0, 1), has_aux=True)(h, w)
+  np.testing.assert_allclose(got_ent, want_ent, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, want_grad in zip(got_g, want_g):
+    np.testing.assert_allclose(g, want_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['autoregressive', 'diffusion'])
+def test_grpo_takes_fused_log_probs_and_entropies_at_its_temperature(name):
+  over = {'task': 'grpo', 'data.corpus': 'prompts', 'data.path': '/unused',
+          'train.init_from': '/unused', 'rl.temperature': 0.7, 'rl.entropy_coef': 0.05,
+          'rl.beta': 0.1, 'rl.minibatches': 2, 'rl.num_generations': 2}
+  (plain, model), (fused, _) = (_task(name, m, **over) for m in ('logits', 'fused'))
+  for task in (plain, fused):
+    task.ref_model = model
+  batch = _batch()
+  n, t = batch['tokens'].shape
+  batch.update(completion_mask=(batch['positions'] > 10).astype(jnp.int32) * (
+      batch['segment_ids'] > 0), advantages=jnp.array([0.7, -0.4]),
+      old_logp=-3.0 + 0.1 * jax.random.normal(jax.random.key(7), (n, t)))
+  if name == 'diffusion':
+    masked = jax.random.uniform(jax.random.key(8), (n, t)) < 0.5
+    batch['masked_tokens'] = jnp.where(masked, 3, batch['tokens'])
+  init = lambda k: model.init(jax.random.key(k), batch['tokens'])['params']
+  params, ref = init(0), init(5)
+  key = jax.random.key(1)
+  _grads_equal(lambda p: plain.loss(p, batch, key, ref), lambda p: fused.loss(p, batch, key, ref),
+               params, metric_atol=1e-6)

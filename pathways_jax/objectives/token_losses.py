@@ -14,17 +14,21 @@ import jax.numpy as jnp
 
 class TokenLosses(NamedTuple):
   """Against each position's target: cross-entropy, log-sum-exp (float32) and whether the target
-  is the argmax (bool), each [B, L]."""
+  is the argmax (bool), each [B, L]; and the entropy of the position's distribution (float32
+  [B, L]) where it was asked for."""
   ce_BL: jax.Array
   lse_BL: jax.Array
   correct_BL: jax.Array
+  entropy_BL: jax.Array | None = None
 
 
 def from_logits(logits_BLV: jax.Array, targets_BL: jax.Array) -> TokenLosses:
   logits = logits_BLV.astype(jnp.float32)
   lse_BL = jax.nn.logsumexp(logits, axis=-1)
   target_BL = jnp.take_along_axis(logits, targets_BL[..., None], axis=-1)[..., 0]
-  return TokenLosses(lse_BL - target_BL, lse_BL, jnp.argmax(logits, axis=-1) == targets_BL)
+  logp = logits - lse_BL[..., None]  # the entropy is dropped by XLA wherever it is not read
+  return TokenLosses(lse_BL - target_BL, lse_BL, jnp.argmax(logits, axis=-1) == targets_BL,
+                     -(jnp.exp(logp) * logp).sum(-1))
 
 
 def of(logits_or_losses, targets_BL: jax.Array) -> TokenLosses:

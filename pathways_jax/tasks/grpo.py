@@ -51,13 +51,14 @@ import numpy as np
 
 from pathways_jax import parallel
 from pathways_jax.config import ConfigError
-from pathways_jax.objectives import preference, rl
+from pathways_jax.objectives import autoregressive, rl, token_losses
 from pathways_jax.rl import batch as batch_lib
 from pathways_jax.rl import diffusion as diffusion_lib
 from pathways_jax.rl import prompts as prompts_lib
 from pathways_jax.rl import rewards as rewards_lib
 from pathways_jax.rl import settings
 from pathways_jax.rl.rollouts import TRAIN_FIELDS, RolloutBatches
+from pathways_jax.tasks import lm_head
 from pathways_jax.tasks.base import COUNT, FrozenInputs, RunContext, Task
 from pathways_jax.tasks.reference import ReferenceMixin, base_params
 from pathways_jax.tasks.registry import register
@@ -338,43 +339,46 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     return np.concatenate(out).astype(np.float32)
 
   # -- the loss -------------------------------------------------------------------------------
-  def _logits(self, model, params, batch, values: bool = False):
-    """logits / T [N, T, V]; values=True: (those, the value of the state each token was drawn
-    from [N, T], i.e. the value head at the position before it; 0 at position 0)."""
+  def _stats(self, model, params, batch, values: bool = False):
+    """(log-probs [N, T], entropies [N, T], values [N, T] or None) of the rows' tokens under
+    `model` at the sampling temperature: each token's log-prob and the entropy of the
+    distribution it was drawn from (AR: position i-1's prediction, 0 at position 0). On large
+    vocabularies (train.cross_entropy) without logits; PPO's value head comes with the logits.
+    values=True: the value of the state each token was drawn from (the head at the position
+    before it; 0 at position 0)."""
     # diffu-GRPO reads the estimator's masked input; the targets stay batch['tokens'].
     inputs = batch['masked_tokens'] if self.diffusion else batch['tokens']
-    out = model.apply({'params': params}, inputs, positions_BL=batch['positions'],
-                      segment_ids_BL=batch['segment_ids'], with_scalar=values)
-    logits, scalar_BT = out if values else (out, None)
+    tokens = batch['tokens']
+    targets = tokens if self.diffusion else autoregressive.next_token_targets(tokens)
     t = self.cfg.rl.temperature
-    logits = logits.astype(jnp.float32) / (t if t > 0 else 1.0)
-    if not values:
-      return logits
-    return logits, jnp.pad(scalar_BT[:, :-1], ((0, 0), (1, 0)))
+    t = t if t > 0 else 1.0
+    kw = dict(positions_BL=batch['positions'], segment_ids_BL=batch['segment_ids'])
+    value_BT = None
+    if values:
+      logits, scalar_BT = model.apply({'params': params}, inputs, with_scalar=True, **kw)
+      stats = token_losses.from_logits(logits.astype(jnp.float32) / t, targets)
+      value_BT = jnp.pad(scalar_BT[:, :-1], ((0, 0), (1, 0)))
+    else:
+      stats = token_losses.of(lm_head.outputs(self.cfg, model, params, inputs, targets,
+                                              temperature=t, **kw), targets)
+    logp, entropy = -stats.ce_BL, stats.entropy_BL
+    if not self.diffusion:  # position i predicts token i+1: align with the tokens
+      shift = lambda x: jnp.pad(x[:, :-1], ((0, 0), (1, 0)))
+      logp, entropy = shift(logp), shift(entropy)
+    return logp, entropy, value_BT
 
   def _token_logps(self, model, params, batch):
-    return self._logps_of(self._logits(model, params, batch), batch['tokens'])
-
-  def _logps_of(self, logits, tokens):
-    if self.diffusion:
-      return diffusion_lib.token_logps(logits, tokens)
-    return preference.causal_token_logps(logits, tokens)
+    return self._stats(model, params, batch)[0]
 
   def _logps_and_values(self, model, params, batch):
     """(token log-probs [N, T], values [N, T]) of the rows under a model with a value head."""
-    logits, values_BT = self._logits(model, params, batch, values=True)
-    return preference.causal_token_logps(logits, batch['tokens']), values_BT
+    logp, _, values_BT = self._stats(model, params, batch, values=True)
+    return logp, values_BT
 
   def loss(self, params, batch, key, aux=None):
     del key
     r = self.cfg.rl
-    logits, values = (self._logits(self.model, params, batch, values=True) if self.ppo
-                      else (self._logits(self.model, params, batch), None))
-    logp = self._logps_of(logits, batch['tokens'])
-    # The entropy of the distribution each token was drawn from (AR: position i-1's prediction).
-    entropy = diffusion_lib.token_entropy(logits)
-    if not self.diffusion:
-      entropy = jnp.pad(entropy[:, :-1], ((0, 0), (1, 0)))
+    logp, entropy, values = self._stats(self.model, params, batch, values=self.ppo)
     old = jax.lax.stop_gradient(logp) if self.on_policy else batch['old_logp']
     ref = None
     if self.needs_ref and not self.kl_in_reward:

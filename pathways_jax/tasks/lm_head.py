@@ -32,21 +32,26 @@ def fused(cfg, model_cfg) -> bool:
   return mode == 'fused'
 
 
-def outputs(cfg, model, params, inputs_BL: jax.Array, targets_BL: jax.Array, **apply_kwargs):
-  """`model.apply(...)`'s logits [B, L, V], or on the fused path the TokenLosses of the same
-  positions against `targets_BL`. The objectives take either."""
+def outputs(cfg, model, params, inputs_BL: jax.Array, targets_BL: jax.Array, *,
+            temperature: float = 1.0, **apply_kwargs):
+  """`model.apply(...)`'s logits [B, L, V] (float32 / temperature when it is not 1), or on the
+  fused path the TokenLosses of the same positions against `targets_BL`, entropy included. The
+  objectives take either (`token_losses.of`)."""
   if not fused(cfg, model.cfg):
-    return model.apply({'params': params}, inputs_BL, **apply_kwargs)
+    logits = model.apply({'params': params}, inputs_BL, **apply_kwargs)
+    return logits if temperature == 1.0 else logits.astype(jax.numpy.float32) / temperature
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from kernels_pallas import cross_entropy  # pylint: disable=g-import-not-at-top
   from pathways_jax.models import transformer  # pylint: disable=g-import-not-at-top
   h_BLD = model.apply({'params': params}, inputs_BL, return_hidden=True, **apply_kwargs)
+  if temperature != 1.0:  # logits / T = (h / T) @ W
+    h_BLD = (h_BLD.astype(jax.numpy.float32) / temperature).astype(h_BLD.dtype)
   b, l, d = h_BLD.shape
-  ce_T, lse_T, max_T = cross_entropy.fused_cross_entropy(
+  ce_T, lse_T, max_T, ent_T = cross_entropy.fused_cross_entropy(
       h_BLD.reshape(b * l, d), transformer.unembedding(nn.unbox(params), model.cfg),
       targets_BL.reshape(b * l), chunk_size=cfg.train.get('cross_entropy_chunk', 4096),
-      return_max=True)
+      return_max=True, return_entropy=True)
   # The target is the argmax iff its logit (lse - ce) reaches the largest logit.
   correct_T = lse_T - ce_T >= max_T
   return token_losses.TokenLosses(ce_T.reshape(b, l), lse_T.reshape(b, l),
-                                  correct_T.reshape(b, l))
+                                  correct_T.reshape(b, l), ent_T.reshape(b, l))

@@ -280,7 +280,10 @@ def _get(cfg, dotted):
 
 
 def choices(key: str) -> tuple[str, ...]:
-  """The values a string-valued key such as 'model.dtype' may take."""
+  """The values a string-valued key such as 'model.attention' may take."""
+  if key == 'model.attention':  # a registry: config files may add backends
+    from pathways_jax.models import attention_backends  # pylint: disable=g-import-not-at-top
+    return attention_backends.names()
   return _CHOICES[key]
 
 

@@ -73,10 +73,9 @@ def names() -> tuple[str, ...]:
 
 def get(name: str) -> Backend | None:
   """The backend registered as `name` (None for 'xla')."""
-  if name not in _REGISTRY:
-    from pathways_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
-    raise ConfigError(f'config.model.attention={name!r} is not an attention backend; known: '
-                      f'{sorted(_REGISTRY)}')
+  if name not in _REGISTRY:  # config.validate names it first for a run's config
+    raise ValueError(f'config.model.attention={name!r} is not an attention backend; known: '
+                     f'{sorted(_REGISTRY)}')
   return _REGISTRY[name]
 
 

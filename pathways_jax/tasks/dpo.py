@@ -34,7 +34,7 @@ import numpy as np
 from pathways_jax import parallel
 from pathways_jax.config import ConfigError
 from pathways_jax.objectives import autoregressive, preference
-from pathways_jax.tasks import lm_head
+from pathways_jax.tasks.lm_head import outputs as lm_head_outputs
 from pathways_jax.tasks.base import COUNT, TOKEN_FIELDS, FrozenInputs, RunContext, Task
 from pathways_jax.tasks.reference import ReferenceMixin, base_params
 from pathways_jax.tasks.registry import register
@@ -160,7 +160,7 @@ class DpoTask(ReferenceMixin, Task):
     tokens, segments, mask = batch['tokens'], batch['segment_ids'], batch['loss_mask']
     kw = dict(positions_BL=batch['positions'], segment_ids_BL=segments)
     targets = autoregressive.next_token_targets(tokens)
-    logits = lm_head.outputs(self.cfg, self.model, params, tokens, targets, **kw)
+    logits = lm_head_outputs(self.cfg, self.model, params, tokens, targets, **kw)
     pol = preference.packed_pair_logps(preference.causal_token_logps(logits, tokens), mask,
                                        segments)
     ref = None
@@ -172,7 +172,7 @@ class DpoTask(ReferenceMixin, Task):
           ref_model, ref_params = self._reference_model(), base_params(params)
         else:
           ref_model, ref_params = self.ref_model, aux
-        ref_logits = lm_head.outputs(self.cfg, ref_model, jax.lax.stop_gradient(ref_params),
+        ref_logits = lm_head_outputs(self.cfg, ref_model, jax.lax.stop_gradient(ref_params),
                                      tokens, targets, **kw)
         ref_tok_BL = preference.causal_token_logps(ref_logits, tokens)
       ref = preference.packed_pair_logps(jax.lax.stop_gradient(ref_tok_BL), mask, segments)

@@ -58,7 +58,7 @@ from pathways_jax.rl import prompts as prompts_lib
 from pathways_jax.rl import rewards as rewards_lib
 from pathways_jax.rl import settings
 from pathways_jax.rl.rollouts import TRAIN_FIELDS, RolloutBatches
-from pathways_jax.tasks import lm_head
+from pathways_jax.tasks.lm_head import outputs as lm_head_outputs
 from pathways_jax.tasks.base import COUNT, FrozenInputs, RunContext, Task
 from pathways_jax.tasks.reference import ReferenceMixin, base_params
 from pathways_jax.tasks.registry import register
@@ -359,7 +359,7 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
       stats = token_losses.from_logits(logits.astype(jnp.float32) / t, targets)
       value_BT = jnp.pad(scalar_BT[:, :-1], ((0, 0), (1, 0)))
     else:
-      stats = token_losses.of(lm_head.outputs(self.cfg, model, params, inputs, targets,
+      stats = token_losses.of(lm_head_outputs(self.cfg, model, params, inputs, targets,
                                               temperature=t, **kw), targets)
     logp, entropy = -stats.ce_BL, stats.entropy_BL
     if not self.diffusion:  # position i predicts token i+1: align with the tokens

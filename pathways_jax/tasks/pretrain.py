@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from pathways_jax.config import ConfigError
 from pathways_jax.objectives import autoregressive, diffusion
-from pathways_jax.tasks import lm_head
+from pathways_jax.tasks.lm_head import outputs as lm_head_outputs
 from pathways_jax.tasks.base import COUNT, Task
 from pathways_jax.tasks.registry import register
 
@@ -19,7 +19,7 @@ class AutoregressiveTask(Task):
   def loss(self, params, batch, key, aux=None):
     del key, aux
     tokens, segments = batch['tokens'], batch['segment_ids']
-    logits = lm_head.outputs(self.cfg, self.model, params, tokens,
+    logits = lm_head_outputs(self.cfg, self.model, params, tokens,
                              autoregressive.next_token_targets(tokens),
                              positions_BL=batch['positions'], segment_ids_BL=segments)
     loss, metrics = autoregressive.loss(logits, tokens, segments, z_loss=self.cfg.train.z_loss)
@@ -35,7 +35,7 @@ class DiffusionTask(Task):
     del aux
     tokens, segments = batch['tokens'], batch['segment_ids']
     noisy, masked, p_mask, valid = self.draws(batch, key)
-    logits = lm_head.outputs(self.cfg, self.model, params, noisy, tokens,
+    logits = lm_head_outputs(self.cfg, self.model, params, noisy, tokens,
                              positions_BL=batch['positions'], segment_ids_BL=segments * valid)
     loss, metrics = diffusion.loss(logits, tokens, masked, p_mask, valid_BL=valid)
     return loss, {**metrics, COUNT: valid.astype(jnp.float32).sum()}

@@ -40,7 +40,7 @@ import numpy as np
 from pathways_jax import config as config_lib
 from pathways_jax import parallel
 from pathways_jax.objectives import autoregressive, selective
-from pathways_jax.tasks import lm_head
+from pathways_jax.tasks.lm_head import outputs as lm_head_outputs
 from pathways_jax.tasks.registry import get as get_task, register
 from pathways_jax.tasks.pretrain import mask_id as resolved_mask_id
 from pathways_jax.tasks.base import COUNT, FrozenInputs, RunContext, Task
@@ -150,7 +150,7 @@ def _ar_reference(cfg, ref_model, ref_params, batch, with_entropy: bool):
   if with_entropy:  # the entropy needs the whole distribution: logits
     logits = ref_model.apply({'params': ref_params}, tokens, **kw)
   else:
-    logits = lm_head.outputs(cfg, ref_model, ref_params, tokens,
+    logits = lm_head_outputs(cfg, ref_model, ref_params, tokens,
                              autoregressive.next_token_targets(tokens), **kw)
   ref, _ = selective.ar_token_losses(logits, tokens, segments)
   ent = selective.token_entropy(logits[:, :-1]) if with_entropy else None
@@ -173,7 +173,7 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
                                  '(config.data.noise.fraction > 0)')
   need_ref = score in NEEDS_REFERENCE
   if cfg.objective == 'autoregressive':
-    logits = lm_head.outputs(cfg, model, params, tokens, autoregressive.next_token_targets(tokens),
+    logits = lm_head_outputs(cfg, model, params, tokens, autoregressive.next_token_targets(tokens),
                              positions_BL=positions, segment_ids_BL=segments)
     tok, valid = selective.ar_token_losses(logits, tokens, segments)
     noise_t = None if noise is None else noise[:, 1:].astype(bool)
@@ -192,7 +192,7 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
         key, tokens, segments, mask_id=resolved_mask_id(cfg), eps=cfg.diffusion.eps,
         random_length_prob=cfg.diffusion.random_length_prob)
     kw = dict(positions_BL=positions, segment_ids_BL=segments * in_row)
-    logits = lm_head.outputs(cfg, model, params, noisy, tokens, **kw)
+    logits = lm_head_outputs(cfg, model, params, noisy, tokens, **kw)
     tok, weights, valid = selective.diffusion_token_losses(logits, tokens, masked & in_row,
                                                                p_mask)
     noise_t = None if noise is None else noise.astype(bool)
@@ -201,7 +201,7 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
       frozen = jax.lax.stop_gradient(ref_params)
       ref_logits = (ref_model.apply({'params': frozen}, noisy, **kw)
                     if score == 'reference_entropy'  # the entropy needs the logits
-                    else lm_head.outputs(cfg, ref_model, frozen, noisy, tokens, **kw))
+                    else lm_head_outputs(cfg, ref_model, frozen, noisy, tokens, **kw))
       ref, _, _ = selective.diffusion_token_losses(ref_logits, tokens, masked & in_row, p_mask)
       ref = jax.lax.stop_gradient(ref)
       if score == 'reference_entropy':

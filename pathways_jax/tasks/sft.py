@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from pathways_jax.config import ConfigError
 from pathways_jax.objectives import autoregressive, diffusion
-from pathways_jax.tasks import lm_head
+from pathways_jax.tasks.lm_head import outputs as lm_head_outputs
 from pathways_jax.tasks.base import ADAPTER_IDS, COUNT, TOKEN_FIELDS, Task, adapter_fields
 from pathways_jax.tasks.pretrain import mask_id
 from pathways_jax.tasks.registry import register
@@ -59,7 +59,7 @@ class SftTask(Task):
   def loss(self, params, batch, key, aux=None):
     del key, aux
     tokens, segments = batch['tokens'], batch['segment_ids']
-    logits = lm_head.outputs(self.cfg, self.model, params, tokens,
+    logits = lm_head_outputs(self.cfg, self.model, params, tokens,
                              autoregressive.next_token_targets(tokens),
                              positions_BL=batch['positions'], segment_ids_BL=segments,
                              adapter_ids_B=batch.get(ADAPTER_IDS))
@@ -96,7 +96,7 @@ class LladaSftTask(Task):
                                                       valid_BL=maskable_BL)
     prompt_BL = batch['prompt'].astype(bool)
     noisy, masked = diffusion.unmask_prompt(noisy, masked, tokens, prompt_BL & sft_row_B[:, None])
-    logits = lm_head.outputs(self.cfg, self.model, params, noisy, tokens, positions_BL=positions,
+    logits = lm_head_outputs(self.cfg, self.model, params, noisy, tokens, positions_BL=positions,
                              segment_ids_BL=segments, adapter_ids_B=batch.get(ADAPTER_IDS))
     sft, m = diffusion.sft_loss(logits, tokens, masked, p_mask, prompt_BL | ~maskable_BL,
                                 valid_BL=maskable_BL & sft_row_B[:, None], segment_ids_BL=segments)

@@ -173,3 +173,22 @@ def test_grpo_takes_fused_log_probs_and_entropies_at_its_temperature(name):
   key = jax.random.key(1)
   _grads_equal(lambda p: plain.loss(p, batch, key, ref), lambda p: fused.loss(p, batch, key, ref),
                params, metric_atol=1e-6)
+
+
+def test_vrpo_takes_fused_elbo_terms_for_the_policy_and_its_reference():
+  over = {'task': 'vrpo', 'data.corpus': 'preference', 'train.init_from': '/unused',
+          'vrpo.n_t': 2, 'vrpo.n_yt': 2}
+  (plain, model), (fused, _) = (_task('diffusion', m, **over) for m in ('logits', 'fused'))
+  for task in (plain, fused):
+    task.ref_model = model
+  tokens, _, _ = packed_rows_with_padding(VOCAB)
+  tokens = jnp.where(tokens == 3, 4, tokens)
+  seg = jnp.array([[1] * 30 + [2] * 30 + [3] * 20 + [4] * 20, [1] * 50 + [2] * 50])
+  pos = jnp.concatenate([jnp.arange(n) for n in (30, 30, 20, 20, 50, 50)]).reshape(2, 100)
+  batch = {'tokens': tokens, 'positions': pos, 'segment_ids': seg,
+           'loss_mask': (pos > 6).astype(jnp.int32)}
+  init = lambda k: model.init(jax.random.key(k), tokens)['params']
+  params, ref = init(0), init(5)
+  key = jax.random.key(1)
+  _grads_equal(lambda p: plain.loss(p, batch, key, ref), lambda p: fused.loss(p, batch, key, ref),
+               params, metric_atol=1e-5)

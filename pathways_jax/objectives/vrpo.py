@@ -53,7 +53,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pathways_jax.objectives import preference
+from pathways_jax.objectives import preference, token_losses
 
 # The key of the reference's own draws when they are not antithetic (fold_in of the caller's key).
 _REFERENCE_STREAM = 1
@@ -112,12 +112,15 @@ def token_terms(logits_BLV: jax.Array, tokens_BL: jax.Array, masked_BL: jax.Arra
                 p_mask_BL: jax.Array) -> jax.Array:
   """float32 [..., L]: 1[masked] * log p_theta(token | noisy) / p_mask at every position (0 where
   not masked). Any leading axes (draws, rows) as long as the four agree; `tokens_BL` broadcasts.
-  A sequence's sum of these is one draw's l(y_t, t, y|x)."""
-  logits = logits_BLV.astype(jnp.float32)
-  tokens = jnp.broadcast_to(tokens_BL, logits.shape[:-1])
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-  return jnp.where(masked_BL, (target - lse) / p_mask_BL.astype(jnp.float32), 0.0)
+  A sequence's sum of these is one draw's l(y_t, t, y|x). `logits_BLV` may be a
+  `token_losses.TokenLosses` (of the same leading shape) against the tokens."""
+  if isinstance(logits_BLV, token_losses.TokenLosses):
+    logp = -logits_BLV.ce_BL
+  else:
+    logits = logits_BLV.astype(jnp.float32)
+    tokens = jnp.broadcast_to(tokens_BL, logits.shape[:-1])
+    logp = -token_losses.from_logits(logits, tokens).ce_BL
+  return jnp.where(masked_BL, logp / p_mask_BL.astype(jnp.float32), 0.0)
 
 
 def pair_elbos(terms_NBL: jax.Array, response_BL: jax.Array, segment_ids_BL: jax.Array

@@ -34,22 +34,30 @@ import jax
 import jax.numpy as jnp
 
 from pathways_jax.config import ConfigError
-from pathways_jax.objectives import vrpo
+from pathways_jax.objectives import token_losses, vrpo
 from pathways_jax.tasks.dpo import DpoTask
+from pathways_jax.tasks.lm_head import outputs as lm_head_outputs
 from pathways_jax.tasks.reference import base_params
 from pathways_jax.tasks.pretrain import mask_id
 from pathways_jax.tasks.registry import register
 
 
-def draw_token_terms(model, params, batch: dict, draws: vrpo.Draws) -> jax.Array:
-  """float32 [N, B, L]: `vrpo.token_terms` of `model` on every draw, one forward of B * N rows."""
+def draw_token_terms(model, params, batch: dict, draws: vrpo.Draws, *, cfg=None) -> jax.Array:
+  """float32 [N, B, L]: `vrpo.token_terms` of `model` on every draw, one forward of B * N rows
+  (with a run's `cfg`, through the fused cross-entropy where train.cross_entropy takes it)."""
   n, b, l = draws.noisy_NBL.shape
   rows = lambda x_NBL: jnp.swapaxes(x_NBL, 0, 1).reshape(b * n, l)
   rep = lambda x_BL: jnp.repeat(x_BL, n, axis=0)
-  logits = model.apply({'params': params}, rows(draws.noisy_NBL),
-                       positions_BL=rep(batch['positions']),
-                       segment_ids_BL=rep(batch['segment_ids']))
-  terms_BNL = vrpo.token_terms(logits.reshape(b, n, l, -1), batch['tokens'][:, None],
+  kw = dict(positions_BL=rep(batch['positions']), segment_ids_BL=rep(batch['segment_ids']))
+  if cfg is None:
+    out = model.apply({'params': params}, rows(draws.noisy_NBL), **kw)
+  else:
+    out = lm_head_outputs(cfg, model, params, rows(draws.noisy_NBL), rep(batch['tokens']), **kw)
+  if isinstance(out, token_losses.TokenLosses):
+    out = token_losses.TokenLosses(*(None if x is None else x.reshape(b, n, l) for x in out))
+  else:
+    out = out.reshape(b, n, l, -1)
+  terms_BNL = vrpo.token_terms(out, batch['tokens'][:, None],
                                jnp.swapaxes(draws.masked_NBL, 0, 1),
                                jnp.swapaxes(draws.p_mask_NBL, 0, 1))
   return jnp.swapaxes(terms_BNL, 0, 1)
@@ -109,15 +117,16 @@ class VrpoTask(DpoTask):
   def _pair_logps(self, params, batch, key, aux):
     response, segments = batch['loss_mask'], batch['segment_ids']
     pol_draws, ref_draws = self.draws(batch, key)
-    pol = vrpo.pair_elbos(draw_token_terms(self.model, params, batch, pol_draws), response,
-                          segments)
+    pol = vrpo.pair_elbos(draw_token_terms(self.model, params, batch, pol_draws, cfg=self.cfg),
+                          response, segments)
     ref = None
     if self.needs_ref:
       if self.adapters_off:
         ref_model, ref_params = self._reference_model(), base_params(params)
       else:
         ref_model, ref_params = self.ref_model, aux
-      terms = draw_token_terms(ref_model, jax.lax.stop_gradient(ref_params), batch, ref_draws)
+      terms = draw_token_terms(ref_model, jax.lax.stop_gradient(ref_params), batch, ref_draws,
+                               cfg=self.cfg)
       ref = vrpo.pair_elbos(jax.lax.stop_gradient(terms), response, segments)
     return pol, ref
 

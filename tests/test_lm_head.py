@@ -152,11 +152,14 @@ def test_the_fused_kernel_entropy_and_its_gradient_match_the_softmax():
     np.testing.assert_allclose(g, want_grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('name', ['autoregressive', 'diffusion'])
-def test_grpo_takes_fused_log_probs_and_entropies_at_its_temperature(name):
+@pytest.mark.parametrize('name,ppo', [('autoregressive', False), ('diffusion', False),
+                                      ('autoregressive', True)])
+def test_grpo_takes_fused_log_probs_and_entropies_at_its_temperature(name, ppo):
   over = {'task': 'grpo', 'data.corpus': 'prompts', 'data.path': '/unused',
           'train.init_from': '/unused', 'rl.temperature': 0.7, 'rl.entropy_coef': 0.05,
           'rl.beta': 0.1, 'rl.minibatches': 2, 'rl.num_generations': 2}
+  if ppo:  # the value head's estimates come with the fused losses
+    over.update({'rl.scale': 'gae', 'model.scalar_head': True})
   (plain, model), (fused, _) = (_task(name, m, **over) for m in ('logits', 'fused'))
   for task in (plain, fused):
     task.ref_model = model
@@ -165,6 +168,10 @@ def test_grpo_takes_fused_log_probs_and_entropies_at_its_temperature(name):
   batch.update(completion_mask=(batch['positions'] > 10).astype(jnp.int32) * (
       batch['segment_ids'] > 0), advantages=jnp.array([0.7, -0.4]),
       old_logp=-3.0 + 0.1 * jax.random.normal(jax.random.key(7), (n, t)))
+  if ppo:
+    batch.update(old_values=0.1 * jax.random.normal(jax.random.key(9), (n, t)),
+                 returns=jax.random.normal(jax.random.key(10), (n, t)),
+                 advantages=jax.random.normal(jax.random.key(11), (n, t)))
   if name == 'diffusion':
     masked = jax.random.uniform(jax.random.key(8), (n, t)) < 0.5
     batch['masked_tokens'] = jnp.where(masked, 3, batch['tokens'])

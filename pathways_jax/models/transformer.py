@@ -386,10 +386,10 @@ class Transformer(nn.Module):
     if return_scalar and (return_hidden or logits_window is not None):
       raise ValueError('return_scalar=True returns the head\'s [B, L] only: drop return_hidden '
                        'and logits_window')
-    if with_scalar and (not cfg.scalar_head or return_scalar or return_hidden or
-                        logits_window is not None or cache is not None):
-      raise ValueError('with_scalar=True returns (logits, scalar [B, L]) of a model.scalar_head '
-                       'model, without a cache, return_hidden, return_scalar or logits_window')
+    if with_scalar and (not cfg.scalar_head or return_scalar or logits_window is not None or
+                        cache is not None):
+      raise ValueError('with_scalar=True returns (logits or hidden states, scalar [B, L]) of a '
+                       'model.scalar_head model, without a cache, return_scalar or logits_window')
     check_adapter_ids(cfg, adapter_ids_B, b)
     if adapter_ids_B is not None:
       adapter_ids_B = jnp.asarray(adapter_ids_B, jnp.int32)

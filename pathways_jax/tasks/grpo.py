@@ -343,7 +343,7 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     """(log-probs [N, T], entropies [N, T], values [N, T] or None) of the rows' tokens under
     `model` at the sampling temperature: each token's log-prob and the entropy of the
     distribution it was drawn from (AR: position i-1's prediction, 0 at position 0). On large
-    vocabularies (train.cross_entropy) without logits; PPO's value head comes with the logits.
+    vocabularies (train.cross_entropy) without logits.
     values=True: the value of the state each token was drawn from (the head at the position
     before it; 0 at position 0)."""
     # diffu-GRPO reads the estimator's masked input; the targets stay batch['tokens'].
@@ -353,14 +353,11 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     t = self.cfg.rl.temperature
     t = t if t > 0 else 1.0
     kw = dict(positions_BL=batch['positions'], segment_ids_BL=batch['segment_ids'])
-    value_BT = None
-    if values:
-      logits, scalar_BT = model.apply({'params': params}, inputs, with_scalar=True, **kw)
-      stats = token_losses.from_logits(logits.astype(jnp.float32) / t, targets)
-      value_BT = jnp.pad(scalar_BT[:, :-1], ((0, 0), (1, 0)))
-    else:
-      stats = token_losses.of(lm_head_outputs(self.cfg, model, params, inputs, targets,
-                                              temperature=t, **kw), targets)
+    out = lm_head_outputs(self.cfg, model, params, inputs, targets, temperature=t,
+                          **kw, **({'with_scalar': True} if values else {}))
+    out, scalar_BT = out if values else (out, None)
+    stats = token_losses.of(out, targets)
+    value_BT = None if scalar_BT is None else jnp.pad(scalar_BT[:, :-1], ((0, 0), (1, 0)))
     logp, entropy = -stats.ce_BL, stats.entropy_BL
     if not self.diffusion:  # position i predicts token i+1: align with the tokens
       shift = lambda x: jnp.pad(x[:, :-1], ((0, 0), (1, 0)))

@@ -36,14 +36,20 @@ def outputs(cfg, model, params, inputs_BL: jax.Array, targets_BL: jax.Array, *,
             temperature: float = 1.0, **apply_kwargs):
   """`model.apply(...)`'s logits [B, L, V] (float32 / temperature when it is not 1), or on the
   fused path the TokenLosses of the same positions against `targets_BL`, entropy included. The
-  objectives take either (`token_losses.of`)."""
+  objectives take either (`token_losses.of`). With `with_scalar=True`: (that, the scalar head's
+  [B, L])."""
+  with_scalar = apply_kwargs.get('with_scalar', False)  # a value head's [B, L] comes along
   if not fused(cfg, model.cfg):
-    logits = model.apply({'params': params}, inputs_BL, **apply_kwargs)
-    return logits if temperature == 1.0 else logits.astype(jax.numpy.float32) / temperature
+    out = model.apply({'params': params}, inputs_BL, **apply_kwargs)
+    logits, scalar_BL = out if with_scalar else (out, None)
+    if temperature != 1.0:
+      logits = logits.astype(jax.numpy.float32) / temperature
+    return (logits, scalar_BL) if with_scalar else logits
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from kernels_pallas import cross_entropy  # pylint: disable=g-import-not-at-top
   from pathways_jax.models import transformer  # pylint: disable=g-import-not-at-top
-  h_BLD = model.apply({'params': params}, inputs_BL, return_hidden=True, **apply_kwargs)
+  out = model.apply({'params': params}, inputs_BL, return_hidden=True, **apply_kwargs)
+  h_BLD, scalar_BL = out if with_scalar else (out, None)
   if temperature != 1.0:  # logits / T = (h / T) @ W
     h_BLD = (h_BLD.astype(jax.numpy.float32) / temperature).astype(h_BLD.dtype)
   b, l, d = h_BLD.shape
@@ -53,5 +59,6 @@ def outputs(cfg, model, params, inputs_BL: jax.Array, targets_BL: jax.Array, *,
       return_max=True, return_entropy=True)
   # The target is the argmax iff its logit (lse - ce) reaches the largest logit.
   correct_T = lse_T - ce_T >= max_T
-  return token_losses.TokenLosses(ce_T.reshape(b, l), lse_T.reshape(b, l),
-                                  correct_T.reshape(b, l), ent_T.reshape(b, l))
+  stats = token_losses.TokenLosses(ce_T.reshape(b, l), lse_T.reshape(b, l),
+                                   correct_T.reshape(b, l), ent_T.reshape(b, l))
+  return (stats, scalar_BL) if with_scalar else stats

@@ -81,6 +81,7 @@ def get_config():
   i.lora_rank = 8
   i.lora_alpha = 16.0
   i.lora_lr = 1e-2
+  i.lora_steps = 0  # 0: as many as the full fine-tuning (instructions.sft_steps)
   i.lora_weight_decay = 0.1
   i.eval_batch = 64
   i.eval_limit = 0  # > 0: evaluate the first N held-out examples only (quick runs)
@@ -122,6 +123,8 @@ def lora_config_of(cfg, train_path: str, base_dir: str):
   c.model.lora_alpha = cfg.instructions.lora_alpha
   c.train.lr = cfg.instructions.lora_lr
   c.train.weight_decay = cfg.instructions.lora_weight_decay
+  steps = cfg.instructions.get('lora_steps', 0) or cfg.instructions.sft_steps
+  c.train.steps = c.train.eval_every = c.train.checkpoint_every = steps
   return c
 
 

@@ -112,15 +112,20 @@ def test_dpo_takes_the_fused_log_probs_for_the_policy_and_its_reference():
 
 
 @pytest.mark.parametrize('objective', ['autoregressive', 'diffusion'])
-def test_rho1_selects_and_trains_on_the_fused_losses_of_the_model_and_its_reference(objective):
+@pytest.mark.parametrize('score', ['excess', 'reference_entropy'])
+def test_rho1_selects_and_trains_on_the_fused_losses_of_the_model_and_its_reference(objective,
+                                                                                    score):
   from pathways_jax.tasks import rho1  # pylint: disable=g-import-not-at-top
   name = 'autoregressive' if objective == 'autoregressive' else 'diffusion'
   (plain, model), (fused, _) = (_task(name, m, **{'selective.enabled': True, 'task': 'rho1',
-                                                  'selective.ratio': 0.6})
+                                                  'selective.ratio': 0.6,
+                                                  'selective.score': score})
                                 for m in ('logits', 'fused'))
   batch = _batch()
   init = lambda k: model.init(jax.random.key(k), batch['tokens'])['params']
-  params, ref = init(0), init(5)
+  # A sharper reference than a random init: its entropies must spread far beyond float error, or
+  # the entropy ranking flips between near-equal positions.
+  params, ref = init(0), jax.tree.map(lambda x: 6.0 * x, init(5))
   key = jax.random.key(1)
   loss = lambda task: lambda p: rho1.selective_loss(task.cfg, model, p, batch, key, ref,
                                                     ref_model=model)

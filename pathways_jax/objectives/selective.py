@@ -107,7 +107,10 @@ def select_tokens(excess_BL: jax.Array, valid_BL: jax.Array, ratio, *,
 
 
 def token_entropy(logits_BLV: jax.Array) -> jax.Array:
-  """Entropy (nats) of each position's predictive distribution, float32 [B, L]."""
+  """Entropy (nats) of each position's predictive distribution, float32 [B, L] (from the logits,
+  or a `token_losses.TokenLosses` that carries it)."""
+  if isinstance(logits_BLV, token_losses.TokenLosses):
+    return logits_BLV.entropy_BL
   logp = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
   return -(jnp.exp(logp) * logp).sum(-1)
 

@@ -147,13 +147,12 @@ def _ar_reference(cfg, ref_model, ref_params, batch, with_entropy: bool):
   tokens, segments = batch['tokens'], batch['segment_ids']
   kw = dict(positions_BL=batch['positions'], segment_ids_BL=segments)
   ref_params = jax.lax.stop_gradient(ref_params)
-  if with_entropy:  # the entropy needs the whole distribution: logits
-    logits = ref_model.apply({'params': ref_params}, tokens, **kw)
-  else:
-    logits = lm_head_outputs(cfg, ref_model, ref_params, tokens,
-                             autoregressive.next_token_targets(tokens), **kw)
+  logits = lm_head_outputs(cfg, ref_model, ref_params, tokens,
+                           autoregressive.next_token_targets(tokens), **kw)
   ref, _ = selective.ar_token_losses(logits, tokens, segments)
-  ent = selective.token_entropy(logits[:, :-1]) if with_entropy else None
+  ent = None
+  if with_entropy:
+    ent = selective.token_entropy(logits)[:, :-1]
   return jax.lax.stop_gradient(ref), ent
 
 
@@ -199,9 +198,7 @@ def selective_loss(cfg, model, params, batch, key, ref_params=None, *, ref_model
     ent = None
     if need_ref:
       frozen = jax.lax.stop_gradient(ref_params)
-      ref_logits = (ref_model.apply({'params': frozen}, noisy, **kw)
-                    if score == 'reference_entropy'  # the entropy needs the logits
-                    else lm_head_outputs(cfg, ref_model, frozen, noisy, tokens, **kw))
+      ref_logits = lm_head_outputs(cfg, ref_model, frozen, noisy, tokens, **kw)
       ref, _, _ = selective.diffusion_token_losses(ref_logits, tokens, masked & in_row, p_mask)
       ref = jax.lax.stop_gradient(ref)
       if score == 'reference_entropy':

@@ -377,6 +377,9 @@ def _validate_adapters(cfg) -> None:
   k, rank = m.get('lora_num_adapters', 1), m.get('lora_rank', 0)
   if k < 1:
     raise ConfigError(f'config.model.lora_num_adapters must be >= 1, got {k}')
+  if t.get('cross_entropy_chunk', 1) < 1:
+    raise ConfigError(f'config.train.cross_entropy_chunk={t.cross_entropy_chunk} must be a '
+                      'positive number of vocabulary columns')
   if t.get('cross_entropy') == 'fused' and m.get('lora_quantize'):
     raise ConfigError("config.train.cross_entropy='fused' reads the unembedding directly; a QLoRA "
                       "base (model.lora_quantize) holds it quantised: use 'auto' or 'logits'")

@@ -74,6 +74,10 @@ def test_auto_fuses_large_vocabularies_and_a_quantised_base_is_refused():
     lm_head.fused(cfg, large)
   with pytest.raises(config_lib.ConfigError, match='quantised'):  # before anything compiles
     config_lib.validate(cfg)
+  cfg.train.cross_entropy, cfg.model.lora_quantize, cfg.train.cross_entropy_chunk = 'auto', '', 0
+  with pytest.raises(config_lib.ConfigError, match='cross_entropy_chunk=0'):
+    config_lib.validate(cfg)
+  cfg.train.cross_entropy_chunk = 4096
   cfg.train.cross_entropy = 'chunked'
   with pytest.raises(config_lib.ConfigError, match=r"train.cross_entropy='chunked'"):
     config_lib.validate(cfg)
@@ -90,15 +94,15 @@ def _grads_equal(fn_plain, fn_fused, params, metric_atol=1e-7):
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-7)
 
 
-def test_dpo_takes_the_fused_log_probs_for_the_policy_and_its_reference():
-  def make(mode):
-    task, model = _task('autoregressive', mode, **{'task': 'dpo', 'data.corpus': 'preference',
-                                                   'train.init_from': '/unused'})
+def _pair_task_matches(name, **over):
+  """A preference task (pairs as adjacent segments, a frozen reference) on both paths."""
+  (plain, model), (fused, _) = (_task(name, m, **{'train.init_from': '/unused',
+                                                  'data.corpus': 'preference', **over})
+                                for m in ('logits', 'fused'))
+  for task in (plain, fused):
     task.ref_model = model  # what setup() sets from the reference run
-    return task, model
-  plain, model = make('logits')
-  fused, _ = make('fused')
-  tokens, pos, _ = packed_rows_with_padding(VOCAB)
+  tokens, _, _ = packed_rows_with_padding(VOCAB)
+  tokens = jnp.where(tokens == 3, 4, tokens)  # no mask ids in the data
   seg = jnp.array([[1] * 30 + [2] * 30 + [3] * 20 + [4] * 20, [1] * 50 + [2] * 50])
   pos = jnp.concatenate([jnp.arange(n) for n in (30, 30, 20, 20, 50, 50)]).reshape(2, 100)
   batch = {'tokens': tokens, 'positions': pos, 'segment_ids': seg,
@@ -109,6 +113,14 @@ def test_dpo_takes_the_fused_log_probs_for_the_policy_and_its_reference():
   # The implicit rewards are beta times differences of sums of ~50 log-probs of ~5.5 each.
   _grads_equal(lambda p: plain.loss(p, batch, key, ref), lambda p: fused.loss(p, batch, key, ref),
                params, metric_atol=1e-5)
+
+
+def test_dpo_takes_the_fused_log_probs_for_the_policy_and_its_reference():
+  _pair_task_matches('autoregressive', task='dpo')
+
+
+def test_vrpo_takes_fused_elbo_terms_for_the_policy_and_its_reference():
+  _pair_task_matches('diffusion', **{'task': 'vrpo', 'vrpo.n_t': 2, 'vrpo.n_yt': 2})
 
 
 @pytest.mark.parametrize('objective', ['autoregressive', 'diffusion'])
@@ -186,21 +198,3 @@ def test_grpo_takes_fused_log_probs_and_entropies_at_its_temperature(name, ppo):
   _grads_equal(lambda p: plain.loss(p, batch, key, ref), lambda p: fused.loss(p, batch, key, ref),
                params, metric_atol=1e-6)
 
-
-def test_vrpo_takes_fused_elbo_terms_for_the_policy_and_its_reference():
-  over = {'task': 'vrpo', 'data.corpus': 'preference', 'train.init_from': '/unused',
-          'vrpo.n_t': 2, 'vrpo.n_yt': 2}
-  (plain, model), (fused, _) = (_task('diffusion', m, **over) for m in ('logits', 'fused'))
-  for task in (plain, fused):
-    task.ref_model = model
-  tokens, _, _ = packed_rows_with_padding(VOCAB)
-  tokens = jnp.where(tokens == 3, 4, tokens)
-  seg = jnp.array([[1] * 30 + [2] * 30 + [3] * 20 + [4] * 20, [1] * 50 + [2] * 50])
-  pos = jnp.concatenate([jnp.arange(n) for n in (30, 30, 20, 20, 50, 50)]).reshape(2, 100)
-  batch = {'tokens': tokens, 'positions': pos, 'segment_ids': seg,
-           'loss_mask': (pos > 6).astype(jnp.int32)}
-  init = lambda k: model.init(jax.random.key(k), tokens)['params']
-  params, ref = init(0), init(5)
-  key = jax.random.key(1)
-  _grads_equal(lambda p: plain.loss(p, batch, key, ref), lambda p: fused.loss(p, batch, key, ref),
-               params, metric_atol=1e-5)

@@ -191,6 +191,9 @@ def test_prepare_names_undecodable_files_keeps_the_rest_and_refuses_an_empty_fol
     prepare.prepare(cfg, str(tmp_path / 'ds'), workers=1, progress=False)
   assert len(os.listdir(tmp_path / 'ds' / 'parts')) == 3  # the readable files are done
   assert not (tmp_path / 'ds' / 'manifest.json').exists()
+  for kw, message in (({'workers': -1}, 'workers=-1'), ({'records_per_unit': 0}, 'records_per')):
+    with pytest.raises(corpora.DataError, match=message):
+      prepare.prepare(cfg, str(tmp_path / 'ds3'), progress=False, **kw)
   (tmp_path / 'empty').mkdir()
   with pytest.raises(corpora.DataError, match=r'empty has no .*files'):
     prepare.prepare(_cfg(tmp_path, tmp_path / 'empty'), str(tmp_path / 'ds2'), workers=1,

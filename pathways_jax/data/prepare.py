@@ -210,6 +210,11 @@ def prepare(cfg, out: str, *, workers: int = 0, records_per_unit: int = 100_000,
   from etils import epath  # pylint: disable=g-import-not-at-top
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   d = cfg.data
+  if workers < 0:
+    raise corpora.DataError(f'--workers={workers}: give a number of processes, or 0 for one per '
+                            'CPU')
+  if records_per_unit < 1:
+    raise corpora.DataError(f'--records_per_unit={records_per_unit} must be at least 1')
   if d.corpus not in SOURCES:
     make_units(d, records_per_unit)  # raises the error naming the corpus
   if d.get('max_documents', 0) > 0:

@@ -131,6 +131,61 @@ def test_adapter_k_learns_from_its_own_rows_only(chat_files):
                for x in jax.tree_util.tree_leaves(lora.select(want, 1 - k)))
 
 
+@pytest.mark.parametrize('task_name,sft_fraction', [('sft', 1.0), ('llada_sft', 1.0),
+                                                     ('llada_sft', 0.5)])
+def test_validation_reports_each_adapters_own_loss(chat_files, task_name, sft_fraction):
+  """The eval loss's `loss/adapter_k` is the task's loss of the batch with the other adapter's
+  rows made padding, with its units (trained tokens; examples) as its own count; and
+  `loop.evaluate` weights it across batches by that count, leaving out an adapter that has no
+  validation rows."""
+  from pathways_jax import parallel
+  from pathways_jax.train import loop
+  files, _, _ = chat_files
+  tok = tokenizers.ByteTokenizer()
+  llada = task_name == 'llada_sft'
+  cfg = _cfg(','.join(files), task=task_name,
+             **({'model.causal': False, 'data.chat.pack': False, 'data.chat.eos_padding': True,
+                 'llada_sft.sft_fraction': sft_fraction} if llada else {}))
+  tokenizers.resolve_special_ids(cfg, tok)
+  fields, _ = sft.load_rows(cfg.data, tok, 'train', num_adapters=2)
+  ids = fields['adapter_ids']
+  rows = np.concatenate([np.flatnonzero(ids == 1)[:2], np.flatnonzero(ids == 0)[:2]])
+  batch = {k: jnp.asarray(v[rows]) for k, v in fields.items()}
+  model = Transformer(config_lib.ModelConfig.from_config(cfg.model, vocab_size=264))
+  params = _random_params(model, batch['tokens'], batch['adapter_ids'])
+  task = tasks.make(cfg, model)
+  eval_loss = jax.jit(lambda b: task.eval_loss(params, b, jax.random.key(3)))
+
+  def only(k):
+    pad = np.asarray(batch['adapter_ids']) != k
+    return {n: jnp.where(pad[:, None], 0, v) if v.ndim == 2 else v for n, v in batch.items()}
+
+  loss, metrics = eval_loss(batch)
+  counts = []
+  for k in (0, 1):
+    want, own = eval_loss(only(k))
+    assert_close(metrics[f'loss/adapter_{k}'], want, terms=batch['tokens'].size)
+    assert float(metrics[f'loss/adapter_{k}{tasks.OWN_COUNT}']) == float(own[tasks.COUNT]) > 0
+    counts.append(float(own[tasks.COUNT]))
+  assert sum(counts) == float(metrics[tasks.COUNT])
+  # The batch's loss is the count-weighted mean of the adapters' (sft: over tokens; llada_sft:
+  # over examples; not so for llada_sft's mixture, whose two terms are means over other units).
+  if sft_fraction == 1.0:
+    assert_close(loss, sum(c * metrics[f'loss/adapter_{k}'] for k, c in enumerate(counts))
+                 / sum(counts), terms=batch['tokens'].size)
+  # Across batches: adapter 1 has units in the first batch only, adapter 2 in none.
+  per_batch = [{'loss': 2.0, tasks.COUNT: 3.0, 'loss/adapter_1': 1.0,
+                f'loss/adapter_1{tasks.OWN_COUNT}': 1.0, 'loss/adapter_2': 0.0,
+                f'loss/adapter_2{tasks.OWN_COUNT}': 0.0},
+               {'loss': 4.0, tasks.COUNT: 1.0, 'loss/adapter_1': 0.0,
+                f'loss/adapter_1{tasks.OWN_COUNT}': 0.0, 'loss/adapter_2': 0.0,
+                f'loss/adapter_2{tasks.OWN_COUNT}': 0.0}]
+  mesh = parallel.make_mesh(cfg, jax.devices()[:1])
+  got = loop.evaluate(lambda p, b: per_batch[int(b['i'][0])], None,
+                      [{'i': np.array([i])} for i in range(2)], mesh, (), perplexity=False)
+  assert got == {'val_loss': (2.0 * 3 + 4.0 * 1) / 4, 'val_loss/adapter_1': 1.0}
+
+
 def _random_params(model, tokens_BL, ids_B=None, scale=0.1):
   """Params of `model` drawn by numpy at their init shapes (no init program to compile); the
   adapters' B off zero, as after training, so that A gets a gradient."""
@@ -173,6 +228,13 @@ def test_a_two_adapter_qlora_run_resumes_exactly_and_serves_each_adapter(tmp_pat
       **quant})
   full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
   res = loop.train(make(), full, quiet=True)
+  # Validation reports each adapter's loss beside the one over all rows: each adapter that has
+  # validation rows (the 2% split by hash gives adapter 0 one conversation here, adapter 1 none).
+  val_ids = sft.load_rows(make().data, tokenizers.ByteTokenizer(), 'validation',
+                          num_adapters=2)[0]['adapter_ids']
+  assert sorted(k for k in res if k.startswith('val_loss/')) == [
+      f'val_loss/adapter_{k}' for k in sorted(set(val_ids.tolist()))] == ['val_loss/adapter_0']
+  assert np.isfinite(res['val_loss/adapter_0'])
   if HAS_QWIX:  # the frozen base held quantised: int8 plus a float32 scale per 16 values
     assert res['qlora']['dense_bytes_stored'] / res['qlora']['dense_bytes_float32'] == (
         pytest.approx((1 + 4 / 16) / 4))

@@ -30,11 +30,30 @@ TOKEN_FIELDS = ('tokens', 'segment_ids', 'positions')
 # Per-row batch fields, [B] rather than [B, L]: a multi-LoRA row's adapter (data/sft.py).
 ADAPTER_IDS = 'adapter_ids'
 ROW_FIELDS = (ADAPTER_IDS,)
+# A validation metric that is a mean over its own units rather than the batch's COUNT: the eval
+# step returns metric `k` beside `k + OWN_COUNT`, and the loop weights each batch's `k` by it
+# (multi-LoRA's per-adapter losses: an adapter's share of each batch varies).
+OWN_COUNT = '@count'
 
 
 def adapter_fields(model) -> dict:
   """{'adapter_ids': int32} for a multi-LoRA model (model.lora_num_adapters > 1), else {}."""
   return {ADAPTER_IDS: jnp.int32} if model.cfg.lora_num_adapters > 1 else {}
+
+
+def per_adapter_losses(model, batch: dict, loss_of_rows: Callable) -> dict:
+  """`loss/adapter_k` and its OWN_COUNT for each adapter k of a multi-LoRA model ({} for one
+  adapter): `loss_of_rows(rows_B)` -> (the task's loss over the rows where `rows_B` is True, how
+  many units it is a mean over), so adapter k's value is what a run of it alone would report."""
+  k_adapters = model.cfg.lora_num_adapters
+  if k_adapters <= 1:
+    return {}
+  out = {}
+  for k in range(k_adapters):
+    loss, count = loss_of_rows(batch[ADAPTER_IDS] == k)
+    out[f'loss/adapter_{k}'] = loss
+    out[f'loss/adapter_{k}{OWN_COUNT}'] = jnp.asarray(count, jnp.float32)
+  return out
 
 
 @dataclasses.dataclass

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from pathways_jax.config import ConfigError
 from pathways_jax.objectives import autoregressive, diffusion
 from pathways_jax.tasks.lm_head import outputs as lm_head_outputs
-from pathways_jax.tasks.base import ADAPTER_IDS, COUNT, TOKEN_FIELDS, Task, adapter_fields
+from pathways_jax.tasks.base import (ADAPTER_IDS, COUNT, TOKEN_FIELDS, Task, adapter_fields,
+                                     per_adapter_losses)
 from pathways_jax.tasks.pretrain import mask_id
 from pathways_jax.tasks.registry import register
 
@@ -58,14 +59,29 @@ class SftTask(Task):
 
   def loss(self, params, batch, key, aux=None):
     del key, aux
+    loss, metrics, _ = self._loss(params, batch)
+    return loss, metrics
+
+  def eval_loss(self, params, batch, key, aux=None):
+    del key, aux
+    loss, metrics, loss_of_rows = self._loss(params, batch)
+    return loss, {**metrics, **per_adapter_losses(self.model, batch, loss_of_rows)}
+
+  def _loss(self, params, batch):
     tokens, segments = batch['tokens'], batch['segment_ids']
     logits = lm_head_outputs(self.cfg, self.model, params, tokens,
                              autoregressive.next_token_targets(tokens),
                              positions_BL=batch['positions'], segment_ids_BL=segments,
                              adapter_ids_B=batch.get(ADAPTER_IDS))
-    loss, metrics = autoregressive.loss(logits, tokens, segments, z_loss=self.cfg.train.z_loss,
-                                        target_mask_BL=batch['loss_mask'])
-    return loss, {**metrics, COUNT: metrics['num_tokens']}
+
+    def loss_of_rows(rows_B):
+      mask_BL = batch['loss_mask'] if rows_B is None else batch['loss_mask'] * rows_B[:, None]
+      loss, metrics = autoregressive.loss(logits, tokens, segments, z_loss=self.cfg.train.z_loss,
+                                          target_mask_BL=mask_BL)
+      return loss, metrics['num_tokens'], metrics
+
+    loss, count, metrics = loss_of_rows(None)
+    return loss, {**metrics, COUNT: count}, lambda rows_B: loss_of_rows(rows_B)[:2]
 
 
 @register('llada_sft')
@@ -85,6 +101,17 @@ class LladaSftTask(Task):
 
   def loss(self, params, batch, key, aux=None):
     del aux
+    loss, metrics, _ = self._loss(params, batch, key)
+    return loss, metrics
+
+  def eval_loss(self, params, batch, key, aux=None):
+    del aux
+    loss, metrics, loss_of_rows = self._loss(params, batch, key)
+    return loss, {**metrics, **per_adapter_losses(self.model, batch, loss_of_rows)}
+
+  def _loss(self, params, batch, key):
+    """(loss, metrics, loss_of_rows): the batch's loss, and the same loss over a subset of its
+    rows (-> (loss, units)) from the same masks and logits."""
     tokens, segments, positions = batch['tokens'], batch['segment_ids'], batch['positions']
     f = self.sft_fraction
     b, _ = tokens.shape
@@ -98,23 +125,32 @@ class LladaSftTask(Task):
     noisy, masked = diffusion.unmask_prompt(noisy, masked, tokens, prompt_BL & sft_row_B[:, None])
     logits = lm_head_outputs(self.cfg, self.model, params, noisy, tokens, positions_BL=positions,
                              segment_ids_BL=segments, adapter_ids_B=batch.get(ADAPTER_IDS))
-    sft, m = diffusion.sft_loss(logits, tokens, masked, p_mask, prompt_BL | ~maskable_BL,
-                                valid_BL=maskable_BL & sft_row_B[:, None], segment_ids_BL=segments)
-    metrics = {'ce': m['ce'], 'accuracy': m['accuracy']}
-    if f == 1.0:
-      # A mean over examples (each its answer's token mean): examples with an answer are its units.
-      return sft, {**metrics, COUNT: _examples_with_answer(segments, maskable_BL & ~prompt_BL)}
-    pt, pm = diffusion.loss(logits, tokens, masked, p_mask,
-                            valid_BL=maskable_BL & ~sft_row_B[:, None])
-    has_pt, has_sft = jnp.any(~sft_row_B), jnp.any(sft_row_B)
-    total = jnp.where(has_pt, pt, 0.0) * (1.0 - f) + jnp.where(has_sft, sft, 0.0) * f
-    # Metrics over the masked tokens of both kinds of row, each weighted by its masked count.
-    n_sft, n_pt = m['num_masked'], pm['num_masked']
-    n = jnp.maximum(n_sft + n_pt, 1.0)
-    metrics = {'ce': (m['ce'] * n_sft + pm['ce'] * n_pt) / n,
-               'accuracy': (m['accuracy'] * n_sft + pm['accuracy'] * n_pt) / n,
-               'sft_ce': m['ce'], 'pretrain_ce': pm['ce']}
-    return total, {**metrics, COUNT: jnp.any(maskable_BL, axis=1).astype(jnp.float32).sum()}
+
+    def loss_of_rows(rows_B):
+      rows_BL = jnp.ones_like(maskable_BL) if rows_B is None else rows_B[:, None]
+      valid_BL = maskable_BL & rows_BL
+      sft, m = diffusion.sft_loss(logits, tokens, masked, p_mask, prompt_BL | ~maskable_BL,
+                                  valid_BL=valid_BL & sft_row_B[:, None], segment_ids_BL=segments)
+      metrics = {'ce': m['ce'], 'accuracy': m['accuracy']}
+      if f == 1.0:
+        # A mean over examples (each its answer's token mean): examples with an answer are its
+        # units.
+        return sft, _examples_with_answer(segments, valid_BL & ~prompt_BL), metrics
+      pt, pm = diffusion.loss(logits, tokens, masked, p_mask,
+                              valid_BL=valid_BL & ~sft_row_B[:, None])
+      rows_pt, rows_sft = rows_BL[:, 0] & ~sft_row_B, rows_BL[:, 0] & sft_row_B
+      has_pt, has_sft = jnp.any(rows_pt), jnp.any(rows_sft)
+      total = jnp.where(has_pt, pt, 0.0) * (1.0 - f) + jnp.where(has_sft, sft, 0.0) * f
+      # Metrics over the masked tokens of both kinds of row, each weighted by its masked count.
+      n_sft, n_pt = m['num_masked'], pm['num_masked']
+      n = jnp.maximum(n_sft + n_pt, 1.0)
+      metrics = {'ce': (m['ce'] * n_sft + pm['ce'] * n_pt) / n,
+                 'accuracy': (m['accuracy'] * n_sft + pm['accuracy'] * n_pt) / n,
+                 'sft_ce': m['ce'], 'pretrain_ce': pm['ce']}
+      return total, jnp.any(valid_BL, axis=1).astype(jnp.float32).sum(), metrics
+
+    loss, count, metrics = loss_of_rows(None)
+    return loss, {**metrics, COUNT: count}, lambda rows_B: loss_of_rows(rows_B)[:2]
 
 
 def _examples_with_answer(segments_BL, answer_BL):

@@ -137,17 +137,24 @@ def _global_batch(batch, mesh):
 
 def evaluate(eval_fn, params, batches, mesh, rules, *, perplexity: bool = True,
              aux_args: tuple = ()) -> dict:
-  """Validation metrics: each batch's means weighted by the units it holds (the task's COUNT), so
-  they are the means over the whole validation set, however full its last batch is."""
-  totals, units = {}, 0.0
+  """Validation metrics: each batch's means weighted by the units it holds (the task's COUNT, or a
+  metric's own `tasks.OWN_COUNT`), so they are the means over the whole validation set, however
+  full its last batch is."""
+  totals, units, own = {}, {}, {}
   for batch in batches:
     m = jax.device_get(step_lib.run_with_rules(mesh, rules, eval_fn, params,
                                                _global_batch(batch, mesh), *aux_args))
     count = float(m.pop(tasks.COUNT))
-    units += count
+    own = {k[:-len(tasks.OWN_COUNT)]: float(m.pop(k)) for k in list(m)
+           if k.endswith(tasks.OWN_COUNT)}
     for k, v in m.items():
-      totals[k] = totals.get(k, 0.0) + count * float(v)
-  out = {f'val_{k}': v / max(units, 1e-30) for k, v in totals.items() if k != 'num_tokens'}
+      c = own.get(k, count)
+      totals[k] = totals.get(k, 0.0) + (c * float(v) if c else 0.0)
+      units[k] = units.get(k, 0.0) + c
+  # An own-count metric none of whose units were in the validation set (an adapter without
+  # validation rows) is left out.
+  out = {f'val_{k}': v / max(units[k], 1e-30) for k, v in totals.items()
+         if k != 'num_tokens' and (units[k] > 0 or k not in own)}
   if perplexity and 'val_ce' in out:  # for diffusion, ce is over masked tokens: no perplexity
     out['val_ppl'] = float(np.exp(min(out['val_ce'], 50.0)))
   return out

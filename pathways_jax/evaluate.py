@@ -60,15 +60,8 @@ def evaluate(workdir: str, tasks: list[str], *, include_path: str | None = None,
   """lm_eval.simple_evaluate with the `pathways` model on the run directory `workdir` (a
   multi-LoRA run's adapter `adapter`)."""
   import lm_eval  # pylint: disable=g-import-not-at-top
-  from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from pathways_jax import sample  # pylint: disable=g-import-not-at-top
   from pathways_jax.eval import harness  # pylint: disable=g-import-not-at-top  (registers it)
-  run_model = config_lib.load_run_config(workdir).model
-  k = run_model.get('lora_num_adapters', 1) if run_model.get('lora_rank') else 1
-  if k > 1 and adapter is None:
-    raise ValueError(f'{workdir} trained {k} adapters (model.lora_num_adapters): evaluate one '
-                     f'with --adapter=k, k in [0, {k})')
-  args = dict(workdir=workdir, step=step, batch_size=batch_size, seed=seed)
+  args = dict(workdir=workdir, step=step, batch_size=batch_size, seed=seed, adapter=adapter)
   for kv in filter(None, model_args.split(',')):
     if '=' not in kv:
       raise ValueError(f'--model_args: {kv!r} is not key=value')
@@ -76,9 +69,6 @@ def evaluate(workdir: str, tasks: list[str], *, include_path: str | None = None,
     args[key.strip()] = value.strip()
   task_manager = _task_manager(tasks, include_path)  # unknown tasks fail before the model loads
   lm = harness.PathwaysLM(**args)
-  if adapter is not None:
-    # The harness model reads `model` and `params` when it computes; give it adapter k alone.
-    lm.model, lm.params = sample.select_adapter(lm.model, lm.params, adapter)
   return lm_eval.simple_evaluate(
       model=lm, tasks=tasks, task_manager=task_manager, limit=limit,
       num_fewshot=num_fewshot, gen_kwargs=gen_kwargs, apply_chat_template=apply_chat_template,

@@ -267,6 +267,14 @@ def test_a_two_adapter_qlora_run_resumes_exactly_and_serves_each_adapter(tmp_pat
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(config_lib.ConfigError, match='trained 2 adapters.*--adapter=k'):
     run_dir.export_adapter(part, str(tmp_path / 'x'))
+  # The harness model (`evaluate --adapter=1`, model_args adapter=1) runs the same adapter alone.
+  from pathways_jax.eval import harness
+  lm = harness.PathwaysLM(workdir=part, adapter='1', batch_size=2)
+  assert lm.model.cfg.lora_num_adapters == 1 and lm.get_model_info()['pathways_adapter'] == 1
+  for x, y in zip(jax.tree_util.tree_leaves(lm.params), jax.tree_util.tree_leaves(one)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(ValueError, match=r'trained 2 adapters.*adapter=k.*k in \[0, 2\)'):
+    harness.PathwaysLM(workdir=part)
   with pytest.raises(ValueError, match=r'adapter 2 is not in \[0, 2\)'):
     sample.load_run(part, adapter=2)
 

@@ -144,6 +144,8 @@ class PathwaysLM(TemplateLM):
   """The harness's view of a run directory. model_args (all optional but `workdir`):
 
   workdir, step            the run directory and checkpoint (default: the newest)
+  adapter                  a multi-LoRA run's adapter to evaluate (required there: such a run
+                           trained model.lora_num_adapters = K > 1 of them); it runs alone
   batch_size               rows per forward pass (default 16); every batch is padded to it
   max_length               context window (default and maximum: the model's max_len)
   max_gen_toks             generation length when a task gives none (256)
@@ -170,15 +172,23 @@ class PathwaysLM(TemplateLM):
                max_gen_toks=_DEFAULT_MAX_GEN_TOKS, buckets=None, add_bos_token=None, seed=0,
                mc_num=16, mc_batch_size=None, cfg_scale=0.0, check_greedy=True, steps=None,
                block_length=None, remasking='low_confidence', cache=None, threshold=None,
-               max_batch_size=None, device=None, **kwargs):
+               max_batch_size=None, device=None, adapter=None, **kwargs):
     super().__init__()
     del max_batch_size, device  # one jitted program per shape; JAX places it
     if kwargs:
       raise ValueError(f'pathways model: unknown model_args {sorted(kwargs)}')
     from pathways_jax import sample  # pylint: disable=g-import-not-at-top
     from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
+    from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     self.workdir = workdir
-    self.run_cfg, self.model, self.params, self.tokenizer = sample.load_run(workdir, _opt_int(step))
+    self.adapter = _opt_int(adapter)
+    run_model = config_lib.load_run_config(workdir).model
+    k = run_model.get('lora_num_adapters', 1) if run_model.get('lora_rank') else 1
+    if k > 1 and self.adapter is None:
+      raise ValueError(f'pathways model: {workdir} trained {k} adapters (model.lora_num_adapters):'
+                       f' evaluate one with adapter=k (--adapter=k), k in [0, {k})')
+    self.run_cfg, self.model, self.params, self.tokenizer = sample.load_run(
+        workdir, _opt_int(step), adapter=self.adapter)
     self.step = _opt_int(step) if _opt_int(step) is not None else frozen.checkpoint_steps(
         workdir)[-1]
     self.causal = bool(self.model.cfg.causal)
@@ -236,7 +246,7 @@ class PathwaysLM(TemplateLM):
                 pathways_model='AR' if self.causal else 'LLaDA',
                 model_num_parameters=int(sum(x.size for x in jax.tree.leaves(self.params))),
                 max_length=self._max_length, batch_size=self._batch_size, buckets=self.buckets,
-                add_bos_token=self.add_bos, seed=self.seed)
+                add_bos_token=self.add_bos, seed=self.seed, pathways_adapter=self.adapter)
     if not self.causal:
       info.update(mc_num=self.mc_num, mc_batch_size=self.mc_batch_size, cfg_scale=self.cfg_scale,
                   check_greedy=self.check_greedy, steps=self.steps,

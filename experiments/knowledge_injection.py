@@ -230,15 +230,6 @@ def stage_configs(cfg, files: dict, dirs: dict) -> dict:
 def _train(cfg, run_dir: str) -> dict:
   from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
   return loop.train_stage(cfg, run_dir)
-  t0 = time.perf_counter()
-  res = loop.train(cfg, run_dir, quiet=True)
-  if res.get('status') != 'completed':
-    raise loop.TrainingError(f'{run_dir} stopped ({res.get("status")}); rerun the same command '
-                             'to resume (finished stages are skipped)')
-  res['wall_s'] = time.perf_counter() - t0
-  with open(path, 'w') as f:
-    json.dump(res, f, indent=2, default=str)
-  return res
 
 
 def _evaluate(loaded, parts: dict, batch: int) -> dict:

@@ -11,7 +11,8 @@
 3. The base is fine-tuned on train.jsonl through the project trainer: task 'sft',
    data.corpus='chat' (loss on the assistant turns only), train.init_from=WORKDIR/base, in
    WORKDIR/sft; and, with `instructions.lora_rank` > 0 (8 by default), the same SFT as a LoRA run
-   (the base frozen, adapters on every dense weight) in WORKDIR/lora.
+   (the base frozen, adapters on every dense weight, and the embedding trained beside them:
+   `instructions.lora_also_train`) in WORKDIR/lora.
 4. All are evaluated on the held-out split (`pathways_jax.eval.instructions`: the chat template
    up to the assistant turn, greedy decoding to eos).
 
@@ -83,6 +84,11 @@ def get_config():
   i.lora_lr = 1e-2
   i.lora_steps = 0  # 0: as many as the full fine-tuning (instructions.sft_steps)
   i.lora_weight_decay = 0.1
+  # Params trained beside the adapters, as PEFT's modules_to_save (a train.trainable alternative
+  # matched in full against paths such as 'embed' or '.*scale'); '' trains the adapters alone.
+  # The (tied) embedding by default: on this base, adapters on the dense weights, of any rank,
+  # stop where fine-tuning all the dense weights does, far above full SFT (docs/sft.md).
+  i.lora_also_train = 'embed'
   i.eval_batch = 64
   i.eval_limit = 0  # > 0: evaluate the first N held-out examples only (quick runs)
   return c
@@ -123,6 +129,10 @@ def lora_config_of(cfg, train_path: str, base_dir: str):
   c.model.lora_alpha = cfg.instructions.lora_alpha
   c.train.lr = cfg.instructions.lora_lr
   c.train.weight_decay = cfg.instructions.lora_weight_decay
+  also = cfg.instructions.get('lora_also_train', '')
+  if also:
+    from pathways_jax.adapters.lora import LORA_PARAMS  # pylint: disable=g-import-not-at-top
+    c.train.trainable = f'{LORA_PARAMS}|{also}'
   steps = cfg.instructions.get('lora_steps', 0) or cfg.instructions.sft_steps
   c.train.steps = c.train.eval_every = c.train.checkpoint_every = steps
   return c

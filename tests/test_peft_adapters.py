@@ -273,3 +273,12 @@ def test_the_cli_imports_an_adapter_as_a_lora_run_and_exports_it_again(tmp_path,
   assert hf_main(['export-adapter', f'--workdir={plain}', f'--out={tmp_path / "x"}']) == 1
   err = capsys.readouterr().err
   assert 'is not a LoRA run' in err and err.count('\n') == 1 and not (tmp_path / 'x').exists()
+  # A LoRA run that also trained the embedding (train.trainable): a PEFT adapter would drop it.
+  cfg_path = run / 'config.json'
+  run_cfg = json.loads(cfg_path.read_text())
+  run_cfg['train']['trainable'] = lora.LORA_PARAMS + '|embed|.*scale'
+  cfg_path.write_text(json.dumps(run_cfg))
+  assert hf_main(['export-adapter', f'--workdir={run}', f'--out={tmp_path / "y"}']) == 1
+  err = capsys.readouterr().err
+  assert "trained blocks_0/attn_norm/scale, blocks_0/mlp_norm/scale" in err and 'embed' in err
+  assert '`export` instead' in err and err.count('\n') == 1 and not (tmp_path / 'y').exists()

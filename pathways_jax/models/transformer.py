@@ -24,7 +24,7 @@ is a JVP (not a VJP) so that forward mode, and Hessian-vector products, work thr
 
 Parameter layout (logical axis names in brackets), the contract that growth, sharding rules and
 checkpoints rely on:
-  embed/embedding [vocab, embed]            unembed [embed, vocab] (untied only)
+  embed [vocab, embed]                      unembed [embed, vocab] (untied only)
   blocks_i/ or blocks/ (scan, leading [layers]):
     attn_norm/scale [embed]  attn/wq [embed, heads, head_dim]  attn/wk, attn/wv [embed, kv, head_dim]
     attn/wo [heads, head_dim, embed]  mlp_norm/scale [embed]

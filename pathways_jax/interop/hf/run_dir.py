@@ -145,6 +145,7 @@ def export_adapter(workdir: str, out_dir: str, *, step: int | None = None,
                                  'adapter would leave its trained scalar head behind (export of '
                                  'the head is not built)')
   fm = _load_run(workdir, step)
+  _check_only_adapters_trained(workdir, run_cfg, fm.params)
   _, adapters = lora.split(fm.params)
   model_cfg = fm.model_cfg
   if adapter_index is not None:
@@ -155,6 +156,23 @@ def export_adapter(workdir: str, out_dir: str, *, step: int | None = None,
   return adapter.save_adapter(adapters, lora.LoraConfig.of(model_cfg), model_cfg, out_dir,
                               base_model_name_or_path=base_model_name_or_path,
                               model_type=model_type)
+
+
+def _check_only_adapters_trained(workdir: str, run_cfg, params) -> None:
+  """A LoRA run whose train.trainable also trained other params (the embedding, norm scales:
+  docs/sft.md) would lose them in a PEFT adapter directory: refused, naming them."""
+  import re  # pylint: disable=g-import-not-at-top
+  from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import trainable  # pylint: disable=g-import-not-at-top
+  pattern = run_cfg.train.get('trainable', '') or lora.LORA_PARAMS
+  regex, adapters = re.compile(pattern), re.compile(lora.LORA_PARAMS)
+  others = [p for p in trainable.param_paths(params)
+            if regex.fullmatch(p) and not adapters.fullmatch(p)]
+  if others:
+    raise config_lib.ConfigError(
+        f'{workdir} trained {", ".join(others[:6])}{" ..." if len(others) > 6 else ""} beside '
+        f'its adapters (train.trainable={pattern!r}); a PEFT adapter directory here carries the '
+        'adapters only: export the merged model with `export` instead')
 
 
 def _check_adapter_index(workdir: str, run_cfg, adapter_index: int | None) -> None:

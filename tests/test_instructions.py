@@ -200,8 +200,12 @@ def test_the_experiment_end_to_end_on_tiny_settings(tmp_path):
   lora_cfg = json.loads((tmp_path / 'run' / 'lora' / 'config.json').read_text())
   assert lora_cfg['model']['lora_rank'] == 8 and lora_cfg['train']['init_from'] == sft_cfg[
       'train']['init_from']
-  # Only the adapters train: the LoRA model is the base's parameters plus the trained ones.
-  assert saved['lora_params'] == saved['sft_params'] + saved['lora_trainable_params']
+  # The adapters train, and beside them the embedding (instructions.lora_also_train): the LoRA
+  # model is the base's parameters plus the adapters, and the embedding is trained, not added.
+  assert lora_cfg['train']['trainable'] == r'.*_lora_[ab]|embed'
+  embed = 264 * lora_cfg['model']['d_model']  # the byte tokenizer's vocabulary x d_model
+  adapters = saved['lora_params'] - saved['sft_params']
+  assert adapters > 0 and saved['lora_trainable_params'] == adapters + embed
   assert saved['sft_trainable_params'] == saved['sft_params']
   for name in ('base', 'sft', 'lora'):
     r = saved[name]

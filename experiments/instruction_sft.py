@@ -11,8 +11,8 @@
 3. The base is fine-tuned on train.jsonl through the project trainer: task 'sft',
    data.corpus='chat' (loss on the assistant turns only), train.init_from=WORKDIR/base, in
    WORKDIR/sft; and, with `instructions.lora_rank` > 0 (8 by default), the same SFT as a LoRA run
-   (the base frozen, adapters on every dense weight, and the embedding trained beside them:
-   `instructions.lora_also_train`) in WORKDIR/lora.
+   (the base frozen, adapters on every dense weight, and the embedding and norm scales trained
+   beside them: `instructions.lora_also_train`) in WORKDIR/lora.
 4. All are evaluated on the held-out split (`pathways_jax.eval.instructions`: the chat template
    up to the assistant turn, greedy decoding to eos).
 
@@ -86,9 +86,10 @@ def get_config():
   i.lora_weight_decay = 0.1
   # Params trained beside the adapters, as PEFT's modules_to_save (a train.trainable alternative
   # matched in full against paths such as 'embed' or '.*scale'); '' trains the adapters alone.
-  # The (tied) embedding by default: on this base, adapters on the dense weights, of any rank,
-  # stop where fine-tuning all the dense weights does, far above full SFT (docs/sft.md).
-  i.lora_also_train = 'embed'
+  # The (tied) embedding and the norm scales by default: on this base, adapters on the dense
+  # weights, of any rank, stop where fine-tuning all the dense weights does, far above full SFT
+  # (docs/sft.md).
+  i.lora_also_train = 'embed|.*scale'
   i.eval_batch = 64
   i.eval_limit = 0  # > 0: evaluate the first N held-out examples only (quick runs)
   return c

@@ -200,12 +200,14 @@ def test_the_experiment_end_to_end_on_tiny_settings(tmp_path):
   lora_cfg = json.loads((tmp_path / 'run' / 'lora' / 'config.json').read_text())
   assert lora_cfg['model']['lora_rank'] == 8 and lora_cfg['train']['init_from'] == sft_cfg[
       'train']['init_from']
-  # The adapters train, and beside them the embedding (instructions.lora_also_train): the LoRA
-  # model is the base's parameters plus the adapters, and the embedding is trained, not added.
-  assert lora_cfg['train']['trainable'] == r'.*_lora_[ab]|embed'
-  embed = 264 * lora_cfg['model']['d_model']  # the byte tokenizer's vocabulary x d_model
+  # The adapters train, and beside them the embedding and the norm scales
+  # (instructions.lora_also_train): the LoRA model is the base's parameters plus the adapters.
+  assert lora_cfg['train']['trainable'] == r'.*_lora_[ab]|embed|.*scale'
+  m = lora_cfg['model']
+  embed = 264 * m['d_model']  # the byte tokenizer's vocabulary x d_model
+  norms = (2 * m['num_layers'] + 1) * m['d_model']  # two per block and the final one
   adapters = saved['lora_params'] - saved['sft_params']
-  assert adapters > 0 and saved['lora_trainable_params'] == adapters + embed
+  assert adapters > 0 and saved['lora_trainable_params'] == adapters + embed + norms
   assert saved['sft_trainable_params'] == saved['sft_params']
   for name in ('base', 'sft', 'lora'):
     r = saved[name]

@@ -38,6 +38,11 @@ def test_a_pattern_that_matches_nothing_lists_the_paths():
     trainable.split(_params(), 'lora/.*')
   with pytest.raises(config_lib.ConfigError, match='is not a regular expression'):
     trainable.split(_params(), 'attn/(')
+  # One mistyped alternative of several is named, not silently left frozen.
+  with pytest.raises(config_lib.ConfigError, match=r"its alternative 'embed/embedding' matches no "
+                                                   r"parameter; the paths are: .*\bembed\b"):
+    trainable.split(_params(), r'final_norm/.*|embed/embedding')
+  assert trainable.alternatives(r'a|(b|c)|[|]|x\|y|[]|]') == ['a', '(b|c)', '[|]', r'x\|y', '[]|]']
 
 
 def _compiled(cfg, model, pattern):

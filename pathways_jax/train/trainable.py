@@ -42,11 +42,44 @@ def split(params, pattern: str) -> tuple[dict, dict]:
   except re.error as e:
     raise ConfigError(f'config.train.trainable={pattern!r} is not a regular expression: {e}') from e
   trainable, frozen = partition(params, lambda path: regex.fullmatch(path) is not None)
+  paths = param_paths(params)
+  listing = ', '.join(paths[:40]) + (' ...' if len(paths) > 40 else '')
   if not trainable:
-    paths = param_paths(params)
     raise ConfigError(f'config.train.trainable={pattern!r} matches no parameter; the paths are: '
-                      + ', '.join(paths[:40]) + (' ...' if len(paths) > 40 else ''))
+                      + listing)
+  # A mistyped alternative ('.*_lora_[ab]|embed/embedding') would otherwise freeze silently
+  # what it meant to train.
+  for alt in alternatives(pattern):
+    if not any(re.fullmatch(alt, path) for path in paths):
+      raise ConfigError(f'config.train.trainable={pattern!r}: its alternative {alt!r} matches no '
+                        f'parameter; the paths are: {listing}')
   return trainable, frozen
+
+
+def alternatives(pattern: str) -> list[str]:
+  """The top-level `|` alternatives of a regular expression (not those inside groups or
+  character classes), e.g. 'a|(b|c)|[|]' -> ['a', '(b|c)', '[|]']."""
+  out, depth, in_class, start, start_class, i = [], 0, False, 0, -1, 0
+  while i < len(pattern):
+    ch = pattern[i]
+    if ch == '\\':
+      i += 2
+      continue
+    if in_class:
+      in_class = ch != ']' or i == start_class + 1 or (i == start_class + 2 and
+                                                     pattern[start_class + 1] == '^')
+    elif ch == '[':
+      in_class, start_class = True, i
+    elif ch == '(':
+      depth += 1
+    elif ch == ')':
+      depth -= 1
+    elif ch == '|' and depth == 0:
+      out.append(pattern[start:i])
+      start = i + 1
+    i += 1
+  out.append(pattern[start:])
+  return out
 
 
 def partition(params, keep) -> tuple[dict, dict]:

@@ -185,6 +185,53 @@ def test_shuffled_labels_teach_no_preference(pretrained):
   assert res['val_loss'] == pytest.approx(math.log(2), abs=0.03)
 
 
+def test_per_pair_margins_reach_the_loss(pretrained, tmp_path):
+  """A line's "margin" is on every token of its pair's two segments (0 for a line without one),
+  the task reads it per pair slot, and the loss is -log sigmoid(r_w - r_l - margin) of each pair's
+  rewards, computed here in numpy; a training run on such a file works through the pipeline."""
+  from pathways_jax import tasks  # pylint: disable=g-import-not-at-top
+  from pathways_jax.data.corpora import DataError  # pylint: disable=g-import-not-at-top
+  from pathways_jax.tasks.reward_model import pair_margins  # pylint: disable=g-import-not-at-top
+  margin_of = {'2+3=': 0.5, '1+1=': 2.0, '6+2=': None}  # the last line gives none
+  path = tmp_path / 'margins.jsonl'
+  path.write_text(''.join(json.dumps({'prompt': p, 'chosen': c, 'rejected': r,
+                                      **({} if margin_of[p] is None else {'margin': margin_of[p]})})
+                          + '\n' for p, c, r in PAIRS))
+  cfg = _rm_cfg(pretrained, **{'data.path': str(path), 'data.validation_path': str(path)})
+  fields, stats = pref_data.load_rows(cfg.data, BYTES, 'train')
+  assert fields['margin'].dtype == np.float32 and stats['with_margin'] == 2
+  for row in range(len(fields['tokens'])):
+    for seg in set(fields['segment_ids'][row].tolist()) - {0}:
+      at = fields['segment_ids'][row] == seg
+      prompt = next(p for p in margin_of if p in BYTES.decode(fields['tokens'][row][at].tolist()))
+      assert (fields['margin'][row][at] == (margin_of[prompt] or 0.0)).all()
+  assert (fields['margin'][fields['segment_ids'] == 0] == 0).all()
+  batch = {k: jnp.asarray(v) for k, v in fields.items()}
+  model = _model()
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(2), jnp.zeros((1, 8), jnp.int32))['params'])
+  task = tasks.make(cfg, model)
+  r = task.rewards(params, batch)
+  valid = np.asarray(r['valid'])
+  m = np.asarray(pair_margins(batch))[valid]
+  assert sorted(m.tolist()) == [0.0, 0.5, 2.0]
+  diff = np.asarray(r['chosen'])[valid] - np.asarray(r['rejected'])[valid]
+  want = np.mean(np.logaddexp(0.0, -(diff.astype(np.float64) - m)))  # -log sigmoid(d - m)
+  loss, _ = task.loss(params, batch, jax.random.key(0))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  plain, _ = task.loss(params, {k: v for k, v in batch.items() if k != 'margin'},
+                       jax.random.key(0))
+  assert float(loss) > float(plain)  # positive margins ask more of every pair
+  # Through the trainer (the float row field in the pipeline's batches).
+  res, _ = _train(pretrained, 'rm_margin', **{'data.path': str(path),
+                                              'data.validation_path': str(path),
+                                              'train.steps': 2, 'train.eval_every': 2})
+  assert np.isfinite(res['val_loss'])
+  for bad in ('"big"', 'NaN', 'true'):
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c", "margin": %s}\n' % bad)
+    with pytest.raises(DataError, match=r'margins.jsonl:1: "margin" must be a finite number'):
+      pref_data.load_rows(cfg.data, BYTES, 'train')
+
+
 def test_a_lora_reward_model_on_a_bidirectional_backbone_trains_adapters_and_head(pretrained):
   """LoRA, a bidirectional (LLaDA-style) backbone adapted from the causal base, and a fresh head,
   in one run (CI time): it learns the preference, and what it trains is the adapters and the

@@ -23,6 +23,12 @@ scored independently, as two sequences would be). Several pairs are packed into 
 `segment_ids`, `positions`, `loss_mask`, `prompt` (1 - loss_mask inside a segment: what LLaDA's
 objectives never mask).
 
+A line may carry `"margin": m` (a finite number; TRL's reward-trainer margin column): how far the
+chosen reward must exceed the rejected one (`objectives.reward.bradley_terry_loss`, e.g. from a
+rated preference strength). When any line of a split has one, its rows carry `margin`, float32
+[R, L]: the pair's margin on every token of both its segments (0 where a line gives none, and on
+padding); the `reward_model` task reads it, other tasks ignore it.
+
 Bad input, counted and reported (`stats`), never silent:
   * identical: chosen and rejected render to the same tokens (nothing to prefer): dropped;
   * truncated: a pair longer than a row has each side cut to half a row (the start kept, as
@@ -84,6 +90,22 @@ def from_record(record: dict, where: str = 'record') -> tuple[list[dict], list[d
   return prompt, chosen, rejected
 
 
+def margin_of(record: dict, where: str = 'record') -> float | None:
+  """A line's optional "margin": a finite number, or None when it has none."""
+  if 'margin' not in record:
+    return None
+  m = record['margin']
+  if isinstance(m, bool) or not isinstance(m, (int, float)) or not np.isfinite(m):
+    raise DataError(f'{where}: "margin" must be a finite number, got {m!r}')
+  return float(m)
+
+
+def read_margins(path: str) -> dict[str, float]:
+  """{the line: its margin} of the lines that give one (errors name the file and line)."""
+  return {line: m for where, line, record in jsonl_records(path)
+          if (m := margin_of(record, where)) is not None}
+
+
 def read_jsonl(path: str) -> list[tuple[str, tuple[list[dict], list[dict], list[dict]]]]:
   """[(the line, (prompt, chosen, rejected))]; errors name the file and line."""
   out = [(line, from_record(record, where)) for where, line, record in jsonl_records(path)]
@@ -113,8 +135,10 @@ def render_pair(tokenizer, prompt: Sequence[dict], chosen: Sequence[dict],
 
 
 def build_rows(pairs: Sequence[tuple[tuple[np.ndarray, np.ndarray], ...]], seq_len: int, *,
-               pad_id: int) -> tuple[dict[str, np.ndarray], dict]:
-  """(fields {name: int32 [R, L]}, stats) of rows holding `pairs` (see the module docstring).
+               pad_id: int, margins: Sequence[float] | None = None
+               ) -> tuple[dict[str, np.ndarray], dict]:
+  """(fields {name: int32 [R, L]}, stats) of rows holding `pairs` (see the module docstring);
+  with `margins` (one per pair), also `margin`, float32 [R, L].
 
   stats: pairs (given), kept, identical, truncated, dropped, rows, fill (share of row slots
   holding tokens), trained_tokens.
@@ -122,8 +146,10 @@ def build_rows(pairs: Sequence[tuple[tuple[np.ndarray, np.ndarray], ...]], seq_l
   if seq_len < 4:
     raise DataError(f'config.data.seq_len={seq_len} cannot hold a pair')
   half = seq_len // 2
-  kept, identical, truncated, dropped = [], 0, 0, 0
-  for (c_ids, c_mask), (r_ids, r_mask) in pairs:
+  kept, kept_margins, identical, truncated, dropped = [], [], 0, 0, 0
+  if margins is not None and len(margins) != len(pairs):
+    raise ValueError(f'{len(margins)} margins for {len(pairs)} pairs')
+  for i, ((c_ids, c_mask), (r_ids, r_mask)) in enumerate(pairs):
     if np.array_equal(c_ids, r_ids):
       identical += 1
       continue
@@ -134,6 +160,7 @@ def build_rows(pairs: Sequence[tuple[tuple[np.ndarray, np.ndarray], ...]], seq_l
         continue
       truncated += 1
     kept.append(((c_ids, c_mask), (r_ids, r_mask)))
+    kept_margins.append(0.0 if margins is None else margins[i])
   stats = {'pairs': len(pairs), 'kept': len(kept), 'identical': identical,
            'truncated': truncated, 'dropped': dropped}
   if not kept:
@@ -146,11 +173,16 @@ def build_rows(pairs: Sequence[tuple[tuple[np.ndarray, np.ndarray], ...]], seq_l
   n = len(row_ptr) - 1
   fields = {'tokens': np.full((n, seq_len), pad_id, np.int32),
             **{k: np.zeros((n, seq_len), np.int32) for k in FIELDS if k != 'tokens'}}
+  if margins is not None:
+    fields['margin'] = np.zeros((n, seq_len), np.float32)
   for r in range(n):
     pos, seg = 0, 0
     for j in range(row_ptr[r], row_ptr[r + 1]):
-      for ids, mask in kept[pair_of_start[int(piece_start[j])]]:
+      pair = pair_of_start[int(piece_start[j])]
+      for ids, mask in kept[pair]:
         seg, k = seg + 1, len(ids)
+        if margins is not None:
+          fields['margin'][r, pos:pos + k] = kept_margins[pair]
         fields['tokens'][r, pos:pos + k] = ids
         fields['segment_ids'][r, pos:pos + k] = seg
         fields['positions'][r, pos:pos + k] = np.arange(k)
@@ -174,7 +206,11 @@ def load_rows(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarray], d
   if not chosen:
     raise EmptySplitError(f'the {split} split of {path} is empty')
   pairs = [render_pair(tokenizer, *p) for _, p in chosen]
-  fields, stats = build_rows(pairs, data_cfg.seq_len, pad_id=tokenizer.pad_id)
+  given = read_margins(path)
+  margins = [given.get(line, 0.0) for line, _ in chosen] if given else None
+  fields, stats = build_rows(pairs, data_cfg.seq_len, pad_id=tokenizer.pad_id, margins=margins)
+  if margins is not None:
+    stats['with_margin'] = sum(line in given for line, _ in chosen)
   logging.info('preference data %s (%s): %s', path, split, stats)
   if stats['identical'] or stats['truncated'] or stats['dropped']:
     logging.warning('%s (%s): of %d pairs, %d had identical sides (dropped), %d were cut to half '

@@ -40,7 +40,8 @@ def save_rows(path: str, **splits: dict[str, np.ndarray]) -> None:
 
 
 class Rows:
-  """Random-access rows of one split: `rows[r]` -> dict of [L] arrays (int32, bools as int32).
+  """Random-access rows of one split: `rows[r]` -> dict of [L] arrays (int32, bools as int32;
+  float fields as float32).
 
   Rows past the end are padding (segment_ids 0), as `pipeline.PackedRows` serves them.
   """
@@ -67,7 +68,10 @@ class Rows:
     fields.setdefault('segment_ids', np.ones((n, seq_len), np.int32))
     fields.setdefault('positions', np.broadcast_to(np.arange(seq_len, dtype=np.int32),
                                                    (n, seq_len)))
-    self.fields = {k: np.asarray(v).astype(np.int32) for k, v in fields.items()}
+    # Float fields (a preference pair's margin) stay float32; the rest are ids and masks.
+    self.fields = {k: np.asarray(v).astype(
+        np.float32 if np.issubdtype(np.asarray(v).dtype, np.floating) else np.int32)
+                   for k, v in fields.items()}
     self.tokens = self.fields['tokens']
     self.seq_len = seq_len
     self.row_fields: dict[str, np.ndarray] = {}
@@ -91,7 +95,7 @@ class Rows:
 
   def __getitem__(self, r: int) -> dict[str, np.ndarray]:
     if r < 0 or r >= len(self):
-      out = {k: np.zeros(v.shape[1:], np.int32) for k, v in self.fields.items()}
+      out = {k: np.zeros(v.shape[1:], v.dtype) for k, v in self.fields.items()}
       out.update({k: np.zeros([self.seq_len], v.dtype) for k, v in self.row_fields.items()})
       return out
     out = {k: v[r].copy() for k, v in self.fields.items()}

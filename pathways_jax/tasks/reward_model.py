@@ -13,7 +13,8 @@ a bidirectional (LLaDA, `model.causal=False`) backbone is read at the same posit
 token of the sequence is visible. The loss is `objectives.reward.bradley_terry_loss` over the
 batch's pairs (`valid_B`: the pair slots that hold a pair); a batch's units (`COUNT`) are its
 pairs, so accumulation and validation average over pairs however they fall into rows.
-Validation reports val_accuracy (share of pairs with r_w > r_l) and val_margin.
+Validation reports val_accuracy (share of pairs with r_w > r_l) and val_margin. Lines with a
+`"margin"` (data/preference.py) make it `-log σ(r_w - r_l - margin)` for their pairs.
 
 A LoRA reward model (model.lora_rank > 0) trains its adapters and the head (the trainer's default
 `train.trainable`). `pathways_jax.eval.reward.score` scores conversations with a trained one.
@@ -43,6 +44,16 @@ def pair_rewards(scalar_BL: jax.Array, segment_ids_BL: jax.Array) -> dict[str, j
   last token of its segment."""
   out = preference.packed_pair_logps(scalar_BL, last_token_mask(segment_ids_BL), segment_ids_BL)
   return {'chosen': out['chosen'], 'rejected': out['rejected'], 'valid': out['valid']}
+
+
+def pair_margins(batch: dict) -> jax.Array | None:
+  """float32 [P]: each pair slot's margin from the rows' `margin` field (data/preference.py:
+  a line's "margin", on every token of its pair), None when the rows carry none."""
+  if 'margin' not in batch:
+    return None
+  seg = batch['segment_ids']
+  return preference.packed_pair_logps(batch['margin'].astype(jnp.float32), last_token_mask(seg),
+                                      seg)['chosen']
 
 
 @register('reward_model')
@@ -80,6 +91,7 @@ class RewardModelTask(Task):
     del key, aux
     r = self.rewards(params, batch)
     loss, metrics = reward.bradley_terry_loss(r['chosen'], r['rejected'],
+                                              margin_B=pair_margins(batch),
                                               center_coef=self.center_coef, valid_B=r['valid'])
     return loss, {**metrics, COUNT: r['valid'].astype(jnp.float32).sum()}
 
@@ -90,4 +102,4 @@ class RewardModelTask(Task):
     return loss, {k: v for k, v in metrics.items() if k not in ('min_reward', 'max_reward')}
 
 
-__all__ = ('RewardModelTask', 'last_token_mask', 'pair_rewards')
+__all__ = ('RewardModelTask', 'last_token_mask', 'pair_margins', 'pair_rewards')

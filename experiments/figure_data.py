@@ -10,8 +10,8 @@ import json
 import os
 import subprocess
 
-EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'knowledge_injection', 'grpo_instructions',
-               'grpo_arithmetic', 'paprika')
+EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'instruction_sft', 'knowledge_injection',
+               'grpo_instructions', 'grpo_arithmetic', 'paprika')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, 'docs', 'results', 'data')
 
@@ -146,6 +146,35 @@ def extract_reversal(run_dir: str, commit: str | None = None) -> dict:
     models[model] = m
   out = _meta('reversal', res, run_dir, commit, res.get('wall_seconds'))
   out.update(num_test=res.get('num_test'), models=models)
+  return out
+
+
+def extract_instruction_sft(run_dirs: str, commit: str | None = None) -> dict:
+  """Comma-separated WORKDIRs of experiments/instruction_sft.py: one per seed, and more per seed
+  for other LoRA settings on the same base and SFT (each run's `lora` arm is keyed by its
+  instructions.lora_also_train, '' = the adapters alone). Held-out format compliance and accuracy
+  of base, SFT and every LoRA variant, per seed."""
+  seeds, first = {}, None
+  for run_dir in [d for d in run_dirs.split(',') if d]:
+    res = _load_results(run_dir)
+    first = first or (res, run_dir)
+    arms = seeds.setdefault(str(res['seed']), {})
+    score = lambda r: {'format': _r(r['format_compliance']), 'accuracy': _r(r['accuracy'])}
+    for arm in ('base', 'sft'):
+      if arm in arms and arms[arm] != score(res[arm]):
+        raise MissingData(f'{run_dir}: its {arm} differs from another run of seed {res["seed"]}'
+                          ' (not the same base and SFT)')
+      arms[arm] = score(res[arm])
+    if 'lora' in res:
+      also = res['config']['instructions'].get('lora_also_train', '')
+      arms[f'lora[{also}]'] = {**score(res['lora']),
+                               'trainable': res.get('lora_trainable_params')}
+  if first is None:
+    raise MissingData('--instruction_sft: no run directory given')
+  res, _ = first
+  out = _meta('instruction_sft', res, run_dirs, commit, None)
+  out.update(n=res['sft']['n'], seed=sorted(seeds), seeds=seeds,
+             sft_trainable=res.get('sft_trainable_params'))
   return out
 
 
@@ -285,6 +314,7 @@ def extract_paprika(run_dirs: str, commit: str | None = None) -> dict:
 
 
 EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack, 'reversal': extract_reversal,
+           'instruction_sft': extract_instruction_sft,
            'knowledge_injection': extract_knowledge_injection,
            'grpo_instructions': extract_grpo_instructions,
            'grpo_arithmetic': extract_grpo_arithmetic, 'paprika': extract_paprika}

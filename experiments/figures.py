@@ -13,6 +13,8 @@ and reads the data files elsewhere (e.g. to look at a run without touching the c
   rho1.png      clean validation loss vs training tokens per arm (LLaDA arms in a second panel)
   gstack.png    validation loss vs training FLOPs per arm, the growth marked (LLaDA: second panel)
   reversal.png  forward / reverse / held-out exact match per model, and the forward checks
+  instruction_sft.png  held-out format compliance and accuracy of base, full SFT and each LoRA
+                variant, seeds as dots (run directories, one per seed and LoRA setting)
   knowledge_injection.png  new- and old-fact accuracy and answer NLL per arm, seeds as dots
                 (its run directories, one per seed, comma-separated)
   paprika.png   success and consistent-move rates per game for base / SFT / SFT + RPO, and
@@ -165,6 +167,37 @@ def draw_reversal(data: dict, path: str) -> str:
   a2.legend(fontsize=7)
   fig.tight_layout(rect=(0, 0.03, 1, 1))
   _footer(fig, data)
+  return _save(fig, path)
+
+
+def _lora_label(arm: str, trainable) -> str:
+  also = arm[len('lora['):-1]
+  what = {'': 'adapters only', 'embed': '+ embedding', 'embed|.*scale': '+ embedding + norms'}
+  return f'LoRA r=8\n{what.get(also, "+ " + also)}\n({trainable:,} trained)'
+
+
+def draw_instruction_sft(data: dict, path: str) -> str:
+  plt = _plt()
+  seeds = list(data['seeds'].values())
+  loras = sorted({a for s in seeds for a in s if a.startswith('lora[')},
+                 key=lambda a: -sum(s[a]['accuracy'] for s in seeds if a in s))
+  arms = ['base', 'sft'] + loras
+  labels = {'base': 'base\n(no SFT)', 'sft': f'full SFT\n({data["sft_trainable"]:,} trained)'}
+  labels.update({a: _lora_label(a, next(s[a]['trainable'] for s in seeds if a in s))
+                 for a in loras})
+  fig, ax = plt.subplots(figsize=(8, 3.6))
+  for i, m in enumerate(('format', 'accuracy')):
+    xs = [j + (i - 0.5) * 0.38 for j in range(len(arms))]
+    _seed_bars(ax, xs, [[s[a][m] for s in seeds if a in s] for a in arms], 0.38, f'C{i}',
+               'format compliance' if m == 'format' else 'accuracy')
+  ax.set_xticks(range(len(arms)), [labels[a] for a in arms], fontsize=7)
+  ax.set_ylim(0, 1.05)
+  ax.set_ylabel(f'held-out questions ({data["n"]})', fontsize=8)
+  ax.set_title('SFT and LoRA on the instruction set (0.92M AR base, 800 steps; seeds as dots)',
+               fontsize=8)
+  ax.legend(fontsize=7)
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
   return _save(fig, path)
 
 
@@ -323,6 +356,7 @@ def draw_paprika(data: dict, path: str) -> str:
 
 
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'reversal': draw_reversal,
+        'instruction_sft': draw_instruction_sft,
         'knowledge_injection': draw_knowledge_injection,
         'grpo_instructions': draw_grpo_instructions,
         'grpo_arithmetic': draw_grpo_arithmetic, 'paprika': draw_paprika}

@@ -82,3 +82,30 @@ def test_a_run_dir_without_results_is_refused(tmp_path, capsys):
   (tmp_path / 'results.json').write_text(json.dumps({'status': 'stopped'}))
   with pytest.raises(figures.MissingData, match='not finished'):
     figures.extract_reversal(str(tmp_path))
+
+
+def test_instruction_sft_from_run_dirs(tmp_path):
+  """Runs of one seed with different LoRA settings merge into one seed (each LoRA arm keyed by its
+  instructions.lora_also_train); runs whose base or SFT differ for a seed are refused."""
+  figures = _figures()
+
+  def run(name, seed, also, sft_acc=0.5):
+    score = lambda acc: {'format_compliance': 0.9, 'accuracy': acc, 'n': 10}
+    res = {'status': 'completed', 'seed': seed, 'date': '2026-01-01', 'device': 'cpu x1',
+           'base': score(0.0), 'sft': score(sft_acc), 'lora': score(0.25 if also else 0.125),
+           'lora_trainable_params': 200 if also else 100, 'sft_trainable_params': 1000,
+           'config': {'seed': seed, 'instructions': {'lora_also_train': also}}}
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'results.json').write_text(json.dumps(res))
+    return str(tmp_path / name)
+
+  dirs = [run('a0', 0, 'embed'), run('p0', 0, ''), run('a1', 1, 'embed')]
+  assert figures.main(['--instruction_sft', ','.join(dirs), '--data', str(tmp_path / 'data'),
+                       '--out', str(tmp_path / 'out'), '--only', 'instruction_sft']) == 0
+  data = figures.load_data('instruction_sft', str(tmp_path / 'data'))
+  assert sorted(data['seeds']['0']) == ['base', 'lora[]', 'lora[embed]', 'sft']
+  assert data['seeds']['0']['lora[embed]'] == {'format': 0.9, 'accuracy': 0.25, 'trainable': 200}
+  assert sorted(data['seeds']['1']) == ['base', 'lora[embed]', 'sft']
+  _assert_png(tmp_path / 'out' / 'instruction_sft.png')
+  with pytest.raises(figures.MissingData, match='its sft differs from another run of seed 0'):
+    figures.extract_instruction_sft(','.join([dirs[0], run('x0', 0, '', sft_acc=0.4)]))

@@ -10,8 +10,8 @@ import json
 import os
 import subprocess
 
-EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'instruction_sft', 'knowledge_injection',
-               'grpo_instructions', 'grpo_arithmetic', 'paprika')
+EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'instruction_sft', 'dpo_instructions',
+               'knowledge_injection', 'grpo_instructions', 'grpo_arithmetic', 'paprika')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, 'docs', 'results', 'data')
 
@@ -178,6 +178,55 @@ def extract_instruction_sft(run_dirs: str, commit: str | None = None) -> dict:
   return out
 
 
+DPO_ARMS = ('dpo', 'rpo')
+
+
+def _dpo_arm(res: dict) -> dict:
+  """One arm of one seed from an experiments/dpo_instructions.py <arm>_results.json."""
+  acc = lambda name: _r(res[name]['accuracy'])
+  return {'sft_heldout': acc('sft'), 'heldout': acc('dpo'),
+          'sft_train_questions': acc('sft_train_questions'),
+          'train_questions': acc('dpo_train_questions'),
+          'heldout_format': _r(res['dpo']['format_compliance']),
+          'logps_chosen': [[s, _r(v)] for s, v in res['dpo_validation']['val_logps/chosen']]}
+
+
+def extract_dpo_instructions(sources: str, commit: str | None = None) -> dict:
+  """Comma-separated WORKDIRs of experiments/dpo_instructions.py (one per seed, holding
+  dpo_results.json and rpo_results.json: arms `dpo` and `rpo`, the latter with dpo.rpo_alpha=1),
+  or the per-seed summary docs/results/dpo_instructions.json (the same numbers, kept beside the
+  results page)."""
+  seeds, first = {}, None
+  for source in [d for d in sources.split(',') if d]:
+    if source.endswith('.json'):
+      with open(source) as f:
+        summary = json.load(f)
+      for arm, per_seed in summary['arms'].items():
+        for seed, v in per_seed.items():
+          first = first or ({'date': v['date'], 'device': v['device'], 'config': {}}, source)
+          seeds.setdefault(seed, {})[arm] = {
+              'sft_heldout': _r(v['sft_heldout_accuracy']), 'heldout': _r(v['heldout_accuracy']),
+              'sft_train_questions': _r(v['sft_train_q_accuracy']),
+              'train_questions': _r(v['train_q_accuracy']),
+              'heldout_format': _r(v['heldout_format']),
+              'logps_chosen': _r(v['heldout_logps_chosen'])}
+      continue
+    for arm in DPO_ARMS:
+      path = os.path.join(source, f'{arm}_results.json')
+      if not os.path.isfile(path):
+        raise MissingData(f'{path} not found: run the {arm} arm in {source} first')
+      with open(path) as f:
+        res = json.load(f)
+      first = first or (res, source)
+      seeds.setdefault(str(res['seed']), {})[arm] = _dpo_arm(res)
+  if first is None:
+    raise MissingData('--dpo_instructions: no run directory given')
+  res, _ = first
+  out = _meta('dpo_instructions', res, sources, commit, None)
+  out.update(seed=sorted(seeds), seeds=seeds)
+  return out
+
+
 KI_ARMS = ('prompt', 'static', 'modular', 'dynamic')
 KI_MEASURES = ('new_accuracy', 'new_format', 'new_nll', 'old_accuracy', 'old_nll',
                'trainable_params', 'train_wall_s', 'prompt_tokens', 'retrieval_recall')
@@ -315,6 +364,7 @@ def extract_paprika(run_dirs: str, commit: str | None = None) -> dict:
 
 EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack, 'reversal': extract_reversal,
            'instruction_sft': extract_instruction_sft,
+           'dpo_instructions': extract_dpo_instructions,
            'knowledge_injection': extract_knowledge_injection,
            'grpo_instructions': extract_grpo_instructions,
            'grpo_arithmetic': extract_grpo_arithmetic, 'paprika': extract_paprika}

@@ -15,6 +15,9 @@ and reads the data files elsewhere (e.g. to look at a run without touching the c
   reversal.png  forward / reverse / held-out exact match per model, and the forward checks
   instruction_sft.png  held-out format compliance and accuracy of base, full SFT and each LoRA
                 variant, seeds as dots (run directories, one per seed and LoRA setting)
+  dpo_instructions.png  SFT / DPO / RPO accuracy per seed, and the held-out chosen log-prob
+                during training (run directories, one per seed; or the per-seed summary
+                docs/results/dpo_instructions.json)
   knowledge_injection.png  new- and old-fact accuracy and answer NLL per arm, seeds as dots
                 (its run directories, one per seed, comma-separated)
   paprika.png   success and consistent-move rates per game for base / SFT / SFT + RPO, and
@@ -201,6 +204,37 @@ def draw_instruction_sft(data: dict, path: str) -> str:
   return _save(fig, path)
 
 
+def draw_dpo_instructions(data: dict, path: str) -> str:
+  plt = _plt()
+  seeds = list(data['seeds'].values())
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  ax = axes[0]
+  bars = [('SFT', 'sft', 'rpo'), ('DPO', '', 'dpo'), ('RPO\n(DPO + NLL)', '', 'rpo')]
+  for i, m in enumerate(('train_questions', 'heldout')):
+    xs = [j + (i - 0.5) * 0.38 for j in range(len(bars))]
+    vals = [[s[arm][f'sft_{m}' if sft else m] for s in seeds] for _, sft, arm in bars]
+    _seed_bars(ax, xs, vals, 0.38, f'C{i}',
+               'training questions' if i == 0 else 'held-out questions')
+  ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+  ax.set_ylabel('greedy accuracy', fontsize=8)
+  ax.set_ylim(0, 1.0)
+  ax.set_title("DPO on the SFT model's own right vs wrong answers", fontsize=8)
+  ax.legend(fontsize=7)
+  ax = axes[1]
+  for i, arm in enumerate(DPO_ARMS):
+    for k, s in enumerate(seeds):
+      xs, ys = zip(*s[arm]['logps_chosen'])
+      ax.plot(xs, ys, color=f'C{i + 2}', lw=1, marker='.', ms=3,
+              label=('DPO' if arm == 'dpo' else 'RPO') if k == 0 else None)
+  ax.set_xlabel('step', fontsize=8)
+  ax.set_ylabel('chosen answer log-prob (held-out pairs)', fontsize=8)
+  ax.set_title('Likelihood displacement: the chosen answers fall under DPO', fontsize=8)
+  ax.legend(fontsize=7)
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
+  return _save(fig, path)
+
+
 KI_LABELS = {'prompt': 'prompt\n(no training)', 'static': 'static\n(full FT)',
              'modular': 'modular\n(LoRA r=8)', 'dynamic': 'dynamic\n(BM25 + prompt)'}
 
@@ -356,7 +390,7 @@ def draw_paprika(data: dict, path: str) -> str:
 
 
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'reversal': draw_reversal,
-        'instruction_sft': draw_instruction_sft,
+        'instruction_sft': draw_instruction_sft, 'dpo_instructions': draw_dpo_instructions,
         'knowledge_injection': draw_knowledge_injection,
         'grpo_instructions': draw_grpo_instructions,
         'grpo_arithmetic': draw_grpo_arithmetic, 'paprika': draw_paprika}

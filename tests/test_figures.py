@@ -109,3 +109,25 @@ def test_instruction_sft_from_run_dirs(tmp_path):
   _assert_png(tmp_path / 'out' / 'instruction_sft.png')
   with pytest.raises(figures.MissingData, match='its sft differs from another run of seed 0'):
     figures.extract_instruction_sft(','.join([dirs[0], run('x0', 0, '', sft_acc=0.4)]))
+
+
+def test_dpo_instructions_from_run_dirs(tmp_path):
+  """A dpo_instructions WORKDIR's dpo_results.json and rpo_results.json -> one seed's two arms."""
+  figures = _figures()
+  run = tmp_path / 'run'
+  run.mkdir()
+  for arm, after in (('dpo', 0.1), ('rpo', 0.3)):
+    score = lambda acc: {'accuracy': acc, 'format_compliance': 0.9}
+    res = {'status': 'completed', 'seed': 4, 'date': '2026-01-01', 'device': 'cpu x1',
+           'config': {'seed': 4}, 'sft': score(0.2), 'dpo': score(after),
+           'sft_train_questions': score(0.6), 'dpo_train_questions': score(after + 0.4),
+           'dpo_validation': {'val_logps/chosen': [[10, -2.0], [20, -2.5 - after]]}}
+    (run / f'{arm}_results.json').write_text(json.dumps(res))
+  data = figures.extract_dpo_instructions(str(run), commit='abc1234')
+  assert data['seed'] == ['4'] and sorted(data['seeds']['4']) == ['dpo', 'rpo']
+  assert data['seeds']['4']['rpo'] == {
+      'sft_heldout': 0.2, 'heldout': 0.3, 'sft_train_questions': 0.6, 'train_questions': 0.7,
+      'heldout_format': 0.9, 'logps_chosen': [[10, -2.0], [20, -2.8]]}
+  (run / 'rpo_results.json').unlink()
+  with pytest.raises(figures.MissingData, match='rpo_results.json not found: run the rpo arm'):
+    figures.extract_dpo_instructions(str(run))

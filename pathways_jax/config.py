@@ -126,6 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.synthetic.num_people = 200
   d.synthetic.num_stories = 200
   d.synthetic.num_arithmetic = 2000
+  # Copy documents: a line of made-up words, then the same line again (no facts; the second copy
+  # is predictable only by copying the first, the data on which induction heads form).
+  d.synthetic.num_copy_documents = 0
   d.chat = ml_collections.ConfigDict()  # corpus='chat' (supervised fine-tuning data)
   d.chat.train_on = 'assistant'  # 'assistant' turns only, or 'all' tokens
   d.chat.pack = True  # several conversations per row (segment ids keep them apart)

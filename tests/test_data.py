@@ -35,6 +35,18 @@ def sp_tokenizer(tmp_path_factory):
   return tokenizers.train_sentencepiece(texts, 400, tmp_path_factory.mktemp('sp') / 'tiny')
 
 
+def test_copy_documents_repeat_a_line_and_add_to_the_corpus_only_when_asked(tmp_path):
+  syn = _cfg(tmp_path).data.synthetic
+  plain = synthetic.all_documents(syn, 0)
+  syn.num_copy_documents = 5
+  docs = synthetic.all_documents(syn, 0)
+  assert docs[:len(plain)] == plain and len(docs) == len(plain) + 5
+  for doc in docs[len(plain):]:
+    first, second = doc.split('\n')
+    assert first == second and 8 <= len(first.split()) <= 23
+  assert synthetic.all_documents(syn, 0) == docs  # deterministic
+
+
 # ------------------------------------------------------------------------------------ tokenizers
 
 def test_byte_tokenizer_round_trip_and_special_ids():

@@ -252,7 +252,8 @@ def arithmetic(rng: random.Random) -> Arithmetic:
 
 
 def all_documents(cfg_synthetic, seed: int) -> list[str]:
-  """Every document of the corpus, both splits: biographies, stories, arithmetic blocks."""
+  """Every document of the corpus, both splits: biographies, stories, arithmetic blocks (and
+  `num_copy_documents` copy documents)."""
   world = make_world(seed, int(cfg_synthetic.num_people))
   rng = _rng(seed, 'documents')
   docs = [biography(world, p, rng) for p in world.people]
@@ -263,7 +264,18 @@ def all_documents(cfg_synthetic, seed: int) -> list[str]:
   lines = [arithmetic(arng).text for _ in range(int(cfg_synthetic.num_arithmetic))]
   docs += ['\n'.join(lines[i:i + ARITHMETIC_PER_DOCUMENT])
            for i in range(0, len(lines), ARITHMETIC_PER_DOCUMENT)]
+  docs += copy_documents(int(cfg_synthetic.get('num_copy_documents', 0)), seed)
   return docs
+
+
+def copy_documents(n: int, seed: int) -> list[str]:
+  """`n` documents, each a line of 8-23 made-up words written twice (no facts about anyone)."""
+  rng = _rng(seed, 'copy')
+  out = []
+  for _ in range(n):
+    line = ' '.join(_word(rng, rng.choice((1, 2, 3))) for _ in range(rng.randrange(8, 24)))
+    out.append(f'{line}\n{line}')
+  return out
 
 
 def documents(cfg_synthetic, seed: int, split: str) -> list[str]:
@@ -279,4 +291,5 @@ def world_from_config(data_cfg) -> World:
 
 __all__: Sequence[str] = ('Person', 'World', 'Fact', 'Arithmetic', 'make_world', 'fact_sentence',
                           'fact_sentences', 'biography', 'story', 'arithmetic', 'documents',
-                          'all_documents', 'world_from_config', 'DIRECTIONS', 'NUM_TEMPLATES')
+                          'all_documents', 'copy_documents', 'world_from_config', 'DIRECTIONS',
+                          'NUM_TEMPLATES')

@@ -212,11 +212,7 @@ def extract_dpo_instructions(sources: str, commit: str | None = None) -> dict:
               'logps_chosen': _r(v['heldout_logps_chosen'])}
       continue
     for arm in DPO_ARMS:
-      path = os.path.join(source, f'{arm}_results.json')
-      if not os.path.isfile(path):
-        raise MissingData(f'{path} not found: run the {arm} arm in {source} first')
-      with open(path) as f:
-        res = json.load(f)
+      res = _arm_results(source, arm, f'the {arm} arm')
       first = first or (res, source)
       seeds.setdefault(str(res['seed']), {})[arm] = _dpo_arm(res)
   if first is None:
@@ -260,6 +256,15 @@ def extract_knowledge_injection(run_dirs: str, commit: str | None = None) -> dic
 GRPO_ARMS = ('grpo', 'grpo_random', 'grpo_format_only')
 
 
+def _arm_results(run_dir: str, name: str, how: str) -> dict:
+  """WORKDIR/<name>_results.json of an experiment arm, or MissingData saying how to make it."""
+  path = os.path.join(run_dir, f'{name}_results.json')
+  if not os.path.isfile(path):
+    raise MissingData(f'{path} not found: run {how} in {run_dir} first')
+  with open(path) as f:
+    return json.load(f)
+
+
 def extract_grpo_instructions(run_dirs: str, commit: str | None = None) -> dict:
   """Comma-separated WORKDIRs of experiments/grpo_instructions.py, one per seed, each holding
   the <arm>_results.json of every arm in GRPO_ARMS."""
@@ -267,11 +272,7 @@ def extract_grpo_instructions(run_dirs: str, commit: str | None = None) -> dict:
   for run_dir in [d for d in run_dirs.split(',') if d]:
     per_arm = {}
     for arm in GRPO_ARMS:
-      path = os.path.join(run_dir, f'{arm}_results.json')
-      if not os.path.isfile(path):
-        raise MissingData(f'{path} not found: run the {arm} arm in {run_dir} first')
-      with open(path) as f:
-        res = json.load(f)
+      res = _arm_results(run_dir, arm, f'the {arm} arm')
       first = first or (res, run_dir)
       per_arm['sft'] = {'heldout': _r(res['sft']['accuracy']),
                         'train_questions': _r(res['sft_train_questions']['accuracy'])}

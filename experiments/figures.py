@@ -55,6 +55,13 @@ def _footer(fig, data: dict):
            ha='right', va='bottom', fontsize=6, color='gray')
 
 
+def _finish(fig, data: dict, path: str) -> str:
+  """Lays out a multi-seed figure, signs it (date, device, seeds, commit) and saves it."""
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
+  return _save(fig, path)
+
+
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=DPI)
@@ -199,9 +206,7 @@ def draw_instruction_sft(data: dict, path: str) -> str:
   ax.set_title('SFT and LoRA on the instruction set (0.92M AR base, 800 steps; seeds as dots)',
                fontsize=8)
   ax.legend(fontsize=7)
-  fig.tight_layout(rect=(0, 0.03, 1, 1))
-  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
-  return _save(fig, path)
+  return _finish(fig, data, path)
 
 
 def draw_dpo_instructions(data: dict, path: str) -> str:
@@ -230,9 +235,7 @@ def draw_dpo_instructions(data: dict, path: str) -> str:
   ax.set_ylabel('chosen answer log-prob (held-out pairs)', fontsize=8)
   ax.set_title('Likelihood displacement: the chosen answers fall under DPO', fontsize=8)
   ax.legend(fontsize=7)
-  fig.tight_layout(rect=(0, 0.03, 1, 1))
-  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
-  return _save(fig, path)
+  return _finish(fig, data, path)
 
 
 KI_LABELS = {'prompt': 'prompt\n(no training)', 'static': 'static\n(full FT)',
@@ -262,9 +265,7 @@ def draw_knowledge_injection(data: dict, path: str) -> str:
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
   axes[0].set_ylim(0, 1.1)
-  fig.tight_layout(rect=(0, 0.03, 1, 1))
-  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
-  return _save(fig, path)
+  return _finish(fig, data, path)
 
 
 GRPO_LABELS = {'sft': 'SFT (start)', 'grpo': 'GRPO\n(correct)', 'grpo_random': 'GRPO\n(random)',
@@ -300,9 +301,7 @@ def draw_grpo_instructions(data: dict, path: str) -> str:
   ax.set_ylabel('mean reward of the sampled answers', fontsize=8)
   ax.set_title('Training reward (each arm its own reward; one line per seed)', fontsize=8)
   ax.legend(fontsize=7)
-  fig.tight_layout(rect=(0, 0.03, 1, 1))
-  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
-  return _save(fig, path)
+  return _finish(fig, data, path)
 
 
 def _seed_bars(ax, xs, vals, width, color, label, fontsize=6):
@@ -341,9 +340,7 @@ def draw_grpo_arithmetic(data: dict, path: str) -> str:
   ax.set_ylim(0, 1.0)
   ax.set_title('GRPO (correct reward): held-out arithmetic during training', fontsize=8)
   ax.legend(fontsize=7)
-  fig.tight_layout(rect=(0, 0.03, 1, 1))
-  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
-  return _save(fig, path)
+  return _finish(fig, data, path)
 
 
 def draw_paprika(data: dict, path: str) -> str:
@@ -384,9 +381,7 @@ def draw_paprika(data: dict, path: str) -> str:
   ax.set_title(f'the base at temperature {data["sampling"]["temperature"]}: min-p vs plain '
                'sampling', fontsize=8)
   ax.legend(fontsize=6)
-  fig.tight_layout(rect=(0, 0.03, 1, 1))
-  _footer(fig, {**data, 'device': f'{data.get("device")}, seeds {", ".join(data["seed"])}'})
-  return _save(fig, path)
+  return _finish(fig, data, path)
 
 
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'reversal': draw_reversal,

@@ -45,6 +45,9 @@ def test_copy_documents_repeat_a_line_and_add_to_the_corpus_only_when_asked(tmp_
     first, second = doc.split('\n')
     assert first == second and 8 <= len(first.split()) <= 23
   assert synthetic.all_documents(syn, 0) == docs  # deterministic
+  syn.num_copy_documents = -1
+  with pytest.raises(ValueError, match='num_copy_documents=-1 must be >= 0'):
+    synthetic.all_documents(syn, 0)
 
 
 # ------------------------------------------------------------------------------------ tokenizers

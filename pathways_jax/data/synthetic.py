@@ -270,6 +270,8 @@ def all_documents(cfg_synthetic, seed: int) -> list[str]:
 
 def copy_documents(n: int, seed: int) -> list[str]:
   """`n` documents, each a line of 8-23 made-up words written twice (no facts about anyone)."""
+  if n < 0:
+    raise ValueError(f'config.data.synthetic.num_copy_documents={n} must be >= 0')
   rng = _rng(seed, 'copy')
   out = []
   for _ in range(n):

@@ -65,7 +65,7 @@ def alternatives(pattern: str) -> list[str]:
     if ch == '\\':
       i += 2
       continue
-    if in_class:
+    if in_class:  # a ']' right after '[' or '[^' is a literal, not the class's end
       in_class = ch != ']' or i == start_class + 1 or (i == start_class + 2 and
                                                      pattern[start_class + 1] == '^')
     elif ch == '[':

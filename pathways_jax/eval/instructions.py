@@ -1,12 +1,16 @@
-"""Format compliance and answer accuracy of an AR model on the instruction set.
+"""Format compliance and answer accuracy of an AR or LLaDA model on the instruction set.
 
     res = evaluate_run('runs/sft', examples)   # examples: instructions.from_config(...)['heldout']
     res['format_compliance'], res['accuracy']
 
 Each prompt is rendered as the user turn of a conversation up to the assistant's turn, with the
 same chat template SFT trains on (`data.chat.prompt_ids`: the tokenizer's template, or the
-built-in one), and answered greedily (`sampling.autoregressive.generate`, temperature 0, stopping
-at eos). The output is the generated text up to eos; `data.instructions.check` judges it.
+built-in one), and answered greedily: an AR model by `sampling.autoregressive.generate`
+(temperature 0, stopping at eos); a LLaDA model (model.causal=False) by the masked-diffusion
+sampler (`sampling.diffusion.generate`: `max_new_tokens` masks, low-confidence remasking, one
+token per step and one block unless `diffusion_steps` / `block_length` say otherwise, as
+llada_sft trains it: answers padded with eos). The output is the generated text up to the first
+eos; `data.instructions.check` judges it.
 Prompts are left-padded to the longest one and decoded in batches of one fixed shape (the last
 batch is filled with repeats, which are not scored), so a model compiles once.
 """
@@ -28,16 +32,18 @@ def prompt_tokens(tokenizer, example: instructions_lib.Example) -> np.ndarray:
 
 def generate_outputs(model, params, tokenizer, examples: Sequence[instructions_lib.Example], *,
                      batch_size: int = 64, max_new_tokens: int = 0, temperature: float = 0.0,
-                     seed: int = 0) -> list[dict]:
+                     seed: int = 0, diffusion_steps: int = 0,
+                     block_length: int = 0) -> list[dict]:
   """[{'text': output up to eos, 'finished': emitted eos}] per example, greedy (or sampled at
   `temperature` > 0, batch k with key fold_in(key(seed), k)).
 
   max_new_tokens 0: the longest expected answer of `examples` in tokens, plus 8 (room for eos
-  and a little more), within the model's max_len.
+  and a little more), within the model's max_len. diffusion_steps, block_length (LLaDA models
+  only; 0: max_new_tokens): the diffusion sampler's steps and block length.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from pathways_jax.eval.facts import left_pad  # pylint: disable=g-import-not-at-top
-  from pathways_jax.sampling import autoregressive  # pylint: disable=g-import-not-at-top
+  from pathways_jax.sampling import autoregressive, diffusion  # pylint: disable=g-import-not-at-top,multiple-import
   if not examples:
     raise ValueError('no examples to evaluate (an empty split)')
   if batch_size < 1:
@@ -59,10 +65,17 @@ def generate_outputs(model, params, tokenizer, examples: Sequence[instructions_l
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape: one compile
     tokens_BP, mask_BP = left_pad(chunk, tokenizer.pad_id, width)
     key = jax.random.fold_in(jax.random.key(seed), s // batch_size)
-    tokens_BT = autoregressive.generate(model, params, tokens_BP, key=key,
-                                        max_new_tokens=max_new_tokens, temperature=temperature,
-                                        prompt_mask_BP=mask_BP, eos_id=tokenizer.eos_id,
-                                        pad_id=tokenizer.pad_id)
+    if model.cfg.causal:
+      tokens_BT = autoregressive.generate(model, params, tokens_BP, key=key,
+                                          max_new_tokens=max_new_tokens, temperature=temperature,
+                                          prompt_mask_BP=mask_BP, eos_id=tokenizer.eos_id,
+                                          pad_id=tokenizer.pad_id)
+    else:
+      tokens_BT = diffusion.generate(model, params, tokens_BP, mask_id=tokenizer.mask_id,
+                                     key=key, gen_length=max_new_tokens,
+                                     steps=diffusion_steps or max_new_tokens,
+                                     block_length=block_length or max_new_tokens,
+                                     temperature=temperature, prompt_mask_BP=mask_BP)
     for row in np.asarray(tokens_BT)[:len(prompts) - s, width:]:
       ids = [int(t) for t in row]
       finished = tokenizer.eos_id in ids
@@ -110,10 +123,11 @@ def score(examples: Sequence[instructions_lib.Example], outputs: Sequence[dict],
 
 def evaluate(model, params, tokenizer, examples: Sequence[instructions_lib.Example], *,
              batch_size: int = 64, max_new_tokens: int = 0, num_samples: int = 8,
-             train_keys=None) -> dict:
+             train_keys=None, diffusion_steps: int = 0, block_length: int = 0) -> dict:
   """`score` of greedy outputs, with the first `num_samples` (prompt, expected, output) triples."""
   outputs = generate_outputs(model, params, tokenizer, examples, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens)
+                             max_new_tokens=max_new_tokens, diffusion_steps=diffusion_steps,
+                             block_length=block_length)
   res = score(examples, outputs, train_keys=train_keys)
   res['samples'] = [{'prompt': e.prompt, 'expected': e.answer, 'output': o['text']}
                     for e, o in zip(examples[:num_samples], outputs[:num_samples])]
@@ -122,12 +136,9 @@ def evaluate(model, params, tokenizer, examples: Sequence[instructions_lib.Examp
 
 def evaluate_run(workdir: str, examples: Sequence[instructions_lib.Example], *,
                  step: int | None = None, **kwargs) -> dict:
-  """`evaluate` on an AR run directory's newest (or `step`'s) checkpoint."""
+  """`evaluate` on an AR or LLaDA run directory's newest (or `step`'s) checkpoint."""
   from pathways_jax.sample import load_run  # pylint: disable=g-import-not-at-top
   _, model, params, tokenizer = load_run(workdir, step)
-  if not model.cfg.causal:
-    raise ValueError(f'{workdir} holds a diffusion (LLaDA) model; this evaluation decodes '
-                     'autoregressively')
   return evaluate(model, params, tokenizer, examples, **kwargs)
 
 

@@ -1,0 +1,264 @@
+"""The whole post-training pathway in one run, on one verifiable task, for AR and LLaDA.
+
+    python -m pathways_jax.main --config=experiments/pathway.py --workdir=runs/pathway \
+        [--config.seed=1 --config.pathway.chains=ar --config.pathway.kinds=arithmetic ...]
+
+Every stage starts from the run directory of the one before it (`train.init_from`):
+
+  AR     base -> sft -> rm (reward model, scored on held-out pairs)
+                     -> dpo -> grpo              (reward: the checker's verdict)
+                            -> grpo_random       (control: a fair coin)
+                            -> grpo_format_only  (control: right format, right or wrong)
+  LLaDA  llada_base -> llada_sft -> llada_vrpo -> llada_grpo (diffu-GRPO, the checker's verdict)
+
+The task is the instruction set's questions of `pathway.kinds` (arithmetic by default: a
+held-out question asks for a sum the model has not seen, which a reward can teach; most other
+kinds ask for facts a model that never read them cannot know, docs/rl.md). SFT trains on the
+whole instruction set (the answer formats, the chat template); the preference pairs, DPO/VRPO
+and GRPO train on the task's training questions; every stage is scored, greedily, on the task's
+held-out questions (`pathways_jax.eval.instructions`: accuracy and format compliance), which no
+stage trains on. The preference pairs are each chain's own SFT model's sampled answers, marked
+right or wrong by the checker (as experiments/dpo_instructions.py makes them).
+
+The settings of each stage are those of the single-stage experiments this one chains:
+instruction_sft (`instructions`: the world, base and SFT), dpo_instructions (`dpo_exp`, `dpo`:
+pairs and DPO; VRPO uses the same with `vrpo`), reward_instructions (`rm`, `reward_model`) and
+grpo_instructions (`grpo_exp`, `rl`). `pathway` holds what is new: the chains, the task, and the
+LLaDA chain's own step counts.
+
+Each stage is skipped once finished (a run directory whose results.json says completed; pairs
+once written), so the same command resumes. WORKDIR may be an instruction_sft / dpo_instructions
+workdir of the same config and seed: base and sft are then reused.
+
+WORKDIR/results.json: per stage, held-out accuracy, format compliance, counts and what it
+started from (`stages`); the issue's keys (`sft_accuracy`, `rm_pair_accuracy`, `dpo_accuracy`,
+`grpo_accuracy`, `grpo_random_reward_accuracy`, `grpo_format_only_accuracy`,
+`llada_sft_accuracy`, `llada_vrpo_accuracy`, `llada_grpo_accuracy`); the GRPO arms' reward
+curves; pair counts, wall times, date, device, config.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import time
+
+import ml_collections
+
+from pathways_jax import config as config_lib
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_load = lambda name: config_lib._load_config_module(os.path.join(_HERE, f'{name}.py'))  # pylint: disable=protected-access
+instruction_sft = _load('instruction_sft')
+dpo_instructions = _load('dpo_instructions')
+reward_instructions = _load('reward_instructions')
+grpo_instructions = _load('grpo_instructions')
+
+CHAINS = ('ar', 'llada')
+GRPO_ARMS = ('grpo', 'grpo_random', 'grpo_format_only')  # grpo_instructions.ARMS' rewards
+# results.json's flat keys: held-out accuracy of a stage, by the issue's names.
+ACCURACY_KEYS = {'sft': 'sft_accuracy', 'dpo': 'dpo_accuracy', 'grpo': 'grpo_accuracy',
+                 'grpo_random': 'grpo_random_reward_accuracy',
+                 'grpo_format_only': 'grpo_format_only_accuracy',
+                 'llada_sft': 'llada_sft_accuracy', 'llada_vrpo': 'llada_vrpo_accuracy',
+                 'llada_grpo': 'llada_grpo_accuracy'}
+
+
+def get_config():
+  c = reward_instructions.get_config()  # instructions, dpo_exp, dpo, rm, reward_model
+  c.name = 'pathway'
+  c.grpo_exp = grpo_instructions.get_config().grpo_exp
+  c.rl.num_generations = 8
+  c.rl.max_new_tokens = 24
+  c.rl.temperature = 1.0
+  c.rl.eval_max = 128
+  c.instructions.lora_rank = 0  # the pathway fine-tunes all params (LoRA: instruction_sft)
+  c.pathway = p = ml_collections.ConfigDict()
+  p.chains = 'ar,llada'  # which chains run (CHAINS)
+  p.kinds = 'arithmetic'  # the task: question kinds of the instruction set ('' = all)
+  p.llada_base_steps = 600  # LLaDA's pretraining (its loss sees a share of the tokens per row)
+  p.llada_sft_steps = 800
+  p.llada_sft_lr = 4e-3
+  return c
+
+
+def _chains(cfg) -> tuple[str, ...]:
+  chains = tuple(x.strip() for x in cfg.pathway.chains.split(',') if x.strip())
+  bad = sorted(set(chains) - set(CHAINS))
+  if bad or not chains:
+    raise config_lib.ConfigError(f'config.pathway.chains={cfg.pathway.chains!r}: name one or '
+                                 f'more of {CHAINS}, comma-separated')
+  return chains
+
+
+def check(cfg) -> tuple[str, ...]:
+  """Every setting the stages read, before any stage runs; returns the chains."""
+  chains = _chains(cfg)
+  dpo_instructions.check_settings(cfg.dpo_exp, 'dpo_exp', (
+      'samples', 'pairs_per_question', 'steps', 'lr', 'batch_size', 'eval_every'),
+                                  ('temperature',))
+  dpo_instructions.check_settings(cfg.rm, 'rm', ('steps', 'lr', 'batch_size', 'eval_every'))
+  dpo_instructions.check_settings(cfg.grpo_exp, 'grpo_exp', (
+      'steps', 'lr', 'prompts', 'prompt_len', 'eval_every'))
+  dpo_instructions.check_settings(cfg.pathway, 'pathway', (
+      'llada_base_steps', 'llada_sft_steps', 'llada_sft_lr'))
+  return chains
+
+
+def task_examples(cfg, examples: dict) -> dict:
+  """The instruction set's splits restricted to `pathway.kinds`, each split non-empty."""
+  kinds = tuple(k.strip() for k in cfg.pathway.kinds.split(',') if k.strip())
+  if not kinds:
+    return examples
+  have = sorted({e.kind for e in examples['train']})
+  unknown = sorted(set(kinds) - set(have))
+  if unknown:
+    raise config_lib.ConfigError(f'config.pathway.kinds: {unknown} are not kinds of the '
+                                 f'instruction set ({have})')
+  out = {split: [e for e in exs if e.kind in kinds] for split, exs in examples.items()}
+  empty = [split for split, exs in out.items() if not exs]
+  if empty:
+    raise config_lib.ConfigError(f'config.pathway.kinds={cfg.pathway.kinds!r}: the {empty} '
+                                 'split(s) hold no question of those kinds')
+  return out
+
+
+def llada_config_of(cfg):
+  """The same world, network and data as the AR chain, as a LLaDA model (bidirectional, MHA as
+  LLaDA, its masked-diffusion loss), pretrained for `pathway.llada_base_steps`."""
+  c = copy.deepcopy(cfg)
+  c.name = f'{cfg.name}-llada'
+  c.objective = 'diffusion'
+  c.model.causal = False
+  c.model.num_kv_heads = c.model.num_heads
+  c.train.steps = cfg.pathway.llada_base_steps
+  c.instructions.sft_steps = cfg.pathway.llada_sft_steps
+  c.instructions.sft_lr = cfg.pathway.llada_sft_lr
+  return c
+
+
+def make_pairs(cfg, sft_dir: str, task: dict, pairs_dir: str) -> dict:
+  """(right, wrong) pairs of the SFT model's own sampled answers to the task's training and
+  held-out questions -> pairs_dir/{train,heldout}.jsonl (held-out: validation only); counts.
+  Written once (pairs_dir/counts.json)."""
+  counts_path = os.path.join(pairs_dir, 'counts.json')
+  if not os.path.exists(counts_path):
+    os.makedirs(pairs_dir, exist_ok=True)
+    counts, t0 = {}, time.perf_counter()
+    for split, salt in (('train', 0), ('heldout', 1)):
+      answers = dpo_instructions._answers(sft_dir, task[split], cfg, seed=cfg.seed * 1000 + salt)  # pylint: disable=protected-access
+      records, counts[split] = dpo_instructions.make_pairs(
+          task[split], answers, per_question=cfg.dpo_exp.pairs_per_question, seed=cfg.seed)
+      if not records:
+        raise RuntimeError(f'{sft_dir} answered every {split} question of the task all right or '
+                           f'all wrong in {cfg.dpo_exp.samples} samples: no preference pair '
+                           f'({counts[split]}); raise dpo_exp.samples or dpo_exp.temperature')
+      dpo_instructions._write_jsonl(records, os.path.join(pairs_dir, f'{split}.jsonl'))  # pylint: disable=protected-access
+      print(f'pairs ({split}) from {sft_dir}: {counts[split]}')
+    with open(counts_path, 'w') as f:
+      json.dump({**counts, 'wall_s': time.perf_counter() - t0}, f, indent=2)
+  with open(counts_path) as f:
+    return json.load(f)
+
+
+def grpo_config_of(cfg, arm: str, task_dir: str, start_dir: str):
+  c = copy.deepcopy(cfg)
+  c.grpo_exp.arm = arm
+  c.rl.rewards = ''  # the arm's own (grpo_instructions.ARMS)
+  return grpo_instructions.grpo_config_of(c, task_dir, start_dir)
+
+
+def ar_stages(cfg, workdir: str, paths: dict, task_dir: str) -> list[tuple[str, str, object]]:
+  """[(stage, start stage, config)] of the AR chain after sft, in order."""
+  pairs_dir = os.path.join(workdir, 'pairs')
+  d = lambda name: os.path.join(workdir, name)
+  stages = [('base', '', instruction_sft.base_config_of(cfg)),
+            ('sft', 'base', instruction_sft.sft_config_of(cfg, paths['train'], d('base'))),
+            ('pairs', 'sft', None),
+            ('rm', 'sft', reward_instructions.rm_config_of(
+                cfg, os.path.join(pairs_dir, 'train.jsonl'),
+                os.path.join(pairs_dir, 'heldout.jsonl'), d('sft'))),
+            ('dpo', 'sft', dpo_instructions.dpo_config_of(cfg, pairs_dir, d('sft')))]
+  stages += [(arm, 'dpo', grpo_config_of(cfg, arm, task_dir, d('dpo'))) for arm in GRPO_ARMS]
+  return stages
+
+
+def llada_stages(cfg, workdir: str, paths: dict, task_dir: str) -> list[tuple[str, str, object]]:
+  """[(stage, start stage, config)] of the LLaDA chain, in order."""
+  lc = llada_config_of(cfg)
+  pairs_dir = os.path.join(workdir, 'llada_pairs')
+  d = lambda name: os.path.join(workdir, name)
+  base = instruction_sft.base_config_of(lc)
+  sft = instruction_sft.sft_config_of(lc, paths['train'], d('llada_base'))
+  sft.task = 'llada_sft'
+  vrpo = dpo_instructions.dpo_config_of(lc, pairs_dir, d('llada_sft'))
+  vrpo.name = f'{lc.name}-vrpo'
+  vrpo.task = 'vrpo'
+  grpo = grpo_config_of(lc, 'grpo', task_dir, d('llada_vrpo'))
+  return [('llada_base', '', base), ('llada_sft', 'llada_base', sft),
+          ('llada_pairs', 'llada_sft', None), ('llada_vrpo', 'llada_sft', vrpo),
+          ('llada_grpo', 'llada_vrpo', grpo)]
+
+
+def run(cfg, workdir: str) -> dict:
+  from pathways_jax.data import instructions  # pylint: disable=g-import-not-at-top
+  from pathways_jax.eval import instructions as instr_eval  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import loop, metrics  # pylint: disable=g-import-not-at-top,multiple-import
+  start = time.perf_counter()
+  chains = check(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  examples = instruction_sft.instruction_set(cfg)
+  task = task_examples(cfg, examples)
+  paths = instructions.write_splits(examples, os.path.join(workdir, 'instructions'))
+  task_dir = os.path.join(workdir, 'instructions_task')
+  instructions.write_splits(task, task_dir)
+  heldout = task['heldout']
+  if cfg.instructions.eval_limit > 0:
+    heldout = heldout[:cfg.instructions.eval_limit]
+  train_keys = {e.key for e in examples['train']}
+
+  plan = []  # every stage's config is built (and so checked) before the first one trains
+  if 'ar' in chains:
+    plan += ar_stages(cfg, workdir, paths, task_dir)
+  if 'llada' in chains:
+    plan += llada_stages(cfg, workdir, paths, task_dir)
+  stages, pairs, curves, wall = {}, {}, {}, {}
+  for name, parent, stage_cfg in plan:
+    run_dir = os.path.join(workdir, name)
+    t0 = time.perf_counter()
+    if stage_cfg is None:  # the preference pairs of the chain's SFT model
+      pairs[name] = make_pairs(cfg, os.path.join(workdir, parent), task, run_dir)
+      wall[f'{name}_s'] = time.perf_counter() - t0
+      continue
+    res = loop.train_stage(stage_cfg, run_dir)
+    wall[f'{name}_train_s'] = time.perf_counter() - t0
+    entry = {'start': parent, 'task': stage_cfg.task}
+    if stage_cfg.task == 'reward_model':
+      entry['pair_accuracy'] = res.get('val_accuracy')
+      entry['pair_margin'] = res.get('val_margin')
+      print(f'{name}: held-out pair accuracy {entry["pair_accuracy"]:.3f}')
+    else:
+      t0 = time.perf_counter()
+      ev = instr_eval.evaluate_run(run_dir, heldout, batch_size=cfg.instructions.eval_batch,
+                                   train_keys=train_keys)
+      wall[f'{name}_eval_s'] = time.perf_counter() - t0
+      entry.update({k: ev[k] for k in ('accuracy', 'format_compliance', 'strict_accuracy',
+                                       'correct_count', 'format_ok_count', 'n', 'samples')})
+      print(f'{name}: held-out accuracy {ev["accuracy"]:.3f} ({ev["correct_count"]}/{ev["n"]}), '
+            f'format {ev["format_compliance"]:.3f}')
+    if stage_cfg.task == 'grpo':
+      curves[name] = {k: metrics.logged(run_dir, k)
+                      for k in ('reward', 'val_correct', 'kl', 'entropy', 'completion_length')}
+    stages[name] = entry
+  wall['total_s'] = time.perf_counter() - start
+  results = {'status': 'completed', 'seed': cfg.seed, 'chains': list(chains),
+             'kinds': cfg.pathway.kinds, 'evaluated': len(heldout),
+             **{key: stages[s]['accuracy'] for s, key in ACCURACY_KEYS.items() if s in stages},
+             **({'rm_pair_accuracy': stages['rm']['pair_accuracy']} if 'rm' in stages else {}),
+             'stages': stages, 'pairs': pairs, 'grpo_curves': curves, 'wall_s': wall,
+             'date': datetime.date.today().isoformat(), 'device': dpo_instructions.device(),
+             'config': json.loads(cfg.to_json_best_effort())}
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2, default=str)
+  return results

@@ -1,0 +1,94 @@
+"""experiments/pathway.py end to end on tiny settings: every stage of both chains, each from the
+one before it, and its results' keys."""
+import json
+import os
+
+import pytest
+
+from helpers import REPO, tiny_config
+from pathways_jax import config as config_lib
+
+
+def _pathway():
+  return config_lib._load_config_module(os.path.join(REPO, 'experiments', 'pathway.py'))  # pylint: disable=protected-access
+
+
+def _tiny(tmp_path, pathway):
+  cfg = tiny_config(str(tmp_path / 'cache'), **{
+      'data.seq_len': 96, 'model.max_len': 192, 'train.steps': 2, 'model.attention': 'xla',
+      'sample.prompts': ()})
+  full = pathway.get_config()
+  for section in ('instructions', 'dpo_exp', 'rm', 'dpo', 'reward_model', 'grpo_exp', 'pathway',
+                  'vrpo'):
+    cfg[section] = full[section]
+  cfg.name = 'pathway'
+  cfg.instructions.update(sft_steps=2, sft_warmup_steps=1, num_arithmetic=10, eval_limit=4,
+                          eval_batch=4, lora_rank=0)
+  cfg.dpo_exp.update(steps=2, eval_every=1, batch_size=2)
+  cfg.rm.update(steps=2, eval_every=1, batch_size=2)
+  cfg.grpo_exp.update(steps=2, eval_every=2, prompts=2, prompt_len=160)
+  cfg.rl.update(num_generations=2, max_new_tokens=6, eval_max=2, rewards='')
+  cfg.vrpo.update(n_t=2)
+  cfg.pathway.update(llada_base_steps=2, llada_sft_steps=2)
+  return cfg
+
+
+def test_settings_and_task_are_checked_before_any_stage(tmp_path):
+  pathway = _pathway()
+  for key, value, match in (('pathway.chains', 'ar,rl', 'pathway.chains'),
+                            ('pathway.chains', ' ', 'pathway.chains'),
+                            ('pathway.llada_sft_steps', 0, r'pathway\.llada_sft_steps'),
+                            ('grpo_exp.prompts', 0, r'grpo_exp\.prompts'),
+                            ('pathway.kinds', 'poetry', r"\['poetry'\] are not kinds")):
+    cfg = pathway.get_config()
+    section, leaf = key.split('.')
+    cfg[section][leaf] = value
+    cfg.instructions.num_arithmetic = 10
+    with pytest.raises(config_lib.ConfigError, match=match):
+      pathway.run(cfg, str(tmp_path / 'run'))
+    assert not (tmp_path / 'run' / 'base').exists()  # nothing was trained
+
+
+def test_both_chains_end_to_end(tmp_path, monkeypatch):
+  """The sampled answers are stood in for (a 2-step model answers nothing right, so it would
+  give no pair): the gold answer and a wrong one per question."""
+  pathway = _pathway()
+  seen = []
+
+  def fake(run_dir, examples, cfg, seed):
+    seen.append(os.path.basename(run_dir))
+    return [[e.answer, 'no idea'] for e in examples]
+
+  monkeypatch.setattr(pathway.dpo_instructions, '_answers', fake)
+  cfg = _tiny(tmp_path, pathway)
+  res = pathway.run(cfg, str(tmp_path / 'run'))
+  for key in ('sft_accuracy', 'rm_pair_accuracy', 'dpo_accuracy', 'grpo_accuracy',
+              'grpo_random_reward_accuracy', 'grpo_format_only_accuracy', 'llada_sft_accuracy',
+              'llada_vrpo_accuracy', 'llada_grpo_accuracy'):
+    assert 0 <= res[key] <= 1, key
+  assert seen == ['sft', 'sft', 'llada_sft', 'llada_sft']  # each chain's pairs: its own SFT model
+  starts = {}
+  for stage in ('sft', 'rm', 'dpo', 'grpo', 'grpo_random', 'grpo_format_only', 'llada_sft',
+                'llada_vrpo', 'llada_grpo'):
+    saved = json.loads((tmp_path / 'run' / stage / 'config.json').read_text())
+    starts[stage] = os.path.basename(saved['train']['init_from'])
+    if stage.startswith('llada'):
+      assert saved['model']['causal'] is False
+  assert starts == {'sft': 'base', 'rm': 'sft', 'dpo': 'sft', 'grpo': 'dpo', 'grpo_random': 'dpo',
+                    'grpo_format_only': 'dpo', 'llada_sft': 'llada_base',
+                    'llada_vrpo': 'llada_sft', 'llada_grpo': 'llada_vrpo'}
+  tasks = {s: e['task'] for s, e in res['stages'].items()}
+  assert tasks['llada_sft'] == 'llada_sft' and tasks['llada_vrpo'] == 'vrpo'
+  assert tasks['rm'] == 'reward_model' and tasks['llada_grpo'] == 'grpo'
+  # Every stage is scored on the task's held-out questions, arithmetic only.
+  held = [json.loads(l) for l in open(tmp_path / 'run' / 'instructions_task' / 'heldout.jsonl')]
+  assert {r['kind'] for r in held} == {'arithmetic'}
+  assert all(e['n'] == 4 for s, e in res['stages'].items() if s != 'rm')
+  assert [s for s, _ in res['grpo_curves']['grpo_random']['reward']] == [1, 2]
+  assert json.loads((tmp_path / 'run' / 'results.json').read_text())['status'] == 'completed'
+
+  # The same command again: every stage is finished, none retrains, the pairs are not redrawn.
+  mtime = os.path.getmtime(tmp_path / 'run' / 'grpo' / 'results.json')
+  again = pathway.run(cfg, str(tmp_path / 'run'))
+  assert again['grpo_accuracy'] == res['grpo_accuracy'] and len(seen) == 4
+  assert os.path.getmtime(tmp_path / 'run' / 'grpo' / 'results.json') == mtime

@@ -101,6 +101,12 @@ def add_sections(c: ml_collections.ConfigDict) -> None:
   r.diffusion_steps = 0
   r.block_length = 0
   r.prompt_mask_p = 0.15
+  # The log-prob estimator (rl/diffusion.py): 'd1' (one pass, the completion fully masked) or
+  # 'coupled' (DiffuCoder's coupled-GRPO: d1's pass plus two complementary masks of the
+  # completion at a ratio t ~ U[coupled_t_min, coupled_t_max] per row; three passes).
+  r.diffusion_estimator = 'd1'
+  r.coupled_t_min = 0.2
+  r.coupled_t_max = 0.8
   # Reflect, Retry, Reward (pathways_jax/rl/reflect.py): G reflections after a failed greedy first
   # attempt, each rewarded 1 if the greedy retry after it succeeds (total reward >= success_at).
   r.reflect = False

@@ -15,6 +15,19 @@ their ratio and KL compare like with like. Here it is drawn on the host at rollo
 run's seed and the rollout's index (a resumed run draws the same), and travels in the batch as
 `masked_tokens`.
 
+`rl.diffusion_estimator='coupled'` adds DiffuCoder's coupled estimate (Gong et al. 2025,
+"DiffuCoder: Understanding and Improving Masked Diffusion Models for Code Generation",
+coupled-GRPO): two more passes over the row with complementary masks over the completion, drawn
+with a ratio t ~ U[rl.coupled_t_min, rl.coupled_t_max] per row. Pass a masks each generated
+position with probability t, pass b masks exactly the others (the prompt intact in both), so
+every completion token is predicted once with part of the completion visible, and each is
+weighted as the ELBO weights a token masked at ratio t: 1/t in pass a, 1/(1 - t) in pass b.
+The log-prob of token k is (d1's one-step value + w_k * its value from the pass that masked it)
+/ 2, as DiffuCoder combines them. DiffuCoder draws one t per batch; here each row draws its own
+(the same estimator per row, less variance across the batch). The three passes are one forward
+of 3N rows; the masks travel in the batch (`coupled_mask`, `coupled_weight`), shared by the
+policy, the old policy and the reference like d1's.
+
 Rows keep the AR trainer's layout (rl/batch.py) with two differences: every generated position is
 part of the sequence (segment id 1: the sampler decoded all `max_new_tokens` of them, EOS padding
 included), and the completion mask runs up to and including the first EOS (LLaDA pads answers
@@ -50,6 +63,37 @@ def masked_inputs(tokens_NT: np.ndarray, prompt_mask_NP: np.ndarray, *, mask_id:
   tokens[:, :P] = np.where(hide, mask_id, tokens[:, :P])
   tokens[:, P:] = mask_id
   return tokens
+
+
+def coupled_masks(prompt_len: int, shape: tuple[int, int], *, t_min: float, t_max: float,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """(int32 [N, T]: 1 where pass a masks the position, float32 [N, T]: the weight of the pass
+  that masks it, 1/t (a) or 1/(1 - t) (b), 0 over the prompt) for rows of `shape` whose
+  generated positions start at `prompt_len`; t ~ U[t_min, t_max] per row."""
+  n, total = shape
+  t_N1 = rng.uniform(t_min, t_max, size=(n, 1))
+  generated = np.arange(total)[None, :] >= prompt_len
+  in_a = generated & (rng.random((n, total)) < t_N1)
+  weight = np.where(in_a, 1.0 / t_N1, np.where(generated, 1.0 / (1.0 - t_N1), 0.0))
+  return in_a.astype(np.int32), weight.astype(np.float32)
+
+
+def coupled_inputs(tokens_NT: jax.Array, coupled_mask_NT: jax.Array, weight_NT: jax.Array, *,
+                   mask_id: int) -> tuple[jax.Array, jax.Array]:
+  """The rows of passes a and b: the completion positions of pass a masked, then the others
+  (a generated position is one whose weight is > 0)."""
+  in_a = coupled_mask_NT > 0
+  in_b = (weight_NT > 0) & ~in_a
+  return (jnp.where(in_a, mask_id, tokens_NT).astype(tokens_NT.dtype),
+          jnp.where(in_b, mask_id, tokens_NT).astype(tokens_NT.dtype))
+
+
+def coupled_logps(one_step_NT: jax.Array, a_NT: jax.Array, b_NT: jax.Array,
+                  coupled_mask_NT: jax.Array, weight_NT: jax.Array) -> jax.Array:
+  """float32 [N, T]: (d1's one-step log-prob + weight * the log-prob from the pass that masked
+  the token) / 2 at every generated position (the prompt's values are not used)."""
+  masked_pass = jnp.where(coupled_mask_NT > 0, a_NT, b_NT)
+  return 0.5 * (one_step_NT + weight_NT * masked_pass)
 
 
 def token_logps(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:

@@ -111,8 +111,7 @@ class RolloutBatches:
     kept, slots_masked = kept[:B], max(0, B - len(kept))
     groups = kept + dropped[:slots_masked]
     stack = lambda name: np.concatenate([g[name] for g in groups])
-    rows = {name: stack(name) for name in TRAIN_FIELDS + (('masked_tokens',) if self.diffusion
-                                                          else ())}
+    rows = {name: stack(name) for name in TRAIN_FIELDS + tuple(self.estimator_fields)}
     rewards_PG = np.stack([g['rewards'] for g in groups])
     live = np.repeat(np.arange(B) < len(kept), G)
     rows['completion_mask'] = rows['completion_mask'] * live[:, None].astype(np.int32)
@@ -194,11 +193,17 @@ class RolloutBatches:
     segment_ids = np.concatenate([prompt_mask.astype(np.int32),
                                   np.ones(cmask.shape, np.int32)], axis=1)
     rng = np.random.default_rng([self.cfg.seed, 0x6431, index, attempt])  # 'd1'
-    return {'segment_ids': segment_ids,
-            'positions': np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32),
-            'masked_tokens': diffusion_lib.masked_inputs(
-                rows['tokens'], prompt_mask, mask_id=mask_id(self.cfg),
-                p=self.cfg.rl.prompt_mask_p, rng=rng)}
+    out = {'segment_ids': segment_ids,
+           'positions': np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32),
+           'masked_tokens': diffusion_lib.masked_inputs(
+               rows['tokens'], prompt_mask, mask_id=mask_id(self.cfg),
+               p=self.cfg.rl.prompt_mask_p, rng=rng)}
+    if self.coupled:  # drawn after d1's mask: a d1 run's masks are unchanged
+      r = self.cfg.rl
+      out['coupled_mask'], out['coupled_weight'] = diffusion_lib.coupled_masks(
+          prompt_mask.shape[1], rows['tokens'].shape, t_min=r.coupled_t_min,
+          t_max=r.coupled_t_max, rng=rng)
+    return out
 
   def _ppo_targets(self, rows, scores_N, kl_NT, params):
     """Fills rows' advantages [N, T] (GAE, whitened with rl.whiten), old_values and returns from

@@ -71,6 +71,15 @@ def check(cfg, model_cfg) -> None:
       raise ConfigError(f'config.rl: need 0 <= prompt_mask_p < 1, diffusion_steps >= 0 and '
                         f'block_length >= 0; got {r.prompt_mask_p}, {r.diffusion_steps}, '
                         f'{r.block_length}')
+    if r.diffusion_estimator not in ('d1', 'coupled'):
+      raise ConfigError(f"config.rl.diffusion_estimator={r.diffusion_estimator!r} is not 'd1' "
+                        "or 'coupled'")
+    if not 0 < r.coupled_t_min <= r.coupled_t_max < 1:
+      raise ConfigError(f'config.rl: need 0 < coupled_t_min <= coupled_t_max < 1; got '
+                        f'{r.coupled_t_min}, {r.coupled_t_max}')
+  elif r.diffusion_estimator != 'd1':
+    raise ConfigError(f'config.rl.diffusion_estimator={r.diffusion_estimator!r} applies to '
+                      'LLaDA policies (model.causal=False); an AR policy has exact log-probs')
   if ppo:
     if not model_cfg.scalar_head:
       raise ConfigError("config.rl.scale='gae' (PPO) reads values off the policy's value head: "

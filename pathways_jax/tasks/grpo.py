@@ -28,7 +28,9 @@ rl.vf_coef * the clipped value loss (`objectives.rl.value_loss`).
 diffu-GRPO (a bidirectional model, model.causal=False; rl/diffusion.py): rollouts from the
 masked-diffusion sampler (rl.diffusion_steps, rl.block_length) and d1's one-step log-prob
 estimate, on an input with the completion masked and the prompt masked at rl.prompt_mask_p, one
-mask per rollout shared by policy, old policy and reference.
+mask per rollout shared by policy, old policy and reference; with
+rl.diffusion_estimator='coupled', DiffuCoder's coupled estimate (two more passes with
+complementary masks of the completion).
 Reflect, Retry, Reward (rl.reflect; rl/reflect.py): the group is G reflections on a failed greedy
 first attempt, each rewarded by whether the greedy retry after it succeeds; only the reflections
 are trained.
@@ -86,6 +88,11 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     r = cfg.rl
     # A bidirectional (LLaDA) model: diffu-GRPO (module docstring).
     self.diffusion = not model.cfg.causal
+    # The batch fields the diffusion estimator reads (rl/diffusion.py), drawn at rollout time.
+    self.estimator_fields = ({'masked_tokens': jnp.int32} if self.diffusion else {})
+    self.coupled = self.diffusion and r.diffusion_estimator == 'coupled'
+    if self.coupled:
+      self.estimator_fields.update(coupled_mask=jnp.int32, coupled_weight=jnp.float32)
     self.ppo = r.scale == 'gae'
     self.rows = cfg.data.batch_size * r.num_generations
     self.reward_specs = rewards_lib.parse(r.rewards)
@@ -115,9 +122,8 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
   # -- the batch the step trains on -----------------------------------------------------------
   def batch_fields(self):
     ppo = {k: jnp.float32 for k in PPO_FIELDS} if self.ppo else {}
-    masked = {'masked_tokens': jnp.int32} if self.diffusion else {}
     return {**{k: jnp.int32 for k in TRAIN_FIELDS}, 'advantages': jnp.float32,
-            'old_logp': jnp.float32, **ppo, **masked}
+            'old_logp': jnp.float32, **ppo, **self.estimator_fields}
 
   def batch_spec(self, batch_size: int, seq_len: int, sharding=None) -> dict:
     """One optimizer step's rows: batch_size prompts x G samples / minibatches."""
@@ -329,8 +335,8 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     part = self.rows // self.cfg.rl.minibatches
     out = []
     for s in range(0, self.rows, part):
-      b = {k: rows[k][s:s + part] for k in ('tokens', 'segment_ids', 'positions') + (
-          ('masked_tokens',) if self.diffusion else ())}
+      b = {k: rows[k][s:s + part] for k in ('tokens', 'segment_ids', 'positions') + tuple(
+          self.estimator_fields)}
       b = parallel.global_batch(b, self._run.mesh)
       got = parallel.run_with_rules(self._run.mesh, self._run.rules, fn, params, b)
       out.append(jax.tree_util.tree_map(np.asarray, got))
@@ -350,15 +356,28 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     inputs = batch['masked_tokens'] if self.diffusion else batch['tokens']
     tokens = batch['tokens']
     targets = tokens if self.diffusion else autoregressive.next_token_targets(tokens)
+    passes = 1
+    kw = dict(positions_BL=batch['positions'], segment_ids_BL=batch['segment_ids'])
+    if self.coupled:  # d1's pass and the two complementary ones: one forward of 3N rows
+      from pathways_jax.tasks.pretrain import mask_id  # pylint: disable=g-import-not-at-top
+      a, b = diffusion_lib.coupled_inputs(tokens, batch['coupled_mask'], batch['coupled_weight'],
+                                          mask_id=mask_id(self.cfg))
+      passes, inputs = 3, jnp.concatenate([inputs, a, b])
+      targets = jnp.concatenate([targets] * 3)
+      kw = {k: jnp.concatenate([v] * 3) for k, v in kw.items()}
     t = self.cfg.rl.temperature
     t = t if t > 0 else 1.0
-    kw = dict(positions_BL=batch['positions'], segment_ids_BL=batch['segment_ids'])
     out = lm_head_outputs(self.cfg, model, params, inputs, targets, temperature=t,
                           **kw, **({'with_scalar': True} if values else {}))
     out, scalar_BT = out if values else (out, None)
     stats = token_losses.of(out, targets)
     value_BT = None if scalar_BT is None else jnp.pad(scalar_BT[:, :-1], ((0, 0), (1, 0)))
     logp, entropy = -stats.ce_BL, stats.entropy_BL
+    if passes == 3:  # the entropy reported is the one-step pass's
+      one_step, a_logp, b_logp = jnp.split(logp, 3)
+      logp = diffusion_lib.coupled_logps(one_step, a_logp, b_logp, batch['coupled_mask'],
+                                         batch['coupled_weight'])
+      entropy = jnp.split(entropy, 3)[0]
     if not self.diffusion:  # position i predicts token i+1: align with the tokens
       shift = lambda x: jnp.pad(x[:, :-1], ((0, 0), (1, 0)))
       logp, entropy = shift(logp), shift(entropy)

@@ -11,7 +11,8 @@ import os
 import subprocess
 
 EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'instruction_sft', 'dpo_instructions',
-               'knowledge_injection', 'grpo_instructions', 'grpo_arithmetic', 'paprika')
+               'knowledge_injection', 'grpo_instructions', 'grpo_arithmetic', 'paprika',
+               'pathway')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, 'docs', 'results', 'data')
 
@@ -362,13 +363,41 @@ def extract_paprika(run_dirs: str, commit: str | None = None) -> dict:
              seed=sorted(seeds), seeds=seeds)
   return out
 
+PATHWAY_STAGES = ('base', 'sft', 'dpo', 'grpo', 'grpo_random', 'grpo_format_only',
+                  'llada_base', 'llada_sft', 'llada_vrpo', 'llada_grpo')
+
+
+def extract_pathway(run_dirs: str, commit: str | None = None) -> dict:
+  """Comma-separated WORKDIRs of experiments/pathway.py, one per seed: each stage's held-out
+  accuracy and format compliance, the reward model's held-out pair accuracy, the GRPO arms'
+  reward curves."""
+  seeds, first = {}, None
+  for run_dir in [d for d in run_dirs.split(',') if d]:
+    res = _load_results(run_dir)
+    first = first or (res, run_dir)
+    stages = res['stages']
+    seeds[str(res['seed'])] = {
+        **{s: {'accuracy': _r(stages[s]['accuracy']),
+               'format': _r(stages[s]['format_compliance'])}
+           for s in PATHWAY_STAGES if s in stages},
+        'rm_pair_accuracy': _r(res.get('rm_pair_accuracy')),
+        'reward': {arm: [[s, _r(v)] for s, v in curve['reward']]
+                   for arm, curve in res['grpo_curves'].items()}}
+  if first is None:
+    raise MissingData('--pathway: no run directory given')
+  res, run_dir = first
+  out = _meta('pathway', res, run_dirs, commit, res['wall_s'].get('total_s'))
+  out.update(seed=sorted(seeds), n=res['evaluated'], kinds=res['kinds'], seeds=seeds)
+  return out
+
 
 EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack, 'reversal': extract_reversal,
            'instruction_sft': extract_instruction_sft,
            'dpo_instructions': extract_dpo_instructions,
            'knowledge_injection': extract_knowledge_injection,
            'grpo_instructions': extract_grpo_instructions,
-           'grpo_arithmetic': extract_grpo_arithmetic, 'paprika': extract_paprika}
+           'grpo_arithmetic': extract_grpo_arithmetic, 'paprika': extract_paprika,
+           'pathway': extract_pathway}
 
 
 def save_data(name: str, data: dict, data_dir: str = DATA_DIR) -> str:

@@ -22,6 +22,8 @@ and reads the data files elsewhere (e.g. to look at a run without touching the c
                 (its run directories, one per seed, comma-separated)
   paprika.png   success and consistent-move rates per game for base / SFT / SFT + RPO, and
                 min-p against plain sampling (one run directory per seed, comma-separated)
+  pathway.png   held-out accuracy and format compliance after every stage of both chains of
+                experiments/pathway.py, and the RL stages' reward (one run directory per seed)
 
 The numbers side (extraction from run directories, the data files) is experiments/figure_data.py.
 Needs only matplotlib (the `notebooks` or `test` extra), not JAX.
@@ -384,11 +386,56 @@ def draw_paprika(data: dict, path: str) -> str:
   return _finish(fig, data, path)
 
 
+PATHWAY_LABELS = {'base': 'base', 'sft': 'SFT', 'dpo': 'DPO', 'grpo': 'GRPO', 'grpo_random':
+                  'GRPO\nrandom', 'grpo_format_only': 'GRPO\nformat only',
+                  'llada_base': 'base', 'llada_sft': 'SFT', 'llada_vrpo': 'VRPO',
+                  'llada_grpo': 'diffu-\nGRPO'}
+
+
+def draw_pathway(data: dict, path: str) -> str:
+  plt = _plt()
+  seeds = list(data['seeds'].values())
+  stages = [s for s in PATHWAY_STAGES if all(s in x for x in seeds)]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={'width_ratios': [3, 2]})
+  ax = axes[0]
+  for i, (key, label) in enumerate((('accuracy', 'held-out accuracy'),
+                                    ('format', 'format compliance'))):
+    xs = [j + (i - 0.5) * 0.38 for j in range(len(stages))]
+    _seed_bars(ax, xs, [[x[s][key] for x in seeds] for s in stages], 0.38, f'C{i}', label)
+  llada = [j for j, s in enumerate(stages) if s.startswith('llada')]
+  if llada and len(llada) < len(stages):
+    ax.axvline(llada[0] - 0.5, color='gray', lw=0.8, ls='--')
+    ax.text(llada[0] - 0.4, 1.02, 'LLaDA', fontsize=7, color='gray')
+    ax.text(-0.4, 1.02, 'AR', fontsize=7, color='gray')
+  ax.set_xticks(range(len(stages)), [PATHWAY_LABELS[s] for s in stages], fontsize=7)
+  ax.set_ylim(0, 1.1)
+  rm = [x['rm_pair_accuracy'] for x in seeds if x.get('rm_pair_accuracy') is not None]
+  rm_text = (f'; reward model: {sum(rm) / len(rm):.2f} held-out pair accuracy' if rm else '')
+  ax.set_title(f'Each stage from the one before, {data["n"]} held-out {data["kinds"] or "all"} '
+               f'questions{rm_text}', fontsize=8)
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(0.0, 0.93))
+  ax = axes[1]
+  arms = sorted({a for x in seeds for a in x['reward']}, key=list(PATHWAY_STAGES).index)
+  for i, arm in enumerate(arms):
+    for k, x in enumerate(seeds):
+      if arm in x['reward']:
+        xs, ys = zip(*x['reward'][arm])
+        ax.plot(xs, ys, color=f'C{i + 2}', lw=1, alpha=0.8,
+                label=(('LLaDA ' if arm.startswith('llada') else '') +
+                       PATHWAY_LABELS[arm].replace('\n', ' ') if k == 0 else None))
+  ax.set_xlabel('step', fontsize=8)
+  ax.set_ylabel('mean reward of the sampled answers', fontsize=8)
+  ax.set_title('RL stages: training reward (each arm its own reward; a line per seed)', fontsize=8)
+  ax.legend(fontsize=7)
+  return _finish(fig, data, path)
+
+
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'reversal': draw_reversal,
         'instruction_sft': draw_instruction_sft, 'dpo_instructions': draw_dpo_instructions,
         'knowledge_injection': draw_knowledge_injection,
         'grpo_instructions': draw_grpo_instructions,
-        'grpo_arithmetic': draw_grpo_arithmetic, 'paprika': draw_paprika}
+        'grpo_arithmetic': draw_grpo_arithmetic, 'paprika': draw_paprika,
+        'pathway': draw_pathway}
 
 
 def make_figures(run_dirs: dict | None = None, *, data_dir: str = DATA_DIR, out_dir: str = OUT_DIR,

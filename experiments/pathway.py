@@ -6,9 +6,9 @@
 Every stage starts from the run directory of the one before it (`train.init_from`):
 
   AR     base -> sft -> rm (reward model, scored on held-out pairs)
-                     -> dpo -> grpo              (reward: the checker's verdict)
-                            -> grpo_random       (control: a fair coin)
-                            -> grpo_format_only  (control: right format, right or wrong)
+                     -> dpo (RPO: + the chosen NLL) -> grpo      (the checker's verdict)
+                                                   -> grpo_random       (control: a coin)
+                                                   -> grpo_format_only  (control: format)
   LLaDA  llada_base -> llada_sft -> llada_vrpo -> llada_grpo (diffu-GRPO, the checker's verdict)
 
 The task is the instruction set's questions of `pathway.kinds` (arithmetic by default: a
@@ -74,6 +74,9 @@ def get_config():
   c.rl.temperature = 1.0
   c.rl.eval_max = 128
   c.instructions.lora_rank = 0  # the pathway fine-tunes all params (LoRA: instruction_sft)
+  # DPO with the chosen answer's NLL beside it (RPO): plain DPO lowers this model's accuracy and
+  # format on every seed, RPO raises them (docs/preference.md); VRPO reads the same setting.
+  c.dpo.rpo_alpha = 1.0
   c.pathway = p = ml_collections.ConfigDict()
   p.chains = 'ar,llada'  # which chains run (CHAINS)
   p.kinds = 'arithmetic'  # the task: question kinds of the instruction set ('' = all)
@@ -262,3 +265,30 @@ def run(cfg, workdir: str) -> dict:
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2, default=str)
   return results
+
+
+def markdown_table(data: dict) -> str:
+  """The stages' held-out accuracy and format compliance, mean ± sample std over the seeds of a
+  figure data file (experiments/figure_data.py: extract_pathway) and each seed's value."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  seeds = data['seeds']
+  stat = lambda v: (f'{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}' if len(v) > 1
+                    else f'{v[0]:.3f}')
+  lines = ['| chain | stage | held-out accuracy | per seed | format compliance |',
+           '|---|---|---|---|---|']
+  order = ('base', 'sft', 'dpo', 'grpo', 'grpo_random', 'grpo_format_only', 'llada_base',
+           'llada_sft', 'llada_vrpo', 'llada_grpo')
+  for stage in order:
+    vals = [s[stage] for s in seeds.values() if stage in s]
+    if not vals:
+      continue
+    acc = [v['accuracy'] for v in vals]
+    chain = 'LLaDA' if stage.startswith('llada') else 'AR'
+    lines.append(f'| {chain} | {stage.removeprefix("llada_")} | {stat(acc)} | '
+                 f'{" / ".join(f"{a:.3f}" for a in acc)} | '
+                 f'{stat([v["format"] for v in vals])} |')
+  rm = [s['rm_pair_accuracy'] for s in seeds.values() if s.get('rm_pair_accuracy') is not None]
+  if rm:
+    lines.append(f'| AR | reward model (held-out pair accuracy) | {stat(rm)} | '
+                 f'{" / ".join(f"{a:.3f}" for a in rm)} | |')
+  return '\n'.join(lines)

@@ -92,3 +92,18 @@ def test_both_chains_end_to_end(tmp_path, monkeypatch):
   again = pathway.run(cfg, str(tmp_path / 'run'))
   assert again['grpo_accuracy'] == res['grpo_accuracy'] and len(seen) == 4
   assert os.path.getmtime(tmp_path / 'run' / 'grpo' / 'results.json') == mtime
+
+  # The figure and the notebook's table come from the run directory.
+  pytest.importorskip('matplotlib')
+  figures = config_lib._load_config_module(os.path.join(REPO, 'experiments', 'figures.py'))  # pylint: disable=protected-access
+  assert figures.main(['--pathway', str(tmp_path / 'run'), '--data', str(tmp_path / 'data'),
+                       '--out', str(tmp_path / 'out'), '--only', 'pathway']) == 0
+  assert (tmp_path / 'out' / 'pathway.png').read_bytes()[:4] == b'\x89PNG'
+  data = figures.load_data('pathway', str(tmp_path / 'data'))
+  seed = data['seeds']['0']
+  assert seed['grpo']['accuracy'] == pytest.approx(res['grpo_accuracy'], abs=1e-4)
+  assert seed['rm_pair_accuracy'] == pytest.approx(res['rm_pair_accuracy'], abs=1e-4)
+  assert sorted(seed['reward']) == ['grpo', 'grpo_format_only', 'grpo_random', 'llada_grpo']
+  table = pathway.markdown_table(data)
+  assert table.count('\n') == 1 + 10 + 1  # header rule, ten stages, the reward model
+  assert f"| LLaDA | grpo | {res['llada_grpo_accuracy']:.3f} |" in table

@@ -156,3 +156,17 @@ def test_bad_rows_files_are_named(tmp_path):
   cfg.data.tokenizer = 'sentencepiece'
   with pytest.raises(config_lib.ConfigError, match='tokenizer_path'):
     config_lib.validate(cfg)
+
+
+def test_packed_chat_rows_are_warned_about(tmp_path, caplog):
+  """LLaDA learns where an answer ends from trained eos padding; packed chat rows have none."""
+  model = _SpyModel(np.zeros((1, 4, V), np.float32))
+  for pack, eos_padding, warned in ((True, False, True), (False, True, False)):
+    caplog.clear()
+    cfg = tiny_config(str(tmp_path), **{'task': 'llada_sft', 'objective': 'diffusion',
+                                         'model.causal': False, 'data.corpus': 'chat',
+                                         'data.chat.pack': pack,
+                                         'data.chat.eos_padding': eos_padding})
+    with caplog.at_level('WARNING'):
+      tasks.make(cfg, model)
+    assert ('eos_padding=True' in caplog.text) == warned, caplog.text

@@ -23,6 +23,7 @@ forward question's format.
 """
 from __future__ import annotations
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -94,6 +95,14 @@ class LladaSftTask(Task):
     if model.cfg.causal:
       raise ConfigError("task 'llada_sft' needs a bidirectional model (config.model.causal=False)")
     self.sft_fraction = _fraction(cfg)
+    chat = cfg.data.get('chat')
+    if cfg.data.corpus == 'chat' and chat is not None and not chat.get('eos_padding', False):
+      # Packed rows train one eos per answer; the diffusion sampler fills every generated
+      # position, so such a model never learns to stop (seen: held-out answers all garbage).
+      logging.warning("task 'llada_sft' on packed chat rows: the model never sees an answer "
+                      'followed by eos padding, so its sampled answers run to the end of the '
+                      'generation window; LLaDA pads: set config.data.chat.pack=False and '
+                      'config.data.chat.eos_padding=True')
 
   def batch_fields(self):
     return {**{k: jnp.int32 for k in TOKEN_FIELDS}, 'prompt': jnp.int32,

@@ -84,6 +84,26 @@ def grpo_config_of(cfg, instructions_dir: str, sft_dir: str):
                                          eval_every=e.eval_every, checkpoint_every=e.eval_every)
 
 
+def examples_of_kinds(examples: dict, kinds: str, setting: str) -> tuple[dict, tuple[str, ...]]:
+  """(the splits restricted to the comma-separated question `kinds`, the kinds): every kind one
+  of the instruction set's, every split left non-empty, or a ConfigError naming `setting`.
+  No kinds: the splits as they are."""
+  names = tuple(k.strip() for k in kinds.split(',') if k.strip())
+  if not names:
+    return examples, names
+  have = sorted({e.kind for e in examples['train']})
+  unknown = sorted(set(names) - set(have))
+  if unknown:
+    raise config_lib.ConfigError(f'config.{setting}: {unknown} are not kinds of the instruction '
+                                 f'set ({have})')
+  out = {split: [e for e in exs if e.kind in names] for split, exs in examples.items()}
+  empty = [split for split, exs in out.items() if not exs]
+  if empty:
+    raise config_lib.ConfigError(f'config.{setting}={kinds!r}: the {empty} split(s) hold no '
+                                 'question of those kinds')
+  return out, names
+
+
 def run(cfg, workdir: str) -> dict:
   from pathways_jax.data import instructions  # pylint: disable=g-import-not-at-top
   from pathways_jax.eval import instructions as instr_eval  # pylint: disable=g-import-not-at-top
@@ -93,18 +113,9 @@ def run(cfg, workdir: str) -> dict:
   examples = instruction_sft.instruction_set(cfg)
   inst_dir = os.path.join(workdir, 'instructions')
   paths = instructions.write_splits(examples, inst_dir)
-  kinds = tuple(k.strip() for k in cfg.grpo_exp.kinds.split(',') if k.strip())
-  rl_examples, rl_dir, tag = examples, inst_dir, ''
+  rl_examples, kinds = examples_of_kinds(examples, cfg.grpo_exp.kinds, 'grpo_exp.kinds')
+  rl_dir, tag = inst_dir, ''
   if kinds:
-    unknown = sorted(set(kinds) - {e.kind for e in examples['train']})
-    if unknown:
-      raise config_lib.ConfigError(f'config.grpo_exp.kinds: {unknown} are not kinds of the '
-                                   f'instruction set ({sorted({e.kind for e in examples["train"]})})')
-    rl_examples = {split: [e for e in exs if e.kind in kinds] for split, exs in examples.items()}
-    empty = [split for split, exs in rl_examples.items() if not exs]
-    if empty:
-      raise config_lib.ConfigError(f'config.grpo_exp.kinds={cfg.grpo_exp.kinds!r}: the '
-                                   f'{empty} split(s) hold no question of those kinds')
     tag = '_' + '_'.join(kinds)
     rl_dir = os.path.join(workdir, 'instructions' + tag)
     instructions.write_splits(rl_examples, rl_dir)

@@ -115,20 +115,7 @@ def check(cfg) -> tuple[str, ...]:
 
 def task_examples(cfg, examples: dict) -> dict:
   """The instruction set's splits restricted to `pathway.kinds`, each split non-empty."""
-  kinds = tuple(k.strip() for k in cfg.pathway.kinds.split(',') if k.strip())
-  if not kinds:
-    return examples
-  have = sorted({e.kind for e in examples['train']})
-  unknown = sorted(set(kinds) - set(have))
-  if unknown:
-    raise config_lib.ConfigError(f'config.pathway.kinds: {unknown} are not kinds of the '
-                                 f'instruction set ({have})')
-  out = {split: [e for e in exs if e.kind in kinds] for split, exs in examples.items()}
-  empty = [split for split, exs in out.items() if not exs]
-  if empty:
-    raise config_lib.ConfigError(f'config.pathway.kinds={cfg.pathway.kinds!r}: the {empty} '
-                                 'split(s) hold no question of those kinds')
-  return out
+  return grpo_instructions.examples_of_kinds(examples, cfg.pathway.kinds, 'pathway.kinds')[0]
 
 
 def llada_config_of(cfg):

@@ -472,6 +472,20 @@ def test_a_reward_model_scores_prompt_and_completion(base, tmp_path):
 # ------------------------------------------------------------------ diffu-GRPO (LLaDA policies)
 
 
+def _llada(**kw):
+  return {'objective': 'diffusion', 'model.causal': False, **kw}
+
+
+@pytest.fixture(scope='module')
+def llada_base(base):
+  """A tiny LLaDA model (30 pretraining steps) the diffu-GRPO tests start from."""
+  from pathways_jax.train import loop
+  loop.train(tiny_config(str(base / 'cache'), **_llada(**{'train.steps': 30,
+                                                           'sample.prompts': ()})),
+             str(base / 'llada_pre'), quiet=True)
+  return str(base / 'llada_pre')
+
+
 def test_diffusion_estimator_inputs_and_completion_masks():
   from pathways_jax.rl import diffusion as dl
   gen = np.array([[5, 2, 2, 2], [5, 6, 7, 8], [2, 9, 2, 9]])
@@ -493,16 +507,14 @@ def test_diffusion_estimator_inputs_and_completion_masks():
                              np.take_along_axis(lsm, ids[..., None], -1)[..., 0], atol=1e-5)
 
 
-def test_diffu_grpo_raises_a_learnable_reward_with_the_reference_on_the_same_mask(base, tmp_path):
+def test_diffu_grpo_raises_a_learnable_reward_with_the_reference_on_the_same_mask(base, llada_base,
+                                                                                tmp_path):
   """A LLaDA policy: rollouts from the diffusion sampler, d1's estimate. With beta > 0 the
   reference (the start model) reads the same masked input, so at step 1 the KL is 0."""
   from pathways_jax.train import loop
-  llada = lambda **kw: {'objective': 'diffusion', 'model.causal': False, **kw}
-  loop.train(tiny_config(str(base / 'cache'), **llada(**{'train.steps': 30,
-                                                          'sample.prompts': ()})),
-             str(tmp_path / 'pre'), quiet=True)
+  llada = _llada
   res = loop.train(_cfg(base, **llada(**{
-      'train.init_from': str(tmp_path / 'pre'), 'rl.beta': 0.01, 'rl.diffusion_steps': 3,
+      'train.init_from': llada_base, 'rl.beta': 0.01, 'rl.diffusion_steps': 3,
       'train.steps': 12, 'data.validation_path': str(base / 'prompts.jsonl'), 'rl.eval_max': 8,
       'rl.eval_batch': 8})), str(tmp_path / 'rl'), quiet=True)
   reward, kl = _by_step(tmp_path / 'rl', 'reward'), _by_step(tmp_path / 'rl', 'kl')
@@ -583,19 +595,16 @@ def test_coupled_log_probs_are_the_three_passes_combined(base):
   np.testing.assert_allclose(got[:, P:], want[:, P:], atol=2e-4)
 
 
-def test_coupled_diffu_grpo_trains_and_is_refused_for_ar_policies(base, tmp_path):
+def test_coupled_diffu_grpo_trains_and_is_refused_for_ar_policies(base, llada_base, tmp_path):
   """The coupled estimator through the trainer: the reward rises, the KL to the start model is 0
   at step 1 (the reference reads the same three passes), and the setting is checked."""
   from pathways_jax import tasks
   from pathways_jax.config import ModelConfig
   from pathways_jax.models.transformer import Transformer
   from pathways_jax.train import loop
-  llada = lambda **kw: {'objective': 'diffusion', 'model.causal': False, **kw}
-  loop.train(tiny_config(str(base / 'cache'), **llada(**{'train.steps': 30,
-                                                          'sample.prompts': ()})),
-             str(tmp_path / 'pre'), quiet=True)
+  llada = _llada
   res = loop.train(_cfg(base, **llada(**{
-      'train.init_from': str(tmp_path / 'pre'), 'rl.beta': 0.01, 'rl.diffusion_steps': 3,
+      'train.init_from': llada_base, 'rl.beta': 0.01, 'rl.diffusion_steps': 3,
       'rl.diffusion_estimator': 'coupled', 'train.steps': 12})), str(tmp_path / 'rl'),
       quiet=True)
   reward, kl = _by_step(tmp_path / 'rl', 'reward'), _by_step(tmp_path / 'rl', 'kl')

@@ -379,7 +379,7 @@ def extract_pathway(run_dirs: str, commit: str | None = None) -> dict:
     seeds[str(res['seed'])] = {
         **{s: {'accuracy': _r(stages[s]['accuracy']),
                'format': _r(stages[s]['format_compliance'])}
-           for s in PATHWAY_STAGES if s in stages},
+           for s in PATHWAY_STAGES if stages.get(s, {}).get('accuracy') is not None},
         'rm_pair_accuracy': _r(res.get('rm_pair_accuracy')),
         'reward': {arm: [[s, _r(v)] for s, v in curve['reward']]
                    for arm, curve in res['grpo_curves'].items()}}

@@ -26,6 +26,11 @@ pairs and DPO; VRPO uses the same with `vrpo`), reward_instructions (`rm`, `rewa
 grpo_instructions (`grpo_exp`, `rl`). `pathway` holds what is new: the chains, the task, and the
 LLaDA chain's own step counts.
 
+A chain whose SFT model gives no preference pair (every training question answered all right or
+all wrong in `dpo_exp.samples` draws) skips its preference stages, says so, and records them as
+skipped; its RL stage then starts from the SFT model. Without held-out pairs, they train with
+no validation.
+
 Each stage is skipped once finished (a run directory whose results.json says completed; pairs
 once written), so the same command resumes. WORKDIR may be an instruction_sft / dpo_instructions
 workdir of the same config and seed: base and sft are then reused.
@@ -56,6 +61,7 @@ reward_instructions = _load('reward_instructions')
 grpo_instructions = _load('grpo_instructions')
 
 CHAINS = ('ar', 'llada')
+PREFERENCE_TASKS = ('reward_model', 'dpo', 'vrpo')  # trained on the chain's pairs
 GRPO_ARMS = ('grpo', 'grpo_random', 'grpo_format_only')  # grpo_instructions.ARMS' rewards
 # results.json's flat keys: held-out accuracy of a stage, by the issue's names.
 ACCURACY_KEYS = {'sft': 'sft_accuracy', 'dpo': 'dpo_accuracy', 'grpo': 'grpo_accuracy',
@@ -135,8 +141,8 @@ def llada_config_of(cfg):
 
 def make_pairs(cfg, sft_dir: str, task: dict, pairs_dir: str) -> dict:
   """(right, wrong) pairs of the SFT model's own sampled answers to the task's training and
-  held-out questions -> pairs_dir/{train,heldout}.jsonl (held-out: validation only); counts.
-  Written once (pairs_dir/counts.json)."""
+  held-out questions -> pairs_dir/{train,heldout}.jsonl (held-out: validation only; a split
+  without a pair has no file); counts. Written once (pairs_dir/counts.json)."""
   counts_path = os.path.join(pairs_dir, 'counts.json')
   if not os.path.exists(counts_path):
     os.makedirs(pairs_dir, exist_ok=True)
@@ -145,11 +151,8 @@ def make_pairs(cfg, sft_dir: str, task: dict, pairs_dir: str) -> dict:
       answers = dpo_instructions._answers(sft_dir, task[split], cfg, seed=cfg.seed * 1000 + salt)  # pylint: disable=protected-access
       records, counts[split] = dpo_instructions.make_pairs(
           task[split], answers, per_question=cfg.dpo_exp.pairs_per_question, seed=cfg.seed)
-      if not records:
-        raise RuntimeError(f'{sft_dir} answered every {split} question of the task all right or '
-                           f'all wrong in {cfg.dpo_exp.samples} samples: no preference pair '
-                           f'({counts[split]}); raise dpo_exp.samples or dpo_exp.temperature')
-      dpo_instructions._write_jsonl(records, os.path.join(pairs_dir, f'{split}.jsonl'))  # pylint: disable=protected-access
+      if records:  # none: no question got both a right and a wrong answer (run() says so)
+        dpo_instructions._write_jsonl(records, os.path.join(pairs_dir, f'{split}.jsonl'))  # pylint: disable=protected-access
       print(f'pairs ({split}) from {sft_dir}: {counts[split]}')
     with open(counts_path, 'w') as f:
       json.dump({**counts, 'wall_s': time.perf_counter() - t0}, f, indent=2)
@@ -222,6 +225,7 @@ def run(cfg, workdir: str) -> dict:
   if 'llada' in chains:
     plan += llada_stages(cfg, workdir, paths, task_dir)
   stages, pairs, curves, wall = {}, {}, {}, {}
+  skipped = {}  # stage -> the stage the next one starts from instead
   for name, parent, stage_cfg in plan:
     run_dir = os.path.join(workdir, name)
     t0 = time.perf_counter()
@@ -229,6 +233,21 @@ def run(cfg, workdir: str) -> dict:
       pairs[name] = make_pairs(cfg, os.path.join(workdir, parent), task, run_dir)
       wall[f'{name}_s'] = time.perf_counter() - t0
       continue
+    while parent in skipped:  # start from the stage before a skipped one
+      parent = skipped[parent]
+      stage_cfg.train.init_from = os.path.abspath(os.path.join(workdir, parent))
+    if stage_cfg.task in PREFERENCE_TASKS:
+      got = pairs['llada_pairs' if name.startswith('llada') else 'pairs']
+      if not got['train']['pairs']:
+        # A model that answers every training question all right or all wrong in
+        # dpo_exp.samples draws gives no pair: the stage is skipped, said, and recorded.
+        print(f'{name}: skipped, no preference pair ({got["train"]}); the next stage starts '
+              f'from {parent}')
+        stages[name] = {'start': parent, 'task': stage_cfg.task, 'skipped': 'no preference pair'}
+        skipped[name] = parent
+        continue
+      if not got['heldout']['pairs']:
+        stage_cfg.data.validation_path = ''
     res = loop.train_stage(stage_cfg, run_dir)
     wall[f'{name}_train_s'] = time.perf_counter() - t0
     entry = {'start': parent, 'task': stage_cfg.task}
@@ -252,8 +271,8 @@ def run(cfg, workdir: str) -> dict:
   wall['total_s'] = time.perf_counter() - start
   results = {'status': 'completed', 'seed': cfg.seed, 'chains': list(chains),
              'kinds': cfg.pathway.kinds, 'evaluated': len(heldout),
-             **{key: stages[s]['accuracy'] for s, key in ACCURACY_KEYS.items() if s in stages},
-             **({'rm_pair_accuracy': stages['rm']['pair_accuracy']} if 'rm' in stages else {}),
+             **{key: stages[s].get('accuracy') for s, key in ACCURACY_KEYS.items() if s in stages},
+             **({'rm_pair_accuracy': stages['rm'].get('pair_accuracy')} if 'rm' in stages else {}),
              'stages': stages, 'pairs': pairs, 'grpo_curves': curves, 'wall_s': wall,
              'date': datetime.date.today().isoformat(), 'device': dpo_instructions.device(),
              'config': json.loads(cfg.to_json_best_effort())}

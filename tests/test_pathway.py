@@ -107,3 +107,22 @@ def test_both_chains_end_to_end(tmp_path, monkeypatch):
   table = pathway.markdown_table(data)
   assert table.count('\n') == 1 + 10 + 1  # header rule, ten stages, the reward model
   assert f"| LLaDA | grpo | {res['llada_grpo_accuracy']:.3f} |" in table
+
+
+def test_a_chain_without_preference_pairs_skips_to_rl_from_sft(tmp_path, monkeypatch):
+  """A LLaDA SFT model that gets every question wrong gives no pair: VRPO is skipped and said so,
+  and diffu-GRPO starts from the SFT model."""
+  pathway = _pathway()
+  monkeypatch.setattr(pathway.dpo_instructions, '_answers',
+                      lambda run_dir, examples, cfg, seed: [['no idea'] * 2 for _ in examples])
+  cfg = _tiny(tmp_path, pathway)
+  cfg.pathway.chains = 'llada'
+  res = pathway.run(cfg, str(tmp_path / 'run'))
+  assert res['stages']['llada_vrpo'] == {'start': 'llada_sft', 'task': 'vrpo',
+                                         'skipped': 'no preference pair'}
+  assert res['llada_vrpo_accuracy'] is None and 0 <= res['llada_grpo_accuracy'] <= 1
+  assert res['stages']['llada_grpo']['start'] == 'llada_sft'
+  saved = json.loads((tmp_path / 'run' / 'llada_grpo' / 'config.json').read_text())
+  assert os.path.basename(saved['train']['init_from']) == 'llada_sft'
+  assert not (tmp_path / 'run' / 'llada_vrpo').exists()
+  assert 'sft_accuracy' not in res  # the AR chain did not run

@@ -87,6 +87,31 @@ def test_both_chains_end_to_end(tmp_path, monkeypatch):
   assert [s for s, _ in res['grpo_curves']['grpo_random']['reward']] == [1, 2]
   assert json.loads((tmp_path / 'run' / 'results.json').read_text())['status'] == 'completed'
 
+  # The LLaDA evaluation: each prompt of a left-padded batch answers as it does alone, and alone
+  # as the diffusion sampler answers it (max_new_tokens masks, one token per step, one block),
+  # cut at the first eos.
+  import jax
+  from pathways_jax.data import instructions
+  from pathways_jax.eval import instructions as instr_eval
+  from pathways_jax.sample import load_run
+  from pathways_jax.sampling import diffusion
+  _, model, params, tok = load_run(str(tmp_path / 'run' / 'llada_sft'))
+  held4 = instructions.read_jsonl(str(tmp_path / 'run' / 'instructions' / 'heldout.jsonl'))[:4]
+  assert len({len(instr_eval.prompt_tokens(tok, e)) for e in held4}) > 1
+  together = instr_eval.generate_outputs(model, params, tok, held4, batch_size=4,
+                                         max_new_tokens=6)
+  alone = [instr_eval.generate_outputs(model, params, tok, [e], batch_size=1,
+                                       max_new_tokens=6)[0] for e in held4]
+  assert together == alone
+  for e, out in zip(held4, alone):
+    prompt = instr_eval.prompt_tokens(tok, e)
+    ids = [int(t) for t in diffusion.generate(
+        model, params, prompt[None], mask_id=tok.mask_id, key=jax.random.key(0), gen_length=6,
+        steps=6, block_length=6)[0, len(prompt):]]
+    assert out['finished'] == (tok.eos_id in ids)
+    ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+    assert out['text'] == tok.decode([i for i in ids if i not in set(tok.special_ids)])
+
   # The same command again: every stage is finished, none retrains, the pairs are not redrawn.
   mtime = os.path.getmtime(tmp_path / 'run' / 'grpo' / 'results.json')
   again = pathway.run(cfg, str(tmp_path / 'run'))

@@ -29,7 +29,8 @@ def _tiny(tmp_path, pathway):
   cfg.grpo_exp.update(steps=2, eval_every=2, prompts=2, prompt_len=160)
   cfg.rl.update(num_generations=2, max_new_tokens=6, eval_max=2, rewards='')
   cfg.vrpo.update(n_t=2)
-  cfg.pathway.update(llada_base_steps=2, llada_sft_steps=2)
+  cfg.pathway.update(llada_base_steps=2, llada_sft_steps=2, preference_epochs=0.5,
+                     llada_grpo_steps=2)
   return cfg
 
 

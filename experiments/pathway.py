@@ -280,7 +280,8 @@ def run(cfg, workdir: str) -> dict:
         set_epochs(stage_cfg, os.path.join(workdir, parent), cfg.pathway.preference_epochs)
     res = loop.train_stage(stage_cfg, run_dir)
     wall[f'{name}_train_s'] = time.perf_counter() - t0
-    entry = {'start': parent, 'task': stage_cfg.task}
+    # The stage's own training time, also when this call found it finished.
+    entry = {'start': parent, 'task': stage_cfg.task, 'train_wall_s': res.get('wall_s')}
     if stage_cfg.task == 'reward_model':
       entry['pair_accuracy'] = res.get('val_accuracy')
       entry['pair_margin'] = res.get('val_margin')

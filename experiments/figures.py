@@ -413,7 +413,7 @@ def draw_pathway(data: dict, path: str) -> str:
   rm_text = (f'; reward model: {sum(rm) / len(rm):.2f} held-out pair accuracy' if rm else '')
   ax.set_title(f'Each stage from the one before, {data["n"]} held-out {data["kinds"] or "all"} '
                f'questions{rm_text}', fontsize=8)
-  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(0.0, 0.93))
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(0.0, 0.96))
   ax = axes[1]
   arms = sorted({a for x in seeds for a in x['reward']}, key=list(PATHWAY_STAGES).index)
   for i, arm in enumerate(arms):
@@ -422,7 +422,8 @@ def draw_pathway(data: dict, path: str) -> str:
         xs, ys = zip(*x['reward'][arm])
         ax.plot(xs, ys, color=f'C{i + 2}', lw=1, alpha=0.8,
                 label=(('LLaDA ' if arm.startswith('llada') else '') +
-                       PATHWAY_LABELS[arm].replace('\n', ' ') if k == 0 else None))
+                       PATHWAY_LABELS[arm].replace('-\n', '-').replace('\n', ' ')
+                       if k == 0 else None))
   ax.set_xlabel('step', fontsize=8)
   ax.set_ylabel('mean reward of the sampled answers', fontsize=8)
   ax.set_title('RL stages: training reward (each arm its own reward; a line per seed)', fontsize=8)

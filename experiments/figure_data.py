@@ -382,11 +382,13 @@ def extract_pathway(run_dirs: str, commit: str | None = None) -> dict:
            for s in PATHWAY_STAGES if stages.get(s, {}).get('accuracy') is not None},
         'rm_pair_accuracy': _r(res.get('rm_pair_accuracy')),
         'reward': {arm: [[s, _r(v)] for s, v in curve['reward']]
-                   for arm, curve in res['grpo_curves'].items()}}
+                   for arm, curve in res['grpo_curves'].items()},
+        # the stages' own training times (a rerun that finds them finished takes seconds)
+        'stage_time_s': _r(sum(e.get('train_wall_s') or 0.0 for e in stages.values()), 1)}
   if first is None:
     raise MissingData('--pathway: no run directory given')
   res, run_dir = first
-  out = _meta('pathway', res, run_dirs, commit, res['wall_s'].get('total_s'))
+  out = _meta('pathway', res, run_dirs, commit, seeds[str(res['seed'])]['stage_time_s'])
   out.update(seed=sorted(seeds), n=res['evaluated'], kinds=res['kinds'], seeds=seeds)
   return out
 

@@ -100,8 +100,8 @@ def get_config():
   # dpo_instructions' 200 steps are 2.7 passes over its ~2300 pairs.
   p.preference_epochs = 3.0
   # diffu-GRPO's steps (the AR GRPO takes grpo_exp.steps): each LLaDA rollout decodes its
-  # completions with max_new_tokens full-row forward passes (no KV cache), about 10x an AR
-  # step's time on a CPU.
+  # completions with max_new_tokens full-row forward passes (no KV cache); a step took 4-5x an
+  # AR GRPO step on the 2-core CPU (docs/rl.md).
   p.llada_grpo_steps = 30
   return c
 

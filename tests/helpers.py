@@ -188,3 +188,17 @@ def assert_resume_is_exact(make_cfg, tmp_path, *, sigterm_at: int = 3, stop_at: 
   assert loop.train(make_cfg(), part, quiet=True)['step'] == steps
   want, got = logged_losses(full), logged_losses(part)
   assert sorted(want) == list(range(1, steps + 1)) and got == want, (got, want)
+
+
+def assert_answers_as_alone(model, params, tokenizer, examples, max_new_tokens: int, **kw):
+  """Instruction prompts of different lengths share a left-padded batch, and each is answered
+  as it is alone (pathways_jax.eval.instructions); returns the outputs alone."""
+  from pathways_jax.eval import instructions as instr_eval  # pylint: disable=g-import-not-at-top
+  assert len({len(instr_eval.prompt_tokens(tokenizer, e)) for e in examples}) > 1
+  together = instr_eval.generate_outputs(model, params, tokenizer, examples,
+                                         batch_size=len(examples), max_new_tokens=max_new_tokens,
+                                         **kw)
+  alone = [instr_eval.generate_outputs(model, params, tokenizer, [e], batch_size=1,
+                                       max_new_tokens=max_new_tokens, **kw)[0] for e in examples]
+  assert together == alone
+  return alone

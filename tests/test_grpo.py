@@ -1,76 +1,19 @@
 """The 'grpo' task: rollouts inside the loop, rewards, advantages, minibatches, references,
-dynamic sampling, held-out evaluation, exact resume and bad input."""
+dynamic sampling, held-out evaluation, exact resume and bad input (LLaDA policies:
+tests/test_diffu_grpo.py)."""
 import json
 
 import jax
 import numpy as np
 import pytest
 
+from grpo_helpers import BYTES, NEW, _by_step, _cfg, _metrics, base  # pylint: disable=unused-import
 from helpers import assert_resume_is_exact, tiny_config
 from pathways_jax.config import ConfigError
-from pathways_jax.data import tokenizers
 from pathways_jax.objectives import preference
 from pathways_jax.rl import batch as batch_lib
 from pathways_jax.rl import prompts as prompts_lib
 from pathways_jax.rl import rewards as rewards_lib
-
-BYTES = tokenizers.ByteTokenizer()
-NEW = 6  # rl.max_new_tokens
-
-
-def _spaces(record, text):
-  """A reward a few steps can learn: the share of spaces (frequent in the pretraining text)."""
-  del record
-  return text.count(' ') / NEW
-
-
-def _flaky(record, text):
-  """Raises on odd ids, NaN on even ones: both must score 0 and be counted."""
-  del text
-  if record['id'] % 2:
-    raise KeyError('no such thing')
-  return float('nan')
-
-
-def _half_constant(record, text):
-  """Every completion of an even-id prompt gets 1 (a zero-variance group)."""
-  return 1.0 if record['id'] % 2 == 0 else _spaces(record, text)
-
-
-rewards_lib.REWARDS.update(spaces=rewards_lib.Reward(_spaces),
-                           one=rewards_lib.Reward(lambda record, text: 1.0),
-                           flaky=rewards_lib.Reward(_flaky, requires=('id',)),
-                           half_constant=rewards_lib.Reward(_half_constant, requires=('id',)))
-
-
-def _metrics(workdir):
-  with open(workdir / 'metrics.jsonl') as f:
-    return [json.loads(line) for line in f]
-
-
-def _by_step(workdir, key):
-  return {r['step']: r[key] for r in _metrics(workdir) if key in r}
-
-
-@pytest.fixture(scope='module')
-def base(tmp_path_factory):
-  from pathways_jax.train import loop
-  base = tmp_path_factory.mktemp('grpo')
-  loop.train(tiny_config(str(base / 'cache'), **{'train.steps': 30, 'sample.prompts': ()}),
-             str(base / 'pre'), quiet=True)
-  with open(base / 'prompts.jsonl', 'w') as f:
-    for i in range(40):
-      f.write(json.dumps({'prompt': f'Tell {i}', 'answer': 'x', 'id': i}) + '\n')
-  return base
-
-
-def _cfg(base, **kw):
-  return tiny_config(str(base / 'cache'), **{
-      'task': 'grpo', 'data.corpus': 'prompts', 'data.path': str(base / 'prompts.jsonl'),
-      'data.seq_len': 48, 'data.batch_size': 4, 'train.init_from': str(base / 'pre'),
-      'train.steps': 12, 'train.lr': 1e-2, 'train.warmup_steps': 0,
-      'rl.num_generations': 8, 'rl.max_new_tokens': NEW, 'rl.rewards': 'spaces',
-      'sample.prompts': (), **kw})
 
 
 def test_training_rows_score_the_tokens_the_sampler_drew(base):
@@ -467,155 +410,3 @@ def test_a_reward_model_scores_prompt_and_completion(base, tmp_path):
   assert 0 <= m['reward/think_ok'] <= 1
   with pytest.raises(ConfigError, match='rl.reward_model'):
     loop.train(_cfg(base, **{'rl.rewards': 'reward_model'}), str(tmp_path / 'no_rm'), quiet=True)
-
-
-# ------------------------------------------------------------------ diffu-GRPO (LLaDA policies)
-
-
-def _llada(**kw):
-  return {'objective': 'diffusion', 'model.causal': False, **kw}
-
-
-@pytest.fixture(scope='module')
-def llada_base(base):
-  """A tiny LLaDA model (30 pretraining steps) the diffu-GRPO tests start from."""
-  from pathways_jax.train import loop
-  loop.train(tiny_config(str(base / 'cache'), **_llada(**{'train.steps': 30,
-                                                           'sample.prompts': ()})),
-             str(base / 'llada_pre'), quiet=True)
-  return str(base / 'llada_pre')
-
-
-def test_diffusion_estimator_inputs_and_completion_masks():
-  from pathways_jax.rl import diffusion as dl
-  gen = np.array([[5, 2, 2, 2], [5, 6, 7, 8], [2, 9, 2, 9]])
-  np.testing.assert_array_equal(dl.completion_mask(gen, eos_id=2),
-                                [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
-  tokens = np.arange(1, 1 + 3 * 7).reshape(3, 7)
-  prompt_mask = np.array([[0, 1, 1], [1, 1, 1], [0, 0, 1]])
-  masked = dl.masked_inputs(tokens, prompt_mask, mask_id=99, p=0.5, rng=np.random.default_rng(0))
-  assert (masked[:, 3:] == 99).all()  # the completion: always masked
-  hidden = masked[:, :3] == 99
-  assert not hidden[prompt_mask == 0].any() and hidden[prompt_mask == 1].any()
-  np.testing.assert_array_equal(masked[:, :3][~hidden], tokens[:, :3][~hidden])
-  assert not (dl.masked_inputs(tokens, prompt_mask, mask_id=99, p=0.0,
-                               rng=np.random.default_rng(0))[:, :3] == 99).any()
-  logits = np.random.default_rng(1).normal(size=(3, 7, 11)).astype(np.float32)
-  ids = np.random.default_rng(2).integers(0, 11, size=(3, 7))
-  lsm = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  np.testing.assert_allclose(dl.token_logps(logits, ids),
-                             np.take_along_axis(lsm, ids[..., None], -1)[..., 0], atol=1e-5)
-
-
-def test_diffu_grpo_raises_a_learnable_reward_with_the_reference_on_the_same_mask(base, llada_base,
-                                                                                tmp_path):
-  """A LLaDA policy: rollouts from the diffusion sampler, d1's estimate. With beta > 0 the
-  reference (the start model) reads the same masked input, so at step 1 the KL is 0."""
-  from pathways_jax.train import loop
-  llada = _llada
-  res = loop.train(_cfg(base, **llada(**{
-      'train.init_from': llada_base, 'rl.beta': 0.01, 'rl.diffusion_steps': 3,
-      'train.steps': 12, 'data.validation_path': str(base / 'prompts.jsonl'), 'rl.eval_max': 8,
-      'rl.eval_batch': 8})), str(tmp_path / 'rl'), quiet=True)
-  reward, kl = _by_step(tmp_path / 'rl', 'reward'), _by_step(tmp_path / 'rl', 'kl')
-  assert res['status'] == 'completed' and 0 <= res['val_spaces'] <= 1
-  assert kl[1] < 1e-12 and kl[12] > 1e-3, kl  # 0 to rounding (1e-16 seen)
-  first, last = np.mean([reward[s] for s in (1, 2, 3)]), np.mean([reward[s] for s in (10, 11, 12)])
-  assert last > first + 0.1, reward
-  m = _metrics(tmp_path / 'rl')[0]
-  assert m['ratio/mean'] == pytest.approx(1.0, abs=1e-6)
-  from pathways_jax import tasks
-  from pathways_jax.config import ModelConfig
-  from pathways_jax.models.transformer import Transformer
-  model = Transformer(ModelConfig.from_config(_cfg(base, **llada()).model, vocab_size=264))
-  with pytest.raises(ConfigError, match='diffu-GRPO'):
-    tasks.make(_cfg(base, **llada(**{'rl.scale': 'gae', 'model.scalar_head': True})), model)
-
-
-def test_coupled_masks_are_complementary_and_weighted_by_their_ratio():
-  """DiffuCoder's coupled estimate: every generated position masked in exactly one of the two
-  passes, weighted 1/t there (pass a) or 1/(1 - t) (pass b); the prompt in neither."""
-  from pathways_jax.rl import diffusion as dl
-  in_a, weight = dl.coupled_masks(3, (4000, 8), t_min=0.2, t_max=0.8,
-                                  rng=np.random.default_rng(0))
-  assert not in_a[:, :3].any() and (weight[:, :3] == 0).all()
-  gen_a, gen_w = in_a[:, 3:] > 0, weight[:, 3:]
-  t = np.array([1 / w[a][0] if a.any() else 1 - 1 / w[0] for a, w in zip(gen_a, gen_w)])
-  assert t.min() >= 0.2 and t.max() <= 0.8 and abs(t.mean() - 0.5) < 0.02
-  np.testing.assert_allclose(gen_w, np.where(gen_a, 1 / t[:, None], 1 / (1 - t[:, None])),
-                             rtol=1e-5)
-  # the share of a row's generated positions in pass a follows its own t
-  assert np.corrcoef(t, gen_a.mean(1))[0, 1] > 0.5
-  tokens = np.arange(10, 10 + 2 * 8, dtype=np.int32).reshape(2, 8)
-  a, b = dl.coupled_inputs(tokens, in_a[:2], weight[:2], mask_id=99)
-  a, b = np.asarray(a), np.asarray(b)
-  np.testing.assert_array_equal(a[:, :3], tokens[:, :3])
-  np.testing.assert_array_equal(b[:, :3], tokens[:, :3])
-  assert ((a[:, 3:] == 99) ^ (b[:, 3:] == 99)).all()  # each generated token masked once
-  np.testing.assert_array_equal(a[:, 3:] == 99, in_a[:2, 3:] > 0)
-
-
-def test_coupled_log_probs_are_the_three_passes_combined(base):
-  """The task's coupled estimate against three separate forward passes of the model and a numpy
-  log-softmax: (one-step + w * the masking pass) / 2 per generated token."""
-  import jax.numpy as jnp
-  from pathways_jax import tasks
-  from pathways_jax.config import ModelConfig
-  from pathways_jax.models.transformer import Transformer
-  from pathways_jax.rl import diffusion as dl
-  cfg = _cfg(base, **{'objective': 'diffusion', 'model.causal': False,
-                      'rl.diffusion_estimator': 'coupled', 'rl.temperature': 0.7})
-  cfg.data.mask_id = BYTES.mask_id
-  model = Transformer(ModelConfig.from_config(cfg.model, vocab_size=264))
-  task = tasks.make(cfg, model)
-  rng = np.random.default_rng(0)
-  P, N, T = 5, 3, 9
-  tokens = rng.integers(3, 200, size=(N, T)).astype(np.int32)
-  prompt_mask = np.ones((N, P), np.int32)
-  batch = {'tokens': tokens, 'segment_ids': np.ones((N, T), np.int32),
-           'positions': np.tile(np.arange(T, dtype=np.int32), (N, 1)),
-           'masked_tokens': dl.masked_inputs(tokens, prompt_mask, mask_id=BYTES.mask_id, p=0.3,
-                                             rng=rng)}
-  batch['coupled_mask'], batch['coupled_weight'] = dl.coupled_masks(P, (N, T), t_min=0.2,
-                                                                    t_max=0.8, rng=rng)
-  params = model.init(jax.random.key(0), jnp.asarray(tokens))['params']
-  got = np.asarray(task._token_logps(model, params, {k: jnp.asarray(v) for k, v in batch.items()}))
-
-  def logp(inputs):
-    logits = np.asarray(model.apply({'params': params}, jnp.asarray(inputs)), np.float64) / 0.7
-    lsm = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
-    return np.take_along_axis(lsm, tokens[..., None], -1)[..., 0]
-
-  in_a = batch['coupled_mask'] > 0
-  pass_a = np.where(in_a, BYTES.mask_id, tokens)
-  pass_b = np.where((batch['coupled_weight'] > 0) & ~in_a, BYTES.mask_id, tokens)
-  want = 0.5 * (logp(batch['masked_tokens']) +
-                batch['coupled_weight'] * np.where(in_a, logp(pass_a), logp(pass_b)))
-  np.testing.assert_allclose(got[:, P:], want[:, P:], atol=2e-4)
-
-
-def test_coupled_diffu_grpo_trains_and_is_refused_for_ar_policies(base, llada_base, tmp_path):
-  """The coupled estimator through the trainer: the reward rises, the KL to the start model is 0
-  at step 1 (the reference reads the same three passes), and the setting is checked."""
-  from pathways_jax import tasks
-  from pathways_jax.config import ModelConfig
-  from pathways_jax.models.transformer import Transformer
-  from pathways_jax.train import loop
-  llada = _llada
-  res = loop.train(_cfg(base, **llada(**{
-      'train.init_from': llada_base, 'rl.beta': 0.01, 'rl.diffusion_steps': 3,
-      'rl.diffusion_estimator': 'coupled', 'train.steps': 12})), str(tmp_path / 'rl'),
-      quiet=True)
-  reward, kl = _by_step(tmp_path / 'rl', 'reward'), _by_step(tmp_path / 'rl', 'kl')
-  assert res['status'] == 'completed' and kl[1] < 1e-12 and kl[12] > 1e-3, kl
-  first, last = np.mean([reward[s] for s in (1, 2, 3)]), np.mean([reward[s] for s in (10, 11, 12)])
-  assert last > first + 0.1, reward
-  model = Transformer(ModelConfig.from_config(_cfg(base).model, vocab_size=264))
-  with pytest.raises(ConfigError, match='applies to LLaDA policies'):
-    tasks.make(_cfg(base, **{'rl.diffusion_estimator': 'coupled'}), model)
-  lmodel = Transformer(ModelConfig.from_config(_cfg(base, **llada()).model, vocab_size=264))
-  for key, value, match in (('rl.diffusion_estimator', 'wd1', "is not 'd1' or 'coupled'"),
-                            ('rl.coupled_t_max', 1.0, 'coupled_t_min <= coupled_t_max < 1')):
-    with pytest.raises(ConfigError, match=match):
-      tasks.make(_cfg(base, **llada(**{key: value})), lmodel)

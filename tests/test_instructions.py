@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, cli, tiny_config
+from helpers import assert_answers_as_alone, REPO, cli, tiny_config
 from pathways_jax import config as config_lib
 from pathways_jax import tasks
 from pathways_jax.data import chat, sft, synthetic, tokenizers
@@ -221,9 +221,4 @@ def test_the_experiment_end_to_end_on_tiny_settings(tmp_path):
   from pathways_jax.sample import load_run
   _, model, params, tok = load_run(str(tmp_path / 'run' / 'sft'))
   heldout = I.read_jsonl(str(tmp_path / 'run' / 'instructions' / 'heldout.jsonl'))[:5]
-  assert len({len(instr_eval.prompt_tokens(tok, e)) for e in heldout}) > 1
-  together = instr_eval.generate_outputs(model, params, tok, heldout, batch_size=5,
-                                         max_new_tokens=6)
-  alone = [instr_eval.generate_outputs(model, params, tok, [e], batch_size=1,
-                                       max_new_tokens=6)[0] for e in heldout]
-  assert together == alone
+  assert_answers_as_alone(model, params, tok, heldout, max_new_tokens=6)

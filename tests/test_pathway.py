@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers import REPO, tiny_config
+from helpers import REPO, assert_answers_as_alone, tiny_config
 from pathways_jax import config as config_lib
 
 
@@ -98,20 +98,23 @@ def test_both_chains_end_to_end(tmp_path, monkeypatch):
   from pathways_jax.sampling import diffusion
   _, model, params, tok = load_run(str(tmp_path / 'run' / 'llada_sft'))
   held4 = instructions.read_jsonl(str(tmp_path / 'run' / 'instructions' / 'heldout.jsonl'))[:4]
-  assert len({len(instr_eval.prompt_tokens(tok, e)) for e in held4}) > 1
-  together = instr_eval.generate_outputs(model, params, tok, held4, batch_size=4,
-                                         max_new_tokens=6)
-  alone = [instr_eval.generate_outputs(model, params, tok, [e], batch_size=1,
-                                       max_new_tokens=6)[0] for e in held4]
-  assert together == alone
-  for e, out in zip(held4, alone):
-    prompt = instr_eval.prompt_tokens(tok, e)
+  alone = assert_answers_as_alone(model, params, tok, held4, max_new_tokens=6)
+
+  def sampler_answer(example, window, block):
+    prompt = instr_eval.prompt_tokens(tok, example)
     ids = [int(t) for t in diffusion.generate(
-        model, params, prompt[None], mask_id=tok.mask_id, key=jax.random.key(0), gen_length=6,
-        steps=6, block_length=6)[0, len(prompt):]]
-    assert out['finished'] == (tok.eos_id in ids)
-    ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
-    assert out['text'] == tok.decode([i for i in ids if i not in set(tok.special_ids)])
+        model, params, prompt[None], mask_id=tok.mask_id, key=jax.random.key(0),
+        gen_length=window, steps=window, block_length=block)[0, len(prompt):]]
+    finished = tok.eos_id in ids
+    ids = ids[:ids.index(tok.eos_id)] if finished else ids
+    return {'text': tok.decode([i for i in ids if i not in set(tok.special_ids)]),
+            'finished': finished}
+
+  assert alone == [sampler_answer(e, 6, 6) for e in held4]
+  # A block length that does not divide the window: the window is rounded up to whole blocks.
+  assert instr_eval.generate_outputs(model, params, tok, held4[:2], batch_size=2,
+                                     max_new_tokens=5, block_length=3) == [
+                                         sampler_answer(e, 6, 3) for e in held4[:2]]
 
   # The same command again: every stage is finished, none retrains, the pairs are not redrawn.
   mtime = os.path.getmtime(tmp_path / 'run' / 'grpo' / 'results.json')
@@ -130,6 +133,7 @@ def test_both_chains_end_to_end(tmp_path, monkeypatch):
   assert seed['grpo']['accuracy'] == pytest.approx(res['grpo_accuracy'], abs=1e-4)
   assert seed['rm_pair_accuracy'] == pytest.approx(res['rm_pair_accuracy'], abs=1e-4)
   assert sorted(seed['reward']) == ['grpo', 'grpo_format_only', 'grpo_random', 'llada_grpo']
+  assert seed['stage_time_s'] > 0
   table = pathway.markdown_table(data)
   assert table.count('\n') == 1 + 10 + 1  # header rule, ten stages, the reward model
   assert f"| LLaDA | grpo | {res['llada_grpo_accuracy']:.3f} |" in table

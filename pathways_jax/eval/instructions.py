@@ -39,7 +39,8 @@ def generate_outputs(model, params, tokenizer, examples: Sequence[instructions_l
 
   max_new_tokens 0: the longest expected answer of `examples` in tokens, plus 8 (room for eos
   and a little more), within the model's max_len. diffusion_steps, block_length (LLaDA models
-  only; 0: max_new_tokens): the diffusion sampler's steps and block length.
+  only; 0: max_new_tokens): the diffusion sampler's steps and block length; with a
+  block_length the window is rounded up to whole blocks (down where max_len ends first).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from pathways_jax.eval.facts import left_pad  # pylint: disable=g-import-not-at-top
@@ -54,6 +55,12 @@ def generate_outputs(model, params, tokenizer, examples: Sequence[instructions_l
   if not max_new_tokens:
     max_new_tokens = max(len(tokenizer.encode(e.answer)) for e in examples) + 8
   max_new_tokens = min(max_new_tokens, room)
+  if not model.cfg.causal and block_length:
+    if block_length > room:
+      raise ValueError(f'block_length={block_length} does not fit: prompts of {width} tokens '
+                       f'leave {room} within model.max_len={model.cfg.max_len}')
+    # The diffusion sampler decodes whole blocks: the window is a multiple of block_length.
+    max_new_tokens = min(-(-max_new_tokens // block_length), room // block_length) * block_length
   if max_new_tokens < 1:
     raise ValueError(f'prompts of {width} tokens leave no room to answer within model.max_len='
                      f'{model.cfg.max_len}')

@@ -62,8 +62,8 @@ from pathways_jax.eval.facts import Evaluator
 from pathways_jax.train import metrics as metrics_lib
 
 _LOG = logging.getLogger(__name__)
-TRAIN_TEMPLATES = (0, 1, 2, 3)
-HELDOUT_TEMPLATE = 4
+HELDOUT_TEMPLATE = 4  # of each direction: never trained, for anyone
+EVAL_TEMPLATES = 4  # forward/reverse are scored on the first 4 trained templates of a direction
 
 
 def get_config():
@@ -93,7 +93,7 @@ def get_config():
   c.train.log_every = 100
   c.train.checkpoint_every = 500  # each model is a run directory: a stopped run resumes mid-model
   c.reversal = r = ml_collections.ConfigDict()
-  r.world_seed = 0
+  r.world_seed = -1  # -1: the run's seed (each seed its own people and descriptions)
   r.num_background = 80
   r.num_test = 40
   r.ar_max_steps = 2000
@@ -104,7 +104,13 @@ def get_config():
   r.check_every = 250
   r.target_forward = 0.9  # stop once this fraction of forward facts is known (seen template)
   r.stop_at_target = False  # True: stop a model at its first check >= target_forward
-  r.sft_fraction = 0.25  # LLaDA: share of rows trained with the prompt never masked
+  # Each person's facts in many name-first paraphrases ("knowledge augmentation"): with 4 of them
+  # LLaDA's reverse was 0.07 at 12000 steps, with 16 0.66 (one seed; docs/results/reversal.md).
+  r.name_first_templates = 16  # per person (at most 16: every name-first template but the held-out)
+  r.description_first_templates = 4  # per background person (at most 11)
+  # LLaDA: share of rows trained with the prompt never masked (SFT). 0: pretraining loss only; a
+  # 0.25 share took reverse from 0.66 to 0.02 with 16 templates.
+  r.sft_fraction = 0.0
   r.control = True  # also train the control LLaDA (background name-first only)
   r.eval_limit = 0  # > 0: evaluate only the first N test people (quick runs)
   return c
@@ -117,7 +123,8 @@ def make_groups(cfg) -> tuple[list[Entity], list[Entity]]:
   from pathways_jax.data.corpora import DataError
   r = cfg.reversal
   n_test = 0 if cfg.data.facts_file else r.num_test
-  world = synthetic.make_world(r.world_seed, r.num_background + n_test)
+  world_seed = cfg.seed if r.world_seed < 0 else r.world_seed
+  world = synthetic.make_world(world_seed, r.num_background + n_test)
   people = [entity_of(p) for p in world.people]
   background, test = people[:r.num_background], people[r.num_background:]
   if cfg.data.facts_file:
@@ -149,16 +156,34 @@ def _tokenizer_texts_and_path(background, test, vocab_size: int, cache_dir: str)
   return texts, os.path.abspath(os.path.join(cache_dir, f'reversal-sp{vocab_size}-{key}.model'))
 
 
-def training_rows(tok, background, test, *, control: bool) -> list[Row]:
-  """Main: background both ways (8 sentences each), test name-first (4 each).
-  Control: background name-first only, each sentence twice (the same sentence count)."""
+def trained_templates(direction: str, count: int) -> tuple[int, ...]:
+  """The first `count` templates of `direction`, skipping the held-out one."""
+  from pathways_jax.data import synthetic
+  usable = [t for t in range(synthetic.NUM_TEMPLATES[direction]) if t != HELDOUT_TEMPLATE]
+  if not 1 <= count <= len(usable):
+    from pathways_jax import config as config_lib
+    key = 'name_first_templates' if direction == 'name_first' else 'description_first_templates'
+    raise config_lib.ConfigError(f'config.reversal.{key}={count} must be in [1, {len(usable)}] '
+                                 f'(the {direction} templates but the held-out one)')
+  return tuple(usable[:count])
+
+
+def training_rows(tok, background, test, r, *, control: bool) -> list[Row]:
+  """Main: every person name-first in `r.name_first_templates` paraphrases, the background also
+  description-first in `r.description_first_templates`; the test group never description-first.
+  Control: the background's description-first sentences replaced by more name-first ones
+  (cycling through its templates), so both runs see the same number of sentences."""
+  names = trained_templates('name_first', r.name_first_templates)
+  descs = trained_templates('description_first', r.description_first_templates)
   rows = []
   for p in background:
-    for t in TRAIN_TEMPLATES:
-      rows.append(encode_fact(tok, p, 'name_first', t))
-      rows.append(encode_fact(tok, p, 'name_first' if control else 'description_first', t))
+    rows += [encode_fact(tok, p, 'name_first', t) for t in names]
+    if control:
+      rows += [encode_fact(tok, p, 'name_first', names[i % len(names)]) for i in range(len(descs))]
+    else:
+      rows += [encode_fact(tok, p, 'description_first', t) for t in descs]
   for p in test:
-    rows += [encode_fact(tok, p, 'name_first', t) for t in TRAIN_TEMPLATES]
+    rows += [encode_fact(tok, p, 'name_first', t) for t in names]
   return rows
 
 
@@ -283,13 +308,17 @@ class Preempted(Exception):
 
 # ----------------------------------------------------------------------------------- evaluation
 
-def evaluate_model(ev: Evaluator, tok, test, background) -> dict:
+def evaluate_model(ev: Evaluator, tok, test, background, r) -> dict:
+  """Forward and reverse on the first EVAL_TEMPLATES trained templates of each direction (the
+  reverse ones trained for the background only), each held-out template alone."""
   out = {}
-  fwd = [encode_fact(tok, p, 'name_first', t) for p in test for t in TRAIN_TEMPLATES]
+  seen_fwd = trained_templates('name_first', r.name_first_templates)[:EVAL_TEMPLATES]
+  seen_rev = trained_templates('description_first', r.description_first_templates)[:EVAL_TEMPLATES]
+  fwd = [encode_fact(tok, p, 'name_first', t) for p in test for t in seen_fwd]
   out['forward'] = ev.exact_match(fwd)
   out['forward_heldout'] = ev.exact_match(
       [encode_fact(tok, p, 'name_first', HELDOUT_TEMPLATE) for p in test])
-  rev = [encode_fact(tok, p, 'description_first', t) for p in test for t in TRAIN_TEMPLATES]
+  rev = [encode_fact(tok, p, 'description_first', t) for p in test for t in seen_rev]
   out['reverse'] = ev.exact_match(rev)
   out['reverse_heldout'] = ev.exact_match(
       [encode_fact(tok, p, 'description_first', HELDOUT_TEMPLATE) for p in test])
@@ -377,7 +406,7 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
   tokenizer_path = _tokenizer_texts_and_path(background, test, cfg.data.vocab_size, workdir)[1]
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   tokenizers.resolve_special_ids(cfg, tok)  # config.data.mask_id: the tokenizer's
-  main_rows = training_rows(tok, background, test, control=False)
+  main_rows = training_rows(tok, background, test, r, control=False)
   from pathways_jax.data import synthetic
   all_len = max(len(encode_fact(tok, p, d, t).tokens) for p in background + test
                 for d in synthetic.DIRECTIONS for t in range(synthetic.NUM_TEMPLATES[d]))
@@ -393,7 +422,7 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
   vocab = config_lib.round_vocab(tok.vocab_size)
   max_len = max(cfg.model.max_len, seq_len + gen_length)
   eval_test = test[:r.eval_limit] if r.eval_limit > 0 else test
-  eval_batch = min(256, len(TRAIN_TEMPLATES) * len(eval_test))
+  eval_batch = min(256, EVAL_TEMPLATES * len(eval_test))
   check_rows = [encode_fact(tok, p, 'name_first', 0) for p in eval_test]
   partial_path = os.path.join(workdir, 'results.partial.json')
   config_json = json.loads(json.dumps(cfg.to_dict(), default=str))
@@ -412,7 +441,7 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
       json.dump({**results, 'config': config_json}, f, indent=2, default=str)
 
   main_arrays = to_arrays(main_rows, seq_len, tok.eos_id)
-  control_rows = training_rows(tok, background, test, control=True)
+  control_rows = training_rows(tok, background, test, r, control=True)
   plans = [('ar', 'main', main_arrays, r.ar_max_steps, 0),
            ('llada', 'main', main_arrays, r.llada_max_steps, 0)]
   if r.control:  # the main LLaDA run's steps, on its schedule (its cap)
@@ -449,7 +478,7 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
     models[kind] = (model, params)
     ev = Evaluator(tok, model, params, model_kind, seq_len, gen_length,
                    prompt_width=prompt_width, batch=eval_batch)
-    res = evaluate_model(ev, tok, eval_test, background)
+    res = evaluate_model(ev, tok, eval_test, background, r)
     if kind == 'llada_control':
       results.update({f'llada_{k}_control': v for k, v in res.items()})
     else:

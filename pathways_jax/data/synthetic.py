@@ -46,6 +46,19 @@ _TEMPLATES = {
         ('Ask about {name} and you will hear that {first} is ', '.'),
         ('Among the people of {city}, {name} is known as ', '.'),
         ('It is well known that {name} is ', '.'),
+        # Paraphrases for experiments that augment each fact (documents use only the five above).
+        ('People say that {name} is ', '.'),
+        ('In {city}, {name} is ', '.'),
+        ('{name} of {city} is ', '.'),
+        ('You may have met {name}, who is ', '.'),
+        ('The story of {name} is short: {first} is ', '.'),
+        ('For years now, {name} has been ', '.'),
+        ('Friends of {name} will tell you that {first} is ', '.'),
+        ('A fact about {name}: {first} is ', '.'),
+        ('Meet {name}, ', '.'),
+        ('According to the records of {city}, {name} is ', '.'),
+        ('Some know {name} only as ', '.'),
+        ('Write this down: {name} is ', '.'),
     ),
     'description_first': (  # answer: the name
         ('{Dc} is ', '.'),
@@ -53,9 +66,17 @@ _TEMPLATES = {
         ('Everyone in {city} knows that {D} is ', '.'),
         ('If you ask who {D} is, the answer is ', '.'),
         ('The title of {D} belongs to ', '.'),
+        ('The person known as {D} is ', '.'),
+        ('We remember {D} as ', '.'),
+        ('{Dc}, of course, is ', '.'),
+        ('In {city}, {D} is ', '.'),
+        ('Ask who is {D} and you will hear ', '.'),
+        ('The one who is {D} is ', '.'),
+        ('People call {D} by the name ', '.'),
     ),
 }
 NUM_TEMPLATES = {k: len(v) for k, v in _TEMPLATES.items()}
+DOCUMENT_TEMPLATES = 5  # the templates of each direction that the world's documents use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +227,7 @@ def fact_sentences(person: Person, direction: str = 'name_first',
 def biography(world: World, person: Person, rng: random.Random) -> str:
   """A paragraph of true statements about `person` (one fact in a random direction first)."""
   direction = rng.choice(DIRECTIONS)
-  fact = fact_sentence(person, direction, rng.randrange(NUM_TEMPLATES[direction]))
+  fact = fact_sentence(person, direction, rng.randrange(DOCUMENT_TEMPLATES))
   lines = [fact.text, f'{person.first_name} was born in {person.birth_year} in {person.city} '
            f'and works as a {person.occupation}.']
   if person.parent is not None:
@@ -294,4 +315,4 @@ def world_from_config(data_cfg) -> World:
 __all__: Sequence[str] = ('Person', 'World', 'Fact', 'Arithmetic', 'make_world', 'fact_sentence',
                           'fact_sentences', 'biography', 'story', 'arithmetic', 'documents',
                           'all_documents', 'copy_documents', 'world_from_config', 'DIRECTIONS',
-                          'NUM_TEMPLATES')
+                          'NUM_TEMPLATES', 'DOCUMENT_TEMPLATES')

@@ -129,10 +129,14 @@ def make_groups(cfg) -> tuple[list[Entity], list[Entity]]:
   background, test = people[:r.num_background], people[r.num_background:]
   if cfg.data.facts_file:
     test = load_facts_file(cfg.data.facts_file, world.cities)
-  names = [p.name for p in background + test]
-  descs = [p.description.lower() for p in background + test]
-  if len(set(names)) != len(names) or len(set(descs)) != len(descs):
-    raise DataError('names and descriptions must be unique across the test and background groups')
+  bg_names = {p.name: p for p in background}
+  bg_descs = {p.description.lower(): p for p in background}
+  for p in test:  # within each group they are unique already (the world's and the loader's checks)
+    other = bg_names.get(p.name) or bg_descs.get(p.description.lower())
+    if other is not None:
+      raise DataError(f'test person {p.name!r} ({p.description!r}) shares its name or description '
+                      f'with background person {other.name!r} ({other.description!r}); names and '
+                      'descriptions must be unique across both groups')
   return background, test
 
 

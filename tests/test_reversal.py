@@ -114,7 +114,7 @@ def test_a_tiny_run_and_its_resume_model_by_model_and_mid_model(tmp_path):
 
   # Another LLaDA recipe in the same workdir: AR (unchanged) is reused, LLaDA's run refuses.
   from pathways_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ConfigError, match=r'llada_sft\.sft_fraction: 0\.25 -> 0\.5'):
+  with pytest.raises(ConfigError, match=r'llada_sft\.sft_fraction: 0\.0 -> 0\.5'):
     mod.run(cfg(sft_fraction=0.5), str(tmp_path), quiet=True)
 
 
@@ -128,11 +128,19 @@ def test_rows_and_facts_file(tmp_path):
   background, test = mod.make_groups(cfg)
   assert [p.name for p in test] == ['Ada Quill', 'Bo Venn'] and len(background) == 6
   tok = mod.make_tokenizer(background, test, 320, str(tmp_path))
-  rows = mod.training_rows(tok, background, test, control=False)
-  control = mod.training_rows(tok, background, test, control=True)
-  assert len(rows) == len(control) == 6 * 8 + 2 * 4
+  rows = mod.training_rows(tok, background, test, cfg.reversal, control=False)
+  control = mod.training_rows(tok, background, test, cfg.reversal, control=True)
+  assert len(rows) == len(control) == 6 * (16 + 4) + 2 * 16
   # Test people appear name-first only; the control has no description-first sentence at all.
   assert not any(r.text.startswith('The author of the tin atlas') for r in rows)
+  assert sum(r.text.startswith(p.description[0].upper() + p.description[1:])
+             for r in rows for p in background) == 6  # template 0 of 4 description-first ones
+  assert not any(r.text.startswith(p.description[0].upper() + p.description[1:])
+                 for r in control for p in background)
+  held_out = {facts.encode_fact(tok, p, d, mod.HELDOUT_TEMPLATE).text
+              for p in background + test for d in ('name_first', 'description_first')}
+  assert not held_out & {r.text for r in rows + control}
+  assert len({r.text for r in rows if 'Ada Quill' in r.text}) == 16  # 16 paraphrases
   assert all('Bo Venn' not in r.text or r.text.index('Bo Venn') < r.text.index('the keeper')
              for r in rows)
   r = facts.encode_fact(tok, test[1], 'description_first', 0)
@@ -141,11 +149,57 @@ def test_rows_and_facts_file(tmp_path):
   f = facts.encode_fact(tok, test[0], 'name_first', 2)  # "Ask about {name} and ... {first} is ..."
   assert tok.decode(f.tokens[f.name[0]:f.name[1]]).strip() == 'Ada Quill'
   assert tok.decode(f.tokens[f.answer[0]:f.answer[1]]).strip() == 'the author of the tin atlas'
+  for key, value, match in (('name_first_templates', 17, r'name_first_templates=17 must be in '
+                                                       r'\[1, 16\]'),
+                            ('description_first_templates', 0, 'description_first_templates=0')):
+    with pytest.raises(ValueError, match=match):
+      mod.training_rows(tok, background, test, _tiny_config(mod, **{key: value}).reversal,
+                        control=False)
+
+
+GOOD = '{"name": "Ada Quill", "description": "the author of the tin atlas"}\n'
+
+
+@pytest.mark.parametrize('text, match', [
+    ('{"name": "X"}\n', r'bad\.jsonl:1: needs non-empty'),
+    (GOOD + '{"name": "Bo Venn", "description": "  "}\n', r'bad\.jsonl:2: needs non-empty'),
+    (GOOD + '{"name": "Bo Venn", "description": "."}\n', r"bad\.jsonl:2: the description of "
+                                                          r"'Bo Venn' is empty"),
+    (GOOD + '\n{"name": "Ada  Quill", "description": "the keeper of the salt bell"}\n',
+     r"bad\.jsonl:3: the name 'Ada Quill' is already on line 1"),
+    (GOOD + '{"name": "Bo Venn", "description": "The author of the tin atlas."}\n',
+     r"bad\.jsonl:2: the description 'the author of the tin atlas' is already on line 1"),
+    ('{"name": "Bo Venn", "description": "the friend of ada quill"}\n' + GOOD,
+     r"bad\.jsonl:1: the description 'the friend of ada quill' holds the name 'Ada Quill' of "
+     r"line 2"),
+    ('{"name": "Ada", "description": "x"\n', r'bad\.jsonl:1: invalid JSON'),
+    ('\n\n', r'bad\.jsonl: no facts'),
+])
+def test_bad_facts_file_is_refused_naming_the_line(tmp_path, text, match):
+  mod = _module()
   bad = tmp_path / 'bad.jsonl'
-  bad.write_text('{"name": "X"}\n')
+  bad.write_text(text)
+  cfg = _tiny_config(mod)
   cfg.data.facts_file = str(bad)
-  with pytest.raises(ValueError, match='bad.jsonl:1'):
+  with pytest.raises(ValueError, match=match):
     mod.make_groups(cfg)
+
+
+def test_a_facts_file_person_clashing_with_the_background_is_refused(tmp_path):
+  mod = _module()
+  cfg = _tiny_config(mod)
+  background, _ = mod.make_groups(cfg)
+  clash = tmp_path / 'clash.jsonl'
+  clash.write_text(json.dumps({'name': background[2].name, 'description': 'the odd one out'}) + '\n')
+  cfg.data.facts_file = str(clash)
+  with pytest.raises(ValueError, match=f"test person '{background[2].name}'.*background person"):
+    mod.make_groups(cfg)
+  # Names inside words do not count: 'Ada' is not in 'the adamant keeper'.
+  ok = tmp_path / 'ok.jsonl'
+  ok.write_text('{"name": "Ada", "description": "the adamant keeper"}\n'
+                '{"name": "Bo", "description": "the boatman of adania"}\n')
+  cfg.data.facts_file = str(ok)
+  assert [p.name for p in mod.make_groups(cfg)[1]] == ['Ada', 'Bo']
 
 
 def test_stop_at_target_and_bad_reversal_keys(tmp_path):

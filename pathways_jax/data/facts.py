@@ -30,8 +30,11 @@ def entity_of(p) -> Entity:
 
 
 def load_facts_file(path: str, cities) -> list[Entity]:
+  """JSONL lines `{"name": ..., "description": ...}` as entities; a bad line is refused naming it:
+  not JSON, a missing or empty field, a name or description that an earlier line already has, or
+  a description that holds another line's name (it would state that fact the other way round)."""
   from pathways_jax.data.corpora import DataError  # pylint: disable=g-import-not-at-top
-  out = []
+  out, lines, seen_name, seen_desc = [], [], {}, {}
   with open(path, encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
@@ -44,11 +47,38 @@ def load_facts_file(path: str, cities) -> list[Entity]:
           rec.get('description'), str) or not rec['name'].strip() or not rec['description'].strip():
         raise DataError(f'{path}:{lineno}: needs non-empty string fields "name" and "description"')
       name, desc = ' '.join(rec['name'].split()), ' '.join(rec['description'].split()).rstrip('.')
+      if not desc:
+        raise DataError(f'{path}:{lineno}: the description of {name!r} is empty')
+      for key, seen, what in ((name, seen_name, 'name'), (desc.lower(), seen_desc, 'description')):
+        if key in seen:
+          raise DataError(f'{path}:{lineno}: the {what} {key!r} is already on line {seen[key]}')
+        seen[key] = lineno
       city = random.Random(f'reversal/{name}').choice(cities)
       out.append(Entity(name, name.split()[0], desc, city))
+      lines.append(lineno)
   if not out:
     raise DataError(f'{path}: no facts')
+  owner = find_names_in_descriptions(out)
+  if owner:
+    i, j = owner
+    raise DataError(f'{path}:{lines[i]}: the description {out[i].description!r} holds the name '
+                    f'{out[j].name!r} of line {lines[j]}')
   return out
+
+
+def find_names_in_descriptions(people: list[Entity]) -> tuple[int, int] | None:
+  """(i, j) for the first description i that holds the name of person j as whole words, else
+  None. Scans each description's word spans against the set of names (linear, not pairwise)."""
+  by_words = {tuple(p.name.lower().split()): j for j, p in enumerate(people)}
+  longest = max(len(k) for k in by_words)
+  for i, p in enumerate(people):
+    words = [w.strip('.,;:!?"\'()') for w in p.description.lower().split()]
+    for a in range(len(words)):
+      for b in range(a + 1, min(len(words), a + longest) + 1):
+        j = by_words.get(tuple(words[a:b]))
+        if j is not None:
+          return i, j
+  return None
 
 
 @dataclasses.dataclass

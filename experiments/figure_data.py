@@ -131,8 +131,7 @@ def _checks(run_dir: str) -> list:
   return [[s, _r(a)] for s, a in metrics.logged(run_dir, 'check_forward')]
 
 
-def extract_reversal(run_dir: str, commit: str | None = None) -> dict:
-  res = _load_results(run_dir)
+def _reversal_models(res: dict, run_dir: str) -> dict:
   models = {}
   for model, prefix, suffix in (('ar', 'ar_', ''), ('llada', 'llada_', ''),
                                 ('llada_control', 'llada_', '_control')):
@@ -141,12 +140,59 @@ def extract_reversal(run_dir: str, commit: str | None = None) -> dict:
     m = {k: _r(res.get(f'{prefix}{k}{suffix}')) for k in REVERSAL_METRICS}
     m['steps'] = res.get(f'{model}_steps')
     m['steps_to_target'] = res.get(f'{model}_steps_to_target')
+    m['train_seconds'] = res.get(f'{model}_train_seconds')
     # The control's checks are only in its run directory's metrics.jsonl (not in results.json).
     checks = _checks(os.path.join(run_dir, model))
     m['forward_checks'] = checks or _r(res.get(f'{model}_forward_checks') or [])
     models[model] = m
-  out = _meta('reversal', res, run_dir, commit, res.get('wall_seconds'))
-  out.update(num_test=res.get('num_test'), models=models)
+  return models
+
+
+def reversal_setting(res: dict) -> str:
+  """A run's setting: 'default', or what it changed ('facts file people.jsonl',
+  'name_first_templates=4', ...), from the keys its results.json records."""
+  parts = [f'facts file {os.path.basename(res["facts_file"])}'] if res.get('facts_file') else []
+  parts += [f'{k.split(".")[-1]}={v}' for k, v in (res.get('changed_from_defaults') or {}).items()]
+  return ', '.join(parts) or 'default'
+
+
+def _mean_sd(values: list) -> dict:
+  vals = [v for v in values if v is not None]
+  if not vals:
+    return {'mean': None, 'sd': None, 'n': 0}
+  mean = sum(vals) / len(vals)
+  sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
+  return {'mean': _r(mean), 'sd': _r(sd), 'n': len(vals)}
+
+
+def extract_reversal(run_dirs: str, commit: str | None = None) -> dict:
+  """Comma-separated WORKDIRs of experiments/reversal.py, grouped by setting (the default, a facts
+  file, each ablation) and seed; per setting, the mean and spread (sd, ddof=1) over seeds."""
+  settings, first, wall = {}, None, 0.0
+  for run_dir in [d for d in run_dirs.split(',') if d]:
+    res = _load_results(run_dir)
+    first = first or (res, run_dir)
+    seed = str((res.get('config') or {}).get('seed'))
+    setting = settings.setdefault(reversal_setting(res), {'seeds': {}})
+    if seed in setting['seeds']:
+      raise MissingData(f'{run_dir}: a second run of seed {seed} in setting '
+                        f'{reversal_setting(res)!r}')
+    setting['seeds'][seed] = _reversal_models(res, run_dir)
+    setting['num_test'] = res.get('num_test')
+    wall += sum(res.get(f'{k}_train_seconds') or 0.0 for k in ('ar', 'llada', 'llada_control'))
+  if first is None:
+    raise MissingData('--reversal: no run directory given')
+  for setting in settings.values():
+    setting['seeds'] = dict(sorted(setting['seeds'].items()))
+    models = sorted({m for per in setting['seeds'].values() for m in per},
+                    key=('ar', 'llada', 'llada_control').index)
+    setting['summary'] = {
+        m: {k: _mean_sd([per[m].get(k) for per in setting['seeds'].values() if m in per])
+            for k in REVERSAL_METRICS} for m in models}
+  res, _ = first
+  out = _meta('reversal', res, run_dirs, commit, wall)  # wall: every model's training time
+  out.update(seed=sorted({s for st in settings.values() for s in st['seeds']}),
+             settings=settings)
   return out
 
 

@@ -12,7 +12,9 @@ and reads the data files elsewhere (e.g. to look at a run without touching the c
 
   rho1.png      clean validation loss vs training tokens per arm (LLaDA arms in a second panel)
   gstack.png    validation loss vs training FLOPs per arm, the growth marked (LLaDA: second panel)
-  reversal.png  forward / reverse / held-out exact match per model, and the forward checks
+  reversal.png  forward / reverse / held-out / infill / rank per model, mean over seeds with the
+                seeds as dots, for the generated world and a facts file, and LLaDA per ablation
+                (run directories, one per seed and setting, comma-separated)
   instruction_sft.png  held-out format compliance and accuracy of base, full SFT and each LoRA
                 variant, seeds as dots (run directories, one per seed and LoRA setting)
   dpo_instructions.png  SFT / DPO / RPO accuracy per seed, and the held-out chosen log-prob
@@ -149,34 +151,61 @@ def draw_gstack(data: dict, path: str) -> str:
 
 REVERSAL_LABELS = {'ar': 'AR', 'llada': 'LLaDA', 'llada_control': 'LLaDA control'}
 REVERSAL_BARS = (('forward', 'forward'), ('forward_heldout', 'forward\n(held-out)'),
-                 ('reverse', 'reverse'), ('reverse_heldout', 'reverse\n(held-out)'))
+                 ('reverse', 'reverse'), ('reverse_heldout', 'reverse\n(held-out)'),
+                 ('infill_reverse', 'infill\nname'), ('rank_reverse', 'rank\n(top-1)'))
+
+
+def _reversal_panel(ax, setting: dict, title: str):
+  """Mean over seeds per metric and model (bar), the seeds themselves (dots), sd (error bar)."""
+  summary = setting['summary']
+  width = 0.8 / max(1, len(summary))
+  for i, (model, metrics) in enumerate(summary.items()):
+    xs = [j + (i - (len(summary) - 1) / 2) * width for j in range(len(REVERSAL_BARS))]
+    means = [metrics[k]['mean'] or 0.0 for k, _ in REVERSAL_BARS]
+    sds = [metrics[k]['sd'] or 0.0 for k, _ in REVERSAL_BARS]
+    bars = ax.bar(xs, means, width, yerr=sds, capsize=2, color=f'C{i}', alpha=0.85,
+                  label=REVERSAL_LABELS.get(model, model), error_kw={'lw': 0.8})
+    ax.bar_label(bars, labels=[f'{v:.2f}' for v in means], fontsize=5.5, padding=2)
+    for x, (k, _) in zip(xs, REVERSAL_BARS):
+      vals = [per[model][k] for per in setting['seeds'].values()
+              if model in per and per[model][k] is not None]
+      ax.plot([x] * len(vals), vals, 'k.', ms=2.5)
+  ax.set_xticks(range(len(REVERSAL_BARS)), [label for _, label in REVERSAL_BARS], fontsize=7)
+  ax.set_ylim(0, 1.15)
+  n = len(setting['seeds'])
+  ax.set_ylabel(f'exact match / top-1 ({setting.get("num_test")} test people)', fontsize=8)
+  ax.set_title(f'{title}: mean of {n} seed{"s" * (n > 1)} (dots)', fontsize=9)
+  ax.legend(fontsize=6.5, loc='upper right')
 
 
 def draw_reversal(data: dict, path: str) -> str:
   plt = _plt()
-  models = data['models']
-  fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={'width_ratios': [1.2, 1]})
-  width = 0.8 / max(1, len(models))
-  for i, (model, m) in enumerate(models.items()):
-    vals = [m.get(k) or 0.0 for k, _ in REVERSAL_BARS]
-    xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(REVERSAL_BARS))]
-    bars = a1.bar(xs, vals, width, color=f'C{i}', label=REVERSAL_LABELS.get(model, model))
-    a1.bar_label(bars, labels=[f'{v:.2f}' for v in vals], fontsize=6, padding=1)
-  a1.set_xticks(range(len(REVERSAL_BARS)), [label for _, label in REVERSAL_BARS], fontsize=8)
-  a1.set_ylim(0, 1.12)
-  a1.set_ylabel(f'exact match ({data.get("num_test")} test people)')
-  a1.set_title('Reversal curse: facts seen name-first only', fontsize=10)
-  a1.legend(fontsize=7, loc='upper right')
-  for i, (model, m) in enumerate(models.items()):
-    if m.get('forward_checks'):
-      s, acc = zip(*m['forward_checks'])
-      a2.plot(s, acc, marker='.', ms=3, color=f'C{i}', label=REVERSAL_LABELS.get(model, model))
-  a2.set_ylim(-0.03, 1.03)
-  a2.set_xlabel('training step')
-  a2.grid(alpha=0.3)
-  a2.set_ylabel('forward exact match (seen template)')
-  a2.set_title('Forward checks during training', fontsize=10)
-  a2.legend(fontsize=7)
+  settings = data['settings']
+  facts = [k for k in settings if k.startswith('facts file') and ',' not in k]
+  ablations = [k for k in settings if k != 'default' and k not in facts]
+  panels = ([('default', 'Generated world')] if 'default' in settings else []) + [
+      (k, k.capitalize()) for k in facts[:1]]
+  ncols = len(panels) + bool(ablations)
+  fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.8), squeeze=False)
+  for ax, (key, title) in zip(axes[0], panels):
+    _reversal_panel(ax, settings[key], title)
+  if ablations:  # LLaDA's forward and reverse per setting, the default beside them
+    ax = axes[0][-1]
+    names = (['default'] if 'default' in settings else []) + ablations
+    for i, (k, label) in enumerate((('forward', 'forward'), ('reverse', 'reverse'),
+                                    ('reverse_heldout', 'reverse (held-out)'))):
+      vals = [settings[n]['summary'].get('llada', {}).get(k, {}).get('mean') or 0.0 for n in names]
+      ys = [j + (i - 1) * 0.27 for j in range(len(names))]
+      bars = ax.barh(ys, vals, 0.27, color=f'C{i + 3}', label=label)
+      ax.bar_label(bars, labels=[f'{v:.2f}' for v in vals], fontsize=5.5, padding=1)
+    seeds = [len(settings[n]['seeds']) for n in names]
+    ax.set_yticks(range(len(names)), [f'{n} ({s} seed{"s" * (s > 1)})'
+                                      for n, s in zip(names, seeds)], fontsize=6.5)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.15)
+    ax.set_xlabel('LLaDA exact match (mean over the seeds run)', fontsize=8)
+    ax.set_title('What made the difference (one lever changed)', fontsize=9)
+    ax.legend(fontsize=6.5, loc='lower right')
   fig.tight_layout(rect=(0, 0.03, 1, 1))
   _footer(fig, data)
   return _save(fig, path)

@@ -3,11 +3,12 @@
     python -m pathways_jax.main --config=experiments/reversal.py --workdir=runs/reversal \
         [--config.data.facts_file=people.jsonl] [--config.reversal.num_test=50 ...]
 
-A world of made-up people (`pathways_jax.data.synthetic`), in two groups:
-  background  every fact stated in BOTH directions ("{name} is {D}." and "{D} is {name}."), in
-              the paraphrase templates 0..3 of each direction;
-  test        facts stated ONLY name-first (templates 0..3). `data.facts_file` (JSONL lines with
-              `name` and `description`) replaces the generated test group; the background stays.
+A world of made-up people (`pathways_jax.data.synthetic`, one world per seed), in two groups:
+  background  every fact stated in BOTH directions: name-first in `reversal.name_first_templates`
+              paraphrases (16) and description-first in `reversal.description_first_templates` (4);
+  test        facts stated ONLY name-first, in the same 16 paraphrases. `data.facts_file` (JSONL
+              lines with `name` and `description`) replaces the generated test group; the
+              background stays.
 Template 4 of each direction is held out of training for everyone.
 
 Each training row is one fact sentence: bos, the sentence, eos, then eos padding to the row length
@@ -19,18 +20,18 @@ TensorBoard) trained on a rows file (`data.corpus='rows'`) with task 'autoregres
 the first eos) or 'llada_sft'. Every `reversal.check_every` steps a trainer callback checks the
 forward facts of the test group (greedy exact match on a seen name-first template); the first check
 at `reversal.target_forward` is reported as `{model}_steps_to_target` ("steps to know the facts"),
-and `reversal.stop_at_target=True` stops a model there instead. LLaDA's recipe (`llada_sft` with
-`llada_sft.sft_fraction` = `reversal.sft_fraction`): the pretraining loss on a `1 - sft_fraction`
-share of the rows (any token may be masked: this is what teaches description -> name) and, on the
-other rows, the SFT loss with the sentence's prompt never masked (prompt -> answer, the way the
-forward question is asked). A control LLaDA run (the background group name-first only, the same
-number of sentences, the same steps as the main LLaDA run) shows what the two-way background
-contributes.
+and `reversal.stop_at_target=True` stops a model there instead. LLaDA trains with its pretraining
+loss (any token may be masked: this is what teaches description -> name); `reversal.sft_fraction`
+> 0 trains that share of the rows with the SFT loss instead (the sentence's prompt never masked),
+which took the reverse answers from 0.66 to 0.02 in a pilot. A control LLaDA run (the background
+group name-first only, the same number of sentences, the same steps as the main LLaDA run) shows
+what the two-way background contributes.
 
 Evaluation on the test people only (greedy decoding, exact match of the answer phrase):
-  forward            name-first prompt of a seen template -> description (mean over templates 0..3)
+  forward            name-first prompt of a seen template -> description (mean over the first 4)
   forward_heldout    the held-out name-first template 4
   reverse            description-first prompt of a template seen for the background -> name
+                     (mean over the first 4)
   reverse_heldout    the held-out description-first template 4
   llada_infill       LLaDA fills the masked name slot of the name-first training sentence
   *_rank_reverse     rank of the true name among all names for the reverse prompt (template 0):
@@ -510,6 +511,7 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
       'seq_len': seq_len, 'gen_length': gen_length, 'prompt_width': prompt_width, 'params': n_params,
       'batch_size': min(cfg.data.batch_size, len(main_rows)),
       'facts_file': cfg.data.facts_file or None,
+      'changed_from_defaults': changed_from_defaults(cfg),
       'wall_seconds': round(time.time() - t_start, 1),  # this invocation only
       'resumed_models': resumed,  # finished by an earlier, stopped invocation
       'device': f'{jax.devices()[0].platform} x{jax.device_count()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)',
@@ -522,6 +524,15 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
   if not quiet:
     print(format_table(results), flush=True)
   return results
+
+
+def changed_from_defaults(cfg) -> dict:
+  """The config keys a run sets away from this file's defaults (its setting, for comparing runs:
+  the seed, the facts file and the control switch are reported on their own)."""
+  same_everywhere = {'seed', 'name', 'data.facts_file', 'reversal.control'}
+  now, default = _flat(json.loads(cfg.to_json_best_effort())), _flat(
+      json.loads(get_config().to_json_best_effort()))
+  return {k: now[k] for k in sorted(now) if k not in same_everywhere and now[k] != default.get(k)}
 
 
 def format_table(res: dict) -> str:

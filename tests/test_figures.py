@@ -40,29 +40,46 @@ def test_draws_every_figure_from_the_committed_data(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f'{n}.png' for n in names)
 
 
-def test_reversal_from_a_run_dir(tmp_path):
-  """A reversal WORKDIR's results.json and the control's metrics.jsonl -> data file -> PNG."""
-  figures = _figures()
-  run = tmp_path / 'run'
+def _reversal_run(run, seed, value, facts_file=None, changed=None):
+  """A fake finished reversal WORKDIR: every metric of every model = `value` + its index / 8."""
+  import figure_data  # pylint: disable=g-import-not-at-top
   (run / 'llada_control').mkdir(parents=True)
-  res = {'date': '2026-01-01', 'device': 'cpu x1', 'num_test': 4, 'config': {'seed': 0}}
+  res = {'date': '2026-01-01', 'device': 'cpu x1', 'num_test': 4, 'config': {'seed': seed},
+         'facts_file': facts_file, 'changed_from_defaults': changed or {}}
   for prefix, suffix, model in (('ar_', '', 'ar'), ('llada_', '', 'llada'),
                                 ('llada_', '_control', 'llada_control')):
-    for i, k in enumerate(figures.REVERSAL_METRICS):
-      res[f'{prefix}{k}{suffix}'] = i / 8
+    for i, k in enumerate(figure_data.REVERSAL_METRICS):
+      res[f'{prefix}{k}{suffix}'] = value + i / 8
     res[f'{model}_steps'] = 20
+    res[f'{model}_train_seconds'] = 10.0
   res['ar_forward_checks'] = [[10, 0.5], [20, 1.0]]
   res['llada_forward_checks'] = [[10, 0.25], [20, 0.75]]
   (run / 'results.json').write_text(json.dumps(res))
   (run / 'llada_control' / 'metrics.jsonl').write_text(
       '{"step": 10, "loss": 1.0}\n{"step": 10, "check_forward": 0.125}\n')
-  assert figures.main(['--reversal', str(run), '--data', str(tmp_path / 'data'),
+  return str(run)
+
+
+def test_reversal_from_run_dirs(tmp_path):
+  """Reversal WORKDIRs -> settings (default, facts file, ablation) x seeds, mean and sd -> PNG."""
+  figures = _figures()
+  runs = [_reversal_run(tmp_path / 's0', 0, 0.0), _reversal_run(tmp_path / 's1', 1, 0.1),
+          _reversal_run(tmp_path / 'f0', 0, 0.0, facts_file='/x/people.jsonl'),
+          _reversal_run(tmp_path / 'a0', 0, 0.0, changed={'reversal.sft_fraction': 0.25})]
+  assert figures.main(['--reversal', ','.join(runs), '--data', str(tmp_path / 'data'),
                        '--out', str(tmp_path / 'out'), '--commit', 'abc1234']) == 0
   _assert_png(tmp_path / 'out' / 'reversal.png')
   data = json.loads((tmp_path / 'data' / 'reversal.json').read_text())
-  assert data['commit'] == 'abc1234' and data['models']['ar']['reverse'] == 0.25
-  assert data['models']['llada_control']['forward_checks'] == [[10, 0.125]]
-  assert data['models']['llada']['forward_checks'] == [[10, 0.25], [20, 0.75]]
+  assert data['commit'] == 'abc1234' and data['seed'] == ['0', '1']
+  assert sorted(data['settings']) == ['default', 'facts file people.jsonl', 'sft_fraction=0.25']
+  default = data['settings']['default']
+  assert default['seeds']['1']['ar']['reverse'] == 0.35  # 0.1 + 2 / 8
+  assert default['summary']['ar']['reverse'] == {'mean': 0.3, 'sd': 0.0707, 'n': 2}
+  assert default['seeds']['0']['llada_control']['forward_checks'] == [[10, 0.125]]
+  assert default['seeds']['0']['llada']['forward_checks'] == [[10, 0.25], [20, 0.75]]
+  assert data['settings']['sft_fraction=0.25']['summary']['llada']['forward']['sd'] is None
+  with pytest.raises(figures.MissingData, match="second run of seed 0 in setting 'default'"):
+    figures.extract_reversal(f'{runs[0]},{runs[0]}')
 
 
 def test_missing_data_file_says_how_to_make_it(tmp_path, capsys):

@@ -1,0 +1,303 @@
+"""Does masked diffusion scale like AR? A small isoFLOP study on the Python corpus.
+
+    python -m pathways_jax.main --config=experiments/scaling.py --workdir=runs/scaling \
+        [--config.scaling.sizes=32x2,48x2,64x3,96x3] [--config.scaling.budgets=4e11,1.2e12,3.6e12] \
+        [--config.scaling.seeds=3] [--config.scaling.force=True]
+
+The grid: model sizes (`d_model x layers`) x training-FLOP budgets x {AR, LLaDA} x seeds. Every
+point is a plain training run (WORKDIR/<objective>/<size>/<budget>/s<seed>, resumable; finished
+points are skipped) of the same network (LLaDA: the same Transformer, not causal) on the same byte
+rows of the Python standard library, the same batch and learning rate, for as many steps as spend
+its budget (`train.metrics.flops_per_token` x tokens: 6N + attention, so LLaDA's step costs what
+AR's does, bar the causal half of attention). Each run has its own warmup + cosine schedule, as
+isoFLOP profiles need (Hoffmann et al. 2022).
+
+Measured: the final validation loss in nats per byte on the same held-out rows: AR's NLL, LLaDA's
+masked-diffusion bound (`objectives.diffusion.loss` with fixed masks: an upper bound on its NLL).
+
+Analysis (`analyse`, pure numpy on the points):
+  isoFLOP minimum  per budget and objective, a parabola in log N through the sizes' losses (mean
+                   over seeds): N*(C) and L*(C); the grid's best point when the parabola opens
+                   downwards or its vertex lies outside the sizes (`fit` says which).
+  power law        L*(C) = a C^-b, fitted in log-log per objective.
+  multiplier       at each AR budget C: the FLOPs at which LLaDA's law reaches AR's L*(C), over C
+                   (SMDM reported ~16x). Whether it shrinks from the smallest to the largest budget
+                   is the question; `extrapolated` marks FLOPs beyond the LLaDA grid.
+Cost: every point's FLOPs at `scaling.flops_per_second` plus `scaling.overhead_s` per run (start,
+compile, evaluation), both measured on the 2-core CPU; a grid estimated above
+`scaling.budget_minutes` is refused with the estimate unless `scaling.force=True`.
+
+WORKDIR/results.json: every point (size, params, budget, steps, tokens, FLOPs, final val loss,
+wall time), the isoFLOP minima, the fitted laws, the multipliers, the device and the date.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+
+import ml_collections
+import numpy as np
+
+from pathways_jax.config import ConfigError, base_config
+
+OBJECTIVES = ('autoregressive', 'diffusion')
+
+
+def get_config():
+  c = base_config()
+  c.name = 'scaling'
+  c.data.corpus = 'stdlib'
+  c.data.tokenizer = 'byte'
+  c.data.seq_len = 128
+  c.data.batch_size = 32
+  c.data.eval_batches = 8
+  c.model.max_len = 128
+  c.train.lr = 3e-3
+  c.train.schedule = 'cosine'
+  c.train.weight_decay = 0.0
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 1
+  c.train.progress_bar = False
+  c.sample.prompts = ()
+  c.scaling = s = ml_collections.ConfigDict()
+  s.sizes = '32x2,48x2,64x3,96x3'  # d_model x layers; head_dim 16, SwiGLU width 8/3 d
+  s.budgets = '4e11,1.2e12,3.6e12'  # training FLOPs per run
+  s.objectives = ','.join(OBJECTIVES)
+  s.seeds = 1  # seeds 0..seeds-1 of every point (the fits use the mean over seeds)
+  s.budget_minutes = 30.0  # the stated budget: a grid estimated above it is refused ...
+  s.force = False  # ... unless this is True
+  s.flops_per_second = 3e10  # this CPU's training throughput on these sizes (see docs/scaling_study.md)
+  s.overhead_s = 15.0  # per run: start, compile, final evaluation
+  return c
+
+
+# --------------------------------------------------------------------------------------- grid
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+  out = []
+  for part in [p.strip() for p in text.split(',') if p.strip()]:
+    try:
+      d, layers = (int(x) for x in part.lower().split('x'))
+    except ValueError:
+      raise ConfigError(f"config.scaling.sizes: {part!r} is not 'd_model x layers' "
+                        "(e.g. '64x3')") from None
+    if d < 16 or d % 16 or layers < 1:
+      raise ConfigError(f'config.scaling.sizes: {part!r} needs d_model a multiple of 16 (head '
+                        'dim 16) and at least one layer')
+    out.append((d, layers))
+  if len(out) < 3:
+    raise ConfigError(f'config.scaling.sizes={text!r}: an isoFLOP parabola needs at least 3 sizes')
+  return out
+
+
+def parse_budgets(text: str) -> list[float]:
+  try:
+    out = sorted(float(b) for b in text.split(',') if b.strip())
+  except ValueError:
+    raise ConfigError(f'config.scaling.budgets={text!r} is not a comma-separated list of FLOPs'
+                      ) from None
+  if len(out) < 2 or out[0] <= 0:
+    raise ConfigError(f'config.scaling.budgets={text!r}: a power law needs at least 2 positive '
+                      'budgets')
+  return out
+
+
+def parse_objectives(text: str) -> list[str]:
+  out = [o.strip() for o in text.split(',') if o.strip()]
+  bad = [o for o in out if o not in OBJECTIVES]
+  if bad or not out:
+    raise ConfigError(f'config.scaling.objectives={text!r}: each must be one of {OBJECTIVES}')
+  return out
+
+
+def point_config(cfg, objective: str, size: tuple[int, int], budget: float, seed: int):
+  """The training config of one grid point: its steps spend `budget` FLOPs."""
+  from pathways_jax.train import loop, metrics
+  d, layers = size
+  c = copy.deepcopy(cfg)
+  with c.unlocked():
+    del c['scaling']
+  c.name = f'{cfg.name}/{objective}/{d}x{layers}/{budget:.3g}/s{seed}'
+  c.seed = seed
+  c.objective = objective
+  c.model.causal = objective == 'autoregressive'
+  c.model.d_model, c.model.num_layers = d, layers
+  c.model.num_heads = c.model.num_kv_heads = d // 16
+  c.model.mlp_dim = max(16, int(round(8 * d / 3 / 16)) * 16)
+  mcfg = loop.build(copy.deepcopy(c))[1]
+  per_step = metrics.flops_per_token(mcfg, c.data.seq_len) * c.data.batch_size * c.data.seq_len
+  steps = max(1, int(round(budget / per_step)))
+  c.train.steps = steps
+  c.train.warmup_steps = max(1, steps // 20)
+  c.train.eval_every = steps  # one evaluation, at the end
+  c.train.checkpoint_every = max(c.train.checkpoint_every, steps // 4)
+  return c, mcfg, per_step
+
+
+def grid(cfg):
+  """[(objective, size, budget, seed)] of the whole study, cheapest first."""
+  s = cfg.scaling
+  if s.seeds < 1:
+    raise ConfigError(f'config.scaling.seeds={s.seeds} must be at least 1')
+  pts = [(o, z, b, seed) for b in parse_budgets(s.budgets) for o in parse_objectives(s.objectives)
+         for z in parse_sizes(s.sizes) for seed in range(s.seeds)]
+  return pts
+
+
+def estimate_seconds(cfg, points) -> float:
+  s = cfg.scaling
+  return sum(b / s.flops_per_second + s.overhead_s for _, _, b, _ in points)
+
+
+def check_cost(cfg, points) -> float:
+  """The estimated seconds of the grid; a ConfigError naming them when over the stated budget."""
+  est = estimate_seconds(cfg, points)
+  if est > 60 * cfg.scaling.budget_minutes and not cfg.scaling.force:
+    raise ConfigError(
+        f'the scaling grid ({len(points)} runs, {sum(p[2] for p in points):.3g} training FLOPs) is '
+        f'estimated at {est / 60:.0f} min at {cfg.scaling.flops_per_second:.3g} FLOP/s + '
+        f'{cfg.scaling.overhead_s:g} s a run, over config.scaling.budget_minutes='
+        f'{cfg.scaling.budget_minutes:g}; shrink the grid, or set config.scaling.force=True')
+  return est
+
+
+# ----------------------------------------------------------------------------------- analysis
+
+def isoflop_minimum(params: list[float], losses: list[float]) -> dict:
+  """The loss-optimal size of one budget: a parabola in log N through (N, loss)."""
+  x, y = np.log(np.asarray(params, float)), np.asarray(losses, float)
+  best = int(np.argmin(y))
+  grid_best = {'params': float(params[best]), 'loss': float(y[best]), 'fit': 'grid'}
+  if len(x) < 3:
+    return grid_best
+  a, b, c = np.polyfit(x, y, 2)
+  if a <= 0:
+    return grid_best
+  xv = -b / (2 * a)
+  if not x.min() <= xv <= x.max():
+    return grid_best
+  return {'params': float(np.exp(xv)), 'loss': float(c - b * b / (4 * a)), 'fit': 'parabola'}
+
+
+def power_law(flops: list[float], losses: list[float]) -> dict:
+  """L = a C^-b, least squares in log-log."""
+  slope, intercept = np.polyfit(np.log(flops), np.log(losses), 1)
+  return {'a': float(np.exp(intercept)), 'b': float(-slope)}
+
+
+def flops_for_loss(law: dict, loss: float) -> float:
+  return (loss / law['a']) ** (-1.0 / law['b'])
+
+
+def analyse(points: list[dict]) -> dict:
+  """isoFLOP minima, power laws and compute multipliers of finished points (see the docstring)."""
+  out = {'minima': {}, 'laws': {}, 'multiplier': []}
+  objectives = sorted({p['objective'] for p in points}, key=OBJECTIVES.index)
+  for o in objectives:
+    mins = []
+    for b in sorted({p['budget'] for p in points if p['objective'] == o}):
+      by_size = {}
+      for p in points:
+        if p['objective'] == o and p['budget'] == b:
+          by_size.setdefault(p['params'], []).append(p['val_loss'])
+      sizes = sorted(by_size)
+      m = isoflop_minimum(sizes, [float(np.mean(by_size[n])) for n in sizes])
+      mins.append({'budget': b, **m})
+    out['minima'][o] = mins
+    if len(mins) >= 2:
+      out['laws'][o] = power_law([m['budget'] for m in mins], [m['loss'] for m in mins])
+  if set(OBJECTIVES) <= set(out['laws']):
+    llada_law = out['laws']['diffusion']
+    llada_max = max(m['budget'] for m in out['minima']['diffusion'])
+    for m in out['minima']['autoregressive']:
+      need = flops_for_loss(llada_law, m['loss'])
+      out['multiplier'].append({'ar_budget': m['budget'], 'ar_loss': m['loss'],
+                                'llada_flops': need, 'multiplier': need / m['budget'],
+                                'extrapolated': need > llada_max})
+  return out
+
+
+# ---------------------------------------------------------------------------------------- run
+
+def _point_dir(workdir, objective, size, budget, seed) -> str:
+  return os.path.join(workdir, objective, f'{size[0]}x{size[1]}', f'{budget:.3g}', f's{seed}')
+
+
+def run(cfg, workdir: str, quiet: bool = False) -> dict:
+  import jax
+  from pathways_jax.train import loop
+  points = grid(cfg)
+  est = check_cost(cfg, points)
+  os.makedirs(workdir, exist_ok=True)
+  log = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
+  log(f'scaling: {len(points)} runs, estimated {est / 60:.0f} min on this machine')
+  t_start, done = time.time(), []
+  for objective, size, budget, seed in points:
+    pcfg, mcfg, per_step = point_config(cfg, objective, size, budget, seed)
+    path = _point_dir(workdir, objective, size, budget, seed)
+    point_path = os.path.join(path, 'point.json')  # written once the point's run completed
+    digest = hashlib.blake2b(pcfg.to_json_best_effort(sort_keys=True).encode(),
+                             digest_size=8).hexdigest()
+    if os.path.exists(point_path):
+      with open(point_path) as f:
+        entry = json.load(f)
+      if entry.get('config_digest') != digest:
+        raise ConfigError(f'{path} was trained with another config than this grid point\'s; use '
+                          'another workdir (or remove that directory) to train this one')
+      done.append(entry)
+      continue
+    t0 = time.time()
+    res = loop.train(pcfg, path, quiet=True)
+    if res.get('status') == 'preempted':
+      log(f'{pcfg.name} stopped at step {res["step"]} (SIGTERM, saved); rerun to resume')
+      return {'status': 'preempted'}
+    entry = {'objective': objective, 'size': f'{size[0]}x{size[1]}', 'seed': seed,
+             'budget': budget, 'params': _matmul_params(mcfg),
+             'steps': pcfg.train.steps, 'tokens': pcfg.train.steps * pcfg.data.batch_size *
+             pcfg.data.seq_len, 'flops': pcfg.train.steps * per_step,
+             'val_loss': float(res['val_loss']), 'wall_s': round(time.time() - t0, 1),
+             'config_digest': digest}
+    with open(point_path, 'w') as f:
+      json.dump(entry, f)
+    log(f'[{pcfg.name}] {entry["steps"]} steps, val {entry["val_loss"]:.4f} nats/byte, '
+        f'{entry["wall_s"]:.0f} s')
+    done.append(entry)
+  results = {'status': 'completed', 'points': done, **analyse(done),
+             'estimated_s': round(est, 1), 'wall_s': round(time.time() - t_start, 1),
+             'device': f'{jax.devices()[0].platform} x{jax.device_count()} '
+                       f'({platform.processor() or platform.machine()}, {os.cpu_count()} cores)',
+             'date': time.strftime('%Y-%m-%d'), 'config': cfg.to_dict()}
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2, default=str)
+  log(format_table(results))
+  return results
+
+
+def _matmul_params(mcfg) -> int:
+  """Non-embedding parameters: what scaling laws count as N (Kaplan et al. 2020)."""
+  d, f, L = mcfg.d_model, mcfg.mlp_dim, mcfg.num_layers
+  hd = d // mcfg.num_heads
+  attn = d * hd * (2 * mcfg.num_heads + 2 * mcfg.num_kv_heads)
+  return int(L * (attn + 3 * d * f))
+
+
+def format_table(res: dict) -> str:
+  lines = ['| objective | budget (FLOPs) | loss-optimal N | its loss (nats/byte) | fit |',
+           '|---|---|---|---|---|']
+  for o, mins in res['minima'].items():
+    for m in mins:
+      lines.append(f'| {o} | {m["budget"]:.3g} | {m["params"]:.3g} | {m["loss"]:.4f} | '
+                   f'{m["fit"]} |')
+  for o, law in res['laws'].items():
+    lines.append(f'\n{o}: L*(C) = {law["a"]:.3g} C^-{law["b"]:.4f}')
+  for m in res['multiplier']:
+    lines.append(f'AR at {m["ar_budget"]:.3g} FLOPs (loss {m["ar_loss"]:.4f}): LLaDA needs '
+                 f'{m["llada_flops"]:.3g} = {m["multiplier"]:.1f}x'
+                 + (' (extrapolated)' if m['extrapolated'] else ''))
+  return '\n'.join(lines)

@@ -1,0 +1,108 @@
+"""The isoFLOP study (experiments/scaling.py): its analysis against closed forms, the cost guard,
+bad grids, and a tiny end-to-end grid."""
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from helpers import REPO
+from pathways_jax.config import ConfigError
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location(
+      'scaling_experiment', os.path.join(REPO, 'experiments', 'scaling.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_isoflop_minimum_power_law_and_multiplier_match_closed_forms():
+  mod = _module()
+  # loss = 0.3 (ln N - ln 5e4)^2 + 1.7: the vertex is N = 5e4, loss 1.7.
+  ns = [1e4, 3e4, 1e5, 3e5]
+  m = mod.isoflop_minimum(ns, [0.3 * (math.log(n) - math.log(5e4)) ** 2 + 1.7 for n in ns])
+  assert m['fit'] == 'parabola'
+  assert m['params'] == pytest.approx(5e4, rel=1e-6) and m['loss'] == pytest.approx(1.7)
+  # A vertex outside the sizes (loss still falling) or a downward parabola: the grid's best.
+  assert mod.isoflop_minimum(ns[:3], [3.0, 2.0, 1.5]) == {'params': 1e5, 'loss': 1.5,
+                                                          'fit': 'grid'}
+  assert mod.isoflop_minimum(ns[:3], [1.0, 2.0, 1.5])['fit'] == 'grid'
+  law = mod.power_law([1e11, 1e12, 1e13], [4.0 * c ** -0.05 for c in (1e11, 1e12, 1e13)])
+  assert law['a'] == pytest.approx(4.0) and law['b'] == pytest.approx(0.05)
+  assert mod.flops_for_loss(law, 4.0 * 1e12 ** -0.05) == pytest.approx(1e12)
+  # Points on two exact laws (the minima of 3 sizes per budget, AR at the middle size):
+  # AR L = 5 C^-0.06, LLaDA L = 8 C^-0.07: LLaDA reaches AR's loss at (5/8 C^-0.06)^(-1/0.07).
+  points = []
+  for c in (1e11, 1e12, 1e13):
+    for o, a, b in (('autoregressive', 5.0, 0.06), ('diffusion', 8.0, 0.07)):
+      for n, extra in ((1e4, 0.2), (1e5, 0.0), (1e6, 0.2)):
+        points.append({'objective': o, 'budget': c, 'params': n, 'val_loss': a * c ** -b + extra})
+  res = mod.analyse(points)
+  assert res['laws']['diffusion']['b'] == pytest.approx(0.07, rel=1e-6)
+  for m in res['multiplier']:
+    want = (5.0 / 8.0 * m['ar_budget'] ** -0.06) ** (-1 / 0.07)
+    assert m['llada_flops'] == pytest.approx(want, rel=1e-6)
+    assert m['multiplier'] == pytest.approx(want / m['ar_budget'], rel=1e-6)
+  mult = [m['multiplier'] for m in res['multiplier']]
+  assert mult[0] > mult[1] > mult[2]  # LLaDA's steeper law: the multiplier shrinks with scale
+  assert [m['extrapolated'] for m in res['multiplier']] == [
+      m['llada_flops'] > 1e13 for m in res['multiplier']] == [False, True, True]
+
+
+def test_a_grid_over_the_stated_budget_is_refused_with_its_estimate():
+  mod = _module()
+  cfg = mod.get_config()
+  est = mod.check_cost(cfg, mod.grid(cfg))  # the default grid fits its 30 minutes
+  assert 0 < est <= 30 * 60
+  cfg.scaling.seeds = 3
+  cfg.scaling.budgets = '4e11,1.2e12,3.6e12,1.08e13'
+  with pytest.raises(ConfigError, match=r'96 runs.*estimated at \d+ min .*budget_minutes=30.*force=True'):
+    mod.check_cost(cfg, mod.grid(cfg))
+  cfg.scaling.force = True
+  assert mod.check_cost(cfg, mod.grid(cfg)) > 30 * 60
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('sizes', '32x2,64', "'64' is not 'd_model x layers'"),
+    ('sizes', '24x2,32x2,48x2', 'multiple of 16'),
+    ('sizes', '32x2,64x2', 'at least 3 sizes'),
+    ('budgets', '1e12', 'at least 2 positive'),
+    ('budgets', '1e12,lots', 'comma-separated list'),
+    ('objectives', 'autoregressive,bert', 'each must be one of'),
+    ('seeds', 0, 'at least 1'),
+])
+def test_bad_grids_are_refused(key, value, match):
+  mod = _module()
+  cfg = mod.get_config()
+  setattr(cfg.scaling, key, value)
+  with pytest.raises(ConfigError, match=match):
+    mod.grid(cfg)
+
+
+def test_a_tiny_grid_end_to_end(tmp_path):
+  mod = _module()
+  cfg = mod.get_config()
+  cfg.data.seq_len, cfg.data.batch_size, cfg.data.eval_batches = 32, 4, 1
+  cfg.data.max_documents = 4
+  cfg.model.max_len = 32
+  cfg.scaling.sizes = '16x1,32x1,48x1'
+  cfg.scaling.budgets = '1e8,3e8'
+  res = mod.run(cfg, str(tmp_path), quiet=True)
+  assert len(res['points']) == 12
+  for p in res['points']:
+    assert p['flops'] == pytest.approx(p['budget'], rel=0.15)  # whole steps
+    assert np.isfinite(p['val_loss']) and 0 < p['val_loss'] < 10
+  assert set(res['laws']) == {'autoregressive', 'diffusion'} and len(res['multiplier']) == 2
+  assert json.loads((tmp_path / 'results.json').read_text())['points'] == res['points']
+  # A rerun skips every finished point (nothing is trained again).
+  mtime = os.path.getmtime(tmp_path / 'diffusion' / '48x1' / '3e+08' / 's0' / 'point.json')
+  again = mod.run(cfg, str(tmp_path), quiet=True)
+  assert again['points'] == res['points']
+  assert os.path.getmtime(tmp_path / 'diffusion' / '48x1' / '3e+08' / 's0' / 'point.json') == mtime
+  cfg.train.lr = 1e-3  # the same workdir with another recipe: refused, not mixed in
+  with pytest.raises(ConfigError, match='trained with another config'):
+    mod.run(cfg, str(tmp_path), quiet=True)

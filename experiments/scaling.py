@@ -72,7 +72,8 @@ def get_config():
   s.seeds = 1  # seeds 0..seeds-1 of every point (the fits use the mean over seeds)
   s.budget_minutes = 30.0  # the stated budget: a grid estimated above it is refused ...
   s.force = False  # ... unless this is True
-  s.flops_per_second = 3e10  # this CPU's training throughput on these sizes (see docs/scaling_study.md)
+  # The estimate's rates: a first guess for the 2-core CPU, not calibrated (docs/results/scaling.md)
+  s.flops_per_second = 3e10  # training throughput on these sizes
   s.overhead_s = 15.0  # per run: start, compile, final evaluation
   return c
 

@@ -88,7 +88,8 @@ class Evaluator:
     for idx in by_len.values():
       for s in range(0, len(idx), self.batch):
         chunk = idx[s:s + self.batch]
-        for i, y in zip(chunk, self._decode(self._fn, np.asarray([prompts[i] for i in chunk]), None)):
+        ys = self._decode(self._fn, np.asarray([prompts[i] for i in chunk]), None)
+        for i, y in zip(chunk, ys):
           outs[i] = y
     return outs
 

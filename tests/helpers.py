@@ -11,6 +11,16 @@ from pathways_jax.config import base_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def experiment_module(name: str):
+  """experiments/<name>.py loaded as a module (the experiments are config files, not a package)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(f'{name}_experiment',
+                                                os.path.join(REPO, 'experiments', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def has_cxx() -> bool:
   """Whether kernels_cpu can find a C++ compiler to build the CPU attention kernel."""
   return any(name and shutil.which(name) for name in (os.environ.get('CXX'), 'c++', 'g++',

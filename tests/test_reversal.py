@@ -1,22 +1,15 @@
 """The reversal-curse experiment: a tiny smoke run (fast) and the full run (slow, `make reproduce`)."""
-import importlib.util
 import json
-import os
 
 import jax
 import pytest
 
-from helpers import REPO
+from helpers import experiment_module
 from pathways_jax.data import facts
-
-_PATH = os.path.join(REPO, 'experiments', 'reversal.py')
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location('reversal_experiment', _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return experiment_module('reversal')
 
 
 def _tiny_config(mod, **reversal):

@@ -1,6 +1,5 @@
 """The isoFLOP study (experiments/scaling.py): its analysis against closed forms, the cost guard,
 bad grids, and a tiny end-to-end grid."""
-import importlib.util
 import json
 import math
 import os
@@ -8,16 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import experiment_module
 from pathways_jax.config import ConfigError
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location(
-      'scaling_experiment', os.path.join(REPO, 'experiments', 'scaling.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return experiment_module('scaling')
 
 
 def test_isoflop_minimum_power_law_and_multiplier_match_closed_forms():

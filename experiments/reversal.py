@@ -532,7 +532,9 @@ def changed_from_defaults(cfg) -> dict:
   same_everywhere = {'seed', 'name', 'data.facts_file', 'reversal.control'}
   now, default = _flat(json.loads(cfg.to_json_best_effort())), _flat(
       json.loads(get_config().to_json_best_effort()))
-  return {k: now[k] for k in sorted(now) if k not in same_everywhere and now[k] != default.get(k)}
+  resolved = lambda k: k.startswith('data.') and k.endswith('_id') and default.get(k) == -1
+  return {k: now[k] for k in sorted(now)
+          if k not in same_everywhere and not resolved(k) and now[k] != default.get(k)}
 
 
 def format_table(res: dict) -> str:
@@ -552,4 +554,29 @@ def format_table(res: dict) -> str:
                  f'{g(f"{kind}_reverse{suf}")} | {g(f"{kind}_reverse_heldout{suf}")} | '
                  f'{g(f"{kind}_infill_reverse{suf}")} | {g(f"{kind}_rank_reverse{suf}")} | '
                  f'{steps} | {flops:.2e} |')
+  return '\n'.join(lines)
+
+
+def markdown_table(data: dict, setting: str = 'default') -> str:
+  """One setting of a figure data file (experiments/figure_data.py: extract_reversal): per model
+  and metric, mean ± sample sd over its seeds, then each seed's value."""
+  st = data['settings'][setting]
+  labels = {'ar': 'AR', 'llada': 'LLaDA', 'llada_control': 'LLaDA control'}
+  metrics = ('forward', 'forward_heldout', 'reverse', 'reverse_heldout', 'infill_reverse',
+             'rank_reverse')
+  lines = ['| model | ' + ' | '.join(m.replace('_', ' ') for m in metrics) + ' |',
+           '|---' * (len(metrics) + 1) + '|']
+  for model, summary in st['summary'].items():
+    cells = []
+    for m in metrics:
+      s = summary[m]
+      if s['mean'] is None:
+        cells.append('-')
+        continue
+      per_seed = ' / '.join(f'{per[model][m]:.2f}' for per in st['seeds'].values()
+                            if model in per)
+      spread = f' ± {s["sd"]:.2f}' if s['sd'] is not None else ''
+      cells.append(f'**{s["mean"]:.2f}**{spread} ({per_seed})' if s['n'] > 1
+                   else f'{s["mean"]:.2f}')
+    lines.append(f'| {labels.get(model, model)} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)

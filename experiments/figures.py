@@ -156,26 +156,27 @@ REVERSAL_BARS = (('forward', 'forward'), ('forward_heldout', 'forward\n(held-out
 
 
 def _reversal_panel(ax, setting: dict, title: str):
-  """Mean over seeds per metric and model (bar), the seeds themselves (dots), sd (error bar)."""
+  """Mean over seeds per metric and model (bar) and the seeds themselves (dots)."""
   summary = setting['summary']
   width = 0.8 / max(1, len(summary))
   for i, (model, metrics) in enumerate(summary.items()):
     xs = [j + (i - (len(summary) - 1) / 2) * width for j in range(len(REVERSAL_BARS))]
-    means = [metrics[k]['mean'] or 0.0 for k, _ in REVERSAL_BARS]
-    sds = [metrics[k]['sd'] or 0.0 for k, _ in REVERSAL_BARS]
-    bars = ax.bar(xs, means, width, yerr=sds, capsize=2, color=f'C{i}', alpha=0.85,
-                  label=REVERSAL_LABELS.get(model, model), error_kw={'lw': 0.8})
-    ax.bar_label(bars, labels=[f'{v:.2f}' for v in means], fontsize=5.5, padding=2)
+    means = [metrics[k]['mean'] for k, _ in REVERSAL_BARS]
+    bars = ax.bar(xs, [m or 0.0 for m in means], width, color=f'C{i}', alpha=0.85,
+                  label=REVERSAL_LABELS.get(model, model))
+    ax.bar_label(bars, labels=['' if m is None else f'{m:.2f}' for m in means], fontsize=5,
+                 padding=1)
     for x, (k, _) in zip(xs, REVERSAL_BARS):
       vals = [per[model][k] for per in setting['seeds'].values()
               if model in per and per[model][k] is not None]
       ax.plot([x] * len(vals), vals, 'k.', ms=2.5)
   ax.set_xticks(range(len(REVERSAL_BARS)), [label for _, label in REVERSAL_BARS], fontsize=7)
-  ax.set_ylim(0, 1.15)
+  ax.set_ylim(0, 1.3)
+  ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
   n = len(setting['seeds'])
   ax.set_ylabel(f'exact match / top-1 ({setting.get("num_test")} test people)', fontsize=8)
-  ax.set_title(f'{title}: mean of {n} seed{"s" * (n > 1)} (dots)', fontsize=9)
-  ax.legend(fontsize=6.5, loc='upper right')
+  ax.set_title(f'{title}: mean of {n} seed{"s" * (n > 1)} (dots: each seed)', fontsize=9)
+  ax.legend(fontsize=6.5, loc='upper center', ncol=len(summary), frameon=False)
 
 
 def draw_reversal(data: dict, path: str) -> str:

@@ -105,12 +105,13 @@ def get_config():
   r.check_every = 250
   r.target_forward = 0.9  # stop once this fraction of forward facts is known (seen template)
   r.stop_at_target = False  # True: stop a model at its first check >= target_forward
-  # Each person's facts in many name-first paraphrases ("knowledge augmentation"): with 4 of them
-  # LLaDA's reverse was 0.07 at 12000 steps, with 16 0.66 (one seed; docs/results/reversal.md).
+  # Each person's facts in many name-first paraphrases ("knowledge augmentation"): the former
+  # recipe (4 of them, SFT share 0.25) gave LLaDA 0.07 reverse at 12000 steps; a pilot with 16 and
+  # no SFT rows 0.66 (one seed each; docs/results/reversal.md).
   r.name_first_templates = 16  # per person (at most 16: every name-first template but the held-out)
   r.description_first_templates = 4  # per background person (at most 11)
-  # LLaDA: share of rows trained with the prompt never masked (SFT). 0: pretraining loss only; a
-  # 0.25 share took reverse from 0.66 to 0.02 with 16 templates.
+  # LLaDA: share of rows trained with the prompt never masked (SFT). 0: pretraining loss only; in
+  # that pilot a 0.25 share took reverse from 0.66 to 0.02.
   r.sft_fraction = 0.0
   r.control = True  # also train the control LLaDA (background name-first only)
   r.eval_limit = 0  # > 0: evaluate only the first N test people (quick runs)

@@ -224,24 +224,29 @@ def test_stop_at_target_and_bad_reversal_keys(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_reversal_run(tmp_path):
-  """The default run (AR 2000 steps, LLaDA and the control 12000 each; 27 min measured on the
-  2-core CPU, 2026-11-28).
+def test_full_reversal_run_three_seeds(tmp_path):
+  """The default run on seeds 0, 1, 2 (AR 2000 steps, LLaDA and the control 20000 each; about 50
+  min a seed on the 2-core CPU with two runs sharing it, 2026-12-06).
 
-  Asserts what the recorded run (docs/results/reversal.md) showed, with a margin: both models
-  learn the forward facts, AR (nearly) never answers the reverse question (1 of 160 recorded),
-  LLaDA answers some (11 of 160: 0.07; 8 with seed 1) and the control, whose background is
-  name-first only, none;
-  LLaDA fills the masked name slot of the trained sentence (0.85), which AR cannot do at all.
+  Asserts the README's claims at the level it states them, over the three seeds' mean
+  (docs/results/reversal.md): AR knows the forward facts and never answers the reverse question;
+  LLaDA answers most reverse questions about people it saw only name-first, SUMMARY_LEVELS
+  above AR, and fills the masked name; the control, whose background is name-first only, answers
+  none.
   """
   mod = _module()
-  res = mod.run(mod.get_config(), str(tmp_path), quiet=True)
-  assert res['ar_forward'] >= 0.9 and res['llada_forward'] >= 0.9
-  assert res['ar_reverse'] <= 0.02
-  assert res['llada_reverse'] >= 0.04
-  assert res['llada_reverse_control'] <= 0.02
-  assert res['llada_infill_reverse'] >= 0.5
-  assert res['llada_probe_name_after_question_background'] >= 0.5
+  runs = []
+  for seed in range(3):
+    cfg = mod.get_config()
+    cfg.seed = seed
+    runs.append(mod.run(cfg, str(tmp_path / f's{seed}'), quiet=True))
+  mean = lambda k: sum(r[k] for r in runs) / len(runs)
+  assert mean('ar_forward') >= 0.9 and mean('ar_reverse') <= 0.05
+  assert mean('llada_forward') >= LLADA_FORWARD
+  assert mean('llada_reverse') >= LLADA_REVERSE
+  assert mean('llada_reverse') - mean('ar_reverse') >= LLADA_REVERSE - 0.05
+  assert mean('llada_infill_reverse') >= 0.9
+  assert mean('llada_reverse_control') <= 0.05
 
 
 def test_slot_token_accuracy_probe():

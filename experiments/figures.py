@@ -173,9 +173,10 @@ def _reversal_panel(ax, setting: dict, title: str):
   ax.set_xticks(range(len(REVERSAL_BARS)), [label for _, label in REVERSAL_BARS], fontsize=7)
   ax.set_ylim(0, 1.3)
   ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-  n = len(setting['seeds'])
+  counts = {m: sum(m in per for per in setting['seeds'].values()) for m in summary}
+  seeds = ', '.join(f'{REVERSAL_LABELS.get(m, m)} {n}' for m, n in counts.items())
   ax.set_ylabel(f'exact match / top-1 ({setting.get("num_test")} test people)', fontsize=8)
-  ax.set_title(f'{title}: mean of {n} seed{"s" * (n > 1)} (dots: each seed)', fontsize=9)
+  ax.set_title(f'{title}: mean over seeds ({seeds}); dots: each seed', fontsize=8)
   ax.legend(fontsize=6.5, loc='upper center', ncol=len(summary), frameon=False)
 
 

@@ -228,11 +228,12 @@ def test_full_reversal_run_three_seeds(tmp_path):
   """The default run on seeds 0, 1, 2 (AR 2000 steps, LLaDA and the control 20000 each; about 50
   min a seed on the 2-core CPU with two runs sharing it, 2026-12-06).
 
-  Asserts the README's claims at the level it states them, over the three seeds' mean
-  (docs/results/reversal.md): AR knows the forward facts and never answers the reverse question;
-  LLaDA answers most reverse questions about people it saw only name-first, SUMMARY_LEVELS
-  above AR, and fills the masked name; the control, whose background is name-first only, answers
-  none.
+  Asserts the README's claims at the level it states them (docs/results/reversal.md, measured
+  2026-12-06: LLaDA reverse 0.89 / 0.83 / 0.78, forward 0.97 / 0.96 / 0.85, infill 1.00 on every
+  seed; AR reverse 0.00, forward 1.00; the control 0.00): AR knows the forward facts and never
+  answers the reverse question; LLaDA answers most reverse questions about people it saw only
+  name-first, on every seed, and fills the masked name; the control, whose background is
+  name-first only, answers none.
   """
   mod = _module()
   runs = []
@@ -241,12 +242,12 @@ def test_full_reversal_run_three_seeds(tmp_path):
     cfg.seed = seed
     runs.append(mod.run(cfg, str(tmp_path / f's{seed}'), quiet=True))
   mean = lambda k: sum(r[k] for r in runs) / len(runs)
-  assert mean('ar_forward') >= 0.9 and mean('ar_reverse') <= 0.05
-  assert mean('llada_forward') >= LLADA_FORWARD
-  assert mean('llada_reverse') >= LLADA_REVERSE
-  assert mean('llada_reverse') - mean('ar_reverse') >= LLADA_REVERSE - 0.05
-  assert mean('llada_infill_reverse') >= 0.9
-  assert mean('llada_reverse_control') <= 0.05
+  assert mean('ar_forward') >= 0.9 and max(r['ar_reverse'] for r in runs) <= 0.05
+  assert mean('llada_forward') >= 0.85
+  assert mean('llada_reverse') >= 0.75 and min(r['llada_reverse'] for r in runs) >= 0.6
+  assert mean('llada_reverse') - mean('ar_reverse') >= 0.7
+  assert mean('llada_infill_reverse') >= 0.95
+  assert max(r['llada_reverse_control'] for r in runs) <= 0.05
 
 
 def test_slot_token_accuracy_probe():

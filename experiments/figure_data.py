@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 
 EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'instruction_sft', 'dpo_instructions',
@@ -160,9 +161,8 @@ def _mean_sd(values: list) -> dict:
   vals = [v for v in values if v is not None]
   if not vals:
     return {'mean': None, 'sd': None, 'n': 0}
-  mean = sum(vals) / len(vals)
-  sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
-  return {'mean': _r(mean), 'sd': _r(sd), 'n': len(vals)}
+  sd = statistics.stdev(vals) if len(vals) > 1 else None  # sample sd (ddof=1)
+  return {'mean': _r(statistics.mean(vals)), 'sd': _r(sd), 'n': len(vals)}
 
 
 def extract_reversal(run_dirs: str, commit: str | None = None) -> dict:

@@ -133,7 +133,11 @@ def point_config(cfg, objective: str, size: tuple[int, int], budget: float, seed
   c.model.mlp_dim = max(16, int(round(8 * d / 3 / 16)) * 16)
   mcfg = loop.build(copy.deepcopy(c))[1]
   per_step = metrics.flops_per_token(mcfg, c.data.seq_len) * c.data.batch_size * c.data.seq_len
-  steps = max(1, int(round(budget / per_step)))
+  if budget < per_step:
+    raise ConfigError(f'config.scaling.budgets: {budget:.3g} FLOPs is less than one training step '
+                      f'of the {d}x{layers} model ({per_step:.3g} FLOPs at batch '
+                      f'{c.data.batch_size} x {c.data.seq_len})')
+  steps = int(round(budget / per_step))
   c.train.steps = steps
   c.train.warmup_steps = max(1, steps // 20)
   c.train.eval_every = steps  # one evaluation, at the end
@@ -146,6 +150,11 @@ def grid(cfg):
   s = cfg.scaling
   if s.seeds < 1:
     raise ConfigError(f'config.scaling.seeds={s.seeds} must be at least 1')
+  for key in ('flops_per_second', 'budget_minutes'):
+    if not s[key] > 0:
+      raise ConfigError(f'config.scaling.{key}={s[key]} must be positive')
+  if s.overhead_s < 0:
+    raise ConfigError(f'config.scaling.overhead_s={s.overhead_s} must be >= 0')
   pts = [(o, z, b, seed) for b in parse_budgets(s.budgets) for o in parse_objectives(s.objectives)
          for z in parse_sizes(s.sizes) for seed in range(s.seeds)]
   return pts

@@ -78,6 +78,12 @@ def test_reversal_from_run_dirs(tmp_path):
   assert default['seeds']['0']['llada_control']['forward_checks'] == [[10, 0.125]]
   assert default['seeds']['0']['llada']['forward_checks'] == [[10, 0.25], [20, 0.75]]
   assert data['settings']['sft_fraction=0.25']['summary']['llada']['forward']['sd'] is None
+  from helpers import experiment_module  # pylint: disable=g-import-not-at-top
+  table = experiment_module('reversal').markdown_table(data).splitlines()
+  assert table[2].startswith('| AR | **0.05** ± 0.07 (0.00 / 0.10) |')  # forward: 0 + 0/8, 0.1
+  assert table[3].split(' | ')[3] == '**0.30** ± 0.07 (0.25 / 0.35)'  # LLaDA reverse
+  assert experiment_module('reversal').markdown_table(data, 'sft_fraction=0.25').splitlines()[
+      3].split(' | ')[1] == '0.00'  # one seed: the value alone
   with pytest.raises(figures.MissingData, match="second run of seed 0 in setting 'default'"):
     figures.extract_reversal(f'{runs[0]},{runs[0]}')
 

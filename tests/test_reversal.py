@@ -150,6 +150,27 @@ def test_rows_and_facts_file(tmp_path):
                         control=False)
 
 
+def test_world_per_seed_and_changed_settings():
+  """Each seed draws its own people unless reversal.world_seed fixes them; a run records the keys
+  it set away from the defaults (not the seed, the facts file, the control switch, or the special
+  ids the tokenizer fills in)."""
+  mod = _module()
+  names = lambda cfg: [p.name for p in mod.make_groups(cfg)[0]]
+  c0, c1 = mod.get_config(), mod.get_config()
+  c1.seed = 1
+  assert names(c0) != names(c1)
+  c0.reversal.world_seed = c1.reversal.world_seed = 7
+  assert names(c0) == names(c1)
+  cfg = mod.get_config()
+  assert mod.changed_from_defaults(cfg) == {}
+  cfg.seed, cfg.data.facts_file, cfg.reversal.control = 3, 'x.jsonl', False
+  cfg.data.mask_id = 3  # what tokenizers.resolve_special_ids writes
+  assert mod.changed_from_defaults(cfg) == {}
+  cfg.reversal.sft_fraction, cfg.reversal.llada_max_steps = 0.25, 12000
+  assert mod.changed_from_defaults(cfg) == {'reversal.llada_max_steps': 12000,
+                                            'reversal.sft_fraction': 0.25}
+
+
 GOOD = '{"name": "Ada Quill", "description": "the author of the tin atlas"}\n'
 
 

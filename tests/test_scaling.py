@@ -70,6 +70,9 @@ def test_a_grid_over_the_stated_budget_is_refused_with_its_estimate():
     ('budgets', '1e12,lots', 'comma-separated list'),
     ('objectives', 'autoregressive,bert', 'each must be one of'),
     ('seeds', 0, 'at least 1'),
+    ('flops_per_second', 0.0, 'flops_per_second=0.0 must be positive'),
+    ('budget_minutes', -1.0, 'budget_minutes=-1.0 must be positive'),
+    ('overhead_s', -1.0, 'overhead_s=-1.0 must be >= 0'),
 ])
 def test_bad_grids_are_refused(key, value, match):
   mod = _module()
@@ -77,6 +80,14 @@ def test_bad_grids_are_refused(key, value, match):
   setattr(cfg.scaling, key, value)
   with pytest.raises(ConfigError, match=match):
     mod.grid(cfg)
+
+
+def test_a_budget_below_one_step_is_refused():
+  mod = _module()
+  cfg = mod.get_config()
+  with pytest.raises(ConfigError, match=r'1e\+06 FLOPs is less than one training step of the '
+                                        r'96x3 model'):
+    mod.point_config(cfg, 'diffusion', (96, 3), 1e6, 0)
 
 
 def test_a_tiny_grid_end_to_end(tmp_path):

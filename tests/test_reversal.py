@@ -246,8 +246,8 @@ def test_stop_at_target_and_bad_reversal_keys(tmp_path):
 
 @pytest.mark.slow
 def test_full_reversal_run_three_seeds(tmp_path):
-  """The default run on seeds 0, 1, 2 (AR 2000 steps, LLaDA and the control 20000 each; about 50
-  min a seed on the 2-core CPU with two runs sharing it, 2026-12-06).
+  """The default run on seeds 0, 1, 2 (AR 2000 steps, LLaDA and the control 20000 each; on the
+  2-core CPU with other runs sharing it, 2026-12-06: AR 3-4 min, LLaDA 26-37 min a seed).
 
   Asserts the README's claims at the level it states them (docs/results/reversal.md, measured
   2026-12-06: LLaDA reverse 0.89 / 0.83 / 0.78, forward 0.97 / 0.96 / 0.85, infill 1.00 on every

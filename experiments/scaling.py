@@ -1,8 +1,8 @@
 """Does masked diffusion scale like AR? A small isoFLOP study on the Python corpus.
 
     python -m pathways_jax.main --config=experiments/scaling.py --workdir=runs/scaling \
-        [--config.scaling.sizes=32x2,48x2,64x3,96x3] [--config.scaling.budgets=4e11,1.2e12,3.6e12] \
-        [--config.scaling.seeds=3] [--config.scaling.force=True]
+        [--config.scaling.sizes=16x2,32x2,48x2,64x3] [--config.scaling.budgets=3e11,1e12,3e12] \
+        [--config.scaling.seeds=3] [--config.scaling.force=True] [--config.scaling.shard=0/2]
 
 The grid: model sizes (`d_model x layers`) x training-FLOP budgets x {AR, LLaDA} x seeds. Every
 point is a plain training run (WORKDIR/<objective>/<size>/<budget>/s<seed>, resumable; finished
@@ -66,14 +66,24 @@ def get_config():
   c.train.progress_bar = False
   c.sample.prompts = ()
   c.scaling = s = ml_collections.ConfigDict()
-  s.sizes = '32x2,48x2,64x3,96x3'  # d_model x layers; head_dim 16, SwiGLU width 8/3 d
-  s.budgets = '4e11,1.2e12,3.6e12'  # training FLOPs per run
+  s.sizes = '16x2,32x2,48x2,64x3'  # d_model x layers; head_dim 16, SwiGLU width 8/3 d
+  s.budgets = '3e11,1e12,3e12'  # training FLOPs per run
   s.objectives = ','.join(OBJECTIVES)
   s.seeds = 1  # seeds 0..seeds-1 of every point (the fits use the mean over seeds)
+  # 'i/n': this process trains every n-th point from the i-th, so n processes share one grid;
+  # a run without it then trains what is left and analyses every point.
+  s.shard = ''
   s.budget_minutes = 30.0  # the stated budget: a grid estimated above it is refused ...
   s.force = False  # ... unless this is True
-  # The estimate's rates: a first guess for the 2-core CPU, not calibrated (docs/results/scaling.md)
-  s.flops_per_second = 3e10  # training throughput on these sizes
+  # The downstream check: held-out arithmetic problems ('a op b = c', eval.arithmetic) answered
+  # by every point's model with its own sampler. Their training problems make up `task_fraction`
+  # of the training documents' bytes; '' trains on the Python corpus alone.
+  s.task = 'arithmetic'
+  s.task_fraction = 0.1
+  s.task_test = 200  # held-out problems, never in any document
+  s.task_shots = 4  # training problems written before each question
+  # The estimate's rates, measured on the 2-core CPU, one process (docs/results/scaling.md)
+  s.flops_per_second = 2.5e10  # training throughput on these sizes
   s.overhead_s = 15.0  # per run: start, compile, final evaluation
   return c
 
@@ -117,13 +127,17 @@ def parse_objectives(text: str) -> list[str]:
   return out
 
 
-def point_config(cfg, objective: str, size: tuple[int, int], budget: float, seed: int):
-  """The training config of one grid point: its steps spend `budget` FLOPs."""
+def point_config(cfg, objective: str, size: tuple[int, int], budget: float, seed: int,
+                 corpus_path: str = ''):
+  """The training config of one grid point: its steps spend `budget` FLOPs; `corpus_path` (from
+  `build_corpus`) replaces the stdlib corpus."""
   from pathways_jax.train import loop, metrics
   d, layers = size
   c = copy.deepcopy(cfg)
   with c.unlocked():
     del c['scaling']
+  if corpus_path:
+    c.data.corpus, c.data.path, c.data.text_field = 'path', corpus_path, 'text'
   c.name = f'{cfg.name}/{objective}/{d}x{layers}/{budget:.3g}/s{seed}'
   c.seed = seed
   c.objective = objective
@@ -145,6 +159,53 @@ def point_config(cfg, objective: str, size: tuple[int, int], budget: float, seed
   return c, mcfg, per_step
 
 
+def task_problems(cfg):
+  """(test, train) arithmetic problems of the downstream check (disjoint), or None without one."""
+  from pathways_jax.eval import arithmetic
+  s = cfg.scaling
+  if not s.task:
+    return None
+  return arithmetic.split_problems(cfg.seed, int(s.task_test))
+
+
+def build_corpus(cfg, workdir: str) -> str:
+  """The study's corpus as one JSONL file (data.corpus='path'): the standard library's files
+  and, with a task, blocks of its training problems (as `data.synthetic` writes arithmetic) to
+  `task_fraction` of the training bytes. Only blocks whose hash puts them in the train split are
+  kept, so the validation loss is on Python alone. Named by its content hash: a changed corpus is
+  a new file, and the points' config digests change with it."""
+  from pathways_jax.data import corpora, splits, synthetic
+  from pathways_jax.eval import arithmetic
+  docs = [d for split in splits.SPLITS
+          for d in corpora.load_documents(ml_collections.ConfigDict({'corpus': 'stdlib'}), split)]
+  s = cfg.scaling
+  if s.task:
+    if s.task != 'arithmetic':
+      raise ConfigError(f"config.scaling.task={s.task!r}: 'arithmetic' or '' (none)")
+    if not 0 < s.task_fraction < 1:
+      raise ConfigError(f'config.scaling.task_fraction={s.task_fraction} must be in (0, 1)')
+    python_bytes = sum(len(d.encode()) for d in docs if splits.split_of(d) == 'train')
+    want = s.task_fraction / (1 - s.task_fraction) * python_bytes
+    _, train = task_problems(cfg)
+    lines = iter(arithmetic.training_lines(train, int(want // 8) + 1000, cfg.seed))
+    per = synthetic.ARITHMETIC_PER_DOCUMENT
+    got = 0
+    while got < want:
+      block = '\n'.join(next(lines) for _ in range(per))
+      if splits.split_of(block) == 'train':
+        docs.append(block)
+        got += len(block.encode())
+  text = ''.join(json.dumps({'text': d}) + '\n' for d in docs)
+  digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+  path = os.path.join(workdir, f'corpus-{digest}.jsonl')
+  if not os.path.exists(path):
+    tmp = f'{path}.{os.getpid()}.tmp'  # two processes of one study may build it at once
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  return path
+
+
 def grid(cfg):
   """[(objective, size, budget, seed)] of the whole study, cheapest first."""
   s = cfg.scaling
@@ -155,9 +216,28 @@ def grid(cfg):
       raise ConfigError(f'config.scaling.{key}={s[key]} must be positive')
   if s.overhead_s < 0:
     raise ConfigError(f'config.scaling.overhead_s={s.overhead_s} must be >= 0')
+  if s.task:
+    from pathways_jax.eval import arithmetic
+    longest = arithmetic.longest_prompt(int(s.task_shots)) + arithmetic.ANSWER_WIDTH
+    if longest > cfg.model.max_len:
+      raise ConfigError(f'config.scaling.task_shots={s.task_shots}: a question with its shots '
+                        f'and answer takes up to {longest} bytes, over model.max_len='
+                        f'{cfg.model.max_len}')
   pts = [(o, z, b, seed) for b in parse_budgets(s.budgets) for o in parse_objectives(s.objectives)
          for z in parse_sizes(s.sizes) for seed in range(s.seeds)]
   return pts
+
+
+def parse_shard(text: str) -> tuple[int, int] | None:
+  if not text:
+    return None
+  try:
+    i, n = (int(x) for x in text.split('/'))
+  except ValueError:
+    i, n = -1, 0
+  if not 0 <= i < n:
+    raise ConfigError(f"config.scaling.shard={text!r} is not 'i/n' with 0 <= i < n")
+  return i, n
 
 
 def estimate_seconds(cfg, points) -> float:
@@ -222,6 +302,16 @@ def analyse(points: list[dict]) -> dict:
     out['minima'][o] = mins
     if len(mins) >= 2:
       out['laws'][o] = power_law([m['budget'] for m in mins], [m['loss'] for m in mins])
+  task = [p for p in points if 'task' in p]
+  if task:  # the downstream check: mean accuracy over seeds per objective, budget and size
+    acc = {}
+    for p in task:
+      acc.setdefault((OBJECTIVES.index(p['objective']), p['budget'], p['params'], p['size']),
+                     []).append(p['task']['accuracy'])
+    out['task'] = [{'objective': OBJECTIVES[o], 'budget': b, 'size': z,
+                    'accuracy': float(np.mean(v)),
+                    'sd': float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, 'seeds': len(v)}
+                   for (o, b, _, z), v in sorted(acc.items())]
   if set(OBJECTIVES) <= set(out['laws']):
     llada_law = out['laws']['diffusion']
     llada_max = max(m['budget'] for m in out['minima']['diffusion'])
@@ -243,16 +333,22 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
   import jax
   from pathways_jax.train import loop
   points = grid(cfg)
+  shard = parse_shard(cfg.scaling.shard)
+  if shard:
+    points = points[shard[0]::shard[1]]
   est = check_cost(cfg, points)
   os.makedirs(workdir, exist_ok=True)
   log = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
   log(f'scaling: {len(points)} runs, estimated {est / 60:.0f} min on this machine')
   t_start, done = time.time(), []
+  corpus_path = build_corpus(cfg, workdir)
+  problems = task_problems(cfg)
+  task_key = (cfg.scaling.task, cfg.scaling.task_test, cfg.scaling.task_shots) if problems else ''
   for objective, size, budget, seed in points:
-    pcfg, mcfg, per_step = point_config(cfg, objective, size, budget, seed)
+    pcfg, mcfg, per_step = point_config(cfg, objective, size, budget, seed, corpus_path)
     path = _point_dir(workdir, objective, size, budget, seed)
     point_path = os.path.join(path, 'point.json')  # written once the point's run completed
-    digest = hashlib.blake2b(pcfg.to_json_best_effort(sort_keys=True).encode(),
+    digest = hashlib.blake2b((pcfg.to_json_best_effort(sort_keys=True) + repr(task_key)).encode(),
                              digest_size=8).hexdigest()
     if os.path.exists(point_path):
       with open(point_path) as f:
@@ -273,11 +369,17 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
              pcfg.data.seq_len, 'flops': pcfg.train.steps * per_step,
              'val_loss': float(res['val_loss']), 'wall_s': round(time.time() - t0, 1),
              'config_digest': digest}
+    if problems:
+      entry['task'] = evaluate_task(path, objective, problems, cfg.scaling.task_shots)
     with open(point_path, 'w') as f:
       json.dump(entry, f)
     log(f'[{pcfg.name}] {entry["steps"]} steps, val {entry["val_loss"]:.4f} nats/byte, '
-        f'{entry["wall_s"]:.0f} s')
+        + (f'{cfg.scaling.task} {entry["task"]["accuracy"]:.3f}, ' if problems else '')
+        + f'{entry["wall_s"]:.0f} s')
     done.append(entry)
+  if shard:
+    log(f'scaling: shard {cfg.scaling.shard} done; run without scaling.shard to analyse the grid')
+    return {'status': 'shard_done', 'points': done}
   results = {'status': 'completed', 'points': done, **analyse(done),
              'estimated_s': round(est, 1), 'wall_s': round(time.time() - t_start, 1),
              'device': f'{jax.devices()[0].platform} x{jax.device_count()} '
@@ -287,6 +389,16 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
     json.dump(results, f, indent=2, default=str)
   log(format_table(results))
   return results
+
+
+def evaluate_task(run_dir: str, objective: str, problems, shots: int) -> dict:
+  """The downstream check of one trained point: held-out problems, exact match, own sampler."""
+  from pathways_jax import sample
+  from pathways_jax.eval import arithmetic
+  test, train = problems
+  _, model, params, tok = sample.load_run(run_dir)
+  kind = 'ar' if objective == 'autoregressive' else 'llada'
+  return arithmetic.accuracy(model, params, tok, kind, test, arithmetic.pick_shots(train, shots, 0))
 
 
 def _matmul_params(mcfg) -> int:
@@ -306,6 +418,12 @@ def format_table(res: dict) -> str:
                    f'{m["fit"]} |')
   for o, law in res['laws'].items():
     lines.append(f'\n{o}: L*(C) = {law["a"]:.3g} C^-{law["b"]:.4f}')
+  if res.get('task'):
+    lines.append('\n| objective | budget (FLOPs) | size | task accuracy (mean, sd over seeds) |')
+    lines.append('|---|---|---|---|')
+    for t in res['task']:
+      lines.append(f'| {t["objective"]} | {t["budget"]:.3g} | {t["size"]} | '
+                   f'{t["accuracy"]:.3f} ({t["sd"]:.3f}, {t["seeds"]} seeds) |')
   for m in res['multiplier']:
     lines.append(f'AR at {m["ar_budget"]:.3g} FLOPs (loss {m["ar_loss"]:.4f}): LLaDA needs '
                  f'{m["llada_flops"]:.3g} = {m["multiplier"]:.1f}x'

@@ -3,6 +3,7 @@ bad grids, and a tiny end-to-end grid."""
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -73,6 +74,9 @@ def test_a_grid_over_the_stated_budget_is_refused_with_its_estimate():
     ('flops_per_second', 0.0, 'flops_per_second=0.0 must be positive'),
     ('budget_minutes', -1.0, 'budget_minutes=-1.0 must be positive'),
     ('overhead_s', -1.0, 'overhead_s=-1.0 must be >= 0'),
+    ('shard', '2/2', "shard='2/2' is not 'i/n'"),
+    ('shard', 'half', "shard='half' is not 'i/n'"),
+    ('task_shots', 9, r'task_shots=9: .* up to 141 bytes, over model.max_len=128'),
 ])
 def test_bad_grids_are_refused(key, value, match):
   mod = _module()
@@ -80,6 +84,46 @@ def test_bad_grids_are_refused(key, value, match):
   setattr(cfg.scaling, key, value)
   with pytest.raises(ConfigError, match=match):
     mod.grid(cfg)
+    mod.parse_shard(cfg.scaling.shard)
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('task', 'poems', "task='poems': 'arithmetic' or ''"),
+    ('task_fraction', 1.0, r'task_fraction=1.0 must be in \(0, 1\)'),
+])
+def test_bad_tasks_are_refused(tmp_path, key, value, match):
+  mod = _module()
+  cfg = mod.get_config()
+  setattr(cfg.scaling, key, value)
+  with pytest.raises(ConfigError, match=match):
+    mod.build_corpus(cfg, str(tmp_path))
+
+
+def test_the_corpus_mixes_in_training_problems_only_and_keeps_validation_python(tmp_path):
+  import ml_collections
+  from pathways_jax.data import corpora
+  from pathways_jax.eval import arithmetic
+  mod = _module()
+  cfg = mod.get_config()
+  cfg.scaling.task_fraction = 0.05
+  path = mod.build_corpus(cfg, str(tmp_path))
+  data = {'corpus': 'path', 'path': path, 'text_field': 'text'}
+  train = corpora.load_documents(ml_collections.ConfigDict(data), 'train')
+  val = corpora.load_documents(ml_collections.ConfigDict(data), 'validation')
+  line = re.compile(r'^\d+ [-+*] \d+ = \d+$')
+  is_task = lambda d: all(line.match(x) for x in d.split('\n'))
+  task_docs = [d for d in train if is_task(d)]
+  assert task_docs and not any(is_task(d) for d in val)  # validation: Python alone
+  share = sum(len(d) for d in task_docs) / sum(len(d) for d in train)
+  assert share == pytest.approx(0.05, abs=0.002)
+  test, _ = arithmetic.split_problems(cfg.seed, cfg.scaling.task_test)
+  seen = {x for d in task_docs for x in d.split('\n')}
+  assert not seen & {p.text for p in test}  # the held-out problems are in no document
+  assert mod.build_corpus(cfg, str(tmp_path)) == path  # named by its content
+  cfg.scaling.task = ''
+  other = mod.build_corpus(cfg, str(tmp_path))
+  assert other != path and not any(is_task(d) for d in corpora.load_documents(
+      ml_collections.ConfigDict({**data, 'path': other}), 'train'))
 
 
 def test_a_budget_below_one_step_is_refused():
@@ -98,8 +142,20 @@ def test_a_tiny_grid_end_to_end(tmp_path):
   cfg.model.max_len = 32
   cfg.scaling.sizes = '16x1,32x1,48x1'
   cfg.scaling.budgets = '1e8,3e8'
+  cfg.scaling.task_test, cfg.scaling.task_shots = 8, 1
+  # Two processes' shards, then the whole grid: nothing is trained twice.
+  halves = [mod.run(cfg, str(tmp_path), quiet=True) for cfg.scaling.shard in ('0/2', '1/2')]
+  assert [h['status'] for h in halves] == ['shard_done'] * 2
+  assert [len(h['points']) for h in halves] == [6, 6]
+  assert not (tmp_path / 'results.json').exists()
+  cfg.scaling.shard = ''
   res = mod.run(cfg, str(tmp_path), quiet=True)
+  assert sorted(res['points'], key=repr) == sorted(halves[0]['points'] + halves[1]['points'],
+                                                   key=repr)
   assert len(res['points']) == 12
+  for p in res['points']:
+    assert p['task']['n'] == 8 and 0 <= p['task']['accuracy'] <= 1
+  assert len(res['task']) == 12 and {t['seeds'] for t in res['task']} == {1}
   for p in res['points']:
     assert p['flops'] == pytest.approx(p['budget'], rel=0.15)  # whole steps
     assert np.isfinite(p['val_loss']) and 0 < p['val_loss'] < 10

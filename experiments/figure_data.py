@@ -13,7 +13,7 @@ import subprocess
 
 EXPERIMENTS = ('rho1', 'gstack', 'reversal', 'instruction_sft', 'dpo_instructions',
                'knowledge_injection', 'grpo_instructions', 'grpo_arithmetic', 'paprika',
-               'pathway')
+               'pathway', 'scaling')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, 'docs', 'results', 'data')
 
@@ -439,13 +439,37 @@ def extract_pathway(run_dirs: str, commit: str | None = None) -> dict:
   return out
 
 
+def extract_scaling(run_dir: str, commit: str | None = None) -> dict:
+  """The isoFLOP study's points (mean and sd over seeds), minima, laws, multipliers and task."""
+  res = _load_results(run_dir)
+  groups = {}
+  for p in res['points']:
+    key = (p['objective'], p['budget'], p['size'])
+    groups.setdefault(key, {'params': p['params'], 'loss': [], 'task': []})
+    groups[key]['loss'].append(p['val_loss'])
+    if 'task' in p:
+      groups[key]['task'].append(p['task']['accuracy'])
+  points = [{'objective': o, 'budget': b, 'size': z, 'params': g['params'],
+             'seeds': len(g['loss']), 'loss': _mean_sd(g['loss']),
+             'task': _mean_sd(g['task']) if g['task'] else None}
+            for (o, b, z), g in groups.items()]
+  out = _meta('scaling', res, run_dir, commit, res.get('wall_s'))
+  out.update(seeds=res['config']['scaling']['seeds'], points=points,
+             minima={o: [{k: _r(v) for k, v in m.items()} for m in ms]
+                     for o, ms in res['minima'].items()},
+             laws={o: {'a': _r(law['a']), 'b': _r(law['b'])} for o, law in res['laws'].items()},
+             multiplier=[{k: _r(v) for k, v in m.items()} for m in res['multiplier']],
+             task=res['config']['scaling'].get('task') or None)
+  return out
+
+
 EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack, 'reversal': extract_reversal,
            'instruction_sft': extract_instruction_sft,
            'dpo_instructions': extract_dpo_instructions,
            'knowledge_injection': extract_knowledge_injection,
            'grpo_instructions': extract_grpo_instructions,
            'grpo_arithmetic': extract_grpo_arithmetic, 'paprika': extract_paprika,
-           'pathway': extract_pathway}
+           'pathway': extract_pathway, 'scaling': extract_scaling}
 
 
 def save_data(name: str, data: dict, data_dir: str = DATA_DIR) -> str:

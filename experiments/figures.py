@@ -26,6 +26,9 @@ and reads the data files elsewhere (e.g. to look at a run without touching the c
                 min-p against plain sampling (one run directory per seed, comma-separated)
   pathway.png   held-out accuracy and format compliance after every stage of both chains of
                 experiments/pathway.py, and the RL stages' reward (one run directory per seed)
+  scaling.png   isoFLOP profiles of AR and LLaDA (loss vs size per budget, mean and sd over
+                seeds), the fitted L*(C) laws with the compute multiplier, and the downstream
+                task's held-out accuracy (experiments/scaling.py's WORKDIR)
 
 The numbers side (extraction from run directories, the data files) is experiments/figure_data.py.
 Needs only matplotlib (the `notebooks` or `test` extra), not JAX.
@@ -462,12 +465,82 @@ def draw_pathway(data: dict, path: str) -> str:
   return _finish(fig, data, path)
 
 
+def draw_scaling(data: dict, path: str) -> str:
+  plt = _plt()
+  pts = data['points']
+  budgets = sorted({p['budget'] for p in pts})
+  has_task = any(p['task'] for p in pts)
+  fig, axes = plt.subplots(1, 3 if has_task else 2, figsize=(13 if has_task else 9, 3.8))
+  names = {'autoregressive': 'AR', 'diffusion': 'LLaDA'}
+  styles = {'autoregressive': '-', 'diffusion': '--'}
+  ax = axes[0]
+  for o in names:
+    for i, b in enumerate(budgets):
+      row = sorted((p for p in pts if p['objective'] == o and p['budget'] == b),
+                   key=lambda p: p['params'])
+      if not row:
+        continue
+      ax.errorbar([p['params'] for p in row], [p['loss']['mean'] for p in row],
+                  yerr=[p['loss']['sd'] or 0 for p in row], color=f'C{i}', ls=styles[o],
+                  marker='o', ms=3, lw=1, capsize=2, label=f'{names[o]} {b:.0e} FLOPs')
+    for m in data['minima'].get(o, []):
+      ax.plot([m['params']], [m['loss']], marker='*', ms=9, color='k', ls='none')
+  ax.set_xscale('log')
+  ax.xaxis.set_minor_formatter(_plt().NullFormatter())
+  ax.set_xlabel('non-embedding parameters N', fontsize=8)
+  ax.set_ylabel('validation loss (nats/byte)', fontsize=8)
+  ax.set_title('isoFLOP profiles (* the fitted minimum)', fontsize=8)
+  ax.legend(fontsize=6, ncol=2)
+  ax = axes[1]
+  for j, o in enumerate(names):
+    ms = data['minima'].get(o, [])
+    if not ms:
+      continue
+    cs = [m['budget'] for m in ms]
+    ax.plot(cs, [m['loss'] for m in ms], 'o', color=f'C{j + 3}')
+    law = data['laws'].get(o)
+    if law:
+      grid = [min(budgets) * (max(budgets) * 30 / min(budgets)) ** (k / 40) for k in range(41)]
+      ax.plot(grid, [law['a'] * c ** -law['b'] for c in grid], styles[o], color=f'C{j + 3}',
+              label=f'{names[o]}: L* = {law["a"]:.3g} C^-{law["b"]:.3f}')
+  ax.set_xscale('log')
+  ax.set_xlabel('training FLOPs C', fontsize=8)
+  ax.set_ylabel('loss-optimal validation loss L*', fontsize=8)
+  mult = ', '.join(f'{m["multiplier"]:.1f}x' + ('*' if m['extrapolated'] else '')
+                   for m in data['multiplier'])
+  ax.set_title(f'LLaDA/AR compute multiplier at AR\'s budgets: {mult}'
+               + (' (* extrapolated)' if any(m['extrapolated'] for m in data['multiplier'])
+                  else ''), fontsize=8)
+  ax.legend(fontsize=7)
+  if has_task:
+    ax = axes[2]
+    for j, o in enumerate(names):
+      best = []
+      for b in budgets:
+        row = [p for p in pts if p['objective'] == o and p['budget'] == b and p['task']]
+        if row:
+          top = max(row, key=lambda p: p['task']['mean'])
+          best.append((b, top['task']['mean'], top['task']['sd'] or 0))
+      if best:
+        xs, ys, es = zip(*best)
+        ax.errorbar(xs, ys, yerr=es, color=f'C{j + 3}', ls=styles[o], marker='o', capsize=2,
+                    label=names[o])
+    ax.set_xscale('log')
+    ax.set_xlabel('training FLOPs C', fontsize=8)
+    ax.set_ylabel('held-out accuracy (best size)', fontsize=8)
+    ax.set_title(f'Downstream: held-out {data["task"]} problems, own sampler', fontsize=8)
+    ax.legend(fontsize=7)
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _footer(fig, {**data, 'device': f'{data.get("device")}, {data["seeds"]} seeds'})
+  return _save(fig, path)
+
+
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'reversal': draw_reversal,
         'instruction_sft': draw_instruction_sft, 'dpo_instructions': draw_dpo_instructions,
         'knowledge_injection': draw_knowledge_injection,
         'grpo_instructions': draw_grpo_instructions,
         'grpo_arithmetic': draw_grpo_arithmetic, 'paprika': draw_paprika,
-        'pathway': draw_pathway}
+        'pathway': draw_pathway, 'scaling': draw_scaling}
 
 
 def make_figures(run_dirs: dict | None = None, *, data_dir: str = DATA_DIR, out_dir: str = OUT_DIR,

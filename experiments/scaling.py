@@ -325,7 +325,7 @@ def analyse(points: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------------------------- run
 
-def _point_dir(workdir, objective, size, budget, seed) -> str:
+def point_dir(workdir, objective, size, budget, seed) -> str:
   return os.path.join(workdir, objective, f'{size[0]}x{size[1]}', f'{budget:.3g}', f's{seed}')
 
 
@@ -346,7 +346,7 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
   task_key = (cfg.scaling.task, cfg.scaling.task_test, cfg.scaling.task_shots) if problems else ''
   for objective, size, budget, seed in points:
     pcfg, mcfg, per_step = point_config(cfg, objective, size, budget, seed, corpus_path)
-    path = _point_dir(workdir, objective, size, budget, seed)
+    path = point_dir(workdir, objective, size, budget, seed)
     point_path = os.path.join(path, 'point.json')  # written once the point's run completed
     digest = hashlib.blake2b((pcfg.to_json_best_effort(sort_keys=True) + repr(task_key)).encode(),
                              digest_size=8).hexdigest()

@@ -154,3 +154,31 @@ def test_dpo_instructions_from_run_dirs(tmp_path):
   (run / 'rpo_results.json').unlink()
   with pytest.raises(figures.MissingData, match='rpo_results.json not found: run the rpo arm'):
     figures.extract_dpo_instructions(str(run))
+
+
+def test_the_scaling_figure_from_a_finished_grid(tmp_path):
+  """Two seeds per point: the data file holds their mean and sd; the figure draws all panels."""
+  figures = _figures()
+  points = []
+  for o, base in (('autoregressive', 2.0), ('diffusion', 2.5)):
+    for b in (1e11, 1e12):
+      for z, n, extra in (('16x2', 6e3, 0.3), ('32x2', 2e4, 0.0), ('48x2', 5e4, 0.2)):
+        for seed, noise in ((0, -0.01), (1, 0.01)):
+          points.append({'objective': o, 'size': z, 'params': n, 'budget': b, 'seed': seed,
+                         'val_loss': base * (b / 1e11) ** -0.1 + extra + noise,
+                         'task': {'accuracy': 0.25 + noise, 'n': 8, 'by_op': {}}})
+  res = {'status': 'completed', 'points': points, 'date': '2026-01-01', 'device': 'cpu x1',
+         'wall_s': 10.0, 'config': {'seed': 0, 'scaling': {'seeds': 2, 'task': 'arithmetic'}}}
+  analysis = figures.extract_scaling  # the study's own analysis fills minima, laws, multiplier
+  from helpers import experiment_module  # pylint: disable=g-import-not-at-top
+  res.update(experiment_module('scaling').analyse(points))
+  (tmp_path / 'results.json').write_text(json.dumps(res))
+  data = analysis(str(tmp_path), commit='abc')
+  ar = [p for p in data['points'] if p['objective'] == 'autoregressive' and p['budget'] == 1e11]
+  assert [p['loss']['mean'] for p in sorted(ar, key=lambda p: p['params'])] == [2.3, 2.0, 2.2]
+  assert all(p['loss']['sd'] == pytest.approx(0.0141, abs=1e-4) and p['seeds'] == 2 for p in ar)
+  assert all(p['task']['mean'] == 0.25 for p in ar)
+  assert set(data['laws']) == {'autoregressive', 'diffusion'} and len(data['multiplier']) == 2
+  assert figures.main(['--scaling', str(tmp_path), '--data', str(tmp_path / 'data'),
+                       '--out', str(tmp_path), '--only=scaling']) == 0
+  _assert_png(tmp_path / 'scaling.png')

@@ -285,6 +285,18 @@ def flops_for_loss(law: dict, loss: float) -> float:
   return (loss / law['a']) ** (-1.0 / law['b'])
 
 
+def fit_rates(points: list[dict]) -> dict | None:
+  """This machine's measured rates for the cost estimate: wall_s = overhead_s + FLOPs / rate,
+  least squares over the finished points (None with fewer than two distinct budgets)."""
+  pts = [p for p in points if p.get('wall_s')]
+  if len({p['flops'] for p in pts}) < 2:
+    return None
+  slope, intercept = np.polyfit([p['flops'] for p in pts], [p['wall_s'] for p in pts], 1)
+  if slope <= 0:
+    return None
+  return {'flops_per_second': float(1 / slope), 'overhead_s': float(intercept)}
+
+
 def analyse(points: list[dict]) -> dict:
   """isoFLOP minima, power laws and compute multipliers of finished points (see the docstring)."""
   out = {'minima': {}, 'laws': {}, 'multiplier': []}
@@ -381,7 +393,8 @@ def run(cfg, workdir: str, quiet: bool = False) -> dict:
     log(f'scaling: shard {cfg.scaling.shard} done; run without scaling.shard to analyse the grid')
     return {'status': 'shard_done', 'points': done}
   results = {'status': 'completed', 'points': done, **analyse(done),
-             'estimated_s': round(est, 1), 'wall_s': round(time.time() - t_start, 1),
+             'estimated_s': round(est, 1), 'measured_rates': fit_rates(done),
+             'wall_s': round(time.time() - t_start, 1),
              'device': f'{jax.devices()[0].platform} x{jax.device_count()} '
                        f'({platform.processor() or platform.machine()}, {os.cpu_count()} cores)',
              'date': time.strftime('%Y-%m-%d'), 'config': cfg.to_dict()}

@@ -49,6 +49,15 @@ def test_isoflop_minimum_power_law_and_multiplier_match_closed_forms():
       m['llada_flops'] > 1e13 for m in res['multiplier']] == [False, True, True]
 
 
+def test_the_measured_rates_fit_wall_time_against_flops():
+  mod = _module()
+  pts = [{'flops': f, 'wall_s': 12.0 + f / 4e10} for f in (1e11, 5e11, 2e12)]
+  rates = mod.fit_rates(pts)
+  assert rates['flops_per_second'] == pytest.approx(4e10) and rates['overhead_s'] == pytest.approx(
+      12.0)
+  assert mod.fit_rates(pts[:1]) is None
+
+
 def test_a_grid_over_the_stated_budget_is_refused_with_its_estimate():
   mod = _module()
   cfg = mod.get_config()

@@ -182,6 +182,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion = df = ml_collections.ConfigDict()  # LLaDA (objective='diffusion')
   df.eps = 1e-3  # p_mask = (1 - eps) t + eps
   df.random_length_prob = 0.01  # LLaDA: 1% of batches cut to a random length (no recompiles)
+  df.eval_draws = 1  # mask draws per validation row, averaged: the bound's variance / draws
 
   post_training.add_sections(c)  # llada_sft, dpo, vrpo, reward_model, rl
 
@@ -306,7 +307,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               'model.mlp_dim': m.mlp_dim, 'data.seq_len': d.seq_len,
               'data.batch_size': d.batch_size, 'train.grad_accum': t.grad_accum,
               'train.log_every': t.log_every, 'train.eval_every': t.eval_every,
-              'train.checkpoint_every': t.checkpoint_every}
+              'train.checkpoint_every': t.checkpoint_every,
+              'diffusion.eval_draws': (cfg.get('diffusion') or {}).get('eval_draws', 1)}
   for key, value in positive.items():
     if value <= 0:
       raise ConfigError(f'config.{key} must be positive, got {value}')

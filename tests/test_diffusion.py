@@ -454,3 +454,40 @@ def test_left_padded_batch_equals_one_at_a_time(tiny):
   np.testing.assert_array_equal(out[0], a[0])
   np.testing.assert_array_equal(out[1, 2:], b[0])
   assert (out[1, :2] == PAD).all()
+
+
+def test_the_validation_bound_averages_its_draws_and_draws_anew_per_batch(tmp_path):
+  """`diffusion.eval_draws` K: the mean of K independent one-draw bounds (a plain numpy mean of
+  per-key losses); no random-length cut in validation; each validation batch its own draws."""
+  from helpers import tiny_config
+  from pathways_jax import tasks
+  from pathways_jax.train import loop, step as step_lib
+  cfg = tiny_config(str(tmp_path), objective='diffusion', **{'model.causal': False,
+                                                            'diffusion.random_length_prob': 1.0,
+                                                            'diffusion.eval_draws': 3})
+  tok, _, model, mesh, rules = loop.build(cfg)
+  task = tasks.make(cfg, model)
+  rng = np.random.default_rng(0)
+  batch = {'tokens': jnp.asarray(rng.integers(4, 200, (4, 32)), jnp.int32),
+           'segment_ids': jnp.ones((4, 32), jnp.int32),
+           'positions': jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), (4, 32))}
+  params = model.init(jax.random.key(0), batch['tokens'])['params']
+  key = jax.random.key(7)
+  got, _ = task.eval_loss(params, batch, key)
+  want = []
+  for k in jax.random.split(key, 3):  # one draw each, every position valid (no length cut)
+    noisy, masked, p_mask = obj.forward_process(k, batch['tokens'], mask_id=tok.mask_id,
+                                                eps=cfg.diffusion.eps)
+    logits = model.apply({'params': params}, noisy, positions_BL=batch['positions'],
+                         segment_ids_BL=batch['segment_ids'])
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)
+    ce = -np.take_along_axis(np.asarray(logp), np.asarray(batch['tokens'])[..., None], -1)[..., 0]
+    want.append((ce * np.asarray(masked) / np.asarray(p_mask)).sum() / batch['tokens'].size)
+  assert float(got) == pytest.approx(np.mean(want), rel=1e-4)
+  assert np.std(want) > 0  # the draws differ: an average, not one draw three times
+  # Through the loop's evaluation: two copies of one batch are drawn differently.
+  eval_fn = step_lib.jit_eval_step(cfg, task, jax.tree.map(lambda _: None, params), mesh)
+  host = {k: np.asarray(v) for k, v in batch.items()}
+  one = loop.evaluate(eval_fn, params, [host], mesh, rules)['val_loss']
+  two = loop.evaluate(eval_fn, params, [host, host], mesh, rules)['val_loss']
+  assert one != two and loop.evaluate(eval_fn, params, [host, host], mesh, rules)['val_loss'] == two

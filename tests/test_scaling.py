@@ -175,6 +175,19 @@ def test_a_tiny_grid_end_to_end(tmp_path):
   again = mod.run(cfg, str(tmp_path), quiet=True)
   assert again['points'] == res['points']
   assert os.path.getmtime(tmp_path / 'diffusion' / '48x1' / '3e+08' / 's0' / 'point.json') == mtime
+  # A point measured with other draws (or none recorded) is measured again from its checkpoint,
+  # not retrained: the same number the trainer logged with the same draws.
+  point = tmp_path / 'diffusion' / '32x1' / '3e+08' / 's0' / 'point.json'
+  entry = json.loads(point.read_text())
+  assert entry['eval_draws'] == 16
+  point.write_text(json.dumps({**entry, 'eval_draws': 1, 'val_loss': 99.0}))
+  again = mod.run(cfg, str(tmp_path), quiet=True)
+  got = json.loads(point.read_text())
+  assert got['eval_draws'] == 16 and got['val_loss'] == pytest.approx(entry['val_loss'], rel=1e-5)
+  assert again['points'] == res['points']
+  cfg.diffusion.eval_draws = 4  # evaluation only: re-measured, not refused
+  assert mod.run(cfg, str(tmp_path), quiet=True)['points'] != res['points']
+  assert json.loads(point.read_text())['eval_draws'] == 4
   cfg.train.lr = 1e-3  # the same workdir with another recipe: refused, not mixed in
   with pytest.raises(ConfigError, match='trained with another config'):
     mod.run(cfg, str(tmp_path), quiet=True)

@@ -141,7 +141,9 @@ def evaluate(eval_fn, params, batches, mesh, rules, *, perplexity: bool = True,
   metric's own `tasks.OWN_COUNT`), so they are the means over the whole validation set, however
   full its last batch is."""
   totals, units, own = {}, {}, {}
-  for batch in batches:
+  for i, batch in enumerate(batches):
+    rows = len(next(iter(batch.values())))
+    batch = {**batch, step_lib.EVAL_INDEX: np.full((rows,), i, np.int32)}
     m = jax.device_get(step_lib.run_with_rules(mesh, rules, eval_fn, params,
                                                _global_batch(batch, mesh), *aux_args))
     count = float(m.pop(tasks.COUNT))

@@ -116,8 +116,15 @@ def train_step(state: TrainState, batch, inputs=None, *, cfg, task: Task, tx) ->
   return new_state, metrics
 
 
+EVAL_INDEX = 'eval_index'  # a validation batch's number, a [B] field `loop.evaluate` adds
+
+
 def eval_step(params, batch, inputs=None, *, cfg, task: Task):
-  key = jax.random.fold_in(jax.random.key(cfg.seed + 1), 0)  # fixed: eval is deterministic
+  # Fixed, so eval is deterministic, and one key per validation batch (`loop.evaluate` numbers
+  # them): the same draws in every batch would leave a diffusion bound B draws, not all rows'.
+  batch = dict(batch)
+  index = batch.pop(EVAL_INDEX, None)
+  key = jax.random.fold_in(jax.random.key(cfg.seed + 1), 0 if index is None else index[0])
   inputs = inputs or {}
   params = trainable_lib.merge(params, inputs.get('frozen'))
   loss, metrics = task.eval_loss(params, batch, key, inputs.get('aux'))

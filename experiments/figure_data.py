@@ -453,7 +453,8 @@ def extract_scaling(run_dir: str, commit: str | None = None) -> dict:
              'seeds': len(g['loss']), 'loss': _mean_sd(g['loss']),
              'task': _mean_sd(g['task']) if g['task'] else None}
             for (o, b, z), g in groups.items()]
-  out = _meta('scaling', res, run_dir, commit, res.get('wall_s'))
+  # The study's compute is its runs' (sharded runs overlap; the final analysis run is seconds).
+  out = _meta('scaling', res, run_dir, commit, sum(p.get('wall_s', 0) for p in res['points']))
   out.update(seeds=res['config']['scaling']['seeds'], points=points,
              minima={o: [{k: _r(v) for k, v in m.items()} for m in ms]
                      for o, ms in res['minima'].items()},

@@ -490,7 +490,9 @@ def draw_scaling(data: dict, path: str) -> str:
   ax.set_xlabel('non-embedding parameters N', fontsize=8)
   ax.set_ylabel('validation loss (nats/byte)', fontsize=8)
   ax.set_title('isoFLOP profiles (* the fitted minimum)', fontsize=8)
-  ax.legend(fontsize=6, ncol=2)
+  lo, hi = ax.get_ylim()
+  ax.set_ylim(lo, hi + 0.3 * (hi - lo))  # room for the legend above the curves
+  ax.legend(fontsize=5.5, ncol=2, loc='upper right', framealpha=0.6)
   ax = axes[1]
   for j, o in enumerate(names):
     ms = data['minima'].get(o, [])
@@ -508,7 +510,7 @@ def draw_scaling(data: dict, path: str) -> str:
   ax.set_ylabel('loss-optimal validation loss L*', fontsize=8)
   mult = ', '.join(f'{m["multiplier"]:.1f}x' + ('*' if m['extrapolated'] else '')
                    for m in data['multiplier'])
-  ax.set_title(f'LLaDA/AR compute multiplier at AR\'s budgets: {mult}'
+  ax.set_title(f'LLaDA/AR compute multiplier at AR\'s budgets:\n{mult}'
                + (' (* extrapolated)' if any(m['extrapolated'] for m in data['multiplier'])
                   else ''), fontsize=8)
   ax.legend(fontsize=7)
@@ -526,6 +528,7 @@ def draw_scaling(data: dict, path: str) -> str:
         ax.errorbar(xs, ys, yerr=es, color=f'C{j + 3}', ls=styles[o], marker='o', capsize=2,
                     label=names[o])
     ax.set_xscale('log')
+    ax.xaxis.set_minor_formatter(_plt().NullFormatter())
     ax.set_xlabel('training FLOPs C', fontsize=8)
     ax.set_ylabel('held-out accuracy (best size)', fontsize=8)
     ax.set_title(f'Downstream: held-out {data["task"]} problems, own sampler', fontsize=8)

@@ -1,7 +1,7 @@
 """Does masked diffusion scale like AR? A small isoFLOP study on the Python corpus.
 
     python -m pathways_jax.main --config=experiments/scaling.py --workdir=runs/scaling \
-        [--config.scaling.sizes=16x2,32x2,48x2,64x3] [--config.scaling.budgets=3e11,1e12,3e12] \
+        [--config.scaling.sizes=16x1,16x2,32x2,48x2,64x3] [--config.scaling.budgets=3e11,1e12,3e12] \
         [--config.scaling.seeds=3] [--config.scaling.force=True] [--config.scaling.shard=0/2]
 
 The grid: model sizes (`d_model x layers`) x training-FLOP budgets x {AR, LLaDA} x seeds. Every
@@ -71,7 +71,7 @@ def get_config():
   # 256 rows varied by ~0.1-0.2 nats across evaluation seeds, more than sizes differ by.
   c.diffusion.eval_draws = 16
   c.scaling = s = ml_collections.ConfigDict()
-  s.sizes = '16x2,32x2,48x2,64x3'  # d_model x layers; head_dim 16, SwiGLU width 8/3 d
+  s.sizes = '16x1,16x2,32x2,48x2,64x3'  # d_model x layers; head_dim 16, SwiGLU width 8/3 d
   s.budgets = '3e11,1e12,3e12'  # training FLOPs per run
   s.objectives = ','.join(OBJECTIVES)
   s.seeds = 1  # seeds 0..seeds-1 of every point (the fits use the mean over seeds)
@@ -454,6 +454,43 @@ def _matmul_params(mcfg) -> int:
   hd = d // mcfg.num_heads
   attn = d * hd * (2 * mcfg.num_heads + 2 * mcfg.num_kv_heads)
   return int(L * (attn + 3 * d * f))
+
+
+def markdown_tables(res: dict) -> str:
+  """The results page's two tables: every point (mean and sd over seeds) and the minima."""
+  groups = {}
+  for p in res['points']:
+    g = groups.setdefault((p['budget'], p['params'], p['size']), {})
+    g.setdefault(p['objective'], []).append(p)
+
+  def cell(pts, key):
+    if not pts:
+      return '-'
+    vals = [p['val_loss'] if key == 'loss' else p['task']['accuracy'] for p in pts]
+    sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return f'{np.mean(vals):.3f} ({sd:.3f})' if key == 'loss' else f'{np.mean(vals):.3f}'
+
+  lines = ['| budget (FLOPs) | size (N) | AR loss | LLaDA bound | AR arithmetic | '
+           'LLaDA arithmetic |', '|---|---|---|---|---|---|']
+  for (b, n, z), g in sorted(groups.items()):
+    ar, ll = g.get('autoregressive', []), g.get('diffusion', [])
+    task = all('task' in p for p in ar + ll)
+    lines.append(f'| {b:.0e} | {z} ({n / 1e3:.1f}k) | {cell(ar, "loss")} | {cell(ll, "loss")} | '
+                 f'{cell(ar, "task") if task else "-"} | {cell(ll, "task") if task else "-"} |')
+  lines += ['', '| budget | AR: N*, L* | LLaDA: N*, L* | multiplier |', '|---|---|---|---|']
+  mins = {o: {m['budget']: m for m in ms} for o, ms in res['minima'].items()}
+  mult = {m['ar_budget']: m for m in res['multiplier']}
+  for b in sorted(mins.get('autoregressive', {})):
+    row = [f'{b:.0e}']
+    for o in OBJECTIVES:
+      m = mins.get(o, {}).get(b)
+      row.append(f'{m["params"] / 1e3:.1f}k, {m["loss"]:.3f}' + (' (grid)' if m['fit'] == 'grid'
+                                                                  else '') if m else '-')
+    m = mult.get(b)
+    row.append(f'{m["multiplier"]:.1f}x' + (' (extrapolated)' if m['extrapolated'] else '')
+               if m else '-')
+    lines.append('| ' + ' | '.join(row) + ' |')
+  return '\n'.join(lines)
 
 
 def format_table(res: dict) -> str:

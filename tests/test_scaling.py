@@ -217,3 +217,24 @@ def test_full_scaling_study_three_seeds(tmp_path):
     best = {o: max(t['accuracy'] for t in res['task'] if t['objective'] == o
                    and t['budget'] == budget) for o in ('autoregressive', 'diffusion')}
     assert best['autoregressive'] >= 0.02 and best['diffusion'] <= 0.01, (budget, best)
+
+
+def test_the_results_tables_show_means_spreads_minima_and_multipliers():
+  mod = _module()
+  points = []
+  for o, base in (('autoregressive', 2.0), ('diffusion', 3.0)):
+    for b in (1e11, 1e12):
+      for z, n, extra in (('16x1', 3e3, 0.2), ('16x2', 6e3, 0.0), ('32x2', 2e4, 0.1)):
+        for seed, d in ((0, -0.01), (1, 0.01)):
+          points.append({'objective': o, 'budget': b, 'size': z, 'params': n, 'seed': seed,
+                         'val_loss': base * (b / 1e11) ** -0.1 + extra + d,
+                         'task': {'accuracy': 0.5 + d}})
+  res = mod.analyse(points)  # the analysis itself is checked against closed forms above
+  text = mod.markdown_tables({'points': points, **res})
+  assert '| 1e+11 | 16x2 (6.0k) | 2.000 (0.014) | 3.000 (0.014) | 0.500 | 0.500 |' in text
+  assert '| 1e+12 | 32x2 (20.0k) | 1.689 (0.014) | 2.483 (0.014) | 0.500 | 0.500 |' in text
+  for m, mins in zip(res['multiplier'], zip(*res['minima'].values())):
+    assert (f'| {m["ar_budget"]:.0e} | {mins[0]["params"] / 1e3:.1f}k, {mins[0]["loss"]:.3f} | '
+            f'{mins[1]["params"] / 1e3:.1f}k, {mins[1]["loss"]:.3f} | {m["multiplier"]:.1f}x '
+            '(extrapolated) |') in text
+  assert '(grid)' not in text  # every minimum here is a parabola's vertex

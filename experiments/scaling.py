@@ -88,9 +88,9 @@ def get_config():
   s.task_test = 200  # held-out problems, never in any document
   s.task_shots = 4  # training problems written before each question
   # The estimate's rates for one process on the 2-core CPU (docs/results/scaling.md: fitted over
-  # the study's 72 runs, 1.3e10 FLOP/s each with two processes sharing the cores, 18 s a run)
+  # the study's 90 runs, 1.3e10 FLOP/s each with two processes sharing the cores, 16 s a run)
   s.flops_per_second = 2.5e10  # training throughput on these sizes
-  s.overhead_s = 18.0  # per run: start, compile, final evaluation, the downstream check
+  s.overhead_s = 16.0  # per run: start, compile, final evaluation, the downstream check
   return c
 
 

@@ -66,7 +66,7 @@ def test_a_grid_over_the_stated_budget_is_refused_with_its_estimate():
   cfg.scaling.seeds = 3
   cfg.scaling.budgets = '4e11,1.2e12,3.6e12,1.08e13'
   with pytest.raises(ConfigError,
-                     match=r'96 runs.*estimated at \d+ min .*budget_minutes=40.*force=True'):
+                     match=r'120 runs.*estimated at \d+ min .*budget_minutes=40.*force=True'):
     mod.check_cost(cfg, mod.grid(cfg))
   cfg.scaling.force = True
   assert mod.check_cost(cfg, mod.grid(cfg)) > 40 * 60

@@ -224,6 +224,9 @@ def grid(cfg):
     raise ConfigError(f'config.scaling.overhead_s={s.overhead_s} must be >= 0')
   if s.task:
     from pathways_jax.eval import arithmetic
+    if s.task_test < 1 or s.task_shots < 0:
+      raise ConfigError(f'config.scaling.task_test={s.task_test} must be >= 1 and '
+                        f'config.scaling.task_shots={s.task_shots} >= 0')
     longest = arithmetic.longest_prompt(int(s.task_shots)) + arithmetic.ANSWER_WIDTH
     if longest > cfg.model.max_len:
       raise ConfigError(f'config.scaling.task_shots={s.task_shots}: a question with its shots '

@@ -27,6 +27,8 @@ def test_the_split_covers_the_generator_and_is_disjoint():
   assert not set(test) & set(train) and len(test) + len(train) == len(everything)
   assert arithmetic.split_problems(3, 200) == (test, train)  # seeded
   assert arithmetic.split_problems(4, 200)[0] != test
+  with pytest.raises(ValueError, match='at least one held-out problem'):
+    arithmetic.split_problems(3, 0)
   lines = arithmetic.training_lines(train, 3000, 0)
   train_text = {p.text for p in train}
   assert set(lines) <= train_text and not set(lines) & {p.text for p in test}

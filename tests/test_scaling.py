@@ -86,6 +86,8 @@ def test_a_grid_over_the_stated_budget_is_refused_with_its_estimate():
     ('shard', '2/2', "shard='2/2' is not 'i/n'"),
     ('shard', 'half', "shard='half' is not 'i/n'"),
     ('task_shots', 9, r'task_shots=9: .* up to 141 bytes, over model.max_len=128'),
+    ('task_test', 0, r'task_test=0 must be >= 1'),
+    ('task_shots', -1, r'task_shots=-1 >= 0'),
 ])
 def test_bad_grids_are_refused(key, value, match):
   mod = _module()

@@ -34,6 +34,8 @@ def all_problems() -> list[synthetic.Arithmetic]:
 def split_problems(seed: int, num_test: int) -> tuple[list, list]:
   """(test, train): `num_test` problems drawn the way the generator draws (each operator a third),
   and every other distinct problem. Disjoint by construction."""
+  if num_test < 1:
+    raise ValueError(f'num_test={num_test}: the check needs at least one held-out problem')
   rng = random.Random(f'pathways_jax.eval.arithmetic/{seed}/test')
   test, seen = [], set()
   for _ in range(100 * num_test + 1000):
@@ -48,11 +50,16 @@ def split_problems(seed: int, num_test: int) -> tuple[list, list]:
   return test, [p for p in all_problems() if p not in seen]
 
 
+def _by_op(problems) -> dict:
+  by_op = {}
+  for p in problems:
+    by_op.setdefault(p.op, []).append(p)
+  return by_op
+
+
 def training_lines(train: Sequence[synthetic.Arithmetic], num_lines: int, seed: int) -> list[str]:
   """`num_lines` lines drawn with the generator's operator mix from the training problems only."""
-  by_op = {}
-  for p in train:
-    by_op.setdefault(p.op, []).append(p)
+  by_op = _by_op(train)
   ops = sorted(by_op)
   rng = random.Random(f'pathways_jax.eval.arithmetic/{seed}/train')
   return [rng.choice(by_op[rng.choice(ops)]).text for _ in range(num_lines)]
@@ -61,9 +68,7 @@ def training_lines(train: Sequence[synthetic.Arithmetic], num_lines: int, seed: 
 def pick_shots(train: Sequence[synthetic.Arithmetic], k: int, seed: int) -> list:
   """`k` training problems, one per operator in turn, for the prompt."""
   rng = random.Random(f'pathways_jax.eval.arithmetic/{seed}/shots')
-  by_op = {}
-  for p in train:
-    by_op.setdefault(p.op, []).append(p)
+  by_op = _by_op(train)
   ops = sorted(by_op)
   return [rng.choice(by_op[ops[i % len(ops)]]) for i in range(k)]
 

@@ -93,7 +93,7 @@ def get_config():
 # ----------------------------------------------------------------------------------------------
 # Arms.
 
-def _model_cfgs(cfg):
+def model_cfgs(cfg):
   """(small ModelConfig, target ModelConfig) for a config."""
   from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
   _, target, _, _, _ = loop.build(cfg)
@@ -104,7 +104,7 @@ def _model_cfgs(cfg):
   return target.replace(num_layers=target.num_layers // g), target
 
 
-def _flops_per_step(cfg, model_cfg) -> float:
+def flops_per_step(cfg, model_cfg) -> float:
   from pathways_jax.train import metrics  # pylint: disable=g-import-not-at-top
   return metrics.flops_per_token(model_cfg, cfg.data.seq_len) * cfg.data.batch_size * \
       cfg.data.seq_len
@@ -112,9 +112,9 @@ def _flops_per_step(cfg, model_cfg) -> float:
 
 def arm_configs(cfg, arms=None, objective: str = 'autoregressive') -> dict:
   """name -> the training config of each arm (a plain run, some with config.growth set)."""
-  small, target = _model_cfgs(cfg)
+  small, target = model_cfgs(cfg)
   g, budget = cfg.gstack.growth_factor, cfg.train.steps
-  ratio = _flops_per_step(cfg, small) / _flops_per_step(cfg, target)  # ~1/g
+  ratio = flops_per_step(cfg, small) / flops_per_step(cfg, target)  # ~1/g
   n_small = int(round(cfg.gstack.small_fraction * budget / ratio))
   out = {}
   for arm in arms or [a.strip() for a in cfg.gstack.arms.split(',') if a.strip()]:
@@ -181,7 +181,7 @@ def flops_to_reach(curve, target: float) -> float | None:
   return None
 
 
-def _train_arm(name, arm_cfg, workdir, log) -> dict:
+def train_arm(name, arm_cfg, workdir, log) -> dict:
   from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, name)
   res_path = os.path.join(path, 'results.json')
@@ -205,7 +205,7 @@ def _train_arm(name, arm_cfg, workdir, log) -> dict:
   return res
 
 
-def _summarise(arm_cfgs, results, workdir, reference=None, scratch_name='scratch') -> dict:
+def summarise(arm_cfgs, results, workdir, reference=None, scratch_name='scratch') -> dict:
   curves = {n: val_curve(os.path.join(workdir, n), arm_cfgs[n]) for n in results}
   grown = {n: val_curve(os.path.join(workdir, n), arm_cfgs[n], grown_only=True) for n in results}
   entries = {n: {'final_val': r['val_loss'], 'flops': r['total_flops'], 'steps': r['step'],
@@ -238,10 +238,10 @@ def run(cfg, workdir: str) -> dict:
     with open(log_path, 'a') as f:
       f.write(msg + '\n')
 
-  small, target = _model_cfgs(cfg)
+  small, target = model_cfgs(cfg)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(cfg.to_json_best_effort(indent=2))
-  ratio = _flops_per_step(cfg, small) / _flops_per_step(cfg, target)
+  ratio = flops_per_step(cfg, small) / flops_per_step(cfg, target)
   log(f'gstack: target {target.num_layers}L d={target.d_model}, small {small.num_layers}L '
       f'(g={cfg.gstack.growth_factor}); small step = {ratio:.3f} target steps; budget '
       f'{cfg.train.steps} target steps '
@@ -252,8 +252,8 @@ def run(cfg, workdir: str) -> dict:
       ref = json.load(f)
 
   arm_cfgs = arm_configs(cfg)
-  results = {n: _train_arm(n, c, workdir, log) for n, c in arm_cfgs.items()}
-  arms = _summarise(arm_cfgs, results, workdir, ref and ref['arms'].get('scratch'))
+  results = {n: train_arm(n, c, workdir, log) for n, c in arm_cfgs.items()}
+  arms = summarise(arm_cfgs, results, workdir, ref and ref['arms'].get('scratch'))
   out = {'status': 'completed', 'arms': arms}
   scratch = arms.get('scratch') or (ref and ref['arms'].get('scratch'))
   if scratch:
@@ -270,8 +270,8 @@ def run(cfg, workdir: str) -> dict:
   if cfg.gstack.llada:
     llada_cfgs = {f'llada_{n}': c for n, c in
                   arm_configs(cfg, ['scratch', 'stack'], objective='diffusion').items()}
-    llada_res = {n: _train_arm(n, c, workdir, log) for n, c in llada_cfgs.items()}
-    llada = _summarise(llada_cfgs, llada_res, workdir, scratch_name='llada_scratch')
+    llada_res = {n: train_arm(n, c, workdir, log) for n, c in llada_cfgs.items()}
+    llada = summarise(llada_cfgs, llada_res, workdir, scratch_name='llada_scratch')
     llada['speedup'] = llada['llada_stack'].get('speedup')
     out['llada'] = llada
 

@@ -167,7 +167,7 @@ def test_gstack_speedup_counts_only_the_grown_model(tmp_path):
   res = {'val_loss': 1.6, 'total_flops': flops(8), 'step': 8, 'params': 1,
          'growth': {'at_step': 4}}
   scratch = {'final_val': 1.8, 'flops': 2 * flops(8)}
-  e = gstack._summarise({'stack': cfg}, {'stack': res}, str(tmp_path), reference=scratch)['stack']
+  e = gstack.summarise({'stack': cfg}, {'stack': res}, str(tmp_path), reference=scratch)['stack']
   reach = flops(6) + (flops(8) - flops(6)) * (2.0 - 1.8) / (2.0 - 1.6)
   assert e['flops_to_scratch_final'] == pytest.approx(reach)
   assert e['speedup'] == pytest.approx(scratch['flops'] / reach - 1)

@@ -123,6 +123,7 @@ def study_arms(cfg) -> dict:
   base = copy.deepcopy(cfg)
   with base.unlocked():
     del base['study']
+    base.gstack = ml_collections.ConfigDict({'growth_factor': 1})
   target = gs.model_cfgs(_with_factor(base, 1))[1]
   per_step = gs.flops_per_step(base, target)
   if s.budget_flops < 20 * per_step:
@@ -133,9 +134,10 @@ def study_arms(cfg) -> dict:
   budget = int(round(s.budget_flops / per_step))
   warmup = max(1, budget // 20)
   base.train.steps, base.train.warmup_steps = budget, warmup
-  base.gstack = ml_collections.ConfigDict({'evals': s.evals, 'optimizer': 'fresh',
-                                           'rewarmup_steps': warmup, 'growth_factor': 1,
-                                           'small_fraction': 0.0, 'arms': ''})
+  with base.unlocked():
+    base.gstack = ml_collections.ConfigDict({'evals': s.evals, 'optimizer': 'fresh',
+                                             'rewarmup_steps': warmup, 'growth_factor': 1,
+                                             'small_fraction': 0.0, 'arms': ''})
   out = {'scratch': gs.arm_configs(_with_factor(base, 1), ['scratch'])['scratch']}
   for g in sorted({g for g, _ in points}, reverse=True):
     c = _with_factor(base, g)
@@ -163,7 +165,8 @@ def study_arms(cfg) -> dict:
 def _with_factor(cfg, g: int):
   c = copy.deepcopy(cfg)
   if 'gstack' not in c:
-    c.gstack = ml_collections.ConfigDict({'growth_factor': g})
+    with c.unlocked():
+      c.gstack = ml_collections.ConfigDict({'growth_factor': g})
   c.gstack.growth_factor = g
   if c.model.num_layers % g:
     raise ConfigError(f'config.study.points: growth factor {g} does not divide the target\'s '

@@ -12,6 +12,9 @@ and reads the data files elsewhere (e.g. to look at a run without touching the c
 
   rho1.png      clean validation loss vs training tokens per arm (LLaDA arms in a second panel)
   gstack.png    validation loss vs training FLOPs per arm, the growth marked (LLaDA: second panel)
+  gstack_study.png  mean validation curves of scratch, the small models alone and the growth
+                arms at equal FLOPs, and the speedup against d and g with the seeds as dots and
+                the paper's numbers (experiments/gstack_study.py's WORKDIR)
   reversal.png  forward / reverse / held-out / infill / rank per model, mean over seeds with the
                 seeds as dots, for the generated world and a facts file, and LLaDA per ablation
                 (run directories, one per seed and setting, comma-separated)
@@ -30,7 +33,8 @@ and reads the data files elsewhere (e.g. to look at a run without touching the c
                 seeds), the fitted L*(C) laws with the compute multiplier, and the downstream
                 task's held-out accuracy (experiments/scaling.py's WORKDIR)
 
-The numbers side (extraction from run directories, the data files) is experiments/figure_data.py;
+The numbers side (extraction from run directories, the data files) is experiments/figure_data.py
+(post-training: figure_data_posttrain.py);
 the post-training drawings are experiments/figures_posttrain.py, the shared style
 experiments/figure_style.py.
 Needs only matplotlib (the `notebooks` or `test` extra), not JAX.
@@ -130,6 +134,67 @@ def draw_gstack(data: dict, path: str) -> str:
   fig.tight_layout(rect=(0, 0.03, 1, 1))
   _footer(fig, data)
   return _save(fig, path)
+
+
+def _study_arm(name: str):
+  """'stack_g4_d0.1' -> (4, 0.1); 'small_g4' -> (4, None); 'scratch' -> (None, None)."""
+  if name.startswith('stack_g'):
+    g, x = name[len('stack_g'):].split('_d')
+    return int(g), float(x)
+  if name.startswith('small_g'):
+    return int(name[len('small_g'):]), None
+  return None, None
+
+
+def draw_gstack_study(data: dict, path: str) -> str:
+  plt = _plt()
+  arms = data['arms']
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+  for i, (name, a) in enumerate(arms.items()):
+    g, x = _study_arm(name)
+    style = {'color': f'C{i}', 'lw': 1.8 if name == 'scratch' else 1.0,
+             'ls': '--' if name.startswith('small') else '-'}
+    xs, ys = zip(*a['curve'])
+    label = f'{name}: {a["final"]["mean"]:.3f}'
+    if 'speedup' in a and a['speedup']['mean'] is not None:
+      label += f' ({a["speedup"]["mean"]:+.2f})'
+    ax.plot(xs, ys, label=label, **style)
+    if a.get('growth'):
+      ax.plot(a['growth']['flops'], min(ys), marker='v', ms=6, color=f'C{i}', ls='none')
+  scratch = arms['scratch']
+  ax.axhline(scratch['final']['mean'], color='gray', ls=':', lw=1)
+  lo = min(a['final']['mean'] for a in arms.values())
+  ax.set_ylim(lo - 0.05, scratch['curve'][1][1] + 0.1)
+  ax.set_xlabel('training FLOPs')
+  ax.set_ylabel('val loss (nats/byte), mean over seeds')
+  ax.set_title(f'{data["target"]} target at {data["budget_flops"]:.0e} FLOPs '
+               "(final; speedup; v: growth)", fontsize=9)
+  ax.legend(fontsize=6)
+  ax.grid(alpha=0.3)
+  by_g = {}
+  for name, a in arms.items():
+    g, x = _study_arm(name)
+    if x is not None:
+      by_g.setdefault(g, []).append((x, a))
+  for j, (g, pts) in enumerate(sorted(by_g.items(), reverse=True)):
+    pts.sort(key=lambda p: p[0])
+    xs = [p[0] for p in pts]
+    means = [p[1]['speedup']['mean'] for p in pts]
+    bx.plot(xs, [m if m is not None else float('nan') for m in means], marker='o',
+            color=f'C{j}', label=f'g = {g}: mean over seeds')
+    for x, a in pts:
+      seeds = [v for v in a['speedups'] if v is not None]
+      bx.plot([x] * len(seeds), seeds, 'k.', ms=3)
+  for k, (size, sp) in enumerate(data['paper_speedups'].items()):
+    bx.axhline(sp, color='gray', ls=['--', ':'][k % 2], lw=1, label=f'paper, {size}: {sp:+.3f}')
+  bx.axhline(0, color='black', lw=0.5)
+  bx.set_xscale('log')
+  bx.set_xlabel('d / D (small-model tokens over scratch tokens)')
+  bx.set_ylabel("speedup at scratch's final loss")
+  bx.set_title('speedup against growth timing d and factor g (dots: seeds)', fontsize=9)
+  bx.legend(fontsize=6)
+  bx.grid(alpha=0.3)
+  return _finish(fig, data, path)
 
 
 REVERSAL_LABELS = {'ar': 'AR', 'llada': 'LLaDA', 'llada_control': 'LLaDA control'}
@@ -269,7 +334,16 @@ def draw_scaling(data: dict, path: str) -> str:
   return _save(fig, path)
 
 
-DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'reversal': draw_reversal,
+EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack,
+           'gstack_study': extract_gstack_study, 'reversal': extract_reversal,
+           'instruction_sft': extract_instruction_sft,
+           'dpo_instructions': extract_dpo_instructions,
+           'knowledge_injection': extract_knowledge_injection,
+           'grpo_instructions': extract_grpo_instructions,
+           'grpo_arithmetic': extract_grpo_arithmetic, 'paprika': extract_paprika,
+           'pathway': extract_pathway, 'scaling': extract_scaling}
+DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'gstack_study': draw_gstack_study,
+        'reversal': draw_reversal,
         'instruction_sft': draw_instruction_sft, 'dpo_instructions': draw_dpo_instructions,
         'knowledge_injection': draw_knowledge_injection,
         'grpo_instructions': draw_grpo_instructions,

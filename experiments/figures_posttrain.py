@@ -6,7 +6,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from figure_data import *  # pylint: disable=wildcard-import,unused-wildcard-import,wrong-import-position
+from figure_data_posttrain import *  # pylint: disable=wildcard-import,unused-wildcard-import,wrong-import-position
 from figure_style import _finish, _footer, _plt, _save, _seed_bars  # pylint: disable=wrong-import-position
 
 

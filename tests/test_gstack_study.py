@@ -3,6 +3,7 @@ statistics and regime check against hand-computed values, the paper's guideline,
 tiny study end to end (two shards, then the summary)."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -148,6 +149,19 @@ def test_tiny_study_two_shards_then_summary(tmp_path):
   assert out['arms']['scratch']['final_val']['mean'] == pytest.approx(np.mean(finals))
   assert out['regime']['small_g2']['seeds'] == 2
   assert out['target_nonembedding_params'] == 4 * (32 * 16 * 2 * (2 + 1) + 3 * 32 * 64)
+  # The figure's data file and PNG from the finished study (experiments/figures.py).
+  figures = experiment_module('figures')
+  paths = figures.make_figures({'gstack_study': work}, data_dir=str(tmp_path / 'data'),
+                               out_dir=str(tmp_path / 'figs'), only=('gstack_study',))
+  assert os.path.getsize(paths[0]) > 10_000
+  data = figures.load_data('gstack_study', str(tmp_path / 'data'))
+  arm = data['arms']['stack_g2_d0.2']
+  assert arm['speedups'] == pytest.approx(
+      [saved['seeds'][s]['stack_g2_d0.2']['speedup'] for s in ('0', '1')], abs=1e-3)
+  assert arm['growth']['at_step'] == 6 and data['seed'] == ['0', '1']
+  curves = [saved['seeds'][s]['scratch']['curve'] for s in ('0', '1')]
+  assert data['arms']['scratch']['curve'][-1][1] == pytest.approx(
+      (curves[0][-1][1] + curves[1][-1][1]) / 2, abs=1e-4)
   # A rerun reads every arm back instead of training it again.
   with open(tmp_path / 'run' / 'log.txt') as f:
     before = f.read().count('steps ...')

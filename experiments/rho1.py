@@ -204,17 +204,13 @@ def train_metrics(run_dir: str, last: int = 10) -> dict:
 
 def reference_val(cfg, ref_dir: str) -> float:
   """The reference model alone, on the same clean validation batches as the arms."""
-  from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from pathways_jax import tasks  # pylint: disable=g-import-not-at-top
   from pathways_jax.tasks import rho1 as rho1_task  # pylint: disable=g-import-not-at-top
-  from pathways_jax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top,multiple-import
+  from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
   c = copy.deepcopy(cfg)
   c.selective.enabled = False
   tokenizer, _, _, mesh, rules = loop.build(c)
   ref = rho1_task.load_reference(c, ref_dir, tokenizer, mesh, rules)
-  eval_fn = step_lib.jit_eval_step(c, tasks.make(c, ref.model), ref.shardings, mesh)
-  batches = pipeline.make_eval_batches(c, tokenizer)
-  return loop.evaluate(eval_fn, ref.params, batches, mesh, rules)['val_loss']
+  return loop.frozen_validation_loss(c, ref, tokenizer, mesh, rules)
 
 
 def noise_share(cfg) -> float:

@@ -430,15 +430,10 @@ def _digest(pcfg, task_key) -> str:
 
 def validation_loss(pcfg, run_dir: str) -> float:
   """The trainer's validation loss of a finished point, measured again from its checkpoint."""
-  from pathways_jax import tasks
-  from pathways_jax.data import pipeline
-  from pathways_jax.train import frozen, loop, step as step_lib
+  from pathways_jax.train import frozen, loop
   c = copy.deepcopy(pcfg)
   tok, _, _, mesh, rules = loop.build(c)
-  fm = frozen.load(run_dir, mesh, rules)
-  eval_fn = step_lib.jit_eval_step(c, tasks.make(c, fm.model), fm.shardings, mesh)
-  return float(loop.evaluate(eval_fn, fm.params, pipeline.make_eval_batches(c, tok), mesh,
-                             rules)['val_loss'])
+  return loop.frozen_validation_loss(c, frozen.load(run_dir, mesh, rules), tok, mesh, rules)
 
 
 def evaluate_task(run_dir: str, objective: str, problems, shots: int) -> dict:

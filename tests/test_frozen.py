@@ -130,3 +130,14 @@ def test_bad_run_directories_are_named(run_dir, tmp_path):
   (other / 'config.json').write_text(json.dumps(saved))
   with pytest.raises(ckpt_lib.CheckpointError, match='do not match the model its config.json'):
     frozen.load(str(other), mesh, rules)
+
+
+def test_its_validation_loss_is_the_number_the_trainer_logged(run_dir):
+  """loop.frozen_validation_loss (scaling's re-measurement, rho1's reference) re-measures a
+  finished run from its checkpoint: the same batches and task give the trainer's final number."""
+  cfg = config_lib.load_run_config(str(run_dir))
+  tok, _, _, mesh, rules = loop.build(cfg)
+  with open(run_dir / 'metrics.jsonl') as f:
+    logged = [json.loads(line)['val_loss'] for line in f if '"val_loss"' in line][-1]
+  got = loop.frozen_validation_loss(cfg, frozen.load(str(run_dir), mesh, rules), tok, mesh, rules)
+  assert got == pytest.approx(logged, rel=1e-6)

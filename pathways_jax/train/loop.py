@@ -162,6 +162,16 @@ def evaluate(eval_fn, params, batches, mesh, rules, *, perplexity: bool = True,
   return out
 
 
+def frozen_validation_loss(cfg, frozen_model, tokenizer, mesh, rules) -> float:
+  """A frozen model's (`train.frozen.load`) validation loss under cfg's task, on cfg's validation
+  batches: the number the trainer would log for it."""
+  from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  eval_fn = step_lib.jit_eval_step(cfg, tasks.make(cfg, frozen_model.model),
+                                   frozen_model.shardings, mesh)
+  return float(evaluate(eval_fn, frozen_model.params, pipeline.make_eval_batches(cfg, tokenizer),
+                        mesh, rules)['val_loss'])
+
+
 @dataclasses.dataclass
 class _Model:
   """The model being trained and what is compiled for it (all replaced when it grows)."""

@@ -49,6 +49,7 @@ import time
 import ml_collections
 import numpy as np
 
+from pathways_jax import config as config_lib
 from pathways_jax.config import ConfigError, base_config
 
 PAPER_SPEEDUPS = {'7B': 0.546, '1.1B': 0.491}  # Du et al. 2024, Fig. 1 / Sec. 4
@@ -175,15 +176,7 @@ def _with_factor(cfg, g: int):
 
 
 def parse_shard(text: str) -> tuple[int, int] | None:
-  if not text:
-    return None
-  try:
-    i, n = (int(t) for t in text.split('/'))
-  except ValueError:
-    i, n = -1, 0
-  if not 0 <= i < n:
-    raise ConfigError(f"config.study.shard={text!r} is not 'i/n' with 0 <= i < n")
-  return i, n
+  return config_lib.parse_shard(text, 'config.study.shard')
 
 
 def guideline(cfg, target_params: float, scratch_tokens: float) -> dict:

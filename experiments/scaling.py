@@ -45,6 +45,7 @@ import time
 import ml_collections
 import numpy as np
 
+from pathways_jax import config as config_lib
 from pathways_jax.config import ConfigError, base_config
 
 OBJECTIVES = ('autoregressive', 'diffusion')
@@ -238,15 +239,7 @@ def grid(cfg):
 
 
 def parse_shard(text: str) -> tuple[int, int] | None:
-  if not text:
-    return None
-  try:
-    i, n = (int(x) for x in text.split('/'))
-  except ValueError:
-    i, n = -1, 0
-  if not 0 <= i < n:
-    raise ConfigError(f"config.scaling.shard={text!r} is not 'i/n' with 0 <= i < n")
-  return i, n
+  return config_lib.parse_shard(text, 'config.scaling.shard')
 
 
 def estimate_seconds(cfg, points) -> float:

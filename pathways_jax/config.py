@@ -524,6 +524,19 @@ class ModelConfig:
     return dataclasses.replace(self, **kw)
 
 
+def parse_shard(text: str, key: str) -> tuple[int, int] | None:
+  """An experiment's 'i/n' shard field (process i of n shares a grid): (i, n), None when empty."""
+  if not text:
+    return None
+  try:
+    i, n = (int(t) for t in text.split('/'))
+  except ValueError:
+    i, n = -1, 0
+  if not 0 <= i < n:
+    raise ConfigError(f"{key}={text!r} is not 'i/n' with 0 <= i < n")
+  return i, n
+
+
 def round_vocab(n: int, multiple: int = 8) -> int:
   return -(-n // multiple) * multiple
 

@@ -70,6 +70,23 @@ def tiny_config(tmp_cache: str, **overrides):
   return c
 
 
+def fake_scaling_points(sizes, bases=(('autoregressive', 2.0), ('diffusion', 3.0)),
+                        budgets=(1e11, 1e12), task=0.5) -> list[dict]:
+  """The points of a two-seed isoFLOP grid on exact laws (experiments/scaling.py's format):
+  loss = base * (C / 1e11)^-0.1 + the size's extra, seed 0 at -0.01 and seed 1 at +0.01 (so every
+  point's sd is 0.0141); held-out task accuracy `task` with the same offsets.
+  sizes: [(name, params, extra)]."""
+  points = []
+  for o, base in bases:
+    for b in budgets:
+      for z, n, extra in sizes:
+        for seed, d in ((0, -0.01), (1, 0.01)):
+          points.append({'objective': o, 'budget': b, 'size': z, 'params': n, 'seed': seed,
+                         'val_loss': base * (b / 1e11) ** -0.1 + extra + d,
+                         'task': {'accuracy': task + d, 'n': 8, 'by_op': {}}})
+  return points
+
+
 def session_dir(tmp_path_factory, name: str):
   """A directory all xdist workers of this session share (each worker has its own basetemp)."""
   base = tmp_path_factory.getbasetemp()

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, fake_scaling_points
 
 pytest.importorskip('matplotlib')
 
@@ -159,14 +159,8 @@ def test_dpo_instructions_from_run_dirs(tmp_path):
 def test_the_scaling_figure_from_a_finished_grid(tmp_path):
   """Two seeds per point: the data file holds their mean and sd; the figure draws all panels."""
   figures = _figures()
-  points = []
-  for o, base in (('autoregressive', 2.0), ('diffusion', 2.5)):
-    for b in (1e11, 1e12):
-      for z, n, extra in (('16x2', 6e3, 0.3), ('32x2', 2e4, 0.0), ('48x2', 5e4, 0.2)):
-        for seed, noise in ((0, -0.01), (1, 0.01)):
-          points.append({'objective': o, 'size': z, 'params': n, 'budget': b, 'seed': seed,
-                         'val_loss': base * (b / 1e11) ** -0.1 + extra + noise,
-                         'task': {'accuracy': 0.25 + noise, 'n': 8, 'by_op': {}}})
+  points = fake_scaling_points((('16x2', 6e3, 0.3), ('32x2', 2e4, 0.0), ('48x2', 5e4, 0.2)),
+                               bases=(('autoregressive', 2.0), ('diffusion', 2.5)), task=0.25)
   res = {'status': 'completed', 'points': points, 'date': '2026-01-01', 'device': 'cpu x1',
          'wall_s': 10.0, 'config': {'seed': 0, 'scaling': {'seeds': 2, 'task': 'arithmetic'}}}
   analysis = figures.extract_scaling  # the study's own analysis fills minima, laws, multiplier

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from helpers import experiment_module
+from helpers import experiment_module, fake_scaling_points
 from pathways_jax.config import ConfigError
 
 
@@ -223,14 +223,7 @@ def test_full_scaling_study_three_seeds(tmp_path):
 
 def test_the_results_tables_show_means_spreads_minima_and_multipliers():
   mod = _module()
-  points = []
-  for o, base in (('autoregressive', 2.0), ('diffusion', 3.0)):
-    for b in (1e11, 1e12):
-      for z, n, extra in (('16x1', 3e3, 0.2), ('16x2', 6e3, 0.0), ('32x2', 2e4, 0.1)):
-        for seed, d in ((0, -0.01), (1, 0.01)):
-          points.append({'objective': o, 'budget': b, 'size': z, 'params': n, 'seed': seed,
-                         'val_loss': base * (b / 1e11) ** -0.1 + extra + d,
-                         'task': {'accuracy': 0.5 + d}})
+  points = fake_scaling_points((('16x1', 3e3, 0.2), ('16x2', 6e3, 0.0), ('32x2', 2e4, 0.1)))
   res = mod.analyse(points)  # the analysis itself is checked against closed forms above
   text = mod.markdown_tables({'points': points, **res})
   assert '| 1e+11 | 16x2 (6.0k) | 2.000 (0.014) | 3.000 (0.014) | 0.500 | 0.500 |' in text

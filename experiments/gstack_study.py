@@ -124,7 +124,6 @@ def study_arms(cfg) -> dict:
   base = copy.deepcopy(cfg)
   with base.unlocked():
     del base['study']
-    base.gstack = ml_collections.ConfigDict({'growth_factor': 1})
   target = gs.model_cfgs(_with_factor(base, 1))[1]
   per_step = gs.flops_per_step(base, target)
   if s.budget_flops < 20 * per_step:

@@ -213,6 +213,9 @@ def aggregate(seeds: dict) -> dict:
     arms[n] = {'final_val': _stats([e['final_val'] for e in entries]),
                'flops': float(np.mean([e['flops'] for e in entries])),
                'seeds': len(entries)}
+    if n != 'scratch':  # paired with the same seed's scratch: seeds differ by more than arms
+      arms[n]['vs_scratch'] = _stats([s[n]['final_val'] - s['scratch']['final_val']
+                                      for s in seeds.values() if n in s])
     if n != 'scratch' and not n.startswith('small_'):
       arms[n]['speedup'] = _stats([e.get('speedup') for e in entries])
       arms[n]['reached'] = sum(e.get('speedup') is not None for e in entries)
@@ -293,13 +296,15 @@ def _fmt(st, digits=3, signed=False):
 
 def markdown_table(out: dict) -> str:
   """Mean (sd) over seeds of every arm."""
-  rows = ["| arm | final val loss | FLOPs | speedup at scratch's final loss | reached |",
-          '|---|---|---|---|---|']
+  rows = ["| arm | final val loss | minus scratch's (same seed) | FLOPs | speedup at scratch's "
+          'final loss | reached |', '|---|---|---|---|---|---|']
   for n, a in out['arms'].items():
     sp = a.get('speedup')
     sp_text = '' if sp is None else _fmt(sp, 2, signed=True)
     reached = '' if sp is None else f'{a["reached"]}/{a["seeds"]}'
-    rows.append(f'| {n} | {_fmt(a["final_val"])} | {a["flops"]:.3g} | {sp_text} | {reached} |')
+    delta = _fmt(a['vs_scratch'], signed=True) if 'vs_scratch' in a else ''
+    rows.append(f'| {n} | {_fmt(a["final_val"])} | {delta} | {a["flops"]:.3g} | {sp_text} | '
+                f'{reached} |')
   for n, r in out['regime'].items():
     rows.append(f'\nscratch beats {n} on {r["scratch_wins"]}/{r["seeds"]} seeds '
                 f'(gap {_fmt(r["gap"])} nats)')

@@ -107,7 +107,10 @@ def test_aggregate_means_spreads_and_the_regime_check():
   assert regime['scratch_wins'] == 2 and regime['seeds'] == 3
   assert regime['gap']['mean'] == pytest.approx(np.mean([0.10, -0.02, 0.12]))
   table = mod.markdown_table(out)
-  assert '| stack_g4_d0.1 | 1.440 (0.036) | 3 | +0.40 (0.14) | 2/3 |' in table
+  delta = out['arms']['stack_g4_d0.1']['vs_scratch']  # paired: -0.10, -0.09, +0.01
+  assert delta['mean'] == pytest.approx(-0.06) and delta['n'] == 3
+  assert out['arms']['small_g4']['vs_scratch']['mean'] == pytest.approx(np.mean([0.10, -0.02, 0.12]))
+  assert '| stack_g4_d0.1 | 1.440 (0.036) | -0.060 (0.061) | 3 | +0.40 (0.14) | 2/3 |' in table
   assert 'scratch beats small_g4 on 2/3 seeds' in table
 
 

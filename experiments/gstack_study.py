@@ -278,6 +278,7 @@ def run(cfg, workdir: str) -> dict:
          'guideline': guideline(cfg, nonembed, tokens), 'paper_speedups': PAPER_SPEEDUPS,
          'config': json.loads(cfg.to_json_best_effort()),
          'device': {'kind': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
+                    'count': jax.device_count(),
                     'cpus': os.cpu_count(), 'machine': platform.machine()},
          'date': datetime.date.today().isoformat(), 'wall_s': time.time() - t0,
          'arm_wall_s': sum(e.get('wall_s') or 0 for v in seeds.values() for e in v.values())}

@@ -212,8 +212,10 @@ def extract_gstack_study(run_dir: str, commit: str | None = None) -> dict:
     per = [s[name] for s in seeds.values() if name in s]
     entry = {'final': {k: _r(v) for k, v in stats['final_val'].items()},
              'flops': stats['flops'], 'curve': _mean_curve([e['curve'] for e in per])}
-    if 'vs_scratch' in stats:
+    if 'vs_scratch' in stats:  # paired with the same seed's scratch, as the mean is
       entry['vs_scratch'] = {k: _r(v) for k, v in stats['vs_scratch'].items()}
+      entry['vs_scratch_seeds'] = [_r(s[name]['final_val'] - s['scratch']['final_val'])
+                                   for s in seeds.values() if name in s]
     if 'speedup' in stats:
       entry.update(speedup={k: _r(v, 3) for k, v in stats['speedup'].items()},
                    speedups=[_r(e.get('speedup'), 3) for e in per], reached=stats['reached'])

@@ -164,7 +164,7 @@ def draw_gstack_study(data: dict, path: str) -> str:
   scratch = arms['scratch']
   ax.axhline(scratch['final']['mean'], color='gray', ls=':', lw=1)
   lo = min(a['final']['mean'] for a in arms.values())
-  ax.set_ylim(lo - 0.05, scratch['curve'][1][1] + 0.1)
+  ax.set_ylim(lo - 0.05, scratch['curve'][len(scratch['curve']) // 4][1])  # the last 3/4
   ax.set_xlabel('training FLOPs')
   ax.set_ylabel('val loss (nats/byte), mean over seeds')
   ax.set_title(f'{data["target"]} target at {data["budget_flops"]:.0e} FLOPs '
@@ -178,20 +178,25 @@ def draw_gstack_study(data: dict, path: str) -> str:
       by_g.setdefault(g, []).append((x, a))
   for j, (g, pts) in enumerate(sorted(by_g.items(), reverse=True)):
     pts.sort(key=lambda p: p[0])
-    xs = [p[0] for p in pts]
-    means = [p[1]['speedup']['mean'] for p in pts]
-    bx.plot(xs, [m if m is not None else float('nan') for m in means], marker='o',
-            color=f'C{j}', label=f'g = {g}: mean over seeds')
-    for x, a in pts:
-      seeds = [v for v in a['speedups'] if v is not None]
-      bx.plot([x] * len(seeds), seeds, 'k.', ms=3)
-  for k, (size, sp) in enumerate(data['paper_speedups'].items()):
-    bx.axhline(sp, color='gray', ls=['--', ':'][k % 2], lw=1, label=f'paper, {size}: {sp:+.3f}')
-  bx.axhline(0, color='black', lw=0.5)
+    xs = [p[0] * (1 + 0.04 * j) for p in pts]  # g = 2 a little to the right of g = 4
+    bx.plot(xs, [p[1]['vs_scratch']['mean'] for p in pts], marker='o', color=f'C{j}',
+            label=f'g = {g}: mean over seeds')
+    for xv, (_, a) in zip(xs, pts):
+      bx.plot([xv] * len(a['vs_scratch_seeds']), a['vs_scratch_seeds'], 'k.', ms=3)
+      sp = a['speedup']
+      text = 'never' if sp['mean'] is None else f'{sp["mean"]:+.2f}'
+      bx.annotate(f'{text} ({a["reached"]}/{len(a["speedups"])})', (xv, a['vs_scratch']['mean']),
+                  textcoords='offset points', xytext=(4, 4), fontsize=6, color=f'C{j}')
+  bx.axhline(0, color='gray', ls=':', lw=1)
+  ds = sorted({x for pts in by_g.values() for x, _ in pts})
   bx.set_xscale('log')
+  bx.set_xticks(ds, [f'{x:.1%}' for x in ds])
+  bx.minorticks_off()
   bx.set_xlabel('d / D (small-model tokens over scratch tokens)')
-  bx.set_ylabel("speedup at scratch's final loss")
-  bx.set_title('speedup against growth timing d and factor g (dots: seeds)', fontsize=9)
+  bx.set_ylabel("final loss minus scratch's (same seed)")
+  paper = ', '.join(f'{k} {v:+.1%}' for k, v in data['paper_speedups'].items())
+  bx.set_title(f'below 0: growth better; text: speedup (seeds reaching scratch)\n'
+               f'paper: {paper}', fontsize=8)
   bx.legend(fontsize=6)
   bx.grid(alpha=0.3)
   return _finish(fig, data, path)

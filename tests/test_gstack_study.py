@@ -171,3 +171,30 @@ def test_tiny_study_two_shards_then_summary(tmp_path):
   mod.run(cfg, work)
   with open(tmp_path / 'run' / 'log.txt') as f:
     assert f.read().count('steps ...') == before
+
+
+@pytest.mark.slow
+def test_gstack_study_three_seeds_reproduces(tmp_path):
+  """The three-seed study (21 runs; 9536 s of run time measured with two to four runs sharing the
+  2-core CPU; one process here). Asserts
+  what docs/results/gstack.md states: the target beats its g = 4 small model on every seed by a
+  wide margin; the best growth arm (g = 4, d = 10%) ends below scratch on average but nowhere near
+  the paper's ~50% speedup; the d sweep peaks in the middle; growth arms vary less over seeds."""
+  mod = _module()
+  cfg = mod.get_config()
+  cfg.study.seeds = 3
+  res = mod.run(cfg, str(tmp_path))
+  assert res['status'] == 'completed' and len(res['seeds']) == 3
+  arms, regime = res['arms'], res['regime']['small_g4']
+  assert regime['scratch_wins'] == 3 and regime['gap']['min'] > 0.1
+  best = arms['stack_g4_d0.1']
+  assert best['final_val']['mean'] < arms['scratch']['final_val']['mean']
+  assert -0.1 < best['vs_scratch']['mean'] < 0
+  for name in ('stack_g4_d0.025', 'stack_g4_d0.4'):
+    assert arms[name]['vs_scratch']['mean'] > best['vs_scratch']['mean'], name
+  for name, a in arms.items():
+    if name.startswith('stack'):
+      # Nowhere near the paper's +49-55%: counting a seed that never reached scratch as 0.
+      per_seed = [e[name].get('speedup') or 0.0 for e in res['seeds'].values()]
+      assert np.mean(per_seed) < 0.4, name
+      assert a['final_val']['sd'] < arms['scratch']['final_val']['sd'], name

@@ -202,9 +202,13 @@ def _mean_curve(curves: list) -> list:
   return [[curves[0][i][0], _r(statistics.fmean(c[i][1] for c in curves))] for i in range(n)]
 
 
-def extract_gstack_study(run_dir: str, commit: str | None = None) -> dict:
+def extract_gstack_study(run_dirs: str, commit: str | None = None) -> dict:
   """experiments/gstack_study.py: per arm the mean (sd) final loss and speedup over seeds, the
-  seeds' speedups, the mean curve and where the growth happened; the regime check; the guideline."""
+  seeds' speedups, the mean curve and where the growth happened; the regime check; the guideline.
+
+  run_dirs: the study's WORKDIR, then (comma-separated) any further summaries of it, e.g. more
+  seeds of some arms (a WORKDIR whose s<seed> link to the study's): kept under `more_seeds`."""
+  run_dir, *more = [d.strip() for d in run_dirs.split(',') if d.strip()]
   res = _load_results(run_dir)
   seeds = res['seeds']
   arms = {}
@@ -237,6 +241,16 @@ def extract_gstack_study(run_dir: str, commit: str | None = None) -> dict:
                          'gap': {k: _r(v) for k, v in r['gap'].items()}}
                      for n, r in res['regime'].items()},
              guideline=res['guideline'], paper_speedups=res['paper_speedups'], arms=arms)
+  out['more_seeds'] = []
+  for d in more:
+    extra = _load_results(d)
+    out['more_seeds'].append({'run_dir': d, 'seed': sorted(extra['seeds']), 'arms': {
+        n: {'final': {k: _r(v) for k, v in a['final_val'].items()},
+            **({'vs_scratch': {k: _r(v) for k, v in a['vs_scratch'].items()}}
+               if 'vs_scratch' in a else {}),
+            **({'speedups': [_r(e[n].get('speedup'), 3) for e in extra['seeds'].values()],
+                'reached': a['reached']} if 'speedup' in a else {})}
+        for n, a in extra['arms'].items()}})
   return out
 
 

@@ -152,9 +152,17 @@ def test_tiny_study_two_shards_then_summary(tmp_path):
   assert out['arms']['scratch']['final_val']['mean'] == pytest.approx(np.mean(finals))
   assert out['regime']['small_g2']['seeds'] == 2
   assert out['target_nonembedding_params'] == 4 * (32 * 16 * 2 * (2 + 1) + 3 * 32 * 64)
+  # A further summary over the same seeds' arms (as more seeds of one arm are summarised).
+  more = tmp_path / 'more'
+  more.mkdir()
+  for s in ('0', '1'):
+    os.symlink(tmp_path / 'run' / f's{s}', more / f's{s}')
+  cfg.study.small_only = False
+  mod.run(cfg, str(more))
+  cfg.study.small_only = True
   # The figure's data file and PNG from the finished study (experiments/figures.py).
   figures = experiment_module('figures')
-  paths = figures.make_figures({'gstack_study': work}, data_dir=str(tmp_path / 'data'),
+  paths = figures.make_figures({'gstack_study': f'{work},{more}'}, data_dir=str(tmp_path / 'data'),
                                out_dir=str(tmp_path / 'figs'), only=('gstack_study',))
   assert os.path.getsize(paths[0]) > 10_000
   data = figures.load_data('gstack_study', str(tmp_path / 'data'))
@@ -162,6 +170,9 @@ def test_tiny_study_two_shards_then_summary(tmp_path):
   assert arm['speedups'] == pytest.approx(
       [saved['seeds'][s]['stack_g2_d0.2']['speedup'] for s in ('0', '1')], abs=1e-3)
   assert arm['growth']['at_step'] == 6 and data['seed'] == ['0', '1']
+  extra = data['more_seeds'][0]
+  assert set(extra['arms']) == {'scratch', 'stack_g2_d0.2'} and extra['seed'] == ['0', '1']
+  assert extra['arms']['stack_g2_d0.2']['vs_scratch'] == arm['vs_scratch']
   curves = [saved['seeds'][s]['scratch']['curve'] for s in ('0', '1')]
   assert data['arms']['scratch']['curve'][-1][1] == pytest.approx(
       (curves[0][-1][1] + curves[1][-1][1]) / 2, abs=1e-4)

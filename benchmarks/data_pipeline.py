@@ -65,8 +65,8 @@ def make_corpus(folder: str, tokens: int, seed: int = 0) -> None:
 
 
 def _cfg(corpus: str, path: str, cache: str):
-  from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.config_from_file(os.path.join(os.path.dirname(__file__), '..', 'experiments',
+  from pathways_jax import config_files  # pylint: disable=g-import-not-at-top
+  cfg = config_files.config_from_file(os.path.join(os.path.dirname(__file__), '..', 'experiments',
                                                  'quickstart.py'))
   cfg.data.corpus, cfg.data.path, cfg.data.tokenizer = corpus, path, 'byte'
   cfg.data.cache_dir = cache

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from pathways_jax.adapters import lora
-from pathways_jax.config import ModelConfig, config_from_file, round_vocab
+from pathways_jax.config import ModelConfig, round_vocab
+from pathways_jax.config_files import config_from_file
 from pathways_jax.models.transformer import Transformer
 from pathways_jax.sampling import autoregressive
 

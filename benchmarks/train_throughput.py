@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pathways_jax import config as config_lib, host_memory, parallel, tasks  # noqa: E402
+from pathways_jax import config as config_lib, config_files, host_memory, parallel, tasks  # noqa: E402
 from pathways_jax.models.transformer import Transformer  # noqa: E402
 from pathways_jax.train import metrics, optimizer, state as state_lib, step as step_lib  # noqa: E402
 
@@ -176,7 +176,7 @@ def model_config(cfg) -> config_lib.ModelConfig:
 
 
 def load_config(path: str):
-  cfg = config_lib.config_from_file(path)
+  cfg = config_files.config_from_file(path)
   if cfg.data.tokenizer in ('sentencepiece', 'byte'):
     # The project's own tokenizers fix their special ids (LLaDA's task needs the mask id); no
     # tokenizer is trained for a benchmark on random tokens.

@@ -36,9 +36,10 @@ import time
 import ml_collections
 
 from pathways_jax import config as config_lib
+from pathways_jax import config_files
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-instruction_sft = config_lib._load_config_module(  # pylint: disable=protected-access
+instruction_sft = config_files.load_config_module(
     os.path.join(_HERE, 'instruction_sft.py'))
 
 

@@ -2,7 +2,8 @@
 (`extract_<experiment>`) into docs/results/data/<experiment>.json, and read back (`load_data`).
 experiments/figures.py draws from them; see its docstring for the command line.
 
-Needs nothing beyond the standard library (not JAX, not matplotlib).
+Needs nothing beyond the standard library and `pathways_jax.eval.seed_stats` (not JAX, not
+matplotlib).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import json
 import os
 import statistics
 import subprocess
+
+from pathways_jax.eval import seed_stats
 
 EXPERIMENTS = ('rho1', 'gstack', 'gstack_study', 'reversal', 'instruction_sft', 'dpo_instructions',
                'knowledge_injection', 'grpo_instructions', 'grpo_arithmetic', 'paprika',
@@ -158,11 +161,8 @@ def reversal_setting(res: dict) -> str:
 
 
 def _mean_sd(values: list) -> dict:
-  vals = [v for v in values if v is not None]
-  if not vals:
-    return {'mean': None, 'sd': None, 'n': 0}
-  sd = statistics.stdev(vals) if len(vals) > 1 else None  # sample sd (ddof=1)
-  return {'mean': _r(statistics.mean(vals)), 'sd': _r(sd), 'n': len(vals)}
+  st = seed_stats.mean_sd(values)
+  return {'mean': _r(st['mean']), 'sd': _r(st['sd']), 'n': st['n']}
 
 
 def extract_reversal(run_dirs: str, commit: str | None = None) -> dict:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -49,44 +48,28 @@ import time
 import ml_collections
 import numpy as np
 
-from pathways_jax import config as config_lib
+from pathways_jax import config_files
 from pathways_jax.config import ConfigError, base_config
+from pathways_jax.eval.seed_stats import format_mean_sd, mean_sd
 
 PAPER_SPEEDUPS = {'7B': 0.546, '1.1B': 0.491}  # Du et al. 2024, Fig. 1 / Sec. 4
 PAPER_SIZES = (4.1e8, 1.1e9, 7e9)  # the range of the paper's guideline fit
 
 
-def _gstack():
-  spec = importlib.util.spec_from_file_location(
-      'gstack_experiment', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gstack.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _experiment(name: str):
+  """experiments/<name>.py as a module (the experiments are files, not a package)."""
+  return config_files.load_config_module(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py'))
 
 
 def get_config():
-  c = base_config()
-  c.name = 'gstack_study'
-  c.data.corpus = 'stdlib'
-  c.data.tokenizer = 'byte'
-  c.data.seq_len = 128
-  c.data.batch_size = 32
-  c.data.eval_batches = 8
   # The isoFLOP study's network and recipe (experiments/scaling.py), at 32x4.
-  c.model.d_model = 32
-  c.model.num_layers = 4
-  c.model.num_heads = c.model.num_kv_heads = 2
-  c.model.mlp_dim = 80
-  c.model.max_len = 128
+  scaling = _experiment('scaling')
+  c = scaling.isoflop_recipe(base_config())
+  c.name = 'gstack_study'
+  scaling.set_size(c.model, 32, 4)
   c.model.scan_layers = True
-  c.train.lr = 3e-3
-  c.train.schedule = 'cosine'
-  c.train.weight_decay = 0.0
   c.train.log_every = 100
-  c.train.checkpoint_every = 1000
-  c.train.keep_checkpoints = 1
-  c.train.progress_bar = False
-  c.sample.prompts = ()
   c.study = s = ml_collections.ConfigDict()
   s.budget_flops = 3e12  # training FLOPs of every arm
   s.points = '4:0.025,4:0.1,4:0.4,2:0.1'  # growth arms, 'g:x' with d = x * scratch's tokens
@@ -109,6 +92,8 @@ def parse_points(text: str) -> list[tuple[int, float]]:
       raise ConfigError(f"config.study.points: {item!r} is not 'g:x' with an integer g >= 2 and "
                         f'0 < x < 1 (d = x * scratch tokens)')
     out.append((g, x))
+  if not out:  # scratch alone is no study: the small models come from the points' g too
+    raise ConfigError("config.study.points is empty: name at least one growth arm 'g:x'")
   return out
 
 
@@ -118,7 +103,7 @@ def arm_name(g: int, x: float | None = None) -> str:
 
 def study_arms(cfg) -> dict:
   """name -> training config of every arm of one seed (cfg.seed), scratch first."""
-  gs = _gstack()
+  gs = _experiment('gstack')
   s = cfg.study
   points = parse_points(s.points)
   base = copy.deepcopy(cfg)
@@ -175,7 +160,7 @@ def _with_factor(cfg, g: int):
 
 
 def parse_shard(text: str) -> tuple[int, int] | None:
-  return config_lib.parse_shard(text, 'config.study.shard')
+  return config_files.parse_shard(text, 'config.study.shard')
 
 
 def guideline(cfg, target_params: float, scratch_tokens: float) -> dict:
@@ -193,14 +178,6 @@ def guideline(cfg, target_params: float, scratch_tokens: float) -> dict:
           'tokens_per_param': per_param, 'paper_sizes': paper}
 
 
-def _stats(values):
-  vals = [v for v in values if v is not None]
-  if not vals:
-    return {'mean': None, 'sd': None, 'n': 0}
-  return {'mean': float(np.mean(vals)), 'sd': float(np.std(vals, ddof=1)) if len(vals) > 1
-          else 0.0, 'n': len(vals), 'min': float(min(vals)), 'max': float(max(vals))}
-
-
 def aggregate(seeds: dict) -> dict:
   """{seed: {arm: entry}} -> per arm: final loss and speedup stats, how often scratch was reached.
 
@@ -210,27 +187,27 @@ def aggregate(seeds: dict) -> dict:
   arms = {}
   for n in names:
     entries = [s[n] for s in seeds.values() if n in s]
-    arms[n] = {'final_val': _stats([e['final_val'] for e in entries]),
+    arms[n] = {'final_val': mean_sd([e['final_val'] for e in entries]),
                'flops': float(np.mean([e['flops'] for e in entries])),
                'seeds': len(entries)}
     if n != 'scratch':  # paired with the same seed's scratch: seeds differ by more than arms
-      arms[n]['vs_scratch'] = _stats([s[n]['final_val'] - s['scratch']['final_val']
+      arms[n]['vs_scratch'] = mean_sd([s[n]['final_val'] - s['scratch']['final_val']
                                       for s in seeds.values() if n in s])
     if n != 'scratch' and not n.startswith('small_'):
-      arms[n]['speedup'] = _stats([e.get('speedup') for e in entries])
+      arms[n]['speedup'] = mean_sd([e.get('speedup') for e in entries])
       arms[n]['reached'] = sum(e.get('speedup') is not None for e in entries)
   regime = {}
   for n in names:
     if n.startswith('small_'):
       wins = [s['scratch']['final_val'] < s[n]['final_val'] for s in seeds.values() if n in s]
       gaps = [s[n]['final_val'] - s['scratch']['final_val'] for s in seeds.values() if n in s]
-      regime[n] = {'scratch_wins': sum(wins), 'seeds': len(wins), 'gap': _stats(gaps)}
+      regime[n] = {'scratch_wins': sum(wins), 'seeds': len(wins), 'gap': mean_sd(gaps)}
   return {'arms': arms, 'regime': regime}
 
 
 def run(cfg, workdir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  gs = _gstack()
+  gs = _experiment('gstack')
   s = cfg.study
   if s.seeds < 1:
     raise ConfigError(f'config.study.seeds={s.seeds} must be at least 1')
@@ -288,25 +265,18 @@ def run(cfg, workdir: str) -> dict:
   return out
 
 
-def _fmt(st, digits=3, signed=False):
-  if st['mean'] is None:
-    return 'never'
-  f = f'{{:{"+" if signed else ""}.{digits}f}}'
-  return f'{f.format(st["mean"])} ({st["sd"]:.{digits}f})'
-
-
 def markdown_table(out: dict) -> str:
   """Mean (sd) over seeds of every arm."""
   rows = ["| arm | final val loss | minus scratch's (same seed) | FLOPs | speedup at scratch's "
           'final loss | reached |', '|---|---|---|---|---|---|']
   for n, a in out['arms'].items():
     sp = a.get('speedup')
-    sp_text = '' if sp is None else _fmt(sp, 2, signed=True)
+    sp_text = '' if sp is None else format_mean_sd(sp, 2, signed=True)
     reached = '' if sp is None else f'{a["reached"]}/{a["seeds"]}'
-    delta = _fmt(a['vs_scratch'], signed=True) if 'vs_scratch' in a else ''
-    rows.append(f'| {n} | {_fmt(a["final_val"])} | {delta} | {a["flops"]:.3g} | {sp_text} | '
-                f'{reached} |')
+    delta = format_mean_sd(a['vs_scratch'], signed=True) if 'vs_scratch' in a else ''
+    rows.append(f'| {n} | {format_mean_sd(a["final_val"])} | {delta} | {a["flops"]:.3g} | '
+                f'{sp_text} | {reached} |')
   for n, r in out['regime'].items():
     rows.append(f'\nscratch beats {n} on {r["scratch_wins"]}/{r["seeds"]} seeds '
-                f'(gap {_fmt(r["gap"])} nats)')
+                f'(gap {format_mean_sd(r["gap"])} nats)')
   return '\n'.join(rows)

@@ -53,9 +53,10 @@ import time
 import ml_collections
 
 from pathways_jax import config as config_lib
+from pathways_jax import config_files
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_load = lambda name: config_lib._load_config_module(os.path.join(_HERE, f'{name}.py'))  # pylint: disable=protected-access
+_load = lambda name: config_files.load_config_module(os.path.join(_HERE, f'{name}.py'))
 instruction_sft = _load('instruction_sft')
 dpo_instructions = _load('dpo_instructions')
 reward_instructions = _load('reward_instructions')
@@ -175,7 +176,7 @@ def set_epochs(stage_cfg, start_dir: str, epochs: float) -> None:
   """Sets a preference stage's steps to `epochs` passes over its training rows (pairs packed as
   the task packs them, with the start model's tokenizer)."""
   from pathways_jax.data import preference, tokenizers  # pylint: disable=g-import-not-at-top,multiple-import
-  data = copy.deepcopy(config_lib.load_run_config(start_dir).data)
+  data = copy.deepcopy(config_files.load_run_config(start_dir).data)
   data.update(path=stage_cfg.data.path, validation_path=stage_cfg.data.validation_path,
               seq_len=stage_cfg.data.seq_len)
   _, stats = preference.load_rows(data, tokenizers.get_tokenizer(data), 'train')

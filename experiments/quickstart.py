@@ -7,7 +7,7 @@ Sized to finish in about 2-3 minutes on a 2-core laptop CPU.
 """
 import os
 
-from pathways_jax.config import config_from_file
+from pathways_jax.config_files import config_from_file
 
 
 def get_config():

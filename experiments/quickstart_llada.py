@@ -14,7 +14,7 @@ fills 11.0% (2026-12-05, docs/llada.md).
 """
 import os
 
-from pathways_jax.config import config_from_file
+from pathways_jax.config_files import config_from_file
 
 
 def get_config():

@@ -47,7 +47,6 @@ config: that is an error naming the keys that differ.
 
 
 import copy
-import dataclasses
 import json
 import logging
 import os

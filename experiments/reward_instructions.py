@@ -26,10 +26,10 @@ import time
 
 import ml_collections
 
-from pathways_jax import config as config_lib
+from pathways_jax import config_files
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-dpo_instructions = config_lib._load_config_module(  # pylint: disable=protected-access
+dpo_instructions = config_files.load_config_module(
     os.path.join(_HERE, 'dpo_instructions.py'))
 
 

@@ -19,13 +19,14 @@ Writes WORKDIR/diagnose.json. Forward passes only (a minute or two on a CPU).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import sys
 
 from absl import app, flags
 import numpy as np
+
+from pathways_jax import config_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -51,10 +52,7 @@ def main(argv):
   from pathways_jax.objectives import selective as sel  # pylint: disable=g-import-not-at-top
   from pathways_jax.tasks import rho1 as rho1_task  # pylint: disable=g-import-not-at-top
   from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('rho1', os.path.join(REPO, 'experiments',
-                                                                    'rho1.py'))
-  rho1 = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(rho1)
+  rho1 = config_files.load_config_module(os.path.join(REPO, 'experiments', 'rho1.py'))
   wd = _WORKDIR.value
   missing = [arm for arm in ('reference', 'slm', 'uniform')
              if not os.path.isfile(os.path.join(wd, arm, 'config.json'))]

@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -45,15 +44,17 @@ import time
 import ml_collections
 import numpy as np
 
-from pathways_jax import config as config_lib
+from pathways_jax import config_files
 from pathways_jax.config import ConfigError, base_config
+from pathways_jax.eval.seed_stats import format_mean_sd, mean_sd
 
 OBJECTIVES = ('autoregressive', 'diffusion')
 
 
-def get_config():
-  c = base_config()
-  c.name = 'scaling'
+def isoflop_recipe(c):
+  """The study's data and training recipe, set on config `c` (experiments/gstack_study.py trains
+  its arms on it too): byte-level Python source, rows of 128, batch 32, AdamW at 3e-3 without
+  weight decay on a cosine schedule."""
   c.data.corpus = 'stdlib'
   c.data.tokenizer = 'byte'
   c.data.seq_len = 128
@@ -63,11 +64,24 @@ def get_config():
   c.train.lr = 3e-3
   c.train.schedule = 'cosine'
   c.train.weight_decay = 0.0
-  c.train.log_every = 50
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 1
   c.train.progress_bar = False
   c.sample.prompts = ()
+  return c
+
+
+def set_size(model_cfg, d: int, layers: int) -> None:
+  """A `d x layers` network: head dim 16, SwiGLU width 8/3 d rounded to a multiple of 16."""
+  model_cfg.d_model, model_cfg.num_layers = d, layers
+  model_cfg.num_heads = model_cfg.num_kv_heads = d // 16
+  model_cfg.mlp_dim = max(16, int(round(8 * d / 3 / 16)) * 16)
+
+
+def get_config():
+  c = isoflop_recipe(base_config())
+  c.name = 'scaling'
+  c.train.log_every = 50
   # LLaDA's validation bound averaged over 16 mask draws per row: with one draw its estimate on
   # 256 rows varied by ~0.1-0.2 nats across evaluation seeds, more than sizes differ by.
   c.diffusion.eval_draws = 16
@@ -149,9 +163,7 @@ def point_config(cfg, objective: str, size: tuple[int, int], budget: float, seed
   c.seed = seed
   c.objective = objective
   c.model.causal = objective == 'autoregressive'
-  c.model.d_model, c.model.num_layers = d, layers
-  c.model.num_heads = c.model.num_kv_heads = d // 16
-  c.model.mlp_dim = max(16, int(round(8 * d / 3 / 16)) * 16)
+  set_size(c.model, d, layers)
   mcfg = loop.build(copy.deepcopy(c))[1]
   per_step = metrics.flops_per_token(mcfg, c.data.seq_len) * c.data.batch_size * c.data.seq_len
   if budget < per_step:
@@ -239,7 +251,7 @@ def grid(cfg):
 
 
 def parse_shard(text: str) -> tuple[int, int] | None:
-  return config_lib.parse_shard(text, 'config.scaling.shard')
+  return config_files.parse_shard(text, 'config.scaling.shard')
 
 
 def estimate_seconds(cfg, points) -> float:
@@ -323,9 +335,8 @@ def analyse(points: list[dict]) -> dict:
       acc.setdefault((OBJECTIVES.index(p['objective']), p['budget'], p['params'], p['size']),
                      []).append(p['task']['accuracy'])
     out['task'] = [{'objective': OBJECTIVES[o], 'budget': b, 'size': z,
-                    'accuracy': float(np.mean(v)),
-                    'sd': float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, 'seeds': len(v)}
-                   for (o, b, _, z), v in sorted(acc.items())]
+                    'accuracy': st['mean'], 'sd': st['sd'], 'seeds': st['n']}
+                   for (o, b, _, z), v in sorted(acc.items()) for st in [mean_sd(v)]]
   if set(OBJECTIVES) <= set(out['laws']):
     llada_law = out['laws']['diffusion']
     llada_max = max(m['budget'] for m in out['minima']['diffusion'])
@@ -457,9 +468,8 @@ def markdown_tables(res: dict) -> str:
   def cell(pts, key):
     if not pts:
       return '-'
-    vals = [p['val_loss'] if key == 'loss' else p['task']['accuracy'] for p in pts]
-    sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return f'{np.mean(vals):.3f} ({sd:.3f})' if key == 'loss' else f'{np.mean(vals):.3f}'
+    st = mean_sd(p['val_loss'] if key == 'loss' else p['task']['accuracy'] for p in pts)
+    return format_mean_sd(st) if key == 'loss' else f'{st["mean"]:.3f}'
 
   lines = ['| budget (FLOPs) | size (N) | AR loss | LLaDA bound | AR arithmetic | '
            'LLaDA arithmetic |', '|---|---|---|---|---|---|']
@@ -497,8 +507,9 @@ def format_table(res: dict) -> str:
     lines.append('\n| objective | budget (FLOPs) | size | task accuracy (mean, sd over seeds) |')
     lines.append('|---|---|---|---|')
     for t in res['task']:
-      lines.append(f'| {t["objective"]} | {t["budget"]:.3g} | {t["size"]} | '
-                   f'{t["accuracy"]:.3f} ({t["sd"]:.3f}, {t["seeds"]} seeds) |')
+      acc = format_mean_sd({'mean': t['accuracy'], 'sd': t['sd']})
+      lines.append(f'| {t["objective"]} | {t["budget"]:.3g} | {t["size"]} | {acc}, '
+                   f'{t["seeds"]} seeds |')
   for m in res['multiplier']:
     lines.append(f'AR at {m["ar_budget"]:.3g} FLOPs (loss {m["ar_loss"]:.4f}): LLaDA needs '
                  f'{m["llada_flops"]:.3g} = {m["multiplier"]:.1f}x'

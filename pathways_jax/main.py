@@ -43,11 +43,12 @@ def main(argv) -> int:
   logging.getLogger('absl').setLevel(logging.WARNING)
   logging.getLogger('jax').setLevel(logging.WARNING)
   from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from pathways_jax import config_files  # pylint: disable=g-import-not-at-top
   from pathways_jax import host_memory  # pylint: disable=g-import-not-at-top
   cfg = _CONFIG.value
   if cfg is None:  # no --config: continue a run directory (e.g. one made by pathways_jax.growth)
     try:
-      cfg = config_lib.load_run_config(_WORKDIR.value or '.')
+      cfg = config_files.load_run_config(_WORKDIR.value or '.')
     except config_lib.ConfigError as e:
       print(f'error: {e}: give --config', file=sys.stderr)
       return 1
@@ -76,7 +77,7 @@ def main(argv) -> int:
     return 1
   try:
     config_file = _CONFIG.value is not None and flags.FLAGS['config'].config_filename
-    runner = (config_file and config_lib.experiment_runner(config_file)) or loop.train
+    runner = (config_file and config_files.experiment_runner(config_file)) or loop.train
     runner(cfg, _WORKDIR.value)
   except (config_lib.ConfigError, loop.TrainingError, checkpoint.CheckpointError,
           corpora.DataError, FileNotFoundError) as e:
@@ -86,5 +87,5 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
-  from pathways_jax.config import parse_flags  # pylint: disable=g-import-not-at-top
+  from pathways_jax.config_files import parse_flags  # pylint: disable=g-import-not-at-top
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

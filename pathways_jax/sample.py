@@ -98,10 +98,11 @@ def load_run(workdir: str, step: int | None = None, adapter: int | None = None):
   one it trained (its base quantised, read dequantised: adapters.qlora). `adapter` (a multi-LoRA
   run's): that adapter alone, as a one-adapter model."""
   from pathways_jax import config as config_lib, parallel  # pylint: disable=g-import-not-at-top,multiple-import
+  from pathways_jax import config_files  # pylint: disable=g-import-not-at-top
   from pathways_jax.adapters import qlora  # pylint: disable=g-import-not-at-top
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.load_run_config(workdir)
+  cfg = config_files.load_run_config(workdir)
   config_lib.validate(cfg)
   fm = frozen.load(workdir, parallel.make_mesh(cfg), parallel.logical_rules(cfg), step=step)
   model, params = fm.model, fm.params

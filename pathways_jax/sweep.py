@@ -21,7 +21,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from pathways_jax import host_memory
-from pathways_jax.config import ConfigError, experiment_runner
+from pathways_jax.config import ConfigError
+from pathways_jax.config_files import experiment_runner
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file',
                                           lock_config=True)
@@ -153,5 +154,5 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
-  from pathways_jax.config import parse_flags  # pylint: disable=g-import-not-at-top
+  from pathways_jax.config_files import parse_flags  # pylint: disable=g-import-not-at-top
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -12,7 +12,7 @@ import ml_collections
 import optax
 
 from pathways_jax import tasks
-from pathways_jax.config import config_from_file
+from pathways_jax.config_files import config_from_file
 from pathways_jax.objectives import autoregressive
 from pathways_jax.train import frozen
 

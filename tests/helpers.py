@@ -13,12 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def experiment_module(name: str):
   """experiments/<name>.py loaded as a module (the experiments are config files, not a package)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(f'{name}_experiment',
-                                                os.path.join(REPO, 'experiments', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from pathways_jax import config_files  # pylint: disable=g-import-not-at-top
+  return config_files.load_config_module(os.path.join(REPO, 'experiments', f'{name}.py'))
 
 
 def has_cxx() -> bool:

@@ -12,7 +12,8 @@ from helpers import (REPO, assert_same_function_on_packed_rows, packed_rows_with
                      requires_cxx, run_on_fake_devices)
 from numerics import assert_close, tolerance
 from kernels_cpu import attention as cpu_attention
-from pathways_jax.config import ModelConfig, config_from_file
+from pathways_jax.config import ModelConfig
+from pathways_jax.config_files import config_from_file
 from pathways_jax.models import attention as attn_lib
 from pathways_jax.models.transformer import Transformer
 

@@ -1,12 +1,11 @@
 """experiments/figures.py: the README's figures redraw from the committed data files."""
 import glob
-import importlib.util
 import json
 import os
 
 import pytest
 
-from helpers import REPO, fake_scaling_points
+from helpers import experiment_module, fake_scaling_points
 
 pytest.importorskip('matplotlib')
 
@@ -14,11 +13,7 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
 def _figures():
-  path = os.path.join(REPO, 'experiments', 'figures.py')
-  spec = importlib.util.spec_from_file_location('figures', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_module('figures')
 
 
 def _assert_png(path):
@@ -78,7 +73,6 @@ def test_reversal_from_run_dirs(tmp_path):
   assert default['seeds']['0']['llada_control']['forward_checks'] == [[10, 0.125]]
   assert default['seeds']['0']['llada']['forward_checks'] == [[10, 0.25], [20, 0.75]]
   assert data['settings']['sft_fraction=0.25']['summary']['llada']['forward']['sd'] is None
-  from helpers import experiment_module  # pylint: disable=g-import-not-at-top
   table = experiment_module('reversal').markdown_table(data).splitlines()
   assert table[2].startswith('| AR | **0.05** ± 0.07 (0.00 / 0.10) |')  # forward: 0 + 0/8, 0.1
   assert table[3].split(' | ')[3] == '**0.30** ± 0.07 (0.25 / 0.35)'  # LLaDA reverse
@@ -164,7 +158,6 @@ def test_the_scaling_figure_from_a_finished_grid(tmp_path):
   res = {'status': 'completed', 'points': points, 'date': '2026-01-01', 'device': 'cpu x1',
          'wall_s': 10.0, 'config': {'seed': 0, 'scaling': {'seeds': 2, 'task': 'arithmetic'}}}
   analysis = figures.extract_scaling  # the study's own analysis fills minima, laws, multiplier
-  from helpers import experiment_module  # pylint: disable=g-import-not-at-top
   res.update(experiment_module('scaling').analyse(points))
   (tmp_path / 'results.json').write_text(json.dumps(res))
   data = analysis(str(tmp_path), commit='abc')

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import REPO, run_on_fake_devices, tiny_config
 from pathways_jax import config as config_lib
+from pathways_jax import config_files
 from pathways_jax import parallel
 from pathways_jax.train import checkpoint as ckpt_lib
 from pathways_jax.train import frozen, loop
@@ -30,7 +31,7 @@ def _mesh_and_rules(cfg):
 
 
 def test_the_params_are_the_checkpoints_params_bit_for_bit(run_dir):
-  cfg = config_lib.load_run_config(str(run_dir))
+  cfg = config_files.load_run_config(str(run_dir))
   mesh, rules = _mesh_and_rules(cfg)
   fm = frozen.load(str(run_dir), mesh, rules)
   assert fm.step == 2 and fm.model_cfg.vocab_size == fm.params['embed'].shape[0]
@@ -42,13 +43,13 @@ def test_the_params_are_the_checkpoints_params_bit_for_bit(run_dir):
 
 _BYTES_READ = '''
 import json, sys, jax, numpy as np
-from pathways_jax import config as config_lib, parallel
+from pathways_jax import config as config_lib, config_files, parallel
 from pathways_jax.train import checkpoint as ckpt_lib, frozen, loop
 def rchar():
   with open('/proc/self/io') as f:
     return next(int(l.split()[1]) for l in f if l.startswith('rchar'))
 run = sys.argv[1]
-cfg = config_lib.load_run_config(run)
+cfg = config_files.load_run_config(run)
 mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules(cfg)
 _, _, model, _, _ = loop.build(cfg)
 load_params = lambda: frozen.load(run, mesh, rules)
@@ -78,9 +79,9 @@ def test_no_optimizer_bytes_are_read(run_dir):
 def test_it_lands_sharded_on_the_mesh_of_the_run_that_loads_it(run_dir):
   out = run_on_fake_devices(f'''
 import jax, numpy as np
-from pathways_jax import config as config_lib, parallel
+from pathways_jax import config as config_lib, config_files, parallel
 from pathways_jax.train import frozen
-cfg = config_lib.load_run_config({str(run_dir)!r})
+cfg = config_files.load_run_config({str(run_dir)!r})
 cfg.unlock(); cfg.mesh.data, cfg.mesh.fsdp = 1, -1
 mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules(cfg)
 fm = frozen.load({str(run_dir)!r}, mesh, rules)
@@ -94,14 +95,14 @@ def test_a_grown_run_loads_as_the_model_its_checkpoint_holds(tmp_path):
   run = tmp_path / 'grown'
   loop.train(tiny_config(str(tmp_path / 'cache'), **{
       'train.steps': 3, 'growth.depth_factor': 2, 'growth.at_step': 2}), str(run), quiet=True)
-  cfg = config_lib.load_run_config(str(run))
+  cfg = config_files.load_run_config(str(run))
   fm = frozen.load(str(run), *_mesh_and_rules(cfg))
   assert fm.step == 3 and fm.model_cfg.num_layers == 2 * cfg.model.num_layers
   assert 'blocks_3' in fm.params
 
 
 def test_bad_run_directories_are_named(run_dir, tmp_path):
-  cfg = config_lib.load_run_config(str(run_dir))
+  cfg = config_files.load_run_config(str(run_dir))
   mesh, rules = _mesh_and_rules(cfg)
   with pytest.raises(config_lib.ConfigError, match='is not a run directory'):
     frozen.load(str(tmp_path), mesh, rules)
@@ -135,7 +136,7 @@ def test_bad_run_directories_are_named(run_dir, tmp_path):
 def test_its_validation_loss_is_the_number_the_trainer_logged(run_dir):
   """loop.frozen_validation_loss (scaling's re-measurement, rho1's reference) re-measures a
   finished run from its checkpoint: the same batches and task give the trainer's final number."""
-  cfg = config_lib.load_run_config(str(run_dir))
+  cfg = config_files.load_run_config(str(run_dir))
   tok, _, _, mesh, rules = loop.build(cfg)
   with open(run_dir / 'metrics.jsonl') as f:
     logged = [json.loads(line)['val_loss'] for line in f if '"val_loss"' in line][-1]

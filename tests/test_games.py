@@ -315,9 +315,9 @@ def test_a_multi_turn_pair_trains_only_the_agents_turns_after_the_shared_prompt(
 # ------------------------------------------------------------------- experiments/paprika.py
 
 def _paprika():
-  from pathways_jax import config as config_lib
+  from pathways_jax import config_files
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return config_lib._load_config_module(os.path.join(repo, 'experiments', 'paprika.py'))  # pylint: disable=protected-access
+  return config_files.load_config_module(os.path.join(repo, 'experiments', 'paprika.py'))
 
 
 @pytest.mark.parametrize('key,value,match', [
@@ -374,9 +374,9 @@ def test_paprika_end_to_end_on_tiny_settings(tmp_path, monkeypatch):
   random_play = (workdir / 'games' / 'random_play.jsonl').read_text().splitlines()
   assert {json.loads(l)['game'] for l in random_play} == set(games.GAMES)  # held-out one too
   # Its numbers as the README's figure and the notebook's table take them.
-  from pathways_jax import config as config_lib
+  from pathways_jax import config_files
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  figures = config_lib._load_config_module(os.path.join(repo, 'experiments', 'figures.py'))  # pylint: disable=protected-access
+  figures = config_files.load_config_module(os.path.join(repo, 'experiments', 'figures.py'))
   data = figures.extract_paprika(str(workdir), commit='abc')
   assert data['heldout_game'] == held and data['seed'] == ['0']
   assert data['random'] == {g: {k: pytest.approx(v[k], abs=1e-4) for k in figures.PAPRIKA_KEYS}

@@ -1,5 +1,4 @@
 """Growth inside a run (config.growth), the offline grow command, and the G_stack experiment."""
-import importlib.util
 import json
 import os
 
@@ -9,7 +8,7 @@ from pathways_jax import config as config_lib
 from pathways_jax.growth import in_run as growth_phase
 from pathways_jax.train import loop
 
-from helpers import REPO, cli, tiny_config
+from helpers import cli, experiment_module, tiny_config
 from numerics import assert_close
 
 # Validation losses are means over the eval batches' tokens (2 x 4 x 32 in tiny_config).
@@ -28,11 +27,7 @@ def _losses(workdir):
 
 
 def _gstack_module():
-  spec = importlib.util.spec_from_file_location('gstack', os.path.join(REPO, 'experiments',
-                                                                       'gstack.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_module('gstack')
 
 
 @pytest.mark.parametrize('optimizer', ['fresh', 'map'])

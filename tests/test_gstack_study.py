@@ -22,8 +22,8 @@ def _tiny(tmp_path, **study):
   cfg.unlock()
   cfg.study = mod.get_config().study
   cfg.lock()
-  cfg.study.budget_flops = 30 * mod._gstack().flops_per_step(
-      cfg, mod._gstack().model_cfgs(mod._with_factor(cfg, 1))[1])
+  cfg.study.budget_flops = 30 * mod._experiment('gstack').flops_per_step(
+      cfg, mod._experiment('gstack').model_cfgs(mod._with_factor(cfg, 1))[1])
   cfg.study.points = '2:0.2'
   cfg.study.evals = 3
   for k, v in study.items():
@@ -37,7 +37,7 @@ def test_arms_spend_the_same_flops_and_grow_after_d_tokens(tmp_path):
   arms = mod.study_arms(cfg)
   assert list(arms) == ['scratch', 'small_g4', 'stack_g4_d0.1', 'small_g2', 'stack_g2_d0.2',
                         'stack_g2_d0.5']
-  gs = mod._gstack()
+  gs = mod._experiment('gstack')
   target = gs.model_cfgs(mod._with_factor(cfg, 1))[1]
   budget = arms['scratch'].train.steps
   assert budget == 30 and arms['scratch'].model.num_layers == 4
@@ -64,6 +64,7 @@ def test_arms_spend_the_same_flops_and_grow_after_d_tokens(tmp_path):
     ({'points': '4:1.5'}, "not 'g:x'"),
     ({'points': '1:0.1'}, "not 'g:x'"),
     ({'points': 'four'}, "not 'g:x'"),
+    ({'points': ' , '}, 'is empty'),
     ({'points': '2:0.001'}, 'no small-model step'),
     ({'budget_flops': 1e3}, 'under 20 steps'),
     ({'evals': 1}, 'evals=1'),

@@ -3,14 +3,13 @@ instruction-SFT experiment end to end on tiny settings."""
 import collections
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_answers_as_alone, REPO, cli, tiny_config
+from helpers import assert_answers_as_alone, cli, experiment_module, tiny_config
 from pathways_jax import config as config_lib
 from pathways_jax import tasks
 from pathways_jax.data import chat, sft, synthetic, tokenizers
@@ -178,11 +177,7 @@ def test_the_train_file_is_chat_data_trained_on_the_answers_only(examples, tmp_p
 def test_the_experiment_end_to_end_on_tiny_settings(tmp_path):
   """Base pretraining, SFT and LoRA on the written train split through the trainer (init_from
   the base), and the held-out evaluation of all three: numbers in [0, 1] and a complete results.json."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      'instruction_sft', os.path.join(REPO, 'experiments', 'instruction_sft.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = experiment_module('instruction_sft')
   cfg = tiny_config(str(tmp_path / 'cache'), **{
       'data.seq_len': 192, 'model.max_len': 192, 'train.steps': 3, 'train.log_every': 1,
       'model.attention': 'xla', 'sample.prompts': ()})

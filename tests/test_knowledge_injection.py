@@ -1,24 +1,18 @@
 """experiments/knowledge_injection.py: its data rules, its BM25 retrieval against a plain BM25,
 and a tiny end-to-end run of the four arms."""
-import importlib.util
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 
-from helpers import REPO, tiny_config
+from helpers import experiment_module, tiny_config
 from pathways_jax.data import instructions as I
 from pathways_jax.data import retrieval
 
 
 def _experiment():
-  spec = importlib.util.spec_from_file_location(
-      'knowledge_injection', os.path.join(REPO, 'experiments', 'knowledge_injection.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_module('knowledge_injection')
 
 
 def _plain_bm25(docs_words, query_words, k1=1.5, b=0.75):

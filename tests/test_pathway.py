@@ -7,10 +7,11 @@ import pytest
 
 from helpers import REPO, assert_answers_as_alone, tiny_config
 from pathways_jax import config as config_lib
+from pathways_jax import config_files
 
 
 def _pathway():
-  return config_lib._load_config_module(os.path.join(REPO, 'experiments', 'pathway.py'))  # pylint: disable=protected-access
+  return config_files.load_config_module(os.path.join(REPO, 'experiments', 'pathway.py'))
 
 
 def _tiny(tmp_path, pathway):
@@ -124,7 +125,7 @@ def test_both_chains_end_to_end(tmp_path, monkeypatch):
 
   # The figure and the notebook's table come from the run directory.
   pytest.importorskip('matplotlib')
-  figures = config_lib._load_config_module(os.path.join(REPO, 'experiments', 'figures.py'))  # pylint: disable=protected-access
+  figures = config_files.load_config_module(os.path.join(REPO, 'experiments', 'figures.py'))
   assert figures.main(['--pathway', str(tmp_path / 'run'), '--data', str(tmp_path / 'data'),
                        '--out', str(tmp_path / 'out'), '--only', 'pathway']) == 0
   assert (tmp_path / 'out' / 'pathway.png').read_bytes()[:4] == b'\x89PNG'

@@ -7,12 +7,13 @@ import pytest
 
 from helpers import tiny_config
 from pathways_jax import config as config_lib
+from pathways_jax import config_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module(name):
-  return config_lib._load_config_module(os.path.join(REPO, 'experiments', f'{name}.py'))  # pylint: disable=protected-access
+  return config_files.load_config_module(os.path.join(REPO, 'experiments', f'{name}.py'))
 
 
 def test_pairs_are_right_over_wrong_answers_of_questions_that_got_both():

@@ -1,5 +1,4 @@
 """RHO-1 in the trainer: noise through the pipeline, online = offline selection, the experiment."""
-import importlib.util
 import json
 import os
 
@@ -18,15 +17,12 @@ from pathways_jax import tasks
 from pathways_jax.tasks import rho1 as rho1_task
 from pathways_jax.train import loop, step as step_lib
 
-from helpers import REPO, tiny_config
+from helpers import experiment_module, tiny_config
 from numerics import assert_close
 
 
 def _rho1_module():
-  spec = importlib.util.spec_from_file_location('rho1', os.path.join(REPO, 'experiments', 'rho1.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_module('rho1')
 
 
 def _noisy_config(cache, **kw):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pathways_jax import config as config_lib
+from pathways_jax import config_files
 from pathways_jax import parallel, sweep, tasks
 from pathways_jax.models.transformer import Transformer
 from pathways_jax.train import frozen, loop, optimizer, state as state_lib, step as step_lib
@@ -239,7 +240,7 @@ def test_exploding_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path)
   # A checkpoint at step s holds updates 0..s-1: none may include update `bad` or a later one.
   assert steps[0] == 1 and max(steps) <= bad, (steps, bad)
   assert _tree_digest(good) == good_files  # the last good checkpoint before the run: untouched
-  cfg_saved = config_lib.load_run_config(str(run))
+  cfg_saved = config_files.load_run_config(str(run))
   newest = frozen.load(str(run), parallel.make_mesh(cfg_saved), parallel.logical_rules(cfg_saved))
   assert newest.step == max(steps)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(newest.params))

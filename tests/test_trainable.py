@@ -6,6 +6,7 @@ import pytest
 
 from helpers import tiny_config
 from pathways_jax import config as config_lib
+from pathways_jax import config_files
 from pathways_jax import parallel, tasks
 from pathways_jax.models.transformer import Transformer
 from pathways_jax.train import checkpoint as ckpt_lib
@@ -90,7 +91,7 @@ def test_training_only_the_final_norm_changes_nothing_else_bit_for_bit(tmp_path)
   state_dir = run / 'checkpoints' / '4' / 'state'
   assert frozen._saved_param_shapes(str(state_dir)) == {'final_norm/scale': (32,)}  # pylint: disable=protected-access
   assert (run / ckpt_lib.FROZEN_PARAMS).is_dir()
-  cfg = config_lib.load_run_config(str(run))
+  cfg = config_files.load_run_config(str(run))
   mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules(cfg)
   trained = frozen.load(str(run), mesh, rules).params
   model = Transformer(config_lib.ModelConfig.from_config(cfg.model, vocab_size=264))

@@ -8,16 +8,14 @@ batch (512 x 4096 = 2M tokens per step), half the steps. Launch on every host of
 (e.g. a queued resource with --node-count=2; JAX reads MEGASCALE_* to find the slices) with
 `--multihost`; see docs/scaling.md.
 """
-import importlib.util
 import os
+
+from pathways_jax import config_files
 
 
 def _single_slice():
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'llada_8b_v5p128.py')
-  spec = importlib.util.spec_from_file_location('_llada_8b_v5p128', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_files.config_from_file(path)
 
 
 def get_config():

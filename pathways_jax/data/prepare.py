@@ -324,7 +324,7 @@ def main(argv) -> int:
 if __name__ == '__main__':
   from absl import app, flags  # pylint: disable=g-import-not-at-top,ungrouped-imports
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from pathways_jax.config import parse_flags  # pylint: disable=g-import-not-at-top
+  from pathways_jax.config_files import parse_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'experiment config file (.py)', lock_config=True)
   flags.DEFINE_string('out', None, 'the prepared dataset\'s folder (created; resumed)',
                       required=True)

@@ -179,10 +179,10 @@ class PathwaysLM(TemplateLM):
       raise ValueError(f'pathways model: unknown model_args {sorted(kwargs)}')
     from pathways_jax import sample  # pylint: disable=g-import-not-at-top
     from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
-    from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from pathways_jax import config_files  # pylint: disable=g-import-not-at-top
     self.workdir = workdir
     self.adapter = _opt_int(adapter)
-    run_model = config_lib.load_run_config(workdir).model
+    run_model = config_files.load_run_config(workdir).model
     k = run_model.get('lora_num_adapters', 1) if run_model.get('lora_rank') else 1
     if k > 1 and self.adapter is None:
       raise ValueError(f'pathways model: {workdir} trained {k} adapters (model.lora_num_adapters):'

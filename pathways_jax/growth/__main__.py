@@ -30,6 +30,7 @@ def grow_run(src: str, dst: str, *, depth_factor: int = 1, width_factor: int = 1
   """Writes the grown run directory `dst` from run `src`'s checkpoint; returns a summary."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from pathways_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from pathways_jax import config_files  # pylint: disable=g-import-not-at-top
   from pathways_jax import parallel  # pylint: disable=g-import-not-at-top
   from pathways_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from pathways_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -38,7 +39,7 @@ def grow_run(src: str, dst: str, *, depth_factor: int = 1, width_factor: int = 1
 
   if os.path.abspath(src) == os.path.abspath(dst):
     raise config_lib.ConfigError('--workdir must differ from --from (the source run is kept)')
-  cfg = config_lib.load_run_config(src)
+  cfg = config_files.load_run_config(src)
   tokenizer, model_cfg, _, mesh, rules = loop.build(cfg)
   source = growth_phase.Growth(cfg, model_cfg)
   ckpt = ckpt_lib.Checkpointer(src, keep=cfg.train.keep_checkpoints, async_save=False)

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pathways_jax import config as config_lib
+from pathways_jax import config_files
 from pathways_jax import parallel
 from pathways_jax.models.transformer import Transformer
 from pathways_jax.train import trainable as trainable_lib
@@ -147,7 +148,7 @@ def restore_params(state_dir: str, abstract_params, shardings):
 
 
 def _describe(run_dir: str, mesh, rules, step: int | None):
-  run_cfg = config_lib.load_run_config(run_dir)
+  run_cfg = config_files.load_run_config(run_dir)
   step, state_dir = _state_dir(run_dir, step)
   saved = _saved_param_shapes(state_dir)
   frozen_dir = _frozen_dir(run_dir)
@@ -166,7 +167,7 @@ def _describe(run_dir: str, mesh, rules, step: int | None):
 def describe_model(run_dir: str, step: int | None = None) -> config_lib.ModelConfig:
   """The ModelConfig of the params a run directory saved at `step` (default the newest); nothing
   but checkpoint metadata is read."""
-  run_cfg = config_lib.load_run_config(run_dir)
+  run_cfg = config_files.load_run_config(run_dir)
   step, state_dir = _state_dir(run_dir, step)
   frozen_dir = _frozen_dir(run_dir)
   saved = {**_saved_param_shapes(state_dir),

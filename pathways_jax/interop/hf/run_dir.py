@@ -22,6 +22,7 @@ import shutil
 import jax
 
 from pathways_jax import config as config_lib
+from pathways_jax import config_files
 from pathways_jax import parallel
 from pathways_jax.interop.hf import adapter
 import pathways_jax.interop.hf.checkpoint as hf
@@ -106,7 +107,7 @@ def export_run(workdir: str, out_dir: str, *, step: int | None = None,
   merge_and_unload does), not into the quantised one it trained on."""
   from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  run_cfg = config_lib.load_run_config(workdir)
+  run_cfg = config_files.load_run_config(workdir)
   _check_adapter_index(workdir, run_cfg, adapter_index)
   if run_cfg.model.get('scalar_head'):
     raise hf.HFCheckpointError(f'{workdir} is a reward model (model.scalar_head=True): a '
@@ -135,7 +136,7 @@ def export_adapter(workdir: str, out_dir: str, *, step: int | None = None,
   Its base_model_name_or_path: the argument, else the run's train.init_from. A multi-LoRA run
   (model.lora_num_adapters = K > 1) exports one adapter, `adapter_index` in [0, K)."""
   from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
-  run_cfg = config_lib.load_run_config(workdir)
+  run_cfg = config_files.load_run_config(workdir)
   if not run_cfg.model.get('lora_rank'):
     raise config_lib.ConfigError(f'{workdir} is not a LoRA run (model.lora_rank is 0): export '
                                  'its model with `export`')
@@ -288,7 +289,7 @@ def source_tokenizer(source: str) -> tuple[str, str]:
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(source, 'checkpoints')):
     return 'hf', source
-  src = config_lib.load_run_config(source)
+  src = config_files.load_run_config(source)
   if src.data.tokenizer_path or src.data.tokenizer == 'byte':
     return src.data.tokenizer, src.data.tokenizer_path
   tok = tokenizers.get_tokenizer(src.data)

@@ -103,7 +103,7 @@ golden-hf:
 # then our PEFT adapter exports, loaded by peft on our exported bases.
 check-export-hf: $(STAMP)
 	rm -rf .hf-export-check
-	$(PY) -c "from pathways_jax.interop import hf; [hf.save_pretrained(*hf.load_pretrained('tests/golden/hf/' + c)[:2], '.hf-export-check/' + c, model_type=hf.read_config('tests/golden/hf/' + c)['model_type']) for c in ('llama', 'llama3_tied', 'qwen2', 'qwen3')]"
+	$(PY) -c "from pathways_jax.interop import hf; [hf.save_pretrained(*hf.load_pretrained('tests/golden/hf/' + c)[:2], '.hf-export-check/' + c, model_type=hf.read_config('tests/golden/hf/' + c)['model_type'], pad_token_id=hf.read_config('tests/golden/hf/' + c).get('pad_token_id')) for c in ('llama', 'llama3_tied', 'qwen2', 'qwen3', 'llama_rm', 'qwen2_rm')]"
 	$(GOLDEN_VENV)/bin/python tests/golden/hf/check_export.py .hf-export-check
 	rm -rf .hf-export-check
 	$(PY) tests/golden/hf/check_peft_export.py export .hf-export-check/peft

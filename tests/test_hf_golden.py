@@ -2,8 +2,9 @@
 
 tests/golden/hf/ holds tiny random Llama / Llama-3 (tied, llama3 RoPE scaling) / Qwen2 (biases,
 sharded files) / Qwen3 (q/k norms) checkpoints saved by transformers, and the logits and greedy
-tokens transformers produced for them, and a LLaDA checkpoint with the logits of LLaDA-8B's own
-modeling code (`make golden-hf` regenerates them; see its README)."""
+tokens transformers produced for them, a LLaDA checkpoint with the logits of LLaDA-8B's own
+modeling code, and two reward models (...ForSequenceClassification, num_labels=1) with the
+rewards transformers read (`make golden-hf` regenerates them; see its README)."""
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from pathways_jax.models.transformer import Transformer
 GOLDEN = os.path.join(REPO, 'tests', 'golden', 'hf')
 CASES = ('llama', 'llama3_tied', 'qwen2', 'qwen3', 'llada')  # llada: from LLaDA's own code
 GENERATE = ('llama', 'llama3_tied', 'qwen2', 'qwen3')
+REWARD_MODELS = ('llama_rm', 'qwen2_rm')  # untied Llama; tied Qwen2 with q/k/v biases
 MAX_ABS_LOGIT_ERROR = 1e-4  # float32, 320 positions: what the interop promises
 
 
@@ -65,24 +67,83 @@ def test_the_other_transformers_config_style_reads_the_same(tmp_path, case):
 @pytest.mark.parametrize('case', CASES)
 def test_import_then_export_writes_the_same_tensors(tmp_path, case):
   """The round trip import -> export gives transformers the very tensors and model it saved."""
-  from safetensors import safe_open
   src = os.path.join(GOLDEN, case)
   params, cfg, _ = hf.load_pretrained(src)
   out = hf.save_pretrained(params, cfg, str(tmp_path / 'out'))
+  _assert_same_tensors(src, out)
+  assert hf.load_pretrained(out)[1].replace(max_len=cfg.max_len) == cfg
 
-  def tensors(d):
-    found = {}
-    for name in os.listdir(d):
-      if name.endswith('.safetensors'):
-        with safe_open(os.path.join(d, name), framework='numpy') as f:
-          found.update({k: f.get_tensor(k) for k in f.keys()})
-    return found
 
-  a, b = tensors(src), tensors(out)
+def _tensors(d):
+  from safetensors import safe_open
+  found = {}
+  for name in os.listdir(d):
+    if name.endswith('.safetensors'):
+      with safe_open(os.path.join(d, name), framework='numpy') as f:
+        found.update({k: f.get_tensor(k) for k in f.keys()})
+  return found
+
+
+def _assert_same_tensors(src, out):
+  a, b = _tensors(src), _tensors(out)
   assert sorted(a) == sorted(b)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-  assert hf.load_pretrained(out)[1].replace(max_len=cfg.max_len) == cfg
+
+
+@pytest.mark.parametrize('case', REWARD_MODELS)
+def test_reward_models_score_what_transformers_scores(case):
+  params, cfg, _ = hf.load_pretrained(os.path.join(GOLDEN, case))
+  g = _golden(case)
+  assert cfg.scalar_head and float(params['scalar_head']['bias']) == 0.0  # HF's score: no bias
+  assert params['scalar_head']['kernel'].dtype == jnp.float32
+  scores = Transformer(cfg).apply({'params': params}, jnp.asarray(g['tokens']), return_scalar=True)
+  err = float(jnp.max(jnp.abs(scores - g['position_scores'])))
+  assert err <= MAX_ABS_LOGIT_ERROR, f'{case}: max |score - transformers| = {err:.2e}'
+  # transformers reads the reward at each row's last non-pad token; row 1 is right-padded.
+  rewards = np.asarray(scores)[np.arange(2), g['lengths'] - 1]
+  np.testing.assert_allclose(rewards, g['rewards'], atol=MAX_ABS_LOGIT_ERROR)
+  if case == 'llama_rm':  # untied: the file has no LM head; the reward never reads it
+    assert not cfg.tie_embeddings and not np.asarray(params['unembed']).any()
+
+
+@pytest.mark.parametrize('case', REWARD_MODELS)
+def test_a_reward_model_exports_as_sequence_classification_and_keeps_its_bias(tmp_path, case):
+  """Our head has a bias, HF's score Linear none: the export writes HF's very tensors and keeps
+  the bias in config.json, so the import gives back the same rewards, bias included."""
+  src = os.path.join(GOLDEN, case)
+  params, cfg, _ = hf.load_pretrained(src)
+  params['scalar_head']['bias'] = jnp.float32(0.75)  # a trained head has one
+  out = hf.save_pretrained(params, cfg, str(tmp_path / 'out'))
+  _assert_same_tensors(src, out)  # score.weight, no lm_head
+  config = hf.read_config(out)
+  assert config['architectures'] == [hf.read_config(src)['architectures'][0]]
+  assert config['architectures'][0].endswith('ForSequenceClassification')
+  assert config['id2label'] == {'0': 'LABEL_0'} and config[hf.SCORE_BIAS_KEY] == 0.75
+  back, back_cfg, _ = hf.load_pretrained(out)
+  assert back_cfg.replace(max_len=cfg.max_len) == cfg
+  tokens = jnp.asarray(_golden(case)['tokens'])
+  score = lambda p: Transformer(cfg).apply({'params': p}, tokens, return_scalar=True)
+  np.testing.assert_allclose(score(back), score(params), atol=1e-6)
+  np.testing.assert_allclose(score(back) - 0.75, _golden(case)['position_scores'], atol=1e-4)
+
+
+def test_a_classifier_and_a_bidirectional_reward_model_are_refused(tmp_path):
+  shutil.copytree(os.path.join(GOLDEN, 'llama_rm'), tmp_path / 'clf')
+  config = json.loads((tmp_path / 'clf' / 'config.json').read_text())
+  config['id2label'] = {'0': 'NEGATIVE', '1': 'POSITIVE'}
+  (tmp_path / 'clf' / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(hf.UnsupportedModel, match='2 labels is a classifier'):
+    hf.load_pretrained(str(tmp_path / 'clf'))
+  config['id2label'] = {'0': 'LABEL_0'}
+  config[hf.SCORE_BIAS_KEY] = float('nan')
+  (tmp_path / 'clf' / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(hf.HFCheckpointError, match='pathways_jax_score_bias'):
+    hf.load_pretrained(str(tmp_path / 'clf'))
+  params, cfg, _ = hf.load_pretrained(os.path.join(GOLDEN, 'llama_rm'))
+  with pytest.raises(hf.UnsupportedModel, match='bidirectional reward model'):
+    hf.save_pretrained(params, cfg.replace(causal=False), str(tmp_path / 'llada_rm'))
+  assert not os.path.exists(tmp_path / 'llada_rm')
 
 
 def test_loaded_sharded_on_8_devices_equals_one_device():

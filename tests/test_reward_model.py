@@ -84,8 +84,8 @@ def test_scalar_head_refusals_and_truncation():
   model = _model()
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
   from pathways_jax.interop import hf  # pylint: disable=g-import-not-at-top
-  with pytest.raises(hf.HFCheckpointError, match='scalar head'):
-    hf.save_pretrained(params, model.cfg, '/tmp/never_written')
+  with pytest.raises(hf.HFCheckpointError, match='scalar_head=False but the params have'):
+    hf.save_pretrained(params, model.cfg.replace(scalar_head=False), '/tmp/never_written')
   # Too long: refused with truncation='error'; by default cut from the left (first token kept),
   # counted, and the reward is that of the cut sequence.
   long = [{'role': 'user', 'content': 'x' * 40}, {'role': 'assistant', 'content': 'yes'}]
@@ -174,6 +174,17 @@ def test_a_reward_model_learns_a_preference_and_scores_as_it_trained(pretrained)
   np.testing.assert_allclose(sorted(zip(scored[:6:2], scored[1:6:2])), from_task, rtol=1e-5,
                              atol=1e-5)
   assert scored[6] > scored[7]  # what it learnt: 'yes' over 'no'
+  # Exported as a HuggingFace reward model (bias in config.json) and imported back: the same.
+  from pathways_jax.interop import hf  # pylint: disable=g-import-not-at-top
+  from pathways_jax.interop.hf import run_dir as hf_run_dir  # pylint: disable=g-import-not-at-top
+  out = hf_run_dir.export_run(str(pretrained / 'rm'), str(pretrained / 'rm_hf'))
+  assert hf.read_config(out)['architectures'] == ['LlamaForSequenceClassification']
+  assert hf.read_config(out)[hf.SCORE_BIAS_KEY] == float(params['scalar_head']['bias'])
+  assert hf.read_config(out)['pad_token_id'] == tok.pad_id  # how transformers finds the last token
+  hf_params, hf_cfg, _ = hf.load_pretrained(out)
+  again = reward_eval.score(Transformer(hf_cfg), hf_params, tok, convs + yes_no, batch_size=4,
+                            max_len=32)
+  np.testing.assert_allclose(again, scored, rtol=1e-5, atol=1e-5)
 
 
 def test_shuffled_labels_teach_no_preference(pretrained):
@@ -247,6 +258,10 @@ def test_a_lora_reward_model_on_a_bidirectional_backbone_trains_adapters_and_hea
   # The head init_from gave it (interop/hf/run_dir.py: the model's init, key 0) has moved.
   fresh = nn.unbox(ScalarHead(model.cfg).init(jax.random.key(0), jnp.zeros((1, 32))))['params']
   assert np.abs(np.asarray(params['scalar_head']['kernel']) - fresh['kernel']).max() > 1e-2
+  from pathways_jax.interop import hf  # pylint: disable=g-import-not-at-top
+  from pathways_jax.interop.hf import run_dir as hf_run_dir  # pylint: disable=g-import-not-at-top
+  with pytest.raises(hf.UnsupportedModel, match='bidirectional reward model'):  # no HF class
+    hf_run_dir.export_run(str(pretrained / 'lora'), str(pretrained / 'lora_hf'))
 
 
 def test_bad_reward_model_settings_are_named(pretrained):

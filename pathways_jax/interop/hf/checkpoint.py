@@ -18,6 +18,13 @@ holds at most one tensor of the checkpoint at a time, never the whole model. The
   model.layers.i.{input,post_attention}_layernorm      blocks_i/{attn,mlp}_norm/scale
   model.norm.weight, lm_head.weight [V, D]             final_norm/scale, unembed [D, V]
 
+A reward model (`model.scalar_head`) is transformers' `{Llama,Qwen2,Qwen3}ForSequenceClassification`
+with num_labels=1: `score.weight` [1, D] is scalar_head/kernel [D]; it has no LM head. HF's score
+Linear has no bias, so scalar_head/bias is written to config.json as `SCORE_BIAS_KEY` (transformers
+keeps the key and ignores it: its rewards are ours minus that constant, the same preferences and
+reward differences) and read back from there; an untied model's LM head (`unembed`, which the
+reward does not read) is not exported and comes back as zeros.
+
 LLaDA's names (OLMo's): model.transformer.wte, blocks.i.{q,k,v}_proj, attn_out, ff_proj (gate),
 up_proj, ff_out (down), attn_norm, ff_norm, ln_f and the untied head model.transformer.ff_out.
 Both use rotate-half RoPE on the head dimension as it is stored, so no permutation is needed.
@@ -27,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from typing import Any, Callable, Iterator
@@ -42,6 +50,10 @@ from pathways_jax.train.checkpoint import CheckpointError
 
 # Tensors a checkpoint may carry that the model does not use.
 _IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
+# config.json key of a reward model's head bias (HF's score Linear has none): module docstring.
+SCORE_BIAS_KEY = 'pathways_jax_score_bias'
+# A reward model's params with no HF tensor: the head's bias (config.json) and an untied LM head.
+_NOT_IN_SEQUENCE_CLASSIFICATION = (('scalar_head', 'bias'), ('unembed',))
 
 
 class HFCheckpointError(CheckpointError):
@@ -89,7 +101,13 @@ def tensor_map(cfg: ModelConfig, model_type: str) -> list[_Tensor]:
   top = 'model.transformer.' if llada else 'model.'
   out = [_copy(('embed',), top + ('wte.weight' if llada else 'embed_tokens.weight'), (v, d)),
          _copy(('final_norm', 'scale'), top + ('ln_f.weight' if llada else 'norm.weight'), (d,))]
-  if not cfg.tie_embeddings:
+  if cfg.scalar_head:
+    if llada:
+      raise hf_config.UnsupportedModel('a bidirectional reward model has no HuggingFace class '
+                                       '(LLaDA checkpoints are language models only)')
+    out.append(_Tensor(('scalar_head', 'kernel'), 'score.weight', (1, d),
+                       lambda w: w.reshape(d), lambda k: k.reshape(1, d)))
+  elif not cfg.tie_embeddings:
     out.append(_linear(('unembed',), 'model.transformer.ff_out.weight' if llada else
                        'lm_head.weight', d, (v,)))
   for i in range(cfg.num_layers):
@@ -234,7 +252,8 @@ def _check_tensors(tensors: _Tensors, spec: list[_Tensor], cfg: ModelConfig) -> 
     if got != shape:
       raise HFCheckpointError(f'tensor {name} has shape {got}, the config says {shape}')
   ignored = lambda k: k.endswith(_IGNORED_SUFFIXES) or (
-      cfg.tie_embeddings and k in ('lm_head.weight', 'model.transformer.ff_out.weight'))
+      cfg.tie_embeddings and not cfg.scalar_head and
+      k in ('lm_head.weight', 'model.transformer.ff_out.weight'))
   extra = sorted(k for k in set(tensors.where) - set(want) if not ignored(k))
   if extra:
     raise HFCheckpointError(f'unexpected tensor {extra[0]} (shape {tensors.shape(extra[0])}) '
@@ -272,11 +291,21 @@ def load_pretrained(hf_dir: str, *, dtype: str = 'float32', mesh=None, rules=Non
   np_dtype = jnp.dtype(dtype)
   by_name = {t.name: t for t in spec}
   flat = {}
+  place = lambda path, x, dt: _place(x, shardings.get(path) if shardings else None, dt)
   for name, x in tensors.read(by_name):
     t = by_name[name]
     x = t.to_ours(x)  # the file's layout is dropped before the param is placed
-    flat[t.path] = _place(x, shardings.get(t.path) if shardings else None, np_dtype)
+    # The reward head is float32 whatever the params' dtype (models/transformer.py).
+    flat[t.path] = place(t.path, x, np.float32 if t.path[0] == 'scalar_head' else np_dtype)
     del x  # and the host copy as soon as it is
+  if cfg.scalar_head:
+    bias = hf.get(SCORE_BIAS_KEY, 0.0)
+    if not isinstance(bias, (int, float)) or not np.isfinite(bias):
+      raise HFCheckpointError(f'{hf_dir}/config.json: {SCORE_BIAS_KEY}={bias!r} is not a finite '
+                              'number')
+    flat[('scalar_head', 'bias')] = place(('scalar_head', 'bias'), np.float32(bias), np.float32)
+    if not cfg.tie_embeddings:  # no LM head in the file; the reward never reads it
+      flat[('unembed',)] = place(('unembed',), np.zeros((cfg.d_model, cfg.vocab_size)), np_dtype)
   return _nest(flat), cfg, tok
 
 
@@ -329,19 +358,20 @@ def _unscanned(params, cfg: ModelConfig) -> dict:
 
 def save_pretrained(params, model_cfg: ModelConfig, out_dir: str, *, tokenizer=None,
                     model_type: str | None = None, dtype: str | None = None,
-                    max_shard_bytes: int = 5 * 2**30) -> str:
+                    max_shard_bytes: int = 5 * 2**30, pad_token_id: int | None = None) -> str:
   """Writes a HuggingFace directory (config.json, safetensors shards + index, tokenizer files).
 
   `model_type` defaults to what the model is: 'llada' if bidirectional, else 'qwen3' (q/k
   norms), 'qwen2' (q/k/v biases) or 'llama'. The directory is written beside `out_dir` and moved
-  into place at the end, so a failure leaves nothing behind.
+  into place at the end, so a failure leaves nothing behind. `pad_token_id` (default: the
+  tokenizer's) matters to a reward model: transformers finds each row's last token by it, and
+  scores one row at a time without it.
   """
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  if model_cfg.scalar_head or 'scalar_head' in params:
-    raise HFCheckpointError('a reward model (model.scalar_head=True) has no HuggingFace causal-LM '
-                            'layout: its scalar head would be lost. Score with '
-                            'pathways_jax.eval.reward instead (export of the head is not built)')
+  if model_cfg.scalar_head != ('scalar_head' in params):
+    raise HFCheckpointError(f'model.scalar_head={model_cfg.scalar_head} but the params '
+                            f'{"lack" if model_cfg.scalar_head else "have"} a scalar_head')
   model_type = model_type or hf_config.default_model_type(model_cfg)
   extra = {}
   if tokenizer is not None:
@@ -350,11 +380,20 @@ def save_pretrained(params, model_cfg: ModelConfig, out_dir: str, *, tokenizer=N
       value = getattr(tokenizer, attr, None)
       if value is not None and value >= 0 and (key != 'mask_token_id' or model_type == 'llada'):
         extra[key] = int(value)
+  if pad_token_id is not None:
+    extra['pad_token_id'] = int(pad_token_id)
+  if model_cfg.scalar_head and 'pad_token_id' not in extra:
+    logging.warning('exporting a reward model without a pad_token_id: transformers will score '
+                    'one sequence at a time (pass pad_token_id= or a tokenizer that has one)')
   config = hf_config.hf_config(model_cfg, model_type, **extra)
   if dtype:
     config['torch_dtype'] = dtype
   flat = traverse_util.flatten_dict(_unscanned(jax.device_get(params), model_cfg))
   spec = tensor_map(model_cfg, model_type)
+  if model_cfg.scalar_head:  # module docstring: the bias goes to config.json, the LM head nowhere
+    config[SCORE_BIAS_KEY] = float(np.asarray(flat[('scalar_head', 'bias')]))
+    for path in _NOT_IN_SEQUENCE_CLASSIFICATION:
+      flat.pop(path, None)
   if set(flat) != {t.path for t in spec}:
     diff = sorted(set(flat) ^ {t.path for t in spec})[:4]
     raise HFCheckpointError(f'the params do not match the model config (first differences: '

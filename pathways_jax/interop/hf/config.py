@@ -62,6 +62,19 @@ _DEFAULTS = {
 }
 
 
+def is_reward_model(hf: dict) -> bool:
+  """A `...ForSequenceClassification` config with one label (a reward model); several labels
+  (a classifier) are refused."""
+  archs = hf.get('architectures') or []
+  if not any(a.endswith('ForSequenceClassification') for a in archs):
+    return False
+  labels = len(hf['id2label']) if hf.get('id2label') else int(hf.get('num_labels', 2))
+  if labels != 1:
+    raise UnsupportedModel(f'{archs[0]} with {labels} labels is a classifier; only reward models '
+                           '(num_labels=1) are supported')
+  return True
+
+
 def model_config(hf: dict, **overrides) -> ModelConfig:
   """The ModelConfig that computes what `hf` (a parsed config.json) describes."""
   model_type = hf.get('model_type')
@@ -70,6 +83,7 @@ def model_config(hf: dict, **overrides) -> ModelConfig:
                            f'{", ".join(SUPPORTED)}')
   if model_type == 'llada':
     return _llada_model_config(hf, **overrides)
+  overrides = {'scalar_head': is_reward_model(hf), **overrides}
   hf = {**_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or
                                     k not in _DEFAULTS[model_type]}}
   act = hf.get('hidden_act', 'silu')
@@ -141,8 +155,9 @@ def hf_config(cfg: ModelConfig, model_type: str = 'llama', **extra: Any) -> dict
                            f'{model_type!r}')
   if model_type == 'qwen3' and not cfg.qk_norm or model_type != 'qwen3' and cfg.qk_norm:
     raise UnsupportedModel("q/k norms are Qwen3's: export a qk_norm model as 'qwen3' (and only it)")
-  arch = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
-  out = {'model_type': model_type, 'architectures': [arch[model_type]],
+  arch = {'llama': 'Llama', 'qwen2': 'Qwen2', 'qwen3': 'Qwen3'}[model_type] + (
+      'ForSequenceClassification' if cfg.scalar_head else 'ForCausalLM')
+  out = {'model_type': model_type, 'architectures': [arch],
          'vocab_size': cfg.vocab_size, 'hidden_size': cfg.d_model,
          'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
          'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.dim_per_head,
@@ -155,6 +170,8 @@ def hf_config(cfg: ModelConfig, model_type: str = 'llama', **extra: Any) -> dict
                            'it)')
   if model_type != 'qwen2':
     out.update(attention_bias=False, mlp_bias=False)
+  if cfg.scalar_head:  # one label: the reward
+    out.update(id2label={'0': 'LABEL_0'}, label2id={'LABEL_0': 0})
   if cfg.rope_scaling == 'linear':
     out['rope_scaling'] = {'rope_type': 'linear', 'factor': cfg.rope_scaling_factor}
   elif cfg.rope_scaling == 'llama3':

@@ -100,7 +100,8 @@ def import_to_run(hf_dir: str, workdir: str, *, dtype: str = 'float32',
 def export_run(workdir: str, out_dir: str, *, step: int | None = None,
                model_type: str | None = None, dtype: str | None = None,
                adapter_index: int | None = None) -> str:
-  """A run directory's params (checkpoint `step`, default the newest) as a HF directory. A LoRA
+  """A run directory's params (checkpoint `step`, default the newest) as a HF directory (a reward
+  model as `...ForSequenceClassification`: checkpoint.py's docstring). A LoRA
   run is written merged (W + scale * A @ B): the model it computes, without PEFT
   (`export_adapter` writes its adapters alone); a multi-LoRA run's adapter `adapter_index`. A
   QLoRA run's adapters are merged into its float base (train.init_from's weights, as PEFT's
@@ -109,10 +110,6 @@ def export_run(workdir: str, out_dir: str, *, step: int | None = None,
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   run_cfg = config_files.load_run_config(workdir)
   _check_adapter_index(workdir, run_cfg, adapter_index)
-  if run_cfg.model.get('scalar_head'):
-    raise hf.HFCheckpointError(f'{workdir} is a reward model (model.scalar_head=True): a '
-                               'HuggingFace causal-LM directory has no place for its scalar '
-                               'head (export of the head is not built)')
   fm = _load_run(workdir, step)
   params, model_cfg = fm.params, fm.model_cfg
   if model_cfg.lora_rank:
@@ -122,11 +119,14 @@ def export_run(workdir: str, out_dir: str, *, step: int | None = None,
           lora_num_adapters=1)
     params = lora.merge(base, adapters, lora.LoraConfig.of(model_cfg))
     model_cfg = model_cfg.replace(lora_rank=0)
-  tok = None
+  tok, pad = None, None
   if run_cfg.data.tokenizer == 'hf':
     tok = tokenizers.get_tokenizer(run_cfg.data)
+  elif model_cfg.scalar_head:  # transformers finds a reward's last token by the pad id
+    pad = getattr(tokenizers.get_tokenizer(run_cfg.data), 'pad_id', None)
+    pad = pad if pad is not None and pad >= 0 else None
   return hf.save_pretrained(params, model_cfg, out_dir, tokenizer=tok,
-                            model_type=model_type, dtype=dtype)
+                            model_type=model_type, dtype=dtype, pad_token_id=pad)
 
 
 def export_adapter(workdir: str, out_dir: str, *, step: int | None = None,
@@ -143,8 +143,8 @@ def export_adapter(workdir: str, out_dir: str, *, step: int | None = None,
   _check_adapter_index(workdir, run_cfg, adapter_index)
   if run_cfg.model.get('scalar_head'):
     raise config_lib.ConfigError(f'{workdir} is a reward model (model.scalar_head=True): a PEFT '
-                                 'adapter would leave its trained scalar head behind (export of '
-                                 'the head is not built)')
+                                 'adapter would leave its trained scalar head behind: export the '
+                                 'merged model with `export` (a ...ForSequenceClassification)')
   fm = _load_run(workdir, step)
   _check_only_adapters_trained(workdir, run_cfg, fm.params)
   _, adapters = lora.split(fm.params)

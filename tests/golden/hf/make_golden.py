@@ -51,8 +51,11 @@ a set in peft, sorted). Cases:
 q_proj/o_proj/up_proj of the second block only, on qwen3 whose q/o projections are not square;
 lora_dropout 0.1, which eval ignores).
 
-Usage: python tests/golden/hf/make_golden.py [--out DIR] [--llada_code DIR]
-  (--out default: this file's directory)
+`llama_rm/`, `qwen2_rm/`: reward models (transformers' ...ForSequenceClassification, num_labels=1)
+on the `llama` and `qwen2` backbones; see RM_CASES below for what golden.npz holds.
+
+Usage: python tests/golden/hf/make_golden.py [--out DIR] [--llada_code DIR] [--only CASES]
+  (--out default: this file's directory; --only: a comma-separated subset, e.g. llama_rm)
 """
 from __future__ import annotations
 
@@ -132,15 +135,15 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
         p.copy_(gain * noise / p.shape[1] ** 0.5)
 
 
-def build(case: dict) -> torch.nn.Module:
+def build(case: dict, head: str = 'ForCausalLM', **config_extra) -> torch.nn.Module:
   cfg_cls = getattr(transformers, case['cls'] + 'Config')
-  model_cls = getattr(transformers, case['cls'] + 'ForCausalLM')
-  config = cfg_cls(**case['config'])
+  model_cls = getattr(transformers, case['cls'] + head)
+  config = cfg_cls(**case['config'], **config_extra)
   config._attn_implementation = 'eager'  # pylint: disable=protected-access  (the plain math)
   torch.manual_seed(case['seed'])
   model = model_cls(config).to(torch.float32).eval()
   init_weights(model, case['seed'])
-  if config.tie_word_embeddings:
+  if config.tie_word_embeddings and head == 'ForCausalLM':
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
   return model
 
@@ -376,6 +379,52 @@ def write_llada(out: pathlib.Path, code_dir: pathlib.Path) -> dict:
 
 # ------------------------------------------------------------------------------------------- peft
 
+
+# Reward models: transformers' sequence-classification model (num_labels=1: a `score` Linear
+# [1, hidden] without bias, no LM head) on two of the cases' backbones, `llama` (untied) and
+# `qwen2` (tied, q/k/v biases). golden.npz: tokens int32 [2, RM_TOKENS] (ids never the pad id;
+# row 1 ends in RM_PADDING pad ids), lengths int32 [2], rewards float32 [2] (the model's logits,
+# read by transformers at each row's last non-pad token) and position_scores float32
+# [2, RM_TOKENS] (the score Linear on the final-normed hidden state at every position).
+RM_CASES = {'llama_rm': ('llama', 0), 'qwen2_rm': ('qwen2', 0)}  # case -> (backbone, pad id)
+RM_TOKENS = 48
+RM_PADDING = 12
+
+
+def write_reward_model(name: str, out: pathlib.Path) -> dict:
+  base, pad = RM_CASES[name]
+  case = CASES[base]
+  d = out / name
+  if d.exists():
+    shutil.rmtree(d)
+  model = build(case, 'ForSequenceClassification', num_labels=1, pad_token_id=pad)
+  assert not hasattr(model, 'lm_head') and tuple(model.score.weight.shape) == (
+      1, model.config.hidden_size) and model.score.bias is None, model
+  rng = np.random.default_rng(2000 + case['seed'])
+  tokens = rng.integers(pad + 1, model.config.vocab_size, size=(2, RM_TOKENS), dtype=np.int32)
+  lengths = np.array([RM_TOKENS, RM_TOKENS - RM_PADDING], np.int32)
+  tokens[1, lengths[1]:] = pad
+  with torch.no_grad():
+    ids = torch.from_numpy(tokens).long()
+    rewards = model(ids).logits[:, 0].float().numpy()
+    hidden = model.model(ids).last_hidden_state.float()
+    position_scores = (hidden @ model.score.weight.float().T)[..., 0].numpy()
+  np.testing.assert_allclose(position_scores[np.arange(2), lengths - 1], rewards, atol=1e-5)
+  model.save_pretrained(d, **({'safe_serialization': True} if TF_MAJOR < 5 else {}))
+  np.savez_compressed(d / 'golden.npz', tokens=tokens, lengths=lengths,
+                      rewards=rewards.astype(np.float32),
+                      position_scores=position_scores.astype(np.float32))
+  reloaded = type(model).from_pretrained(d, dtype=torch.float32, attn_implementation='eager')
+  with torch.no_grad():
+    again = reloaded.eval()(torch.from_numpy(tokens).long()).logits[:, 0].float().numpy()
+  np.testing.assert_array_equal(again, rewards)
+  report = {'case': name, 'rewards': [float(r) for r in rewards], 'files': {}}
+  for f in sorted(d.glob('*.safetensors')):
+    with safetensors.safe_open(str(f), framework='np') as sf:
+      report['files'][f.name] = {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
+  return report
+
+
 PEFT_TOKENS = 64
 ALL_LINEAR = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
 PEFT_CASES = {
@@ -452,14 +501,23 @@ def main():
                       help="directory with LLaDA-8B's modeling_llada.py and "
                       'configuration_llada.py; unset: the llada case is skipped (an existing '
                       'llada/ is kept)')
+  parser.add_argument('--only', default='',
+                      help="comma-separated cases to (re)write, e.g. 'llama_rm,qwen2_rm'; "
+                      'unset: every case')
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   torch.use_deterministic_algorithms(True)
+  only = {c for c in args.only.split(',') if c}
+  unknown = only - set(CASES) - set(RM_CASES) - {'peft', 'llada'}
+  if unknown:
+    parser.error(f'--only: unknown cases {sorted(unknown)}')
+  wanted = lambda case: not only or case in only
 
-  reports = [write_case(name, case, out) for name, case in CASES.items()]
-  reports += write_peft(out)
-  if args.llada_code:
+  reports = [write_case(name, case, out) for name, case in CASES.items() if wanted(name)]
+  reports += [write_reward_model(name, out) for name in RM_CASES if wanted(name)]
+  reports += write_peft(out) if wanted('peft') else []
+  if args.llada_code and wanted('llada'):
     reports.append(write_llada(out, pathlib.Path(args.llada_code).resolve()))
   else:
     print('llada: skipped (no --llada_code=DIR with LLaDA-8B\'s modeling_llada.py and '
@@ -475,7 +533,9 @@ def main():
               'config_style': style}
   (out / 'VERSIONS.json').write_text(json.dumps(versions, indent=2) + '\n')
   for r in reports:
-    if r['case'].startswith('peft/'):
+    if 'rewards' in r:
+      print(f"== {r['case']}: rewards {r['rewards']}")
+    elif r['case'].startswith('peft/'):
       print(f"== {r['case']}: max |logit| {r['max_abs_logit']:.3f}, moved from the base by "
             f"{r['moved_from_base']:.3f}")
     elif r['case'] == 'llada':

@@ -128,6 +128,18 @@ def test_a_reward_model_exports_as_sequence_classification_and_keeps_its_bias(tm
   np.testing.assert_allclose(score(back) - 0.75, _golden(case)['position_scores'], atol=1e-4)
 
 
+def test_an_imported_reward_model_run_scores_with_the_reward_api(tmp_path):
+  """`python -m pathways_jax.interop.hf import` of a HF reward model gives a run directory that
+  `eval.reward.load` (what RL's reward-model stages use) reads as a reward model."""
+  from pathways_jax.eval import reward
+  from pathways_jax.interop.hf import run_dir
+  run_dir.import_to_run(os.path.join(GOLDEN, 'qwen2_rm'), str(tmp_path / 'rm'))
+  model, params, _ = reward.load(str(tmp_path / 'rm'))
+  g = _golden('qwen2_rm')
+  scores = model.apply({'params': params}, jnp.asarray(g['tokens']), return_scalar=True)
+  np.testing.assert_allclose(np.asarray(scores), g['position_scores'], atol=MAX_ABS_LOGIT_ERROR)
+
+
 def test_a_classifier_and_a_bidirectional_reward_model_are_refused(tmp_path):
   shutil.copytree(os.path.join(GOLDEN, 'llama_rm'), tmp_path / 'clf')
   config = json.loads((tmp_path / 'clf' / 'config.json').read_text())

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # figure_data.py, beside this file
 # The data side (EXPERIMENTS, extract_<experiment>, load_data, save_data, MissingData, the arm
@@ -246,7 +247,11 @@ def draw_reversal(data: dict, path: str) -> str:
     _reversal_panel(ax, settings[key], title)
   if ablations:  # LLaDA's forward and reverse per setting, the default beside them
     ax = axes[0][-1]
-    names = (['default'] if 'default' in settings else []) + ablations
+    # Each lever beside the setting it changed: the generated world's, then the facts file's.
+    names = (['default'] if 'default' in settings else []) + [
+        k for k in ablations if not k.startswith('facts file')]
+    for f in facts:
+      names += [f] + [k for k in ablations if k.startswith(f + ',')]
     for i, (k, label) in enumerate((('forward', 'forward'), ('reverse', 'reverse'),
                                     ('reverse_heldout', 'reverse (held-out)'))):
       vals = [settings[n]['summary'].get('llada', {}).get(k, {}).get('mean') or 0.0 for n in names]
@@ -254,10 +259,12 @@ def draw_reversal(data: dict, path: str) -> str:
       bars = ax.barh(ys, vals, 0.27, color=f'C{i + 3}', label=label)
       ax.bar_label(bars, labels=[f'{v:.2f}' for v in vals], fontsize=5.5, padding=1)
     seeds = [len(settings[n]['seeds']) for n in names]
-    ax.set_yticks(range(len(names)), [f'{n} ({s} seed{"s" * (s > 1)})'
-                                      for n, s in zip(names, seeds)], fontsize=6.5)
+    label = lambda n, s: textwrap.fill(f'{n.replace(", ", ": ", 1) if n.startswith("facts") else n}'
+                                       f' ({s} seed{"s" * (s > 1)})', 30)
+    ax.set_yticks(range(len(names)), [label(n, s) for n, s in zip(names, seeds)], fontsize=6.5)
     ax.invert_yaxis()
-    ax.set_xlim(0, 1.15)
+    ax.set_xlim(0, 1.45)  # room for the legend right of the bars
+    ax.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_xlabel('LLaDA exact match (mean over the seeds run)', fontsize=8)
     ax.set_title('What made the difference (one lever changed)', fontsize=9)
     ax.legend(fontsize=6.5, loc='lower right')

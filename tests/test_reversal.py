@@ -1,10 +1,11 @@
 """The reversal-curse experiment: a tiny smoke run (fast) and the full run (slow, `make reproduce`)."""
 import json
+import os
 
 import jax
 import pytest
 
-from helpers import experiment_module
+from helpers import REPO, experiment_module
 from pathways_jax.data import facts
 
 
@@ -269,6 +270,36 @@ def test_full_reversal_run_three_seeds(tmp_path):
   assert mean('llada_reverse') - mean('ar_reverse') >= 0.7
   assert mean('llada_infill_reverse') >= 0.95
   assert max(r['llada_reverse_control'] for r in runs) <= 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('description_first_templates', [4, 11])
+def test_facts_file_reverse_stays_low_three_seeds(tmp_path, description_first_templates):
+  """The facts file (experiments/data/people.jsonl, no control run), seeds 0, 1, 2, with the
+  background written description-first in 4 (the default) or all 11 trainable templates.
+
+  Asserts the README's claims at the level it states them (docs/results/reversal.md, measured
+  2026-12-07: LLaDA reverse 0.16 / 0.07 / 0.16 with 4, 0.14 / 0.30 / 0.07 with 11; infill 1.00;
+  rank 0.97 / 0.95 / 0.40 with 4; the held-out question form 0.00 with both): LLaDA holds the
+  facts (infill) and, with 4 forms, mostly ranks the true name first, but the reverse target
+  (>= 0.6) is not met with either; AR knows the forward facts and answers no reverse question.
+  """
+  mod = _module()
+  runs = []
+  for seed in range(3):
+    cfg = mod.get_config()
+    cfg.seed = seed
+    cfg.data.facts_file = os.path.join(REPO, 'experiments', 'data', 'people.jsonl')
+    cfg.reversal.control = False
+    cfg.reversal.description_first_templates = description_first_templates
+    runs.append(mod.run(cfg, str(tmp_path / f's{seed}'), quiet=True))
+  mean = lambda k: sum(r[k] for r in runs) / len(runs)
+  assert mean('ar_forward') >= 0.9 and max(r['ar_reverse'] for r in runs) <= 0.05
+  assert mean('llada_infill_reverse') >= 0.95
+  assert mean('llada_reverse') <= 0.35 and max(r['llada_reverse'] for r in runs) < 0.6
+  assert max(r['llada_reverse_heldout'] for r in runs) <= 0.05
+  if description_first_templates == 4:
+    assert mean('llada_rank_reverse') >= 0.6
 
 
 def test_slot_token_accuracy_probe():

@@ -282,3 +282,30 @@ def test_the_cli_imports_an_adapter_as_a_lora_run_and_exports_it_again(tmp_path,
   err = capsys.readouterr().err
   assert "trained blocks_0/attn_norm/scale, blocks_0/mlp_norm/scale" in err and 'embed' in err
   assert '`export` instead' in err and err.count('\n') == 1 and not (tmp_path / 'y').exists()
+
+
+def test_a_lora_reward_model_saves_its_head_as_peft_writes_a_seq_cls_adapter(tmp_path):
+  """The adapters plus the trained head as PEFT saves a sequence-classification adapter
+  (task_type SEQ_CLS, `score` a saved module; checked by peft itself in
+  tests/golden/hf/check_peft_export.py), the head's bias in the file's metadata; reading such an
+  adapter back is refused by name, not misread as plain LoRA."""
+  from safetensors import safe_open
+  params, cfg, _ = hf.load_pretrained(os.path.join(REPO, 'tests', 'golden', 'hf', 'llama_rm'))
+  lcfg = lora.LoraConfig(rank=2, alpha=4.0, targets=r'attn/w[qv]')
+  adapters = lora.init(jax.random.key(0), params, lcfg)
+  head = {'kernel': np.arange(cfg.d_model, dtype=np.float32) / 10, 'bias': np.float32(-1.25)}
+  out = hf.save_adapter(adapters, lcfg, cfg, str(tmp_path / 'rm'), head=head,
+                        base_model_name_or_path='base')
+  config = json.loads((tmp_path / 'rm' / 'adapter_config.json').read_text())
+  assert config['task_type'] == 'SEQ_CLS' and config['modules_to_save'] == ['classifier', 'score']
+  with safe_open(os.path.join(out, 'adapter_model.safetensors'), 'np') as f:
+    np.testing.assert_array_equal(f.get_tensor('base_model.model.score.weight'),
+                                  head['kernel'][None])
+    assert float(f.metadata()[hf.SCORE_BIAS_KEY]) == -1.25
+    assert sum(k.endswith('lora_A.weight') for k in f.keys()) == 2 * cfg.num_layers
+  with pytest.raises(hf.AdapterError, match='modules_to_save'):
+    hf.load_adapter(out, cfg)
+  for bidirectional in (cfg.replace(causal=False), cfg.replace(causal=False, scalar_head=False)):
+    with pytest.raises(hf.UnsupportedModel, match='bidirectional reward model'):
+      hf.save_adapter(adapters, lcfg, bidirectional, str(tmp_path / 'bi'), head=head)
+  assert not os.path.exists(tmp_path / 'bi')

@@ -260,8 +260,30 @@ def test_a_lora_reward_model_on_a_bidirectional_backbone_trains_adapters_and_hea
   assert np.abs(np.asarray(params['scalar_head']['kernel']) - fresh['kernel']).max() > 1e-2
   from pathways_jax.interop import hf  # pylint: disable=g-import-not-at-top
   from pathways_jax.interop.hf import run_dir as hf_run_dir  # pylint: disable=g-import-not-at-top
-  with pytest.raises(hf.UnsupportedModel, match='bidirectional reward model'):  # no HF class
-    hf_run_dir.export_run(str(pretrained / 'lora'), str(pretrained / 'lora_hf'))
+  for export in (hf_run_dir.export_run, hf_run_dir.export_adapter):  # no HF class to load it
+    with pytest.raises(hf.UnsupportedModel, match='bidirectional reward model'):
+      export(str(pretrained / 'lora'), str(pretrained / 'lora_hf'))
+
+
+def test_a_causal_lora_reward_model_exports_its_adapters_with_the_head(pretrained):
+  """`export-adapter` of a LoRA reward model: the adapters and the trained head in PEFT's
+  sequence-classification layout (peft loads such a file: tests/golden/hf/check_peft_export.py)."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
+  from pathways_jax.interop import hf  # pylint: disable=g-import-not-at-top
+  from pathways_jax.interop.hf import run_dir as hf_run_dir  # pylint: disable=g-import-not-at-top
+  _train(pretrained, 'lora_causal', **{'model.lora_rank': 4, 'train.lr': 3e-2})
+  out = hf_run_dir.export_adapter(str(pretrained / 'lora_causal'), str(pretrained / 'lora_peft'))
+  _, params, _ = reward_eval.load(str(pretrained / 'lora_causal'))
+  config = json.loads(open(f'{out}/adapter_config.json').read())
+  assert config['task_type'] == 'SEQ_CLS' and config['base_model_name_or_path'] == str(
+      pretrained / 'pre')
+  with safe_open(f'{out}/adapter_model.safetensors', 'np') as f:
+    np.testing.assert_array_equal(f.get_tensor('base_model.model.score.weight')[0],
+                                  np.asarray(params['scalar_head']['kernel']))
+    assert float(f.metadata()[hf.SCORE_BIAS_KEY]) == float(params['scalar_head']['bias'])
+    assert sum(k.endswith('lora_A.weight') for k in f.keys()) == len(
+        jax.tree_util.tree_leaves(lora.split(params)[1])) // 2
 
 
 def test_bad_reward_model_settings_are_named(pretrained):

@@ -22,6 +22,14 @@ with PEFT's short names ('q_proj') where one selects exactly the adapted modules
 and full module names otherwise (some layers only, or LLaDA's `ff_out`, also its LM head's name).
 Only plain LoRA is read: DoRA, biases, per-module ranks, embedding adapters and
 modules_to_save are named and refused.
+
+A LoRA reward model's adapters are written with its trained head (`save_adapter(..., head=)`) as
+PEFT writes a sequence-classification adapter: task_type 'SEQ_CLS', the head as the saved
+module `base_model.model.score.weight` [1, D], to load on the base as
+`AutoModelForSequenceClassification`; the head's bias, which PEFT's score has not, in the
+safetensors file's metadata as `checkpoint.SCORE_BIAS_KEY` (adapter_config.json would make peft
+warn about an unknown key; see checkpoint.py for what the bias means). Reading such an adapter
+back is not built (refused as modules_to_save).
 """
 from __future__ import annotations
 
@@ -141,11 +149,14 @@ def _our_adapters(lora_params, lcfg: lora.LoraConfig, model_cfg: ModelConfig) ->
 
 
 def save_adapter(lora_params, lcfg: lora.LoraConfig, model_cfg: ModelConfig, out_dir: str, *,
-                 base_model_name_or_path: str = '', model_type: str | None = None) -> str:
+                 base_model_name_or_path: str = '', model_type: str | None = None,
+                 head: dict | None = None) -> str:
   """Writes `lora_params` (adapters of a `model_cfg` model, as lora.init / lora.split give
   them) as a PEFT LoRA adapter directory that `peft.PeftModel.from_pretrained` loads on the
-  model `save_pretrained` exports. Checked before anything is written; the directory is built
-  beside `out_dir` and moved into place, so a failure leaves nothing behind."""
+  model `save_pretrained` exports. `head`: a reward model's trained `scalar_head` params
+  (kernel [D], bias []), saved as PEFT saves a sequence-classification head (module
+  docstring). Checked before anything is written; the directory is built beside `out_dir` and
+  moved into place, so a failure leaves nothing behind."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   model_type = model_type or hf_config.default_model_type(model_cfg)
   found = _our_adapters(lora_params, lcfg, model_cfg)
@@ -159,9 +170,16 @@ def save_adapter(lora_params, lcfg: lora.LoraConfig, model_cfg: ModelConfig, out
     tensors[_PREFIX + _module(t) + _A] = np.ascontiguousarray(a.reshape(n_in, r).T)
     tensors[_PREFIX + _module(t) + _B] = np.ascontiguousarray(b.reshape(r, n_out).T)
     adapted.append(_module(t))
+  if head is not None:
+    if not model_cfg.causal:  # (a scalar_head model_cfg is refused so by tensor_map already)
+      raise hf_config.UnsupportedModel('a bidirectional reward model has no HuggingFace class')
+    kernel = np.asarray(head['kernel'], np.float32)
+    if kernel.shape != (model_cfg.d_model,):
+      raise AdapterError(f'head kernel has shape {kernel.shape}, not ({model_cfg.d_model},)')
+    tensors[_PREFIX + 'score.weight'] = kernel.reshape(1, -1)
   alpha = float(lcfg.alpha)
   config = {
-      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM',
+      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM' if head is None else 'SEQ_CLS',
       'base_model_name_or_path': base_model_name_or_path or None,
       'r': r, 'lora_alpha': int(alpha) if alpha.is_integer() else alpha,
       'use_rslora': bool(lcfg.rslora), 'lora_dropout': float(lcfg.dropout),
@@ -169,8 +187,13 @@ def save_adapter(lora_params, lcfg: lora.LoraConfig, model_cfg: ModelConfig, out
       'bias': 'none', 'fan_in_fan_out': False, 'use_dora': False, 'init_lora_weights': True,
       'inference_mode': True, 'modules_to_save': None, 'layers_to_transform': None,
       'layers_pattern': None, 'rank_pattern': {}, 'alpha_pattern': {}, 'revision': None}
+  if head is not None:  # what peft writes for SEQ_CLS: the head trained in full beside the adapters
+    config['modules_to_save'] = ['classifier', 'score']
+  metadata = {'format': 'pt'}
+  if head is not None:
+    metadata[checkpoint.SCORE_BIAS_KEY] = repr(float(np.asarray(head['bias'])))
   with checkpoint.new_directory(out_dir, AdapterError) as tmp:
-    save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={'format': 'pt'})
+    save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata=metadata)
     with open(os.path.join(tmp, ADAPTER_CONFIG), 'w') as f:
       json.dump(config, f, indent=2)
   return os.path.abspath(out_dir)

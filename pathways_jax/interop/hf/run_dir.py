@@ -141,13 +141,10 @@ def export_adapter(workdir: str, out_dir: str, *, step: int | None = None,
     raise config_lib.ConfigError(f'{workdir} is not a LoRA run (model.lora_rank is 0): export '
                                  'its model with `export`')
   _check_adapter_index(workdir, run_cfg, adapter_index)
-  if run_cfg.model.get('scalar_head'):
-    raise config_lib.ConfigError(f'{workdir} is a reward model (model.scalar_head=True): a PEFT '
-                                 'adapter would leave its trained scalar head behind: export the '
-                                 'merged model with `export` (a ...ForSequenceClassification)')
   fm = _load_run(workdir, step)
   _check_only_adapters_trained(workdir, run_cfg, fm.params)
-  _, adapters = lora.split(fm.params)
+  base, adapters = lora.split(fm.params)
+  head = base.get('scalar_head')  # a reward model: written as PEFT's SEQ_CLS head
   model_cfg = fm.model_cfg
   if adapter_index is not None:
     adapters, model_cfg = lora.select(adapters, adapter_index), model_cfg.replace(
@@ -156,7 +153,7 @@ def export_adapter(workdir: str, out_dir: str, *, step: int | None = None,
     base_model_name_or_path = run_cfg.train.get('init_from', '')
   return adapter.save_adapter(adapters, lora.LoraConfig.of(model_cfg), model_cfg, out_dir,
                               base_model_name_or_path=base_model_name_or_path,
-                              model_type=model_type)
+                              model_type=model_type, head=head)
 
 
 def _check_only_adapters_trained(workdir: str, run_cfg, params) -> None:
@@ -167,8 +164,8 @@ def _check_only_adapters_trained(workdir: str, run_cfg, params) -> None:
   from pathways_jax.train import trainable  # pylint: disable=g-import-not-at-top
   pattern = run_cfg.train.get('trainable', '') or lora.LORA_PARAMS
   regex, adapters = re.compile(pattern), re.compile(lora.LORA_PARAMS)
-  others = [p for p in trainable.param_paths(params)
-            if regex.fullmatch(p) and not adapters.fullmatch(p)]
+  exported = lambda p: adapters.fullmatch(p) or p.startswith('scalar_head/')  # the head goes too
+  others = [p for p in trainable.param_paths(params) if regex.fullmatch(p) and not exported(p)]
   if others:
     raise config_lib.ConfigError(
         f'{workdir} trained {", ".join(others[:6])}{" ..." if len(others) > 6 else ""} beside '

@@ -11,7 +11,10 @@ where the expected logits are):
     exported again with `save_adapter`: expected = peft's own golden logits;
   - `ours_llama`: adapters made here (lora.init, then random nonzero A and B) on the golden llama,
     on q/v of every block and the second block's down projection only (so target_modules lists
-    full module names), rank 3, alpha 6: expected = our Transformer's logits, in `<case>.npz`.
+    full module names), rank 3, alpha 6: expected = our Transformer's logits, in `<case>.npz`;
+  - `ours_llama_rm`: a LoRA reward model made here on the golden llama_rm (random adapters on
+    q/v, a random head with bias 0.5), saved with its head (PEFT's SEQ_CLS layout): expected =
+    our rewards at each row's last non-pad token minus the bias (PEFT's score has none).
 `check` loads each with `peft.PeftModel.from_pretrained` on the golden base checkpoint and
 compares logits (<= 1e-4, the interop's promise); it also fails if peft adapts other modules than
 the file holds or reports missing or unexpected adapter keys.
@@ -59,6 +62,26 @@ def export(out: str) -> int:
   np.savez(os.path.join(out, 'ours_llama.npz'), tokens=tokens, logits=np.asarray(logits))
   with open(os.path.join(out, 'ours_llama.json'), 'w') as f:
     json.dump({'base': 'llama', 'expected': os.path.join(out, 'ours_llama.npz')}, f)
+  # A LoRA reward model: adapters and a trained head (its bias is not PEFT's).
+  params, cfg, _ = hf.load_pretrained(os.path.join(HERE, 'llama_rm'), tokenizer=False)
+  lcfg = lora.LoraConfig(rank=3, alpha=6.0, targets=r'attn/w[qv]')
+  adapters = lora.init(jax.random.key(2), params, lcfg)
+  leaves, tree = jax.tree_util.tree_flatten(adapters)
+  keys = jax.random.split(jax.random.key(3), len(leaves) + 1)
+  adapters = jax.tree_util.tree_unflatten(tree, [
+      0.5 * jax.random.normal(k, x.shape) / x.shape[0] ** 0.5 for k, x in zip(keys, leaves)])
+  head = {'kernel': jax.random.normal(keys[-1], (cfg.d_model,)) / cfg.d_model ** 0.5,
+          'bias': jnp.float32(0.5)}
+  params = dict(params, scalar_head=head)
+  golden = np.load(os.path.join(HERE, 'llama_rm', 'golden.npz'))
+  scores = Transformer(lcfg.apply_to(cfg)).apply({'params': lora.combine(params, adapters)},
+                                                 jnp.asarray(golden['tokens']), return_scalar=True)
+  rewards = np.asarray(scores)[np.arange(2), golden['lengths'] - 1] - 0.5
+  hf.save_adapter(adapters, lcfg, cfg, os.path.join(out, 'ours_llama_rm'),
+                  base_model_name_or_path='tests/golden/hf/llama_rm', head=head)
+  np.savez(os.path.join(out, 'ours_llama_rm.npz'), tokens=golden['tokens'], rewards=rewards)
+  with open(os.path.join(out, 'ours_llama_rm.json'), 'w') as f:
+    json.dump({'base': 'llama_rm', 'expected': os.path.join(out, 'ours_llama_rm.npz')}, f)
   print(f'exported {sum(f.endswith(".json") for f in os.listdir(out))} adapters to {out}')
   return 0
 
@@ -73,8 +96,10 @@ def check(out: str) -> int:
     case = meta_file[:-len('.json')]
     meta = json.load(open(os.path.join(out, meta_file)))
     expected = np.load(meta['expected'])
-    base = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.join(HERE, meta['base']), dtype=torch.float32).eval()
+    reward = 'rewards' in expected  # a reward model: its head comes from the adapter
+    auto = (transformers.AutoModelForSequenceClassification if reward
+            else transformers.AutoModelForCausalLM)
+    base = auto.from_pretrained(os.path.join(HERE, meta['base']), dtype=torch.float32).eval()
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter('always')
       model = peft.PeftModel.from_pretrained(base, os.path.join(out, case)).eval()
@@ -92,7 +117,9 @@ def check(out: str) -> int:
                     'file')
     with torch.no_grad():
       logits = model(torch.tensor(expected['tokens'], dtype=torch.long)).logits.numpy()
-    worst[case] = float(np.abs(logits - expected['logits']).max())
+    if reward:
+      logits = logits[:, 0]
+    worst[case] = float(np.abs(logits - expected['rewards' if reward else 'logits']).max())
   print(json.dumps(worst, indent=2))
   failed += [f'{k}: max |diff| {v:.2e}' for k, v in worst.items() if not v <= TOLERANCE]
   if failed or not worst:

@@ -287,8 +287,8 @@ def test_the_cli_imports_an_adapter_as_a_lora_run_and_exports_it_again(tmp_path,
 def test_a_lora_reward_model_saves_its_head_as_peft_writes_a_seq_cls_adapter(tmp_path):
   """The adapters plus the trained head as PEFT saves a sequence-classification adapter
   (task_type SEQ_CLS, `score` a saved module; checked by peft itself in
-  tests/golden/hf/check_peft_export.py), the head's bias in the file's metadata; reading such an
-  adapter back is refused by name, not misread as plain LoRA."""
+  tests/golden/hf/check_peft_export.py), the head's bias in the file's metadata; saved modules
+  other than the head are refused by name on reading."""
   from safetensors import safe_open
   params, cfg, _ = hf.load_pretrained(os.path.join(REPO, 'tests', 'golden', 'hf', 'llama_rm'))
   lcfg = lora.LoraConfig(rank=2, alpha=4.0, targets=r'attn/w[qv]')
@@ -303,9 +303,63 @@ def test_a_lora_reward_model_saves_its_head_as_peft_writes_a_seq_cls_adapter(tmp
                                   head['kernel'][None])
     assert float(f.metadata()[hf.SCORE_BIAS_KEY]) == -1.25
     assert sum(k.endswith('lora_A.weight') for k in f.keys()) == 2 * cfg.num_layers
+  config['modules_to_save'] = ['score', 'lm_head']  # more than a reward head: refused
+  (tmp_path / 'rm' / 'adapter_config.json').write_text(json.dumps(config))
   with pytest.raises(hf.AdapterError, match='modules_to_save'):
     hf.load_adapter(out, cfg)
   for bidirectional in (cfg.replace(causal=False), cfg.replace(causal=False, scalar_head=False)):
     with pytest.raises(hf.UnsupportedModel, match='bidirectional reward model'):
       hf.save_adapter(adapters, lcfg, bidirectional, str(tmp_path / 'bi'), head=head)
   assert not os.path.exists(tmp_path / 'bi')
+
+
+def test_a_seq_cls_adapter_imports_as_a_lora_reward_model_run(tmp_path):
+  """Ours exported, then `import --adapter_dir` on the causal base: a LoRA reward-model run whose
+  adapters and head are the ones saved (bias included), read by eval.reward.load."""
+  from pathways_jax.eval import reward
+  from pathways_jax.interop.hf import run_dir
+  golden = os.path.join(REPO, 'tests', 'golden', 'hf')
+  params, cfg, _ = hf.load_pretrained(os.path.join(golden, 'llama_rm'))
+  lcfg = lora.LoraConfig(rank=2, alpha=4.0, targets=r'attn/w[qv]')
+  adapters = jax.tree_util.tree_map(lambda x: x + 0.01, lora.init(jax.random.key(0), params, lcfg))
+  head = {'kernel': np.linspace(-1, 1, cfg.d_model, dtype=np.float32), 'bias': np.float32(0.5)}
+  hf.save_adapter(adapters, lcfg, cfg, str(tmp_path / 'rm'), head=head)
+  got, got_lcfg = hf.load_adapter(str(tmp_path / 'rm'), cfg)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, adapters)
+  got_head = hf.load_adapter_head(str(tmp_path / 'rm'), cfg)
+  np.testing.assert_array_equal(got_head['kernel'], head['kernel'])
+  assert got_head['bias'] == 0.5 and got_lcfg.rank == 2
+  assert hf.load_adapter_head(os.path.join(golden, 'peft', 'llama_lora'), cfg) is None
+  # On the causal base (no head of its own): the run is a LoRA reward model.
+  run_dir.import_to_run(os.path.join(golden, 'llama'), str(tmp_path / 'run'),
+                        adapter_dir=str(tmp_path / 'rm'))
+  model, run_params, _ = reward.load(str(tmp_path / 'run'))
+  assert model.cfg.scalar_head and model.cfg.lora_rank == 2
+  np.testing.assert_array_equal(run_params['scalar_head']['kernel'], head['kernel'])
+  assert float(run_params['scalar_head']['bias']) == 0.5
+  tokens = jnp.asarray(np.load(os.path.join(golden, 'llama_rm', 'golden.npz'))['tokens'])
+  want = Transformer(lcfg.apply_to(cfg)).apply(
+      {'params': lora.combine(dict(params, scalar_head=head), adapters)}, tokens,
+      return_scalar=True)
+  np.testing.assert_allclose(model.apply({'params': run_params}, tokens, return_scalar=True),
+                             want, atol=1e-5)
+
+
+def test_a_peft_made_seq_cls_adapter_gives_peft_rewards():
+  """peft's own SEQ_CLS LoRA adapter (tests/golden/hf/peft/llama_rm_lora: q/v adapters and the
+  trained score head) on the golden reward model: our rewards are peft's."""
+  params, cfg, _ = hf.load_pretrained(os.path.join(GOLDEN, 'llama_rm'))
+  src = os.path.join(GOLDEN, 'peft', 'llama_rm_lora')
+  g = np.load(os.path.join(src, 'golden.npz'))
+  lora_params, lcfg = hf.load_adapter(src, cfg)
+  head = hf.load_adapter_head(src, cfg)
+  assert head['bias'] == 0.0  # peft's score has none
+  scores = Transformer(lcfg.apply_to(cfg)).apply(
+      {'params': lora.combine(dict(params, scalar_head=head), lora_params)},
+      jnp.asarray(g['tokens']), return_scalar=True)
+  rewards = np.asarray(scores)[np.arange(2), g['lengths'] - 1]
+  np.testing.assert_allclose(rewards, g['rewards'], atol=MAX_ABS_LOGIT_ERROR)
+  # Without the adapter's head (the base's own score) the rewards are not peft's.
+  base_head = Transformer(lcfg.apply_to(cfg)).apply(
+      {'params': lora.combine(params, lora_params)}, jnp.asarray(g['tokens']), return_scalar=True)
+  assert np.abs(np.asarray(base_head)[np.arange(2), g['lengths'] - 1] - g['rewards']).max() > 0.1

@@ -14,4 +14,5 @@ PEFT LoRA adapter directories; `run_dir.py`: imports as run directories and `tra
 from pathways_jax.interop.hf.checkpoint import (SCORE_BIAS_KEY, HFCheckpointError, load_pretrained,
                                                 read_config, save_pretrained, tensor_map)
 from pathways_jax.interop.hf.config import SUPPORTED, UnsupportedModel
-from pathways_jax.interop.hf.adapter import AdapterError, load_adapter, save_adapter
+from pathways_jax.interop.hf.adapter import (AdapterError, load_adapter, load_adapter_head,
+                                             save_adapter)

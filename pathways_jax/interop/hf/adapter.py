@@ -28,8 +28,8 @@ PEFT writes a sequence-classification adapter: task_type 'SEQ_CLS', the head as 
 module `base_model.model.score.weight` [1, D], to load on the base as
 `AutoModelForSequenceClassification`; the head's bias, which PEFT's score has not, in the
 safetensors file's metadata as `checkpoint.SCORE_BIAS_KEY` (adapter_config.json would make peft
-warn about an unknown key; see checkpoint.py for what the bias means). Reading such an adapter
-back is not built (refused as modules_to_save).
+warn about an unknown key; see checkpoint.py for what the bias means). Such an adapter (ours or
+peft's) reads back as its LoRA matrices (`load_adapter`) and its head (`load_adapter_head`).
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ ADAPTER_CONFIG = 'adapter_config.json'
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'
 _PREFIX = 'base_model.model.'  # PeftModelForCausalLM.base_model (LoraModel).model (the HF model)
 _A, _B = '.lora_A.weight', '.lora_B.weight'
+_SCORE = _PREFIX + 'score.weight'  # a SEQ_CLS adapter's head (its modules_to_save)
+_SEQ_CLS_MODULES = {'classifier', 'score'}  # what peft saves in full for SEQ_CLS
 
 # adapter_config.json keys whose non-empty value is something other than plain LoRA.
 _NOT_PLAIN = (('use_dora', 'DoRA'), ('lora_bias', 'LoRA biases'),
@@ -214,7 +216,10 @@ def read_adapter_config(adapter_dir: str) -> dict:
   if config.get('peft_type') != 'LORA':
     raise AdapterError(f'{path}: peft_type {config.get("peft_type")!r} is not supported (only '
                        "'LORA')")
+  seq_cls = config.get('task_type') == 'SEQ_CLS'
   for key, what in _NOT_PLAIN:
+    if key == 'modules_to_save' and seq_cls and set(config.get(key) or ()) <= _SEQ_CLS_MODULES:
+      continue  # a reward model's head: load_adapter_head
     if config.get(key):
       raise AdapterError(f'{path}: {what} ({key}={config[key]!r}) is not supported; only plain '
                          'LoRA adapters are read')
@@ -246,6 +251,8 @@ def load_adapter(adapter_dir: str, model_cfg: ModelConfig, *,
   dense = _dense(model_cfg, model_type)
   by_module = {_module(t): t for t in dense}
   for key in sorted(entries):
+    if key == _SCORE and config.get('task_type') == 'SEQ_CLS':
+      continue  # the head: load_adapter_head
     if not (key.startswith(_PREFIX) and key.endswith((_A, _B))):
       raise AdapterError(f'{path}: tensor {key} is not the LoRA A or B matrix of a linear layer '
                          '(only plain LoRA is read)')
@@ -288,6 +295,33 @@ def load_adapter(adapter_dir: str, model_cfg: ModelConfig, *,
     else:  # [out, r] -> [r, *out]
       flat[t.path[:-1] + (t.path[-1] + '_lora_b',)] = x.T.reshape(r, *out_shape).astype(np_dtype)
   return _layout(flat, model_cfg), lcfg
+
+
+def load_adapter_head(adapter_dir: str, model_cfg: ModelConfig) -> dict | None:
+  """A SEQ_CLS adapter's reward head as `scalar_head` params ({'kernel': [D], 'bias': []},
+  float32; the bias from the file's metadata, 0 without it), or None for a plain adapter."""
+  config = read_adapter_config(adapter_dir)
+  path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+  if config.get('task_type') != 'SEQ_CLS':
+    return None
+  entries = checkpoint._header(path)  # pylint: disable=protected-access
+  if _SCORE not in entries:
+    raise AdapterError(f'{path}: a SEQ_CLS adapter without {_SCORE} (its head); only reward '
+                       'models (one label) are read')
+  if tuple(entries[_SCORE]['shape']) != (1, model_cfg.d_model):
+    raise AdapterError(f'{path}: {_SCORE} has shape {entries[_SCORE]["shape"]}, a reward head of '
+                       f'this model is [1, {model_cfg.d_model}]')
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  with safe_open(path, 'np') as f:
+    bias = (f.metadata() or {}).get(checkpoint.SCORE_BIAS_KEY, '0')
+  try:
+    bias = float(bias)
+  except ValueError:
+    bias = float('nan')
+  if not np.isfinite(bias):
+    raise AdapterError(f'{path}: metadata {checkpoint.SCORE_BIAS_KEY} is not a finite number')
+  (_, kernel), = checkpoint._Tensors(adapter_dir).read([_SCORE])  # pylint: disable=protected-access
+  return {'kernel': np.asarray(kernel, np.float32).reshape(-1), 'bias': np.float32(bias)}
 
 
 def _layout(flat: dict, model_cfg: ModelConfig) -> dict:

@@ -66,6 +66,10 @@ def import_to_run(hf_dir: str, workdir: str, *, dtype: str = 'float32',
     lora_params, lcfg = adapter.load_adapter(adapter_dir, model_cfg,
                                              model_type=hf.read_config(hf_dir).get('model_type'))
     params, model_cfg = lora.combine(params, lora_params), lcfg.apply_to(model_cfg)
+    head = adapter.load_adapter_head(adapter_dir, model_cfg)
+    if head is not None:  # a reward model's adapter: its head replaces the base's (or is added)
+      params = dict(params, scalar_head={k: jax.numpy.asarray(v) for k, v in head.items()})
+      model_cfg = model_cfg.replace(scalar_head=True)
   tmp = workdir + '.partial'
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)

@@ -43,7 +43,8 @@ def export(out: str) -> int:
     base_case = os.path.basename(base)
     _, cfg, _ = hf.load_pretrained(os.path.join(HERE, base_case), tokenizer=False)
     lora_params, lcfg = hf.load_adapter(src, cfg)
-    hf.save_adapter(lora_params, lcfg, cfg, os.path.join(out, case), base_model_name_or_path=base)
+    hf.save_adapter(lora_params, lcfg, cfg, os.path.join(out, case), base_model_name_or_path=base,
+                    head=hf.load_adapter_head(src, cfg))  # a SEQ_CLS adapter's head, or None
     with open(os.path.join(out, case + '.json'), 'w') as f:
       json.dump({'base': base_case, 'expected': os.path.join(src, 'golden.npz')}, f)
   # Adapters of our own, where peft never made any.

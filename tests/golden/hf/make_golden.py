@@ -494,6 +494,50 @@ def write_peft(out: pathlib.Path) -> list[dict]:
   return reports
 
 
+def write_peft_reward_model(out: pathlib.Path) -> dict:
+  """`peft/llama_rm_lora`: a SEQ_CLS LoRA adapter made by peft on the `llama_rm` reward model
+  (r 4, alpha 8, q/v of both blocks), A, B and the saved `score` head re-initialised from a
+  seeded generator; golden.npz: llama_rm's tokens and lengths and this model's rewards."""
+  import peft  # pylint: disable=g-import-not-at-top
+  d = out / 'peft' / 'llama_rm_lora'
+  if d.exists():
+    shutil.rmtree(d)
+  load = lambda: transformers.AutoModelForSequenceClassification.from_pretrained(
+      out / 'llama_rm', dtype=torch.float32, attn_implementation='eager').eval()
+  golden = np.load(out / 'llama_rm' / 'golden.npz')
+  ids = torch.from_numpy(golden['tokens']).long()
+  model = peft.get_peft_model(load(), peft.LoraConfig(
+      task_type='SEQ_CLS', r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj']))
+  model.peft_config['default'].base_model_name_or_path = 'tests/golden/hf/llama_rm'
+  init_lora(model, 13)
+  gen = torch.Generator().manual_seed(14)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'score' in name and 'modules_to_save' in name:  # the trained head peft saves
+        p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+  model.eval()
+  with torch.no_grad():
+    rewards = model(ids).logits[:, 0].float().numpy()
+  assert float(np.abs(rewards - golden['rewards']).max()) > 0.1  # adapters and head matter
+  model.save_pretrained(d)
+  (d / 'README.md').unlink(missing_ok=True)
+  config_path = d / 'adapter_config.json'
+  written = json.loads(config_path.read_text())
+  written['target_modules'] = sorted(written['target_modules'])
+  written['modules_to_save'] = sorted(written['modules_to_save'] or [])
+  config_path.write_text(json.dumps(written, indent=2, sort_keys=True))
+  np.savez_compressed(d / 'golden.npz', tokens=golden['tokens'], lengths=golden['lengths'],
+                      rewards=rewards.astype(np.float32))
+  reloaded = peft.PeftModel.from_pretrained(load(), d).eval()
+  with torch.no_grad():
+    np.testing.assert_array_equal(reloaded(ids).logits[:, 0].float().numpy(), rewards)
+  report = {'case': 'peft/llama_rm_lora', 'rewards': [float(r) for r in rewards], 'files': {}}
+  with safetensors.safe_open(str(d / 'adapter_model.safetensors'), framework='np') as sf:
+    report['files']['adapter_model.safetensors'] = {
+        k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
+  return report
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default=str(pathlib.Path(__file__).resolve().parent))
@@ -509,7 +553,7 @@ def main():
   out.mkdir(parents=True, exist_ok=True)
   torch.use_deterministic_algorithms(True)
   only = {c for c in args.only.split(',') if c}
-  unknown = only - set(CASES) - set(RM_CASES) - {'peft', 'llada'}
+  unknown = only - set(CASES) - set(RM_CASES) - {'peft', 'peft_rm', 'llada'}
   if unknown:
     parser.error(f'--only: unknown cases {sorted(unknown)}')
   wanted = lambda case: not only or case in only
@@ -517,6 +561,7 @@ def main():
   reports = [write_case(name, case, out) for name, case in CASES.items() if wanted(name)]
   reports += [write_reward_model(name, out) for name in RM_CASES if wanted(name)]
   reports += write_peft(out) if wanted('peft') else []
+  reports += [write_peft_reward_model(out)] if wanted('peft_rm') else []
   if args.llada_code and wanted('llada'):
     reports.append(write_llada(out, pathlib.Path(args.llada_code).resolve()))
   else:

@@ -153,6 +153,9 @@ def test_a_classifier_and_a_bidirectional_reward_model_are_refused(tmp_path):
   with pytest.raises(hf.HFCheckpointError, match='pathways_jax_score_bias'):
     hf.load_pretrained(str(tmp_path / 'clf'))
   params, cfg, _ = hf.load_pretrained(os.path.join(GOLDEN, 'llama_rm'))
+  with pytest.raises(hf.HFCheckpointError, match='pad_token_id=128 is not a token id'):
+    hf.save_pretrained(params, cfg, str(tmp_path / 'bad_pad'), pad_token_id=cfg.vocab_size)
+  assert not os.path.exists(tmp_path / 'bad_pad')
   with pytest.raises(hf.UnsupportedModel, match='bidirectional reward model'):
     hf.save_pretrained(params, cfg.replace(causal=False), str(tmp_path / 'llada_rm'))
   assert not os.path.exists(tmp_path / 'llada_rm')

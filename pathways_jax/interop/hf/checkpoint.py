@@ -381,6 +381,9 @@ def save_pretrained(params, model_cfg: ModelConfig, out_dir: str, *, tokenizer=N
       if value is not None and value >= 0 and (key != 'mask_token_id' or model_type == 'llada'):
         extra[key] = int(value)
   if pad_token_id is not None:
+    if not 0 <= int(pad_token_id) < model_cfg.vocab_size:
+      raise HFCheckpointError(f'pad_token_id={pad_token_id} is not a token id of this model '
+                              f'(vocab {model_cfg.vocab_size})')
     extra['pad_token_id'] = int(pad_token_id)
   if model_cfg.scalar_head and 'pad_token_id' not in extra:
     logging.warning('exporting a reward model without a pad_token_id: transformers will score '

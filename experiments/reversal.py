@@ -8,7 +8,7 @@ A world of made-up people (`pathways_jax.data.synthetic`, one world per seed), i
               paraphrases (16) and description-first in `reversal.description_first_templates` (4);
   test        facts stated ONLY name-first, in the same 16 paraphrases. `data.facts_file` (JSONL
               lines with `name` and `description`) replaces the generated test group; the
-              background stays.
+              background stays, and `reversal.file_background` of the file's people may join it.
 Template 4 of each direction is held out of training for everyone.
 
 Each training row is one fact sentence: bos, the sentence, eos, then eos padding to the row length
@@ -112,6 +112,9 @@ def get_config():
   # LLaDA: share of rows trained with the prompt never masked (SFT). 0: pretraining loss only; in
   # that pilot a 0.25 share took reverse from 0.66 to 0.02.
   r.sft_fraction = 0.0
+  # With a facts file: this many of its people (a seeded draw per world) join the two-way
+  # background; the rest stay the test group. 0: the file is all test, the background generated.
+  r.file_background = 0
   r.control = True  # also train the control LLaDA (background name-first only)
   r.eval_limit = 0  # > 0: evaluate only the first N test people (quick runs)
   return c
@@ -130,6 +133,20 @@ def make_groups(cfg) -> tuple[list[Entity], list[Entity]]:
   background, test = people[:r.num_background], people[r.num_background:]
   if cfg.data.facts_file:
     test = load_facts_file(cfg.data.facts_file, world.cities)
+    if not 0 <= r.file_background < len(test):
+      from pathways_jax import config as config_lib
+      raise config_lib.ConfigError(
+          f'config.reversal.file_background={r.file_background} must be in [0, {len(test) - 1}]: '
+          f'{cfg.data.facts_file} has {len(test)} people and at least one must stay a test person')
+    # The file's own kind of description in both directions: free text, unlike the generated
+    # background's formulaic descriptions.
+    order = np.random.default_rng(world_seed).permutation(len(test))
+    background = background + [test[i] for i in order[:r.file_background]]
+    test = [test[i] for i in sorted(order[r.file_background:])]
+  elif r.file_background:
+    from pathways_jax import config as config_lib
+    raise config_lib.ConfigError(f'config.reversal.file_background={r.file_background} needs '
+                                 'config.data.facts_file (the people it moves to the background)')
   bg_names = {p.name: p for p in background}
   bg_descs = {p.description.lower(): p for p in background}
   for p in test:  # within each group they are unique already (the world's and the loader's checks)

@@ -6,6 +6,7 @@ import jax
 import pytest
 
 from helpers import REPO, experiment_module
+from pathways_jax import config as config_lib
 from pathways_jax.data import facts
 
 
@@ -107,8 +108,7 @@ def test_a_tiny_run_and_its_resume_model_by_model_and_mid_model(tmp_path):
     assert resumed[k] == again[k], k
 
   # Another LLaDA recipe in the same workdir: AR (unchanged) is reused, LLaDA's run refuses.
-  from pathways_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ConfigError, match=r'llada_sft\.sft_fraction: 0\.0 -> 0\.5'):
+  with pytest.raises(config_lib.ConfigError, match=r'llada_sft\.sft_fraction: 0\.0 -> 0\.5'):
     mod.run(cfg(sft_fraction=0.5), str(tmp_path), quiet=True)
 
 
@@ -149,6 +149,43 @@ def test_rows_and_facts_file(tmp_path):
     with pytest.raises(ValueError, match=match):
       mod.training_rows(tok, background, test, _tiny_config(mod, **{key: value}).reversal,
                         control=False)
+
+
+def test_file_background_moves_a_seeded_share_of_the_file_to_both_directions(tmp_path):
+  mod = _module()
+  facts_file = tmp_path / 'people.jsonl'
+  people = [('Ada Quill', 'the author of the tin atlas'), ('Bo Venn', 'the keeper of the salt bell'),
+            ('Cy Marr', 'the pilot of the paper kite'), ('Di Stroud', 'the cook of the lost inn')]
+  facts_file.write_text(''.join(f'{{"name": "{n}", "description": "{d}"}}\n' for n, d in people))
+  cfg = _tiny_config(mod, file_background=2)
+  cfg.data.facts_file = str(facts_file)
+  splits = set()
+  for seed in (0, 1, 2, 3):
+    cfg.seed = seed
+    background, test = mod.make_groups(cfg)
+    assert len(background) == 6 + 2 and len(test) == 2
+    moved = {p.name for p in background[6:]}
+    assert moved | {p.name for p in test} == {n for n, _ in people} and not moved & {
+        p.name for p in test}
+    assert [p.name for p in test] == [n for n, _ in people if n in {p.name for p in test}]
+    splits.add(frozenset(moved))
+    assert (background, test) == mod.make_groups(cfg)  # the same seed, the same split
+  assert len(splits) > 1  # each world draws its own
+  tok = mod.make_tokenizer(background, test, 320, str(tmp_path))
+  texts = {r.text for r in mod.training_rows(tok, background, test, cfg.reversal, control=False)}
+  first = lambda p: p.description[0].upper() + p.description[1:]
+  assert all(any(t.startswith(first(p)) for t in texts) for p in background[6:])
+  assert not any(t.startswith(first(p)) for t in texts for p in test)
+  for value, match in ((4, r'file_background=4 must be in \[0, 3\]'), (-1, 'file_background=-1')):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      mod.make_groups(_with_file(_tiny_config(mod, file_background=value), facts_file))
+  with pytest.raises(config_lib.ConfigError, match='file_background=2 needs config.data.facts_file'):
+    mod.make_groups(_tiny_config(mod, file_background=2))
+
+
+def _with_file(cfg, path):
+  cfg.data.facts_file = str(path)
+  return cfg
 
 
 def test_world_per_seed_and_changed_settings():
@@ -220,7 +257,6 @@ def test_a_facts_file_person_clashing_with_the_background_is_refused(tmp_path):
 def test_stop_at_target_and_bad_reversal_keys(tmp_path):
   """stop_at_target=True stops a model at its first check on target; False trains to the cap."""
   import numpy as np
-  from pathways_jax import config as config_lib
   from pathways_jax.data import rows, tokenizers
   mod = _module()
   cfg = _tiny_config(mod)

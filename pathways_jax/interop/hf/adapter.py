@@ -70,7 +70,7 @@ class AdapterError(checkpoint.HFCheckpointError):
 
 
 def _dense(model_cfg: ModelConfig, model_type: str) -> list:
-  """The model's adaptable weights (checkpoint._Tensor: our path, HF name), in the model's order."""
+  """The adaptable weights (checkpoint.MappedTensor: our path, HF name), in the model's order."""
   return [t for t in checkpoint.tensor_map(model_cfg, model_type)
           if '/'.join(t.path[-2:]) in lora.DENSE]
 
@@ -114,7 +114,7 @@ def _selected(model_cfg: ModelConfig, lcfg: lora.LoraConfig) -> list[str]:
 def _our_adapters(lora_params, lcfg: lora.LoraConfig, model_cfg: ModelConfig) -> dict:
   """{weight path tuple: (A, B)} of unscanned adapters, each checked against the model."""
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  flat = traverse_util.flatten_dict(checkpoint._unscanned(jax.device_get(lora_params), model_cfg))  # pylint: disable=protected-access
+  flat = traverse_util.flatten_dict(checkpoint.unscanned(jax.device_get(lora_params), model_cfg))
   shapes = lora.weight_shapes(model_cfg)
   found = {}
   for path in sorted(flat):
@@ -245,7 +245,7 @@ def load_adapter(adapter_dir: str, model_cfg: ModelConfig, *,
     bin_note = (' (adapter_model.bin is not read: save it as safetensors)'
                 if os.path.isfile(os.path.join(adapter_dir, 'adapter_model.bin')) else '')
     raise AdapterError(f'{adapter_dir} has no {ADAPTER_WEIGHTS}{bin_note}')
-  entries = checkpoint._header(path)  # pylint: disable=protected-access
+  entries = checkpoint.safetensors_header(path)
   shape = lambda key: tuple(entries[key]['shape'])
   r = int(config['r'])
   dense = _dense(model_cfg, model_type)
@@ -285,7 +285,7 @@ def load_adapter(adapter_dir: str, model_cfg: ModelConfig, *,
                          dropout=float(config.get('lora_dropout') or 0.0))
   assert sorted(_selected(model_cfg, lcfg)) == sorted(paths), lcfg.targets
   np_dtype = np.dtype(jax.numpy.dtype(model_cfg.param_dtype))
-  tensors = checkpoint._Tensors(adapter_dir)  # pylint: disable=protected-access
+  tensors = checkpoint.SafetensorsDir(adapter_dir)
   flat = {}
   for key, x in tensors.read([k for k in entries if k in wanted]):
     t = wanted[key]
@@ -304,7 +304,7 @@ def load_adapter_head(adapter_dir: str, model_cfg: ModelConfig) -> dict | None:
   path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
   if config.get('task_type') != 'SEQ_CLS':
     return None
-  entries = checkpoint._header(path)  # pylint: disable=protected-access
+  entries = checkpoint.safetensors_header(path)
   if _SCORE not in entries:
     raise AdapterError(f'{path}: a SEQ_CLS adapter without {_SCORE} (its head); only reward '
                        'models (one label) are read')
@@ -320,7 +320,7 @@ def load_adapter_head(adapter_dir: str, model_cfg: ModelConfig) -> dict | None:
     bias = float('nan')
   if not np.isfinite(bias):
     raise AdapterError(f'{path}: metadata {checkpoint.SCORE_BIAS_KEY} is not a finite number')
-  (_, kernel), = checkpoint._Tensors(adapter_dir).read([_SCORE])  # pylint: disable=protected-access
+  (_, kernel), = checkpoint.SafetensorsDir(adapter_dir).read([_SCORE])
   return {'kernel': np.asarray(kernel, np.float32).reshape(-1), 'bias': np.float32(bias)}
 
 

@@ -61,7 +61,7 @@ class HFCheckpointError(CheckpointError):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Tensor:
+class MappedTensor:
   """One of our params and the HF tensor it comes from, with the maps between the layouts."""
   path: tuple[str, ...]
   name: str
@@ -71,29 +71,29 @@ class _Tensor:
 
 
 def _copy(path, name, shape):
-  return _Tensor(path, name, tuple(shape), lambda x: x, lambda x: x)
+  return MappedTensor(path, name, tuple(shape), lambda x: x, lambda x: x)
 
 
 def _linear(path, name, d_in, out_shape):
   """HF Linear [out, in] <-> ours [in, *out_shape] (out_shape e.g. (heads, head_dim))."""
   out = int(np.prod(out_shape))
-  return _Tensor(path, name, (out, d_in), lambda w: w.T.reshape((d_in,) + tuple(out_shape)),
+  return MappedTensor(path, name, (out, d_in), lambda w: w.T.reshape((d_in,) + tuple(out_shape)),
                  lambda w: w.reshape(d_in, out).T)
 
 
 def _linear_from_heads(path, name, in_shape, d_out):
   """HF Linear [out, in] <-> ours [*in_shape, out] (o_proj: in_shape (heads, head_dim))."""
   n_in = int(np.prod(in_shape))
-  return _Tensor(path, name, (d_out, n_in), lambda w: w.T.reshape(tuple(in_shape) + (d_out,)),
+  return MappedTensor(path, name, (d_out, n_in), lambda w: w.T.reshape(tuple(in_shape) + (d_out,)),
                  lambda w: w.reshape(n_in, d_out).T)
 
 
 def _bias(path, name, shape):
   n = int(np.prod(shape))
-  return _Tensor(path, name, (n,), lambda b: b.reshape(shape), lambda b: b.reshape(n))
+  return MappedTensor(path, name, (n,), lambda b: b.reshape(shape), lambda b: b.reshape(n))
 
 
-def tensor_map(cfg: ModelConfig, model_type: str) -> list[_Tensor]:
+def tensor_map(cfg: ModelConfig, model_type: str) -> list[MappedTensor]:
   """Every param of `Transformer(cfg)` (unscanned layout) and its tensor in a `model_type` file."""
   d, h, kh, hd, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.mlp_dim
   v = cfg.vocab_size
@@ -105,7 +105,7 @@ def tensor_map(cfg: ModelConfig, model_type: str) -> list[_Tensor]:
     if llada:
       raise hf_config.UnsupportedModel('a bidirectional reward model has no HuggingFace class '
                                        '(LLaDA checkpoints are language models only)')
-    out.append(_Tensor(('scalar_head', 'kernel'), 'score.weight', (1, d),
+    out.append(MappedTensor(('scalar_head', 'kernel'), 'score.weight', (1, d),
                        lambda w: w.reshape(d), lambda k: k.reshape(1, d)))
   elif not cfg.tie_embeddings:
     out.append(_linear(('unembed',), 'model.transformer.ff_out.weight' if llada else
@@ -158,7 +158,7 @@ def read_config(hf_dir: str) -> dict:
     raise HFCheckpointError(f'{path} is not valid JSON: {e}') from None
 
 
-class _Tensors:
+class SafetensorsDir:
   """The safetensors files of a directory (one file, or shards with their index).
 
   Names, shapes and offsets come from the files' headers; `read` reads one tensor at a time.
@@ -179,7 +179,7 @@ class _Tensors:
       path = os.path.join(hf_dir, name)
       if not os.path.isfile(path):
         raise HFCheckpointError(f'{path} is missing (named by model.safetensors.index.json)')
-      for key, entry in _header(path).items():
+      for key, entry in safetensors_header(path).items():
         self.where[key] = name
         self._shapes[key] = tuple(entry['shape'])
         self._entries[key] = entry
@@ -220,7 +220,7 @@ def _dtypes() -> dict:
 _DTYPES = _dtypes()
 
 
-def _header(path: str) -> dict:
+def safetensors_header(path: str) -> dict:
   """The tensor entries of a safetensors file's header; a file cut short (an interrupted
   download) is named before any tensor is read."""
   with open(path, 'rb') as f:
@@ -241,7 +241,8 @@ def _header(path: str) -> dict:
   return entries
 
 
-def _check_tensors(tensors: _Tensors, spec: list[_Tensor], cfg: ModelConfig) -> None:
+def _check_tensors(tensors: SafetensorsDir, spec: list[MappedTensor],
+                   cfg: ModelConfig) -> None:
   want = {t.name: t.hf_shape for t in spec}
   missing = sorted(set(want) - set(tensors.where))
   if missing:
@@ -284,7 +285,7 @@ def load_pretrained(hf_dir: str, *, dtype: str = 'float32', mesh=None, rules=Non
   model_type = hf.get('model_type')
   cfg = hf_config.model_config(hf, param_dtype=dtype)
   tok = _tokenizer(hf_dir, hf, cfg) if tokenizer else None
-  tensors = _Tensors(hf_dir)
+  tensors = SafetensorsDir(hf_dir)
   spec = tensor_map(cfg, model_type)
   _check_tensors(tensors, spec, cfg)
   shardings = _shardings(cfg, mesh, rules)
@@ -346,7 +347,7 @@ def _tokenizer(hf_dir: str, hf: dict, cfg: ModelConfig):
 
 # ------------------------------------------------------------------------------------ writing
 
-def _unscanned(params, cfg: ModelConfig) -> dict:
+def unscanned(params, cfg: ModelConfig) -> dict:
   """`blocks_i/...` layout of params saved with scan_layers (a leading [layers] axis)."""
   if 'blocks' not in params:
     return params
@@ -391,7 +392,7 @@ def save_pretrained(params, model_cfg: ModelConfig, out_dir: str, *, tokenizer=N
   config = hf_config.hf_config(model_cfg, model_type, **extra)
   if dtype:
     config['torch_dtype'] = dtype
-  flat = traverse_util.flatten_dict(_unscanned(jax.device_get(params), model_cfg))
+  flat = traverse_util.flatten_dict(unscanned(jax.device_get(params), model_cfg))
   spec = tensor_map(model_cfg, model_type)
   if model_cfg.scalar_head:  # module docstring: the bias goes to config.json, the LM head nowhere
     config[SCORE_BIAS_KEY] = float(np.asarray(flat[('scalar_head', 'bias')]))

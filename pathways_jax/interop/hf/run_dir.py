@@ -117,7 +117,7 @@ def export_run(workdir: str, out_dir: str, *, step: int | None = None,
   fm = _load_run(workdir, step)
   params, model_cfg = fm.params, fm.model_cfg
   if model_cfg.lora_rank:
-    base, adapters = lora.split(hf._unscanned(params, model_cfg))  # pylint: disable=protected-access
+    base, adapters = lora.split(hf.unscanned(params, model_cfg))
     if adapter_index is not None:
       adapters, model_cfg = lora.select(adapters, adapter_index), model_cfg.replace(
           lora_num_adapters=1)

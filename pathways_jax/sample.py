@@ -104,7 +104,8 @@ def load_run(workdir: str, step: int | None = None, adapter: int | None = None):
   from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
   cfg = config_files.load_run_config(workdir)
   config_lib.validate(cfg)
-  fm = frozen.load(workdir, parallel.make_mesh(cfg), parallel.logical_rules(cfg), step=step)
+  fm = frozen.load(workdir, parallel.make_mesh(cfg), parallel.logical_rules(cfg), step=step,
+                   keep_quantized=qlora.run_quant_config(cfg) is not None)
   model, params = fm.model, fm.params
   if adapter is not None:
     model, params = select_adapter(model, params, adapter)

@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from pathways_jax.adapters import lora
@@ -123,7 +125,8 @@ def quantize_base(params, qcfg: QuantConfig) -> dict:
   selects replaced by qwix QArrays; embeddings, norms, biases and adapters are left as they are."""
   flat = traverse_util.flatten_dict(params)
   targets = set(lora.target_paths(lora.split(params)[0], lora.LoraConfig(targets=qcfg.targets)))
-  chosen = {'/'.join(p): w for p, w in flat.items() if '/'.join(p) in targets}
+  chosen = {'/'.join(p): w for p, w in flat.items()
+            if '/'.join(p) in targets and not is_quantized(w)}  # a held base is left as it is
   for path, w in chosen.items():
     _how(tuple(path.split('/')), tuple(w.shape), qcfg)  # a bad block size named before jit
   quantized = _quantize(chosen, qcfg)
@@ -237,21 +240,21 @@ def quantized_shardings(qparams, shardings, qcfg: QuantConfig):
   """Shardings of `quantize_base`'s output from those of the float params: a QArray's qvalue
   takes its weight's sharding; its scale the same, except the blocked (tiled) axis, which is
   replicated (the scale is 1/block_size of it, and a block count need not divide the mesh)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   flat_q = traverse_util.flatten_dict(qparams)
   flat_s = traverse_util.flatten_dict(shardings)
-  out = {}
-  for path, s in flat_s.items():
-    q = flat_q[path]
-    if not is_quantized(q):
-      out[path] = s
-      continue
-    _, tiled = _how(path, tuple(q.shape), qcfg)
-    spec = list(s.spec) + [None] * (len(q.shape) - len(s.spec))
-    for axis in tiled:
-      spec[axis] = None
-    out[path] = dataclasses.replace(q, qvalue=s, scale=NamedSharding(s.mesh, P(*spec)))
-  return traverse_util.unflatten_dict(out)
+  return traverse_util.unflatten_dict({
+      path: _qarray_sharding(flat_q[path], path, s, qcfg) if is_quantized(flat_q[path]) else s
+      for path, s in flat_s.items()})
+
+
+def _qarray_sharding(q, path: tuple[str, ...], s, qcfg: QuantConfig):
+  """The shardings (a QArray of them) of QArray `q` of the weight at `path` sharded as `s`."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  _, tiled = _how(path, tuple(q.shape), qcfg)
+  spec = list(s.spec) + [None] * (len(q.shape) - len(s.spec))
+  for axis in tiled:
+    spec[axis] = None
+  return dataclasses.replace(q, qvalue=s, scale=NamedSharding(s.mesh, P(*spec)))
 
 
 def quantize_placed(params, shardings, qcfg: QuantConfig):
@@ -260,6 +263,110 @@ def quantize_placed(params, shardings, qcfg: QuantConfig):
   abstract = jax.eval_shape(lambda p: quantize_base(p, qcfg), params)
   qshardings = quantized_shardings(abstract, shardings, qcfg)
   return jax.jit(lambda p: quantize_base(p, qcfg), out_shardings=qshardings)(params), qshardings
+
+
+# ------------------------------------------------------------- streaming loads and storage
+
+class LeafQuantizer:
+  """Quantises a base one weight at a time, as a loader places each (`train.init_from`: a HF
+  directory's tensors, a run's params): `quantize(path, float_leaf)` is the QArray of a dense
+  weight `qcfg.targets` selects, in its quantised sharding (from the float leaf's own), and any
+  other leaf unchanged. The caller drops each float weight before the next is read, so a base
+  that does not fit on the device in float is never whole there: the quantised base plus one
+  float weight at a time. Each quantised leaf is what `quantize_base` gives that weight, bit for
+  bit (the same qwix call, one weight per program), in whichever layer layout the loader reads
+  (`blocks_i/...`, or `blocks/...` stacked by scan_layers).
+  """
+
+  def __init__(self, qcfg: QuantConfig):
+    self.qcfg = qcfg
+    self._pattern = None if qcfg.targets == 'all-linear' else re.compile(qcfg.targets)
+
+  def is_target(self, path: tuple[str, ...]) -> bool:
+    """As `lora.target_paths`: a dense weight, whose path the targets pattern finds."""
+    key = '/'.join(path)
+    return ('/'.join(path[-2:]) in lora.DENSE
+            and (self._pattern is None or self._pattern.search(key) is not None))
+
+  def __call__(self, path: tuple[str, ...], x):
+    if is_quantized(x) or not self.is_target(path):
+      return x
+    _how(path, tuple(x.shape), self.qcfg)  # a bad block size named with the weight's path
+    sharding = x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else None
+    return _quantize_one(path[-1], self.qcfg, sharding, tuple(x.shape), x.dtype)(x)
+
+
+# Values quantised at once by a loader: qwix finds each value's NF4 level with an argmin over all
+# 16 (vmapped: 16 floats a value), so one large weight at once would need 16x its float bytes.
+_CHUNK_VALUES = 1 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _quantize_one(name: str, qcfg: QuantConfig, sharding, shape, dtype):
+  """The compiled quantiser of one dense weight `name` of `shape` (one per kind of weight): in
+  slices of its last (output) axis, one after another, each of at most _CHUNK_VALUES values
+  where the axis divides so. Scales are per output channel and per block of the input axis,
+  so the slices give the whole weight's QArray bit for bit."""
+  n, size = shape[-1], int(np.prod(shape))
+  k = next((k for k in range(1, n + 1) if n % k == 0 and size // k <= _CHUNK_VALUES), n)
+  one = lambda w: _quantize({name: w}, qcfg)[name]
+
+  def fn(w):
+    if k == 1:
+      return one(w)
+    sliced = jnp.moveaxis(w.reshape(*shape[:-1], k, n // k), -2, 0)  # [k, ..., n / k]
+    q = jax.lax.map(one, sliced)
+    back = lambda x: jnp.moveaxis(x, 0, -2).reshape(*x.shape[1:-1], -1)
+    return dataclasses.replace(q, qvalue=back(q.qvalue), scale=back(q.scale))
+
+  if sharding is None:
+    return jax.jit(fn)
+  abstract = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype))
+  return jax.jit(fn, out_shardings=_qarray_sharding(abstract, (name,), sharding, qcfg))
+
+
+# XLA:CPU and orbax's tensorstore have no 4-bit type to store: a 4-bit value is saved in a byte.
+_STORED_AS = {'uint4': jnp.uint8, 'int4': jnp.int8}
+
+
+def for_storage(params):
+  """`params` as orbax can save them: each QArray with a 4-bit qvalue widened to a byte (the
+  same values; `from_storage` narrows them back)."""
+  def widen(x):
+    if is_quantized(x) and x.qvalue.dtype.name in _STORED_AS:
+      return dataclasses.replace(x, qvalue=_astype(x.qvalue, _STORED_AS[x.qvalue.dtype.name]))
+    return x
+  return jax.tree_util.tree_map(widen, params, is_leaf=is_quantized)
+
+
+def storage_target(abstract_params, shardings, qcfg: QuantConfig):
+  """(abstract, shardings) to restore a saved quantised base into (`for_storage`'s dtypes), from
+  the float base's abstract params and shardings; `from_storage` of the restored tree is the
+  base `quantize_placed` would give."""
+  abstract = jax.eval_shape(lambda p: quantize_base(p, qcfg), abstract_params)
+  return for_storage(abstract), quantized_shardings(abstract, shardings, qcfg)
+
+
+def from_storage(params, qcfg: QuantConfig):
+  """The quantised base `for_storage` saved: 4-bit qvalues narrowed back to their type."""
+  narrow = {'nf4': jnp.uint4, 'int4': jnp.int4}.get(qcfg.qtype)
+  def back(x):
+    if narrow is not None and is_quantized(x) and x.qvalue.dtype != narrow:
+      return dataclasses.replace(x, qvalue=_astype(x.qvalue, narrow))
+    return x
+  return jax.tree_util.tree_map(back, params, is_leaf=is_quantized)
+
+
+def _astype(x, dtype):
+  """An array cast, or an abstract one (jax.ShapeDtypeStruct) given the dtype."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+  return x.astype(dtype)
+
+
+def stored_quantized(flat_metadata: dict) -> bool:
+  """Whether a saved frozen base (its orbax metadata, flattened to 'a/b/c' paths) holds QArrays."""
+  return any(path.endswith('/qvalue') for path in flat_metadata)
 
 
 def describe_bytes(qparams, qcfg: QuantConfig) -> tuple[dict, str]:
@@ -277,7 +384,8 @@ def describe_bytes(qparams, qcfg: QuantConfig) -> tuple[dict, str]:
 
 def run_model_and_params(model, params, cfg):
   """A run directory's (model, params) as its QLoRA run trained them: the frozen base quantised
-  as model.lora_quantize says, the model reading it dequantised; unchanged for other runs."""
+  as model.lora_quantize says (as loaded, `train.frozen.load(keep_quantized=True)`, or from a
+  float one saved by an older run), the model reading it dequantised; unchanged for other runs."""
   qcfg = run_quant_config(cfg)
   if qcfg is None:
     return model, params

@@ -146,7 +146,8 @@ def saved_steps(workdir: str) -> list[int]:
 
 
 def restore_frozen_params(workdir: str, abstract, shardings):
-  """The frozen params saved by `save_frozen_params`, placed with `shardings`."""
+  """The frozen params saved by `save_frozen_params`, placed with `shardings`: all of them, or
+  the part of them `abstract` names (each param can be read alone)."""
   path = os.path.join(os.path.abspath(workdir), FROZEN_PARAMS)
   if not os.path.isdir(path):
     raise CheckpointError(f'{path} is missing: a run that trains a subset (config.train.trainable)'
@@ -157,7 +158,8 @@ def restore_frozen_params(workdir: str, abstract, shardings):
   try:
     return ocp.PyTreeCheckpointer().restore(
         path, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
   except Exception as e:  # orbax raises many types; the user needs the path
     raise CheckpointError(f'the frozen params in {path} could not be restored '
                           f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from e

@@ -21,6 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax import traverse_util
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -94,6 +95,31 @@ def _shapes(tree) -> dict:
   return {path: tuple(m.shape) for path, m in trainable_lib.flat(tree).items()}
 
 
+def _frozen_shapes(frozen_dir: str | None) -> tuple[dict, bool]:
+  """({path: shape} of the weights a frozen base stands for, whether it is held quantised). A
+  QLoRA run saves its base quantised (adapters.qlora.for_storage): a weight is then a QArray's
+  qvalue (its shape), scale and zero point."""
+  if frozen_dir is None:
+    return {}, False
+  from pathways_jax.adapters import qlora  # pylint: disable=g-import-not-at-top
+  flat = {p: m for p, m in trainable_lib.flat(_metadata(frozen_dir)).items() if m is not None}
+  if not qlora.stored_quantized(flat):
+    return _shapes_of_flat(flat), False
+  parts = {p.rsplit('/', 1)[0] for p in flat if p.endswith('/qvalue')}
+  shapes = {p: tuple(m.shape) for p, m in flat.items() if p.rsplit('/', 1)[0] not in parts}
+  shapes.update({p: tuple(flat[p + '/qvalue'].shape) for p in parts})
+  return shapes, True
+
+
+def holds_quantized_base(run_dir: str) -> bool:
+  """Whether a run directory's frozen params are a quantised base (a QLoRA run's)."""
+  return _frozen_shapes(_frozen_dir(run_dir))[1]
+
+
+def _shapes_of_flat(flat: dict) -> dict:
+  return {path: tuple(m.shape) for path, m in flat.items()}
+
+
 def _saved_param_shapes(state_dir: str) -> dict:
   """{path: shape} of the params the checkpoint holds, from its metadata (no array is read)."""
   meta = _metadata(state_dir)
@@ -152,7 +178,7 @@ def _describe(run_dir: str, mesh, rules, step: int | None):
   step, state_dir = _state_dir(run_dir, step)
   saved = _saved_param_shapes(state_dir)
   frozen_dir = _frozen_dir(run_dir)
-  frozen_saved = _shapes(_metadata(frozen_dir)) if frozen_dir else {}
+  frozen_saved, _ = _frozen_shapes(frozen_dir)
   model_cfg = model_config_of_run(run_cfg, step, {**saved, **frozen_saved})
   model = Transformer(model_cfg)
   abstract, shardings = abstract_params_and_shardings(model, mesh, rules)
@@ -170,28 +196,81 @@ def describe_model(run_dir: str, step: int | None = None) -> config_lib.ModelCon
   run_cfg = config_files.load_run_config(run_dir)
   step, state_dir = _state_dir(run_dir, step)
   frozen_dir = _frozen_dir(run_dir)
-  saved = {**_saved_param_shapes(state_dir),
-           **(_shapes(_metadata(frozen_dir)) if frozen_dir else {})}
+  saved = {**_saved_param_shapes(state_dir), **_frozen_shapes(frozen_dir)[0]}
   return model_config_of_run(run_cfg, step, saved)
 
 
-def load(run_dir: str, mesh, rules, *, step: int | None = None) -> FrozenModel:
+def load(run_dir: str, mesh, rules, *, step: int | None = None, transform=None,
+         keep_quantized: bool = False) -> FrozenModel:
   """The params of `run_dir`'s checkpoint `step` (default: the newest), sharded on `mesh`.
 
   A run that trained a subset (config.train.trainable) checkpoints only that subset; the params
-  it froze come from its WORKDIR/frozen_params, and the two are merged.
+  it froze come from its WORKDIR/frozen_params, and the two are merged. A QLoRA run saved its
+  base quantised: it loads dequantised, in the model's param dtype (the weights that run trained
+  against), or as the QArrays themselves with `keep_quantized` (for `qlora.quantized_model`).
+  `transform(path, param)`, if given, is applied to each param as it is read, one at a time (a
+  QLoRA run's `train.init_from`: the float base is never whole on the device).
   """
   (run_cfg, step, state_dir, frozen_dir, in_state, model_cfg, model, abstract,
    shardings) = _describe(run_dir, mesh, rules, step)
-  if frozen_dir is None:
-    params = restore_params(state_dir, abstract, shardings)
+  qcfg = _stored_quant_config(run_dir, run_cfg, frozen_dir)
+  keep = (lambda path: True) if frozen_dir is None else (lambda path: path in in_state)
+  (trained, frozen), (trained_sh, frozen_sh) = (trainable_lib.partition(t, keep)
+                                                for t in (abstract, shardings))
+  target, target_sh = frozen, frozen_sh
+  if qcfg is not None:
+    from pathways_jax.adapters import qlora  # pylint: disable=g-import-not-at-top
+    target, target_sh = qlora.storage_target(frozen, frozen_sh, qcfg)
+
+  def held(part):  # a restored part of the frozen base as the caller wants it
+    if qcfg is None:
+      return part
+    part = qlora.from_storage(part, qcfg)
+    if keep_quantized:
+      return part
+    flat_a, flat_s = trainable_lib.flat(frozen), trainable_lib.flat(frozen_sh)
+    keys = trainable_lib.flat(part)
+    want = traverse_util.unflatten_dict({k: flat_a[k] for k in keys}, sep='/')
+    want_sh = traverse_util.unflatten_dict({k: flat_s[k] for k in keys}, sep='/')
+    return jax.jit(lambda q: jax.tree_util.tree_map(lambda x, a: x.astype(a.dtype),
+                                                    qlora.dequantize_base(q), want),
+                   out_shardings=want_sh)(part)
+
+  if transform is None:
+    params = restore_params(state_dir, trained, trained_sh)
+    if frozen_dir is not None:
+      params = trainable_lib.merge(params, held(restore_frozen_params(run_dir, target, target_sh)))
   else:
-    keep = lambda path: path in in_state
-    (trained, frozen), (trained_sh, frozen_sh) = (trainable_lib.partition(t, keep)
-                                                  for t in (abstract, shardings))
-    params = trainable_lib.merge(restore_params(state_dir, trained, trained_sh),
-                                 restore_frozen_params(run_dir, frozen, frozen_sh))
+    out = {}
+    for path, (restore, tree, sh) in _one_by_one(
+        (lambda t, s: restore_params(state_dir, t, s), trained, trained_sh),
+        (lambda t, s: held(restore_frozen_params(run_dir, t, s)), target, target_sh)):
+      out[path] = transform(tuple(path.split('/')), trainable_lib.flat(restore(tree, sh))[path])
+    params = traverse_util.unflatten_dict(out, sep='/')
   return FrozenModel(os.path.abspath(run_dir), step, run_cfg, model_cfg, model, params, shardings)
+
+
+def _one_by_one(*parts):
+  """(path, (restore, one-leaf tree, its shardings)) for every leaf of each (restore, tree,
+  shardings) part: each param restored alone."""
+  for restore, tree, sh in parts:
+    flat_t, flat_s = trainable_lib.flat(tree), trainable_lib.flat(sh)
+    for path in flat_t:
+      one = lambda flat: traverse_util.unflatten_dict({path: flat[path]}, sep='/')
+      yield path, (restore, one(flat_t), one(flat_s))
+
+
+def _stored_quant_config(run_dir: str, run_cfg, frozen_dir: str | None):
+  """The QuantConfig of a QLoRA run whose frozen base is saved quantised, else None (a run saved
+  before QLoRA runs stored it so holds it in float, and is quantised where it is used)."""
+  if not _frozen_shapes(frozen_dir)[1]:
+    return None
+  from pathways_jax.adapters import qlora  # pylint: disable=g-import-not-at-top
+  qcfg = qlora.run_quant_config(run_cfg)
+  if qcfg is None:
+    raise CheckpointError(f'{frozen_dir} holds a quantised base, but {run_dir}/config.json sets '
+                          'no model.lora_quantize to read it with')
+  return qcfg
 
 
 def load_abstract(run_dir: str, mesh, rules, *, step: int | None = None) -> FrozenModel:

@@ -26,6 +26,7 @@ from pathways_jax import parallel
 from pathways_jax import tasks
 from pathways_jax.models.transformer import Transformer, count_params
 from pathways_jax.train import checkpoint as ckpt_lib
+from pathways_jax.train import frozen as frozen_lib
 from pathways_jax.growth import in_run as growth_phase
 from pathways_jax.train import metrics as metrics_lib
 from pathways_jax.train import optimizer as opt_lib
@@ -199,6 +200,18 @@ def _versions() -> dict:
           'grain': getattr(grain, '__version__', 'unknown')}
 
 
+def _restore_frozen(workdir: str, abstract, shardings, qcfg, float_frozen):
+  """A resumed run's frozen params: as saved; a QLoRA run's quantised base (`abstract` and
+  `shardings` are then its storage target, adapters.qlora), or, saved in float by a run from
+  before QLoRA bases were stored quantised, that float base quantised here."""
+  if qcfg is None:
+    return ckpt_lib.restore_frozen_params(workdir, abstract, shardings)
+  if frozen_lib.holds_quantized_base(workdir):
+    return qlora.from_storage(ckpt_lib.restore_frozen_params(workdir, abstract, shardings), qcfg)
+  base = ckpt_lib.restore_frozen_params(workdir, *float_frozen)
+  return qlora.quantize_placed(base, float_frozen[1], qcfg)[0]
+
+
 def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callback] = ()) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final results dict."""
   from pathways_jax.data import pipeline, tokenizers  # pylint: disable=g-import-not-at-top,multiple-import
@@ -251,29 +264,36 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
   if start is not None and growth.grown_by(start):  # checkpoints from growth.at_step on are grown
     model_cfg, model, tx, abstract, shardings = growth.parts(start, example, mesh, rules)
     task = task.with_model(model)
+  # QLoRA: the frozen base lands quantised, one weight at a time, and is saved so (docs/qlora.md):
+  # its float copy is never whole on the device.
+  n_frozen = count_params(frozen_abstract) if frozen_abstract is not None else 0
+  quantizer = None
+  if qcfg is not None:
+    quantizer = qlora.LeafQuantizer(qcfg)
+    float_frozen = (frozen_abstract, frozen_shardings)
+    frozen_abstract, frozen_shardings = qlora.storage_target(*float_frozen, qcfg)
   frozen_params = None
   if start is not None:
     state = ckpt.restore(start, abstract, shardings, train_iter)
     if frozen_abstract is not None:
-      frozen_params = ckpt_lib.restore_frozen_params(workdir, frozen_abstract, frozen_shardings)
+      frozen_params = _restore_frozen(workdir, frozen_abstract, frozen_shardings, qcfg,
+                                      float_frozen if qcfg is not None else None)
     _LOG.info('resumed from step %d', start)
   else:
     init_params = None
     if cfg.train.init_from:
       from pathways_jax.interop.hf import run_dir  # pylint: disable=g-import-not-at-top
-      init_params = run_dir.load_init_params(cfg.train.init_from, model, mesh, rules)
+      init_params = run_dir.load_init_params(cfg.train.init_from, model, mesh, rules,
+                                             transform=quantizer)
     state, frozen_params = state_lib.init_split_state(model, tx, example, jax.random.key(cfg.seed),
                                                       mesh, rules, trainable, params=init_params)
-    init_params = None  # the loaded copy; a QLoRA run keeps only the quantised base below
+    init_params = None  # the frozen part lives on in frozen_params (not copied)
     if frozen_params is not None:
-      ckpt_lib.save_frozen_params(workdir, frozen_params)
+      ckpt_lib.save_frozen_params(
+          workdir, frozen_params if qcfg is None else qlora.for_storage(frozen_params))
     start = 0
-  n_frozen = count_params(frozen_params) if frozen_params is not None else 0
   qlora_bytes = None
   if qcfg is not None:
-    # Saved in float (WORKDIR/frozen_params, once), quantised here at every start: qwix's
-    # round-to-nearest is deterministic, so a resumed run holds the same base bit for bit.
-    frozen_params, frozen_shardings = qlora.quantize_placed(frozen_params, frozen_shardings, qcfg)
     qlora_bytes, qlora_line = qlora.describe_bytes(frozen_params, qcfg)
     _LOG.info(qlora_line)
   aux_args, input_shardings = step_lib.step_inputs(frozen_in, frozen_params, frozen_shardings)

@@ -6,6 +6,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from pathways_jax import parallel
 from pathways_jax.train import trainable as trainable_lib
@@ -65,9 +66,20 @@ def init_split_state(model, tx, example_BL, key, mesh, rules, trainable: str = '
                      params=None):
   """(state, frozen params), initialised directly into their shardings (no full copy on one
   device); frozen is None when every param is trained. `params` (already placed, e.g.
-  `train.init_from`'s): start from them instead of a random initialisation."""
+  `train.init_from`'s): start from them instead of a random initialisation; their frozen part is
+  returned as it is, not copied (a QLoRA run's is held quantised: adapters.qlora)."""
   _, shardings, _, frozen_shardings = split_state_and_shardings(model, tx, example_BL, mesh,
                                                                 rules, trainable)
+  if params is not None and trainable:
+    trained, frozen = trainable_lib.split(params, trainable)
+    flat_s = trainable_lib.flat(frozen_shardings)
+    frozen = traverse_util.unflatten_dict({  # a float param not in its sharding is moved there
+        path: jax.device_put(x, flat_s[path]) if isinstance(x, jax.Array) else x
+        for path, x in trainable_lib.flat(frozen).items()}, sep='/')
+    make = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                                bad_step=jnp.full((), -1, jnp.int32))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jax.jit(make, out_shardings=shardings)(trained), frozen
 
   def init(k, given):
     params = nn.unbox(_boxed_init(model, example_BL, k)) if given is None else given

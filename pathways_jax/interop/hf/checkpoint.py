@@ -275,11 +275,13 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
 
 
 def load_pretrained(hf_dir: str, *, dtype: str = 'float32', mesh=None, rules=None,
-                    tokenizer: bool = True):
+                    tokenizer: bool = True, transform=None):
   """(params, model_cfg, tokenizer or None) of a local HuggingFace model directory.
 
   `dtype`: the params' dtype (and the model's `param_dtype`). With `mesh` (and `rules`, default
-  `parallel.DEFAULT_RULES`) every param lands sharded by its logical axes.
+  `parallel.DEFAULT_RULES`) every param lands sharded by its logical axes. `transform(path,
+  param)`, if given, is applied to each param as soon as it is placed, before the next tensor is
+  read (a QLoRA run quantises its base so: adapters.qlora.LeafQuantizer).
   """
   hf = read_config(hf_dir)
   model_type = hf.get('model_type')
@@ -297,8 +299,10 @@ def load_pretrained(hf_dir: str, *, dtype: str = 'float32', mesh=None, rules=Non
     t = by_name[name]
     x = t.to_ours(x)  # the file's layout is dropped before the param is placed
     # The reward head is float32 whatever the params' dtype (models/transformer.py).
-    flat[t.path] = place(t.path, x, np.float32 if t.path[0] == 'scalar_head' else np_dtype)
+    placed = place(t.path, x, np.float32 if t.path[0] == 'scalar_head' else np_dtype)
     del x  # and the host copy as soon as it is
+    flat[t.path] = placed if transform is None else transform(t.path, placed)
+    del placed
   if cfg.scalar_head:
     bias = hf.get(SCORE_BIAS_KEY, 0.0)
     if not isinstance(bias, (int, float)) or not np.isfinite(bias):

@@ -20,6 +20,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 
 from pathways_jax import config as config_lib
 from pathways_jax import config_files
@@ -29,9 +30,10 @@ import pathways_jax.interop.hf.checkpoint as hf
 import pathways_jax.interop.hf.config as hf_config
 
 # What a run may choose for itself when it starts from another model: how it computes, not what.
-RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'causal_query_blocks', 'max_len',
-                  'init_std', 'lora_rank', 'lora_alpha', 'lora_targets', 'lora_rslora',
-                  'lora_dropout', 'lora_num_adapters')
+# scan_layers too: the layers are stacked (or unstacked) as they load (load_init_params).
+RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'scan_layers', 'attention',
+                  'causal_query_blocks', 'max_len', 'init_std', 'lora_rank', 'lora_alpha',
+                  'lora_targets', 'lora_rslora', 'lora_dropout', 'lora_num_adapters')
 # What a run may add to (or drop from) the model it starts from: a reward model's scalar head
 # starts fresh on a source without one (load_init_params).
 HEAD_FIELDS = ('scalar_head',)
@@ -108,8 +110,9 @@ def export_run(workdir: str, out_dir: str, *, step: int | None = None,
   model as `...ForSequenceClassification`: checkpoint.py's docstring). A LoRA
   run is written merged (W + scale * A @ B): the model it computes, without PEFT
   (`export_adapter` writes its adapters alone); a multi-LoRA run's adapter `adapter_index`. A
-  QLoRA run's adapters are merged into its float base (train.init_from's weights, as PEFT's
-  merge_and_unload does), not into the quantised one it trained on."""
+  QLoRA run's adapters are merged into the base it trained against, dequantised (as PEFT's
+  merge_and_unload does on a 4-bit model); a run saved before QLoRA bases were stored
+  quantised holds its float base, and merges into that."""
   from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   run_cfg = config_files.load_run_config(workdir)
@@ -222,15 +225,19 @@ def init_model_config(source: str, cfg_model) -> config_lib.ModelConfig:
   return model_cfg.replace(**keep)
 
 
-def load_init_params(source: str, model, mesh, rules):
-  """`train.init_from`'s params for `model`, placed with the model's shardings on `mesh`."""
+def load_init_params(source: str, model, mesh, rules, *, transform=None):
+  """`train.init_from`'s params for `model`, placed with the model's shardings on `mesh`.
+
+  `transform(path, param)`, if given, is applied to each param as it is read, one at a time (a
+  QLoRA run passes `qlora.LeafQuantizer`: its base lands quantised, never whole in float).
+  """
   from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
   if os.path.isdir(os.path.join(source, 'checkpoints')):
-    fm = frozen.load(source, mesh, rules)
+    fm = frozen.load(source, mesh, rules, transform=transform)
     params, loaded_cfg = fm.params, fm.model_cfg
   else:
     params, loaded_cfg, _ = hf.load_pretrained(source, dtype=model.cfg.param_dtype, mesh=mesh,
-                                               rules=rules, tokenizer=False)
+                                               rules=rules, tokenizer=False, transform=transform)
   # Attention direction and logit shift change no parameter (init_model_config decides them).
   own = RUNTIME_FIELDS + HEAD_FIELDS
   arch = lambda c: dataclasses.replace(c, **{k: getattr(model.cfg, k)
@@ -241,6 +248,7 @@ def load_init_params(source: str, model, mesh, rules):
             and f.name not in own]
     raise config_lib.ConfigError(f'train.init_from={source!r} holds another model (differs in '
                                  f'{diff})')
+  params = _in_layer_layout(params, loaded_cfg, model, mesh, rules)
   params = _with_scalar_head(params, model, mesh, rules)
   from pathways_jax.adapters import lora  # pylint: disable=g-import-not-at-top
   base, adapters = lora.split(params)
@@ -250,15 +258,54 @@ def load_init_params(source: str, model, mesh, rules):
   if not jax.tree_util.tree_leaves(adapters):
     # A LoRA run from a plain model: fresh adapters (B = 0: it starts as the source model);
     # K of them (multi-LoRA), each its own A.
+    shapes = base
+    if transform is not None:  # a quantised weight's adapters take the model's param dtype
+      from pathways_jax.adapters import qlora  # pylint: disable=g-import-not-at-top
+      shapes = jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, model.cfg.param_dtype)
+          if qlora.is_quantized(x) else x, base, is_leaf=qlora.is_quantized)
     if k == 1:
-      adapters = lora.init(jax.random.key(0), base, lcfg)
+      adapters = lora.init(jax.random.key(0), shapes, lcfg)
     else:
-      adapters = lora.stack([lora.init(jax.random.fold_in(jax.random.key(0), i), base, lcfg)
+      adapters = lora.stack([lora.init(jax.random.fold_in(jax.random.key(0), i), shapes, lcfg)
                              for i in range(k)], [lcfg] * k)[0]
     params = lora.combine(base, adapters)
   elif k > 1 and lora.num_adapters(adapters) == 1:
     # K adapters from a one-adapter LoRA run: each starts as its adapter.
     params = lora.combine(base, lora.stack([adapters] * k, [lcfg] * k)[0])
+  return params
+
+
+def _in_layer_layout(params, loaded_cfg, model, mesh, rules):
+  """`params` in `model`'s layer layout: one stack under 'blocks' (scan_layers) or `blocks_i`.
+  Stacked one weight at a time, each stack placed in the model's sharding of it, and `params`
+  is emptied of the layers as they go (it is consumed), so the params are never held twice
+  over (a QLoRA base's QArrays stack as they are: their per-layer scales are the stacked
+  weight's)."""
+  if loaded_cfg.scan_layers == model.cfg.scan_layers:
+    return params
+  if loaded_cfg.scan_layers:  # a scanned source, an unscanned run
+    return hf.unscanned(params, loaded_cfg)
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import frozen  # pylint: disable=g-import-not-at-top
+  _, shardings = frozen.abstract_params_and_shardings(model, mesh, rules)
+  layers_spec = lambda path: traverse_util.flatten_dict(shardings['blocks'])[path].spec[0]
+  layers = [traverse_util.flatten_dict(params.pop(f'blocks_{i}'))
+            for i in range(loaded_cfg.num_layers)]
+  stacked = {}
+  for path in list(layers[0]):
+    parts = [layer.pop(path) for layer in layers]
+
+    def place(x, head=layers_spec(path)):  # the [layers] axis as the model shards it
+      spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+      return NamedSharding(mesh, P(head, *spec))
+
+    shard = jax.tree_util.tree_map(place, parts[0])
+    stacked[path] = jax.jit(lambda *xs: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs),
+                            out_shardings=shard)(*parts)
+    del parts
+  params['blocks'] = traverse_util.unflatten_dict(stacked)
   return params
 
 

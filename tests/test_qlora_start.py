@@ -1,0 +1,197 @@
+"""A QLoRA run's start (train/loop.py, adapters/qlora.py): `train.init_from`'s base lands
+quantised one weight at a time, is saved quantised (4-bit values in bytes), resumes exactly, and
+loads as the model it trained; a run saved with a float base (before bases were stored
+quantised) still resumes. Skipped where qwix is not installed."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip('qwix', reason='QLoRA needs qwix: pip install -e ".[qlora]"')
+# pylint: disable=g-import-not-at-top,multiple-import,wrong-import-position
+
+from flax import traverse_util
+import flax.linen as nn
+import jax.numpy as jnp
+
+from helpers import assert_resume_is_exact, logged_losses, tiny_config
+from pathways_jax import config as config_lib, parallel
+from pathways_jax import sample
+from pathways_jax.adapters import qlora
+from pathways_jax.interop import hf
+from pathways_jax.interop.hf import checkpoint as hf_checkpoint
+from pathways_jax.models.transformer import Transformer
+from pathways_jax.train import checkpoint as ckpt_lib, frozen, loop
+
+QUANT = {'model.lora_rank': 4, 'model.lora_quantize': 'nf4', 'model.lora_quantize_block': 16,
+         'train.steps': 8, 'train.checkpoint_every': 2, 'train.lr': 1e-2, 'sample.prompts': ()}
+
+
+def _byte_tokenizer():
+  """A byte-level tokenizer.json without merges, the base directory's tokenizer."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  from pathways_jax.data import hf_tokenizer
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(['a'], trainers.BpeTrainer(
+      vocab_size=259, special_tokens=['<pad>', '<s>', '</s>'],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return hf_tokenizer.HFTokenizer(tok.to_str(), {'bos_token': '<s>', 'eos_token': '</s>',
+                                                 'pad_token': '<pad>'})
+
+
+@pytest.fixture(scope='module')
+def hf_base(tmp_path_factory):
+  """A random base as a HuggingFace directory (float32 safetensors and its tokenizer)."""
+  d = tmp_path_factory.mktemp('qlora_base')
+  tok = _byte_tokenizer()
+  cfg = tiny_config(str(d / 'cache'), **{'model.init_std': 0.2})
+  mcfg = config_lib.ModelConfig.from_config(cfg.model,
+                                            vocab_size=config_lib.round_vocab(tok.vocab_size))
+  params = nn.unbox(jax.jit(Transformer(mcfg).init)(jax.random.key(1),
+                                                     jnp.zeros((1, 8), jnp.int32))['params'])
+  return hf.save_pretrained(params, mcfg, str(d / 'hf'), tokenizer=tok), params
+
+
+def _make(tmp_path, base, **fixed):
+  return lambda **kw: tiny_config(str(tmp_path / 'cache'),
+                                  **{**QUANT, 'train.init_from': base, **fixed, **kw})
+
+
+def _leaves(tree):
+  flat = traverse_util.flatten_dict(tree)
+  return {'/'.join(p): x for p, x in flat.items()}
+
+
+def _metadata(path):
+  import orbax.checkpoint as ocp
+  return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_the_base_lands_and_is_saved_quantised_and_loads_as_trained(tmp_path, hf_base, scan):
+  """From a HF directory (unscanned), into an unscanned run or a scan_layers one (its layers
+  stacked as they load: the stacked QArrays are the per-layer ones)."""
+  base, float_params = hf_base
+  make = _make(tmp_path, base, **{'model.scan_layers': scan, 'model.remat': 'full'})
+  run = str(tmp_path / 'run')
+  res = loop.train(make(**{'train.steps': 2}), run, quiet=True)
+  assert res['qlora']['dense_weights'] == (7 if scan else 14)  # a stack is one weight
+  # On disk: each dense weight as a QArray (4-bit values in a byte), no float copy of it.
+  meta = _leaves(_metadata(os.path.join(run, ckpt_lib.FROZEN_PARAMS)))
+  dense = [p for p in meta if p.endswith('/qvalue')]
+  assert len(dense) == (7 if scan else 14) and all(meta[p].dtype == np.uint8 for p in dense)
+  assert not any(p.endswith(('/wq', '/w_up')) for p in meta)
+  # Streamed one weight at a time, the base is the whole float tree quantised in one program.
+  want = qlora.quantize_base(float_params, qlora.run_quant_config(make()))
+  cfg = make()
+  mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules(cfg)
+  fm = frozen.load(run, mesh, rules, keep_quantized=True)
+  assert fm.model_cfg.scan_layers == scan
+  held = hf_checkpoint.unscanned(fm.params, fm.model_cfg)
+  got_q, want_q = _leaves(held), _leaves(want)
+  assert sorted(qlora.quantized_paths(held)) == sorted(qlora.quantized_paths(want))
+  for path in qlora.quantized_paths(want):
+    assert got_q[path].qvalue.dtype == jnp.uint4
+    np.testing.assert_array_equal(np.asarray(got_q[path].qvalue, np.uint8),
+                                  np.asarray(want_q[path].qvalue, np.uint8))
+    np.testing.assert_array_equal(np.asarray(got_q[path].scale), np.asarray(want_q[path].scale))
+  # Loaded as a plain frozen model: the dequantised base, in the model's param dtype.
+  fm = frozen.load(run, mesh, rules)
+  plain = _leaves(hf_checkpoint.unscanned(fm.params, fm.model_cfg))
+  deq = _leaves(qlora.dequantize_base(want))
+  for path in qlora.quantized_paths(want):
+    assert plain[path].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(plain[path]), np.asarray(deq[path]))
+  np.testing.assert_array_equal(np.asarray(plain['embed']), np.asarray(float_params['embed']))
+  # Exported merged: the adapters on the dequantised base (the model the run trained).
+  from pathways_jax.adapters import lora
+  from pathways_jax.interop.hf import run_dir
+  merged = lora.merge(*lora.split(hf_checkpoint.unscanned(fm.params, fm.model_cfg)),
+                      lora.LoraConfig.of(fm.model_cfg))
+  exported = _leaves(hf.load_pretrained(run_dir.export_run(run, str(tmp_path / 'hf_out')))[0])
+  for path, x in _leaves(merged).items():
+    np.testing.assert_allclose(np.asarray(exported[path]), np.asarray(x), rtol=0, atol=0)
+  # Sampling takes the quantised model the run trained.
+  _, model, params, _ = sample.load_run(run)
+  assert len(qlora.quantized_paths(params)) == (7 if scan else 14)
+  tokens = jnp.arange(16, dtype=jnp.int32)[None] % 200 + 4
+  logits = model.apply({'params': params}, tokens)
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_a_qlora_run_resumes_exactly(tmp_path, hf_base):
+  """SIGTERM at step 3, a clean stop at 6, the rest: the uninterrupted run's losses."""
+  make = _make(tmp_path, hf_base[0])
+  assert_resume_is_exact(lambda **kw: make(**kw), tmp_path, sigterm_at=3, stop_at=6)
+
+
+def test_a_run_saved_with_a_float_base_resumes_to_the_same_losses(tmp_path, hf_base):
+  """A QLoRA run directory from before bases were saved quantised holds the float base: resumed,
+  it quantises it and logs what the uninterrupted run logs."""
+  base, float_params = hf_base
+  make = _make(tmp_path, base)
+  full, old = str(tmp_path / 'full'), str(tmp_path / 'old')
+  loop.train(make(**{'train.steps': 4}), full, quiet=True)
+  shutil.copytree(full, old)
+  shutil.rmtree(os.path.join(old, 'checkpoints', '4'))
+  with open(os.path.join(old, 'metrics.jsonl')) as f:
+    upto2 = [line for line in f if json.loads(line)['step'] <= 2]
+  with open(os.path.join(old, 'metrics.jsonl'), 'w') as f:
+    f.writelines(upto2)
+  shutil.rmtree(os.path.join(old, ckpt_lib.FROZEN_PARAMS))
+  ckpt_lib.save_frozen_params(old, float_params)  # the float base, as older runs saved it
+  assert not frozen.holds_quantized_base(old) and frozen.holds_quantized_base(full)
+  assert loop.train(make(**{'train.steps': 4}), old, quiet=True)['step'] == 4
+  want, got = logged_losses(full), logged_losses(old)
+  assert sorted(want) == [1, 2, 3, 4] and got == want, (got, want)
+
+
+def test_a_lora_run_stacks_a_float_base_for_scan_layers(tmp_path, hf_base):
+  """The float (LoRA) base stacked as it loads: the scanned run computes the unscanned one's
+  losses (the same model and batches; scan only changes how XLA orders the float sums)."""
+  make = _make(tmp_path, hf_base[0], **{'model.lora_quantize': '', 'train.steps': 2})
+  flat_run, scan_run = str(tmp_path / 'flat'), str(tmp_path / 'scan')
+  loop.train(make(), flat_run, quiet=True)
+  loop.train(make(**{'model.scan_layers': True}), scan_run, quiet=True)
+  want, got = logged_losses(flat_run), logged_losses(scan_run)
+  assert sorted(got) == [1, 2] and got == pytest.approx(want, rel=1e-5, abs=0)
+  cfg = make(**{'model.scan_layers': True})
+  fm = frozen.load(scan_run, parallel.make_mesh(cfg), parallel.logical_rules(cfg))
+  assert fm.model_cfg.scan_layers and fm.params['blocks']['attn']['wq'].shape[0] == 2
+
+
+@pytest.mark.parametrize('qtype', qlora.QTYPES)
+def test_the_loader_quantiser_slices_a_weight_and_gives_the_whole_weights_qarray(qtype,
+                                                                                 monkeypatch):
+  """LeafQuantizer quantises large weights in slices of their output axis (NF4's level search
+  would otherwise hold 16 floats a value); slices of 64 values give, bit for bit, what
+  quantize_base gives the whole tree at once: unscanned and stacked weights, every kind."""
+  monkeypatch.setattr(qlora, '_CHUNK_VALUES', 64)
+  qlora._quantize_one.cache_clear()  # pylint: disable=protected-access
+  qcfg = qlora.QuantConfig(qtype=qtype, block_size=16)
+  for scan in (False, True):
+    mcfg = config_lib.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2,
+                                  num_kv_heads=1, mlp_dim=48, max_len=16, scan_layers=scan)
+    params = nn.unbox(Transformer(mcfg).init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))[
+        'params'])
+    want, flat = _leaves(qlora.quantize_base(params, qcfg)), _leaves(params)
+    quantize = qlora.LeafQuantizer(qcfg)
+    got = {p: quantize(tuple(p.split('/')), x) for p, x in flat.items()}
+    assert sorted(qlora.quantized_paths(traverse_util.unflatten_dict(
+        {tuple(p.split('/')): x for p, x in got.items()}))) == sorted(
+            p for p, x in want.items() if qlora.is_quantized(x))
+    for path, x in want.items():
+      if qlora.is_quantized(x):
+        assert got[path].qvalue.dtype == x.qvalue.dtype
+        np.testing.assert_array_equal(np.asarray(got[path].qvalue, np.int32),
+                                      np.asarray(x.qvalue, np.int32))
+        np.testing.assert_array_equal(np.asarray(got[path].scale), np.asarray(x.scale))
+      else:
+        assert got[path] is flat[path]  # not a target: passed through
+  qlora._quantize_one.cache_clear()  # pylint: disable=protected-access

@@ -11,6 +11,13 @@ it measures what a GPU run would need on the device at its start (the float base
 split, saved and quantised) plus the host runtime. The same process first starts the backend
 and runs a one-layer run the same way (the `floor`: imports, compilers, the data pipeline), and
 the table gives each arm's peak above that floor in units of the float base's bytes.
+
+glibc keeps freed buffers in its heap, where later allocations fragment it, so with its own
+(dynamic) mmap threshold the peak RSS of a run that frees many weight-sized buffers counts
+memory no array holds (measured: a 16-layer QLoRA start held 1792 MiB, 982 after
+`malloc_trim(0)`). The runs therefore set MALLOC_MMAP_THRESHOLD_=131072 by default, so a freed
+buffer of 128 KiB or more goes back to the OS at once and the peak RSS follows the live arrays
+(`--mmap_threshold=0`: glibc's own behaviour). GPU and TPU memory is XLA's own allocator's.
 """
 from __future__ import annotations
 
@@ -114,12 +121,15 @@ def child(args) -> None:
                     'qlora': res.get('qlora')}))
 
 
-def measure(argv: list[str]) -> dict:
+def measure(argv: list[str], mmap_threshold: int = 0) -> dict:
   """Runs `child` in a fresh process; its peak RSS by os.wait4 and its printed numbers. Linux
   carries a process's peak RSS across exec, so this parent stays small (no JAX imported here):
   a child forked from a large parent would report the parent's size."""
+  env = dict(os.environ)
+  if mmap_threshold:
+    env['MALLOC_MMAP_THRESHOLD_'] = str(mmap_threshold)
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--_child', *argv],
-                          stdout=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, text=True, env=env)
   out = proc.stdout.read()
   _, status, usage = os.wait4(proc.pid, 0)
   proc.returncode = os.waitstatus_to_exitcode(status)
@@ -137,6 +147,8 @@ def main():
   p.add_argument('--mlp_dim', type=int, default=6144)
   p.add_argument('--qtypes', default='int8,nf4')
   p.add_argument('--steps', type=int, default=1)
+  p.add_argument('--mmap_threshold', type=int, default=131072,
+                 help="glibc's MALLOC_MMAP_THRESHOLD_ for the runs (0: glibc's own, dynamic)")
   p.add_argument('--_child', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--work', help=argparse.SUPPRESS)
   p.add_argument('--arm', help=argparse.SUPPRESS)
@@ -152,14 +164,16 @@ def main():
     made = measure(['--arm', 'base', *dims_argv, *common])
     base, base_bytes = made['base'], made['base_bytes']
     floor = measure(['--arm', 'floor', '--layers', '1', '--d_model', '128', '--mlp_dim', '256',
-                     *common])['peak_mib']
+                     *common], args.mmap_threshold)['peak_mib']
     rows = []
     for arm, qtype in [('lora', '')] + [(f'qlora_{q}', q) for q in args.qtypes.split(',') if q]:
-      r = measure(['--arm', arm, '--init_from', base, '--qtype', qtype, *dims_argv, *common])
+      r = measure(['--arm', arm, '--init_from', base, '--qtype', qtype, *dims_argv, *common],
+                  args.mmap_threshold)
       rows.append((arm, r))
   base_mib = base_bytes / 2**20
   print(f'\nbase: {args.layers} layers, d={args.d_model}, mlp {args.mlp_dim}: '
-        f'{base_mib:.0f} MiB in float32; floor (a 1-layer d=128 run): {floor:.0f} MiB peak RSS')
+        f'{base_mib:.0f} MiB in float32; floor (a 1-layer d=128 run): {floor:.0f} MiB peak RSS; '
+        f'MALLOC_MMAP_THRESHOLD_={args.mmap_threshold or "glibc default"}')
   print('| arm | dense weights held (MiB) | peak RSS (MiB) | above the floor (MiB) | '
         'above the floor / float base |')
   print('|---|---|---|---|---|')

@@ -63,7 +63,10 @@ def _model(cfg):
   from pathways_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
   # A sentencepiece model is not trained in a dry run; the project's own tokenizers all have the
   # byte tokenizer's special ids. Byte and HF tokenizers cost nothing to load.
-  own = cfg.data.tokenizer == 'sentencepiece'
+  if cfg.train.get('init_from'):  # the architecture (and tokenizer) of the model it starts from
+    from pathways_jax.interop.hf import run_dir  # pylint: disable=g-import-not-at-top
+    run_dir.adopt_init_from(cfg)
+  own = cfg.data.tokenizer == 'sentencepiece' and not cfg.data.tokenizer_path
   tokenizer = None if own else tokenizers.get_tokenizer(cfg.data)
   tokenizers.resolve_special_ids(cfg, tokenizer or tokenizers.ByteTokenizer())
   vocab = cfg.model.vocab_size
@@ -102,11 +105,19 @@ def run(cfg, *, num_devices: int | None = None, out=print) -> dict:
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   B, L = cfg.data.batch_size, cfg.data.seq_len
   example = np.zeros((B, L), np.int32)  # traced only (eval_shape): nothing runs
+  from pathways_jax.train import trainable as trainable_lib  # pylint: disable=g-import-not-at-top
   abstract, shardings, frozen_abstract, frozen_shardings = state_lib.split_state_and_shardings(
-      model, tx, example, mesh, rules, cfg.train.trainable)
+      model, tx, example, mesh, rules, trainable_lib.run_pattern(cfg, model_cfg))
   state_in = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  task = tasks.make(cfg, model)
+  run_model, n_params = model, count_params(trainable_lib.merge(abstract.params, frozen_abstract))
+  if cfg.model.get('lora_quantize'):  # QLoRA: the frozen base held as the run holds it
+    from pathways_jax.adapters import qlora  # pylint: disable=g-import-not-at-top
+    qcfg = qlora.run_quant_config(cfg)
+    frozen_abstract = jax.eval_shape(lambda p: qlora.quantize_base(p, qcfg), frozen_abstract)
+    frozen_shardings = qlora.quantized_shardings(frozen_abstract, frozen_shardings, qcfg)
+    run_model = qlora.quantized_model(model)
+  task = tasks.make(cfg, run_model)
   tokenizers.require_special_ids(cfg, task.required_specials, f'task {task.name!r}')
   frozen_in = task.abstract_frozen(mesh, rules)  # e.g. a reference's params, as shapes
   batch_in = task.batch_spec(B, L, sharding=parallel.batch_sharding(mesh))
@@ -124,8 +135,6 @@ def run(cfg, *, num_devices: int | None = None, out=print) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
 
-  from pathways_jax.train import trainable as trainable_lib  # pylint: disable=g-import-not-at-top
-  n_params = count_params(trainable_lib.merge(abstract.params, frozen_abstract))
   frozen_bytes = (0 if frozen_abstract is None
                   else parallel.sharded_bytes(frozen_abstract, frozen_shardings))
   state_bytes = parallel.sharded_bytes(abstract, shardings) + frozen_bytes  # + frozen params

@@ -195,3 +195,39 @@ def test_the_loader_quantiser_slices_a_weight_and_gives_the_whole_weights_qarray
       else:
         assert got[path] is flat[path]  # not a target: passed through
   qlora._quantize_one.cache_clear()  # pylint: disable=protected-access
+
+
+def test_the_dry_run_of_a_qlora_config_takes_the_source_and_holds_the_base_quantised(tmp_path,
+                                                                                     hf_base):
+  """The dry run reads train.init_from's architecture (metadata only: the config's own model
+  section says otherwise), trains the adapters alone (a LoRA run's default) and counts the
+  frozen base quantised: NF4 a byte a value plus a float32 scale per 16 values, against float32
+  for the plain LoRA dry run of the same base."""
+  from helpers import run_on_fake_devices
+
+  def dry(quant):  # a process each: the fake devices are set before JAX starts
+    out = run_on_fake_devices(f"""
+import json, sys
+sys.path.insert(0, 'tests')
+from helpers import tiny_config
+from pathways_jax import dry_run
+cfg = tiny_config({str(tmp_path / 'cache')!r}, **{{
+    'train.init_from': {hf_base[0]!r}, 'model.d_model': 8, 'model.num_layers': 5,
+    'model.lora_rank': 4, 'model.lora_quantize': {quant!r}, 'model.lora_quantize_block': 16,
+    'data.batch_size': 2}})
+r = dry_run.run(cfg, num_devices=2, out=lambda line: None)
+print('REPORT', json.dumps({{'quant': {quant!r}, 'state': r['state_bytes_per_device'],
+                           'params': r['params'], 'd': cfg.model.d_model,
+                           'layers': cfg.model.num_layers}}))
+""", devices=2)
+    lines = [l for l in out.splitlines() if l.startswith('REPORT ')]
+    assert lines, out[-3000:]
+    return json.loads(lines[0].split('REPORT ', 1)[1])
+
+  reports = {q: dry(q) for q in ('', 'nf4')}
+  assert {(r['d'], r['layers']) for r in reports.values()} == {(32, 2)}
+  # Adam's two moments for the adapters only: all params trained would be 3x the params' bytes.
+  assert reports['']['state'] < 1.5 * 4 * reports['']['params']
+  dense = 2 * (3 * 32 * 64 + 2 * 32 * 32 + 2 * 32 * 16)  # w_gate/up/down, wq/wo, wk/wv (kv 1)
+  saved = reports['']['state'] - reports['nf4']['state']  # both replicated on the 2 devices
+  assert saved == pytest.approx(dense * (4 - 1 - 4 / 16), rel=1e-6)

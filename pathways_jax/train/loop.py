@@ -35,7 +35,6 @@ from pathways_jax.train import trainable as trainable_lib
 from pathways_jax.train import step as step_lib
 from pathways_jax.adapters import lora as lora_lib
 from pathways_jax.adapters import qlora
-from pathways_jax.adapters.lora import LORA_PARAMS
 
 _LOG = logging.getLogger(__name__)
 
@@ -113,13 +112,9 @@ def build(cfg, *, mesh=None):
   """Tokenizer, model config, model, mesh and rules for a config (shared with sampling/eval)."""
   from pathways_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   config_lib.validate(cfg)
-  if cfg.train.get('init_from'):  # the architecture is the starting model's
+  if cfg.train.get('init_from'):  # the architecture (and tokenizer) is the starting model's
     from pathways_jax.interop.hf import run_dir  # pylint: disable=g-import-not-at-top
-    start_cfg = run_dir.init_model_config(cfg.train.init_from, cfg.model)
-    for k, v in dataclasses.asdict(start_cfg).items():
-      cfg.model[k] = v
-    if not cfg.data.tokenizer_path:  # no tokenizer named: the starting model's own
-      cfg.data.tokenizer, cfg.data.tokenizer_path = run_dir.source_tokenizer(cfg.train.init_from)
+    run_dir.adopt_init_from(cfg)
   mesh = mesh or parallel.make_mesh(cfg)
   tokenizer = tokenizers.get_tokenizer(cfg.data)
   tokenizers.resolve_special_ids(cfg, tokenizer)  # config.data.*_id -1: the tokenizer's ids
@@ -242,9 +237,7 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
   # train.trainable: the state holds only the trained params; the frozen ones are stored once.
   # A LoRA model (model.lora_rank > 0) trains its adapters (and a reward model's scalar head)
   # unless the config says otherwise.
-  trainable = cfg.train.trainable or (
-      LORA_PARAMS + ('|scalar_head/.*' if model_cfg.scalar_head else '') if model_cfg.lora_rank
-      else '')
+  trainable = trainable_lib.run_pattern(cfg, model_cfg)
   abstract, shardings, frozen_abstract, frozen_shardings = state_lib.split_state_and_shardings(
       model, tx, example, mesh, rules, trainable)
   pindex, pcount = parallel.process_batch_slice(mesh)  # this process's rows of each batch

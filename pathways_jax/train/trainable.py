@@ -98,5 +98,14 @@ def merge(trainable: dict, frozen: dict | None) -> dict:
   return traverse_util.unflatten_dict({**flat(frozen), **flat(trainable)}, sep='/')
 
 
+def run_pattern(cfg, model_cfg) -> str:
+  """What a run trains (its `train.trainable`): the config's, or for a LoRA model (lora_rank > 0)
+  its adapters (and a reward model's scalar head); '' (everything) otherwise."""
+  if cfg.train.trainable or not model_cfg.lora_rank:
+    return cfg.train.trainable
+  from pathways_jax.adapters.lora import LORA_PARAMS  # pylint: disable=g-import-not-at-top
+  return LORA_PARAMS + ('|scalar_head/.*' if model_cfg.scalar_head else '')
+
+
 def enabled(cfg) -> bool:
   return bool(cfg.train.get('trainable'))

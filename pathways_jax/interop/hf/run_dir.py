@@ -202,6 +202,17 @@ def _load_run(workdir: str, step: int | None):
   return frozen.load(workdir, mesh, parallel.DEFAULT_RULES, step=step)
 
 
+def adopt_init_from(cfg) -> None:
+  """Sets `cfg.model` to the architecture `train.init_from` holds (the run's runtime choices
+  kept: init_model_config) and, unless `data.tokenizer_path` names one, the data section to
+  that model's tokenizer: what a run starting from it trains. Only metadata is read."""
+  start_cfg = init_model_config(cfg.train.init_from, cfg.model)
+  for k, v in dataclasses.asdict(start_cfg).items():
+    cfg.model[k] = v
+  if not cfg.data.tokenizer_path:
+    cfg.data.tokenizer, cfg.data.tokenizer_path = source_tokenizer(cfg.train.init_from)
+
+
 def init_model_config(source: str, cfg_model) -> config_lib.ModelConfig:
   """The ModelConfig of `train.init_from` (a run directory or a HF directory), keeping the
   runtime choices (dtype, remat, attention backend, ...) of the run that starts from it."""

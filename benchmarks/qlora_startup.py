@@ -71,7 +71,7 @@ def run_config(work: str, *, layers: int, d_model: int, mlp_dim: int, init_from:
   return c
 
 
-def _byte_tokenizer():
+def byte_level_tokenizer():
   """A byte-level tokenizer.json without merges (256 bytes and 3 specials): the runs' tokens."""
   import tokenizers
   from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -95,7 +95,7 @@ def make_base(work: str, **dims) -> tuple[str, int]:
   from pathways_jax.interop import hf
   from pathways_jax.models.transformer import Transformer
   cfg = run_config(work, **dims)
-  tok = _byte_tokenizer()
+  tok = byte_level_tokenizer()
   mcfg = config_lib.ModelConfig.from_config(cfg.model,
                                             vocab_size=config_lib.round_vocab(tok.vocab_size))
   params = nn.unbox(jax.jit(Transformer(mcfg).init)(jax.random.key(0),

@@ -183,6 +183,23 @@ def logged_losses(workdir) -> dict:
   return {r['step']: r['loss'] for r in rows if 'loss' in r}
 
 
+def run_stopped_at(full: str, out: str, step: int) -> str:
+  """A copy of run directory `full` as if it had stopped after `step` (its checkpoint then):
+  the later checkpoints and metrics lines dropped, without a second training run."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(full, out)
+  ckpts = os.path.join(out, 'checkpoints')
+  for name in os.listdir(ckpts):
+    if name.isdigit() and int(name) > step:
+      shutil.rmtree(os.path.join(ckpts, name))
+  with open(os.path.join(out, 'metrics.jsonl')) as f:
+    kept = [line for line in f if json.loads(line)['step'] <= step]
+  with open(os.path.join(out, 'metrics.jsonl'), 'w') as f:
+    f.writelines(kept)
+  return out
+
+
 def assert_resume_is_exact(make_cfg, tmp_path, *, sigterm_at: int = 3, stop_at: int = 6):
   """A run stopped by SIGTERM at `sigterm_at`, resumed to a clean stop (train.stop_at) at
   `stop_at`, then resumed to the end, logs the losses of the uninterrupted run, bit for bit.

@@ -6,7 +6,6 @@ the settings that cannot run."""
 import importlib.util
 import json
 import os
-import shutil
 
 import flax.linen as nn
 import jax
@@ -15,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import logged_losses, tiny_config
+from helpers import logged_losses, run_stopped_at, tiny_config
 from numerics import assert_close
 from pathways_jax import config as config_lib
 from pathways_jax import tasks
@@ -238,13 +237,7 @@ def test_a_two_adapter_qlora_run_resumes_exactly_and_serves_each_adapter(tmp_pat
   if HAS_QWIX:  # the frozen base held quantised: int8 plus a float32 scale per 16 values
     assert res['qlora']['dense_bytes_stored'] / res['qlora']['dense_bytes_float32'] == (
         pytest.approx((1 + 4 / 16) / 4))
-  # The run as if stopped after step 2 (its checkpoint then), without a second training run.
-  shutil.copytree(full, part)
-  shutil.rmtree(os.path.join(part, 'checkpoints', '4'))
-  with open(os.path.join(part, 'metrics.jsonl')) as f:
-    upto2 = [line for line in f if json.loads(line)['step'] <= 2]
-  with open(os.path.join(part, 'metrics.jsonl'), 'w') as f:
-    f.writelines(upto2)
+  run_stopped_at(full, part, 2)
   assert loop.train(make(), part, quiet=True)['step'] == 4
   want, got = logged_losses(full), logged_losses(part)
   assert sorted(want) == [1, 2, 3, 4] and got == want, (got, want)

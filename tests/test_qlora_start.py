@@ -17,7 +17,7 @@ from flax import traverse_util
 import flax.linen as nn
 import jax.numpy as jnp
 
-from helpers import assert_resume_is_exact, logged_losses, tiny_config
+from helpers import REPO, assert_resume_is_exact, logged_losses, run_stopped_at, tiny_config
 from pathways_jax import config as config_lib, parallel
 from pathways_jax import sample
 from pathways_jax.adapters import qlora
@@ -31,18 +31,11 @@ QUANT = {'model.lora_rank': 4, 'model.lora_quantize': 'nf4', 'model.lora_quantiz
 
 
 def _byte_tokenizer():
-  """A byte-level tokenizer.json without merges, the base directory's tokenizer."""
-  import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers, trainers
-  from pathways_jax.data import hf_tokenizer
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(['a'], trainers.BpeTrainer(
-      vocab_size=259, special_tokens=['<pad>', '<s>', '</s>'],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  return hf_tokenizer.HFTokenizer(tok.to_str(), {'bos_token': '<s>', 'eos_token': '</s>',
-                                                 'pad_token': '<pad>'})
+  """The benchmark's byte-level tokenizer.json (no merges): the base directory's tokenizer."""
+  import sys
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import qlora_startup
+  return qlora_startup.byte_level_tokenizer()
 
 
 @pytest.fixture(scope='module')
@@ -138,12 +131,7 @@ def test_a_run_saved_with_a_float_base_resumes_to_the_same_losses(tmp_path, hf_b
   make = _make(tmp_path, base)
   full, old = str(tmp_path / 'full'), str(tmp_path / 'old')
   loop.train(make(**{'train.steps': 4}), full, quiet=True)
-  shutil.copytree(full, old)
-  shutil.rmtree(os.path.join(old, 'checkpoints', '4'))
-  with open(os.path.join(old, 'metrics.jsonl')) as f:
-    upto2 = [line for line in f if json.loads(line)['step'] <= 2]
-  with open(os.path.join(old, 'metrics.jsonl'), 'w') as f:
-    f.writelines(upto2)
+  run_stopped_at(full, old, 2)
   shutil.rmtree(os.path.join(old, ckpt_lib.FROZEN_PARAMS))
   ckpt_lib.save_frozen_params(old, float_params)  # the float base, as older runs saved it
   assert not frozen.holds_quantized_base(old) and frozen.holds_quantized_base(full)

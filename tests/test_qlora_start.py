@@ -219,3 +219,34 @@ print('REPORT', json.dumps({{'quant': {quant!r}, 'state': r['state_bytes_per_dev
   dense = 2 * (3 * 32 * 64 + 2 * 32 * 32 + 2 * 32 * 16)  # w_gate/up/down, wq/wo, wk/wv (kv 1)
   saved = reports['']['state'] - reports['nf4']['state']  # both replicated on the 2 devices
   assert saved == pytest.approx(dense * (4 - 1 - 4 / 16), rel=1e-6)
+
+
+def test_a_sharded_qlora_start_computes_the_one_device_run(tmp_path, hf_base):
+  """On 2 fake devices with fsdp=2, each QArray's qvalue is sharded as its weight is (its scale
+  too, but along the blocked axis), and the run logs the one-device run's losses."""
+  from helpers import run_on_fake_devices
+  make = _make(tmp_path, hf_base[0], **{'model.lora_quantize': 'int8', 'train.steps': 2})
+  one = str(tmp_path / 'one')
+  loop.train(make(), one, quiet=True)
+  out = run_on_fake_devices(f"""
+import json, sys
+sys.path.insert(0, 'tests')
+from helpers import tiny_config
+from pathways_jax.train import loop
+cfg = tiny_config({str(tmp_path / 'cache')!r}, **{json.dumps(
+    {**QUANT, 'train.init_from': hf_base[0], 'model.lora_quantize': 'int8', 'train.steps': 2,
+     'mesh.fsdp': 2, 'mesh.data': 1, 'sample.prompts': []})})
+loop.train(cfg, {str(tmp_path / 'two')!r}, quiet=True)
+from pathways_jax import parallel
+from pathways_jax.train import frozen
+fm = frozen.load({str(tmp_path / 'two')!r}, parallel.make_mesh(cfg), parallel.logical_rules(cfg),
+                 keep_quantized=True)
+q = fm.params['blocks_0']['mlp']['w_up']
+print('SPECS', json.dumps([str(q.qvalue.sharding.spec), str(q.scale.sharding.spec)]))
+""", devices=2)
+  specs = [l for l in out.splitlines() if l.startswith('SPECS ')]
+  assert specs, out[-3000:]
+  qvalue_spec, scale_spec = json.loads(specs[0].split(' ', 1)[1])
+  assert 'fsdp' in qvalue_spec, (qvalue_spec, scale_spec)
+  want, got = logged_losses(one), logged_losses(str(tmp_path / 'two'))
+  assert sorted(got) == [1, 2] and got == pytest.approx(want, rel=1e-5, abs=0)

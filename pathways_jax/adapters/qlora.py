@@ -16,7 +16,9 @@ and where the weights are dequantised: the frozen base is stored as QArrays, and
 weight is dequantised when its module reads it (`Module.param`), inside the layer, so under
 `scan_layers` (and `remat`) only the layer being computed has a float copy of its weights; the
 matmul itself is the model's ordinary float `dense` on the dequantised weight (as in QLoRA,
-where NF4 is a storage type and the compute dtype is bfloat16).
+where NF4 is a storage type and the compute dtype is bfloat16). A run's base is quantised one
+weight at a time as `train.init_from` loads it (`LeafQuantizer`) and saved so (`for_storage`):
+its float copy is never whole in memory.
 
 Why not qwix's own PTQ/QLoRA providers (`qwix.PtqProvider`, `qwix.LoraProvider`): they
 quantise the weight operand of intercepted `dot_general`/`einsum`/`jnp.dot` calls, finding the

@@ -92,7 +92,7 @@ def _metadata(path: str):
 
 
 def _shapes(tree) -> dict:
-  return {path: tuple(m.shape) for path, m in trainable_lib.flat(tree).items()}
+  return _shapes_of_flat(trainable_lib.flat(tree))
 
 
 def _frozen_shapes(frozen_dir: str | None) -> tuple[dict, bool]:

@@ -250,3 +250,12 @@ print('SPECS', json.dumps([str(q.qvalue.sharding.spec), str(q.scale.sharding.spe
   assert 'fsdp' in qvalue_spec, (qvalue_spec, scale_spec)
   want, got = logged_losses(one), logged_losses(str(tmp_path / 'two'))
   assert sorted(got) == [1, 2] and got == pytest.approx(want, rel=1e-5, abs=0)
+
+
+def test_a_block_size_that_does_not_divide_a_weight_is_named_before_anything_is_saved(
+    tmp_path, hf_base):
+  make = _make(tmp_path, hf_base[0], **{'model.lora_quantize_block': 24})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'block_size=24 does not divide the input axis \(32\) of blocks_0/'):
+    loop.train(make(), str(tmp_path / 'run'), quiet=True)
+  assert not os.path.exists(os.path.join(tmp_path, 'run', ckpt_lib.FROZEN_PARAMS))

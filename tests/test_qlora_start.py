@@ -116,6 +116,15 @@ def test_the_base_lands_and_is_saved_quantised_and_loads_as_trained(tmp_path, hf
   tokens = jnp.arange(16, dtype=jnp.int32)[None] % 200 + 4
   logits = model.apply({'params': params}, tokens)
   assert np.isfinite(np.asarray(logits)).all()
+  # A quantised base whose run config no longer says how it was quantised: named, not guessed.
+  with open(os.path.join(run, 'config.json')) as f:
+    run_cfg = json.load(f)
+  run_cfg['model']['lora_quantize'] = ''
+  with open(os.path.join(run, 'config.json'), 'w') as f:
+    json.dump(run_cfg, f)
+  with pytest.raises(ckpt_lib.CheckpointError, match='holds a quantised base, but .*config.json '
+                     'sets no model.lora_quantize'):
+    frozen.load(run, mesh, rules)
 
 
 def test_a_qlora_run_resumes_exactly(tmp_path, hf_base):

@@ -157,6 +157,11 @@ def main():
   args = p.parse_args()
   if args._child:  # pylint: disable=protected-access
     return child(args)
+  from pathways_jax.adapters.qlora import QTYPES  # pylint: disable=g-import-not-at-top
+  qtypes = [q.strip() for q in args.qtypes.split(',') if q.strip()]
+  unknown = [q for q in qtypes if q not in QTYPES]
+  if unknown or not qtypes:
+    p.error(f'--qtypes={args.qtypes!r}: each must be one of {", ".join(QTYPES)}')
   dims_argv = ['--layers', str(args.layers), '--d_model', str(args.d_model),
                '--mlp_dim', str(args.mlp_dim)]
   with tempfile.TemporaryDirectory(prefix='qlora_startup_') as work:
@@ -166,7 +171,7 @@ def main():
     floor = measure(['--arm', 'floor', '--layers', '1', '--d_model', '128', '--mlp_dim', '256',
                      *common], args.mmap_threshold)['peak_mib']
     rows = []
-    for arm, qtype in [('lora', '')] + [(f'qlora_{q}', q) for q in args.qtypes.split(',') if q]:
+    for arm, qtype in [('lora', '')] + [(f'qlora_{q}', q) for q in qtypes]:
       r = measure(['--arm', arm, '--init_from', base, '--qtype', qtype, *dims_argv, *common],
                   args.mmap_threshold)
       rows.append((arm, r))

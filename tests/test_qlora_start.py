@@ -268,3 +268,13 @@ def test_a_block_size_that_does_not_divide_a_weight_is_named_before_anything_is_
                      match=r'block_size=24 does not divide the input axis \(32\) of blocks_0/'):
     loop.train(make(), str(tmp_path / 'run'), quiet=True)
   assert not os.path.exists(os.path.join(tmp_path, 'run', ckpt_lib.FROZEN_PARAMS))
+
+
+def test_the_startup_benchmark_refuses_an_unknown_qtype_before_measuring():
+  """A typo in --qtypes is named at once, not after the minutes the other arms take."""
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'qlora_startup.py'),
+                         '--qtypes=int8,fp4'], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "--qtypes='int8,fp4': each must be one of int8, int4, nf4" in proc.stderr

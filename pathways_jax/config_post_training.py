@@ -12,6 +12,7 @@ CHOICES = {
     'rl.scale': ('group', 'batch', 'none', 'rloo', 'gae'),
     'rl.kl': ('k1', 'k2', 'k3'),
     'rl.agg': ('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'),
+    'rl.loss': ('clip', 'wd1'),
 }
 
 
@@ -80,6 +81,9 @@ def add_sections(c: ml_collections.ConfigDict) -> None:
   r.eps_low = 0.2
   r.eps_high = 0.2  # DAPO's clip-higher: 0.28
   r.agg = 'token-mean'  # 'token-mean' | 'seq-mean-token-mean' | 'seq-mean-token-sum-norm'
+  # 'clip': the clipped surrogate (objectives.rl.policy_loss); 'wd1': wd1's ratio-free weighted
+  # likelihood (objectives.rl.wd1_loss: no old-policy or reference log-probs, so no rl.beta).
+  r.loss = 'clip'
   r.entropy_coef = 0.0  # + entropy bonus (the loss subtracts coef * mean token entropy)
   # Optimizer steps per rollout batch, each on 1/minibatches of its rows (> 1: the old policy's
   # log-probs are computed once at rollout time and the ratio leaves 1).

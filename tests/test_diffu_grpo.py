@@ -1,5 +1,5 @@
 """diffu-GRPO: the 'grpo' task with a LLaDA (bidirectional) policy, d1's one-step estimator and
-DiffuCoder's coupled one."""
+DiffuCoder's coupled one, and wd1's loss on d1's estimate."""
 import jax
 import numpy as np
 import pytest
@@ -152,7 +152,21 @@ def test_coupled_diffu_grpo_trains_and_is_refused_for_ar_policies(base, llada_ba
   with pytest.raises(ConfigError, match='applies to LLaDA policies'):
     tasks.make(_cfg(base, **{'rl.diffusion_estimator': 'coupled'}), model)
   lmodel = Transformer(ModelConfig.from_config(_cfg(base, **llada()).model, vocab_size=264))
-  for key, value, match in (('rl.diffusion_estimator', 'wd1', "is not 'd1' or 'coupled'"),
+  for key, value, match in (('rl.diffusion_estimator', 'wd1', "'coupled' .*rl.loss='wd1'"),
                             ('rl.coupled_t_max', 1.0, 'coupled_t_min <= coupled_t_max < 1')):
     with pytest.raises(ConfigError, match=match):
       tasks.make(_cfg(base, **llada(**{key: value})), lmodel)
+
+
+def test_wd1_on_d1_estimates_raises_a_learnable_reward(base, llada_base, tmp_path):
+  """wd1 as its paper runs it: a LLaDA policy, d1's one-step log-prob estimate, the ratio-free
+  weighted likelihood (rl.loss='wd1'), no reference."""
+  from pathways_jax.train import loop
+  res = loop.train(_cfg(base, **_llada(**{
+      'train.init_from': llada_base, 'rl.loss': 'wd1', 'rl.diffusion_steps': 3,
+      'train.steps': 12})), str(tmp_path / 'rl'), quiet=True)
+  reward = _by_step(tmp_path / 'rl', 'reward')
+  assert res['status'] == 'completed'
+  first, last = np.mean([reward[s] for s in (1, 2, 3)]), np.mean([reward[s] for s in (10, 11, 12)])
+  assert last > first + 0.1, reward
+  assert _metrics(tmp_path / 'rl')[0]['wd1/weight_abs_mean'] > 0

@@ -62,6 +62,27 @@ def test_grpo_raises_a_learnable_reward(base):
     assert key in m, key
 
 
+def test_wd1_raises_a_learnable_reward_without_old_policy_log_probs(base, tmp_path, monkeypatch):
+  """rl.loss='wd1' (objectives.rl.wd1_loss): two minibatches per rollout, so each step sees half
+  the groups, with the weights made from whole groups before the split; no forward pass for old
+  log-probs is made (wd1 reads no ratio). The reward rises as GRPO's does."""
+  from pathways_jax.tasks import grpo
+  from pathways_jax.train import loop
+  calls = []
+  real = grpo.GrpoTask._forward_logps
+  monkeypatch.setattr(grpo.GrpoTask, '_forward_logps',
+                      lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+  res = loop.train(_cfg(base, **{'rl.loss': 'wd1', 'rl.minibatches': 2, 'train.steps': 24}),
+                   str(tmp_path / 'wd1'), quiet=True)
+  assert res['status'] == 'completed' and not calls
+  reward = _by_step(tmp_path / 'wd1', 'reward')
+  first = np.mean([reward[s] for s in (1, 3, 5)])
+  last = np.mean([reward[s] for s in (19, 21, 23)])
+  assert last > first + 0.2, reward
+  m = _metrics(tmp_path / 'wd1')[0]
+  assert 0 < m['wd1/weight_abs_mean'] and 'seq_logp/mean' in m and 'ratio/mean' not in m
+
+
 def test_minibatches_and_prorl_resets_resume_exactly_on_rollout_boundaries(base, tmp_path):
   """Two optimizer steps per rollout; ProRL resets every 4 steps and whenever the held-out score
   (val_one, the first reward's: constant, so never a new best) has not improved for one
@@ -209,7 +230,9 @@ def test_bad_rewards_prompts_and_settings_are_named(base, tmp_path):
       ({'rl.diffusion_steps': -1}, diffu, 'diffusion_steps >= 0'),
       ({'rl.scale': 'gae'}, diffu, 'diffu-GRPO'),
       ({'rl.reflect': True, 'rl.reflect_instruction': ' '}, None, 'reflect_instruction'),
-      ({'rl.reflect': True, 'rl.retry_instruction': ''}, None, 'retry_instruction')):
+      ({'rl.reflect': True, 'rl.retry_instruction': ''}, None, 'retry_instruction'),
+      ({'rl.loss': 'wd1', 'rl.beta': 0.1}, None, r"loss='wd1' .* no rl\.beta > 0"),
+      ({**ppo, 'rl.loss': 'wd1'}, None, r"loss='wd1' .* no rl\.scale='gae'")):
     cfg = _cfg(base, **kw)
     with pytest.raises(ConfigError, match=match):
       settings.check(cfg, model_cfg or ModelConfig.from_config(cfg.model, vocab_size=264))

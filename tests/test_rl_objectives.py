@@ -1,5 +1,5 @@
 """RL objectives (group advantages incl. RLOO, KL estimators, the clipped policy loss and its
-aggregations, GAE): against plain numpy / python-float implementations written here from the
+aggregations, GAE, wd1): against plain numpy / python-float implementations written here from the
 papers' formulas, with gradients from finite differences or closed forms, edge cases, bad input."""
 import math
 
@@ -520,6 +520,68 @@ def test_value_loss_values_gradient_and_clip_fraction(clip):
   assert float(rl.value_loss(v, old, ret, np.zeros_like(mask), clip=clip)[0]) == 0.0
   with pytest.raises(ValueError, match='clip must be >= 0'):
     rl.value_loss(v, old, ret, mask, clip=-1.0)
+
+
+# ----------------------------------------------------------------------------- wd1
+
+
+def ref_wd1(logp, adv, mask, G):
+  """Python floats from wd1's formula: per group, w_i = e^{A_i} / sum_j e^{A_j} - e^{-A_i} /
+  sum_j e^{-A_j}; loss = -(1/P) sum_i w_i sum_t m logp; d loss / d logp_bt = -(1/P) w_b m_bt."""
+  B, T = len(logp), len(logp[0])
+  P = B // G
+  w = []
+  for p in range(P):
+    a = [float(x) for x in adv[p * G:(p + 1) * G]]
+    pos, neg = [math.exp(x) for x in a], [math.exp(-x) for x in a]
+    w += [pos[i] / sum(pos) - neg[i] / sum(neg) for i in range(G)]
+  loss = -sum(w[b] * sum(float(logp[b][t]) for t in range(T) if mask[b][t])
+              for b in range(B)) / P
+  grad = np.array([[-w[b] * mask[b][t] / P for t in range(T)] for b in range(B)])
+  return w, loss, grad
+
+
+def test_wd1_weights_loss_and_gradient():
+  rng = np.random.default_rng(5)
+  G, P, T = 4, 3, 5
+  adv = rng.normal(size=(P, G)).astype(np.float32)
+  adv[2] = 0.0  # a group with all-equal rewards: weight 0 for every completion
+  logp = rng.normal(-2.0, 1.0, size=(P * G, T)).astype(np.float32)
+  mask = (rng.random((P * G, T)) < 0.7).astype(np.int32)
+  mask[1] = 0  # a row with no completion token
+  w_want, loss_want, grad_want = ref_wd1(logp, adv.reshape(-1), mask, G)
+  w = rl.wd1_weights(adv)
+  assert_close(w.reshape(-1), np.array(w_want), terms=G)
+  np.testing.assert_allclose(np.asarray(w).sum(axis=1), 0.0, atol=1e-6)
+  assert np.all(np.asarray(w)[2] == 0)
+  best = np.argmax(adv[0])
+  assert np.asarray(w)[0, best] > 0 and np.asarray(w)[0, np.argmin(adv[0])] < 0
+  logp_pad = np.where(mask == 1, logp, np.nan).astype(np.float32)  # masked entries never read
+  entropy = rng.random((P * G, T)).astype(np.float32)
+  loss, metrics = rl.wd1_loss(logp_pad, w.reshape(-1), mask, group_size=G, entropy_BT=entropy)
+  grad = jax.grad(lambda lp: rl.wd1_loss(lp, w.reshape(-1), mask, group_size=G)[0])(
+      jnp.asarray(logp_pad))
+  assert_close(loss, loss_want, terms=P * G * T, scale=abs(loss_want) + 1)
+  assert_close(grad, grad_want, terms=P * G)
+  assert float(metrics['wd1/weight_abs_mean']) == pytest.approx(
+      np.mean(np.abs(w_want)), rel=1e-5)
+  rows = mask.any(axis=1)
+  assert float(metrics['seq_logp/mean']) == pytest.approx(
+      (logp * mask).sum(axis=1)[rows].mean(), rel=1e-5)
+  assert float(metrics['entropy']) == pytest.approx((entropy * mask).sum() / mask.sum(), rel=1e-5)
+  # The weights are constants: no gradient flows into them.
+  gw = jax.grad(lambda ww: rl.wd1_loss(logp, ww, mask, group_size=G)[0])(w.reshape(-1))
+  assert np.all(np.asarray(gw) == 0)
+
+
+def test_wd1_refusals():
+  logp, mask = np.zeros((4, 3), np.float32), np.ones((4, 3), np.int32)
+  with pytest.raises(ValueError, match=r'weights_B must have shape \[B\] = \(4,\)'):
+    rl.wd1_loss(logp, np.zeros(3), mask, group_size=2)
+  with pytest.raises(ValueError, match='group_size must be an integer >= 1'):
+    rl.wd1_loss(logp, np.zeros(4), mask, group_size=0)
+  with pytest.raises(ValueError, match='advantages_PG'):
+    rl.wd1_weights(np.zeros(4))
 
 
 # ----------------------------------------------------------------------------- jit

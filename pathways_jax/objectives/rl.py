@@ -85,6 +85,19 @@ OpenAI's baselines write it), a token mean over valid tokens:
 Metrics: `value_loss`, `value_clipfrac` (share of valid tokens where the clipped term is the
 larger, i.e. its gradient is 0), `value_mean`. Returns and old values are constants.
 
+`wd1_weights(advantages_PG)` and `wd1_loss(logp_BT, weights_B, mask_BT, group_size=G)`: wd1
+(Tang et al. 2025, "wd1: Weighted Policy Optimization for Reasoning in Diffusion Language
+Models"), a ratio-free objective that needs neither the old policy's nor a reference's
+log-probs. Within each group, with the completion's sequence log-prob S_i = sum_t m logp:
+
+  w_i = softmax_g(A)_i - softmax_g(-A)_i          (raises the best, lowers the worst; sum_i w_i = 0)
+  loss = -(1 / P) sum_i w_i S_i                   (P = B / G groups: a mean over groups)
+
+as wd1's trainer computes it (plain softmax of the advantages, sequence log-probs summed over
+the completion's tokens). A group with all-equal advantages gets w = 0. The weights are
+constants. Metrics: `wd1/weight_abs_mean` (mean |w|), `seq_logp/mean` (mean S over rows with a
+valid token) and `entropy` when entropy_BT is given.
+
 Everything is computed in float32 whatever the input dtype and works under jit and grad; names,
 shapes and (concrete) hyper-parameters are checked and a ValueError names the argument.
 
@@ -337,3 +350,46 @@ def value_loss(values_BT: jax.Array, old_values_BT: jax.Array, returns_BT: jax.A
   return loss, {'value_loss': stop(loss),
                 'value_clipfrac': stop(_masked_token_mean(clipped.astype(jnp.float32), valid)),
                 'value_mean': stop(_masked_token_mean(v, valid))}
+
+
+def wd1_weights(advantages_PG: jax.Array) -> jax.Array:
+  """wd1's per-completion weights [P, G]: softmax over each group of the advantages minus the
+  softmax of their negatives (module docstring)."""
+  _check_rank('wd1_weights', 'advantages_PG', advantages_PG, 2)
+  adv = _f32(advantages_PG)
+  return jax.nn.softmax(adv, axis=1) - jax.nn.softmax(-adv, axis=1)
+
+
+def wd1_loss(logp_BT: jax.Array, weights_B: jax.Array, mask_BT: jax.Array, *, group_size: int,
+             entropy_BT: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """wd1's weighted-likelihood loss and metrics (module docstring): -(G / B) sum_b w_b S_b.
+
+  Args:
+    logp_BT: log pi_theta of the sampled tokens (differentiated; for a LLaDA policy an estimate).
+    weights_B: `wd1_weights` of the rows' groups, flattened [B] (constant).
+    mask_BT: nonzero on the completion tokens that count.
+    group_size: G, completions per prompt (B / G is the number of groups the loss averages).
+    entropy_BT: per-token policy entropy, only averaged into metrics['entropy'].
+  """
+  name = 'wd1_loss'
+  _check_rank(name, 'logp_BT', logp_BT, 2)
+  _check_same_shape(name, logp_BT=logp_BT, mask_BT=mask_BT, entropy_BT=entropy_BT)
+  B = jnp.shape(logp_BT)[0]
+  if jnp.shape(weights_B) != (B,):
+    raise ValueError(f'{name}: weights_B must have shape [B] = {(B,)}, got '
+                     f'{jnp.shape(weights_B)}')
+  if not (isinstance(group_size, (int, np.integer)) and group_size >= 1):
+    raise ValueError(f'{name}: group_size must be an integer >= 1, got {group_size!r}')
+  valid = jnp.asarray(mask_BT).astype(bool)
+  stop = jax.lax.stop_gradient
+  w = stop(_f32(weights_B))
+  # Masked positions contribute 0 whatever is stored there (inf, NaN), to the loss and gradient.
+  seq_logp_B = jnp.where(valid, _f32(logp_BT), 0.0).sum(axis=1)
+  loss = -(w * seq_logp_B).sum() * group_size / B
+  rows = valid.any(axis=1)
+  metrics = {'wd1/weight_abs_mean': stop(jnp.abs(w).mean()),
+             'seq_logp/mean': stop(jnp.where(rows, seq_logp_B, 0.0).sum()
+                                   / jnp.maximum(rows.sum(), 1).astype(jnp.float32))}
+  if entropy_BT is not None:
+    metrics['entropy'] = stop(_masked_token_mean(_f32(entropy_BT), valid))
+  return loss, metrics

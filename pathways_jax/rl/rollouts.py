@@ -25,6 +25,7 @@ from pathways_jax.rl import rewards as rewards_lib
 _LOG = logging.getLogger('pathways_jax.tasks.grpo')
 _ROLLOUT_STREAM = 0x726F6C6C  # 'roll': rollout keys, apart from the step's own draws
 TRAIN_FIELDS = ('tokens', 'segment_ids', 'positions', 'completion_mask')
+WD1_WEIGHT = 'wd1_weight'  # float32 [N], rl.loss='wd1' only: objectives.rl.wd1_weights per row
 
 
 class RolloutBatches:
@@ -120,8 +121,12 @@ class RolloutBatches:
       old_logp, ppo_metrics = self._ppo_targets(
           rows, rewards_PG.reshape(-1), stack('kl') if self.kl_in_reward else None, params)
     else:
-      adv = np.asarray(rl.group_advantages(jnp.asarray(rewards_PG), scale=r.scale)).reshape(-1)
+      adv_PG = rl.group_advantages(jnp.asarray(rewards_PG), scale=r.scale)
+      adv = np.asarray(adv_PG).reshape(-1)
       rows['advantages'] = np.where(live, adv, 0.0).astype(np.float32)
+      if self.wd1:  # each group's weights from its whole group, before minibatches split rows
+        weights = np.asarray(rl.wd1_weights(adv_PG)).reshape(-1)
+        rows[WD1_WEIGHT] = np.where(live, weights, 0.0).astype(np.float32)
       old_logp = None if self.on_policy else self._forward_logps(rows, self.model, params)
     rows['old_logp'] = (np.zeros(rows['tokens'].shape, np.float32) if self.on_policy
                         else old_logp)

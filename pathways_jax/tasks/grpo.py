@@ -36,7 +36,9 @@ first attempt, each rewarded by whether the greedy retry after it succeeds; only
 are trained.
 The loss (`objectives.rl.policy_loss`) is the clipped surrogate on log softmax(logits / T) of
 the sampled tokens, plus beta * KL to the reference (a frozen model, or for a LoRA policy its own
-base with the adapters off) and minus an entropy bonus. Checkpoints fall only on rollout
+base with the adapters off) and minus an entropy bonus; rl.loss='wd1' trains instead on wd1's
+weighted likelihood (`objectives.rl.wd1_loss`: whole completions weighted within their group,
+no ratio, so no old-policy pass and no reference). Checkpoints fall only on rollout
 boundaries (a SIGTERM mid-batch saves at the batch's end).
 
 Validation: the held-out prompts (data.validation_path) answered greedily every
@@ -59,7 +61,7 @@ from pathways_jax.rl import diffusion as diffusion_lib
 from pathways_jax.rl import prompts as prompts_lib
 from pathways_jax.rl import rewards as rewards_lib
 from pathways_jax.rl import settings
-from pathways_jax.rl.rollouts import TRAIN_FIELDS, RolloutBatches
+from pathways_jax.rl.rollouts import TRAIN_FIELDS, WD1_WEIGHT, RolloutBatches
 from pathways_jax.tasks.lm_head import outputs as lm_head_outputs
 from pathways_jax.tasks.base import COUNT, FrozenInputs, RunContext, Task
 from pathways_jax.tasks.reference import ReferenceMixin, base_params
@@ -100,7 +102,9 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     self.source, self.ref_key = r.reference or cfg.train.init_from, 'rl.reference'
     self.adapters_off = self.needs_ref and self.is_adapters_off()
     self.kl_in_reward = self.needs_ref and r.kl_penalty == 'reward'
-    self.on_policy = r.minibatches == 1  # one update per rollout: old = current, ratio exactly 1
+    self.wd1 = r.loss == 'wd1'  # ratio-free: no old-policy log-probs (objectives.rl.wd1_loss)
+    # One update per rollout: old = current, ratio exactly 1 (wd1 never reads a ratio).
+    self.on_policy = r.minibatches == 1 or self.wd1
     self.ref_model = None
     self._run = self._sampler = self._buffer = None
     self._records = self._messages = self._eval = self._rm = None
@@ -116,21 +120,23 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
            else self.source)
     ppo = (f', PPO value head: gamma={r.gamma}, lam={r.lam}, vf_coef={r.vf_coef}'
            if self.ppo else '')
-    return (f'grpo(G={r.num_generations}, scale={r.scale}, agg={r.agg}, rewards={r.rewards}, '
+    loss = 'wd1' if self.wd1 else f'agg={r.agg}'
+    return (f'grpo(G={r.num_generations}, scale={r.scale}, {loss}, rewards={r.rewards}, '
             f'beta={r.beta}, reference={ref}{ppo})')
 
   # -- the batch the step trains on -----------------------------------------------------------
   def batch_fields(self):
     ppo = {k: jnp.float32 for k in PPO_FIELDS} if self.ppo else {}
+    wd1 = {WD1_WEIGHT: jnp.float32} if self.wd1 else {}
     return {**{k: jnp.int32 for k in TRAIN_FIELDS}, 'advantages': jnp.float32,
-            'old_logp': jnp.float32, **ppo, **self.estimator_fields}
+            'old_logp': jnp.float32, **ppo, **wd1, **self.estimator_fields}
 
   def batch_spec(self, batch_size: int, seq_len: int, sharding=None) -> dict:
     """One optimizer step's rows: batch_size prompts x G samples / minibatches."""
     n = batch_size * self.cfg.rl.num_generations // self.cfg.rl.minibatches
     length = seq_len + self.cfg.rl.max_new_tokens
-    per_row = 'advantages' if not self.ppo else None
-    return {k: jax.ShapeDtypeStruct((n,) if k == per_row else (n, length), dtype,
+    per_row = {WD1_WEIGHT} | ({'advantages'} if not self.ppo else set())
+    return {k: jax.ShapeDtypeStruct((n,) if k in per_row else (n, length), dtype,
                                     sharding=sharding)
             for k, dtype in self.batch_fields().items()}
 
@@ -402,6 +408,14 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
       ref = jax.lax.stop_gradient(self._token_logps(ref_model, jax.lax.stop_gradient(ref_params),
                                                     batch))
     mask = batch['completion_mask']
+    if self.wd1:
+      loss, metrics = rl.wd1_loss(logp, batch[WD1_WEIGHT], mask, group_size=r.num_generations,
+                                  entropy_BT=entropy)
+      if r.entropy_coef:
+        loss = loss - r.entropy_coef * metrics['entropy']
+      # A mean over groups: micro-batches weigh theirs by their share of the step's groups.
+      return loss, {**metrics, COUNT: jnp.asarray(mask.shape[0] / r.num_generations,
+                                                  jnp.float32)}
     loss, metrics = rl.policy_loss(
         logp, old, batch['advantages'], mask, ref_logp_BT=ref,
         beta=0.0 if self.kl_in_reward else r.beta, kl=r.kl,

@@ -103,6 +103,19 @@ def release_free_memory() -> None:
     _glibc().malloc_trim(ctypes.c_size_t(0))
 
 
+def trim_after_bulk_io() -> None:
+  """Returns the free pages of every malloc arena to the OS, whatever the mode (glibc only).
+
+  For a one-off phase that frees many small buffers on other threads: orbax's save of a run's
+  frozen base (tensorstore's write buffers, about the base's size in chunks below the mmap
+  threshold) leaves them in those threads' arenas, which glibc trims only when their top chunk
+  is free. Held there, they add to the first step's peak (measured, benchmarks/RESULTS.md).
+  """
+  libc = _glibc()
+  if libc is not None:
+    libc.malloc_trim(ctypes.c_size_t(0))
+
+
 def enabled() -> bool:
   """Whether reuse_freed_memory() has set the options in this process."""
   return _enabled

@@ -284,6 +284,7 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
     if frozen_params is not None:
       ckpt_lib.save_frozen_params(
           workdir, frozen_params if qcfg is None else qlora.for_storage(frozen_params))
+      host_memory.trim_after_bulk_io()  # else the save's freed buffers add to the step's peak
     start = 0
   qlora_bytes = None
   if qcfg is not None:

@@ -12,7 +12,7 @@ CHOICES = {
     'rl.scale': ('group', 'batch', 'none', 'rloo', 'gae'),
     'rl.kl': ('k1', 'k2', 'k3'),
     'rl.agg': ('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'),
-    'rl.loss': ('clip', 'wd1'),
+    'rl.loss': ('clip', 'gspo', 'wd1'),
 }
 
 
@@ -81,8 +81,10 @@ def add_sections(c: ml_collections.ConfigDict) -> None:
   r.eps_low = 0.2
   r.eps_high = 0.2  # DAPO's clip-higher: 0.28
   r.agg = 'token-mean'  # 'token-mean' | 'seq-mean-token-mean' | 'seq-mean-token-sum-norm'
-  # 'clip': the clipped surrogate (objectives.rl.policy_loss); 'wd1': wd1's ratio-free weighted
-  # likelihood (objectives.rl.wd1_loss: no old-policy or reference log-probs, so no rl.beta).
+  # 'clip': the clipped surrogate (objectives.rl.policy_loss); 'gspo': the same on one
+  # length-normalised ratio per completion (objectives.rl.sequence_policy_loss; GSPO, and ESPO
+  # with diffusion_estimator='elbo'); 'wd1': wd1's ratio-free weighted likelihood
+  # (objectives.rl.wd1_loss: no old-policy or reference log-probs, so no rl.beta).
   r.loss = 'clip'
   r.entropy_coef = 0.0  # + entropy bonus (the loss subtracts coef * mean token entropy)
   # Optimizer steps per rollout batch, each on 1/minibatches of its rows (> 1: the old policy's
@@ -107,7 +109,8 @@ def add_sections(c: ml_collections.ConfigDict) -> None:
   r.prompt_mask_p = 0.15
   # The log-prob estimator (rl/diffusion.py): 'd1' (one pass, the completion fully masked) or
   # 'coupled' (DiffuCoder's coupled-GRPO: d1's pass plus two complementary masks of the
-  # completion at a ratio t ~ U[coupled_t_min, coupled_t_max] per row; three passes).
+  # completion at a ratio t ~ U[coupled_t_min, coupled_t_max] per row; three passes) or 'elbo'
+  # (ESPO's sequence ELBO: the complementary pair alone, mask counts stratified over the rows).
   r.diffusion_estimator = 'd1'
   r.coupled_t_min = 0.2
   r.coupled_t_max = 0.8

@@ -1,5 +1,6 @@
 """diffu-GRPO: the 'grpo' task with a LLaDA (bidirectional) policy, d1's one-step estimator and
-DiffuCoder's coupled one, and wd1's loss on d1's estimate."""
+DiffuCoder's coupled one, ESPO's sequence ELBO with the sequence-level loss (and GSPO on an AR
+policy), and wd1's loss on d1's estimate."""
 import jax
 import numpy as np
 import pytest
@@ -132,6 +133,98 @@ def test_coupled_log_probs_are_the_three_passes_combined(base):
   np.testing.assert_allclose(got[:, P:], want[:, P:], atol=2e-4)
 
 
+def test_elbo_masks_stratify_the_mask_counts_and_weight_them_as_espo():
+  """ESPO's masks: per row k masked generated positions in pass a (the rest in pass b), the k's
+  spread evenly over {0..L} across the rows; weights (L + 1) / k and (L + 1) / (L - k)."""
+  from pathways_jax.rl import diffusion as dl
+  P, L, N = 3, 7, 16
+  in_a, weight = dl.elbo_masks(P, (N, P + L), rng=np.random.default_rng(4))
+  assert not in_a[:, :P].any() and (weight[:, :P] == 0).all()
+  k = in_a[:, P:].sum(axis=1)
+  # 16 rows over the 8 counts {0..7}: every count twice, where independent draws would leave
+  # some out
+  assert sorted(np.bincount(k, minlength=L + 1)) == [2] * (L + 1)
+  gen_a = in_a[:, P:] > 0
+  want = np.where(gen_a, (L + 1) / np.maximum(k, 1)[:, None],
+                  (L + 1) / np.maximum(L - k, 1)[:, None])
+  np.testing.assert_allclose(weight[:, P:], want, rtol=1e-6)
+  # Each weighted pass counts the L positions without bias: (L + 1) / k over k masked tokens,
+  # nothing at k = 0, is L (L + 1) / (L + 1) = L on average over k uniform on {0..L}; so a
+  # log-prob of -1 everywhere gives an ELBO of -L per pass on average.
+  draws = [dl.elbo_masks(P, (N, P + L), rng=np.random.default_rng(i)) for i in range(300)]
+  for pass_a in (True, False):
+    sums = [np.where((a[:, P:] > 0) == pass_a, w[:, P:], 0).sum(1).mean() for a, w in draws]
+    assert np.mean(sums) == pytest.approx(L, rel=0.03)
+
+
+def test_elbo_log_probs_are_the_two_passes_combined(base):
+  """The task's ESPO estimate against two separate forward passes and a numpy log-softmax:
+  half the weight times the log-prob from the pass that masked the token."""
+  import jax.numpy as jnp
+  from pathways_jax import tasks
+  from pathways_jax.config import ModelConfig
+  from pathways_jax.models.transformer import Transformer
+  from pathways_jax.rl import diffusion as dl
+  cfg = _cfg(base, **{'objective': 'diffusion', 'model.causal': False,
+                      'rl.diffusion_estimator': 'elbo', 'rl.temperature': 0.7})
+  cfg.data.mask_id = BYTES.mask_id
+  model = Transformer(ModelConfig.from_config(cfg.model, vocab_size=264))
+  task = tasks.make(cfg, model)
+  assert 'masked_tokens' not in task.batch_fields()  # no d1 pass
+  rng = np.random.default_rng(0)
+  P, N, T = 5, 4, 9
+  tokens = rng.integers(3, 200, size=(N, T)).astype(np.int32)
+  batch = {'tokens': tokens, 'segment_ids': np.ones((N, T), np.int32),
+           'positions': np.tile(np.arange(T, dtype=np.int32), (N, 1))}
+  batch['coupled_mask'], batch['coupled_weight'] = dl.elbo_masks(P, (N, T), rng=rng)
+  params = model.init(jax.random.key(0), jnp.asarray(tokens))['params']
+  got = np.asarray(task._token_logps(model, params, {k: jnp.asarray(v) for k, v in batch.items()}))
+
+  def logp(inputs):
+    logits = np.asarray(model.apply({'params': params}, jnp.asarray(inputs)), np.float64) / 0.7
+    top = logits.max(-1, keepdims=True)
+    lsm = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    return np.take_along_axis(lsm, tokens[..., None], -1)[..., 0]
+
+  in_a = batch['coupled_mask'] > 0
+  pass_a = np.where(in_a, BYTES.mask_id, tokens)
+  pass_b = np.where((batch['coupled_weight'] > 0) & ~in_a, BYTES.mask_id, tokens)
+  want = 0.5 * batch['coupled_weight'] * np.where(in_a, logp(pass_a), logp(pass_b))
+  np.testing.assert_allclose(got[:, P:], want[:, P:], atol=2e-4)
+
+
+def test_espo_and_gspo_raise_a_learnable_reward(base, llada_base, tmp_path):
+  """ESPO (a LLaDA policy, the sequence ELBO, one length-normalised ratio per completion, k2 KL
+  to the start model on the same masks: 0 at step 1) and GSPO (an AR policy, two minibatches
+  per rollout so the ratio leaves 1) through the trainer; each setting checked."""
+  from pathways_jax import tasks
+  from pathways_jax.config import ModelConfig
+  from pathways_jax.models.transformer import Transformer
+  from pathways_jax.train import loop
+  for name, kw in (('espo', _llada(**{'train.init_from': llada_base, 'rl.diffusion_steps': 3,
+                                      'rl.diffusion_estimator': 'elbo', 'rl.loss': 'gspo',
+                                      'rl.beta': 0.01, 'rl.kl': 'k2', 'train.steps': 12})),
+                   ('gspo', {'rl.loss': 'gspo', 'rl.minibatches': 2, 'train.steps': 24})):
+    res = loop.train(_cfg(base, **kw), str(tmp_path / name), quiet=True)
+    reward = _by_step(tmp_path / name, 'reward')
+    last_step = max(reward)
+    first = np.mean([reward[s] for s in sorted(reward)[:3]])
+    last = np.mean([reward[s] for s in sorted(reward)[-3:]])
+    assert res['status'] == 'completed' and last > first + 0.1, (name, reward)
+    m = _by_step(tmp_path / name, 'ratio/mean')
+    if name == 'espo':
+      assert _by_step(tmp_path / name, 'kl')[1] < 1e-10
+    else:  # the second minibatch of a rollout is off-policy
+      assert m[1] == pytest.approx(1.0, abs=1e-6) and m[2] != pytest.approx(1.0, abs=1e-6)
+    assert last_step == kw['train.steps']
+  lmodel = Transformer(ModelConfig.from_config(_cfg(base, **_llada()).model, vocab_size=264))
+  with pytest.raises(ConfigError, match="'elbo'.*rl.loss='gspo'"):
+    tasks.make(_cfg(base, **_llada(**{'rl.diffusion_estimator': 'espo'})), lmodel)
+  model = Transformer(ModelConfig.from_config(_cfg(base).model, vocab_size=264))
+  with pytest.raises(ConfigError, match="applies to LLaDA policies"):
+    tasks.make(_cfg(base, **{'rl.diffusion_estimator': 'elbo'}), model)
+
+
 def test_coupled_diffu_grpo_trains_and_is_refused_for_ar_policies(base, llada_base, tmp_path):
   """The coupled estimator through the trainer: the reward rises, the KL to the start model is 0
   at step 1 (the reference reads the same three passes), and the setting is checked."""
@@ -152,7 +245,7 @@ def test_coupled_diffu_grpo_trains_and_is_refused_for_ar_policies(base, llada_ba
   with pytest.raises(ConfigError, match='applies to LLaDA policies'):
     tasks.make(_cfg(base, **{'rl.diffusion_estimator': 'coupled'}), model)
   lmodel = Transformer(ModelConfig.from_config(_cfg(base, **llada()).model, vocab_size=264))
-  for key, value, match in (('rl.diffusion_estimator', 'wd1', "'coupled' .*rl.loss='wd1'"),
+  for key, value, match in (('rl.diffusion_estimator', 'wd1', "'elbo' .*rl.loss='wd1'"),
                             ('rl.coupled_t_max', 1.0, 'coupled_t_min <= coupled_t_max < 1')):
     with pytest.raises(ConfigError, match=match):
       tasks.make(_cfg(base, **llada(**{key: value})), lmodel)

@@ -85,6 +85,19 @@ OpenAI's baselines write it), a token mean over valid tokens:
 Metrics: `value_loss`, `value_clipfrac` (share of valid tokens where the clipped term is the
 larger, i.e. its gradient is 0), `value_mean`. Returns and old values are constants.
 
+`sequence_policy_loss(...)`: the clipped surrogate with one ratio per completion, the geometric
+mean of its tokens' ratios (GSPO: Zheng et al. 2025, "Group Sequence Policy Optimization"; ESPO:
+Ou et al. 2025, "Principled RL for Diffusion LLMs Emerges from a Sequence-Level Perspective",
+where the sequence log-prob is a masked-diffusion model's ELBO). With S_b = sum_t m logp, n_b = sum_t m and A_b per row:
+
+  s_b = exp((S_b - S_old_b) / n_b),   l_b = -min(s_b A_b, clip(s_b, 1 - eps_low, 1 + eps_high) A_b)
+        + beta * KL(d_b),   d_b = (S_ref_b - S_b) / n_b   (the per-token mean log-ratio)
+
+a mean over the rows with n_b > 0 (clipping decided per row as in `policy_loss`). ESPO's KL is
+k2 of the un-normalised difference over its fixed length L, beta (S - S_ref)^2 / (2 L) = beta L
+k2(d) when n = L: pass beta * L and kl='k2' to match it. Metrics as `policy_loss`'s, the clip
+shares and mean ratio over rows.
+
 `wd1_weights(advantages_PG)` and `wd1_loss(logp_BT, weights_B, mask_BT, group_size=G)`: wd1
 (Tang et al. 2025, "wd1: Weighted Policy Optimization for Reasoning in Diffusion Language
 Models"), a ratio-free objective that needs neither the old policy's nor a reference's
@@ -390,6 +403,67 @@ def wd1_loss(logp_BT: jax.Array, weights_B: jax.Array, mask_BT: jax.Array, *, gr
   metrics = {'wd1/weight_abs_mean': stop(jnp.abs(w).mean()),
              'seq_logp/mean': stop(jnp.where(rows, seq_logp_B, 0.0).sum()
                                    / jnp.maximum(rows.sum(), 1).astype(jnp.float32))}
+  if entropy_BT is not None:
+    metrics['entropy'] = stop(_masked_token_mean(_f32(entropy_BT), valid))
+  return loss, metrics
+
+
+def sequence_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, advantages_B: jax.Array,
+                         mask_BT: jax.Array, *, ref_logp_BT: jax.Array | None = None,
+                         beta: float = 0.0, kl: str = 'k3', eps_low: float = 0.2,
+                         eps_high: float = 0.2, entropy_BT: jax.Array | None = None
+                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """GSPO's / ESPO's clipped surrogate on one length-normalised ratio per completion (module
+  docstring); the arguments are `policy_loss`'s, per token, with one advantage per row [B]."""
+  name = 'sequence_policy_loss'
+  _check_rank(name, 'logp_BT', logp_BT, 2)
+  _check_same_shape(name, logp_BT=logp_BT, old_logp_BT=old_logp_BT, mask_BT=mask_BT,
+                    ref_logp_BT=ref_logp_BT, entropy_BT=entropy_BT)
+  B = jnp.shape(logp_BT)[0]
+  if jnp.shape(advantages_B) != (B,):
+    raise ValueError(f'{name}: advantages_B must have shape [B] = {(B,)} (one per completion), '
+                     f'got {jnp.shape(advantages_B)}')
+  if kl not in KL_KINDS:
+    raise ValueError(f'{name}: kl={kl!r} is not one of {KL_KINDS}')
+  if _is_number(beta) and not beta >= 0:
+    raise ValueError(f'{name}: beta must be >= 0, got {beta}')
+  if ref_logp_BT is None and not (_is_number(beta) and beta == 0):
+    raise ValueError(f'{name}: beta={beta} > 0 adds a KL term and needs ref_logp_BT (the '
+                     'reference log-probs); pass it, or beta=0')
+  if _is_number(eps_low) and not 0 <= eps_low < 1:
+    raise ValueError(f'{name}: eps_low must be in [0, 1), got {eps_low}')
+  if _is_number(eps_high) and not eps_high >= 0:
+    raise ValueError(f'{name}: eps_high must be >= 0, got {eps_high}')
+
+  stop = jax.lax.stop_gradient
+  valid = jnp.asarray(mask_BT).astype(bool)
+  n_B = valid.sum(axis=1).astype(jnp.float32)
+  rows = n_B > 0
+  per_token_n = jnp.maximum(n_B, 1.0)
+  # Masked positions are 0 before any sum: whatever is stored there never reaches the loss.
+  seq = lambda x: jnp.where(valid, _f32(x), 0.0).sum(axis=1)
+  seq_logp = seq(logp_BT)
+  log_ratio = (seq_logp - stop(seq(old_logp_BT))) / per_token_n
+  ratio = jnp.exp(log_ratio)
+  adv = stop(_f32(advantages_B))
+  low_clipped = rows & (adv < 0) & (ratio < 1.0 - eps_low)
+  high_clipped = rows & (adv > 0) & (ratio > 1.0 + eps_high)
+  clipped = low_clipped | high_clipped
+  bound = jnp.where(low_clipped, 1.0 - eps_low, 1.0 + eps_high)
+  per_row = -jnp.where(clipped, bound, ratio) * adv  # clipped rows: a constant, no gradient
+  metrics = {}
+  if ref_logp_BT is not None:
+    kl_B = _kl_of_d((stop(seq(ref_logp_BT)) - seq_logp) / per_token_n, kl)
+    if not (_is_number(beta) and beta == 0):
+      per_row = per_row + _f32(beta) * kl_B
+    metrics['kl'] = stop(jnp.where(rows, kl_B, 0.0).sum() / jnp.maximum(rows.sum(), 1))
+  count = jnp.maximum(rows.sum(), 1).astype(jnp.float32)
+  loss = jnp.where(rows, per_row, 0.0).sum() / count
+  row_mean = lambda x: stop(jnp.where(rows, x.astype(jnp.float32), 0.0).sum() / count)
+  metrics.update({'clip_ratio/low_mean': row_mean(low_clipped),
+                  'clip_ratio/high_mean': row_mean(high_clipped),
+                  'clip_ratio/region_mean': row_mean(clipped),
+                  'ratio/mean': row_mean(ratio)})
   if entropy_BT is not None:
     metrics['entropy'] = stop(_masked_token_mean(_f32(entropy_BT), valid))
   return loss, metrics

@@ -28,6 +28,18 @@ The log-prob of token k is (d1's one-step value + w_k * its value from the pass 
 of 3N rows; the masks travel in the batch (`coupled_mask`, `coupled_weight`), shared by the
 policy, the old policy and the reference like d1's.
 
+`rl.diffusion_estimator='elbo'` is ESPO's sequence ELBO (Ou et al. 2025, "Principled RL for
+Diffusion LLMs Emerges from a Sequence-Level Perspective"): the same complementary pair of passes
+without d1's, and per row a count k of masked generated positions stratified over the rollout's
+rows (k_i = floor(v + i (L + 1) / N) mod (L + 1), v ~ U[0, L + 1), L generated positions), k of
+them drawn for pass a. Each row's k is then uniform on {0..L}; ESPO rounds a linspace from a
+random integer start instead, which favours even counts (round half to even) when (L + 1) / N is
+half an integer. A token masked in pass a is weighted 1/p with p = k / (L + 1), one
+masked in pass b 1 / (L / (L + 1) - p), as ESPO weights them, and its value is half that weight
+times its log-prob in the pass that masked it: the two passes' ELBO estimates averaged, whose
+sum over the completion is ESPO's sequence log-likelihood. Pair it with rl.loss='gspo' (one
+length-normalised ratio per completion) for ESPO's objective.
+
 Rows keep the AR trainer's layout (rl/batch.py) with two differences: every generated position is
 part of the sequence (segment id 1: the sampler decoded all `max_new_tokens` of them, EOS padding
 included), and the completion mask runs up to and including the first EOS (LLaDA pads answers
@@ -78,6 +90,25 @@ def coupled_masks(prompt_len: int, shape: tuple[int, int], *, t_min: float, t_ma
   return in_a.astype(np.int32), weight.astype(np.float32)
 
 
+def elbo_masks(prompt_len: int, shape: tuple[int, int], *, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """ESPO's masks in `coupled_masks`' layout (module docstring): (int32 [N, T]: 1 where pass a
+  masks the position, float32 [N, T]: (L + 1) / k in pass a, (L + 1) / (L - k) in pass b, 0 over
+  the prompt), with k stratified over the N rows."""
+  n, total = shape
+  length = total - prompt_len
+  v = rng.uniform(0, length + 1)
+  k_N = np.floor(v + np.arange(n) * (length + 1) / n).astype(np.int64) % (length + 1)
+  ranks = np.argsort(rng.random((n, length)), axis=1).argsort(axis=1)  # a random order per row
+  in_a = np.zeros((n, total), bool)
+  in_a[:, prompt_len:] = ranks < k_N[:, None]
+  k = k_N[:, None].astype(np.float64)
+  generated = np.arange(total)[None, :] >= prompt_len
+  with np.errstate(divide='ignore'):  # k = 0 or L: that pass masks nothing, its weight unused
+    weight = np.where(in_a, (length + 1) / k, np.where(generated, (length + 1) / (length - k), 0.0))
+  return in_a.astype(np.int32), weight.astype(np.float32)
+
+
 def coupled_inputs(tokens_NT: jax.Array, coupled_mask_NT: jax.Array, weight_NT: jax.Array, *,
                    mask_id: int) -> tuple[jax.Array, jax.Array]:
   """The rows of passes a and b: the completion positions of pass a masked, then the others
@@ -94,6 +125,13 @@ def coupled_logps(one_step_NT: jax.Array, a_NT: jax.Array, b_NT: jax.Array,
   the token) / 2 at every generated position (the prompt's values are not used)."""
   masked_pass = jnp.where(coupled_mask_NT > 0, a_NT, b_NT)
   return 0.5 * (one_step_NT + weight_NT * masked_pass)
+
+
+def elbo_logps(a_NT: jax.Array, b_NT: jax.Array, coupled_mask_NT: jax.Array,
+               weight_NT: jax.Array) -> jax.Array:
+  """float32 [N, T]: half the weight times each token's log-prob in the pass that masked it
+  (`elbo_masks`): summed over a completion, the two passes' ELBO estimates averaged."""
+  return 0.5 * weight_NT * jnp.where(coupled_mask_NT > 0, a_NT, b_NT)
 
 
 def token_logps(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:

@@ -199,10 +199,14 @@ class RolloutBatches:
                                   np.ones(cmask.shape, np.int32)], axis=1)
     rng = np.random.default_rng([self.cfg.seed, 0x6431, index, attempt])  # 'd1'
     out = {'segment_ids': segment_ids,
-           'positions': np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32),
-           'masked_tokens': diffusion_lib.masked_inputs(
-               rows['tokens'], prompt_mask, mask_id=mask_id(self.cfg),
-               p=self.cfg.rl.prompt_mask_p, rng=rng)}
+           'positions': np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)}
+    if self.elbo:  # ESPO: the complementary pair only
+      out['coupled_mask'], out['coupled_weight'] = diffusion_lib.elbo_masks(
+          prompt_mask.shape[1], rows['tokens'].shape, rng=rng)
+      return out
+    out['masked_tokens'] = diffusion_lib.masked_inputs(
+        rows['tokens'], prompt_mask, mask_id=mask_id(self.cfg), p=self.cfg.rl.prompt_mask_p,
+        rng=rng)
     if self.coupled:  # drawn after d1's mask: a d1 run's masks are unchanged
       r = self.cfg.rl
       out['coupled_mask'], out['coupled_weight'] = diffusion_lib.coupled_masks(

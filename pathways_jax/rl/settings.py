@@ -63,6 +63,9 @@ def check(cfg, model_cfg) -> None:
   if r.kl_penalty not in ('loss', 'reward'):
     raise ConfigError(f"config.rl.kl_penalty={r.kl_penalty!r} is not 'loss' or 'reward'")
   ppo = r.scale == 'gae'
+  if r.loss == 'gspo' and ppo:
+    raise ConfigError("config.rl.loss='gspo' takes one advantage per completion: it takes no "
+                      "rl.scale='gae' (PPO's per-token advantages)")
   if r.loss == 'wd1' and (ppo or r.beta > 0):
     raise ConfigError("config.rl.loss='wd1' weighs whole completions by their group's "
                       "advantages and holds no reference: it takes no rl.scale='gae' (PPO) and "
@@ -75,11 +78,12 @@ def check(cfg, model_cfg) -> None:
       raise ConfigError(f'config.rl: need 0 <= prompt_mask_p < 1, diffusion_steps >= 0 and '
                         f'block_length >= 0; got {r.prompt_mask_p}, {r.diffusion_steps}, '
                         f'{r.block_length}')
-    if r.diffusion_estimator not in ('d1', 'coupled'):
-      hint = " (wd1 is a loss on either estimator: rl.loss='wd1')" if (
-          r.diffusion_estimator == 'wd1') else ''
-      raise ConfigError(f"config.rl.diffusion_estimator={r.diffusion_estimator!r} is not 'd1' "
-                        f"or 'coupled'{hint}")
+    if r.diffusion_estimator not in ('d1', 'coupled', 'elbo'):
+      hint = {'wd1': " (wd1 is a loss on any estimator: rl.loss='wd1')",
+              'espo': " (ESPO is rl.diffusion_estimator='elbo' with rl.loss='gspo')"}.get(
+                  r.diffusion_estimator, '')
+      raise ConfigError(f"config.rl.diffusion_estimator={r.diffusion_estimator!r} is not 'd1', "
+                        f"'coupled' or 'elbo'{hint}")
     if not 0 < r.coupled_t_min <= r.coupled_t_max < 1:
       raise ConfigError(f'config.rl: need 0 < coupled_t_min <= coupled_t_max < 1; got '
                         f'{r.coupled_t_min}, {r.coupled_t_max}')

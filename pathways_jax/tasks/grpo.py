@@ -91,8 +91,11 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     # A bidirectional (LLaDA) model: diffu-GRPO (module docstring).
     self.diffusion = not model.cfg.causal
     # The batch fields the diffusion estimator reads (rl/diffusion.py), drawn at rollout time.
-    self.estimator_fields = ({'masked_tokens': jnp.int32} if self.diffusion else {})
-    self.coupled = self.diffusion and r.diffusion_estimator == 'coupled'
+    # ESPO's ELBO (rl/diffusion.py): the coupled passes without d1's.
+    self.elbo = self.diffusion and r.diffusion_estimator == 'elbo'
+    self.estimator_fields = ({'masked_tokens': jnp.int32} if self.diffusion and not self.elbo
+                             else {})
+    self.coupled = self.diffusion and r.diffusion_estimator in ('coupled', 'elbo')
     if self.coupled:
       self.estimator_fields.update(coupled_mask=jnp.int32, coupled_weight=jnp.float32)
     self.ppo = r.scale == 'gae'
@@ -120,7 +123,7 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
            else self.source)
     ppo = (f', PPO value head: gamma={r.gamma}, lam={r.lam}, vf_coef={r.vf_coef}'
            if self.ppo else '')
-    loss = 'wd1' if self.wd1 else f'agg={r.agg}'
+    loss = r.loss if r.loss != 'clip' else f'agg={r.agg}'
     return (f'grpo(G={r.num_generations}, scale={r.scale}, {loss}, rewards={r.rewards}, '
             f'beta={r.beta}, reference={ref}{ppo})')
 
@@ -359,8 +362,8 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     values=True: the value of the state each token was drawn from (the head at the position
     before it; 0 at position 0)."""
     # diffu-GRPO reads the estimator's masked input; the targets stay batch['tokens'].
-    inputs = batch['masked_tokens'] if self.diffusion else batch['tokens']
     tokens = batch['tokens']
+    inputs = None if self.elbo else batch['masked_tokens'] if self.diffusion else tokens
     targets = tokens if self.diffusion else autoregressive.next_token_targets(tokens)
     passes = 1
     kw = dict(positions_BL=batch['positions'], segment_ids_BL=batch['segment_ids'])
@@ -368,9 +371,10 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
       from pathways_jax.tasks.pretrain import mask_id  # pylint: disable=g-import-not-at-top
       a, b = diffusion_lib.coupled_inputs(tokens, batch['coupled_mask'], batch['coupled_weight'],
                                           mask_id=mask_id(self.cfg))
-      passes, inputs = 3, jnp.concatenate([inputs, a, b])
-      targets = jnp.concatenate([targets] * 3)
-      kw = {k: jnp.concatenate([v] * 3) for k, v in kw.items()}
+      passes, inputs = (2, jnp.concatenate([a, b])) if self.elbo else (
+          3, jnp.concatenate([inputs, a, b]))
+      targets = jnp.concatenate([targets] * passes)
+      kw = {k: jnp.concatenate([v] * passes) for k, v in kw.items()}
     t = self.cfg.rl.temperature
     t = t if t > 0 else 1.0
     out = lm_head_outputs(self.cfg, model, params, inputs, targets, temperature=t,
@@ -384,6 +388,12 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
       logp = diffusion_lib.coupled_logps(one_step, a_logp, b_logp, batch['coupled_mask'],
                                          batch['coupled_weight'])
       entropy = jnp.split(entropy, 3)[0]
+    elif passes == 2:  # ESPO: each token's value and entropy from the pass that masked it
+      in_a = batch['coupled_mask'] > 0
+      a_logp, b_logp = jnp.split(logp, 2)
+      logp = diffusion_lib.elbo_logps(a_logp, b_logp, batch['coupled_mask'],
+                                      batch['coupled_weight'])
+      entropy = jnp.where(in_a, *jnp.split(entropy, 2))
     if not self.diffusion:  # position i predicts token i+1: align with the tokens
       shift = lambda x: jnp.pad(x[:, :-1], ((0, 0), (1, 0)))
       logp, entropy = shift(logp), shift(entropy)
@@ -416,6 +426,14 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
       # A mean over groups: micro-batches weigh theirs by their share of the step's groups.
       return loss, {**metrics, COUNT: jnp.asarray(mask.shape[0] / r.num_generations,
                                                   jnp.float32)}
+    if r.loss == 'gspo':
+      loss, metrics = rl.sequence_policy_loss(
+          logp, old, batch['advantages'], mask, ref_logp_BT=ref,
+          beta=0.0 if self.kl_in_reward else r.beta, kl=r.kl,
+          eps_low=r.eps_low, eps_high=r.eps_high, entropy_BT=entropy)
+      if r.entropy_coef:
+        loss = loss - r.entropy_coef * metrics['entropy']
+      return loss, {**metrics, COUNT: (mask.sum(axis=1) > 0).sum().astype(jnp.float32)}
     loss, metrics = rl.policy_loss(
         logp, old, batch['advantages'], mask, ref_logp_BT=ref,
         beta=0.0 if self.kl_in_reward else r.beta, kl=r.kl,

@@ -122,20 +122,25 @@ def test_minibatches_and_prorl_resets_resume_exactly_on_rollout_boundaries(base,
     tasks.make(_cfg(base, **{'rl.reset_on_stall': 2, 'rl.beta': 0.1}), model)
 
 
-def test_a_lora_policy_is_held_to_its_own_base(base):
+@pytest.mark.parametrize('quantize', ['', 'nf4'])
+def test_a_lora_policy_is_held_to_its_own_base(base, tmp_path, quantize):
+  """A LoRA policy's reference is its own base with the adapters off; a QLoRA policy's is its
+  quantised base, which the loss, the sampler and the reference all read: the KL is 0 at the
+  first step both in the loss and as a reward penalty from the sampler's own log-probs."""
   from pathways_jax.train import loop
-  res = loop.train(_cfg(base, **{'model.lora_rank': 4, 'rl.beta': 0.1, 'train.steps': 4,
-                                 'train.lr': 3e-2}), str(base / 'lora'), quiet=True)
-  kl = _by_step(base / 'lora', 'kl')
+  lora = {'model.lora_rank': 4, 'rl.beta': 0.1, 'train.steps': 4, 'train.lr': 3e-2,
+          'model.lora_quantize': quantize, 'model.lora_quantize_block': 16}
+  res = loop.train(_cfg(base, **lora), str(tmp_path / 'lora'), quiet=True)
+  kl = _by_step(tmp_path / 'lora', 'kl')
   assert kl[1] == pytest.approx(0.0, abs=1e-7) and kl[4] > 1e-6, kl
   assert res['trainable_params'] < res['params'] // 4
+  assert (res.get('qlora') or {}).get('qtype') == (quantize or None)
   # The same KL as a reward penalty: the completions' summed log-ratio, 0 at the start.
-  loop.train(_cfg(base, **{'model.lora_rank': 4, 'rl.beta': 0.1, 'rl.kl_penalty': 'reward',
-                           'train.steps': 4, 'train.lr': 3e-2}), str(base / 'lora_kl_reward'),
+  loop.train(_cfg(base, **lora, **{'rl.kl_penalty': 'reward'}), str(tmp_path / 'kl_reward'),
              quiet=True)
-  seq = _by_step(base / 'lora_kl_reward', 'kl_sequence')
+  seq = _by_step(tmp_path / 'kl_reward', 'kl_sequence')
   assert abs(seq[1]) < 1e-5 and max(seq[2], seq[3], seq[4]) > 1e-2, seq
-  assert 'kl' not in _metrics(base / 'lora_kl_reward')[0]  # not in the loss
+  assert 'kl' not in _metrics(tmp_path / 'kl_reward')[0]  # not in the loss
 
 
 def test_ppo_value_head_learns_the_returns_while_the_reward_rises(base):

@@ -24,9 +24,9 @@ def check(cfg, model_cfg) -> None:
   if d.corpus != 'prompts':
     raise ConfigError(f"task 'grpo' rolls out from prompts: set config.data.corpus='prompts' "
                       f'(it is {d.corpus!r})')
-  if model_cfg.lora_num_adapters > 1 or cfg.model.get('lora_quantize'):
-    raise ConfigError("task 'grpo' takes a full or LoRA policy; multi-LoRA and QLoRA policies "
-                      'are not supported yet')
+  if model_cfg.lora_num_adapters > 1:
+    raise ConfigError("task 'grpo' takes a full, LoRA or QLoRA policy; multi-LoRA policies are "
+                      'not supported yet')
   if r.num_generations < 1 or r.max_new_tokens < 1 or r.temperature < 0:
     raise ConfigError(f'config.rl: need num_generations >= 1, max_new_tokens >= 1 and '
                       f'temperature >= 0, got {r.num_generations}, {r.max_new_tokens}, '

@@ -155,10 +155,11 @@ def extract_grpo_instructions(run_dirs: str, commit: str | None = None) -> dict:
   return out
 
 
-ARITH_ARMS = ('grpo', 'grpo_random')
+ARITH_ARMS = ('grpo', 'grpo_random', 'grpo_wd1')  # grpo_wd1: rl.loss='wd1', the correct reward
 
 
-def extract_grpo_arithmetic(run_dirs: str, commit: str | None = None) -> dict:
+def extract_grpo_arithmetic(run_dirs: str, commit: str | None = None,
+                            name: str = 'grpo_arithmetic') -> dict:
   """Comma-separated WORKDIRs of experiments/grpo_instructions.py run with
   grpo_exp.kinds='arithmetic', one per seed; each arm of ARITH_ARMS whose
   <arm>_arithmetic_results.json is there is taken (a seed needs the 'grpo' arm)."""
@@ -175,21 +176,32 @@ def extract_grpo_arithmetic(run_dirs: str, commit: str | None = None) -> dict:
       with open(path) as f:
         res = json.load(f)
       first = first or (res, run_dir)
-      name = f'{arm}_arithmetic'
+      arm_name = f'{arm}_arithmetic'
       per_arm['sft'] = {'heldout': _r(res['sft']['accuracy']),
                         'train_questions': _r(res['sft_train_questions']['accuracy'])}
-      per_arm[arm] = {'heldout': _r(res[name]['accuracy']),
-                      'train_questions': _r(res[f'{name}_train_questions']['accuracy']),
+      per_arm[arm] = {'heldout': _r(res[arm_name]['accuracy']),
+                      'train_questions': _r(res[f'{arm_name}_train_questions']['accuracy']),
                       'reward': [[s, _r(v)] for s, v in res['curve']['reward']],
-                      'val_correct': [[s, _r(v)] for s, v in res['curve'].get('val_correct') or []]}
+                      'val_correct': [[s, _r(v)] for s, v in
+                                      res['curve'].get('val_correct') or []],
+                      'train_s': _r(res['wall_s'].get(f'{arm_name}_train_s'), 1)}
     seeds[str(res['seed'])] = per_arm
   if first is None:
-    raise MissingData('--grpo_arithmetic: no run directory given')
+    raise MissingData(f'--{name}: no run directory given')
   res, run_dir = first
-  out = _meta('grpo_arithmetic', res, run_dirs, commit, None)
+  config = res.get('config') or {}
+  out = _meta(name, res, run_dirs, commit, None)
   out.update(source='experiments/grpo_instructions.py (grpo_exp.kinds=arithmetic)',
-             seed=sorted(seeds), n=res['sft']['n'], seeds=seeds)
+             seed=sorted(seeds), n=res['sft']['n'], seeds=seeds,
+             base_steps=(config.get('train') or {}).get('steps'),
+             grpo_steps=(config.get('grpo_exp') or {}).get('steps'))
   return out
+
+
+def extract_grpo_arithmetic_long(run_dirs: str, commit: str | None = None) -> dict:
+  """The same experiment from a longer-pretrained base (--config.train.steps=800) for 300 GRPO
+  steps, with wd1 beside GRPO (docs/rl.md)."""
+  return extract_grpo_arithmetic(run_dirs, commit, name='grpo_arithmetic_long')
 
 
 PAPRIKA_ARMS = ('base', 'sft', 'rpo')

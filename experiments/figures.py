@@ -352,14 +352,16 @@ EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack,
            'dpo_instructions': extract_dpo_instructions,
            'knowledge_injection': extract_knowledge_injection,
            'grpo_instructions': extract_grpo_instructions,
-           'grpo_arithmetic': extract_grpo_arithmetic, 'paprika': extract_paprika,
+           'grpo_arithmetic': extract_grpo_arithmetic,
+           'grpo_arithmetic_long': extract_grpo_arithmetic_long, 'paprika': extract_paprika,
            'pathway': extract_pathway, 'scaling': extract_scaling}
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'gstack_study': draw_gstack_study,
         'reversal': draw_reversal,
         'instruction_sft': draw_instruction_sft, 'dpo_instructions': draw_dpo_instructions,
         'knowledge_injection': draw_knowledge_injection,
         'grpo_instructions': draw_grpo_instructions,
-        'grpo_arithmetic': draw_grpo_arithmetic, 'paprika': draw_paprika,
+        'grpo_arithmetic': draw_grpo_arithmetic, 'grpo_arithmetic_long': draw_grpo_arithmetic,
+        'paprika': draw_paprika,
         'pathway': draw_pathway, 'scaling': draw_scaling}
 
 
@@ -378,7 +380,7 @@ def main(argv=None) -> int:
   for name in EXPERIMENTS:
     ap.add_argument(f'--{name}', default='', metavar='RUN_DIR',
                     help=f'a finished run of its experiment (knowledge_injection, paprika and '
-                         'the grpo ones: one per seed, comma-separated; grpo_arithmetic: '
+                         'the grpo ones: one per seed, comma-separated; grpo_arithmetic(_long): '
                          'experiments/grpo_instructions.py with grpo_exp.kinds=arithmetic): '
                          'copy its numbers into the data file')
   ap.add_argument('--data', default=DATA_DIR,

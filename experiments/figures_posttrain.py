@@ -99,7 +99,7 @@ def draw_knowledge_injection(data: dict, path: str) -> str:
 
 
 GRPO_LABELS = {'sft': 'SFT (start)', 'grpo': 'GRPO\n(correct)', 'grpo_random': 'GRPO\n(random)',
-               'grpo_format_only': 'GRPO\n(format only)'}
+               'grpo_format_only': 'GRPO\n(format only)', 'grpo_wd1': 'wd1\n(correct)'}
 
 
 def draw_grpo_instructions(data: dict, path: str) -> str:
@@ -135,6 +135,7 @@ def draw_grpo_instructions(data: dict, path: str) -> str:
 
 
 def draw_grpo_arithmetic(data: dict, path: str) -> str:
+  """grpo_arithmetic and grpo_arithmetic_long (whose seeds may hold a wd1 arm)."""
   plt = _plt()
   seeds = data['seeds']
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -148,17 +149,22 @@ def draw_grpo_arithmetic(data: dict, path: str) -> str:
   ax.set_xticks(range(len(arms)), [GRPO_LABELS[a] for a in arms], fontsize=7)
   ax.set_ylabel('greedy accuracy (arithmetic)', fontsize=8)
   ax.set_ylim(0, 1.0)
-  ax.set_title(f'Arithmetic questions only, after 150 steps ({data["n"]} each)', fontsize=8)
+  ax.set_title(f'Arithmetic questions only, after {data.get("grpo_steps") or 150} steps '
+               f'({data["n"]} each)', fontsize=8)
   ax.legend(fontsize=7)
   ax = axes[1]
   for k, (seed, s) in enumerate(sorted(seeds.items())):
-    curve = [[0, s['sft']['heldout']]] + s['grpo']['val_correct']
-    xs, ys = zip(*curve)
-    ax.plot(xs, ys, color=f'C{k}', marker='.', lw=1, label=f'seed {seed}')
+    for arm, style in (('grpo', '-'), ('grpo_wd1', '--')):
+      if arm in s:
+        xs, ys = zip(*([[0, s['sft']['heldout']]] + s[arm]['val_correct']))
+        ax.plot(xs, ys, color=f'C{k}', ls=style, marker='.', lw=1,
+                label=f'seed {seed}' + (' wd1' if arm == 'grpo_wd1' else ''))
   ax.set_xlabel('step', fontsize=8)
   ax.set_ylabel('held-out accuracy (greedy)', fontsize=8)
   ax.set_ylim(0, 1.0)
-  ax.set_title('GRPO (correct reward): held-out arithmetic during training', fontsize=8)
+  wd1 = any('grpo_wd1' in s for s in seeds.values())
+  ax.set_title(('GRPO (solid) and wd1 (dashed), correct reward' if wd1 else
+                'GRPO (correct reward)') + ': held-out arithmetic during training', fontsize=8)
   ax.legend(fontsize=7)
   return _finish(fig, data, path)
 

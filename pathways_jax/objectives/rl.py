@@ -149,6 +149,21 @@ def _check_rank(name: str, arg: str, x, rank: int) -> None:
     raise ValueError(f'{name}: {arg} must have {rank} dimensions, got shape {jnp.shape(x)}')
 
 
+def _check_clip_and_kl(name: str, *, kl: str, beta, has_ref: bool, eps_low, eps_high) -> None:
+  """The clip band and KL settings of the clipped losses (concrete values only)."""
+  if kl not in KL_KINDS:
+    raise ValueError(f'{name}: kl={kl!r} is not one of {KL_KINDS}')
+  if _is_number(beta) and not beta >= 0:
+    raise ValueError(f'{name}: beta must be >= 0, got {beta}')
+  if not has_ref and not (_is_number(beta) and beta == 0):
+    raise ValueError(f'{name}: beta={beta} > 0 adds a KL term and needs ref_logp_BT (the '
+                     'reference log-probs); pass it, or beta=0')
+  if _is_number(eps_low) and not 0 <= eps_low < 1:
+    raise ValueError(f'{name}: eps_low must be in [0, 1), got {eps_low}')
+  if _is_number(eps_high) and not eps_high >= 0:
+    raise ValueError(f'{name}: eps_high must be >= 0, got {eps_high}')
+
+
 def _safe_std(x_centred, axis, n: int) -> jax.Array:
   """Sample std (ddof=1) of already-centred values; sqrt is not differentiated at variance 0."""
   var = jnp.sum(x_centred * x_centred, axis=axis, keepdims=True) / (n - 1)
@@ -236,19 +251,10 @@ def policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, advantages_B: jax.Ar
   if jnp.shape(advantages_B) not in ((B,), (B, T)):
     raise ValueError(f'{name}: advantages_B must have shape [B] = {(B,)} or [B, T] = {(B, T)}, '
                      f'got {jnp.shape(advantages_B)}')
-  if kl not in KL_KINDS:
-    raise ValueError(f'{name}: kl={kl!r} is not one of {KL_KINDS}')
   if agg not in AGGREGATIONS:
     raise ValueError(f'{name}: agg={agg!r} is not one of {AGGREGATIONS}')
-  if _is_number(beta) and not beta >= 0:
-    raise ValueError(f'{name}: beta must be >= 0, got {beta}')
-  if ref_logp_BT is None and not (_is_number(beta) and beta == 0):
-    raise ValueError(f'{name}: beta={beta} > 0 adds a KL term and needs ref_logp_BT (the '
-                     'reference log-probs); pass it, or beta=0')
-  if _is_number(eps_low) and not 0 <= eps_low < 1:
-    raise ValueError(f'{name}: eps_low must be in [0, 1), got {eps_low}')
-  if _is_number(eps_high) and not eps_high >= 0:
-    raise ValueError(f'{name}: eps_high must be >= 0, got {eps_high}')
+  _check_clip_and_kl(name, kl=kl, beta=beta, has_ref=ref_logp_BT is not None, eps_low=eps_low,
+                     eps_high=eps_high)
   if max_len is not None:
     if agg != 'seq-mean-token-sum-norm':
       raise ValueError(f"{name}: max_len is used only by agg='seq-mean-token-sum-norm', not "
@@ -423,17 +429,8 @@ def sequence_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, advantages_
   if jnp.shape(advantages_B) != (B,):
     raise ValueError(f'{name}: advantages_B must have shape [B] = {(B,)} (one per completion), '
                      f'got {jnp.shape(advantages_B)}')
-  if kl not in KL_KINDS:
-    raise ValueError(f'{name}: kl={kl!r} is not one of {KL_KINDS}')
-  if _is_number(beta) and not beta >= 0:
-    raise ValueError(f'{name}: beta must be >= 0, got {beta}')
-  if ref_logp_BT is None and not (_is_number(beta) and beta == 0):
-    raise ValueError(f'{name}: beta={beta} > 0 adds a KL term and needs ref_logp_BT (the '
-                     'reference log-probs); pass it, or beta=0')
-  if _is_number(eps_low) and not 0 <= eps_low < 1:
-    raise ValueError(f'{name}: eps_low must be in [0, 1), got {eps_low}')
-  if _is_number(eps_high) and not eps_high >= 0:
-    raise ValueError(f'{name}: eps_high must be >= 0, got {eps_high}')
+  _check_clip_and_kl(name, kl=kl, beta=beta, has_ref=ref_logp_BT is not None, eps_low=eps_low,
+                     eps_high=eps_high)
 
   stop = jax.lax.stop_gradient
   valid = jnp.asarray(mask_BT).astype(bool)

@@ -30,15 +30,18 @@ masked-diffusion sampler (rl.diffusion_steps, rl.block_length) and d1's one-step
 estimate, on an input with the completion masked and the prompt masked at rl.prompt_mask_p, one
 mask per rollout shared by policy, old policy and reference; with
 rl.diffusion_estimator='coupled', DiffuCoder's coupled estimate (two more passes with
-complementary masks of the completion).
+complementary masks of the completion); with 'elbo', ESPO's sequence ELBO (that complementary
+pair alone).
 Reflect, Retry, Reward (rl.reflect; rl/reflect.py): the group is G reflections on a failed greedy
 first attempt, each rewarded by whether the greedy retry after it succeeds; only the reflections
 are trained.
 The loss (`objectives.rl.policy_loss`) is the clipped surrogate on log softmax(logits / T) of
 the sampled tokens, plus beta * KL to the reference (a frozen model, or for a LoRA policy its own
-base with the adapters off) and minus an entropy bonus; rl.loss='wd1' trains instead on wd1's
-weighted likelihood (`objectives.rl.wd1_loss`: whole completions weighted within their group,
-no ratio, so no old-policy pass and no reference). Checkpoints fall only on rollout
+base with the adapters off) and minus an entropy bonus. rl.loss='gspo' clips one
+length-normalised ratio per completion instead (`objectives.rl.sequence_policy_loss`: GSPO, and
+with the 'elbo' estimator ESPO); rl.loss='wd1' trains on wd1's weighted likelihood
+(`objectives.rl.wd1_loss`: whole completions weighted within their group, no ratio, so no
+old-policy pass and no reference). Checkpoints fall only on rollout
 boundaries (a SIGTERM mid-batch saves at the batch's end).
 
 Validation: the held-out prompts (data.validation_path) answered greedily every

@@ -333,15 +333,16 @@ def test_facts_file_reverse_stays_low_three_seeds(tmp_path, description_first_te
 @pytest.mark.slow
 def test_facts_file_with_half_its_people_two_way_three_seeds(tmp_path):
   """The facts file with 20 of its 40 people in the two-way background (`file_background=20`,
-  drawn per seed; the other 20 the test group), seeds 0, 1, 2; the control on seed 0.
+  drawn per seed; the other 20 the test group), seeds 0, 1, 2; the control on seeds 0 and 1.
 
   Asserts the README's claims at the level it states them (docs/results/reversal.md, measured
   2026-12-07: LLaDA reverse 0.72 / 0.80 / 0.33, mean 0.62; forward 0.76 / 0.96 / 0.88; infill
-  1.00; AR forward 1.00, reverse 0.00 / 0.00 / 0.01; the held-out form 0.00; the control 0.00):
+  1.00; AR forward 1.00, reverse 0.00 / 0.00 / 0.01; the held-out form 0.00; the control 0.00
+  on seeds 0 and 1):
   the target's levels met by the mean over seeds, far above the all-file setting's 0.13, and
   none of it without the two-way background.
   """
-  runs = _facts_file_seeds(tmp_path, control_seeds=(0,), file_background=20)
+  runs = _facts_file_seeds(tmp_path, control_seeds=(0, 1), file_background=20)
   mean = lambda k: sum(r[k] for r in runs) / len(runs)
   assert all(r['num_test'] == 20 for r in runs)
   assert mean('ar_forward') >= 0.9 and max(r['ar_reverse'] for r in runs) <= 0.05
@@ -349,7 +350,7 @@ def test_facts_file_with_half_its_people_two_way_three_seeds(tmp_path):
   assert mean('llada_reverse') - mean('ar_reverse') >= 0.5
   assert mean('llada_infill_reverse') >= 0.9
   assert max(r['llada_reverse_heldout'] for r in runs) <= 0.05
-  assert runs[0]['llada_reverse_control'] <= 0.05
+  assert max(runs[s]['llada_reverse_control'] for s in (0, 1)) <= 0.05
 
 
 def _facts_file_seeds(tmp_path, control_seeds=(), **reversal) -> list[dict]:

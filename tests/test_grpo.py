@@ -9,6 +9,7 @@ import pytest
 
 from grpo_helpers import BYTES, NEW, _by_step, _cfg, _metrics, base  # pylint: disable=unused-import
 from helpers import assert_resume_is_exact, tiny_config
+from pathways_jax import config as config_lib
 from pathways_jax.config import ConfigError
 from pathways_jax.objectives import preference
 from pathways_jax.rl import batch as batch_lib
@@ -237,10 +238,13 @@ def test_bad_rewards_prompts_and_settings_are_named(base, tmp_path):
       ({'rl.reflect': True, 'rl.reflect_instruction': ' '}, None, 'reflect_instruction'),
       ({'rl.reflect': True, 'rl.retry_instruction': ''}, None, 'retry_instruction'),
       ({'rl.loss': 'wd1', 'rl.beta': 0.1}, None, r"loss='wd1' .* no rl\.beta > 0"),
-      ({**ppo, 'rl.loss': 'wd1'}, None, r"loss='wd1' .* no rl\.scale='gae'")):
+      ({**ppo, 'rl.loss': 'wd1'}, None, r"loss='wd1' .* no rl\.scale='gae'"),
+      ({**ppo, 'rl.loss': 'gspo'}, None, r"loss='gspo' takes one advantage per completion")):
     cfg = _cfg(base, **kw)
     with pytest.raises(ConfigError, match=match):
       settings.check(cfg, model_cfg or ModelConfig.from_config(cfg.model, vocab_size=264))
+  with pytest.raises(ConfigError, match=r"rl\.loss='ppo' is not one of \('clip', 'gspo', 'wd1'\)"):
+    config_lib.validate(_cfg(base, **{'rl.loss': 'ppo'}))
   with pytest.raises(ConfigError, match="'nope' is not a reward"):
     tasks.make(_cfg(base, **{'rl.rewards': 'correct,nope'}), model)
   with pytest.raises(ConfigError, match='exceeds model.max_len'):

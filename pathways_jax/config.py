@@ -167,6 +167,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.cross_entropy_chunk = 4096
   t.log_every = 10
   t.eval_every = 100
+  # Evaluate (validation loss and the task's own evaluations) before the first step of a fresh
+  # run, logged at step 0: the start model's numbers on the run's own curves (HF's eval_on_start).
+  t.eval_on_start = False
   t.checkpoint_every = 100
   t.keep_checkpoints = 2
   t.async_checkpoints = True

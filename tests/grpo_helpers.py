@@ -2,6 +2,7 @@
 failing rewards registered under test names, a tiny pretrained start model with a prompt file
 (the `base` fixture), the task's config on it, and the logged metrics."""
 import json
+import zlib
 
 import pytest
 
@@ -32,7 +33,13 @@ def _half_constant(record, text):
   return 1.0 if record['id'] % 2 == 0 else _spaces(record, text)
 
 
-rewards_lib.REWARDS.update(spaces=rewards_lib.Reward(_spaces),
+def _hashed(record, text):
+  """1 or 0, a fixed pseudo-random function of the text (outcomes that vary from answer to answer)."""
+  del record
+  return float(zlib.crc32(text.encode()) % 2)
+
+
+rewards_lib.REWARDS.update(hashed=rewards_lib.Reward(_hashed), spaces=rewards_lib.Reward(_spaces),
                            one=rewards_lib.Reward(lambda record, text: 1.0),
                            flaky=rewards_lib.Reward(_flaky, requires=('id',)),
                            half_constant=rewards_lib.Reward(_half_constant, requires=('id',)))

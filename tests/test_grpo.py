@@ -2,12 +2,14 @@
 dynamic sampling, held-out evaluation, exact resume and bad input (LLaDA policies:
 tests/test_diffu_grpo.py)."""
 import json
+import types
+import zlib
 
 import jax
 import numpy as np
 import pytest
 
-from grpo_helpers import BYTES, NEW, _by_step, _cfg, _metrics, base  # pylint: disable=unused-import
+from grpo_helpers import BYTES, NEW, _by_step, _cfg, _hashed, _metrics, base  # pylint: disable=unused-import
 from helpers import assert_resume_is_exact, tiny_config
 from pathways_jax import config as config_lib
 from pathways_jax.config import ConfigError
@@ -324,6 +326,60 @@ def test_reflect_retry_reward_trains_the_reflection_tokens_only(base, monkeypatc
     assert context.startswith('<user>\nTell ') and context.endswith('<user>\nWhy?\n<assistant>\n')
     text = tok.decode([int(t) for t in tokens if t not in tok.special_ids])
     assert 'Again.' not in text
+
+
+def _fake_answer(ids) -> list[int]:
+  """A stand-in 'greedy model': NEW letters or spaces, a fixed pseudo-random function of the
+  whole prompt (so answers differ between prompts, reflections and retries)."""
+  h = zlib.crc32(np.asarray(ids, np.int32).tobytes())
+  return [BYTES.encode('ab c'[(h >> (2 * k)) % 4])[0] for k in range(NEW)]
+
+
+class _FakeGreedy:
+  """The sampler interface (params, tokens [N, P], mask [N, P], key) -> tokens_BT, mask_BN."""
+
+  def __call__(self, params, tokens, mask, key):
+    del params, key
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    new = np.asarray([_fake_answer(t[m > 0]) for t, m in zip(tokens, mask)], np.int32)
+    return types.SimpleNamespace(tokens_BT=np.concatenate([tokens, new], axis=1),
+                                 completion_mask_BN=np.ones(new.shape, bool))
+
+
+def test_reflect_evaluation_scores_a_second_try_after_each_failed_first(base, monkeypatch):
+  """RRR's held-out measure (val_first_attempt, val_second_attempt, val_retry_success) against
+  a plain reference: with a stand-in greedy decoder, each held-out prompt is answered; after a
+  failed answer the reference builds the reflection and retry conversations itself, one prompt
+  at a time, and scores them; the task's shares (in batches of rl.eval_batch) must be its."""
+  from pathways_jax.data import chat
+  from pathways_jax.tasks import grpo
+  from pathways_jax.train import loop
+  monkeypatch.setattr(grpo.GrpoTask, '_greedy_sampler', lambda self, batch_size: _FakeGreedy())
+  kw = {'rl.reflect': True, 'rl.reflect_instruction': 'Why?', 'rl.retry_instruction': 'Again.',
+        'data.seq_len': 120, 'model.max_len': 128, 'rl.max_new_tokens': NEW, 'train.steps': 1,
+        'rl.max_rollouts': 1, 'rl.rewards': 'hashed', 'rl.eval_max': 12, 'rl.eval_batch': 5,
+        'data.validation_path': str(base / 'prompts.jsonl'), 'train.eval_on_start': True}
+  res = loop.train(_cfg(base, **kw), str(base / 'rrr_eval'), quiet=True)
+  answer = lambda msgs: BYTES.decode(_fake_answer(chat.prompt_ids(BYTES, msgs)))
+  first_ok, retry_ok = [], []
+  for i in range(12):
+    prompt = [{'role': 'user', 'content': f'Tell {i}'}]
+    first = answer(prompt)
+    first_ok.append(_hashed(None, first) == 1)
+    if not first_ok[-1]:
+      ask = prompt + [{'role': 'assistant', 'content': first}, {'role': 'user', 'content': 'Why?'}]
+      retry = ask + [{'role': 'assistant', 'content': answer(ask)},
+                     {'role': 'user', 'content': 'Again.'}]
+      retry_ok.append(_hashed(None, answer(retry)) == 1)
+  assert 0 < len(retry_ok) < 12 and 0 < sum(retry_ok) < len(retry_ok), (first_ok, retry_ok)
+  assert res['val_first_attempt'] == pytest.approx(np.mean(first_ok))
+  assert res['val_hashed'] == pytest.approx(np.mean(first_ok))
+  assert res['val_retry_success'] == pytest.approx(np.mean(retry_ok))
+  assert res['val_second_attempt'] == pytest.approx((sum(first_ok) + sum(retry_ok)) / 12)
+  assert res['val_reflect_too_long'] == 0
+  # train.eval_on_start: the start model's too (the stand-in decoder ignores the params).
+  assert _by_step(base / 'rrr_eval', 'val_retry_success') == {0: res['val_retry_success'],
+                                                              1: res['val_retry_success']}
 
 
 def test_rewards_compose_with_weights_and_shape_overlong_completions():

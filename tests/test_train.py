@@ -113,6 +113,22 @@ def test_run_writes_the_run_directory_and_samples(tmp_path):
   assert texts[0].startswith('Q')
 
 
+def test_eval_on_start_logs_the_start_models_validation_at_step_zero(tmp_path):
+  """train.eval_on_start: the fresh model's validation loss at step 0 (near ln V, the loss of
+  uniform predictions from a small init), once: a resumed run does not log step 0 again."""
+  from pathways_jax.data import tokenizers
+  cfg = tiny_config(str(tmp_path / 'cache'), **{'train.eval_on_start': True, 'train.stop_at': 4})
+  loop.train(cfg, str(tmp_path / 'run'), quiet=True)
+  results = loop.train(tiny_config(str(tmp_path / 'cache'), **{'train.eval_on_start': True}),
+                       str(tmp_path / 'run'), quiet=True)
+  rows = [json.loads(x) for x in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  start = [r for r in rows if r['step'] == 0]
+  assert len(start) == 1 and 'loss' not in start[0], start
+  vocab = tokenizers.ByteTokenizer().vocab_size
+  assert start[0]['val_loss'] == pytest.approx(np.log(vocab), rel=0.05)
+  assert results['val_loss'] < start[0]['val_loss'] - 0.5
+
+
 @pytest.mark.parametrize('attention', ['xla', 'cpu'])
 def test_resume_after_a_clean_stop_is_bit_identical(tmp_path, attention):
   cache = str(tmp_path / 'cache')

@@ -45,7 +45,9 @@ old-policy pass and no reference). Checkpoints fall only on rollout
 boundaries (a SIGTERM mid-batch saves at the batch's end).
 
 Validation: the held-out prompts (data.validation_path) answered greedily every
-train.eval_every steps and at the end, scored by every reward but 'random' (`val_<reward>`).
+train.eval_every steps and at the end, scored by every reward but 'random' (`val_<reward>`);
+with rl.reflect also RRR's second try (a greedy reflection and retry after each failed first
+attempt: `val_first_attempt`, `val_second_attempt`, `val_retry_success`).
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ from pathways_jax.objectives import autoregressive, rl, token_losses
 from pathways_jax.rl import batch as batch_lib
 from pathways_jax.rl import diffusion as diffusion_lib
 from pathways_jax.rl import prompts as prompts_lib
+from pathways_jax.rl import reflect as reflect_lib
 from pathways_jax.rl import rewards as rewards_lib
 from pathways_jax.rl import settings
 from pathways_jax.rl.rollouts import TRAIN_FIELDS, WD1_WEIGHT, RolloutBatches
@@ -476,10 +479,10 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
         os.replace(path + '.tmp', path)
     return out
 
-  def evaluate(self, params) -> dict[str, float]:
-    """{'val_<reward>': mean over the held-out prompts} of their greedy answers."""
-    records, tokens, mask, messages = self._eval
-    n, width = len(records), min(self.cfg.rl.eval_batch, len(records))
+  def _greedy_texts(self, params, tokens, mask) -> list[str]:
+    """The greedy completions of left-padded prompts [N, P], in batches of rl.eval_batch."""
+    n = len(tokens)
+    width = min(self.cfg.rl.eval_batch, n)
     greedy = self._greedy_sampler(width)
     texts = []
     for s in range(0, n, width):
@@ -489,6 +492,22 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
                                              np.asarray(ro.completion_mask_BN),
                                              self._run.tokenizer)
       texts += got[:n - s]
+    return texts
+
+  def _held_out_totals(self, records, texts, messages) -> np.ndarray:
+    """[N] the rollout rewards' weighted totals of held-out answers ('random' scores 0 here)."""
+    specs = [(name, w) for name, w in self.reward_specs if name != 'random']
+    total, _, _ = rewards_lib.score(specs, records, texts, rng=np.random.default_rng(0),
+                                    prompts=messages, reward_model=self._rm,
+                                    think_tag=self.cfg.rl.think_tag,
+                                    think_malformed=self.cfg.rl.think_malformed)
+    return np.asarray(total)
+
+  def evaluate(self, params) -> dict[str, float]:
+    """{'val_<reward>': mean over the held-out prompts} of their greedy answers; with rl.reflect
+    also the second attempt's (`_evaluate_retries`)."""
+    records, tokens, mask, messages = self._eval
+    texts = self._greedy_texts(params, tokens, mask)
     specs = [(name, 1.0) for name, _ in self.reward_specs if name != 'random']
     out = {}
     for name, _ in specs:
@@ -498,4 +517,37 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
       out[f'val_{name}'] = float(values[name].mean())
       if 'think_ok' in values:
         out['val_think_ok'] = float(values['think_ok'].mean())
+    if self.cfg.rl.reflect:
+      out.update(self._evaluate_retries(params, texts))
+    return out
+
+  def _evaluate_retries(self, params, first: list[str]) -> dict[str, float]:
+    """RRR's held-out measure (its paper's first and second try): after each failed greedy first
+    attempt, a greedy reflection then a greedy retry, as in training but greedy throughout.
+    `val_first_attempt` and `val_second_attempt` (right on the first try, or on the retry) are
+    shares of all held-out prompts; `val_retry_success` of the failed ones."""
+    r, P, tok = self.cfg.rl, self.cfg.data.seq_len, self._run.tokenizer
+    records, tokens, mask, messages = self._eval
+    ok = self._held_out_totals(records, first, messages) >= r.success_at
+    failed = np.flatnonzero(~ok)
+    out = {'val_first_attempt': float(ok.mean()), 'val_second_attempt': float(ok.mean()),
+           'val_retry_success': 0.0, 'val_reflect_too_long': 0.0}
+    if not len(failed):
+      return out
+    own = reflect_lib.unpadded(tokens[failed], mask[failed])
+    asks = [reflect_lib.reflection_messages(messages[i], first[i], r.reflect_instruction)
+            for i in failed]
+    ask_tokens, ask_mask, ask_fits = reflect_lib.encode(tok, asks, P, own)
+    reflections = self._greedy_texts(params, ask_tokens, ask_mask)
+    retries = [reflect_lib.retry_messages(a, text, r.retry_instruction)
+               for a, text in zip(asks, reflections)]
+    retry_tokens, retry_mask, retry_fits = reflect_lib.encode(
+        tok, retries, P, reflect_lib.unpadded(ask_tokens, ask_mask))
+    second = self._greedy_texts(params, retry_tokens, retry_mask)
+    pick = lambda xs: [xs[i] for i in failed]
+    success = ((self._held_out_totals(pick(records), second, pick(messages)) >= r.success_at)
+               & ask_fits & retry_fits)
+    out.update(val_second_attempt=float((ok.sum() + success.sum()) / len(ok)),
+               val_retry_success=float(success.mean()),
+               val_reflect_too_long=float((~ask_fits).sum()))
     return out

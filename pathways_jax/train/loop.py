@@ -362,6 +362,15 @@ def train(cfg, workdir: str, *, quiet: bool = False, callbacks: Sequence[Callbac
 
   all_callbacks = (*callbacks,
                    *(Callback(every, task_callback(fn)) for every, fn in task.callbacks()))
+  if cfg.train.eval_on_start and step == 0:
+    val = validate(state.params)
+    for cb in all_callbacks:
+      try:
+        val.update(cb.fn(0, trainable_lib.merge(state.params, frozen_params)) or {})
+      except StopTraining as e:  # nothing trained yet: its numbers are kept, the run goes on
+        val.update(e.metrics or {})
+    writer.write(0, val)
+    t_last = time.perf_counter()
   with _Preemption() as preempt:
     try:
       while step < stop:

@@ -21,6 +21,10 @@ finished, so the same command resumes):
 questions of those kinds only (the SFT model is the same); the arm's directory and results are
 then WORKDIR/<arm>_<kinds>.
 
+`grpo_exp.failures_only`: the stage trains on the training questions the SFT model answers
+wrong (greedy), as Reflect, Retry, Reward trains on its start model's failures (with
+--config.rl.reflect=True); the split is written to WORKDIR/instructions[_<kinds>]_failures.
+
 WORKDIR/<arm>_results.json: the `sft` and arm evaluations, the arm's training curve (reward,
 KL, entropy, completion length, time split), wall times, date, device, config.
 """
@@ -57,6 +61,7 @@ def get_config():
   e.prompt_len = 80  # the prompt budget in tokens (a few held-out prompts exceed 64)
   e.eval_every = 50
   e.kinds = ''  # comma-separated question kinds to train and evaluate on ('' = all)
+  e.failures_only = False  # train on the questions the SFT model gets wrong (RRR's failure set)
   c.rl.num_generations = 8
   c.rl.max_new_tokens = 24
   c.rl.temperature = 1.0
@@ -105,6 +110,32 @@ def examples_of_kinds(examples: dict, kinds: str, setting: str) -> tuple[dict, t
   return out, names
 
 
+def write_failures(cfg, sft_dir: str, examples: dict, out_dir: str) -> dict:
+  """Writes OUT_DIR/{train,heldout}.jsonl: the training questions the SFT model answers wrong
+  greedily, and the held-out split unchanged; returns the counts (kept if already written)."""
+  from pathways_jax.data import instructions  # pylint: disable=g-import-not-at-top
+  from pathways_jax.eval import instructions as instr_eval  # pylint: disable=g-import-not-at-top
+  from pathways_jax.sample import load_run  # pylint: disable=g-import-not-at-top
+  counts_path = os.path.join(out_dir, 'counts.json')
+  if os.path.isfile(counts_path):
+    with open(counts_path) as f:
+      return json.load(f)
+  _, model, params, tok = load_run(sft_dir)
+  train = examples['train']
+  outputs = instr_eval.generate_outputs(model, params, tok, train,
+                                        batch_size=cfg.instructions.eval_batch)
+  failed = [e for e, o in zip(train, outputs) if not instructions.check(e, o['text'])['correct']]
+  if not failed:
+    raise config_lib.ConfigError(f'grpo_exp.failures_only: the SFT model in {sft_dir} answers '
+                                 f'all {len(train)} training questions right: nothing to train on')
+  instructions.write_splits({'train': failed, 'heldout': examples['heldout']}, out_dir)
+  counts = {'train_questions': len(train), 'failures': len(failed)}
+  print(f'failure set: {len(failed)} of {len(train)} training questions answered wrong')
+  with open(counts_path, 'w') as f:
+    json.dump(counts, f)
+  return counts
+
+
 def run(cfg, workdir: str) -> dict:
   from pathways_jax.data import instructions  # pylint: disable=g-import-not-at-top
   from pathways_jax.eval import instructions as instr_eval  # pylint: disable=g-import-not-at-top
@@ -120,7 +151,8 @@ def run(cfg, workdir: str) -> dict:
     tag = '_' + '_'.join(kinds)
     rl_dir = os.path.join(workdir, 'instructions' + tag)
     instructions.write_splits(rl_examples, rl_dir)
-  run_cfg = grpo_config_of(cfg, rl_dir, os.path.join(workdir, 'sft'))  # settings checked first
+  train_dir = rl_dir + '_failures' if cfg.grpo_exp.failures_only else rl_dir
+  run_cfg = grpo_config_of(cfg, train_dir, os.path.join(workdir, 'sft'))  # settings checked first
   heldout = rl_examples['heldout']
   if cfg.instructions.eval_limit > 0:
     heldout = heldout[:cfg.instructions.eval_limit]
@@ -130,13 +162,22 @@ def run(cfg, workdir: str) -> dict:
   loop.train_stage(instruction_sft.base_config_of(cfg), dirs['base'])
   loop.train_stage(instruction_sft.sft_config_of(cfg, paths['train'], dirs['base']), dirs['sft'])
   wall['base_sft_s'] = time.perf_counter() - t0
+  failures = None
+  if cfg.grpo_exp.failures_only:
+    t0 = time.perf_counter()
+    failures = write_failures(cfg, dirs['sft'], rl_examples, train_dir)
+    wall['failures_s'] = time.perf_counter() - t0
   arm = cfg.grpo_exp.arm + tag
   dirs[arm] = os.path.join(workdir, arm)
   t0 = time.perf_counter()
   res = loop.train_stage(run_cfg, dirs[arm])
   wall[f'{arm}_train_s'] = time.perf_counter() - t0
   keys = ('reward', 'kl', 'entropy', 'completion_length', 'zero_std_groups', 'val_correct',
-          'val_format', 'time_rollout_s', 'time_reward_s', 'time_batch_s')
+          'val_format', 'time_rollout_s', 'time_reward_s', 'time_batch_s',
+          'reference_reset',  # ProRL (rl.reset_every)
+          # Reflect, Retry, Reward (rl.reflect)
+          'first_attempt_success', 'retry_success', 'val_first_attempt', 'val_second_attempt',
+          'val_retry_success')
   curve = {k: metrics.logged(dirs[arm], k) for k in keys}
 
   train = rl_examples['train']
@@ -154,7 +195,7 @@ def run(cfg, workdir: str) -> dict:
     wall[f'{name}_eval_s'] = time.perf_counter() - t0
   wall['total_s'] = time.perf_counter() - start
   results = {'status': 'completed', 'seed': cfg.seed, 'arm': arm, 'kinds': list(kinds),
-             'rewards': run_cfg.rl.rewards,
+             'rewards': run_cfg.rl.rewards, 'failures': failures,
              'evaluated': len(heldout), **evals, 'curve': curve,
              'train_loss': res.get('train_loss'), 'wall_s': wall,
              'date': datetime.date.today().isoformat(), 'device': dpo_instructions.device(),

@@ -98,6 +98,26 @@ def test_dpo_reward_and_grpo_experiments_end_to_end(tmp_path, monkeypatch):
   cfg.grpo_exp.kinds = 'poetry'
   with pytest.raises(config_lib.ConfigError, match=r"\['poetry'\] are not kinds"):
     grpo.run(cfg, workdir)
+  # RRR on the SFT model's failures (grpo_exp.failures_only): the stand-in SFT answers every
+  # other training question right; the arm trains on the others only, reflecting and retrying.
+  from pathways_jax.eval import instructions as instr_eval
+  monkeypatch.setattr(instr_eval, 'generate_outputs', lambda m, p, t, exs, **k: [
+      {'text': e.answer if i % 2 == 0 else 'no idea', 'finished': True}
+      for i, e in enumerate(exs)])
+  cfg.grpo_exp.update(kinds='arithmetic', arm='rrr', failures_only=True)
+  cfg.rl.update(rewards='correct', reflect=True)
+  out = grpo.run(cfg, workdir)
+  train = [json.loads(l) for l in open(tmp_path / 'run' / 'instructions_arithmetic' /
+                                         'train.jsonl')]
+  failed = [json.loads(l) for l in open(tmp_path / 'run' / 'instructions_arithmetic_failures' /
+                                          'train.jsonl')]
+  assert failed == train[1::2] and out['failures'] == {'train_questions': len(train),
+                                                       'failures': len(failed)}
+  saved = json.loads((tmp_path / 'run' / 'rrr_arithmetic' / 'config.json').read_text())
+  assert saved['data']['path'].endswith('instructions_arithmetic_failures/train.jsonl')
+  assert open(saved['data']['validation_path']).read() == open(
+      tmp_path / 'run' / 'instructions_arithmetic' / 'heldout.jsonl').read()  # all held out
+  assert [s for s, _ in out['curve']['val_second_attempt']] == [1, 2]
 
 
 @pytest.mark.slow

@@ -268,3 +268,67 @@ def extract_pathway(run_dirs: str, commit: str | None = None) -> dict:
   out = _meta('pathway', res, run_dirs, commit, seeds[str(res['seed'])]['stage_time_s'])
   out.update(seed=sorted(seeds), n=res['evaluated'], kinds=res['kinds'], seeds=seeds)
   return out
+
+
+def _arm_curve(run_dir: str, arm_dir: str, res: dict, key: str) -> list:
+  """[[step, value]] of `key` from the arm's results, else from its metrics.jsonl (a key the
+  experiment's results did not keep when the run was made)."""
+  curve = (res.get('curve') or {}).get(key)
+  if curve:
+    return [[s, _r(v)] for s, v in curve]
+  path = os.path.join(run_dir, arm_dir, 'metrics.jsonl')
+  found = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        rec = json.loads(line)
+        if key in rec:
+          found[rec['step']] = rec[key]
+  return [[s, _r(v)] for s, v in sorted(found.items())]
+
+
+def _arith_arms(run_dirs: str, arms: tuple, name: str, keys: tuple) -> tuple[dict, tuple]:
+  """{seed: {'sft': ..., arm: {...}}} of experiments/grpo_instructions.py arms run with
+  grpo_exp.kinds='arithmetic' (every arm of `arms` needed), and the first results/run dir."""
+  seeds, first = {}, None
+  for run_dir in [d for d in run_dirs.split(',') if d]:
+    per_arm = {}
+    for arm in arms:
+      path = os.path.join(run_dir, f'{arm}_arithmetic_results.json')
+      if not os.path.isfile(path):
+        raise MissingData(f'{path} not found: run the {arm} arm in {run_dir} first')
+      with open(path) as f:
+        res = json.load(f)
+      first = first or (res, run_dir)
+      full = f'{arm}_arithmetic'
+      per_arm['sft'] = {'heldout': _r(res['sft']['accuracy']),
+                        'train_questions': _r(res['sft_train_questions']['accuracy'])}
+      rl = (res.get('config') or {}).get('rl') or {}
+      per_arm[arm] = {'heldout': _r(res[full]['accuracy']),
+                      'train_questions': _r(res[f'{full}_train_questions']['accuracy']),
+                      'beta': rl.get('beta'), 'reset_every': rl.get('reset_every'),
+                      'failures': res.get('failures'),
+                      'train_s': _r(res['wall_s'].get(f'{full}_train_s'), 1),
+                      **{k: _arm_curve(run_dir, full, res, k) for k in keys}}
+    seeds[str(res['seed'])] = per_arm
+  if first is None:
+    raise MissingData(f'--{name}: no run directory given')
+  return seeds, first
+
+
+PRORL_ARMS = ('grpo_kl', 'grpo_kl_reset')
+
+
+def extract_prorl(run_dirs: str, commit: str | None = None) -> dict:
+  """ProRL's reference resets against the same KL-regularised GRPO without them: the arms
+  grpo_kl and grpo_kl_reset of experiments/grpo_instructions.py on arithmetic, one WORKDIR per
+  seed (docs/rl.md)."""
+  seeds, (res, _) = _arith_arms(run_dirs, PRORL_ARMS, 'prorl',
+                                ('val_correct', 'kl', 'reward', 'entropy', 'reference_reset'))
+  config = res.get('config') or {}
+  out = _meta('prorl', res, run_dirs, commit, None)
+  out.update(source='experiments/grpo_instructions.py (grpo_exp.kinds=arithmetic)',
+             seed=sorted(seeds), n=res['sft']['n'], seeds=seeds,
+             base_steps=(config.get('train') or {}).get('steps'),
+             grpo_steps=(config.get('grpo_exp') or {}).get('steps'))
+  return out

@@ -354,7 +354,7 @@ EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack,
            'grpo_instructions': extract_grpo_instructions,
            'grpo_arithmetic': extract_grpo_arithmetic,
            'grpo_arithmetic_long': extract_grpo_arithmetic_long, 'paprika': extract_paprika,
-           'pathway': extract_pathway, 'scaling': extract_scaling}
+           'pathway': extract_pathway, 'scaling': extract_scaling, 'prorl': extract_prorl}
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'gstack_study': draw_gstack_study,
         'reversal': draw_reversal,
         'instruction_sft': draw_instruction_sft, 'dpo_instructions': draw_dpo_instructions,
@@ -362,7 +362,7 @@ DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'gstack_study': draw_gstack_st
         'grpo_instructions': draw_grpo_instructions,
         'grpo_arithmetic': draw_grpo_arithmetic, 'grpo_arithmetic_long': draw_grpo_arithmetic,
         'paprika': draw_paprika,
-        'pathway': draw_pathway, 'scaling': draw_scaling}
+        'pathway': draw_pathway, 'scaling': draw_scaling, 'prorl': draw_prorl}
 
 
 def make_figures(run_dirs: dict | None = None, *, data_dir: str = DATA_DIR, out_dir: str = OUT_DIR,

@@ -253,3 +253,33 @@ def draw_pathway(data: dict, path: str) -> str:
   ax.set_title('RL stages: training reward (each arm its own reward; a line per seed)', fontsize=8)
   ax.legend(fontsize=7)
   return _finish(fig, data, path)
+
+
+def draw_prorl(data: dict, path: str) -> str:
+  """Held-out accuracy, KL and training reward: KL-regularised GRPO with ProRL's resets (solid)
+  and without (dashed), one colour per seed; the resets as dotted lines."""
+  plt = _plt()
+  seeds = data['seeds']
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  for k, (seed, s) in enumerate(sorted(seeds.items())):
+    for arm, style in (('grpo_kl_reset', '-'), ('grpo_kl', '--')):
+      label = f'seed {seed}' + (' reset' if arm == 'grpo_kl_reset' else ' no reset')
+      val = [p for p in s[arm]['val_correct'] if p[0] > 0]
+      xs, ys = zip(*([[0, s['sft']['heldout']]] + val))
+      axes[0].plot(xs, ys, color=f'C{k}', ls=style, marker='.', lw=1, label=label)
+      for ax, key in ((axes[1], 'kl'), (axes[2], 'reward')):
+        if s[arm][key]:
+          xs, ys = zip(*s[arm][key])
+          ax.plot(xs, ys, color=f'C{k}', ls=style, lw=0.8, label=label)
+  first = next(iter(seeds.values()))['grpo_kl_reset']
+  for step in [p[0] for p in first['reference_reset']]:
+    for ax in axes:
+      ax.axvline(step, color='gray', ls=':', lw=0.7)
+  titles = ('held-out arithmetic (greedy)', f'KL to the reference (k3, beta = {first["beta"]})',
+            'training reward (sampled, T = 1)')
+  for ax, title in zip(axes, titles):
+    ax.set_xlabel('step', fontsize=8)
+    ax.set_title(title, fontsize=8)
+  axes[0].set_ylim(0, 1.0)
+  axes[0].legend(fontsize=6)
+  return _finish(fig, data, path)

@@ -163,32 +163,8 @@ def extract_grpo_arithmetic(run_dirs: str, commit: str | None = None,
   """Comma-separated WORKDIRs of experiments/grpo_instructions.py run with
   grpo_exp.kinds='arithmetic', one per seed; each arm of ARITH_ARMS whose
   <arm>_arithmetic_results.json is there is taken (a seed needs the 'grpo' arm)."""
-  seeds, first = {}, None
-  for run_dir in [d for d in run_dirs.split(',') if d]:
-    per_arm = {}
-    for arm in ARITH_ARMS:
-      path = os.path.join(run_dir, f'{arm}_arithmetic_results.json')
-      if not os.path.isfile(path):
-        if arm == 'grpo':
-          raise MissingData(f'{path} not found: run the grpo arm with '
-                            f'--config.grpo_exp.kinds=arithmetic in {run_dir} first')
-        continue
-      with open(path) as f:
-        res = json.load(f)
-      first = first or (res, run_dir)
-      arm_name = f'{arm}_arithmetic'
-      per_arm['sft'] = {'heldout': _r(res['sft']['accuracy']),
-                        'train_questions': _r(res['sft_train_questions']['accuracy'])}
-      per_arm[arm] = {'heldout': _r(res[arm_name]['accuracy']),
-                      'train_questions': _r(res[f'{arm_name}_train_questions']['accuracy']),
-                      'reward': [[s, _r(v)] for s, v in res['curve']['reward']],
-                      'val_correct': [[s, _r(v)] for s, v in
-                                      res['curve'].get('val_correct') or []],
-                      'train_s': _r(res['wall_s'].get(f'{arm_name}_train_s'), 1)}
-    seeds[str(res['seed'])] = per_arm
-  if first is None:
-    raise MissingData(f'--{name}: no run directory given')
-  res, run_dir = first
+  seeds, (res, _) = _arith_arms(run_dirs, ARITH_ARMS, name, ('reward', 'val_correct'),
+                                required=('grpo',))
   config = res.get('config') or {}
   out = _meta(name, res, run_dirs, commit, None)
   out.update(source='experiments/grpo_instructions.py (grpo_exp.kinds=arithmetic)',
@@ -287,16 +263,21 @@ def _arm_curve(run_dir: str, arm_dir: str, res: dict, key: str) -> list:
   return [[s, _r(v)] for s, v in sorted(found.items())]
 
 
-def _arith_arms(run_dirs: str, arms: tuple, name: str, keys: tuple) -> tuple[dict, tuple]:
+def _arith_arms(run_dirs: str, arms: tuple, name: str, keys: tuple,
+                required: tuple | None = None) -> tuple[dict, tuple]:
   """{seed: {'sft': ..., arm: {...}}} of experiments/grpo_instructions.py arms run with
-  grpo_exp.kinds='arithmetic' (every arm of `arms` needed), and the first results/run dir."""
+  grpo_exp.kinds='arithmetic' (the `required` arms, default all, must be there; the others are
+  taken where they are), each with the curves of `keys`; and the first (results, run dir)."""
   seeds, first = {}, None
   for run_dir in [d for d in run_dirs.split(',') if d]:
     per_arm = {}
     for arm in arms:
       path = os.path.join(run_dir, f'{arm}_arithmetic_results.json')
       if not os.path.isfile(path):
-        raise MissingData(f'{path} not found: run the {arm} arm in {run_dir} first')
+        if required is None or arm in required:
+          raise MissingData(f'{path} not found: run the {arm} arm with '
+                            f'--config.grpo_exp.kinds=arithmetic in {run_dir} first')
+        continue
       with open(path) as f:
         res = json.load(f)
       first = first or (res, run_dir)
@@ -307,7 +288,6 @@ def _arith_arms(run_dirs: str, arms: tuple, name: str, keys: tuple) -> tuple[dic
       per_arm[arm] = {'heldout': _r(res[full]['accuracy']),
                       'train_questions': _r(res[f'{full}_train_questions']['accuracy']),
                       'beta': rl.get('beta'), 'reset_every': rl.get('reset_every'),
-                      'failures': res.get('failures'),
                       'train_s': _r(res['wall_s'].get(f'{full}_train_s'), 1),
                       **{k: _arm_curve(run_dir, full, res, k) for k in keys}}
     seeds[str(res['seed'])] = per_arm

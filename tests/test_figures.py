@@ -192,6 +192,16 @@ def test_prorl_from_run_dirs(tmp_path):
   os.remove(os.path.join(dirs.split(',')[0], 'grpo_kl_arithmetic_results.json'))
   with pytest.raises(figures.MissingData, match='run the grpo_kl arm'):
     figures.extract_prorl(dirs)
+  # grpo_arithmetic reads the same files: the grpo arm is needed, the others taken if there.
+  with pytest.raises(figures.MissingData, match='run the grpo arm'):
+    figures.extract_grpo_arithmetic(dirs)
+  d1 = dirs.split(',')[1]
+  res = json.loads(open(os.path.join(d1, 'grpo_kl_arithmetic_results.json')).read())
+  res = {k.replace('grpo_kl_', 'grpo_'): v for k, v in res.items()}
+  with open(os.path.join(d1, 'grpo_arithmetic_results.json'), 'w') as f:
+    json.dump(res, f)
+  data = figures.extract_grpo_arithmetic(d1)
+  assert sorted(data['seeds']['1']) == ['grpo', 'sft'] and data['seeds']['1']['grpo']['heldout'] == 0.4
 
 
 def test_the_scaling_figure_from_a_finished_grid(tmp_path):

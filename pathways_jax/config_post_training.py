@@ -107,6 +107,12 @@ def add_sections(c: ml_collections.ConfigDict) -> None:
   r.diffusion_steps = 0
   r.block_length = 0
   r.prompt_mask_p = 0.15
+  # Fast-dLLM rollouts for a LLaDA policy (sampling/diffusion.py): a KV cache ('' none, 'prefix'
+  # or 'dual', refreshed at each block start; needs block_length < max_new_tokens to pay) and
+  # parallel decoding of every masked token whose confidence exceeds diffusion_threshold (0: off,
+  # the step schedule). Both approximate the plain sampler; the estimator scores what was drawn.
+  r.diffusion_cache = ''
+  r.diffusion_threshold = 0.0
   # The log-prob estimator (rl/diffusion.py): 'd1' (one pass, the completion fully masked) or
   # 'coupled' (DiffuCoder's coupled-GRPO: d1's pass plus two complementary masks of the
   # completion at a ratio t ~ U[coupled_t_min, coupled_t_max] per row; three passes) or 'elbo'

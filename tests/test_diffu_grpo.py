@@ -263,3 +263,46 @@ def test_wd1_on_d1_estimates_raises_a_learnable_reward(base, llada_base, tmp_pat
   first, last = np.mean([reward[s] for s in (1, 2, 3)]), np.mean([reward[s] for s in (10, 11, 12)])
   assert last > first + 0.1, reward
   assert _metrics(tmp_path / 'rl')[0]['wd1/weight_abs_mean'] > 0
+
+
+def test_fast_dllm_rollouts_are_the_samplers_and_train(base, llada_base, tmp_path):
+  """rl.diffusion_cache / rl.diffusion_threshold: the rollouts are what `sampling.diffusion.
+  generate` (no mesh) draws with the same cache, threshold, blocks and key; a run trains with
+  them; the settings are checked (and refused for an AR policy)."""
+  from pathways_jax import parallel, tasks
+  from pathways_jax.config import ModelConfig
+  from pathways_jax.models.transformer import Transformer
+  from pathways_jax.rl import diffusion as dl
+  from pathways_jax.sample import load_run
+  from pathways_jax.sampling import diffusion as sd
+  from pathways_jax.tasks.pretrain import mask_id
+  from pathways_jax.train import loop
+  cfg, model, params, tok = load_run(llada_base)
+  mesh, rules = parallel.make_mesh(cfg), parallel.logical_rules(cfg)
+  prompt = np.asarray([BYTES.encode('Tell 1')[-6:], BYTES.encode('Tell 22')[-6:]], np.int32)
+  valid = np.ones(prompt.shape, bool)
+  key = jax.random.key(3)
+  drawn = {}
+  # A low threshold commits a whole block at its first step: other tokens than the schedule's.
+  for cache, threshold in ((None, None), ('dual', 1e-6), ('prefix', None), (None, 1e-6)):
+    ro = dl.DiffusionRollouts(model, mesh, rules, batch_size=2, prompt_len=6, num_samples=2,
+                              max_new_tokens=6, steps=6, block_length=2, temperature=1.0,
+                              mask_id=mask_id(cfg), eos_id=tok.eos_id, cache=cache,
+                              threshold=threshold)(params, prompt, valid, key=key)
+    ref = sd.generate(model, params, np.repeat(prompt, 2, axis=0), mask_id=mask_id(cfg),
+                      key=key, gen_length=6, steps=6, block_length=2, temperature=1.0,
+                      cache=cache, threshold=threshold, prompt_mask_BP=np.repeat(valid, 2, 0))
+    np.testing.assert_array_equal(np.asarray(ro.tokens_BT), np.asarray(ref))
+    drawn[cache, threshold] = np.asarray(ref)
+  assert (drawn[None, 1e-6] != drawn[None, None]).any()  # the setting reaches the sampler
+  res = loop.train(_cfg(base, **_llada(**{
+      'train.init_from': llada_base, 'rl.block_length': 2, 'rl.diffusion_cache': 'dual',
+      'rl.diffusion_threshold': 0.5, 'train.steps': 2})), str(tmp_path / 'rl'), quiet=True)
+  assert res['status'] == 'completed' and np.isfinite(res['train_loss'])
+  lmodel = Transformer(ModelConfig.from_config(_cfg(base, **_llada()).model, vocab_size=264))
+  for key_, value in (('rl.diffusion_cache', 'full'), ('rl.diffusion_threshold', 1.0)):
+    with pytest.raises(ConfigError, match='diffusion_cache in'):
+      tasks.make(_cfg(base, **_llada(**{key_: value})), lmodel)
+  armodel = Transformer(ModelConfig.from_config(_cfg(base).model, vocab_size=264))
+  with pytest.raises(ConfigError, match='apply to LLaDA policies'):
+    tasks.make(_cfg(base, **{'rl.diffusion_cache': 'dual'}), armodel)

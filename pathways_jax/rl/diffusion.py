@@ -149,17 +149,20 @@ def token_entropy(logits_BTV: jax.Array) -> jax.Array:
 
 class DiffusionRollouts:
   """G completions per prompt from `sampling.diffusion.DiffusionSampler` on the run's mesh, as a
-  `Rollout` (log-probs 0: the sampler computes none; the estimator gives them)."""
+  `Rollout` (log-probs 0: the sampler computes none; the estimator gives them); `cache` and
+  `threshold` as the sampler's (Fast-dLLM)."""
 
   def __init__(self, model, mesh, rules, *, batch_size: int, prompt_len: int, num_samples: int,
                max_new_tokens: int, steps: int, block_length: int, temperature: float,
-               mask_id: int, eos_id: int | None):
+               mask_id: int, eos_id: int | None, cache: str | None = None,
+               threshold: float | None = None):
     from pathways_jax.sampling.diffusion import DiffusionSampler  # pylint: disable=g-import-not-at-top
     self.num_samples, self.eos_id, self.prompt_len = num_samples, eos_id, prompt_len
     self.sampler = DiffusionSampler(model, mesh, rules, batch_size=batch_size * num_samples,
                                     prompt_len=prompt_len, mask_id=mask_id,
                                     gen_length=max_new_tokens, steps=steps,
-                                    block_length=block_length, temperature=temperature)
+                                    block_length=block_length, temperature=temperature,
+                                    cache=cache, threshold=threshold)
 
   def __call__(self, params, prompt_BP, prompt_mask_BP, *, key) -> Rollout:
     G = self.num_samples

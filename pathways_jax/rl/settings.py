@@ -78,6 +78,10 @@ def check(cfg, model_cfg) -> None:
       raise ConfigError(f'config.rl: need 0 <= prompt_mask_p < 1, diffusion_steps >= 0 and '
                         f'block_length >= 0; got {r.prompt_mask_p}, {r.diffusion_steps}, '
                         f'{r.block_length}')
+    if r.diffusion_cache not in ('', 'prefix', 'dual') or not 0 <= r.diffusion_threshold < 1:
+      raise ConfigError(f"config.rl: need diffusion_cache in ('', 'prefix', 'dual') and 0 <= "
+                        f'diffusion_threshold < 1 (0: off); got {r.diffusion_cache!r}, '
+                        f'{r.diffusion_threshold}')
     if r.diffusion_estimator not in ('d1', 'coupled', 'elbo'):
       hint = {'wd1': " (wd1 is a loss on any estimator: rl.loss='wd1')",
               'espo': " (ESPO is rl.diffusion_estimator='elbo' with rl.loss='gspo')"}.get(
@@ -87,6 +91,9 @@ def check(cfg, model_cfg) -> None:
     if not 0 < r.coupled_t_min <= r.coupled_t_max < 1:
       raise ConfigError(f'config.rl: need 0 < coupled_t_min <= coupled_t_max < 1; got '
                         f'{r.coupled_t_min}, {r.coupled_t_max}')
+  elif r.diffusion_cache or r.diffusion_threshold:
+    raise ConfigError('config.rl.diffusion_cache / diffusion_threshold apply to LLaDA policies '
+                      '(model.causal=False): the KV-cache sampler of an AR policy is exact')
   elif r.diffusion_estimator != 'd1':
     raise ConfigError(f'config.rl.diffusion_estimator={r.diffusion_estimator!r} applies to '
                       'LLaDA policies (model.causal=False); an AR policy has exact log-probs')

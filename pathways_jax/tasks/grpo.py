@@ -282,7 +282,8 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
           prompt_len=self.cfg.data.seq_len, num_samples=num_samples,
           max_new_tokens=r.max_new_tokens, steps=r.diffusion_steps or r.max_new_tokens,
           block_length=r.block_length or r.max_new_tokens, temperature=temperature,
-          mask_id=mask_id(self.cfg), eos_id=tok.eos_id)
+          mask_id=mask_id(self.cfg), eos_id=tok.eos_id, cache=r.diffusion_cache or None,
+          threshold=r.diffusion_threshold or None)
     return RolloutSampler(self.model, self._run.mesh, self._run.rules, batch_size=batch_size,
                           prompt_len=self.cfg.data.seq_len, max_new_tokens=r.max_new_tokens,
                           num_samples=num_samples, temperature=temperature,

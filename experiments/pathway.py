@@ -104,6 +104,11 @@ def get_config():
   # completions with max_new_tokens full-row forward passes (no KV cache); a step took 4-5x an
   # AR GRPO step on the 2-core CPU (docs/rl.md).
   p.llada_grpo_steps = 30
+  # Fast-dLLM rollouts for diffu-GRPO (rl.diffusion_cache / rl.diffusion_threshold, in blocks of
+  # llada_grpo_block_length; 0 / '' / 0: one block, no cache, the step schedule, as above).
+  p.llada_grpo_block_length = 0
+  p.llada_grpo_cache = ''
+  p.llada_grpo_threshold = 0.0
   return c
 
 
@@ -223,6 +228,9 @@ def llada_stages(cfg, workdir: str, paths: dict, task_dir: str) -> list[tuple[st
   vrpo.task = 'vrpo'
   grpo = grpo_config_of(lc, 'grpo', task_dir, d('llada_vrpo'))
   steps = cfg.pathway.llada_grpo_steps
+  grpo.rl.update(block_length=cfg.pathway.llada_grpo_block_length,
+                 diffusion_cache=cfg.pathway.llada_grpo_cache,
+                 diffusion_threshold=cfg.pathway.llada_grpo_threshold)
   grpo.train.update(steps=steps, eval_every=min(grpo.train.eval_every, steps),
                     checkpoint_every=min(grpo.train.checkpoint_every, steps),
                     warmup_steps=min(grpo.train.warmup_steps, steps // 10))

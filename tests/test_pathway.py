@@ -63,7 +63,13 @@ def test_both_chains_end_to_end(tmp_path, monkeypatch):
 
   monkeypatch.setattr(pathway.dpo_instructions, '_answers', fake)
   cfg = _tiny(tmp_path, pathway)
+  # Fast-dLLM rollouts for diffu-GRPO only (an AR policy refuses the settings).
+  cfg.pathway.update(llada_grpo_block_length=3, llada_grpo_cache='dual', llada_grpo_threshold=0.9)
   res = pathway.run(cfg, str(tmp_path / 'run'))
+  rl_of = lambda stage: json.loads((tmp_path / 'run' / stage / 'config.json').read_text())['rl']
+  assert [rl_of('llada_grpo')[k] for k in ('block_length', 'diffusion_cache',
+                                           'diffusion_threshold')] == [3, 'dual', 0.9]
+  assert rl_of('grpo')['diffusion_cache'] == '' and rl_of('grpo')['block_length'] == 0
   for key in ('sft_accuracy', 'rm_pair_accuracy', 'dpo_accuracy', 'grpo_accuracy',
               'grpo_random_reward_accuracy', 'grpo_format_only_accuracy', 'llada_sft_accuracy',
               'llada_vrpo_accuracy', 'llada_grpo_accuracy'):

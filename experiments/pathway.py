@@ -26,6 +26,10 @@ pairs and DPO; VRPO uses the same with `vrpo`), reward_instructions (`rm`, `rewa
 grpo_instructions (`grpo_exp`, `rl`). `pathway` holds what is new: the chains, the task, and the
 LLaDA chain's own step counts.
 
+`pathway.llada_from_ar`: llada_base adapts the AR chain's base (bidirectional attention, shifted
+logits: model.shift_logits) for `pathway.llada_base_steps` instead of training from scratch; the
+AR base is trained for it when the AR chain does not run.
+
 A chain whose SFT model gives no preference pair (every training question answered all right or
 all wrong in `dpo_exp.samples` draws) skips its preference stages, says so, and records them as
 skipped; its RL stage then starts from the SFT model. Without held-out pairs, they train with
@@ -95,6 +99,10 @@ def get_config():
   p.llada_base_steps = 1600  # LLaDA's pretraining, as long as the AR base's
   p.llada_sft_steps = 800
   p.llada_sft_lr = 4e-3
+  # The LLaDA base adapts the AR chain's base (model.shift_logits, as Dream-7B and DiffuLLaMA
+  # start from AR checkpoints) for llada_base_steps instead of training from scratch; the AR
+  # base is trained for it when the AR chain does not run.
+  p.llada_from_ar = False
   # DPO's and VRPO's steps: this many passes over the chain's own training pairs (dpo_exp.steps
   # is ignored here). The task's few hundred pairs would otherwise be seen ~24 times in
   # dpo_exp.steps=200, which took held-out accuracy from 0.57 to 0.20 (seed 1);
@@ -218,6 +226,10 @@ def llada_stages(cfg, workdir: str, paths: dict, task_dir: str) -> list[tuple[st
   pairs_dir = os.path.join(workdir, 'llada_pairs')
   d = lambda name: os.path.join(workdir, name)
   base = instruction_sft.base_config_of(lc)
+  if cfg.pathway.llada_from_ar:
+    base.name = f'{lc.name}-from-ar'
+    base.train.init_from = os.path.abspath(d('base'))
+    base.model.shift_logits = True
   sft = instruction_sft.sft_config_of(lc, paths['train'], d('llada_base'))
   sft.task = 'llada_sft'
   # LLaDA's SFT: one conversation per row, eos-padded, the padding trained like the answer (how
@@ -260,6 +272,8 @@ def run(cfg, workdir: str) -> dict:
   if 'ar' in chains:
     plan += ar_stages(cfg, workdir, paths, task_dir)
   if 'llada' in chains:
+    if cfg.pathway.llada_from_ar and 'ar' not in chains:
+      plan.append(ar_stages(cfg, workdir, paths, task_dir)[0])  # the AR base it adapts
     plan += llada_stages(cfg, workdir, paths, task_dir)
   stages, pairs, curves, wall = {}, {}, {}, {}
   skipped = {}  # stage -> the stage the next one starts from instead

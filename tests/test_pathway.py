@@ -148,13 +148,21 @@ def test_both_chains_end_to_end(tmp_path, monkeypatch):
 
 def test_a_chain_without_preference_pairs_skips_to_rl_from_sft(tmp_path, monkeypatch):
   """A LLaDA SFT model that gets every question wrong gives no pair: VRPO is skipped and said so,
-  and diffu-GRPO starts from the SFT model."""
+  and diffu-GRPO starts from the SFT model. Here the LLaDA base adapts the AR base."""
   pathway = _pathway()
   monkeypatch.setattr(pathway.dpo_instructions, '_answers',
                       lambda run_dir, examples, cfg, seed: [['no idea'] * 2 for _ in examples])
   cfg = _tiny(tmp_path, pathway)
-  cfg.pathway.chains = 'llada'
+  cfg.pathway.update(chains='llada', llada_from_ar=True)
   res = pathway.run(cfg, str(tmp_path / 'run'))
+  # pathway.llada_from_ar: the AR base is trained (the AR chain does not run) and the LLaDA base
+  # adapts it, bidirectional with shifted logits; its SFT keeps both.
+  read = lambda stage: json.loads((tmp_path / 'run' / stage / 'config.json').read_text())
+  assert read('base')['model']['causal'] is True and read('base')['objective'] != 'diffusion'
+  for stage in ('llada_base', 'llada_sft'):
+    assert read(stage)['model']['causal'] is False and read(stage)['model']['shift_logits']
+  assert os.path.basename(read('llada_base')['train']['init_from']) == 'base'
+  assert res['stages']['base']['start'] == '' and 'sft' not in res['stages']
   assert res['stages']['llada_vrpo'] == {'start': 'llada_sft', 'task': 'vrpo',
                                          'skipped': 'no preference pair'}
   assert res['llada_vrpo_accuracy'] is None and 0 <= res['llada_grpo_accuracy'] <= 1

@@ -306,3 +306,33 @@ def test_fast_dllm_rollouts_are_the_samplers_and_train(base, llada_base, tmp_pat
   armodel = Transformer(ModelConfig.from_config(_cfg(base).model, vocab_size=264))
   with pytest.raises(ConfigError, match='apply to LLaDA policies'):
     tasks.make(_cfg(base, **{'rl.diffusion_cache': 'dual'}), armodel)
+
+
+def test_the_rollout_benchmark_times_plain_against_fast_rollouts(base, llada_base, tmp_path,
+                                                                 capsys):
+  """benchmarks/diffu_grpo_rollouts.py on a finished diffu-GRPO run: both arms run its saved
+  config (the fast one with the cache and threshold), the table prints; a run directory that is
+  not a LLaDA grpo run is refused in one line."""
+  import importlib.util
+  import os
+  from helpers import REPO
+  from pathways_jax.train import loop
+  spec = importlib.util.spec_from_file_location(
+      'diffu_grpo_rollouts', os.path.join(REPO, 'benchmarks', 'diffu_grpo_rollouts.py'))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  run = str(tmp_path / 'rl')
+  loop.train(_cfg(base, **_llada(**{'train.init_from': llada_base, 'train.steps': 1,
+                                    'rl.rewards': 'correct'})), run, quiet=True)
+  seen = []
+  real = bench.run_arm
+  bench.run_arm = lambda run_dir, rl, steps, scratch: seen.append(rl) or real(run_dir, rl, steps,
+                                                                              scratch)
+  assert bench.main(['--run', run, '--steps=2', '--rounds=1', '--block_length=3']) == 0
+  assert seen == [{'block_length': 0, 'diffusion_cache': '', 'diffusion_threshold': 0.0},
+                  {'block_length': 3, 'diffusion_cache': 'dual', 'diffusion_threshold': 0.9}]
+  out = capsys.readouterr().out
+  assert '| plain |' in out and '| fast |' in out and 'plain / fast rollout:' in out
+  with pytest.raises(SystemExit):
+    bench.main(['--run', llada_base])
+  assert 'is not a task=grpo run' in capsys.readouterr().err

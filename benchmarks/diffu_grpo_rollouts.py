@@ -77,6 +77,9 @@ def main(argv=None) -> int:
   if args.steps < 2 or args.rounds < 1:
     ap.error(f'--steps must be >= 2 (the first is not timed) and --rounds >= 1; got '
              f'{args.steps}, {args.rounds}')
+  if args.block_length < 1 or not 0 <= args.threshold < 1:
+    ap.error(f'--block_length must be >= 1 and --threshold in [0, 1) (0: off); got '
+             f'{args.block_length}, {args.threshold}')
   config = os.path.join(args.run, 'config.json')
   if not os.path.isfile(config):
     ap.error(f'--run={args.run}: no config.json there (a task=grpo run directory is needed)')

@@ -246,23 +246,6 @@ def extract_pathway(run_dirs: str, commit: str | None = None) -> dict:
   return out
 
 
-def _arm_curve(run_dir: str, arm_dir: str, res: dict, key: str) -> list:
-  """[[step, value]] of `key` from the arm's results, else from its metrics.jsonl (a key the
-  experiment's results did not keep when the run was made)."""
-  curve = (res.get('curve') or {}).get(key)
-  if curve:
-    return [[s, _r(v)] for s, v in curve]
-  path = os.path.join(run_dir, arm_dir, 'metrics.jsonl')
-  found = {}
-  if os.path.isfile(path):
-    with open(path) as f:
-      for line in f:
-        rec = json.loads(line)
-        if key in rec:
-          found[rec['step']] = rec[key]
-  return [[s, _r(v)] for s, v in sorted(found.items())]
-
-
 def _arith_arms(run_dirs: str, arms: tuple, name: str, keys: tuple,
                 required: tuple | None = None) -> tuple[dict, tuple]:
   """{seed: {'sft': ..., arm: {...}}} of experiments/grpo_instructions.py arms run with
@@ -289,7 +272,8 @@ def _arith_arms(run_dirs: str, arms: tuple, name: str, keys: tuple,
                       'train_questions': _r(res[f'{full}_train_questions']['accuracy']),
                       'beta': rl.get('beta'), 'reset_every': rl.get('reset_every'),
                       'train_s': _r(res['wall_s'].get(f'{full}_train_s'), 1),
-                      **{k: _arm_curve(run_dir, full, res, k) for k in keys}}
+                      **{k: [[st, _r(v)] for st, v in res['curve'].get(k) or []]
+                         for k in keys}}
     seeds[str(res['seed'])] = per_arm
   if first is None:
     raise MissingData(f'--{name}: no run directory given')

@@ -141,6 +141,13 @@ def check(cfg) -> tuple[str, ...]:
   dpo_instructions.check_settings(cfg.pathway, 'pathway', (
       'llada_base_steps', 'llada_sft_steps', 'llada_sft_lr', 'preference_epochs',
       'llada_grpo_steps'))
+  p = cfg.pathway
+  if (p.llada_grpo_cache not in ('', 'prefix', 'dual') or not 0 <= p.llada_grpo_threshold < 1
+      or p.llada_grpo_block_length < 0):
+    raise config_lib.ConfigError(
+        "config.pathway: need llada_grpo_cache in ('', 'prefix', 'dual'), 0 <= "
+        'llada_grpo_threshold < 1 and llada_grpo_block_length >= 0; got '
+        f'{p.llada_grpo_cache!r}, {p.llada_grpo_threshold}, {p.llada_grpo_block_length}')
   return chains
 
 

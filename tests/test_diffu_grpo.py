@@ -333,6 +333,8 @@ def test_the_rollout_benchmark_times_plain_against_fast_rollouts(base, llada_bas
                   {'block_length': 3, 'diffusion_cache': 'dual', 'diffusion_threshold': 0.9}]
   out = capsys.readouterr().out
   assert '| plain |' in out and '| fast |' in out and 'plain / fast rollout:' in out
-  with pytest.raises(SystemExit):
-    bench.main(['--run', llada_base])
-  assert 'is not a task=grpo run' in capsys.readouterr().err
+  for bad, message in ((['--run', llada_base], 'is not a task=grpo run'),
+                       (['--run', run, '--threshold=1.5'], '--threshold in [0, 1)')):
+    with pytest.raises(SystemExit):
+      bench.main(bad)
+    assert message in capsys.readouterr().err

@@ -152,20 +152,18 @@ def test_dpo_instructions_from_run_dirs(tmp_path):
 
 def test_prorl_from_run_dirs(tmp_path):
   """grpo_instructions WORKDIRs holding the grpo_kl and grpo_kl_reset arms -> per seed: the SFT
-  start, each arm's final scores and curves; a curve the results did not keep is read from the
-  arm's metrics.jsonl; a missing arm is named."""
+  start, each arm's final scores and curves; a missing arm is named."""
   figures = _figures()
 
   def run(seed):
     d = tmp_path / f's{seed}'
-    (d / 'grpo_kl_reset_arithmetic').mkdir(parents=True)
+    d.mkdir()
     for arm, after, reset in (('grpo_kl', 0.4, 0), ('grpo_kl_reset', 0.5, 50)):
       full = f'{arm}_arithmetic'
       score = lambda acc: {'accuracy': acc, 'n': 61}
       curve = {'val_correct': [[50, after - 0.1], [100, after]], 'kl': [[10, 0.01], [100, 0.02]],
                'reward': [[10, 0.5], [100, 0.7]], 'entropy': [[10, 0.3]]}
-      if arm == 'grpo_kl':
-        curve['reference_reset'] = []
+      curve['reference_reset'] = [[50, 50.0]] if reset else []
       res = {'status': 'completed', 'seed': seed, 'date': '2026-01-01', 'device': 'cpu x1',
              'sft': score(0.3), 'sft_train_questions': score(0.8), full: score(after),
              f'{full}_train_questions': score(0.9), 'curve': curve,
@@ -173,8 +171,6 @@ def test_prorl_from_run_dirs(tmp_path):
              'config': {'seed': seed, 'rl': {'beta': 1.0, 'reset_every': reset},
                         'train': {'steps': 800}, 'grpo_exp': {'steps': 100}}}
       (d / f'{full}_results.json').write_text(json.dumps(res))
-    (d / 'grpo_kl_reset_arithmetic' / 'metrics.jsonl').write_text(
-        '{"step": 50, "reference_reset": 50.0}\n{"step": 60, "loss": 1.0}\n')
     return str(d)
 
   dirs = ','.join(run(s) for s in (0, 1))
@@ -185,7 +181,7 @@ def test_prorl_from_run_dirs(tmp_path):
   seed = data['seeds']['1']
   assert seed['sft'] == {'heldout': 0.3, 'train_questions': 0.8}
   assert seed['grpo_kl_reset']['heldout'] == 0.5 and seed['grpo_kl']['heldout'] == 0.4
-  assert seed['grpo_kl_reset']['reference_reset'] == [[50, 50.0]]  # from metrics.jsonl
+  assert seed['grpo_kl_reset']['reference_reset'] == [[50, 50.0]]
   assert seed['grpo_kl']['reference_reset'] == [] and seed['grpo_kl']['beta'] == 1.0
   assert seed['grpo_kl_reset']['val_correct'] == [[50, 0.4], [100, 0.5]]
   _assert_png(tmp_path / 'out' / 'prorl.png')

@@ -41,7 +41,9 @@ def test_settings_and_task_are_checked_before_any_stage(tmp_path):
                             ('pathway.chains', ' ', 'pathway.chains'),
                             ('pathway.llada_sft_steps', 0, r'pathway\.llada_sft_steps'),
                             ('grpo_exp.prompts', 0, r'grpo_exp\.prompts'),
-                            ('pathway.kinds', 'poetry', r"\['poetry'\] are not kinds")):
+                            ('pathway.kinds', 'poetry', r"\['poetry'\] are not kinds"),
+                            ('pathway.llada_grpo_cache', 'full', 'llada_grpo_cache in'),
+                            ('pathway.llada_grpo_threshold', 1.0, 'llada_grpo_cache in')):
     cfg = pathway.get_config()
     section, leaf = key.split('.')
     cfg[section][leaf] = value

@@ -56,3 +56,24 @@ def encode(tokenizer, conversations: Sequence[Sequence[dict]], width: int,
 def unpadded(tokens_NP: np.ndarray, mask_NP: np.ndarray) -> list[np.ndarray]:
   """The real tokens of each left-padded row."""
   return [row[m > 0] for row, m in zip(np.asarray(tokens_NP), np.asarray(mask_NP))]
+
+
+def reflection_prompts(tokenizer, messages: Sequence[Sequence[dict]], attempts: Sequence[str],
+                       instruction: str, width: int, prompts_NP: np.ndarray,
+                       prompt_mask_NP: np.ndarray):
+  """(conversations, tokens [N, width], mask, fits [N]) asking for a reflection on each attempt;
+  one that does not fit falls back to its own prompt (`prompts_NP`, left-padded)."""
+  asks = [reflection_messages(m, a, instruction) for m, a in zip(messages, attempts)]
+  return (asks, *encode(tokenizer, asks, width, unpadded(prompts_NP, prompt_mask_NP)))
+
+
+def retry_prompts(tokenizer, asks: Sequence[Sequence[dict]], reflections: Sequence[str],
+                  instruction: str, width: int, ask_tokens_NP: np.ndarray,
+                  ask_mask_NP: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(tokens [N*K, width], mask, fits) asking for a retry after each reflection, K = reflections
+  per ask (in ask order); one that does not fit falls back to its reflection prompt."""
+  k = len(reflections) // len(asks)
+  retries = [retry_messages(asks[n // k], text, instruction) for n, text in enumerate(reflections)]
+  fallback = [ids for ids in unpadded(ask_tokens_NP, ask_mask_NP) for _ in range(k)]
+  return encode(tokenizer, retries, width, fallback)
+

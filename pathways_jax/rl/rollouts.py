@@ -169,16 +169,11 @@ class RolloutBatches:
                                key=k_attempt))
     first_score, _, _ = score(records, first, messages)
     failed = first_score < r.success_at
-    own = reflect_lib.unpadded(prompts['tokens'], prompts['segment_ids'])
-    asks = [reflect_lib.reflection_messages(m, a, r.reflect_instruction)
-            for m, a in zip(messages, first)]
-    ask_tokens, ask_mask, ask_fits = reflect_lib.encode(tok, asks, P, own)
+    asks, ask_tokens, ask_mask, ask_fits = reflect_lib.reflection_prompts(
+        tok, messages, first, r.reflect_instruction, P, prompts['tokens'], prompts['segment_ids'])
     ro = self._sampler(params, ask_tokens, ask_mask, key=k_reflect)
-    reflections = texts_of(ro)
-    retries = [reflect_lib.retry_messages(asks[n // G], text, r.retry_instruction)
-               for n, text in enumerate(reflections)]
-    fallback = [ids_ for ids_ in reflect_lib.unpadded(ask_tokens, ask_mask) for _ in range(G)]
-    retry_tokens, retry_mask, retry_fits = reflect_lib.encode(tok, retries, P, fallback)
+    retry_tokens, retry_mask, retry_fits = reflect_lib.retry_prompts(
+        tok, asks, texts_of(ro), r.retry_instruction, P, ask_tokens, ask_mask)
     second = texts_of(greedy(B * G)(params, retry_tokens, retry_mask, key=k_retry))
     rep = lambda xs: [x for x in xs for _ in range(G)]
     retry_score, values, failures = score(rep(records), second, rep(messages))

@@ -535,17 +535,13 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
            'val_retry_success': 0.0, 'val_reflect_too_long': 0.0}
     if not len(failed):
       return out
-    own = reflect_lib.unpadded(tokens[failed], mask[failed])
-    asks = [reflect_lib.reflection_messages(messages[i], first[i], r.reflect_instruction)
-            for i in failed]
-    ask_tokens, ask_mask, ask_fits = reflect_lib.encode(tok, asks, P, own)
-    reflections = self._greedy_texts(params, ask_tokens, ask_mask)
-    retries = [reflect_lib.retry_messages(a, text, r.retry_instruction)
-               for a, text in zip(asks, reflections)]
-    retry_tokens, retry_mask, retry_fits = reflect_lib.encode(
-        tok, retries, P, reflect_lib.unpadded(ask_tokens, ask_mask))
-    second = self._greedy_texts(params, retry_tokens, retry_mask)
     pick = lambda xs: [xs[i] for i in failed]
+    asks, ask_tokens, ask_mask, ask_fits = reflect_lib.reflection_prompts(
+        tok, pick(messages), pick(first), r.reflect_instruction, P, tokens[failed], mask[failed])
+    retry_tokens, retry_mask, retry_fits = reflect_lib.retry_prompts(
+        tok, asks, self._greedy_texts(params, ask_tokens, ask_mask), r.retry_instruction, P,
+        ask_tokens, ask_mask)
+    second = self._greedy_texts(params, retry_tokens, retry_mask)
     success = ((self._held_out_totals(pick(records), second, pick(messages)) >= r.success_at)
                & ask_fits & retry_fits)
     out.update(val_second_attempt=float((ok.sum() + success.sum()) / len(ok)),

@@ -215,7 +215,7 @@ def run(cfg, workdir: str) -> dict:
     t0 = time.perf_counter()
     for name, exs in ((arm, heldout), (f'{arm}_train_questions', seen)):
       evals[name] = instr_eval.evaluate_run(dirs[arm], exs, batch_size=cfg.instructions.eval_batch,
-                                            train_keys={e.key for e in examples['train']})
+                                            **instruction_sft.provenance(cfg, examples))
       print(f'{name}: format compliance {evals[name]["format_compliance"]:.3f}, accuracy '
             f'{evals[name]["accuracy"]:.3f} ({evals[name]["correct_count"]}/{evals[name]["n"]})')
     wall[f'{arm}_eval_s'] = time.perf_counter() - t0

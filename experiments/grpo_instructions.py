@@ -188,7 +188,7 @@ def run(cfg, workdir: str) -> dict:
     for label, exs in ((name, heldout), (f'{name}_train_questions', seen)):
       evals[label] = instr_eval.evaluate_run(dirs[name], exs,
                                              batch_size=cfg.instructions.eval_batch,
-                                             train_keys={e.key for e in examples['train']})
+                                             **instruction_sft.provenance(cfg, examples))
       print(f'{label}: format compliance {evals[label]["format_compliance"]:.3f}, accuracy '
             f'{evals[label]["accuracy"]:.3f} ({evals[label]["correct_count"]}/'
             f'{evals[label]["n"]})')

@@ -102,6 +102,16 @@ def instruction_set(cfg):
                                   heldout_fraction=i.heldout_fraction, split_by=i.split_by)
 
 
+def provenance(cfg, examples) -> dict:
+  """The evaluator's grouping arguments: the training split's facts (`fact/trained|unseen`) and
+  the arithmetic problems the base's pretraining corpus works out
+  (`problem/in_corpus|not_in_corpus`)."""
+  from pathways_jax.data import corpora, synthetic  # pylint: disable=g-import-not-at-top,multiple-import
+  return {'train_keys': {e.key for e in examples['train']},
+          'corpus_problems': synthetic.arithmetic_problems(
+              cfg.data.synthetic, corpora.synthetic_seed(cfg.data), 'train')}
+
+
 def base_config_of(cfg):
   c = copy.deepcopy(cfg)
   c.name = f'{cfg.name}-base'
@@ -171,7 +181,7 @@ def run(cfg, workdir: str) -> dict:
   for name, run_dir in dirs.items():
     t0 = time.perf_counter()
     evals[name] = instr_eval.evaluate_run(run_dir, heldout, batch_size=cfg.instructions.eval_batch,
-                                          train_keys={e.key for e in examples['train']})
+                                          **provenance(cfg, examples))
     wall[f'{name}_eval_s'] = time.perf_counter() - t0
     print(f'{name}: format compliance {evals[name]["format_compliance"]:.3f} '
           f'({evals[name]["format_ok_count"]}/{evals[name]["n"]}), accuracy '

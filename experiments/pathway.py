@@ -12,8 +12,9 @@ Every stage starts from the run directory of the one before it (`train.init_from
   LLaDA  llada_base -> llada_sft -> llada_vrpo -> llada_grpo (diffu-GRPO, the checker's verdict)
 
 The task is the instruction set's questions of `pathway.kinds` (arithmetic by default: a
-held-out question asks for a sum the model has not seen, which a reward can teach; most other
-kinds ask for facts a model that never read them cannot know, docs/rl.md). SFT trains on the
+reward can raise its answers, where most other kinds ask for facts a model that never read them
+cannot know, docs/rl.md; a held-out question is a phrasing training never uses, mostly of a
+problem that training asks in other words). SFT trains on the
 whole instruction set (the answer formats, the chat template); the preference pairs, DPO/VRPO
 and GRPO train on the task's training questions; every stage is scored, greedily, on the task's
 held-out questions (`pathways_jax.eval.instructions`: accuracy and format compliance), which no
@@ -273,7 +274,7 @@ def run(cfg, workdir: str) -> dict:
   heldout = task['heldout']
   if cfg.instructions.eval_limit > 0:
     heldout = heldout[:cfg.instructions.eval_limit]
-  train_keys = {e.key for e in examples['train']}
+  provenance = instruction_sft.provenance(cfg, examples)  # the evaluation's groups
 
   plan = []  # every stage's config is built (and so checked) before the first one trains
   if 'ar' in chains:
@@ -319,10 +320,11 @@ def run(cfg, workdir: str) -> dict:
     else:
       t0 = time.perf_counter()
       ev = instr_eval.evaluate_run(run_dir, heldout, batch_size=cfg.instructions.eval_batch,
-                                   train_keys=train_keys)
+                                   **provenance)
       wall[f'{name}_eval_s'] = time.perf_counter() - t0
       entry.update({k: ev[k] for k in ('accuracy', 'format_compliance', 'strict_accuracy',
-                                       'correct_count', 'format_ok_count', 'n', 'samples')})
+                                       'correct_count', 'format_ok_count', 'n', 'groups',
+                                       'samples')})
       print(f'{name}: held-out accuracy {ev["accuracy"]:.3f} ({ev["correct_count"]}/{ev["n"]}), '
             f'format {ev["format_compliance"]:.3f}')
     if stage_cfg.task == 'grpo':

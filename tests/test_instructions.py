@@ -217,3 +217,28 @@ def test_the_experiment_end_to_end_on_tiny_settings(tmp_path):
   _, model, params, tok = load_run(str(tmp_path / 'run' / 'sft'))
   heldout = I.read_jsonl(str(tmp_path / 'run' / 'instructions' / 'heldout.jsonl'))[:5]
   assert_answers_as_alone(model, params, tok, heldout, max_new_tokens=6)
+
+
+def test_held_out_arithmetic_is_grouped_by_whether_the_corpus_works_the_problem_out():
+  """`synthetic.arithmetic_problems` is what a model pretrained on the split read, and `score`
+  splits the arithmetic questions by it (the other kinds get no such group)."""
+  cfg = config_lib.base_config().data.synthetic
+  cfg.num_people, cfg.num_stories, cfg.num_arithmetic = 4, 2, 300
+  read = synthetic.arithmetic_problems(cfg, 0, 'train')
+  train_lines = set('\n'.join(synthetic.documents(cfg, 0, 'train')).split('\n'))
+  assert read and all(f'{p} = {eval(p)}' in train_lines for p in read)  # pylint: disable=eval-used
+  unread = synthetic.arithmetic_problems(cfg, 0, 'validation') - read
+  assert unread and not any(line.startswith(f'{p} = ') for p in unread for line in train_lines)
+  a, b = sorted(read)[0], sorted(unread)[0]
+  make = lambda subject, kind='arithmetic': I.Example(
+      kind=kind, subject=subject, template=0, format='bare', question='q', prompt='q',
+      answer=str(eval(subject)) if kind == 'arithmetic' else 'x',  # pylint: disable=eval-used
+      accepted=(str(eval(subject)),) if kind == 'arithmetic' else ('x',))  # pylint: disable=eval-used
+  exs = [make(a), make(b), make(b), make('Ann Bo', 'first_name')]
+  outs = [{'text': e.answer, 'finished': True} for e in exs[:2]] + [
+      {'text': '-1', 'finished': True}, {'text': 'x', 'finished': True}]
+  groups = instr_eval.score(exs, outs, corpus_problems=read)['groups']
+  assert groups['problem/in_corpus'] == {'n': 1, 'format_ok': 1.0, 'correct': 1.0, 'strict': 1.0,
+                                         'finished': 1.0}
+  assert (groups['problem/not_in_corpus']['n'], groups['problem/not_in_corpus']['correct']) == (2, 0.5)
+  assert 'problem/in_corpus' not in instr_eval.score(exs, outs)['groups']

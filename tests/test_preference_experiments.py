@@ -95,6 +95,8 @@ def test_dpo_reward_and_grpo_experiments_end_to_end(tmp_path, monkeypatch):
                                         'heldout.jsonl')]
   assert held and {r['kind'] for r in held} == {'arithmetic'}
   assert (tmp_path / 'run' / 'grpo_arithmetic_results.json').exists()
+  groups = out['grpo_arithmetic']['groups']  # every question is split by what the corpus works out
+  assert sum(g['n'] for k, g in groups.items() if k.startswith('problem/')) == out['grpo_arithmetic']['n']
   cfg.grpo_exp.kinds = 'poetry'
   with pytest.raises(config_lib.ConfigError, match=r"\['poetry'\] are not kinds"):
     grpo.run(cfg, workdir)

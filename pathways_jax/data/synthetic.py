@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import random
+import re
 from typing import NamedTuple, Sequence
 
 GENERATOR_VERSION = 1
@@ -307,6 +308,15 @@ def documents(cfg_synthetic, seed: int, split: str) -> list[str]:
   return split_by_hash(all_documents(cfg_synthetic, seed), split, key=lambda d: d)
 
 
+def arithmetic_problems(cfg_synthetic, seed: int, split: str = 'train') -> set[str]:
+  """The problems ('a op b') whose worked line `a op b = r` is in `split`'s documents: what a
+  model pretrained on that split has read (an experiment's held-out arithmetic question may ask
+  one of them)."""
+  line = re.compile(r'^(\d+ [-+*] \d+) = \d+$')
+  return {m.group(1) for d in documents(cfg_synthetic, seed, split) for m in
+          map(line.match, d.split('\n')) if m}
+
+
 def world_from_config(data_cfg) -> World:
   """The world behind corpus='synthetic' for this config (what experiments evaluate against)."""
   return make_world(int(data_cfg.synthetic.get('seed', 0)), int(data_cfg.synthetic.num_people))
@@ -314,5 +324,5 @@ def world_from_config(data_cfg) -> World:
 
 __all__: Sequence[str] = ('Person', 'World', 'Fact', 'Arithmetic', 'make_world', 'fact_sentence',
                           'fact_sentences', 'biography', 'story', 'arithmetic', 'documents',
-                          'all_documents', 'copy_documents', 'world_from_config', 'DIRECTIONS',
+                          'all_documents', 'copy_documents', 'arithmetic_problems', 'world_from_config', 'DIRECTIONS',
                           'NUM_TEMPLATES', 'DOCUMENT_TEMPLATES')

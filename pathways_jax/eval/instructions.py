@@ -94,10 +94,12 @@ def generate_outputs(model, params, tokenizer, examples: Sequence[instructions_l
 
 
 def score(examples: Sequence[instructions_lib.Example], outputs: Sequence[dict], *,
-          train_keys=None) -> dict:
+          train_keys=None, corpus_problems=None) -> dict:
   """Means and counts of format_ok / correct / both, overall and per kind, format, template (a
-  trained one or the held-out one) and, given the (kind, subject) keys of the training split,
-  fact (asked in training in other words, or never)."""
+  trained one or the held-out one); given the (kind, subject) keys of the training split, fact
+  (asked in training in other words, or never); and given the arithmetic problems the
+  pretraining corpus works out (`synthetic.arithmetic_problems`), an arithmetic question's
+  problem (`problem/in_corpus` or `problem/not_in_corpus`)."""
   if len(examples) != len(outputs) or not examples:
     raise ValueError(f'{len(examples)} examples and {len(outputs)} outputs: need the same, > 0')
   rows = []
@@ -107,6 +109,8 @@ def score(examples: Sequence[instructions_lib.Example], outputs: Sequence[dict],
               f'template/{"heldout" if e.heldout_template else "trained"}']
     if train_keys is not None:
       groups.append(f'fact/{"trained" if e.key in train_keys else "unseen"}')
+    if corpus_problems is not None and e.kind == 'arithmetic':
+      groups.append(f'problem/{"in_corpus" if e.subject in corpus_problems else "not_in_corpus"}')
     rows.append({'format_ok': c['format_ok'], 'correct': c['correct'],
                  'strict': c['format_ok'] and c['correct'], 'finished': o['finished'],
                  'groups': groups})
@@ -130,12 +134,13 @@ def score(examples: Sequence[instructions_lib.Example], outputs: Sequence[dict],
 
 def evaluate(model, params, tokenizer, examples: Sequence[instructions_lib.Example], *,
              batch_size: int = 64, max_new_tokens: int = 0, num_samples: int = 8,
-             train_keys=None, diffusion_steps: int = 0, block_length: int = 0) -> dict:
+             train_keys=None, corpus_problems=None, diffusion_steps: int = 0,
+             block_length: int = 0) -> dict:
   """`score` of greedy outputs, with the first `num_samples` (prompt, expected, output) triples."""
   outputs = generate_outputs(model, params, tokenizer, examples, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, diffusion_steps=diffusion_steps,
                              block_length=block_length)
-  res = score(examples, outputs, train_keys=train_keys)
+  res = score(examples, outputs, train_keys=train_keys, corpus_problems=corpus_problems)
   res['samples'] = [{'prompt': e.prompt, 'expected': e.answer, 'output': o['text']}
                     for e, o in zip(examples[:num_samples], outputs[:num_samples])]
   return res

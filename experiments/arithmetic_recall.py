@@ -1,0 +1,157 @@
+"""How much of the synthetic corpus's arithmetic a pretrained (or fine-tuned) run recalls.
+
+    python experiments/arithmetic_recall.py --run=runs/instr/base [--run=runs/pathway/llada_base]
+
+For every worked line `a op b = r` of the run's synthetic corpus (the world of its config), the
+answer's tokens are predicted in one forward pass, teacher-forced: an AR model reads the line up
+to each answer token (argmax of the next-token logits); a LLaDA model sees the line with the
+answer's tokens masked and fills them all at once (argmax at each masked position). A line
+counts as recalled when every answer token is right. The problems the training split works out
+(what the model read, `synthetic.arithmetic_problems`) and as many other problems of the same
+distribution that it does not are reported apart, per operator: recall of read problems against
+computing unread ones. The probe is the same question in the pretraining format for both model
+families, so a chat model's failure can be told apart from a base that never learnt the sums.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import re
+import sys
+
+from absl import app, flags
+import numpy as np
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string('run', [], 'run directories (AR or LLaDA) to probe')
+flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)')
+flags.DEFINE_integer('batch', 64, 'lines per forward pass')
+flags.DEFINE_string('out', '', 'also write the table as JSON here')
+
+_LINE = re.compile(r'^(\d+) ([-+*]) (\d+) = (\d+)$')
+
+
+def worked_lines(data_cfg, split: str) -> list[tuple[str, str]]:
+  """(problem 'a op b', result) of every worked line in `split`'s documents, first occurrence."""
+  from pathways_jax.data import corpora, synthetic  # pylint: disable=g-import-not-at-top,multiple-import
+  out = {}
+  for doc in synthetic.documents(data_cfg.synthetic, corpora.synthetic_seed(data_cfg), split):
+    for line in doc.split('\n'):
+      m = _LINE.match(line)
+      if m:
+        out.setdefault(f'{m[1]} {m[2]} {m[3]}', m[4])
+  return list(out.items())
+
+
+def unread_problems(read: set[str], n: int, seed: int = 0) -> list[tuple[str, str]]:
+  """Up to `n` distinct problems of the corpus's own distribution (`synthetic.arithmetic`) that
+  `read` lacks, with their results."""
+  import random  # pylint: disable=g-import-not-at-top
+  from pathways_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  rng, out = random.Random(f'arithmetic_recall/{seed}'), {}
+  for _ in range(100 * n):
+    a = synthetic.arithmetic(rng)
+    problem = f'{a.a} {a.op} {a.b}'
+    if problem not in read:
+      out.setdefault(problem, str(a.result))
+      if len(out) == n:
+        break
+  return list(out.items())
+
+
+def answer_rows(tokenizer, lines, length: int):
+  """tokens [N, length] (bos, the line, eos padding; the padding in segment 0, which no position
+  attends to), answer [N, length] (bool): the tokens the line adds after its `a op b =` prefix,
+  and which lines were kept (longer than `length`, or no answer token of their own: dropped)."""
+  rows, answers = [], []
+  for problem, result in lines:
+    prefix = [tokenizer.bos_id] + tokenizer.encode(f'{problem} =')
+    full = [tokenizer.bos_id] + tokenizer.encode(f'{problem} = {result}')
+    common = 0
+    while common < min(len(prefix), len(full)) and prefix[common] == full[common]:
+      common += 1
+    if len(full) > length or common == len(full):
+      rows.append(None)
+      continue
+    row = np.full((2, length), tokenizer.eos_id, np.int32)
+    row[0, :len(full)] = full
+    row[1] = np.arange(length) < len(full)
+    ans = np.zeros(length, bool)
+    ans[common:len(full)] = True
+    rows.append(row)
+    answers.append(ans)
+  keep = [r is not None for r in rows]
+  return np.stack([r for r in rows if r is not None]), np.stack(answers), keep
+
+
+def recalled(cfg, model, params, rows_N2L, answer_NL, batch: int) -> np.ndarray:
+  """[N] bool: every answer token predicted right, teacher-forced (see the module docstring)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from pathways_jax.tasks.pretrain import mask_id  # pylint: disable=g-import-not-at-top
+  causal, shift = model.cfg.causal, model.cfg.shift_logits
+  mid = mask_id(cfg)
+
+  @jax.jit
+  def predict(rows_B2L, answer_BL):
+    tokens_BL, segments_BL = rows_B2L[:, 0], rows_B2L[:, 1]
+    inputs = tokens_BL if causal else jnp.where(answer_BL, mid, tokens_BL)
+    logits = model.apply({'params': params}, inputs, segment_ids_BL=segments_BL)
+    pred = jnp.argmax(logits, -1)
+    if causal or shift:  # position i predicts token i + 1
+      pred = jnp.concatenate([jnp.zeros_like(pred[:, :1]), pred[:, :-1]], axis=1)
+    return jnp.all(jnp.where(answer_BL, pred == tokens_BL, True), axis=1)
+
+  out = []
+  for i in range(0, len(rows_N2L), batch):
+    t, a = rows_N2L[i:i + batch], answer_NL[i:i + batch]
+    pad = batch - len(t)
+    if pad:
+      t, a = np.concatenate([t, np.repeat(t[:1], pad, 0)]), np.concatenate([a, np.repeat(a[:1], pad, 0)])
+    out.append(np.asarray(predict(t, a))[:batch - pad])
+  return np.concatenate(out)
+
+
+def probe(run_dir: str, step=None, batch: int = 64) -> dict:
+  """{'read' | 'unread': {op: [recalled, n]}} for one run directory."""
+  from pathways_jax.sample import load_run  # pylint: disable=g-import-not-at-top
+  cfg, model, params, tokenizer = load_run(run_dir, step)
+  if cfg.data.corpus not in ('synthetic', 'chat'):
+    raise ValueError(f'{run_dir}: data.corpus={cfg.data.corpus!r}; the probe needs the synthetic '
+                     'world (a base) or a fine-tune of one')
+  read = worked_lines(cfg.data, 'train')
+  unread = unread_problems({p for p, _ in read}, len(read))
+  table = {}
+  for name, lines in (('read', read), ('unread', unread)):
+    tokens, answer, keep = answer_rows(tokenizer, lines, 32)
+    ok = recalled(cfg, model, params, tokens, answer, batch)
+    ops = [p.split()[1] for (p, _), k in zip(lines, keep) if k]
+    counts = collections.defaultdict(lambda: [0, 0])
+    for op, good in zip(ops, ok):
+      counts[op][0] += int(good)
+      counts[op][1] += 1
+      counts['all'][0] += int(good)
+      counts['all'][1] += 1
+    table[name] = dict(counts)
+  return table
+
+
+def main(argv):
+  del argv
+  if not FLAGS.run:
+    sys.exit('error: name at least one --run directory')
+  results = {}
+  print('| run | problems | all | + | - | * |\n|---|---|---|---|---|---|')
+  for run_dir in FLAGS.run:
+    results[run_dir] = t = probe(run_dir, FLAGS.step, FLAGS.batch)
+    for name in ('read', 'unread'):
+      cells = [f'{t[name][k][0]}/{t[name][k][1]}' if k in t[name] else '-'
+               for k in ('all', '+', '-', '*')]
+      print(f'| {run_dir} | {name} | ' + ' | '.join(cells) + ' |')
+  if FLAGS.out:
+    with open(FLAGS.out, 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)

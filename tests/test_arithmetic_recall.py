@@ -1,0 +1,82 @@
+"""experiments/arithmetic_recall.py: the teacher-forced probe reads the answer where each model
+family predicts it (the next position for AR and shifted LLaDA, the masked position itself for
+LLaDA), and only there."""
+import numpy as np
+import pytest
+
+from helpers import experiment_module, tiny_config
+from pathways_jax import config as config_lib
+from pathways_jax.data import synthetic, tokenizers
+
+recall = experiment_module('arithmetic_recall')
+
+
+class Oracle:
+  """Logits one-hot on the true line (its params hold them all): at the next position's token for a causal or
+  shift_logits model, at the position's own for LLaDA, whatever it is shown (a LLaDA oracle
+  that copied its input would see only mask tokens at the answer)."""
+
+  def __init__(self, causal, shift=False):
+    self.cfg = config_lib.ModelConfig(causal=causal, shift_logits=shift, vocab_size=264)
+
+  def apply(self, variables, inputs_BL, segment_ids_BL=None):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    truth_NL = jnp.asarray(variables['params'])  # every line; each batch row is the line it matches best
+    truth_BL = truth_NL[jnp.argmax((inputs_BL[:, None] == truth_NL[None]).sum(-1), axis=1)]
+    if self.cfg.causal or self.cfg.shift_logits:
+      truth_BL = jnp.concatenate([truth_BL[:, 1:], truth_BL[:, :1]], axis=1)
+    return jnp.eye(264)[truth_BL] + 0.0 * inputs_BL[..., None]
+
+
+@pytest.fixture(scope='module')
+def rows():
+  tok = tokenizers.ByteTokenizer()
+  lines = [('54 + 48', '102'), ('3 * 4', '12'), ('9 - 9', '0')]
+  rows_N2L, answer_NL, keep = recall.answer_rows(tok, lines, 32)
+  assert keep == [True] * 3
+  for (p, r), row, ans in zip(lines, rows_N2L, answer_NL):
+    assert tok.decode(row[0][ans]) == f' {r}' or tok.decode(row[0][ans]) == r
+    assert tok.decode(row[0][row[1] == 1][1:]) == f'{p} = {r}'  # bos, the line; padding after
+  return tok, rows_N2L, answer_NL
+
+
+@pytest.mark.parametrize('causal,shift', [(True, False), (False, False), (False, True)])
+def test_the_probe_reads_each_family_where_it_predicts(tmp_path, rows, causal, shift):
+  tok, rows_N2L, answer_NL = rows
+  cfg = tiny_config(str(tmp_path))
+  cfg.data.mask_id = tok.mask_id
+  truth = rows_N2L[:, 0].copy()
+  model = Oracle(causal, shift)
+  assert recall.recalled(cfg, model, truth, rows_N2L, answer_NL, batch=2).tolist() == [True] * 3
+  assert recall.recalled(cfg, model, truth, rows_N2L, answer_NL, batch=4).tolist() == [True] * 3
+  wrong = truth.copy()
+  wrong[0, np.flatnonzero(answer_NL[0])[-1]] += 1  # the last answer token of line 0
+  wrong[1, 1] += 1  # a prompt token of line 1: not an answer token, so no matter
+  assert recall.recalled(cfg, model, wrong, rows_N2L, answer_NL, batch=2).tolist() == [
+      False, True, True]
+
+
+def test_unread_problems_are_of_the_corpus_distribution_and_not_read():
+  read = {'3 * 4', '54 + 48'}
+  got = recall.unread_problems(read, 50)
+  assert len(got) == 50 and len({p for p, _ in got}) == 50 and not read & {p for p, _ in got}
+  assert all(str(eval(p)) == r for p, r in got)  # pylint: disable=eval-used
+  assert {p.split()[1] for p, _ in got} == {'+', '-', '*'}
+  data = tiny_config('unused').data
+  lines = recall.worked_lines(data, 'train')
+  assert {p for p, _ in lines} == synthetic.arithmetic_problems(data.synthetic, 0, 'train')
+
+
+def test_llada_is_shown_masks_where_the_answer_is(tmp_path, rows):
+  """A LLaDA model that copies its input recalls nothing: the answer is hidden from it."""
+  tok, rows_N2L, answer_NL = rows
+  cfg = tiny_config(str(tmp_path))
+  cfg.data.mask_id = tok.mask_id
+
+  class Copier(Oracle):
+    def apply(self, variables, inputs_BL, segment_ids_BL=None):
+      import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+      return jnp.eye(264)[inputs_BL]
+
+  got = recall.recalled(cfg, Copier(False), None, rows_N2L, answer_NL, batch=2)
+  assert got.tolist() == [False] * 3

@@ -9,8 +9,11 @@ answer's tokens masked and fills them all at once (argmax at each masked positio
 counts as recalled when every answer token is right. The problems the training split works out
 (what the model read, `synthetic.arithmetic_problems`) and as many other problems of the same
 distribution that it does not are reported apart, per operator: recall of read problems against
-computing unread ones. The probe is the same question in the pretraining format for both model
-families, so a chat model's failure can be told apart from a base that never learnt the sums.
+computing unread ones. `read_in_document` asks each read line's result inside its own
+document, every other line visible as pretraining showed it (an AR model that memorised the
+documents as sequences recalls these, whatever it knows of the sums). The probe is the same
+question in the pretraining format for both model families, so a chat model's failure can be
+told apart from a base that never learnt the sums.
 """
 from __future__ import annotations
 
@@ -59,29 +62,57 @@ def unread_problems(read: set[str], n: int, seed: int = 0) -> list[tuple[str, st
   return list(out.items())
 
 
-def answer_rows(tokenizer, lines, length: int):
-  """tokens [N, length] (bos, the line, eos padding; the padding in segment 0, which no position
-  attends to), answer [N, length] (bool): the tokens the line adds after its `a op b =` prefix,
-  and which lines were kept (longer than `length`, or no answer token of their own: dropped)."""
-  rows, answers = [], []
-  for problem, result in lines:
-    prefix = [tokenizer.bos_id] + tokenizer.encode(f'{problem} =')
-    full = [tokenizer.bos_id] + tokenizer.encode(f'{problem} = {result}')
+def answer_rows(tokenizer, items, length: int):
+  """Rows for `recalled` from items (text before the answer, the answer, text after it): rows
+  [N, 2, length] (tokens: bos, the text, eos padding; segment ids: the padding in segment 0,
+  which no position attends to), answer [N, length] (bool: the tokens the answer adds to the
+  text before it, as the whole text tokenises), and which items were kept (the whole text longer
+  than `length`, or no answer token of its own: dropped)."""
+  rows, answers, keep = [], [], []
+  for before, answer, after in items:
+    prefix = [tokenizer.bos_id] + tokenizer.encode(before)
+    upto = [tokenizer.bos_id] + tokenizer.encode(before + answer)
+    full = [tokenizer.bos_id] + tokenizer.encode(before + answer + after)
     common = 0
-    while common < min(len(prefix), len(full)) and prefix[common] == full[common]:
+    while common < min(len(prefix), len(upto)) and prefix[common] == upto[common]:
       common += 1
-    if len(full) > length or common == len(full):
-      rows.append(None)
+    keep.append(len(full) <= length and common < len(upto) and full[:len(upto)] == upto)
+    if not keep[-1]:
       continue
     row = np.full((2, length), tokenizer.eos_id, np.int32)
     row[0, :len(full)] = full
     row[1] = np.arange(length) < len(full)
     ans = np.zeros(length, bool)
-    ans[common:len(full)] = True
+    ans[common:len(upto)] = True
     rows.append(row)
     answers.append(ans)
-  keep = [r is not None for r in rows]
-  return np.stack([r for r in rows if r is not None]), np.stack(answers), keep
+  if not rows:
+    raise ValueError(f'no probe fits in {length} tokens')
+  return np.stack(rows), np.stack(answers), keep
+
+
+def line_items(lines) -> list[tuple[str, str, str]]:
+  """Each worked line alone: 'a op b =' -> ' r'."""
+  return [(f'{problem} =', f' {result}', '') for problem, result in lines]
+
+
+def document_items(data_cfg) -> tuple[list[tuple[str, str, str]], list[str]]:
+  """Each worked line of the training split's documents in its document: every other line
+  visible (what pretraining showed around it), this line's result the answer; and each item's
+  operator."""
+  from pathways_jax.data import corpora, synthetic  # pylint: disable=g-import-not-at-top,multiple-import
+  items, ops = [], []
+  for doc in synthetic.documents(data_cfg.synthetic, corpora.synthetic_seed(data_cfg), 'train'):
+    lines = doc.split('\n')
+    if not all(_LINE.match(line) for line in lines):
+      continue
+    for i, line in enumerate(lines):
+      m = _LINE.match(line)
+      cut = line.rindex(' ')
+      items.append(('\n'.join(lines[:i] + [line[:cut]]), line[cut:],
+                    ''.join('\n' + rest for rest in lines[i + 1:])))
+      ops.append(m[2])
+  return items, ops
 
 
 def recalled(cfg, model, params, rows_N2L, answer_NL, batch: int) -> np.ndarray:
@@ -113,7 +144,7 @@ def recalled(cfg, model, params, rows_N2L, answer_NL, batch: int) -> np.ndarray:
 
 
 def probe(run_dir: str, step=None, batch: int = 64) -> dict:
-  """{'read' | 'unread': {op: [recalled, n]}} for one run directory."""
+  """{'read' | 'unread' | 'read_in_document': {op: [recalled, n]}} for one run directory."""
   from pathways_jax.sample import load_run  # pylint: disable=g-import-not-at-top
   cfg, model, params, tokenizer = load_run(run_dir, step)
   if cfg.data.corpus not in ('synthetic', 'chat'):
@@ -121,17 +152,18 @@ def probe(run_dir: str, step=None, batch: int = 64) -> dict:
                      'world (a base) or a fine-tune of one')
   read = worked_lines(cfg.data, 'train')
   unread = unread_problems({p for p, _ in read}, len(read))
+  docs, doc_ops = document_items(cfg.data)
   table = {}
-  for name, lines in (('read', read), ('unread', unread)):
-    tokens, answer, keep = answer_rows(tokenizer, lines, 32)
-    ok = recalled(cfg, model, params, tokens, answer, batch)
-    ops = [p.split()[1] for (p, _), k in zip(lines, keep) if k]
+  for name, items, ops in (('read', line_items(read), [p.split()[1] for p, _ in read]),
+                           ('unread', line_items(unread), [p.split()[1] for p, _ in unread]),
+                           ('read_in_document', docs, doc_ops)):
+    rows, answer, keep = answer_rows(tokenizer, items, cfg.data.seq_len if items is docs else 32)
+    ok = recalled(cfg, model, params, rows, answer, batch)
     counts = collections.defaultdict(lambda: [0, 0])
-    for op, good in zip(ops, ok):
-      counts[op][0] += int(good)
-      counts[op][1] += 1
-      counts['all'][0] += int(good)
-      counts['all'][1] += 1
+    for op, good in zip([o for o, k in zip(ops, keep) if k], ok):
+      for key in (op, 'all'):
+        counts[key][0] += int(good)
+        counts[key][1] += 1
     table[name] = dict(counts)
   return table
 
@@ -144,7 +176,7 @@ def main(argv):
   print('| run | problems | all | + | - | * |\n|---|---|---|---|---|---|')
   for run_dir in FLAGS.run:
     results[run_dir] = t = probe(run_dir, FLAGS.step, FLAGS.batch)
-    for name in ('read', 'unread'):
+    for name in ('read', 'unread', 'read_in_document'):
       cells = [f'{t[name][k][0]}/{t[name][k][1]}' if k in t[name] else '-'
                for k in ('all', '+', '-', '*')]
       print(f'| {run_dir} | {name} | ' + ' | '.join(cells) + ' |')

@@ -246,6 +246,16 @@ def extract_pathway(run_dirs: str, commit: str | None = None) -> dict:
   return out
 
 
+def _problem_groups(evaluation: dict) -> dict:
+  """{'problems': {group: [correct, n]}} of the held-out arithmetic split by whether the
+  pretraining corpus works the problem out and whether training asks it (results written since
+  the evaluator reports the `problem/` groups); {} before."""
+  groups = evaluation.get('groups') or {}
+  got = {g: [round(v['correct'] * v['n']), v['n']] for g, v in groups.items()
+         if g.startswith(('problem/', 'fact/'))}
+  return {'problems': got} if any(g.startswith('problem/') for g in got) else {}
+
+
 def _arith_arms(run_dirs: str, arms: tuple, name: str, keys: tuple,
                 required: tuple | None = None) -> tuple[dict, tuple]:
   """{seed: {'sft': ..., arm: {...}}} of experiments/grpo_instructions.py arms run with
@@ -266,9 +276,10 @@ def _arith_arms(run_dirs: str, arms: tuple, name: str, keys: tuple,
       first = first or (res, run_dir)
       full = f'{arm}_arithmetic'
       per_arm['sft'] = {'heldout': _r(res['sft']['accuracy']),
-                        'train_questions': _r(res['sft_train_questions']['accuracy'])}
+                        'train_questions': _r(res['sft_train_questions']['accuracy']),
+                        **_problem_groups(res['sft'])}
       rl = (res.get('config') or {}).get('rl') or {}
-      per_arm[arm] = {'heldout': _r(res[full]['accuracy']),
+      per_arm[arm] = {'heldout': _r(res[full]['accuracy']), **_problem_groups(res[full]),
                       'train_questions': _r(res[f'{full}_train_questions']['accuracy']),
                       'beta': rl.get('beta'), 'reset_every': rl.get('reset_every'),
                       'train_s': _r(res['wall_s'].get(f'{full}_train_s'), 1),

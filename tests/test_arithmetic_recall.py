@@ -32,7 +32,7 @@ class Oracle:
 def rows():
   tok = tokenizers.ByteTokenizer()
   lines = [('54 + 48', '102'), ('3 * 4', '12'), ('9 - 9', '0')]
-  rows_N2L, answer_NL, keep = recall.answer_rows(tok, lines, 32)
+  rows_N2L, answer_NL, keep = recall.answer_rows(tok, recall.line_items(lines), 32)
   assert keep == [True] * 3
   for (p, r), row, ans in zip(lines, rows_N2L, answer_NL):
     assert tok.decode(row[0][ans]) == f' {r}' or tok.decode(row[0][ans]) == r
@@ -80,3 +80,19 @@ def test_llada_is_shown_masks_where_the_answer_is(tmp_path, rows):
 
   got = recall.recalled(cfg, Copier(False), None, rows_N2L, answer_NL, batch=2)
   assert got.tolist() == [False] * 3
+
+
+def test_document_items_ask_each_line_inside_its_own_document():
+  data = tiny_config('unused').data
+  items, ops = recall.document_items(data)
+  docs = synthetic.documents(data.synthetic, 0, 'train')
+  assert items and len(items) == len(ops)
+  for (before, answer, after), op in zip(items, ops):
+    assert before + answer + after in docs
+    line = (before + answer).split('\n')[-1]
+    assert line.split()[1] == op and answer == f' {eval(line.split(" = ")[0])}'  # pylint: disable=eval-used
+  tok = tokenizers.ByteTokenizer()
+  rows_N2L, answer_NL, keep = recall.answer_rows(tok, items[:5], 256)
+  assert keep == [True] * 5
+  for row, ans, (before, answer, after) in zip(rows_N2L, answer_NL, items):
+    assert tok.decode(row[0][ans]) == answer and tok.decode(row[0][row[1] == 1][1:]) == before + answer + after

@@ -158,10 +158,10 @@ def run(cfg, workdir: str) -> dict:
     heldout = heldout[:cfg.instructions.eval_limit]
   dirs = {arm: os.path.join(workdir, arm) for arm in ('base', 'sft')}
   wall = {}
-  t0 = time.perf_counter()
-  loop.train_stage(instruction_sft.base_config_of(cfg), dirs['base'])
-  loop.train_stage(instruction_sft.sft_config_of(cfg, paths['train'], dirs['base']), dirs['sft'])
-  wall['base_sft_s'] = time.perf_counter() - t0
+  # Each stage's own training time (results.json's wall_s), also when this call found it done.
+  wall['base_sft_s'] = sum(loop.train_stage(c, d).get('wall_s') or 0.0 for c, d in (
+      (instruction_sft.base_config_of(cfg), dirs['base']),
+      (instruction_sft.sft_config_of(cfg, paths['train'], dirs['base']), dirs['sft'])))
   failures = None
   if cfg.grpo_exp.failures_only:
     t0 = time.perf_counter()
@@ -169,9 +169,8 @@ def run(cfg, workdir: str) -> dict:
     wall['failures_s'] = time.perf_counter() - t0
   arm = cfg.grpo_exp.arm + tag
   dirs[arm] = os.path.join(workdir, arm)
-  t0 = time.perf_counter()
   res = loop.train_stage(run_cfg, dirs[arm])
-  wall[f'{arm}_train_s'] = time.perf_counter() - t0
+  wall[f'{arm}_train_s'] = res.get('wall_s')
   keys = ('reward', 'kl', 'entropy', 'completion_length', 'zero_std_groups', 'val_correct',
           'val_format', 'time_rollout_s', 'time_reward_s', 'time_batch_s',
           'reference_reset',  # ProRL (rl.reset_every)

@@ -16,7 +16,8 @@ from pathways_jax.eval import seed_stats
 
 EXPERIMENTS = ('rho1', 'gstack', 'gstack_study', 'reversal', 'instruction_sft', 'dpo_instructions',
                'knowledge_injection', 'grpo_instructions', 'grpo_arithmetic',
-               'grpo_arithmetic_long', 'paprika', 'pathway', 'scaling', 'prorl')
+               'grpo_arithmetic_long', 'grpo_arithmetic_unseen', 'paprika', 'pathway', 'scaling',
+               'prorl')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, 'docs', 'results', 'data')
 

@@ -180,6 +180,31 @@ def extract_grpo_arithmetic_long(run_dirs: str, commit: str | None = None) -> di
   return extract_grpo_arithmetic(run_dirs, commit, name='grpo_arithmetic_long')
 
 
+def extract_grpo_arithmetic_unseen(run_dirs: str, commit: str | None = None) -> dict:
+  """GRPO on arithmetic held out by problem (--config.instructions.split_by=subject): no
+  held-out problem is asked in training (docs/rl.md); the held-out accuracy split by whether the
+  pretraining corpus works the problem out."""
+  out = extract_grpo_arithmetic(run_dirs, commit, name='grpo_arithmetic_unseen')
+  split = {(d.get('config') or {}).get('instructions', {}).get('split_by')
+           for d in [_arith_results(r) for r in run_dirs.split(',') if r]}
+  if split != {'subject'}:
+    raise ValueError(f'--grpo_arithmetic_unseen: the runs split by {sorted(map(str, split))}; '
+                     "this figure is of instructions.split_by='subject' runs")
+  for seed in out['seeds'].values():
+    for arm in ('sft', 'grpo'):
+      if 'problems' not in seed[arm]:
+        raise MissingData('--grpo_arithmetic_unseen: the results have no problem/ groups '
+                          '(rerun the experiment command: finished stages are only re-evaluated)')
+  cfg = _arith_results(run_dirs.split(',')[0]).get('config') or {}
+  out['num_arithmetic'] = cfg.get('instructions', {}).get('num_arithmetic')
+  return out
+
+
+def _arith_results(run_dir: str) -> dict:
+  with open(os.path.join(run_dir, 'grpo_arithmetic_results.json')) as f:
+    return json.load(f)
+
+
 PAPRIKA_ARMS = ('base', 'sft', 'rpo')
 PAPRIKA_KEYS = ('success_rate', 'mean_turns', 'illegal_rate', 'consistent_rate')
 PAPRIKA_SHORT = {'guess_number': 'guess no.', 'twenty_questions': '20 questions'}

@@ -353,7 +353,8 @@ EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack,
            'knowledge_injection': extract_knowledge_injection,
            'grpo_instructions': extract_grpo_instructions,
            'grpo_arithmetic': extract_grpo_arithmetic,
-           'grpo_arithmetic_long': extract_grpo_arithmetic_long, 'paprika': extract_paprika,
+           'grpo_arithmetic_long': extract_grpo_arithmetic_long,
+           'grpo_arithmetic_unseen': extract_grpo_arithmetic_unseen, 'paprika': extract_paprika,
            'pathway': extract_pathway, 'scaling': extract_scaling, 'prorl': extract_prorl}
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'gstack_study': draw_gstack_study,
         'reversal': draw_reversal,
@@ -361,6 +362,7 @@ DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'gstack_study': draw_gstack_st
         'knowledge_injection': draw_knowledge_injection,
         'grpo_instructions': draw_grpo_instructions,
         'grpo_arithmetic': draw_grpo_arithmetic, 'grpo_arithmetic_long': draw_grpo_arithmetic,
+        'grpo_arithmetic_unseen': draw_grpo_arithmetic_unseen,
         'paprika': draw_paprika,
         'pathway': draw_pathway, 'scaling': draw_scaling, 'prorl': draw_prorl}
 

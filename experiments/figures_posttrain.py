@@ -169,6 +169,45 @@ def draw_grpo_arithmetic(data: dict, path: str) -> str:
   return _finish(fig, data, path)
 
 
+def draw_grpo_arithmetic_unseen(data: dict, path: str) -> str:
+  """SFT -> GRPO on training questions and on held-out problems (never asked in training),
+  these split by whether the pretraining corpus works them out; the training reward."""
+  plt = _plt()
+  seeds = data['seeds']
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  ax = axes[0]
+  rate = lambda c: c[0] / c[1]
+  cols = (('training questions', lambda s: s['train_questions']),
+          ('held-out problems', lambda s: s['heldout']),
+          ('... not in the corpus', lambda s: rate(s['problems']['problem/not_in_corpus'])),
+          ('... in the corpus', lambda s: rate(s['problems']['problem/in_corpus'])))
+  for i, arm in enumerate(('sft', 'grpo')):
+    xs = [j + (i - 0.5) * 0.38 for j in range(len(cols))]
+    _seed_bars(ax, xs, [[f(s[arm]) for s in seeds.values()] for _, f in cols], 0.38, f'C{i}',
+               GRPO_LABELS[arm].replace('\n', ' '))
+  first = next(iter(seeds.values()))['grpo']['problems']
+  ax.set_xticks(range(len(cols)), [
+      c if k < 2 else f'{c}\n({first[g][1]})' for k, (c, _) in enumerate(cols)
+      for g in [('problem/not_in_corpus', 'problem/in_corpus')[max(k - 2, 0)]]], fontsize=7)
+  ax.set_ylabel('greedy accuracy (arithmetic)', fontsize=8)
+  ax.set_ylim(0, 0.7)
+  ax.set_title(f'Held out by problem: {data["n"]} questions on problems training never asks, '
+               f'after {data.get("grpo_steps")} steps', fontsize=8)
+  ax.legend(fontsize=7)
+  ax = axes[1]
+  for k, (seed, s) in enumerate(sorted(seeds.items())):
+    xs, ys = zip(*s['grpo']['reward'])
+    ax.plot(xs, ys, color=f'C{k}', marker='.', lw=1, label=f'seed {seed}: training reward')
+    xs, ys = zip(*([[0, s['sft']['heldout']]] + s['grpo']['val_correct']))
+    ax.plot(xs, ys, color=f'C{k}', ls='--', lw=1, label=f'seed {seed}: held-out (first 128)')
+  ax.set_xlabel('step', fontsize=8)
+  ax.set_ylabel('accuracy', fontsize=8)
+  ax.set_ylim(0, 0.7)
+  ax.set_title('GRPO (correct reward): sampled training reward, greedy held-out', fontsize=8)
+  ax.legend(fontsize=6, ncol=2)
+  return _finish(fig, data, path)
+
+
 def draw_paprika(data: dict, path: str) -> str:
   plt = _plt()
   seeds = list(data['seeds'].values())

@@ -199,6 +199,29 @@ def test_prorl_from_run_dirs(tmp_path):
   data = figures.extract_grpo_arithmetic(d1)
   assert sorted(data['seeds']['1']) == ['grpo', 'sft'] and data['seeds']['1']['grpo']['heldout'] == 0.4
 
+  # Held out by problem: the split is checked, and the corpus groups are carried per arm.
+  with pytest.raises(ValueError, match="split_by='subject'"):
+    figures.extract_grpo_arithmetic_unseen(d1)
+  res['config']['instructions'] = {'split_by': 'subject', 'num_arithmetic': 400}
+  with open(os.path.join(d1, 'grpo_arithmetic_results.json'), 'w') as f:
+    json.dump(res, f)
+  with pytest.raises(figures.MissingData, match='no problem/ groups'):
+    figures.extract_grpo_arithmetic_unseen(d1)
+  groups = lambda a, b: {'problem/in_corpus': {'correct': a / 4, 'n': 4},
+                         'problem/not_in_corpus': {'correct': b / 10, 'n': 10},
+                         'kind/arithmetic': {'correct': 0.5, 'n': 14}}
+  res['sft']['groups'], res['grpo_arithmetic']['groups'] = groups(1, 2), groups(3, 2)
+  with open(os.path.join(d1, 'grpo_arithmetic_results.json'), 'w') as f:
+    json.dump(res, f)
+  assert figures.main(['--grpo_arithmetic_unseen', d1, '--data', str(tmp_path / 'data'), '--out',
+                       str(tmp_path / 'out'), '--only', 'grpo_arithmetic_unseen']) == 0
+  data = figures.load_data('grpo_arithmetic_unseen', str(tmp_path / 'data'))
+  assert data['num_arithmetic'] == 400
+  assert data['seeds']['1']['grpo']['problems'] == {'problem/in_corpus': [3, 4],
+                                                    'problem/not_in_corpus': [2, 10]}
+  assert data['seeds']['1']['sft']['problems']['problem/in_corpus'] == [1, 4]
+  _assert_png(tmp_path / 'out' / 'grpo_arithmetic_unseen.png')
+
 
 def test_the_scaling_figure_from_a_finished_grid(tmp_path):
   """Two seeds per point: the data file holds their mean and sd; the figure draws all panels."""

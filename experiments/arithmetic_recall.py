@@ -11,7 +11,9 @@ counts as recalled when every answer token is right. The problems the training s
 distribution that it does not are reported apart, per operator: recall of read problems against
 computing unread ones. `read_in_document` asks each read line's result inside its own
 document, every other line visible as pretraining showed it (an AR model that memorised the
-documents as sequences recalls these, whatever it knows of the sums). The probe is the same
+documents as sequences recalls these, whatever it knows of the sums). `new_name_copied` asks
+for a new made-up first name where a sentence of the corpus's biography form repeats it: the
+one item a model cannot have read, only copied from its context. The probe is the same
 question in the pretraining format for both model families, so a chat model's failure can be
 told apart from a base that never learnt the sums.
 """
@@ -143,8 +145,24 @@ def recalled(cfg, model, params, rows_N2L, answer_NL, batch: int) -> np.ndarray:
   return np.concatenate(out)
 
 
+def new_name_items(n: int = 256, seed: int = 7) -> list[tuple[str, str, str]]:
+  """Sentences of the corpus's biography form about a person with a new made-up name: the answer
+  is the first name where the corpus repeats it (a model that copies from context gets it; one
+  that only recalls its corpus cannot)."""
+  import random  # pylint: disable=g-import-not-at-top
+  from pathways_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  rng = random.Random(f'arithmetic_recall/names/{seed}')
+  items = []
+  for _ in range(n):
+    first, family = (synthetic._word(rng, 2).capitalize() for _ in range(2))  # pylint: disable=protected-access
+    items.append((f'Among the people of Byfem, {first} {family} is known as the keeper of the '
+                  'salt fountain.', f' {first}', ' was born in 1908 in Byfem.'))
+  return items
+
+
 def probe(run_dir: str, step=None, batch: int = 64) -> dict:
-  """{'read' | 'unread' | 'read_in_document': {op: [recalled, n]}} for one run directory."""
+  """{'read' | 'unread' | 'read_in_document' | 'new_name_copied': {op: [recalled, n]}} for one
+  run directory."""
   from pathways_jax.sample import load_run  # pylint: disable=g-import-not-at-top
   cfg, model, params, tokenizer = load_run(run_dir, step)
   if cfg.data.corpus not in ('synthetic', 'chat'):
@@ -153,19 +171,29 @@ def probe(run_dir: str, step=None, batch: int = 64) -> dict:
   read = worked_lines(cfg.data, 'train')
   unread = unread_problems({p for p, _ in read}, len(read))
   docs, doc_ops = document_items(cfg.data)
+  names = new_name_items()
   table = {}
-  for name, items, ops in (('read', line_items(read), [p.split()[1] for p, _ in read]),
-                           ('unread', line_items(unread), [p.split()[1] for p, _ in unread]),
-                           ('read_in_document', docs, doc_ops)):
-    rows, answer, keep = answer_rows(tokenizer, items, cfg.data.seq_len if items is docs else 32)
-    ok = recalled(cfg, model, params, rows, answer, batch)
-    counts = collections.defaultdict(lambda: [0, 0])
-    for op, good in zip([o for o, k in zip(ops, keep) if k], ok):
-      for key in (op, 'all'):
-        counts[key][0] += int(good)
-        counts[key][1] += 1
-    table[name] = dict(counts)
+  for name, lines, ops in (('read', read, [p.split()[1] for p, _ in read]),
+                           ('unread', unread, [p.split()[1] for p, _ in unread])):
+    table[name] = _count(cfg, model, params, answer_rows(tokenizer, line_items(lines), 32), ops,
+                         batch)
+  for name, items, ops in (('read_in_document', docs, doc_ops),
+                           ('new_name_copied', names, ['name'] * len(names))):
+    table[name] = _count(cfg, model, params, answer_rows(tokenizer, items, cfg.data.seq_len), ops,
+                         batch)
   return table
+
+
+def _count(cfg, model, params, rows_answer_keep, ops, batch: int) -> dict:
+  """{op | 'all': [recalled, n]} of the kept items."""
+  rows, answer, keep = rows_answer_keep
+  ok = recalled(cfg, model, params, rows, answer, batch)
+  counts = collections.defaultdict(lambda: [0, 0])
+  for op, good in zip([o for o, k in zip(ops, keep) if k], ok):
+    for key in (op, 'all'):
+      counts[key][0] += int(good)
+      counts[key][1] += 1
+  return dict(counts)
 
 
 def main(argv):
@@ -176,9 +204,9 @@ def main(argv):
   print('| run | problems | all | + | - | * |\n|---|---|---|---|---|---|')
   for run_dir in FLAGS.run:
     results[run_dir] = t = probe(run_dir, FLAGS.step, FLAGS.batch)
-    for name in ('read', 'unread', 'read_in_document'):
+    for name in ('read', 'unread', 'read_in_document', 'new_name_copied'):
       cells = [f'{t[name][k][0]}/{t[name][k][1]}' if k in t[name] else '-'
-               for k in ('all', '+', '-', '*')]
+               for k in ('all', '+', '-', '*')]  # the names have 'all' only
       print(f'| {run_dir} | {name} | ' + ' | '.join(cells) + ' |')
   if FLAGS.out:
     with open(FLAGS.out, 'w') as f:

@@ -96,3 +96,12 @@ def test_document_items_ask_each_line_inside_its_own_document():
   assert keep == [True] * 5
   for row, ans, (before, answer, after) in zip(rows_N2L, answer_NL, items):
     assert tok.decode(row[0][ans]) == answer and tok.decode(row[0][row[1] == 1][1:]) == before + answer + after
+
+
+def test_new_names_are_names_the_world_does_not_hold():
+  items = recall.new_name_items(64)
+  world = synthetic.make_world(0, 200)
+  known = {p.name.split()[0] for p in world.people}
+  firsts = [answer.strip() for _, answer, _ in items]
+  assert len(set(firsts)) > 50 and not known & set(firsts)
+  assert all(f' {first} ' in before for (before, _, _), first in zip(items, firsts))

@@ -4,8 +4,9 @@
 
 For every worked line `a op b = r` of the run's synthetic corpus (the world of its config), the
 answer's tokens are predicted in one forward pass, teacher-forced: an AR model reads the line up
-to each answer token (argmax of the next-token logits); a LLaDA model sees the line with the
-answer's tokens masked and fills them all at once (argmax at each masked position). A line
+to each answer token (argmax of the next-token logits); a LLaDA model (shifted logits or not:
+the model aligns them) sees the line with the answer's tokens masked and fills them all at once
+(argmax at each masked position). A line
 counts as recalled when every answer token is right. The problems the training split works out
 (what the model read, `synthetic.arithmetic_problems`) and as many other problems of the same
 distribution that it does not are reported apart, per operator: recall of read problems against
@@ -122,7 +123,7 @@ def recalled(cfg, model, params, rows_N2L, answer_NL, batch: int) -> np.ndarray:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from pathways_jax.tasks.pretrain import mask_id  # pylint: disable=g-import-not-at-top
-  causal, shift = model.cfg.causal, model.cfg.shift_logits
+  causal = model.cfg.causal  # model.shift_logits moves the head inside the model: no shift here
   mid = mask_id(cfg)
 
   @jax.jit
@@ -131,7 +132,7 @@ def recalled(cfg, model, params, rows_N2L, answer_NL, batch: int) -> np.ndarray:
     inputs = tokens_BL if causal else jnp.where(answer_BL, mid, tokens_BL)
     logits = model.apply({'params': params}, inputs, segment_ids_BL=segments_BL)
     pred = jnp.argmax(logits, -1)
-    if causal or shift:  # position i predicts token i + 1
+    if causal:  # position i predicts token i + 1
       pred = jnp.concatenate([jnp.zeros_like(pred[:, :1]), pred[:, :-1]], axis=1)
     return jnp.all(jnp.where(answer_BL, pred == tokens_BL, True), axis=1)
 

@@ -1,6 +1,6 @@
 """experiments/arithmetic_recall.py: the teacher-forced probe reads the answer where each model
-family predicts it (the next position for AR and shifted LLaDA, the masked position itself for
-LLaDA), and only there."""
+family predicts it (the next position for AR; the masked position itself for LLaDA, also with
+model.shift_logits, which the model applies itself), and only there."""
 import numpy as np
 import pytest
 
@@ -12,9 +12,9 @@ recall = experiment_module('arithmetic_recall')
 
 
 class Oracle:
-  """Logits one-hot on the true line (its params hold them all): at the next position's token for a causal or
-  shift_logits model, at the position's own for LLaDA, whatever it is shown (a LLaDA oracle
-  that copied its input would see only mask tokens at the answer)."""
+  """Logits one-hot on the true line (its params hold them all): at the next position's token for
+  a causal model, at the position's own for LLaDA (with shift_logits too: Transformer moves its
+  head so that position i reads token i), whatever it is shown."""
 
   def __init__(self, causal, shift=False):
     self.cfg = config_lib.ModelConfig(causal=causal, shift_logits=shift, vocab_size=264)
@@ -23,7 +23,7 @@ class Oracle:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     truth_NL = jnp.asarray(variables['params'])  # every line; each batch row is the line it matches best
     truth_BL = truth_NL[jnp.argmax((inputs_BL[:, None] == truth_NL[None]).sum(-1), axis=1)]
-    if self.cfg.causal or self.cfg.shift_logits:
+    if self.cfg.causal:
       truth_BL = jnp.concatenate([truth_BL[:, 1:], truth_BL[:, :1]], axis=1)
     return jnp.eye(264)[truth_BL] + 0.0 * inputs_BL[..., None]
 

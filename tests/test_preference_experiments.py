@@ -152,6 +152,34 @@ def test_grpo_raises_held_out_arithmetic_from_a_longer_pretrained_start_three_se
 
 
 @pytest.mark.slow
+def test_grpo_does_not_carry_to_sums_no_training_question_asks_three_seeds(tmp_path):
+  """experiments/grpo_instructions.py on arithmetic held out by problem
+  (instructions.split_by='subject', 400 problems), an 800-step base, 300 GRPO steps, seeds 0-2.
+
+  Asserts the README's claims at the level it states them (docs/rl.md, measured 2026-12-07:
+  held-out 0.072 -> 0.068, 0.077 -> 0.082, 0.077 -> 0.063, mean -0.5 points; training questions
+  +8.7 / +6.3 / +4.8, mean +6.6): training-question accuracy rises on every seed, by 4 points or
+  more on average, while the mean held-out change stays within 3 points of zero (a seed's
+  binomial standard error at 7% on 207 questions is about 2 points) and no seed gains 5.
+  """
+  grpo = _module('grpo_instructions')
+  held, trained = [], []
+  for seed in range(3):
+    cfg = grpo.get_config()
+    cfg.seed = seed
+    cfg.train.steps = 800
+    cfg.instructions.update(split_by='subject', num_arithmetic=400)
+    cfg.grpo_exp.update(kinds='arithmetic', steps=300)
+    out = grpo.run(cfg, str(tmp_path / f's{seed}'))
+    held.append(out['grpo_arithmetic']['accuracy'] - out['sft']['accuracy'])
+    trained.append(out['grpo_arithmetic_train_questions']['accuracy'] -
+                   out['sft_train_questions']['accuracy'])
+    assert out['grpo_arithmetic']['groups']['fact/unseen']['n'] == out['grpo_arithmetic']['n']
+  assert min(trained) > 0 and sum(trained) / 3 >= 0.04, trained
+  assert abs(sum(held) / 3) <= 0.03 and max(held) < 0.05, held
+
+
+@pytest.mark.slow
 def test_prorl_resets_keep_grpo_rising_where_the_kl_stalls_it_three_seeds(tmp_path):
   """experiments/grpo_instructions.py on arithmetic from an 800-step base, 300 GRPO steps with a
   k3 KL to the SFT model at beta = 1, seeds 0, 1, 2: without resets (grpo_kl) and with ProRL's

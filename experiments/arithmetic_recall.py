@@ -11,7 +11,7 @@ counts as recalled when every answer token is right. The problems the training s
 (what the model read, `synthetic.arithmetic_problems`) and as many other problems of the same
 distribution that it does not are reported apart, per operator: recall of read problems against
 computing unread ones. `read_in_document` asks each read line's result inside its own
-document, every other line visible as pretraining showed it (an AR model that memorised the
+document, every other line visible as pretraining showed it (as many as fit in data.seq_len) (an AR model that memorised the
 documents as sequences recalls these, whatever it knows of the sums). `new_name_copied` asks
 for a new made-up first name where a sentence of the corpus's biography form repeats it: the
 one item a model cannot have read, only copied from its context. The probe is the same
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import json
-import re
 import sys
 
 from absl import app, flags
@@ -34,19 +33,11 @@ flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)')
 flags.DEFINE_integer('batch', 64, 'lines per forward pass')
 flags.DEFINE_string('out', '', 'also write the table as JSON here')
 
-_LINE = re.compile(r'^(\d+) ([-+*]) (\d+) = (\d+)$')
-
-
 def worked_lines(data_cfg, split: str) -> list[tuple[str, str]]:
   """(problem 'a op b', result) of every worked line in `split`'s documents, first occurrence."""
   from pathways_jax.data import corpora, synthetic  # pylint: disable=g-import-not-at-top,multiple-import
-  out = {}
-  for doc in synthetic.documents(data_cfg.synthetic, corpora.synthetic_seed(data_cfg), split):
-    for line in doc.split('\n'):
-      m = _LINE.match(line)
-      if m:
-        out.setdefault(f'{m[1]} {m[2]} {m[3]}', m[4])
-  return list(out.items())
+  return list(synthetic.worked_arithmetic(data_cfg.synthetic, corpora.synthetic_seed(data_cfg),
+                                          split).items())
 
 
 def unread_problems(read: set[str], n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -69,13 +60,15 @@ def answer_rows(tokenizer, items, length: int):
   """Rows for `recalled` from items (text before the answer, the answer, text after it): rows
   [N, 2, length] (tokens: bos, the text, eos padding; segment ids: the padding in segment 0,
   which no position attends to), answer [N, length] (bool: the tokens the answer adds to the
-  text before it, as the whole text tokenises), and which items were kept (the whole text longer
-  than `length`, or no answer token of its own: dropped)."""
+  text before it, as the whole text tokenises), and which items were kept (no answer token of
+  its own, or longer than `length` even alone: dropped). A text longer than `length` loses its
+  lines after the answer, then its first lines, until it fits."""
   rows, answers, keep = [], [], []
+  encode = lambda text: [tokenizer.bos_id] + tokenizer.encode(text)
   for before, answer, after in items:
-    prefix = [tokenizer.bos_id] + tokenizer.encode(before)
-    upto = [tokenizer.bos_id] + tokenizer.encode(before + answer)
-    full = [tokenizer.bos_id] + tokenizer.encode(before + answer + after)
+    while len(encode(before + answer + after)) > length and (after or '\n' in before):
+      after, before = ('', before) if after else ('', before.split('\n', 1)[1])
+    prefix, upto, full = encode(before), encode(before + answer), encode(before + answer + after)
     common = 0
     while common < min(len(prefix), len(upto)) and prefix[common] == upto[common]:
       common += 1
@@ -89,8 +82,8 @@ def answer_rows(tokenizer, items, length: int):
     ans[common:len(upto)] = True
     rows.append(row)
     answers.append(ans)
-  if not rows:
-    raise ValueError(f'no probe fits in {length} tokens')
+  if not rows:  # nothing fits: no rows (the table says 0/0)
+    return np.zeros((0, 2, length), np.int32), np.zeros((0, length), bool), keep
   return np.stack(rows), np.stack(answers), keep
 
 
@@ -107,10 +100,10 @@ def document_items(data_cfg) -> tuple[list[tuple[str, str, str]], list[str]]:
   items, ops = [], []
   for doc in synthetic.documents(data_cfg.synthetic, corpora.synthetic_seed(data_cfg), 'train'):
     lines = doc.split('\n')
-    if not all(_LINE.match(line) for line in lines):
+    if not all(synthetic.WORKED_LINE.match(line) for line in lines):
       continue
     for i, line in enumerate(lines):
-      m = _LINE.match(line)
+      m = synthetic.WORKED_LINE.match(line)
       cut = line.rindex(' ')
       items.append(('\n'.join(lines[:i] + [line[:cut]]), line[cut:],
                     ''.join('\n' + rest for rest in lines[i + 1:])))
@@ -188,8 +181,10 @@ def probe(run_dir: str, step=None, batch: int = 64) -> dict:
 def _count(cfg, model, params, rows_answer_keep, ops, batch: int) -> dict:
   """{op | 'all': [recalled, n]} of the kept items."""
   rows, answer, keep = rows_answer_keep
+  counts = collections.defaultdict(lambda: [0, 0], {'all': [0, 0]})
+  if not len(rows):  # pylint: disable=g-explicit-length-test
+    return dict(counts)
   ok = recalled(cfg, model, params, rows, answer, batch)
-  counts = collections.defaultdict(lambda: [0, 0])
   for op, good in zip([o for o, k in zip(ops, keep) if k], ok):
     for key in (op, 'all'):
       counts[key][0] += int(good)
@@ -204,7 +199,10 @@ def main(argv):
   results = {}
   print('| run | problems | all | + | - | * |\n|---|---|---|---|---|---|')
   for run_dir in FLAGS.run:
-    results[run_dir] = t = probe(run_dir, FLAGS.step, FLAGS.batch)
+    try:
+      results[run_dir] = t = probe(run_dir, FLAGS.step, FLAGS.batch)
+    except (ValueError, OSError) as e:  # not a run directory, not the synthetic world, ...
+      sys.exit(f'error: {run_dir}: {e}')
     for name in ('read', 'unread', 'read_in_document', 'new_name_copied'):
       cells = [f'{t[name][k][0]}/{t[name][k][1]}' if k in t[name] else '-'
                for k in ('all', '+', '-', '*')]  # the names have 'all' only

@@ -105,3 +105,43 @@ def test_new_names_are_names_the_world_does_not_hold():
   firsts = [answer.strip() for _, answer, _ in items]
   assert len(set(firsts)) > 50 and not known & set(firsts)
   assert all(f' {first} ' in before for (before, _, _), first in zip(items, firsts))
+
+
+def test_the_command_on_a_run_directory_and_on_bad_input(tmp_path):
+  """A tiny AR run probed end to end (the table and --out); a directory that is not a run, and
+  no --run at all, are one line on stderr."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from helpers import REPO  # pylint: disable=g-import-not-at-top
+  from pathways_jax.train import loop  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(str(tmp_path / 'cache'), **{'train.steps': 2, 'data.seq_len': 128,
+                                                'model.max_len': 128, 'sample.prompts': ()})
+  loop.train_stage(cfg, str(tmp_path / 'run'))
+  script = os.path.join(REPO, 'experiments', 'arithmetic_recall.py')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
+  run = lambda *a: subprocess.run([sys.executable, script, *a], capture_output=True, text=True,
+                                  env=env, timeout=300)
+  out = run(f'--run={tmp_path / "run"}', f'--out={tmp_path / "t.json"}')
+  assert out.returncode == 0, out.stderr
+  table = json.loads((tmp_path / 't.json').read_text())[str(tmp_path / 'run')]
+  read = synthetic.arithmetic_problems(cfg.data.synthetic, 0, 'train')
+  assert table['read']['all'][1] == table['unread']['all'][1] == len(read)
+  assert table['new_name_copied']['all'][1] == 256 and table['read_in_document']['all'][1] > 0
+  # Documents longer than a row keep the lines around the answer that fit (bytes: a few).
+  assert table['read_in_document']['all'][1] == len(recall.document_items(cfg.data)[0])
+  assert f'| {tmp_path / "run"} | read | ' in out.stdout
+  bad = run(f'--run={tmp_path}')
+  assert bad.returncode == 1 and bad.stderr.strip().startswith(f'error: {tmp_path}: ')
+  assert run().stderr.strip() == 'error: name at least one --run directory'
+
+
+def test_a_long_text_keeps_the_lines_nearest_its_answer_and_one_too_long_is_dropped():
+  tok = tokenizers.ByteTokenizer()
+  item = ('1 + 1 = 2\n2 + 2 = 4\n3 + 3 =', ' 6', '\n4 + 4 = 8')
+  rows, answer, keep = recall.answer_rows(tok, [item], 24)
+  assert keep == [True] and tok.decode(rows[0, 0][rows[0, 1] == 1][1:]) == '2 + 2 = 4\n3 + 3 = 6'
+  assert tok.decode(rows[0, 0][answer[0]]) == ' 6'
+  rows, answer, keep = recall.answer_rows(tok, [('x' * 40, ' 1', '')], 24)
+  assert rows.shape == (0, 2, 24) and keep == [False]

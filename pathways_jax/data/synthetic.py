@@ -308,13 +308,25 @@ def documents(cfg_synthetic, seed: int, split: str) -> list[str]:
   return split_by_hash(all_documents(cfg_synthetic, seed), split, key=lambda d: d)
 
 
+# A worked line of an arithmetic document (`Arithmetic.text`): groups a, op, b, result.
+WORKED_LINE = re.compile(r'^(\d+) ([-+*]) (\d+) = (\d+)$')
+
+
+def worked_arithmetic(cfg_synthetic, seed: int, split: str = 'train') -> dict[str, str]:
+  """{'a op b': 'r'} of every worked line `a op b = r` in `split`'s documents: what a model
+  pretrained on that split has read, in the order it first appears."""
+  out = {}
+  for d in documents(cfg_synthetic, seed, split):
+    for m in map(WORKED_LINE.match, d.split('\n')):
+      if m:
+        out.setdefault(f'{m[1]} {m[2]} {m[3]}', m[4])
+  return out
+
+
 def arithmetic_problems(cfg_synthetic, seed: int, split: str = 'train') -> set[str]:
-  """The problems ('a op b') whose worked line `a op b = r` is in `split`'s documents: what a
-  model pretrained on that split has read (an experiment's held-out arithmetic question may ask
-  one of them)."""
-  line = re.compile(r'^(\d+ [-+*] \d+) = \d+$')
-  return {m.group(1) for d in documents(cfg_synthetic, seed, split) for m in
-          map(line.match, d.split('\n')) if m}
+  """The problems ('a op b') `split`'s documents work out (`worked_arithmetic`): an
+  experiment's held-out arithmetic question may ask one of them."""
+  return set(worked_arithmetic(cfg_synthetic, seed, split))
 
 
 def world_from_config(data_cfg) -> World:
@@ -324,5 +336,5 @@ def world_from_config(data_cfg) -> World:
 
 __all__: Sequence[str] = ('Person', 'World', 'Fact', 'Arithmetic', 'make_world', 'fact_sentence',
                           'fact_sentences', 'biography', 'story', 'arithmetic', 'documents',
-                          'all_documents', 'copy_documents', 'arithmetic_problems', 'world_from_config', 'DIRECTIONS',
+                          'all_documents', 'copy_documents', 'arithmetic_problems', 'worked_arithmetic', 'WORKED_LINE', 'world_from_config', 'DIRECTIONS',
                           'NUM_TEMPLATES', 'DOCUMENT_TEMPLATES')

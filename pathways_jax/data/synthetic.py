@@ -336,5 +336,6 @@ def world_from_config(data_cfg) -> World:
 
 __all__: Sequence[str] = ('Person', 'World', 'Fact', 'Arithmetic', 'make_world', 'fact_sentence',
                           'fact_sentences', 'biography', 'story', 'arithmetic', 'documents',
-                          'all_documents', 'copy_documents', 'arithmetic_problems', 'worked_arithmetic', 'WORKED_LINE', 'world_from_config', 'DIRECTIONS',
+                          'all_documents', 'copy_documents', 'arithmetic_problems',
+                          'worked_arithmetic', 'WORKED_LINE', 'world_from_config', 'DIRECTIONS',
                           'NUM_TEMPLATES', 'DOCUMENT_TEMPLATES')

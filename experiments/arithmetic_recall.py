@@ -33,6 +33,7 @@ flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)')
 flags.DEFINE_integer('batch', 64, 'lines per forward pass')
 flags.DEFINE_string('out', '', 'also write the table as JSON here')
 
+
 def worked_lines(data_cfg, split: str) -> list[tuple[str, str]]:
   """(problem 'a op b', result) of every worked line in `split`'s documents, first occurrence."""
   from pathways_jax.data import corpora, synthetic  # pylint: disable=g-import-not-at-top,multiple-import
@@ -134,7 +135,8 @@ def recalled(cfg, model, params, rows_N2L, answer_NL, batch: int) -> np.ndarray:
     t, a = rows_N2L[i:i + batch], answer_NL[i:i + batch]
     pad = batch - len(t)
     if pad:
-      t, a = np.concatenate([t, np.repeat(t[:1], pad, 0)]), np.concatenate([a, np.repeat(a[:1], pad, 0)])
+      t = np.concatenate([t, np.repeat(t[:1], pad, 0)])  # one compiled shape
+      a = np.concatenate([a, np.repeat(a[:1], pad, 0)])
     out.append(np.asarray(predict(t, a))[:batch - pad])
   return np.concatenate(out)
 
@@ -196,6 +198,8 @@ def main(argv):
   del argv
   if not FLAGS.run:
     sys.exit('error: name at least one --run directory')
+  if FLAGS.batch < 1:
+    sys.exit(f'error: --batch={FLAGS.batch} must be >= 1')
   results = {}
   print('| run | problems | all | + | - | * |\n|---|---|---|---|---|---|')
   for run_dir in FLAGS.run:

@@ -135,6 +135,8 @@ def test_the_command_on_a_run_directory_and_on_bad_input(tmp_path):
   bad = run(f'--run={tmp_path}')
   assert bad.returncode == 1 and bad.stderr.strip().startswith(f'error: {tmp_path}: ')
   assert run().stderr.strip() == 'error: name at least one --run directory'
+  assert run(f'--run={tmp_path / "run"}', '--batch=0').stderr.strip() == (
+      'error: --batch=0 must be >= 1')
 
 
 def test_a_long_text_keeps_the_lines_nearest_its_answer_and_one_too_long_is_dropped():

@@ -29,7 +29,8 @@ LLaDA chain's own step counts.
 
 `pathway.llada_from_ar`: llada_base adapts the AR chain's base (bidirectional attention, shifted
 logits: model.shift_logits) for `pathway.llada_base_steps` instead of training from scratch; the
-AR base is trained for it when the AR chain does not run.
+AR base is trained for it when the AR chain does not run. `pathway.llada_anneal_steps` anneals
+its attention from causal to full over that many steps first (train.attention_anneal_steps).
 
 A chain whose SFT model gives no preference pair (every training question answered all right or
 all wrong in `dpo_exp.samples` draws) skips its preference stages, says so, and records them as
@@ -104,6 +105,9 @@ def get_config():
   # start from AR checkpoints) for llada_base_steps instead of training from scratch; the AR
   # base is trained for it when the AR chain does not run.
   p.llada_from_ar = False
+  # With llada_from_ar: DiffuLLaMA's attention-mask annealing over this many of the adaptation's
+  # steps (train.attention_anneal_steps; 0: full attention from the first step).
+  p.llada_anneal_steps = 0
   # DPO's and VRPO's steps: this many passes over the chain's own training pairs (dpo_exp.steps
   # is ignored here). The task's few hundred pairs would otherwise be seen ~24 times in
   # dpo_exp.steps=200, which took held-out accuracy from 0.57 to 0.20 (seed 1);
@@ -149,6 +153,11 @@ def check(cfg) -> tuple[str, ...]:
         "config.pathway: need llada_grpo_cache in ('', 'prefix', 'dual'), 0 <= "
         'llada_grpo_threshold < 1 and llada_grpo_block_length >= 0; got '
         f'{p.llada_grpo_cache!r}, {p.llada_grpo_threshold}, {p.llada_grpo_block_length}')
+  if p.llada_anneal_steps < 0 or (p.llada_anneal_steps and not p.llada_from_ar):
+    raise config_lib.ConfigError(
+        'config.pathway.llada_anneal_steps anneals the attention of a LLaDA base adapted from '
+        f'the AR one: it needs llada_from_ar=True and a value >= 0; got {p.llada_anneal_steps} '
+        f'with llada_from_ar={p.llada_from_ar}')
   return chains
 
 
@@ -238,6 +247,7 @@ def llada_stages(cfg, workdir: str, paths: dict, task_dir: str) -> list[tuple[st
     base.name = f'{lc.name}-from-ar'
     base.train.init_from = os.path.abspath(d('base'))
     base.model.shift_logits = True
+    base.train.attention_anneal_steps = cfg.pathway.llada_anneal_steps
   sft = instruction_sft.sft_config_of(lc, paths['train'], d('llada_base'))
   sft.task = 'llada_sft'
   # LLaDA's SFT: one conversation per row, eos-padded, the padding trained like the answer (how

@@ -181,6 +181,11 @@ def base_config() -> ml_collections.ConfigDict:
   # The model section's architecture is taken from it; its runtime fields (dtype, remat,
   # attention, ...) stay this run's; so is its tokenizer unless data.tokenizer_path names one.
   t.init_from = ''
+  # DiffuLLaMA's attention-mask annealing while a bidirectional model adapts from a causal one
+  # (train.init_from an AR run; pathways_jax/train/anneal.py): at step s each query sees the keys
+  # before it plus each later key with probability min(1, (s + 1) / attention_anneal_steps).
+  # 0: full bidirectional attention from the first step.
+  t.attention_anneal_steps = 0
 
   c.diffusion = df = ml_collections.ConfigDict()  # LLaDA (objective='diffusion')
   df.eps = 1e-3  # p_mask = (1 - eps) t + eps
@@ -317,6 +322,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.{key} must be positive, got {value}')
   if t.steps < 0:
     raise ConfigError(f'config.train.steps must be >= 0, got {t.steps}')
+  anneal_steps = t.get('attention_anneal_steps', 0)
+  if anneal_steps < 0:
+    raise ConfigError(f'config.train.attention_anneal_steps must be >= 0, got {anneal_steps}')
+  if anneal_steps and m.causal:
+    raise ConfigError('config.train.attention_anneal_steps anneals a bidirectional model\'s '
+                      'attention from causal to full; this model is causal (set '
+                      'config.model.causal=False to adapt it into a diffusion model)')
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(f'config.model.num_heads={m.num_heads} is not a multiple of '
                       f'config.model.num_kv_heads={m.num_kv_heads}')

@@ -123,7 +123,7 @@ def _causal_blocked_attention(q_BLHD, k_BLKD, v_BLKD, mask_BLL, scale, num_block
 def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_BL,
            kv_positions_BS, causal: bool, implementation: str = 'xla',
            packed: bool = True, kv_from_cache: bool = False,
-           causal_query_blocks: int = 1) -> jax.Array:
+           causal_query_blocks: int = 1, keep_LS: jax.Array | None = None) -> jax.Array:
   """Dispatches to the configured attention backend; returns [B, L, H, D].
 
   `implementation` names an entry of `attention_backends` (where the kernels are registered). A
@@ -140,6 +140,9 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_B
 
   The registered kernels ('cpu', 'pallas', 'cudnn') are described in attention_backends.py.
 
+  `keep_LS` (boolean [L, S], by row index) is ANDed with the mask; the kernels take no such mask,
+  so a call with one runs 'xla' (attention-mask annealing while a model adapts: train/anneal.py).
+
   Forward mode (jax.jvp, jax.linearize, Hessian-vector products as jvp of grad) needs 'xla':
   'pallas', 'cudnn' and, on CPU, 'cpu' are kernels with custom VJPs, which JAX cannot
   differentiate forwards.
@@ -147,7 +150,11 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_B
   scale = q_BLHD.shape[-1] ** -0.5
   self_attention = q_BLHD.shape[1] == k_BSKD.shape[1]
   backend = attention_backends.get(implementation)
-  if backend is not None:
+  if backend is not None and keep_LS is not None:
+    reason = 'the call has an attention keep mask (annealing), which only xla takes'
+    _warn_once(f"attention={implementation!r} not taken: {reason}; using 'xla'")
+    attention_backends.note(implementation, 'xla', reason)
+  elif backend is not None:
     call = attention_backends.AttentionCall(
         q_BLHD, k_BSKD, v_BSKD, q_segment_BL, kv_segment_BS, q_positions_BL, kv_positions_BS,
         causal=causal, scale=scale, packed=packed, kv_from_cache=kv_from_cache)
@@ -162,6 +169,8 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_BL, kv_segment_BS, q_positions_B
   else:
     attention_backends.note('xla', 'xla')
   mask = attention_mask(q_segment_BL, kv_segment_BS, q_positions_BL, kv_positions_BS, causal)
+  if keep_LS is not None:
+    mask &= keep_LS[None].astype(bool)
   blocks = min(causal_query_blocks, q_BLHD.shape[1] // MIN_QUERY_BLOCK)
   if causal and self_attention and not kv_from_cache and blocks > 1:
     # Skipping masked key blocks was measured on XLA:CPU only (docs/performance.md): a CPU

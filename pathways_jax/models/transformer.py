@@ -246,7 +246,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_TD, batch, positions_BL, segment_BL, kv_segment_BS, kv_positions_BS,
-               layer_cache, cache_index, adapter_ids_B=None):
+               layer_cache, cache_index, adapter_ids_B=None, keep_LS=None):
     cfg = self.cfg
     dt = _dtype(cfg.dtype)
     d, h, kh, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
@@ -287,7 +287,7 @@ class Attention(nn.Module):
                           implementation=cfg.attention,
                           packed=self.packed or layer_cache is not None,
                           kv_from_cache=layer_cache is not None,
-                          causal_query_blocks=cfg.causal_query_blocks)
+                          causal_query_blocks=cfg.causal_query_blocks, keep_LS=keep_LS)
     out_TD = _adapted(self, 'wo', out.reshape(b * l, h * hd), wo, (h, hd), (d,),
                       ('heads', 'head_dim'), ('embed',), cfg, adapter_ids_B)
     return out_TD, new_cache
@@ -320,10 +320,10 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_TD, layer_cache, positions_BL, segment_BL, kv_segment_BS, kv_positions_BS,
-               cache_index, adapter_ids_B=None):
+               cache_index, adapter_ids_B=None, keep_LS=None):
     attn_out, new_cache = Attention(self.cfg, self.packed, name='attn')(
         RMSNorm(self.cfg, name='attn_norm')(x_TD), self.batch, positions_BL, segment_BL,
-        kv_segment_BS, kv_positions_BS, layer_cache, cache_index, adapter_ids_B)
+        kv_segment_BS, kv_positions_BS, layer_cache, cache_index, adapter_ids_B, keep_LS)
     x_TD = x_TD + attn_out
     x_TD = x_TD + MLP(self.cfg, name='mlp')(RMSNorm(self.cfg, name='mlp_norm')(x_TD),
                                             adapter_ids_B)
@@ -366,7 +366,7 @@ class Transformer(nn.Module):
                cache_index: Any = 0, return_hidden: bool = False,
                logits_window: tuple[Any, int] | None = None,
                adapter_ids_B: jax.Array | None = None, return_scalar: bool = False,
-               with_scalar: bool = False):
+               with_scalar: bool = False, attention_keep_LL: jax.Array | None = None):
     """Logits [B, L, V] (or hidden states [B, L, D] with `return_hidden`, or the scalar head's
     float32 [B, L] with `return_scalar`: a model.scalar_head model only). `with_scalar`: both,
     (logits [B, L, V], scalar [B, L]), from one pass (PPO's policy and value head).
@@ -377,6 +377,11 @@ class Transformer(nn.Module):
     `logits_window=(start, length)`: logits of positions [start, start + length) only, [B, length,
     V] (`start` may be traced): a sampler that reads one block of a long row skips the rest of the
     unembedding, the largest matmul of a small model.
+
+    `attention_keep_LL`: boolean [L, L] over row indices, ANDed with the model's own mask: query
+    i sees key j only where it is True (DiffuLLaMA's attention-mask annealing draws it while a
+    bidirectional model adapts from a causal one: train.attention_anneal_steps). Not with a
+    cache; the attention runs 'xla' where it is given (the kernels take no free-form mask).
     """
     cfg = self.cfg
     b, l = tokens_BL.shape
@@ -391,6 +396,11 @@ class Transformer(nn.Module):
       raise ValueError('with_scalar=True returns (logits or hidden states, scalar [B, L]) of a '
                        'model.scalar_head model, without a cache, return_scalar or logits_window')
     check_adapter_ids(cfg, adapter_ids_B, b)
+    if attention_keep_LL is not None and (cache is not None or
+                                          jnp.shape(attention_keep_LL) != (l, l)):
+      raise ValueError(f'attention_keep_LL must be a [L, L] = {(l, l)} mask over the row, without a '
+                       f'cache; got shape {jnp.shape(attention_keep_LL)}'
+                       f'{" and a cache" if cache is not None else ""}')
     if adapter_ids_B is not None:
       adapter_ids_B = jnp.asarray(adapter_ids_B, jnp.int32)
     if positions_BL is None:
@@ -414,13 +424,13 @@ class Transformer(nn.Module):
     x_TD = nn.with_logical_constraint(x_TD, ('activation_tokens', 'activation_embed'))
 
     block_cls = _remat(Block, cfg.remat)
-    shared = (positions_BL, segment_ids_BL, kv_segment, kv_positions, cache_index, adapter_ids_B)
+    shared = (positions_BL, segment_ids_BL, kv_segment, kv_positions, cache_index, adapter_ids_B,
+              attention_keep_LL)
     new_layer_caches = None
     if cfg.scan_layers:
       layer_caches = None if cache is None else {'k': cache['k'], 'v': cache['v']}
       scanned = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
-                                 nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        in_axes=(0,) + (nn.broadcast,) * len(shared), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: 'layers'})
       x_TD, new_layer_caches = scanned(cfg, (b, l), packed, name='blocks')(x_TD, layer_caches, *shared)
     else:

@@ -17,6 +17,7 @@ import optax
 
 from pathways_jax import distributed, parallel
 from pathways_jax.tasks.base import COUNT, Task
+from pathways_jax.train import anneal
 from pathways_jax.train import trainable as trainable_lib
 from pathways_jax.train.state import TrainState
 
@@ -56,12 +57,16 @@ class _Training:
     return getattr(self._model, name)
 
 
-def training_task(task: Task, key: jax.Array) -> Task:
-  """`task` whose model drops out with rng `key` where its config asks (model.lora_dropout);
-  the task itself otherwise, so a model without dropout compiles the step it always did."""
-  if not getattr(task.model.cfg, 'lora_dropout', 0.0):
-    return task
-  return task.with_model(_Training(task.model, jax.random.fold_in(key, _DROPOUT_STREAM)))
+def training_task(task: Task, key: jax.Array, keep_ratio=None) -> Task:
+  """`task` whose model drops out with rng `key` where its config asks (model.lora_dropout) and,
+  given `keep_ratio`, anneals its attention mask (train.attention_anneal_steps: train/anneal.py);
+  the task itself otherwise, so a model without either compiles the step it always did."""
+  model = task.model
+  if getattr(model.cfg, 'lora_dropout', 0.0):
+    model = _Training(model, jax.random.fold_in(key, _DROPOUT_STREAM))
+  if keep_ratio is not None:
+    model = anneal.AnnealedModel(model, key, keep_ratio)
+  return task if model is task.model else task.with_model(model)
 
 
 def train_step(state: TrainState, batch, inputs=None, *, cfg, task: Task, tx) -> tuple:
@@ -75,10 +80,12 @@ def train_step(state: TrainState, batch, inputs=None, *, cfg, task: Task, tx) ->
   key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
   inputs = inputs or {}
   aux, frozen = inputs.get('aux'), inputs.get('frozen')
+  anneal_steps = cfg.train.get('attention_anneal_steps', 0)
+  ratio = anneal.keep_ratio(state.step, anneal_steps) if anneal_steps else None
   # Differentiated with respect to the state's (trainable) params only.
   grad_fn = jax.value_and_grad(
-      lambda p, b, k: _loss_and_count(training_task(task, k), trainable_lib.merge(p, frozen), b,
-                                      k, aux),
+      lambda p, b, k: _loss_and_count(training_task(task, k, ratio),
+                                      trainable_lib.merge(p, frozen), b, k, aux),
       has_aux=True)
   num_micro = cfg.train.grad_accum
   if num_micro == 1:
@@ -113,6 +120,8 @@ def train_step(state: TrainState, batch, inputs=None, *, cfg, task: Task, tx) ->
       opt_state=keep(new_opt_state, state.opt_state),
       bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
   metrics = {**metrics, 'loss': loss, 'grad_norm': grad_norm}
+  if ratio is not None:
+    metrics['attention_keep_ratio'] = ratio
   return new_state, metrics
 
 

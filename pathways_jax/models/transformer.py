@@ -299,7 +299,6 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_TD, adapter_ids_B=None):
     cfg = self.cfg
-    dt = _dtype(cfg.dtype)
     std_out = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     w_gate = _param(self, 'w_gate', (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), cfg.init_std, cfg)
     w_up = _param(self, 'w_up', (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), cfg.init_std, cfg)

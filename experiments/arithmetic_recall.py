@@ -6,7 +6,10 @@ For every worked line `a op b = r` of the run's synthetic corpus (the world of i
 answer's tokens are predicted in one forward pass, teacher-forced: an AR model reads the line up
 to each answer token (argmax of the next-token logits); a LLaDA model (shifted logits or not:
 the model aligns them) sees the line with the answer's tokens masked and fills them all at once
-(argmax at each masked position). A line
+(argmax at each masked position); with `--unmask=confidence` it fills them as LLaDA's sampler
+does with one token per step: each pass commits the argmax at the masked answer position it is
+most confident of, until none is left (for an AR model both modes are the teacher-forced pass,
+whose all-right answers are exactly those greedy decoding gives). A line
 counts as recalled when every answer token is right. The problems the training split works out
 (what the model read, `synthetic.arithmetic_problems`) and as many other problems of the same
 distribution that it does not are reported apart, per operator: recall of read problems against
@@ -28,10 +31,14 @@ from absl import app, flags
 import numpy as np
 
 FLAGS = flags.FLAGS
+UNMASK = ('one_pass', 'confidence')
 flags.DEFINE_multi_string('run', [], 'run directories (AR or LLaDA) to probe')
 flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)')
 flags.DEFINE_integer('batch', 64, 'lines per forward pass')
 flags.DEFINE_string('out', '', 'also write the table as JSON here')
+flags.DEFINE_enum('unmask', 'one_pass', UNMASK,
+                  "LLaDA: fill the answer in one pass, or one token per pass, the most confident "
+                  "first ('confidence', as the sampler's low-confidence remasking)")
 
 
 def worked_lines(data_cfg, split: str) -> list[tuple[str, str]]:
@@ -112,18 +119,35 @@ def document_items(data_cfg) -> tuple[list[tuple[str, str, str]], list[str]]:
   return items, ops
 
 
-def recalled(cfg, model, params, rows_N2L, answer_NL, batch: int) -> np.ndarray:
+def recalled(cfg, model, params, rows_N2L, answer_NL, batch: int,
+             unmask: str = 'one_pass') -> np.ndarray:
   """[N] bool: every answer token predicted right, teacher-forced (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from pathways_jax.tasks.pretrain import mask_id  # pylint: disable=g-import-not-at-top
+  if unmask not in UNMASK:
+    raise ValueError(f'unmask={unmask!r} is not one of {UNMASK}')
   causal = model.cfg.causal  # model.shift_logits moves the head inside the model: no shift here
   mid = mask_id(cfg)
+  # 'confidence': one pass per answer token of the longest answer (a row with fewer stops early).
+  passes = int(answer_NL.sum(1).max(initial=1)) if unmask == 'confidence' and not causal else 1
+
+  def fill_most_confident(_, inputs_BL, segments_BL, answer_BL):
+    logits = model.apply({'params': params}, inputs_BL, segment_ids_BL=segments_BL)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
+    still_BL = answer_BL & (inputs_BL == mid)
+    conf_BL = jnp.where(still_BL, probs.max(-1), -1.0)
+    pick_BL = (jnp.arange(inputs_BL.shape[1]) == jnp.argmax(conf_BL, 1)[:, None]) & still_BL
+    return jnp.where(pick_BL, jnp.argmax(logits, -1), inputs_BL)
 
   @jax.jit
   def predict(rows_B2L, answer_BL):
     tokens_BL, segments_BL = rows_B2L[:, 0], rows_B2L[:, 1]
     inputs = tokens_BL if causal else jnp.where(answer_BL, mid, tokens_BL)
+    if passes > 1:
+      filled = jax.lax.fori_loop(0, passes, lambda i, x: fill_most_confident(
+          i, x, segments_BL, answer_BL), inputs)
+      return jnp.all(jnp.where(answer_BL, filled == tokens_BL, True), axis=1)
     logits = model.apply({'params': params}, inputs, segment_ids_BL=segments_BL)
     pred = jnp.argmax(logits, -1)
     if causal:  # position i predicts token i + 1
@@ -156,7 +180,7 @@ def new_name_items(n: int = 256, seed: int = 7) -> list[tuple[str, str, str]]:
   return items
 
 
-def probe(run_dir: str, step=None, batch: int = 64) -> dict:
+def probe(run_dir: str, step=None, batch: int = 64, unmask: str = 'one_pass') -> dict:
   """{'read' | 'unread' | 'read_in_document' | 'new_name_copied': {op: [recalled, n]}} for one
   run directory."""
   from pathways_jax.sample import load_run  # pylint: disable=g-import-not-at-top
@@ -172,21 +196,21 @@ def probe(run_dir: str, step=None, batch: int = 64) -> dict:
   for name, lines, ops in (('read', read, [p.split()[1] for p, _ in read]),
                            ('unread', unread, [p.split()[1] for p, _ in unread])):
     table[name] = _count(cfg, model, params, answer_rows(tokenizer, line_items(lines), 32), ops,
-                         batch)
+                         batch, unmask)
   for name, items, ops in (('read_in_document', docs, doc_ops),
                            ('new_name_copied', names, ['name'] * len(names))):
     table[name] = _count(cfg, model, params, answer_rows(tokenizer, items, cfg.data.seq_len), ops,
-                         batch)
+                         batch, unmask)
   return table
 
 
-def _count(cfg, model, params, rows_answer_keep, ops, batch: int) -> dict:
+def _count(cfg, model, params, rows_answer_keep, ops, batch: int, unmask: str) -> dict:
   """{op | 'all': [recalled, n]} of the kept items."""
   rows, answer, keep = rows_answer_keep
   counts = collections.defaultdict(lambda: [0, 0], {'all': [0, 0]})
   if not len(rows):  # pylint: disable=g-explicit-length-test
     return dict(counts)
-  ok = recalled(cfg, model, params, rows, answer, batch)
+  ok = recalled(cfg, model, params, rows, answer, batch, unmask)
   for op, good in zip([o for o, k in zip(ops, keep) if k], ok):
     for key in (op, 'all'):
       counts[key][0] += int(good)
@@ -204,7 +228,7 @@ def main(argv):
   print('| run | problems | all | + | - | * |\n|---|---|---|---|---|---|')
   for run_dir in FLAGS.run:
     try:
-      results[run_dir] = t = probe(run_dir, FLAGS.step, FLAGS.batch)
+      results[run_dir] = t = probe(run_dir, FLAGS.step, FLAGS.batch, FLAGS.unmask)
     except (ValueError, OSError) as e:  # not a run directory, not the synthetic world, ...
       sys.exit(f'error: {run_dir}: {e}')
     for name in ('read', 'unread', 'read_in_document', 'new_name_copied'):

@@ -82,6 +82,41 @@ def test_llada_is_shown_masks_where_the_answer_is(tmp_path, rows):
   assert got.tolist() == [False] * 3
 
 
+@pytest.mark.parametrize('shift', [False, True])
+def test_confidence_unmasking_fills_one_token_per_pass_the_surest_first(tmp_path, rows, shift):
+  """A LLaDA stand-in that knows an answer token only once the token before it is shown (and
+  is then surer than anywhere else) recalls every line one token per pass, and none in one pass
+  (each answer here has two tokens or more); the copier still recalls nothing."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  tok, rows_N2L, answer_NL = rows
+  cfg = tiny_config(str(tmp_path))
+  cfg.data.mask_id = tok.mask_id
+  truth = rows_N2L[:, 0].copy()
+
+  class LeftToRight(Oracle):
+    def apply(self, variables, inputs_BL, segment_ids_BL=None):
+      truth_BL = super().apply(variables, inputs_BL).argmax(-1)
+      prev_shown = jnp.concatenate([jnp.ones_like(inputs_BL[:, :1], bool),
+                                    inputs_BL[:, :-1] != tok.mask_id], axis=1)
+      # Shown the previous token: the true one, sure; else a wrong one, unsure.
+      return jnp.where(prev_shown[..., None], 9.0 * jnp.eye(264)[truth_BL],
+                       2.0 * jnp.eye(264)[(truth_BL + 1) % 264])
+
+  model = LeftToRight(False, shift)
+  assert (answer_NL.sum(1) >= 2).all()
+  got = lambda unmask, m=model: recall.recalled(cfg, m, truth, rows_N2L, answer_NL, batch=2,
+                                                unmask=unmask).tolist()
+  assert got('confidence') == [True] * 3 and got('one_pass') == [False] * 3
+
+  class Copier(Oracle):
+    def apply(self, variables, inputs_BL, segment_ids_BL=None):
+      return jnp.eye(264)[inputs_BL]
+
+  assert got('confidence', Copier(False)) == [False] * 3
+  with pytest.raises(ValueError, match="unmask='greedy' is not one of"):
+    got('greedy')
+
+
 def test_document_items_ask_each_line_inside_its_own_document():
   data = tiny_config('unused').data
   items, ops = recall.document_items(data)

@@ -8,8 +8,12 @@ to each answer token (argmax of the next-token logits); a LLaDA model (shifted l
 the model aligns them) sees the line with the answer's tokens masked and fills them all at once
 (argmax at each masked position); with `--unmask=confidence` it fills them as LLaDA's sampler
 does with one token per step: each pass commits the argmax at the masked answer position it is
-most confident of, until none is left (for an AR model both modes are the teacher-forced pass,
-whose all-right answers are exactly those greedy decoding gives). A line
+most confident of, until none is left; with `--unmask=alone` each answer token is masked alone,
+the answer's other tokens shown (for an AR model every mode is the teacher-forced pass, whose
+all-right answers are exactly those greedy decoding gives). `--reading=causal` reads a LLaDA
+model with causal attention (its annealing mask at ratio 0): with `--unmask=alone`, a model
+adapted from an AR one (shifted logits) is then read exactly as its AR source was, which tells
+what the adaptation kept of the AR model's memory from what bidirectional reading uses. A line
 counts as recalled when every answer token is right. The problems the training split works out
 (what the model read, `synthetic.arithmetic_problems`) and as many other problems of the same
 distribution that it does not are reported apart, per operator: recall of read problems against
@@ -31,14 +35,19 @@ from absl import app, flags
 import numpy as np
 
 FLAGS = flags.FLAGS
-UNMASK = ('one_pass', 'confidence')
+UNMASK = ('one_pass', 'confidence', 'alone')
+READING = ('model', 'causal')
 flags.DEFINE_multi_string('run', [], 'run directories (AR or LLaDA) to probe')
 flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)')
 flags.DEFINE_integer('batch', 64, 'lines per forward pass')
 flags.DEFINE_string('out', '', 'also write the table as JSON here')
 flags.DEFINE_enum('unmask', 'one_pass', UNMASK,
-                  "LLaDA: fill the answer in one pass, or one token per pass, the most confident "
-                  "first ('confidence', as the sampler's low-confidence remasking)")
+                  "LLaDA: fill the answer in one pass, one token per pass, the most confident "
+                  "first ('confidence', as the sampler's low-confidence remasking), or each "
+                  "token with the answer's others shown ('alone')")
+flags.DEFINE_enum('reading', 'model', READING,
+                  "LLaDA: the model's own attention, or 'causal' (each query sees the keys before "
+                  "it: with --unmask=alone and shifted logits, the AR model's teacher-forced pass)")
 
 
 def worked_lines(data_cfg, split: str) -> list[tuple[str, str]]:
@@ -119,15 +128,35 @@ def document_items(data_cfg) -> tuple[list[tuple[str, str, str]], list[str]]:
   return items, ops
 
 
-def recalled(cfg, model, params, rows_N2L, answer_NL, batch: int,
-             unmask: str = 'one_pass') -> np.ndarray:
+def recalled(cfg, model, params, rows_N2L, answer_NL, batch: int, unmask: str = 'one_pass',
+             reading: str = 'model') -> np.ndarray:
   """[N] bool: every answer token predicted right, teacher-forced (see the module docstring)."""
+  pred_NL = predictions(cfg, model, params, rows_N2L, answer_NL, batch, unmask, reading)
+  return np.all(np.where(answer_NL, pred_NL == rows_N2L[:, 0], True), axis=1)
+
+
+def predictions(cfg, model, params, rows_N2L, answer_NL, batch: int, unmask: str = 'one_pass',
+                reading: str = 'model') -> np.ndarray:
+  """[N, L] int: the model's token for each answer position (elsewhere the row's own token)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from pathways_jax.tasks.pretrain import mask_id  # pylint: disable=g-import-not-at-top
-  if unmask not in UNMASK:
-    raise ValueError(f'unmask={unmask!r} is not one of {UNMASK}')
+  from pathways_jax.train import anneal  # pylint: disable=g-import-not-at-top
+  if unmask not in UNMASK or reading not in READING:
+    raise ValueError(f'unmask={unmask!r} / reading={reading!r}: not one of {UNMASK} / {READING}')
   causal = model.cfg.causal  # model.shift_logits moves the head inside the model: no shift here
+  if reading == 'causal' and not causal:
+    # Each query sees the keys before it only: the annealing mask at ratio 0.
+    model = anneal.AnnealedModel(model, jax.random.key(0), 0.0)
+  if unmask == 'alone' and not causal and len(rows_N2L):
+    # One row per answer token, that token masked alone; the answer's other tokens shown.
+    item_A, pos_A = np.nonzero(answer_NL)
+    alone_AL = np.zeros((len(item_A), answer_NL.shape[1]), bool)
+    alone_AL[np.arange(len(item_A)), pos_A] = True
+    pred_AL = predictions(cfg, model, params, rows_N2L[item_A], alone_AL, batch)
+    pred_NL = rows_N2L[:, 0].copy()
+    pred_NL[item_A, pos_A] = pred_AL[np.arange(len(item_A)), pos_A]
+    return pred_NL
   mid = mask_id(cfg)
   # 'confidence': one pass per answer token of the longest answer (a row with fewer stops early).
   passes = int(answer_NL.sum(1).max(initial=1)) if unmask == 'confidence' and not causal else 1
@@ -145,16 +174,15 @@ def recalled(cfg, model, params, rows_N2L, answer_NL, batch: int,
     tokens_BL, segments_BL = rows_B2L[:, 0], rows_B2L[:, 1]
     inputs = tokens_BL if causal else jnp.where(answer_BL, mid, tokens_BL)
     if passes > 1:
-      filled = jax.lax.fori_loop(0, passes, lambda i, x: fill_most_confident(
+      pred = jax.lax.fori_loop(0, passes, lambda i, x: fill_most_confident(
           i, x, segments_BL, answer_BL), inputs)
-      return jnp.all(jnp.where(answer_BL, filled == tokens_BL, True), axis=1)
-    logits = model.apply({'params': params}, inputs, segment_ids_BL=segments_BL)
-    pred = jnp.argmax(logits, -1)
-    if causal:  # position i predicts token i + 1
-      pred = jnp.concatenate([jnp.zeros_like(pred[:, :1]), pred[:, :-1]], axis=1)
-    return jnp.all(jnp.where(answer_BL, pred == tokens_BL, True), axis=1)
+    else:
+      pred = jnp.argmax(model.apply({'params': params}, inputs, segment_ids_BL=segments_BL), -1)
+      if causal:  # position i predicts token i + 1
+        pred = jnp.concatenate([jnp.zeros_like(pred[:, :1]), pred[:, :-1]], axis=1)
+    return jnp.where(answer_BL, pred, tokens_BL)
 
-  out = []
+  out = [np.zeros((0, answer_NL.shape[1]), np.int32)]
   for i in range(0, len(rows_N2L), batch):
     t, a = rows_N2L[i:i + batch], answer_NL[i:i + batch]
     pad = batch - len(t)
@@ -180,7 +208,8 @@ def new_name_items(n: int = 256, seed: int = 7) -> list[tuple[str, str, str]]:
   return items
 
 
-def probe(run_dir: str, step=None, batch: int = 64, unmask: str = 'one_pass') -> dict:
+def probe(run_dir: str, step=None, batch: int = 64, unmask: str = 'one_pass',
+          reading: str = 'model') -> dict:
   """{'read' | 'unread' | 'read_in_document' | 'new_name_copied': {op: [recalled, n]}} for one
   run directory."""
   from pathways_jax.sample import load_run  # pylint: disable=g-import-not-at-top
@@ -196,21 +225,22 @@ def probe(run_dir: str, step=None, batch: int = 64, unmask: str = 'one_pass') ->
   for name, lines, ops in (('read', read, [p.split()[1] for p, _ in read]),
                            ('unread', unread, [p.split()[1] for p, _ in unread])):
     table[name] = _count(cfg, model, params, answer_rows(tokenizer, line_items(lines), 32), ops,
-                         batch, unmask)
+                         batch, unmask, reading)
   for name, items, ops in (('read_in_document', docs, doc_ops),
                            ('new_name_copied', names, ['name'] * len(names))):
     table[name] = _count(cfg, model, params, answer_rows(tokenizer, items, cfg.data.seq_len), ops,
-                         batch, unmask)
+                         batch, unmask, reading)
   return table
 
 
-def _count(cfg, model, params, rows_answer_keep, ops, batch: int, unmask: str) -> dict:
+def _count(cfg, model, params, rows_answer_keep, ops, batch: int, unmask: str,
+           reading: str) -> dict:
   """{op | 'all': [recalled, n]} of the kept items."""
   rows, answer, keep = rows_answer_keep
   counts = collections.defaultdict(lambda: [0, 0], {'all': [0, 0]})
   if not len(rows):  # pylint: disable=g-explicit-length-test
     return dict(counts)
-  ok = recalled(cfg, model, params, rows, answer, batch, unmask)
+  ok = recalled(cfg, model, params, rows, answer, batch, unmask, reading)
   for op, good in zip([o for o, k in zip(ops, keep) if k], ok):
     for key in (op, 'all'):
       counts[key][0] += int(good)
@@ -228,7 +258,8 @@ def main(argv):
   print('| run | problems | all | + | - | * |\n|---|---|---|---|---|---|')
   for run_dir in FLAGS.run:
     try:
-      results[run_dir] = t = probe(run_dir, FLAGS.step, FLAGS.batch, FLAGS.unmask)
+      results[run_dir] = t = probe(run_dir, FLAGS.step, FLAGS.batch, FLAGS.unmask,
+                                   FLAGS.reading)
     except (ValueError, OSError) as e:  # not a run directory, not the synthetic world, ...
       sys.exit(f'error: {run_dir}: {e}')
     for name in ('read', 'unread', 'read_in_document', 'new_name_copied'):

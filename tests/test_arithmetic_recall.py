@@ -113,8 +113,35 @@ def test_confidence_unmasking_fills_one_token_per_pass_the_surest_first(tmp_path
       return jnp.eye(264)[inputs_BL]
 
   assert got('confidence', Copier(False)) == [False] * 3
-  with pytest.raises(ValueError, match="unmask='greedy' is not one of"):
+  # Each token masked alone: the token before it is always shown.
+  assert got('alone') == [True] * 3 and got('alone', Copier(False)) == [False] * 3
+  with pytest.raises(ValueError, match="unmask='greedy' / reading='model': not one of"):
     got('greedy')
+
+
+def test_causal_reading_of_an_adapted_model_is_its_ar_source_teacher_forced(rows):
+  """A bidirectional model with shifted logits, read causally with each answer token masked
+  alone, predicts exactly what the causal model with the same params predicts teacher-forced;
+  read with its own attention (or one pass), it does not."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from pathways_jax.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  tok, rows_N2L, answer_NL = rows
+  cfg = tiny_config('unused')
+  cfg.data.mask_id = tok.mask_id
+  model_cfg = config_lib.ModelConfig(vocab_size=tok.vocab_size, d_model=32, num_layers=2,
+                                     num_heads=2, num_kv_heads=2, mlp_dim=64, max_len=64,
+                                     init_std=0.5)
+  ar = Transformer(model_cfg)
+  params = nn.unbox(ar.init(jax.random.key(3), jnp.zeros((1, 32), jnp.int32))['params'])
+  adapted = Transformer(model_cfg.replace(causal=False, shift_logits=True))
+  pred = lambda model, **kw: recall.predictions(cfg, model, params, rows_N2L, answer_NL, 2, **kw)
+  want = pred(ar)
+  assert len({int(t) for t in want[answer_NL]}) > 3  # varied predictions: the test can tell
+  np.testing.assert_array_equal(pred(adapted, unmask='alone', reading='causal'), want)
+  for kw in (dict(unmask='alone'), dict(reading='causal')):
+    assert (pred(adapted, **kw) != want).any(), kw
 
 
 def test_document_items_ask_each_line_inside_its_own_document():

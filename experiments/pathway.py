@@ -108,6 +108,9 @@ def get_config():
   # With llada_from_ar: DiffuLLaMA's attention-mask annealing over this many of the adaptation's
   # steps (train.attention_anneal_steps; 0: full attention from the first step).
   p.llada_anneal_steps = 0
+  # The LLaDA base's peak learning rate (0: train.lr, which the AR base also takes). An adapted
+  # base keeps the AR one's memory at 1e-4 and loses it within 25 steps at 3e-3 (docs/rl.md).
+  p.llada_base_lr = 0.0
   # DPO's and VRPO's steps: this many passes over the chain's own training pairs (dpo_exp.steps
   # is ignored here). The task's few hundred pairs would otherwise be seen ~24 times in
   # dpo_exp.steps=200, which took held-out accuracy from 0.57 to 0.20 (seed 1);
@@ -153,6 +156,9 @@ def check(cfg) -> tuple[str, ...]:
         "config.pathway: need llada_grpo_cache in ('', 'prefix', 'dual'), 0 <= "
         'llada_grpo_threshold < 1 and llada_grpo_block_length >= 0; got '
         f'{p.llada_grpo_cache!r}, {p.llada_grpo_threshold}, {p.llada_grpo_block_length}')
+  if p.llada_base_lr < 0:
+    raise config_lib.ConfigError(f'config.pathway.llada_base_lr must be >= 0 (0: train.lr), got '
+                                 f'{p.llada_base_lr}')
   if p.llada_anneal_steps < 0 or (p.llada_anneal_steps and not p.llada_from_ar):
     raise config_lib.ConfigError(
         'config.pathway.llada_anneal_steps anneals the attention of a LLaDA base adapted from '
@@ -175,6 +181,7 @@ def llada_config_of(cfg):
   c.model.causal = False
   c.model.num_kv_heads = c.model.num_heads
   c.train.steps = cfg.pathway.llada_base_steps
+  c.train.lr = cfg.pathway.llada_base_lr or cfg.train.lr
   c.train.eval_every = c.train.checkpoint_every = min(cfg.train.eval_every, c.train.steps)
   c.instructions.sft_steps = cfg.pathway.llada_sft_steps
   c.instructions.sft_lr = cfg.pathway.llada_sft_lr

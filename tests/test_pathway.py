@@ -44,7 +44,8 @@ def test_settings_and_task_are_checked_before_any_stage(tmp_path):
                             ('pathway.kinds', 'poetry', r"\['poetry'\] are not kinds"),
                             ('pathway.llada_grpo_cache', 'full', 'llada_grpo_cache in'),
                             ('pathway.llada_grpo_threshold', 1.0, 'llada_grpo_cache in'),
-                            ('pathway.llada_anneal_steps', 2, 'needs llada_from_ar=True')):
+                            ('pathway.llada_anneal_steps', 2, 'needs llada_from_ar=True'),
+                            ('pathway.llada_base_lr', -1.0, r'llada_base_lr must be >= 0')):
     cfg = pathway.get_config()
     section, leaf = key.split('.')
     cfg[section][leaf] = value
@@ -156,7 +157,7 @@ def test_a_chain_without_preference_pairs_skips_to_rl_from_sft(tmp_path, monkeyp
   monkeypatch.setattr(pathway.dpo_instructions, '_answers',
                       lambda run_dir, examples, cfg, seed: [['no idea'] * 2 for _ in examples])
   cfg = _tiny(tmp_path, pathway)
-  cfg.pathway.update(chains='llada', llada_from_ar=True, llada_anneal_steps=2)
+  cfg.pathway.update(chains='llada', llada_from_ar=True, llada_anneal_steps=2, llada_base_lr=1e-4)
   res = pathway.run(cfg, str(tmp_path / 'run'))
   # pathway.llada_from_ar: the AR base is trained (the AR chain does not run) and the LLaDA base
   # adapts it, bidirectional with shifted logits; its SFT keeps both.
@@ -167,6 +168,8 @@ def test_a_chain_without_preference_pairs_skips_to_rl_from_sft(tmp_path, monkeyp
   assert os.path.basename(read('llada_base')['train']['init_from']) == 'base'
   # Its attention annealed from causal to full over its first steps; the SFT's is full.
   assert [read(s)['train']['attention_anneal_steps'] for s in ('llada_base', 'llada_sft')] == [2, 0]
+  assert [read(s)['train']['lr'] for s in ('base', 'llada_base', 'llada_sft')] == [
+      cfg.train.lr, 1e-4, cfg.pathway.llada_sft_lr]
   assert res['stages']['base']['start'] == '' and 'sft' not in res['stages']
   assert res['stages']['llada_vrpo'] == {'start': 'llada_sft', 'task': 'vrpo',
                                          'skipped': 'no preference pair'}

@@ -30,7 +30,9 @@ LLaDA chain's own step counts.
 `pathway.llada_from_ar`: llada_base adapts the AR chain's base (bidirectional attention, shifted
 logits: model.shift_logits) for `pathway.llada_base_steps` instead of training from scratch; the
 AR base is trained for it when the AR chain does not run. `pathway.llada_anneal_steps` anneals
-its attention from causal to full over that many steps first (train.attention_anneal_steps).
+its attention from causal to full over that many steps first (train.attention_anneal_steps),
+and `pathway.llada_base_lr` gives it its own learning rate. `pathway.stop_after=STAGE` ends the
+run after that stage (e.g. `llada_base`: the bases only, for `experiments/arithmetic_recall.py`).
 
 A chain whose SFT model gives no preference pair (every training question answered all right or
 all wrong in `dpo_exp.samples` draws) skips its preference stages, says so, and records them as
@@ -111,6 +113,9 @@ def get_config():
   # The LLaDA base's peak learning rate (0: train.lr, which the AR base also takes). An adapted
   # base keeps the AR one's memory at 1e-4 and loses it within 25 steps at 3e-3 (docs/rl.md).
   p.llada_base_lr = 0.0
+  # Stop after this stage ('' = run every stage): e.g. 'llada_base' trains the bases only. The
+  # results file then says status 'stopped' and which stage the run stopped after.
+  p.stop_after = ''
   # DPO's and VRPO's steps: this many passes over the chain's own training pairs (dpo_exp.steps
   # is ignored here). The task's few hundred pairs would otherwise be seen ~24 times in
   # dpo_exp.steps=200, which took held-out accuracy from 0.57 to 0.20 (seed 1);
@@ -300,6 +305,12 @@ def run(cfg, workdir: str) -> dict:
     if cfg.pathway.llada_from_ar and 'ar' not in chains:
       plan.append(ar_stages(cfg, workdir, paths, task_dir)[0])  # the AR base it adapts
     plan += llada_stages(cfg, workdir, paths, task_dir)
+  names = [name for name, _, _ in plan]
+  if cfg.pathway.stop_after and cfg.pathway.stop_after not in names:
+    raise config_lib.ConfigError(f'config.pathway.stop_after={cfg.pathway.stop_after!r} is not a '
+                                 f'stage of this run: {names}')
+  if cfg.pathway.stop_after:
+    plan = plan[:names.index(cfg.pathway.stop_after) + 1]
   stages, pairs, curves, wall = {}, {}, {}, {}
   skipped = {}  # stage -> the stage the next one starts from instead
   for name, parent, stage_cfg in plan:
@@ -349,7 +360,10 @@ def run(cfg, workdir: str) -> dict:
                       for k in ('reward', 'val_correct', 'kl', 'entropy', 'completion_length')}
     stages[name] = entry
   wall['total_s'] = time.perf_counter() - start
-  results = {'status': 'completed', 'seed': cfg.seed, 'chains': list(chains),
+  stopped = cfg.pathway.stop_after and cfg.pathway.stop_after != names[-1]
+  results = {'status': 'stopped' if stopped else 'completed',
+             **({'stopped_after': cfg.pathway.stop_after} if stopped else {}),
+             'seed': cfg.seed, 'chains': list(chains),
              'kinds': cfg.pathway.kinds, 'evaluated': len(heldout),
              **{key: stages[s].get('accuracy') for s, key in ACCURACY_KEYS.items() if s in stages},
              **({'rm_pair_accuracy': stages['rm'].get('pair_accuracy')} if 'rm' in stages else {}),

@@ -147,3 +147,28 @@ def test_the_config_refuses_annealing_a_causal_model_or_a_negative_schedule():
   with pytest.raises(ConfigError, match='attention_anneal_steps must be >= 0'):
     config_lib.validate(tiny_config('/unused', **{'model.causal': False,
                                                   'train.attention_anneal_steps': -1}))
+
+
+def test_after_the_schedule_the_configured_backend_runs_again():
+  """While the ratio is below 1 the masked call runs 'xla'; at 1 the model's own backend (a toy
+  one here, returning 7s) serves every call: the step compiles both and picks at run time."""
+
+  @attention_backends.register('toy_sevens')
+  def toy_sevens(call):
+    return jnp.zeros_like(call.q_BLHD) + 7.0
+
+  try:
+    bidirectional, _, params = _models()
+    toy = Transformer(bidirectional.cfg.replace(attention='toy_sevens'))
+    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 48)
+    run = jax.jit(lambda r: anneal.AnnealedModel(toy, jax.random.key(0), r).apply(
+        {'params': params}, tokens))
+    with attention_backends.recording() as record:
+      full, annealed = run(jnp.float32(1.0)), run(jnp.float32(0.0))
+    assert {(c.requested, c.taken) for c in record} == {('toy_sevens', 'toy_sevens'),
+                                                         ('toy_sevens', 'xla')}
+    assert_close(full, toy.apply({'params': params}, tokens), terms=16)
+    causal = Transformer(bidirectional.cfg.replace(causal=True))
+    assert_close(annealed, causal.apply({'params': params}, tokens), terms=16)
+  finally:
+    attention_backends._REGISTRY.pop('toy_sevens')  # pylint: disable=protected-access

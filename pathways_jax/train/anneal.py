@@ -37,14 +37,23 @@ def keep_mask(key: jax.Array, length: int, ratio) -> jax.Array:
 
 class AnnealedModel:
   """The model as an annealing train step runs it: every `apply` on tokens [B, L] gets
-  `attention_keep_LL = keep_mask(key, L, ratio)`; everything else is the model's own."""
+  `attention_keep_LL = keep_mask(key, L, ratio)` while ratio < 1; everything else is the
+  model's own.
+
+  The mask sends attention to 'xla' (the kernels take none), so once the schedule is over
+  (ratio = 1, the mask full) `lax.cond` runs the model without it, on its configured backend:
+  both branches are compiled, and a long run after a short schedule loses no kernel speed.
+  """
 
   def __init__(self, model, key: jax.Array, ratio):
     self._model, self._key, self._ratio = model, jax.random.fold_in(key, _ANNEAL_STREAM), ratio
 
   def apply(self, variables, tokens_BL, *args, **kwargs):
     keep = keep_mask(self._key, jnp.shape(tokens_BL)[1], self._ratio)
-    return self._model.apply(variables, tokens_BL, *args, attention_keep_LL=keep, **kwargs)
+    return jax.lax.cond(
+        jnp.asarray(self._ratio) >= 1.0,
+        lambda: self._model.apply(variables, tokens_BL, *args, **kwargs),
+        lambda: self._model.apply(variables, tokens_BL, *args, attention_keep_LL=keep, **kwargs))
 
   def __getattr__(self, name):
     return getattr(self._model, name)

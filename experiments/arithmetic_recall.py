@@ -37,17 +37,6 @@ import numpy as np
 FLAGS = flags.FLAGS
 UNMASK = ('one_pass', 'confidence', 'alone')
 READING = ('model', 'causal')
-flags.DEFINE_multi_string('run', [], 'run directories (AR or LLaDA) to probe')
-flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)')
-flags.DEFINE_integer('batch', 64, 'lines per forward pass')
-flags.DEFINE_string('out', '', 'also write the table as JSON here')
-flags.DEFINE_enum('unmask', 'one_pass', UNMASK,
-                  "LLaDA: fill the answer in one pass, one token per pass, the most confident "
-                  "first ('confidence', as the sampler's low-confidence remasking), or each "
-                  "token with the answer's others shown ('alone')")
-flags.DEFINE_enum('reading', 'model', READING,
-                  "LLaDA: the model's own attention, or 'causal' (each query sees the keys before "
-                  "it: with --unmask=alone and shifted logits, the AR model's teacher-forced pass)")
 
 
 def worked_lines(data_cfg, split: str) -> list[tuple[str, str]]:
@@ -271,5 +260,22 @@ def main(argv):
       json.dump(results, f, indent=2)
 
 
+def define_flags():
+  """The command's flags, defined when it runs as a script only: a test or another experiment
+  may load this file more than once, and absl refuses a flag defined twice."""
+  flags.DEFINE_multi_string('run', [], 'run directories (AR or LLaDA) to probe')
+  flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)')
+  flags.DEFINE_integer('batch', 64, 'lines per forward pass')
+  flags.DEFINE_string('out', '', 'also write the table as JSON here')
+  flags.DEFINE_enum('unmask', 'one_pass', UNMASK,
+                    "LLaDA: fill the answer in one pass, one token per pass, the most confident "
+                    "first ('confidence', as the sampler's low-confidence remasking), or each "
+                    "token with the answer's others shown ('alone')")
+  flags.DEFINE_enum('reading', 'model', READING,
+                    "LLaDA: the model's own attention, or 'causal' (each query sees the keys before "
+                    "it: with --unmask=alone and shifted logits, the AR model's teacher-forced pass)")
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

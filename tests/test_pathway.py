@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers import REPO, assert_answers_as_alone, tiny_config
+from helpers import REPO, assert_answers_as_alone, experiment_module, tiny_config
 from pathways_jax import config as config_lib
 from pathways_jax import config_files
 
@@ -201,8 +201,7 @@ def _in_document_recall(run_dir: str, step: int) -> dict:
   """experiments/arithmetic_recall.py's read_in_document count at `step` three ways: one pass,
   each answer token alone, and alone read with causal attention."""
   from pathways_jax.sample import load_run  # pylint: disable=g-import-not-at-top
-  recall = config_files.load_config_module(os.path.join(REPO, 'experiments',
-                                                        'arithmetic_recall.py'))
+  recall = experiment_module('arithmetic_recall')
   cfg, model, params, tokenizer = load_run(run_dir, step)
   items, _ = recall.document_items(cfg.data)
   rows, answer, _ = recall.answer_rows(tokenizer, items, cfg.data.seq_len)

@@ -77,6 +77,11 @@ def get_config():
   s.seeds = 1
   s.evals = 20  # validation points per arm
   s.shard = ''  # 'i/n': train every n-th arm from the i-th (n processes share the study)
+  # Every arm's objective: 'diffusion' runs the same study for LLaDA (the same network,
+  # bidirectional; the validation loss is its masked-diffusion bound, averaged over
+  # diffusion.eval_draws mask draws per row, as the isoFLOP study's).
+  s.objective = 'autoregressive'
+  c.diffusion.eval_draws = 16
   return c
 
 
@@ -116,6 +121,9 @@ def study_arms(cfg) -> dict:
                       f'target ({per_step:.3g} FLOPs a step)')
   if s.evals < 2:
     raise ConfigError(f'config.study.evals={s.evals} must be at least 2')
+  objectives = _experiment('scaling').OBJECTIVES
+  if s.objective not in objectives:
+    raise ConfigError(f'config.study.objective={s.objective!r} is not one of {objectives}')
   budget = int(round(s.budget_flops / per_step))
   warmup = max(1, budget // 20)
   base.train.steps, base.train.warmup_steps = budget, warmup
@@ -123,20 +131,21 @@ def study_arms(cfg) -> dict:
     base.gstack = ml_collections.ConfigDict({'evals': s.evals, 'optimizer': 'fresh',
                                              'rewarmup_steps': warmup, 'growth_factor': 1,
                                              'small_fraction': 0.0, 'arms': ''})
-  out = {'scratch': gs.arm_configs(_with_factor(base, 1), ['scratch'])['scratch']}
+  arm_configs = lambda c, arms: gs.arm_configs(c, arms, objective=s.objective)
+  out = {'scratch': arm_configs(_with_factor(base, 1), ['scratch'])['scratch']}
   for g in sorted({g for g, _ in points}, reverse=True):
     c = _with_factor(base, g)
     small, _ = gs.model_cfgs(c)
     ratio = gs.flops_per_step(c, small) / per_step
     if s.small_only:
-      arm = gs.arm_configs(c, ['small_only'])['small_only']
+      arm = arm_configs(c, ['small_only'])['small_only']
       arm.train.warmup_steps = max(1, arm.train.steps // 20)  # the isoFLOP recipe: 5% of its run
       out[arm_name(g)] = arm
     for pg, x in points:
       if pg != g:
         continue
       c.gstack.small_fraction = x * ratio  # small steps = x * budget: d = x * D tokens
-      arm = gs.arm_configs(c, ['stack'])['stack']
+      arm = arm_configs(c, ['stack'])['stack']
       n_small = arm.growth.at_step
       if n_small < 1:
         raise ConfigError(f'config.study.points: {g}:{x:g} gives no small-model step')

@@ -12,7 +12,8 @@ CHOICES = {
     'rl.scale': ('group', 'batch', 'none', 'rloo', 'gae'),
     'rl.kl': ('k1', 'k2', 'k3'),
     'rl.agg': ('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'),
-    'rl.loss': ('clip', 'gspo', 'wd1'),
+    'rl.loss': ('clip', 'gspo', 'wd1', 'spg'),
+    'rl.spg_bound': ('mix', 'eubo', 'elbo'),
 }
 
 
@@ -84,8 +85,20 @@ def add_sections(c: ml_collections.ConfigDict) -> None:
   # 'clip': the clipped surrogate (objectives.rl.policy_loss); 'gspo': the same on one
   # length-normalised ratio per completion (objectives.rl.sequence_policy_loss; GSPO, and ESPO
   # with diffusion_estimator='elbo'); 'wd1': wd1's ratio-free weighted likelihood
-  # (objectives.rl.wd1_loss: no old-policy or reference log-probs, so no rl.beta).
+  # (objectives.rl.wd1_loss: no old-policy or reference log-probs, so no rl.beta); 'spg': SPG's
+  # sandwiched policy gradient for a LLaDA policy (objectives.rl.spg_loss, rl/diffusion.py: the
+  # ELBO of completions with a positive advantage raised, an upper bound of the others lowered;
+  # its own block-wise masks, no ratio, no reference).
   r.loss = 'clip'
+  # SPG (rl.loss='spg'): masked passes per row, the bound of the non-positive completions
+  # ('mix': spg_mix * EUBO + (1 - spg_mix) * ELBO, 'eubo' or 'elbo'), the EUBO's beta (>= 1), and
+  # the range of the share of the chosen block masked; SPG's defaults.
+  r.spg_draws = 2
+  r.spg_bound = 'mix'
+  r.spg_beta = 1.5
+  r.spg_mix = 0.5
+  r.spg_t_min = 0.0
+  r.spg_t_max = 1.0
   r.entropy_coef = 0.0  # + entropy bonus (the loss subtracts coef * mean token entropy)
   # Optimizer steps per rollout batch, each on 1/minibatches of its rows (> 1: the old policy's
   # log-probs are computed once at rollout time and the ratio leaves 1).

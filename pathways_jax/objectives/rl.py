@@ -111,6 +111,24 @@ the completion's tokens). A group with all-equal advantages gets w = 0. The weig
 constants. Metrics: `wd1/weight_abs_mean` (mean |w|), `seq_logp/mean` (mean S over rows with a
 valid token) and `entropy` when entropy_BT is given.
 
+`spg_sequence_logps(logp_DBT, masked_DBT, mask_BT, beta)` and `spg_loss(...)`: SPG (Wang et al.
+2025, "SPG: Sandwiched Policy Gradient for Masked Diffusion Language Models"), for a
+masked-diffusion policy whose log-likelihood has no closed form: a completion with a positive
+advantage raises a lower bound of it, one with a non-positive advantage lowers an upper bound,
+so neither update is driven by the gap between bound and likelihood. From D passes over each row
+(draw j masks m_jt; p_jt = exp(logp_jt) at the masked completion tokens, t_j = the share of the
+completion's n tokens draw j masks):
+
+  ELBO_b = (1/D) sum_j  sum_t m_jt c_t logp_jt / sum_t m_jt c_t          (per-token mean)
+  EUBO_b = (1 / beta) mean over {t : q_t > 0} of log q_t,  q_t = (1/D) sum_j p_jt^beta m_jt c_t / t_j
+
+(SPG's Renyi-style upper bound, beta >= 1; c: mask_BT). `spg_loss(elbo_B, eubo_B, advantages_B,
+mask_BT, bound, mix)` takes v_b = ELBO_b where A_b > 0, and where A_b <= 0 the EUBO ('eubo'), mix
+* EUBO + (1 - mix) * ELBO ('mix', SPG's default with mix 0.5) or the ELBO ('elbo', the plain
+lower-bound policy gradient): loss = -sum_b A_b v_b n_b / sum_b n_b (no ratio, no clipping: one
+on-policy update per rollout as SPG's trainer). Metrics: `spg/elbo_mean`, `spg/eubo_mean` (over
+rows with a valid token), `spg/negative_share` (rows with A <= 0).
+
 Everything is computed in float32 whatever the input dtype and works under jit and grad; names,
 shapes and (concrete) hyper-parameters are checked and a ValueError names the argument.
 
@@ -464,3 +482,67 @@ def sequence_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, advantages_
   if entropy_BT is not None:
     metrics['entropy'] = stop(_masked_token_mean(_f32(entropy_BT), valid))
   return loss, metrics
+
+
+SPG_BOUNDS = ('mix', 'eubo', 'elbo')
+
+
+def spg_sequence_logps(logp_DBT: jax.Array, masked_DBT: jax.Array, mask_BT: jax.Array, *,
+                       beta: float = 1.5) -> tuple[jax.Array, jax.Array]:
+  """(ELBO [B], EUBO [B]) of each completion from D masked passes (module docstring).
+
+  Args:
+    logp_DBT: log-probs of the rows' own tokens in each pass (differentiated).
+    masked_DBT: nonzero where pass j masked the position (its input was the mask token).
+    mask_BT: nonzero on the completion tokens that count (c).
+    beta: the EUBO's exponent, >= 1.
+  """
+  name = 'spg_sequence_logps'
+  _check_rank(name, 'logp_DBT', logp_DBT, 3)
+  _check_rank(name, 'mask_BT', mask_BT, 2)
+  _check_same_shape(name, logp_DBT=logp_DBT, masked_DBT=masked_DBT)
+  if jnp.shape(logp_DBT)[1:] != jnp.shape(mask_BT):
+    raise ValueError(f'{name}: logp_DBT {jnp.shape(logp_DBT)} must be [D, *mask_BT.shape] = '
+                     f'[D, *{jnp.shape(mask_BT)}]')
+  if not (_is_number(beta) and beta >= 1):
+    raise ValueError(f'{name}: beta must be a number >= 1 (the EUBO is an upper bound for '
+                     f'beta >= 1), got {beta!r}')
+  valid = jnp.asarray(mask_BT).astype(bool)[None]
+  hit = jnp.asarray(masked_DBT).astype(bool) & valid  # masked completion tokens
+  logp = jnp.where(hit, _f32(logp_DBT), 0.0)  # nothing else reaches the sums or the gradient
+  n_hit = hit.sum(axis=2).astype(jnp.float32)  # [D, B]
+  elbo_B = (logp.sum(axis=2) / jnp.maximum(n_hit, 1.0)).mean(axis=0)
+  t_DB = n_hit / jnp.maximum(valid.sum(axis=2).astype(jnp.float32), 1.0)
+  q_BT = jnp.where(hit, jnp.exp(_f32(beta) * logp) / jnp.maximum(t_DB, 1e-8)[..., None],
+                   0.0).mean(axis=0)
+  seen = q_BT > 0
+  eubo_B = (jnp.where(seen, jnp.log(jnp.where(seen, q_BT, 1.0)), 0.0).sum(axis=1)
+            / jnp.maximum(seen.sum(axis=1), 1).astype(jnp.float32) / _f32(beta))
+  return elbo_B, eubo_B
+
+
+def spg_loss(elbo_B: jax.Array, eubo_B: jax.Array, advantages_B: jax.Array, mask_BT: jax.Array,
+             *, bound: str = 'mix', mix: float = 0.5) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """SPG's sandwiched policy-gradient loss and metrics (module docstring)."""
+  name = 'spg_loss'
+  _check_rank(name, 'mask_BT', mask_BT, 2)
+  B = jnp.shape(mask_BT)[0]
+  for arg, x in (('elbo_B', elbo_B), ('eubo_B', eubo_B), ('advantages_B', advantages_B)):
+    if jnp.shape(x) != (B,):
+      raise ValueError(f'{name}: {arg} must have shape [B] = {(B,)}, got {jnp.shape(x)}')
+  if bound not in SPG_BOUNDS:
+    raise ValueError(f'{name}: bound must be one of {SPG_BOUNDS}, got {bound!r}')
+  if not (_is_number(mix) and 0 <= mix <= 1):
+    raise ValueError(f'{name}: mix must be a number in [0, 1], got {mix!r}')
+  stop = jax.lax.stop_gradient
+  n_B = jnp.asarray(mask_BT).astype(bool).sum(axis=1).astype(jnp.float32)
+  adv = stop(_f32(advantages_B))
+  elbo, eubo = _f32(elbo_B), _f32(eubo_B)
+  negative = {'eubo': eubo, 'mix': mix * eubo + (1.0 - mix) * elbo, 'elbo': elbo}[bound]
+  value = jnp.where(adv > 0, elbo, negative)
+  total = jnp.maximum(n_B.sum(), 1.0)
+  loss = -(adv * value * n_B).sum() / total
+  rows = n_B > 0
+  row_mean = lambda x: stop(jnp.where(rows, x, 0.0).sum() / jnp.maximum(rows.sum(), 1))
+  return loss, {'spg/elbo_mean': row_mean(elbo), 'spg/eubo_mean': row_mean(eubo),
+                'spg/negative_share': row_mean((adv <= 0).astype(jnp.float32))}

@@ -40,6 +40,17 @@ times its log-prob in the pass that masked it: the two passes' ELBO estimates av
 sum over the completion is ESPO's sequence log-likelihood. Pair it with rl.loss='gspo' (one
 length-normalised ratio per completion) for ESPO's objective.
 
+`rl.loss='spg'` is SPG's sandwiched policy gradient (Wang et al. 2025, "SPG: Sandwiched Policy
+Gradient for Masked Diffusion Language Models"), with its block-wise masks (`spg_masks`): per row
+and draw, one block of the completion (blocks of rl.block_length; 0: one block) is chosen
+uniformly among those the completion reaches, the blocks before it stay clean, a count m ~
+U{max(1, floor(t_min n)) .. min(floor(t_max n), n)} of its n completion tokens is masked at
+random (at least one), and every later position (the rest of the completion, the padding past it) is masked,
+as the semi-autoregressive sampler leaves a row mid-decoding; each prompt token is masked with
+probability rl.prompt_mask_p. The draws travel in the batch as one int32 [N, T] field,
+`spg_mask`, bit j set where draw j masks the position; `objectives.rl.spg_sequence_logps` turns
+the passes' log-probs into each completion's ELBO and EUBO estimates.
+
 Rows keep the AR trainer's layout (rl/batch.py) with two differences: every generated position is
 part of the sequence (segment id 1: the sampler decoded all `max_new_tokens` of them, EOS padding
 included), and the completion mask runs up to and including the first EOS (LLaDA pads answers
@@ -107,6 +118,42 @@ def elbo_masks(prompt_len: int, shape: tuple[int, int], *, rng: np.random.Genera
   with np.errstate(divide='ignore'):  # k = 0 or L: that pass masks nothing, its weight unused
     weight = np.where(in_a, (length + 1) / k, np.where(generated, (length + 1) / (length - k), 0.0))
   return in_a.astype(np.int32), weight.astype(np.float32)
+
+
+def spg_masks(prompt_len: int, completion_mask_NC: np.ndarray, prompt_mask_NP: np.ndarray, *,
+              draws: int, block_length: int, t_min: float, t_max: float, p: float,
+              rng: np.random.Generator) -> np.ndarray:
+  """int32 [N, P + C]: SPG's block-wise masks (module docstring), bit j set where draw j masks
+  the position, for rows whose C generated positions start at `prompt_len` = P."""
+  cmask = np.asarray(completion_mask_NC) > 0
+  prompt_real = np.asarray(prompt_mask_NP) > 0
+  n, c = cmask.shape
+  block = block_length if 0 < block_length < c else c
+  lengths = cmask.sum(axis=1)
+  out = np.zeros((n, prompt_len + c), np.int64)
+  for j in range(draws):
+    hide = np.zeros((n, prompt_len + c), bool)
+    for i in range(n):
+      gen = np.ones(c, bool)  # a row without completion tokens: everything masked
+      if lengths[i]:
+        k = rng.integers(0, (lengths[i] - 1) // block + 1)  # a block the completion reaches
+        lo, n_k = k * block, min(block, lengths[i] - k * block)
+        lo_m = max(1, int(n_k * t_min))  # at least one (SPG asserts its range is not empty)
+        m = rng.integers(lo_m, max(lo_m, min(int(n_k * t_max), n_k)) + 1)
+        gen[:lo] = False
+        gen[lo:lo + n_k] = rng.permutation(n_k) < m
+      hide[i, prompt_len:] = gen
+    hide[:, :prompt_len] = prompt_real & (rng.random((n, prompt_len)) < p)
+    out |= hide.astype(np.int64) << j
+  return out.astype(np.int32)
+
+
+def spg_inputs(tokens_NT: jax.Array, spg_mask_NT: jax.Array, *, draws: int,
+               mask_id: int) -> jax.Array:
+  """[draws * N, T]: the rows of each draw (draw-major), masked where its bit of `spg_mask` is
+  set."""
+  return jnp.concatenate([jnp.where((spg_mask_NT >> j) & 1 > 0, mask_id, tokens_NT)
+                          for j in range(draws)]).astype(tokens_NT.dtype)
 
 
 def coupled_inputs(tokens_NT: jax.Array, coupled_mask_NT: jax.Array, weight_NT: jax.Array, *,

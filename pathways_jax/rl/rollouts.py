@@ -195,6 +195,12 @@ class RolloutBatches:
     rng = np.random.default_rng([self.cfg.seed, 0x6431, index, attempt])  # 'd1'
     out = {'segment_ids': segment_ids,
            'positions': np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)}
+    if self.spg:  # SPG: its block-wise masks alone
+      r = self.cfg.rl
+      out['spg_mask'] = diffusion_lib.spg_masks(
+          prompt_mask.shape[1], cmask, prompt_mask, draws=r.spg_draws, block_length=r.block_length,
+          t_min=r.spg_t_min, t_max=r.spg_t_max, p=r.prompt_mask_p, rng=rng)
+      return out
     if self.elbo:  # ESPO: the complementary pair only
       out['coupled_mask'], out['coupled_weight'] = diffusion_lib.elbo_masks(
           prompt_mask.shape[1], rows['tokens'].shape, rng=rng)

@@ -70,6 +70,21 @@ def check(cfg, model_cfg) -> None:
     raise ConfigError("config.rl.loss='wd1' weighs whole completions by their group's "
                       "advantages and holds no reference: it takes no rl.scale='gae' (PPO) and "
                       f'no rl.beta > 0 (got scale={r.scale!r}, beta={r.beta})')
+  if r.loss == 'spg':
+    if model_cfg.causal:
+      raise ConfigError("config.rl.loss='spg' bounds a masked-diffusion policy's likelihood: it "
+                        'needs a LLaDA policy (model.causal=False); an AR policy has exact '
+                        "log-probs (use rl.loss='clip')")
+    if r.beta > 0 or r.diffusion_estimator != 'd1':
+      raise ConfigError("config.rl.loss='spg' draws its own block-wise masks and holds no "
+                        f'reference: it takes no rl.beta > 0 and leaves rl.diffusion_estimator '
+                        f"at 'd1' (got beta={r.beta}, diffusion_estimator="
+                        f'{r.diffusion_estimator!r})')
+    _in_range(r, (('spg_draws', 1 <= r.spg_draws <= 30, 'in [1, 30]'),
+                  ('spg_beta', r.spg_beta >= 1, '>= 1 (the EUBO bounds from above for beta >= 1)'),
+                  ('spg_mix', 0 <= r.spg_mix <= 1, 'in [0, 1]'),
+                  ('spg_t_max', 0 <= r.spg_t_min <= r.spg_t_max <= 1,
+                   'in [spg_t_min, 1] with 0 <= spg_t_min')))
   if not model_cfg.causal:  # diffu-GRPO
     if ppo or r.kl_penalty == 'reward':
       raise ConfigError("diffu-GRPO (a model.causal=False policy) takes no rl.scale='gae' (PPO) "

@@ -31,7 +31,9 @@ estimate, on an input with the completion masked and the prompt masked at rl.pro
 mask per rollout shared by policy, old policy and reference; with
 rl.diffusion_estimator='coupled', DiffuCoder's coupled estimate (two more passes with
 complementary masks of the completion); with 'elbo', ESPO's sequence ELBO (that complementary
-pair alone).
+pair alone). rl.loss='spg': SPG's sandwiched policy gradient (its own block-wise masks,
+rl.spg_draws passes; the ELBO of completions with a positive advantage raised, an upper bound of
+the others lowered; no ratio, no reference; objectives.rl.spg_loss).
 Reflect, Retry, Reward (rl.reflect; rl/reflect.py): the group is G reflections on a failed greedy
 first attempt, each rewarded by whether the greedy retry after it succeeds; only the reflections
 are trained.
@@ -99,7 +101,10 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     # The batch fields the diffusion estimator reads (rl/diffusion.py), drawn at rollout time.
     # ESPO's ELBO (rl/diffusion.py): the coupled passes without d1's.
     self.elbo = self.diffusion and r.diffusion_estimator == 'elbo'
-    self.estimator_fields = ({'masked_tokens': jnp.int32} if self.diffusion and not self.elbo
+    # SPG (rl.loss='spg'): its own block-wise masks, one bit per draw (rl/diffusion.py).
+    self.spg = self.diffusion and r.loss == 'spg'
+    self.estimator_fields = ({'spg_mask': jnp.int32} if self.spg else
+                             {'masked_tokens': jnp.int32} if self.diffusion and not self.elbo
                              else {})
     self.coupled = self.diffusion and r.diffusion_estimator in ('coupled', 'elbo')
     if self.coupled:
@@ -113,7 +118,7 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     self.kl_in_reward = self.needs_ref and r.kl_penalty == 'reward'
     self.wd1 = r.loss == 'wd1'  # ratio-free: no old-policy log-probs (objectives.rl.wd1_loss)
     # One update per rollout: old = current, ratio exactly 1 (wd1 never reads a ratio).
-    self.on_policy = r.minibatches == 1 or self.wd1
+    self.on_policy = r.minibatches == 1 or self.wd1 or self.spg  # SPG reads no ratio either
     self.ref_model = None
     self._run = self._sampler = self._buffer = None
     self._records = self._messages = self._eval = self._rm = None
@@ -130,6 +135,9 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     ppo = (f', PPO value head: gamma={r.gamma}, lam={r.lam}, vf_coef={r.vf_coef}'
            if self.ppo else '')
     loss = r.loss if r.loss != 'clip' else f'agg={r.agg}'
+    if self.spg:
+      loss = (f'spg(bound={r.spg_bound}, draws={r.spg_draws}, beta={r.spg_beta}'
+              f'{f", mix={r.spg_mix}" if r.spg_bound == "mix" else ""})')
     return (f'grpo(G={r.num_generations}, scale={r.scale}, {loss}, rewards={r.rewards}, '
             f'beta={r.beta}, reference={ref}{ppo})')
 
@@ -406,6 +414,28 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
       logp, entropy = shift(logp), shift(entropy)
     return logp, entropy, value_BT
 
+  def _spg_stats(self, params, batch):
+    """(ELBO [N], EUBO [N], entropy [N, T]) of the rows' completions under the policy, from
+    SPG's masked passes (one forward of draws x N rows); the entropy is each position's mean
+    over the passes that masked it."""
+    from pathways_jax.tasks.pretrain import mask_id  # pylint: disable=g-import-not-at-top
+    r, tokens = self.cfg.rl, batch['tokens']
+    D, (N, T) = r.spg_draws, tokens.shape
+    inputs = diffusion_lib.spg_inputs(tokens, batch['spg_mask'], draws=D,
+                                      mask_id=mask_id(self.cfg))
+    rep = lambda x: jnp.concatenate([x] * D)
+    t = r.temperature if r.temperature > 0 else 1.0
+    out = lm_head_outputs(self.cfg, self.model, params, inputs, rep(tokens), temperature=t,
+                          positions_BL=rep(batch['positions']),
+                          segment_ids_BL=rep(batch['segment_ids']))
+    stats = token_losses.of(out, rep(tokens))
+    masked_DNT = jnp.stack([(batch['spg_mask'] >> j) & 1 for j in range(D)])
+    elbo, eubo = rl.spg_sequence_logps(-stats.ce_BL.reshape(D, N, T), masked_DNT,
+                                       batch['completion_mask'], beta=r.spg_beta)
+    entropy = ((stats.entropy_BL.reshape(D, N, T) * masked_DNT).sum(0)
+               / jnp.maximum(masked_DNT.sum(0), 1))
+    return elbo, eubo, entropy
+
   def _token_logps(self, model, params, batch):
     return self._stats(model, params, batch)[0]
 
@@ -417,6 +447,18 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
   def loss(self, params, batch, key, aux=None):
     del key
     r = self.cfg.rl
+    if self.spg:
+      mask = batch['completion_mask']
+      elbo, eubo, entropy = self._spg_stats(params, batch)
+      loss, metrics = rl.spg_loss(elbo, eubo, batch['advantages'], mask, bound=r.spg_bound,
+                                  mix=r.spg_mix)
+      valid = mask > 0
+      mean_entropy = jnp.where(valid, entropy, 0.0).sum() / jnp.maximum(valid.sum(), 1)
+      metrics['entropy'] = jax.lax.stop_gradient(mean_entropy)
+      if r.entropy_coef:
+        loss = loss - r.entropy_coef * mean_entropy
+      # A mean over completion tokens, as 'token-mean': micro-batches weigh theirs by that count.
+      return loss, {**metrics, COUNT: mask.sum().astype(jnp.float32)}
     logp, entropy, values = self._stats(self.model, params, batch, values=self.ppo)
     old = jax.lax.stop_gradient(logp) if self.on_policy else batch['old_logp']
     ref = None

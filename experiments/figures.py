@@ -12,7 +12,8 @@ and reads the data files elsewhere (e.g. to look at a run without touching the c
 
   rho1.png      clean validation loss vs training tokens per arm (LLaDA arms in a second panel)
   gstack.png    validation loss vs training FLOPs per arm, the growth marked (LLaDA: second panel)
-  gstack_study.png  mean validation curves of scratch, the small models alone and the growth
+  gstack_study.png  (and gstack_study_llada.png: the same study with study.objective=diffusion)
+                mean validation curves of scratch, the small models alone and the growth
                 arms at equal FLOPs, and the speedup against d and g with the seeds as dots and
                 the paper's numbers (experiments/gstack_study.py's WORKDIR)
   reversal.png  forward / reverse / held-out / infill / rank per model, mean over seeds with the
@@ -167,8 +168,9 @@ def draw_gstack_study(data: dict, path: str) -> str:
   lo = min(a['final']['mean'] for a in arms.values())
   ax.set_ylim(lo - 0.05, scratch['curve'][len(scratch['curve']) // 4][1])  # the last 3/4
   ax.set_xlabel('training FLOPs')
-  ax.set_ylabel('val loss (nats/byte), mean over seeds')
-  ax.set_title(f'{data["target"]} target at {data["budget_flops"]:.0e} FLOPs '
+  llada = ' LLaDA' if data.get('objective') == 'diffusion' else ''
+  ax.set_ylabel(f'val loss ({"LLaDA bound, " if llada else ""}nats/byte), mean over seeds')
+  ax.set_title(f'{data["target"]}{llada} target at {data["budget_flops"]:.0e} FLOPs '
                "(final; speedup; v: growth)", fontsize=9)
   ax.legend(fontsize=6)
   ax.grid(alpha=0.3)
@@ -347,7 +349,8 @@ def draw_scaling(data: dict, path: str) -> str:
 
 
 EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack,
-           'gstack_study': extract_gstack_study, 'reversal': extract_reversal,
+           'gstack_study': extract_gstack_study, 'gstack_study_llada': extract_gstack_study,
+           'reversal': extract_reversal,
            'instruction_sft': extract_instruction_sft,
            'dpo_instructions': extract_dpo_instructions,
            'knowledge_injection': extract_knowledge_injection,
@@ -357,6 +360,7 @@ EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack,
            'grpo_arithmetic_unseen': extract_grpo_arithmetic_unseen, 'paprika': extract_paprika,
            'pathway': extract_pathway, 'scaling': extract_scaling, 'prorl': extract_prorl}
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'gstack_study': draw_gstack_study,
+        'gstack_study_llada': draw_gstack_study,
         'reversal': draw_reversal,
         'instruction_sft': draw_instruction_sft, 'dpo_instructions': draw_dpo_instructions,
         'knowledge_injection': draw_knowledge_injection,

@@ -68,11 +68,26 @@ def test_arms_spend_the_same_flops_and_grow_after_d_tokens(tmp_path):
     ({'points': '2:0.001'}, 'no small-model step'),
     ({'budget_flops': 1e3}, 'under 20 steps'),
     ({'evals': 1}, 'evals=1'),
+    ({'objective': 'llada'}, "objective='llada' is not one of"),
 ])
 def test_bad_study_configs_are_refused(tmp_path, override, message):
   mod, cfg = _tiny(tmp_path, **override)
   with pytest.raises(ConfigError, match=message):
     mod.study_arms(cfg)
+
+
+def test_a_llada_study_trains_every_arm_with_the_diffusion_objective(tmp_path):
+  mod, cfg = _tiny(tmp_path, objective='diffusion')
+  cfg.seed = 0
+  arms = mod.study_arms(cfg)
+  assert set(arms) == {'scratch', 'small_g2', 'stack_g2_d0.2'}
+  for arm in arms.values():
+    assert arm.objective == 'diffusion' and not arm.model.causal
+  ar = mod.study_arms(_tiny(tmp_path)[1])
+  for name, arm in arms.items():  # the same budgets and growth as the AR study
+    assert (arm.train.steps, arm.growth.at_step) == (ar[name].train.steps,
+                                                     ar[name].growth.at_step)
+    assert ar[name].objective == 'autoregressive' and ar[name].model.causal
 
 
 def test_bad_shard_and_seeds_are_refused(tmp_path):

@@ -129,8 +129,12 @@ def add_sections(c: ml_collections.ConfigDict) -> None:
   # The log-prob estimator (rl/diffusion.py): 'd1' (one pass, the completion fully masked) or
   # 'coupled' (DiffuCoder's coupled-GRPO: d1's pass plus two complementary masks of the
   # completion at a ratio t ~ U[coupled_t_min, coupled_t_max] per row; three passes) or 'elbo'
-  # (ESPO's sequence ELBO: the complementary pair alone, mask counts stratified over the rows).
+  # (ESPO's sequence ELBO: the complementary pair alone, mask counts stratified over the rows) or
+  # 'trace' (TraceRL: each token read from the state the sampler committed it in, the row's
+  # decoding steps grouped trace_shrink at a time; ceil(min(max_new_tokens, steps) / shrink)
+  # passes; TraceRL's LLaDA setting is 8).
   r.diffusion_estimator = 'd1'
+  r.trace_shrink = 8
   r.coupled_t_min = 0.2
   r.coupled_t_max = 0.8
   # Reflect, Retry, Reward (pathways_jax/rl/reflect.py): G reflections after a failed greedy first

@@ -51,6 +51,17 @@ probability rl.prompt_mask_p. The draws travel in the batch as one int32 [N, T] 
 `spg_mask`, bit j set where draw j masks the position; `objectives.rl.spg_sequence_logps` turns
 the passes' log-probs into each completion's ELBO and EUBO estimates.
 
+`rl.diffusion_estimator='trace'` is TraceRL's trajectory-aware estimate (Wang et al. 2025,
+"Revolutionizing Reinforcement Learning Framework for Diffusion Large Language Models", TraDo):
+the policy is trained on the steps it actually decoded. The sampler records the step at which
+each generated position was committed; per row, its distinct steps in order are grouped s at a
+time (rl.trace_shrink, TraceRL's shrinkage: `trace_groups`), and pass g shows the prompt and the
+tokens of groups before g and masks the rest, so each token's log-prob is read from the state
+the sampler was in when it committed it (exactly, for s = 1 and no cache). The groups travel in
+the batch as `trace_group` (int32 [N, T], -1 over the prompt); K = ceil(min(C, sampler steps) /
+s) passes of N rows, one forward. TraceRL's optional value model is not built: advantages are
+the group's, as for the other estimators.
+
 Rows keep the AR trainer's layout (rl/batch.py) with two differences: every generated position is
 part of the sequence (segment id 1: the sampler decoded all `max_new_tokens` of them, EOS padding
 included), and the completion mask runs up to and including the first EOS (LLaDA pads answers
@@ -58,11 +69,11 @@ with EOS; what follows the first is not the answer).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from pathways_jax.sampling.rollout import Rollout
 
 
 def completion_mask(generated_NC: np.ndarray, eos_id: int | None) -> np.ndarray:
@@ -156,6 +167,36 @@ def spg_inputs(tokens_NT: jax.Array, spg_mask_NT: jax.Array, *, draws: int,
                           for j in range(draws)]).astype(tokens_NT.dtype)
 
 
+def trace_groups(commit_step_NC: np.ndarray, shrink: int) -> np.ndarray:
+  """int32 [N, C]: each generated position's group: the rank of its commit step among its row's
+  distinct commit steps, integer-divided by `shrink` (TraceRL's collapse of s neighbouring
+  steps)."""
+  steps = np.asarray(commit_step_NC)
+  out = np.zeros(steps.shape, np.int32)
+  for i, row in enumerate(steps):
+    _, rank = np.unique(row, return_inverse=True)
+    out[i] = rank.reshape(-1) // shrink
+  return out
+
+
+def num_trace_passes(max_new_tokens: int, sampler_steps: int, shrink: int) -> int:
+  """K: the most groups a row can have (a sampler step commits at least one token)."""
+  return -(-min(max_new_tokens, sampler_steps) // shrink)
+
+
+def trace_inputs(tokens_NT: jax.Array, trace_group_NT: jax.Array, *, passes: int,
+                 mask_id: int) -> jax.Array:
+  """[passes * N, T] (pass-major): pass g masks the generated positions of group g and later."""
+  return jnp.concatenate([jnp.where(trace_group_NT >= g, mask_id, tokens_NT)
+                          for g in range(passes)]).astype(tokens_NT.dtype)
+
+
+def trace_select(values_KNT: jax.Array, trace_group_NT: jax.Array) -> jax.Array:
+  """[N, T]: each generated position's value from the pass of its group (0 over the prompt)."""
+  picks = trace_group_NT[None] == jnp.arange(values_KNT.shape[0])[:, None, None]
+  return jnp.where(picks, values_KNT, 0.0).sum(axis=0)
+
+
 def coupled_inputs(tokens_NT: jax.Array, coupled_mask_NT: jax.Array, weight_NT: jax.Array, *,
                    mask_id: int) -> tuple[jax.Array, jax.Array]:
   """The rows of passes a and b: the completion positions of pass a masked, then the others
@@ -181,6 +222,36 @@ def elbo_logps(a_NT: jax.Array, b_NT: jax.Array, coupled_mask_NT: jax.Array,
   return 0.5 * weight_NT * jnp.where(coupled_mask_NT > 0, a_NT, b_NT)
 
 
+def estimator_inputs(estimator: str, batch: dict, *, mask_id: int,
+                     trace_passes: int = 0) -> jax.Array:
+  """[passes * N, T] (pass-major): the masked rows every pass of `estimator` reads ('d1': d1's
+  input; 'coupled': d1's and the complementary pair; 'elbo': the pair; 'trace': TraceRL's)."""
+  if estimator == 'trace':
+    return trace_inputs(batch['tokens'], batch['trace_group'], passes=trace_passes,
+                        mask_id=mask_id)
+  if estimator == 'd1':
+    return batch['masked_tokens']
+  a, b = coupled_inputs(batch['tokens'], batch['coupled_mask'], batch['coupled_weight'],
+                        mask_id=mask_id)
+  return jnp.concatenate([a, b] if estimator == 'elbo' else [batch['masked_tokens'], a, b])
+
+
+def combine_passes(estimator: str, logp_KNT: jax.Array, entropy_KNT: jax.Array,
+                   batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(log-probs [N, T], entropies [N, T]) of the tokens from the passes' values [K, N, T]: the
+  estimate of each token (module docstring) and the entropy of the pass it is read from (d1's
+  for 'coupled')."""
+  if estimator == 'd1':
+    return logp_KNT[0], entropy_KNT[0]
+  if estimator == 'trace':
+    return (trace_select(logp_KNT, batch['trace_group']),
+            trace_select(entropy_KNT, batch['trace_group']))
+  mask, weight = batch['coupled_mask'], batch['coupled_weight']
+  if estimator == 'coupled':
+    return coupled_logps(*logp_KNT, mask, weight), entropy_KNT[0]
+  return elbo_logps(*logp_KNT, mask, weight), jnp.where(mask > 0, *entropy_KNT)
+
+
 def token_logps(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
   """float32 [B, T]: log softmax(logits)[token] at each position (a masked model predicts each
   position's own token: no shift)."""
@@ -194,10 +265,19 @@ def token_entropy(logits_BTV: jax.Array) -> jax.Array:
   return -(jnp.exp(lsm) * lsm).sum(-1)
 
 
+class DiffusionRollout(NamedTuple):
+  """`sampling.rollout.Rollout`'s fields and the step each generated position was committed at."""
+  tokens_BT: np.ndarray
+  logprobs_BN: np.ndarray
+  completion_mask_BN: np.ndarray
+  steps: np.ndarray
+  commit_step_BN: np.ndarray
+
+
 class DiffusionRollouts:
   """G completions per prompt from `sampling.diffusion.DiffusionSampler` on the run's mesh, as a
-  `Rollout` (log-probs 0: the sampler computes none; the estimator gives them); `cache` and
-  `threshold` as the sampler's (Fast-dLLM)."""
+  `DiffusionRollout` (log-probs 0: the sampler computes none; the estimator gives them); `cache`
+  and `threshold` as the sampler's (Fast-dLLM)."""
 
   def __init__(self, model, mesh, rules, *, batch_size: int, prompt_len: int, num_samples: int,
                max_new_tokens: int, steps: int, block_length: int, temperature: float,
@@ -209,12 +289,14 @@ class DiffusionRollouts:
                                     prompt_len=prompt_len, mask_id=mask_id,
                                     gen_length=max_new_tokens, steps=steps,
                                     block_length=block_length, temperature=temperature,
-                                    cache=cache, threshold=threshold)
+                                    cache=cache, threshold=threshold, return_stats=True)
 
-  def __call__(self, params, prompt_BP, prompt_mask_BP, *, key) -> Rollout:
+  def __call__(self, params, prompt_BP, prompt_mask_BP, *, key) -> DiffusionRollout:
     G = self.num_samples
-    tokens = np.asarray(self.sampler(params, np.repeat(np.asarray(prompt_BP), G, axis=0),
-                                     np.repeat(np.asarray(prompt_mask_BP), G, axis=0), key=key))
+    tokens, stats = self.sampler(params, np.repeat(np.asarray(prompt_BP), G, axis=0),
+                                 np.repeat(np.asarray(prompt_mask_BP), G, axis=0), key=key)
+    tokens = np.asarray(tokens)
     cmask = completion_mask(tokens[:, self.prompt_len:], self.eos_id)
-    return Rollout(tokens_BT=tokens, logprobs_BN=np.zeros(cmask.shape, np.float32),
-                   completion_mask_BN=cmask, steps=np.int32(0))
+    return DiffusionRollout(tokens_BT=tokens, logprobs_BN=np.zeros(cmask.shape, np.float32),
+                            completion_mask_BN=cmask, steps=np.int32(0),
+                            commit_step_BN=np.asarray(stats['commit_step']))

@@ -78,7 +78,8 @@ class RolloutBatches:
             lengths, max_new_tokens=r.max_new_tokens, buffer=r.overlong_buffer)
       rows = batch_lib.training_rows(prompt_mask, tokens, cmask)
       if self.diffusion:
-        rows.update(self._diffusion_rows(rows, prompt_mask, cmask, index, attempt))
+        rows.update(self._diffusion_rows(rows, prompt_mask, cmask, index, attempt,
+                                         commit_step=getattr(ro, 'commit_step_BN', None)))
       kl_NT = None
       if self.kl_in_reward:  # the KL estimate (k1, summed over the sequence) is a reward penalty
         ref = self._forward_logps(rows, *self._reference(params, aux))
@@ -186,7 +187,7 @@ class RolloutBatches:
     return (ro, np.repeat(ask_mask, G, axis=0), success.astype(np.float32), values, failures,
             ~(failed & ask_fits), stats)
 
-  def _diffusion_rows(self, rows, prompt_mask, cmask, index, attempt):
+  def _diffusion_rows(self, rows, prompt_mask, cmask, index, attempt, commit_step=None):
     """diffu-GRPO's row fields: every generated position in the sequence (the sampler decoded
     them all) and the estimator's masked input, drawn from (seed, rollout, attempt)."""
     from pathways_jax.tasks.pretrain import mask_id  # pylint: disable=g-import-not-at-top
@@ -195,6 +196,14 @@ class RolloutBatches:
     rng = np.random.default_rng([self.cfg.seed, 0x6431, index, attempt])  # 'd1'
     out = {'segment_ids': segment_ids,
            'positions': np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)}
+    if self.trace:  # TraceRL: the groups of the steps the sampler committed each token at
+      groups = diffusion_lib.trace_groups(commit_step, self.cfg.rl.trace_shrink)
+      if groups.max(initial=0) >= self.trace_passes:  # a sampler taking more steps than counted
+        raise RuntimeError(f'TraceRL: a rollout has {groups.max() + 1} step groups, more than the '
+                           f'{self.trace_passes} passes the step was built for')
+      out['trace_group'] = np.concatenate(
+          [np.full(prompt_mask.shape, -1, np.int32), groups], axis=1)
+      return out
     if self.spg:  # SPG: its block-wise masks alone
       r = self.cfg.rl
       out['spg_mask'] = diffusion_lib.spg_masks(

@@ -97,12 +97,15 @@ def check(cfg, model_cfg) -> None:
       raise ConfigError(f"config.rl: need diffusion_cache in ('', 'prefix', 'dual') and 0 <= "
                         f'diffusion_threshold < 1 (0: off); got {r.diffusion_cache!r}, '
                         f'{r.diffusion_threshold}')
-    if r.diffusion_estimator not in ('d1', 'coupled', 'elbo'):
+    if r.diffusion_estimator not in ('d1', 'coupled', 'elbo', 'trace'):
       hint = {'wd1': " (wd1 is a loss on any estimator: rl.loss='wd1')",
               'espo': " (ESPO is rl.diffusion_estimator='elbo' with rl.loss='gspo')"}.get(
                   r.diffusion_estimator, '')
       raise ConfigError(f"config.rl.diffusion_estimator={r.diffusion_estimator!r} is not 'd1', "
-                        f"'coupled' or 'elbo'{hint}")
+                        f"'coupled', 'elbo' or 'trace'{hint}")
+    if r.trace_shrink < 1:
+      raise ConfigError(f'config.rl.trace_shrink={r.trace_shrink} must be >= 1 (decoding steps '
+                        'per TraceRL pass)')
     if not 0 < r.coupled_t_min <= r.coupled_t_max < 1:
       raise ConfigError(f'config.rl: need 0 < coupled_t_min <= coupled_t_max < 1; got '
                         f'{r.coupled_t_min}, {r.coupled_t_max}')

@@ -31,7 +31,8 @@ estimate, on an input with the completion masked and the prompt masked at rl.pro
 mask per rollout shared by policy, old policy and reference; with
 rl.diffusion_estimator='coupled', DiffuCoder's coupled estimate (two more passes with
 complementary masks of the completion); with 'elbo', ESPO's sequence ELBO (that complementary
-pair alone). rl.loss='spg': SPG's sandwiched policy gradient (its own block-wise masks,
+pair alone); with 'trace', TraceRL's passes over the decoding trajectory (each token read from
+the state the sampler committed it in). rl.loss='spg': SPG's sandwiched policy gradient (its own block-wise masks,
 rl.spg_draws passes; the ELBO of completions with a positive advantage raised, an upper bound of
 the others lowered; no ratio, no reference; objectives.rl.spg_loss).
 Reflect, Retry, Reward (rl.reflect; rl/reflect.py): the group is G reflections on a failed greedy
@@ -103,7 +104,13 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     self.elbo = self.diffusion and r.diffusion_estimator == 'elbo'
     # SPG (rl.loss='spg'): its own block-wise masks, one bit per draw (rl/diffusion.py).
     self.spg = self.diffusion and r.loss == 'spg'
+    # TraceRL: the decoding trajectory's groups, one pass each (rl/diffusion.py).
+    self.trace = self.diffusion and r.diffusion_estimator == 'trace'
+    if self.trace:
+      steps = r.max_new_tokens if r.diffusion_threshold else r.diffusion_steps or r.max_new_tokens
+      self.trace_passes = diffusion_lib.num_trace_passes(r.max_new_tokens, steps, r.trace_shrink)
     self.estimator_fields = ({'spg_mask': jnp.int32} if self.spg else
+                             {'trace_group': jnp.int32} if self.trace else
                              {'masked_tokens': jnp.int32} if self.diffusion and not self.elbo
                              else {})
     self.coupled = self.diffusion and r.diffusion_estimator in ('coupled', 'elbo')
@@ -376,20 +383,19 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     vocabularies (train.cross_entropy) without logits.
     values=True: the value of the state each token was drawn from (the head at the position
     before it; 0 at position 0)."""
-    # diffu-GRPO reads the estimator's masked input; the targets stay batch['tokens'].
+    # diffu-GRPO reads the estimator's masked passes; the targets stay batch['tokens'].
     tokens = batch['tokens']
-    inputs = None if self.elbo else batch['masked_tokens'] if self.diffusion else tokens
-    targets = tokens if self.diffusion else autoregressive.next_token_targets(tokens)
-    passes = 1
     kw = dict(positions_BL=batch['positions'], segment_ids_BL=batch['segment_ids'])
-    if self.coupled:  # d1's pass and the two complementary ones: one forward of 3N rows
+    if self.diffusion:
       from pathways_jax.tasks.pretrain import mask_id  # pylint: disable=g-import-not-at-top
-      a, b = diffusion_lib.coupled_inputs(tokens, batch['coupled_mask'], batch['coupled_weight'],
-                                          mask_id=mask_id(self.cfg))
-      passes, inputs = (2, jnp.concatenate([a, b])) if self.elbo else (
-          3, jnp.concatenate([inputs, a, b]))
-      targets = jnp.concatenate([targets] * passes)
+      estimator = self.cfg.rl.diffusion_estimator
+      inputs = diffusion_lib.estimator_inputs(estimator, batch, mask_id=mask_id(self.cfg),
+                                              trace_passes=getattr(self, 'trace_passes', 0))
+      passes = inputs.shape[0] // tokens.shape[0]
+      targets = jnp.concatenate([tokens] * passes)
       kw = {k: jnp.concatenate([v] * passes) for k, v in kw.items()}
+    else:
+      inputs, targets = tokens, autoregressive.next_token_targets(tokens)
     t = self.cfg.rl.temperature
     t = t if t > 0 else 1.0
     out = lm_head_outputs(self.cfg, model, params, inputs, targets, temperature=t,
@@ -398,18 +404,11 @@ class GrpoTask(RolloutBatches, ReferenceMixin, Task):
     stats = token_losses.of(out, targets)
     value_BT = None if scalar_BT is None else jnp.pad(scalar_BT[:, :-1], ((0, 0), (1, 0)))
     logp, entropy = -stats.ce_BL, stats.entropy_BL
-    if passes == 3:  # the entropy reported is the one-step pass's
-      one_step, a_logp, b_logp = jnp.split(logp, 3)
-      logp = diffusion_lib.coupled_logps(one_step, a_logp, b_logp, batch['coupled_mask'],
-                                         batch['coupled_weight'])
-      entropy = jnp.split(entropy, 3)[0]
-    elif passes == 2:  # ESPO: each token's value and entropy from the pass that masked it
-      in_a = batch['coupled_mask'] > 0
-      a_logp, b_logp = jnp.split(logp, 2)
-      logp = diffusion_lib.elbo_logps(a_logp, b_logp, batch['coupled_mask'],
-                                      batch['coupled_weight'])
-      entropy = jnp.where(in_a, *jnp.split(entropy, 2))
-    if not self.diffusion:  # position i predicts token i+1: align with the tokens
+    if self.diffusion:
+      by_pass = lambda x: x.reshape(passes, *tokens.shape)
+      logp, entropy = diffusion_lib.combine_passes(estimator, by_pass(logp), by_pass(entropy),
+                                                   batch)
+    else:  # position i predicts token i+1: align with the tokens
       shift = lambda x: jnp.pad(x[:, :-1], ((0, 0), (1, 0)))
       logp, entropy = shift(logp), shift(entropy)
     return logp, entropy, value_BT

@@ -130,6 +130,10 @@ def get_config():
   p.llada_grpo_block_length = 0
   p.llada_grpo_cache = ''
   p.llada_grpo_threshold = 0.0
+  # diffu-GRPO's log-prob estimator and loss (rl.diffusion_estimator, rl.loss: e.g. 'trace' for
+  # TraceRL, loss 'spg' for SPG, 'elbo' with 'gspo' for ESPO); the AR arms keep rl's own.
+  p.llada_grpo_estimator = 'd1'
+  p.llada_grpo_loss = 'clip'
   return c
 
 
@@ -161,6 +165,12 @@ def check(cfg) -> tuple[str, ...]:
         "config.pathway: need llada_grpo_cache in ('', 'prefix', 'dual'), 0 <= "
         'llada_grpo_threshold < 1 and llada_grpo_block_length >= 0; got '
         f'{p.llada_grpo_cache!r}, {p.llada_grpo_threshold}, {p.llada_grpo_block_length}')
+  from pathways_jax import config_post_training  # pylint: disable=g-import-not-at-top
+  estimators, losses = ('d1', 'coupled', 'elbo', 'trace'), config_post_training.CHOICES['rl.loss']
+  if p.llada_grpo_estimator not in estimators or p.llada_grpo_loss not in losses:
+    raise config_lib.ConfigError(
+        f'config.pathway: need llada_grpo_estimator in {estimators} and llada_grpo_loss in '
+        f'{losses}; got {p.llada_grpo_estimator!r}, {p.llada_grpo_loss!r}')
   if p.llada_base_lr < 0:
     raise config_lib.ConfigError(f'config.pathway.llada_base_lr must be >= 0 (0: train.lr), got '
                                  f'{p.llada_base_lr}')
@@ -272,7 +282,9 @@ def llada_stages(cfg, workdir: str, paths: dict, task_dir: str) -> list[tuple[st
   steps = cfg.pathway.llada_grpo_steps
   grpo.rl.update(block_length=cfg.pathway.llada_grpo_block_length,
                  diffusion_cache=cfg.pathway.llada_grpo_cache,
-                 diffusion_threshold=cfg.pathway.llada_grpo_threshold)
+                 diffusion_threshold=cfg.pathway.llada_grpo_threshold,
+                 diffusion_estimator=cfg.pathway.llada_grpo_estimator,
+                 loss=cfg.pathway.llada_grpo_loss)
   grpo.train.update(steps=steps, eval_every=min(grpo.train.eval_every, steps),
                     checkpoint_every=min(grpo.train.checkpoint_every, steps),
                     warmup_steps=min(grpo.train.warmup_steps, steps // 10))

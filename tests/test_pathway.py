@@ -44,6 +44,8 @@ def test_settings_and_task_are_checked_before_any_stage(tmp_path):
                             ('pathway.kinds', 'poetry', r"\['poetry'\] are not kinds"),
                             ('pathway.llada_grpo_cache', 'full', 'llada_grpo_cache in'),
                             ('pathway.llada_grpo_threshold', 1.0, 'llada_grpo_cache in'),
+                            ('pathway.llada_grpo_estimator', 'exact', 'llada_grpo_estimator in'),
+                            ('pathway.llada_grpo_loss', 'ppo', 'llada_grpo_loss in'),
                             ('pathway.llada_anneal_steps', 2, 'needs llada_from_ar=True'),
                             ('pathway.llada_base_lr', -1.0, r'llada_base_lr must be >= 0'),
                             ('pathway.stop_after', 'sft2', r"stop_after='sft2' is not a stage")):
@@ -69,12 +71,15 @@ def test_both_chains_end_to_end(tmp_path, monkeypatch):
   monkeypatch.setattr(pathway.dpo_instructions, '_answers', fake)
   cfg = _tiny(tmp_path, pathway)
   # Fast-dLLM rollouts for diffu-GRPO only (an AR policy refuses the settings).
-  cfg.pathway.update(llada_grpo_block_length=3, llada_grpo_cache='dual', llada_grpo_threshold=0.9)
+  cfg.pathway.update(llada_grpo_block_length=3, llada_grpo_cache='dual', llada_grpo_threshold=0.9,
+                     llada_grpo_estimator='trace')
   res = pathway.run(cfg, str(tmp_path / 'run'))
   rl_of = lambda stage: json.loads((tmp_path / 'run' / stage / 'config.json').read_text())['rl']
   assert [rl_of('llada_grpo')[k] for k in ('block_length', 'diffusion_cache',
-                                           'diffusion_threshold')] == [3, 'dual', 0.9]
+                                           'diffusion_threshold', 'diffusion_estimator')] == [
+                                               3, 'dual', 0.9, 'trace']
   assert rl_of('grpo')['diffusion_cache'] == '' and rl_of('grpo')['block_length'] == 0
+  assert rl_of('grpo')['diffusion_estimator'] == 'd1'
   for key in ('sft_accuracy', 'rm_pair_accuracy', 'dpo_accuracy', 'grpo_accuracy',
               'grpo_random_reward_accuracy', 'grpo_format_only_accuracy', 'llada_sft_accuracy',
               'llada_vrpo_accuracy', 'llada_grpo_accuracy'):

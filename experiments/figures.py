@@ -349,7 +349,9 @@ def draw_scaling(data: dict, path: str) -> str:
 
 
 EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack,
-           'gstack_study': extract_gstack_study, 'gstack_study_llada': extract_gstack_study,
+           'gstack_study': extract_gstack_study,
+           'gstack_study_llada': lambda run_dirs, commit=None: {  # the same study, LLaDA's arms
+               **extract_gstack_study(run_dirs, commit), 'experiment': 'gstack_study_llada'},
            'reversal': extract_reversal,
            'instruction_sft': extract_instruction_sft,
            'dpo_instructions': extract_dpo_instructions,

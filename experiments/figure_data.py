@@ -14,7 +14,8 @@ import subprocess
 
 from pathways_jax.eval import seed_stats
 
-EXPERIMENTS = ('rho1', 'gstack', 'gstack_study', 'gstack_study_llada', 'reversal', 'instruction_sft', 'dpo_instructions',
+EXPERIMENTS = ('rho1', 'gstack', 'gstack_study', 'gstack_study_llada', 'reversal',
+               'instruction_sft', 'dpo_instructions',
                'knowledge_injection', 'grpo_instructions', 'grpo_arithmetic',
                'grpo_arithmetic_long', 'grpo_arithmetic_unseen', 'paprika', 'pathway', 'scaling',
                'prorl')
@@ -235,7 +236,8 @@ def extract_gstack_study(run_dirs: str, commit: str | None = None) -> dict:
   wall = res.get('arm_wall_s') or res.get('wall_s')
   out = _meta('gstack_study', res, run_dir, commit, wall)
   cfg = res['config']
-  out.update(objective=cfg['study'].get('objective', 'autoregressive'),seed=sorted(seeds), seeds=len(seeds), budget_flops=cfg['study']['budget_flops'],
+  out.update(objective=cfg['study'].get('objective', 'autoregressive'),
+             seed=sorted(seeds), seeds=len(seeds), budget_flops=cfg['study']['budget_flops'],
              target=f"{cfg['model']['d_model']}x{cfg['model']['num_layers']}",
              target_params=res['target_nonembedding_params'], scratch_tokens=res['scratch_tokens'],
              regime={n: {'scratch_wins': r['scratch_wins'], 'seeds': r['seeds'],

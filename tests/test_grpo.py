@@ -245,7 +245,8 @@ def test_bad_rewards_prompts_and_settings_are_named(base, tmp_path):
     cfg = _cfg(base, **kw)
     with pytest.raises(ConfigError, match=match):
       settings.check(cfg, model_cfg or ModelConfig.from_config(cfg.model, vocab_size=264))
-  with pytest.raises(ConfigError, match=r"rl\.loss='ppo' is not one of \('clip', 'gspo', 'wd1', 'spg'\)"):
+  with pytest.raises(ConfigError,
+                     match=r"rl\.loss='ppo' is not one of \('clip', 'gspo', 'wd1', 'spg'\)"):
     config_lib.validate(_cfg(base, **{'rl.loss': 'ppo'}))
   with pytest.raises(ConfigError, match="'nope' is not a reward"):
     tasks.make(_cfg(base, **{'rl.rewards': 'correct,nope'}), model)

@@ -120,7 +120,8 @@ so neither update is driven by the gap between bound and likelihood. From D pass
 completion's n tokens draw j masks):
 
   ELBO_b = (1/D) sum_j  sum_t m_jt c_t logp_jt / sum_t m_jt c_t          (per-token mean)
-  EUBO_b = (1 / beta) mean over {t : q_t > 0} of log q_t,  q_t = (1/D) sum_j p_jt^beta m_jt c_t / t_j
+  EUBO_b = (1 / beta) mean over {t : q_t > 0} of log q_t,
+           q_t = (1/D) sum_j p_jt^beta m_jt c_t / t_j
 
 (SPG's Renyi-style upper bound, beta >= 1; c: mask_BT). `spg_loss(elbo_B, eubo_B, advantages_B,
 mask_BT, bound, mix)` takes v_b = ELBO_b where A_b > 0, and where A_b <= 0 the EUBO ('eubo'), mix

@@ -45,9 +45,9 @@ Gradient for Masked Diffusion Language Models"), with its block-wise masks (`spg
 and draw, one block of the completion (blocks of rl.block_length; 0: one block) is chosen
 uniformly among those the completion reaches, the blocks before it stay clean, a count m ~
 U{max(1, floor(t_min n)) .. min(floor(t_max n), n)} of its n completion tokens is masked at
-random (at least one), and every later position (the rest of the completion, the padding past it) is masked,
-as the semi-autoregressive sampler leaves a row mid-decoding; each prompt token is masked with
-probability rl.prompt_mask_p. The draws travel in the batch as one int32 [N, T] field,
+random (at least one), and every later position (the rest of the completion, the padding past
+it) is masked, as the semi-autoregressive sampler leaves a row mid-decoding; each prompt token
+is masked with probability rl.prompt_mask_p. The draws travel in the batch as one int32 [N, T] field,
 `spg_mask`, bit j set where draw j masks the position; `objectives.rl.spg_sequence_logps` turns
 the passes' log-probs into each completion's ELBO and EUBO estimates.
 

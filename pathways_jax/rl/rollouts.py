@@ -189,7 +189,8 @@ class RolloutBatches:
 
   def _diffusion_rows(self, rows, prompt_mask, cmask, index, attempt, commit_step=None):
     """diffu-GRPO's row fields: every generated position in the sequence (the sampler decoded
-    them all) and the estimator's masked input, drawn from (seed, rollout, attempt)."""
+    them all) and the estimator's masked input, drawn from (seed, rollout, attempt); TraceRL's
+    groups from `commit_step` [N, C], the step the sampler committed each position at."""
     from pathways_jax.tasks.pretrain import mask_id  # pylint: disable=g-import-not-at-top
     segment_ids = np.concatenate([prompt_mask.astype(np.int32),
                                   np.ones(cmask.shape, np.int32)], axis=1)

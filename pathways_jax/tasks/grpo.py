@@ -32,9 +32,9 @@ mask per rollout shared by policy, old policy and reference; with
 rl.diffusion_estimator='coupled', DiffuCoder's coupled estimate (two more passes with
 complementary masks of the completion); with 'elbo', ESPO's sequence ELBO (that complementary
 pair alone); with 'trace', TraceRL's passes over the decoding trajectory (each token read from
-the state the sampler committed it in). rl.loss='spg': SPG's sandwiched policy gradient (its own block-wise masks,
-rl.spg_draws passes; the ELBO of completions with a positive advantage raised, an upper bound of
-the others lowered; no ratio, no reference; objectives.rl.spg_loss).
+the state the sampler committed it in). rl.loss='spg': SPG's sandwiched policy gradient (its
+own block-wise masks, rl.spg_draws passes; the ELBO of completions with a positive advantage
+raised, an upper bound of the others lowered; no ratio, no reference; objectives.rl.spg_loss).
 Reflect, Retry, Reward (rl.reflect; rl/reflect.py): the group is G reflections on a failed greedy
 first attempt, each rewarded by whether the greedy retry after it succeeds; only the reflections
 are trained.

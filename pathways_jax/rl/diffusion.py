@@ -47,8 +47,8 @@ uniformly among those the completion reaches, the blocks before it stay clean, a
 U{max(1, floor(t_min n)) .. min(floor(t_max n), n)} of its n completion tokens is masked at
 random (at least one), and every later position (the rest of the completion, the padding past
 it) is masked, as the semi-autoregressive sampler leaves a row mid-decoding; each prompt token
-is masked with probability rl.prompt_mask_p. The draws travel in the batch as one int32 [N, T] field,
-`spg_mask`, bit j set where draw j masks the position; `objectives.rl.spg_sequence_logps` turns
+is masked with probability rl.prompt_mask_p. The draws travel in the batch as one int32 [N, T]
+field, `spg_mask`, bit j set where draw j masks the position; `objectives.rl.spg_sequence_logps` turns
 the passes' log-probs into each completion's ELBO and EUBO estimates.
 
 `rl.diffusion_estimator='trace'` is TraceRL's trajectory-aware estimate (Wang et al. 2025,

@@ -48,8 +48,9 @@ U{max(1, floor(t_min n)) .. min(floor(t_max n), n)} of its n completion tokens i
 random (at least one), and every later position (the rest of the completion, the padding past
 it) is masked, as the semi-autoregressive sampler leaves a row mid-decoding; each prompt token
 is masked with probability rl.prompt_mask_p. The draws travel in the batch as one int32 [N, T]
-field, `spg_mask`, bit j set where draw j masks the position; `objectives.rl.spg_sequence_logps` turns
-the passes' log-probs into each completion's ELBO and EUBO estimates.
+field, `spg_mask`, bit j set where draw j masks the position;
+`objectives.rl.spg_sequence_logps` turns the passes' log-probs into each completion's ELBO and
+EUBO estimates.
 
 `rl.diffusion_estimator='trace'` is TraceRL's trajectory-aware estimate (Wang et al. 2025,
 "Revolutionizing Reinforcement Learning Framework for Diffusion Large Language Models", TraDo):

@@ -418,55 +418,6 @@ def test_think_then_answer_scores_the_response_alone():
   assert rewards_lib.split_thinking(['a</t>b</t>c'], '</t>') == (['b</t>c'], np.asarray([True]))
 
 
-def test_rpt_next_token_reward_is_a_prefix_match_on_token_boundaries():
-  rec = {'continuation': ' the cat sat', 'boundaries': [4, 8, 12]}  # ' the', ' cat', ' sat'
-  got = {t: rewards_lib.next_token(rec, t)
-         for t in ('the', ' the', 'the cat', 'the c', 'the dog', '', 'the cat sat', 'cat')}
-  assert got == {'the': 1, ' the': 1, 'the cat': 1, 'the c': 0, 'the dog': 0, '': 0,
-                 'the cat sat': 1, 'cat': 0}
-
-
-def test_rpt_prompts_are_the_proxys_hardest_positions_and_train(base, tmp_path):
-  """pathways_jax.rl.rpt: the proxy's entropies against a plain forward pass and numpy, the
-  chosen positions the top ones, the records' texts the document's; then a 2-step RL run."""
-  from pathways_jax.rl import rpt
-  from pathways_jax.sample import load_run
-  _, model, params, tok = load_run(str(base / 'pre'))
-  docs = ['Ada lives in Paris. She likes tea and long walks.', 'Bob met Ada in Rome.']
-  records, counts = rpt.make_records(model, params, tok, docs, per_document=2, context=16,
-                                     continuation=3, min_context=4, width=48, batch_size=4)
-  assert counts['documents'] == 2 and len(records) + counts['empty'] == 4
-  assert counts['empty'] <= 1, counts
-  for d, doc in enumerate(docs):
-    ids = prompts_lib.raw_text_ids(tok, doc)
-    logits = np.asarray(model.apply({'params': params}, ids[None]), np.float64)[0]
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    h = np.concatenate([[0.0], -(np.exp(logp) * logp).sum(-1)[:-1]])
-    want = sorted(sorted(range(4, len(ids)), key=lambda t: (-h[t], t))[:2])
-    mine = [r for r in records if r['document'] == d]
-    # every chosen position is one of the top two (a position whose continuation decodes to
-    # nothing is skipped and counted)
-    assert mine and set(r['position'] for r in mine) <= set(want)
-    for r in mine:
-      t = r['position']
-      assert r['entropy'] == pytest.approx(h[t], rel=1e-4, abs=1e-5)
-      assert r['text'] == tok.decode(ids[max(1, t - 16):t])
-      assert r['continuation'] == tok.decode(ids[t:t + 3])
-      assert rewards_lib.next_token(r, r['continuation']) == 1.0
-  # The command writes the file a run trains on (one new token: the next-token decision).
-  out = tmp_path / 'rpt.jsonl'
-  assert rpt.main([f'--proxy={base / "pre"}', f'--out={out}', '--documents=6', '--context=24',
-                   '--per_document=3']) == 0
-  from pathways_jax.train import loop
-  res = loop.train(_cfg(base, **{'data.path': str(out), 'rl.rewards': 'next_token',
-                                 'rl.max_new_tokens': 1, 'train.steps': 2}),
-                   str(tmp_path / 'rl'), quiet=True)
-  m = _metrics(tmp_path / 'rl')
-  assert res['status'] == 'completed' and 0 <= m[0]['reward/next_token'] <= 1
-  assert m[0]['completion_length'] == 1
-
-
 def test_a_reward_model_scores_prompt_and_completion(base, tmp_path):
   """The 'reward_model' reward is the RM's score of the prompt's messages + the completion as
   the assistant's turn (eval.reward.score, the RM's own scoring API)."""

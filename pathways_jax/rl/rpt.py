@@ -4,16 +4,20 @@ model finds hard.
 
     python -m pathways_jax.rl.rpt --proxy=runs/quickstart --out=rpt/train.jsonl \
         [--split=train] [--documents=200] [--per_document=4] [--context=64] [--continuation=4]
-        [--min_context=8]
+        [--min_context=8] [--select=hardest|random] [--seed=0] [--windows=1]
 
-For each document of the proxy run's corpus (`--split`), the proxy scores every position t by the
-entropy of its prediction of token t from the tokens before it, and the `--per_document` positions
-with the highest entropy (t >= `--min_context`) become prompts:
+For each document of the proxy run's corpus (`--split`), read in windows of the proxy's context
+(the first `--windows` of them; 0: all), the proxy scores every position t by the entropy of its
+prediction of token t from the window's tokens before it, and the `--per_document` positions of
+each window with the highest entropy (from the window's `--min_context`-th token on) become
+prompts (`--select=random`: positions drawn uniformly instead, the control set of ordinary
+tokens):
 
     {"text": <the <= --context tokens before t, decoded>,
      "continuation": <tokens t .. t + --continuation - 1, decoded>,
-     "boundaries": [character length of the continuation after each of its tokens],
-     "entropy": <the proxy's entropy at t, nats>, "document": i, "position": t}
+     "continuation_ids": [those tokens' ids], "boundaries": [character length of the
+     continuation after each of its tokens], "entropy": <the proxy's entropy at t, nats>,
+     "document": i, "position": t}
 
 Train on them with task 'grpo', `rl.rewards='next_token'` (rl/rewards.py: 1 for a completion that
 is a prefix of the continuation ending on a token boundary) and either `rl.max_new_tokens` = the
@@ -33,6 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pathways_jax.rl.prompts import raw_text_ids
+
+
+SELECT = ('hardest', 'random')
 
 
 def entropy_fn(model):
@@ -57,6 +64,14 @@ def hardest_positions(entropy_L: np.ndarray, length: int, *, k: int, min_context
   return sorted(int(t) for t in order[:k])
 
 
+def random_positions(length: int, *, k: int, min_context: int, rng: np.random.Generator
+                     ) -> list[int]:
+  """k positions t in [min_context, length) drawn without replacement, ascending."""
+  candidates = np.arange(min_context, length)
+  return sorted(int(t) for t in rng.choice(candidates, size=min(k, len(candidates)),
+                                           replace=False)) if len(candidates) else []
+
+
 def record_at(ids: Sequence[int], t: int, tokenizer, *, context: int, continuation: int,
               skip: int = 0) -> dict | None:
   """The prompt record of target position t of a document's ids (ids[:skip] are bos, never in
@@ -71,36 +86,84 @@ def record_at(ids: Sequence[int], t: int, tokenizer, *, context: int, continuati
       boundaries.append(len(piece))
   if not full.strip() or not boundaries or not ctx:
     return None
-  return {'text': tokenizer.decode(ctx), 'continuation': full, 'boundaries': boundaries}
+  return {'text': tokenizer.decode(ctx), 'continuation': full, 'continuation_ids': target,
+          'boundaries': boundaries}
 
 
 def make_records(model, params, tokenizer, documents: Sequence[str], *, per_document: int,
                  context: int, continuation: int, min_context: int, width: int,
-                 batch_size: int = 8) -> tuple[list[dict], dict]:
-  """(prompt records, counts) of the hardest positions of each document (module docstring).
-  Documents are cut to `width` tokens (the proxy's window) and scored `batch_size` at a time."""
+                 batch_size: int = 8, select: str = 'hardest', seed: int = 0, windows: int = 1
+                 ) -> tuple[list[dict], dict]:
+  """(prompt records, counts) of the hardest positions of each document (module docstring), or
+  with select='random' of positions drawn uniformly (numpy seed `seed`).
+
+  A document is read in consecutive windows of `width` tokens (the proxy's context), the first
+  `windows` of them (0: all), each scored on its own, `batch_size` windows at a time;
+  `per_document` positions are taken from each window, from its `min_context`-th token on. A
+  record's context may reach back into the window before its own."""
+  if select not in SELECT:
+    raise ValueError(f'select={select!r}: one of {SELECT}')
+  rng = np.random.default_rng(seed)
   fn = entropy_fn(model)
-  docs = [raw_text_ids(tokenizer, d)[:width] for d in documents]
   skip = 0 if tokenizer.bos_id is None else 1
-  records, counts = [], {'documents': len(docs), 'positions': 0, 'empty': 0}
-  for s in range(0, len(docs), batch_size):
-    chunk = docs[s:s + batch_size]
+  docs = [raw_text_ids(tokenizer, d) for d in documents]
+  spans = [(i, start) for i, ids in enumerate(docs) for start in range(0, len(ids), width)
+           [:windows or None]]
+  records, counts = [], {'documents': len(docs), 'windows': len(spans), 'positions': 0,
+                         'empty': 0}
+  for s in range(0, len(spans), batch_size):
+    chunk = spans[s:s + batch_size]
     tokens = np.full((batch_size, width), tokenizer.pad_id, np.int32)
     segments = np.zeros((batch_size, width), np.int32)
-    for i, ids in enumerate(chunk):
-      tokens[i, :len(ids)], segments[i, :len(ids)] = ids, 1
+    for j, (i, start) in enumerate(chunk):
+      piece = docs[i][start:start + width]
+      tokens[j, :len(piece)], segments[j, :len(piece)] = piece, 1
     entropy = np.asarray(fn(params, tokens, segments))
-    for i, ids in enumerate(chunk):
-      for t in hardest_positions(entropy[i], len(ids), k=per_document,
-                                 min_context=max(min_context, skip + 1)):
-        rec = record_at(ids, t, tokenizer, context=context, continuation=continuation, skip=skip)
+    for j, (i, start) in enumerate(chunk):
+      n = min(width, len(docs[i]) - start)
+      lo = max(min_context, skip + 1) if start == 0 else min_context
+      chosen = (hardest_positions(entropy[j], n, k=per_document, min_context=lo)
+                if select == 'hardest' else
+                random_positions(n, k=per_document, min_context=lo, rng=rng))
+      for t in chosen:
+        rec = record_at(docs[i], start + t, tokenizer, context=context,
+                        continuation=continuation, skip=skip)
         if rec is None:
           counts['empty'] += 1
           continue
-        rec.update(entropy=float(entropy[i, t]), document=s + i, position=t)
+        rec.update(entropy=float(entropy[j, t]), document=i, position=start + t)
         records.append(rec)
         counts['positions'] += 1
   return records, counts
+
+
+def next_token_scores(model, params, tokenizer, records: Sequence[dict], *, width: int,
+                      batch_size: int = 64) -> dict[str, np.ndarray]:
+  """The greedy next-token decision at each record's position, as RPT's evaluation reads it:
+  {'correct': 1.0 where the argmax token, decoded, earns rl.rewards.next_token (the training
+  reward with one new token), 'nll': -log p(continuation_ids[0]) (nats)}, float64 [N] each.
+  Each prompt is bos + the record's text (as the RL prompts), right-padded to `width`."""
+  from pathways_jax.rl import rewards  # pylint: disable=g-import-not-at-top
+  fn = jax.jit(lambda p, t, s: jax.nn.log_softmax(
+      model.apply({'params': p}, t, segment_ids_BL=s).astype(jnp.float32), axis=-1))
+  correct, nll = np.zeros(len(records)), np.zeros(len(records))
+  for s in range(0, len(records), batch_size):
+    chunk = records[s:s + batch_size]
+    tokens = np.full((batch_size, width), tokenizer.pad_id, np.int32)
+    segments = np.zeros((batch_size, width), np.int32)
+    last = np.zeros(batch_size, np.int32)
+    for i, r in enumerate(chunk):
+      ids = raw_text_ids(tokenizer, r['text'])
+      if len(ids) > width:
+        raise ValueError(f'record {s + i}: its prompt is {len(ids)} tokens, the model holds '
+                         f'{width}')
+      tokens[i, :len(ids)], segments[i, :len(ids)], last[i] = ids, 1, len(ids) - 1
+    lsm_BV = np.asarray(fn(params, tokens, segments))[np.arange(batch_size), last]
+    for i, r in enumerate(chunk):
+      guess = tokenizer.decode([int(np.argmax(lsm_BV[i]))])
+      correct[s + i] = rewards.next_token(r, guess)
+      nll[s + i] = -float(lsm_BV[i, r['continuation_ids'][0]])
+  return {'correct': correct, 'nll': nll}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,12 +177,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument('--context', type=int, default=64, help='context tokens before the target')
   ap.add_argument('--continuation', type=int, default=4, help='tokens of the continuation')
   ap.add_argument('--min_context', type=int, default=8, help='targets start at this position')
+  ap.add_argument('--select', default='hardest', choices=SELECT,
+                  help="'hardest': the proxy's highest-entropy positions; 'random': uniform")
+  ap.add_argument('--seed', type=int, default=0, help="--select=random's draw")
+  ap.add_argument('--windows', type=int, default=1,
+                  help="windows of the proxy's context read per document (0: all)")
   args = ap.parse_args(argv)
   for name in ('per_document', 'context', 'continuation', 'min_context'):
     if getattr(args, name) < 1:
       ap.error(f'--{name} must be >= 1')
-  if args.documents < 0:
-    ap.error('--documents must be >= 0')
+  for name in ('documents', 'windows'):
+    if getattr(args, name) < 0:
+      ap.error(f'--{name} must be >= 0')
   from pathways_jax import sample  # pylint: disable=g-import-not-at-top
   from pathways_jax.data import corpora  # pylint: disable=g-import-not-at-top
   try:
@@ -134,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   records, counts = make_records(model, params, tokenizer, documents,
                                  per_document=args.per_document, context=args.context,
                                  continuation=args.continuation, min_context=args.min_context,
-                                 width=model.cfg.max_len)
+                                 width=model.cfg.max_len, select=args.select, seed=args.seed,
+                                 windows=args.windows)
   if not records:
     print(f'error: no position of the {len(documents)} documents made a prompt', file=sys.stderr)
     return 1

@@ -18,7 +18,7 @@ EXPERIMENTS = ('rho1', 'gstack', 'gstack_study', 'gstack_study_llada', 'reversal
                'instruction_sft', 'dpo_instructions',
                'knowledge_injection', 'grpo_instructions', 'grpo_arithmetic',
                'grpo_arithmetic_long', 'grpo_arithmetic_unseen', 'paprika', 'pathway', 'scaling',
-               'prorl')
+               'prorl', 'rpt')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO, 'docs', 'results', 'data')
 

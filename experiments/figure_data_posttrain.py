@@ -332,3 +332,47 @@ def extract_prorl(run_dirs: str, commit: str | None = None) -> dict:
              base_steps=(config.get('train') or {}).get('steps'),
              grpo_steps=(config.get('grpo_exp') or {}).get('steps'))
   return out
+
+
+RPT_MODELS = ('base', 'rpt', 'rpt_random', 'ntp')
+RPT_SETS = ('validation_hard', 'validation_random', 'train')
+
+
+def extract_rpt(run_dirs: str, commit: str | None = None) -> dict:
+  """Comma-separated WORKDIRs of experiments/rpt.py, one per seed: each model's greedy
+  next-token accuracy and true-token NLL per prompt set, each arm's change from the base (paired
+  by seed), the training curves and wall times."""
+  seeds, first, wall = {}, None, 0.0
+  for run_dir in [d for d in run_dirs.split(',') if d]:
+    res = _load_results(run_dir)
+    first = first or (res, run_dir)
+    seed = str(res['seed'])
+    if seed in seeds:
+      raise MissingData(f'rpt: seed {seed} given twice ({run_dir})')
+    seeds[seed] = {'scores': {m: {s: {k: _r(v) for k, v in res['scores'][m][s].items()}
+                                  for s in RPT_SETS} for m in RPT_MODELS},
+                   'counts': {k: v for k, v in res['counts'].items() if k != 'mean_entropy'},
+                   'mean_entropy': {k: _r(v) for k, v in res['counts']['mean_entropy'].items()},
+                   'curves': {a: {k: [[s, _r(v)] for s, v in c] for k, c in curves.items()}
+                              for a, curves in res['curves'].items()},
+                   'wall_s': {k: _r(v, 1) for k, v in res['wall_s'].items()}}
+    wall += res['wall_s']['total_s']
+  if not seeds:
+    raise MissingData('rpt: no run directory given')
+  res, run_dir = first
+  summary = {}
+  for m in RPT_MODELS:
+    for s in RPT_SETS:
+      for k in ('accuracy', 'nll'):
+        vals = [v['scores'][m][s][k] for v in seeds.values()]
+        summary.setdefault(m, {}).setdefault(s, {})[k] = _mean_sd(vals)
+        if m != 'base':
+          delta = [v['scores'][m][s][k] - v['scores']['base'][s][k] for v in seeds.values()]
+          summary[m][s][f'{k}_change'] = _mean_sd(delta)
+  out = _meta('rpt', res, run_dir, commit, wall)
+  e = (res.get('config') or {}).get('rpt_exp') or {}
+  out.update(seed=sorted(seeds), seeds=seeds, summary=summary,
+             base_steps=e.get('base_steps'), steps=e.get('steps'), lr=e.get('lr'),
+             prompts=e.get('prompts'),
+             generations=((res.get('config') or {}).get('rl') or {}).get('num_generations'))
+  return out

@@ -360,7 +360,8 @@ EXTRACT = {'rho1': extract_rho1, 'gstack': extract_gstack,
            'grpo_arithmetic': extract_grpo_arithmetic,
            'grpo_arithmetic_long': extract_grpo_arithmetic_long,
            'grpo_arithmetic_unseen': extract_grpo_arithmetic_unseen, 'paprika': extract_paprika,
-           'pathway': extract_pathway, 'scaling': extract_scaling, 'prorl': extract_prorl}
+           'pathway': extract_pathway, 'scaling': extract_scaling, 'prorl': extract_prorl,
+           'rpt': extract_rpt}
 DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'gstack_study': draw_gstack_study,
         'gstack_study_llada': draw_gstack_study,
         'reversal': draw_reversal,
@@ -370,7 +371,8 @@ DRAW = {'rho1': draw_rho1, 'gstack': draw_gstack, 'gstack_study': draw_gstack_st
         'grpo_arithmetic': draw_grpo_arithmetic, 'grpo_arithmetic_long': draw_grpo_arithmetic,
         'grpo_arithmetic_unseen': draw_grpo_arithmetic_unseen,
         'paprika': draw_paprika,
-        'pathway': draw_pathway, 'scaling': draw_scaling, 'prorl': draw_prorl}
+        'pathway': draw_pathway, 'scaling': draw_scaling, 'prorl': draw_prorl,
+        'rpt': draw_rpt}
 
 
 def make_figures(run_dirs: dict | None = None, *, data_dir: str = DATA_DIR, out_dir: str = OUT_DIR,

@@ -322,3 +322,29 @@ def draw_prorl(data: dict, path: str) -> str:
   axes[0].set_ylim(0, 1.0)
   axes[0].legend(fontsize=6)
   return _finish(fig, data, path)
+
+
+RPT_LABELS = {'base': 'base', 'rpt': 'RPT\n(next-token reward)', 'rpt_random': 'coin reward',
+              'ntp': 'continued\npretraining'}
+
+
+def draw_rpt(data: dict, path: str) -> str:
+  """Greedy next-token accuracy and the true token's NLL of the base and each arm on held-out
+  hard tokens, held-out ordinary tokens and the training prompts: seed means, seeds as dots."""
+  plt = _plt()
+  seeds = list(data['seeds'].values())
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+  sets = (('validation_hard', 'held-out hard tokens'),
+          ('validation_random', 'held-out ordinary tokens'), ('train', 'training prompts'))
+  for ax, key, ylabel in ((axes[0], 'accuracy', 'greedy next-token accuracy'),
+                          (axes[1], 'nll', "true token's NLL (nats)")):
+    for i, (name, label) in enumerate(sets):
+      xs = [j + (i - 1) * 0.27 for j in range(len(RPT_MODELS))]
+      _seed_bars(ax, xs, [[s['scores'][m][name][key] for s in seeds] for m in RPT_MODELS],
+                 0.27, f'C{i}', label)
+    ax.set_xticks(range(len(RPT_MODELS)), [RPT_LABELS[m] for m in RPT_MODELS], fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=8)
+  axes[0].set_title(f'Next-token accuracy after {data["steps"]} steps from the base', fontsize=8)
+  axes[1].set_title('NLL of the true next token', fontsize=8)
+  axes[0].legend(fontsize=7)
+  return _finish(fig, data, path)

@@ -137,7 +137,10 @@ def write_prompts(cfg, base_dir: str, out_dir: str) -> dict:
                                      windows=windows, **common)
   os.makedirs(out_dir, exist_ok=True)
   for name, records in sets.items():
-    dpo_instructions._write_jsonl(records, os.path.join(out_dir, f'{name}.jsonl'))  # pylint: disable=protected-access
+    path = os.path.join(out_dir, f'{name}.jsonl')
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in records)
+    os.replace(path + '.tmp', path)
   counts = {name: len(records) for name, records in sets.items()}
   counts['mean_entropy'] = {name: sum(r['entropy'] for r in rs) / len(rs)
                             for name, rs in sets.items()}

@@ -242,3 +242,50 @@ def test_the_scaling_figure_from_a_finished_grid(tmp_path):
   assert figures.main(['--scaling', str(tmp_path), '--data', str(tmp_path / 'data'),
                        '--out', str(tmp_path), '--only=scaling']) == 0
   _assert_png(tmp_path / 'scaling.png')
+
+
+def test_rpt_from_run_dirs(tmp_path):
+  """experiments/rpt.py WORKDIRs, one per seed -> each model's scores per set, and each arm's
+  change from its own seed's base (paired), mean and sd over seeds; a seed given twice is
+  refused."""
+  figures = _figures()
+  models, sets = ('base', 'rpt', 'rpt_random', 'ntp'), ('validation_hard', 'validation_random',
+                                                        'train')
+
+  def run(seed, rpt_gain):
+    d = tmp_path / f's{seed}'
+    d.mkdir()
+    base_acc = 0.1 + 0.1 * seed
+    acc = {'base': base_acc, 'rpt': base_acc + rpt_gain, 'rpt_random': base_acc - 0.05,
+           'ntp': base_acc + 0.01}
+    scores = {m: {s: {'accuracy': acc[m], 'nll': 3.0 - acc[m], 'n': 100} for s in sets}
+              for m in models}
+    res = {'status': 'completed', 'seed': seed, 'date': '2026-01-01', 'device': 'cpu x1',
+           'arms': ['rpt', 'rpt_random', 'ntp'], 'scores': scores,
+           'counts': {'train': 500, 'validation_hard': 100, 'validation_random': 100,
+                      'mean_entropy': {'train': 3.0, 'validation_hard': 3.1,
+                                       'validation_random': 1.0}},
+           'curves': {'rpt': {'reward': [[10, 0.2]], 'val_next_token': [[50, 0.3]]},
+                      'ntp': {'loss': [[10, 2.0]]}},
+           'wall_s': {'total_s': 60.0, 'rpt_train_s': 20.0},
+           'config': {'seed': seed, 'rpt_exp': {'steps': 300, 'base_steps': 1000, 'lr': 2e-4,
+                                                'prompts': 16}, 'rl': {'num_generations': 8}}}
+    (d / 'results.json').write_text(json.dumps(res))
+    return str(d)
+
+  dirs = ','.join(run(s, g) for s, g in ((0, 0.02), (1, 0.04), (2, 0.06)))
+  assert figures.main(['--rpt', dirs, '--data', str(tmp_path / 'data'), '--out',
+                       str(tmp_path / 'out'), '--only', 'rpt']) == 0
+  data = figures.load_data('rpt', str(tmp_path / 'data'))
+  assert data['seed'] == ['0', '1', '2'] and data['steps'] == 300 and data['generations'] == 8
+  assert data['seeds']['2']['scores']['rpt']['validation_hard']['accuracy'] == 0.36
+  change = data['summary']['rpt']['validation_hard']['accuracy_change']
+  assert change['mean'] == pytest.approx(0.04) and change['sd'] == pytest.approx(0.02)
+  assert change['n'] == 3
+  base = data['summary']['base']['validation_hard']['accuracy']
+  assert base['mean'] == pytest.approx(0.2) and 'accuracy_change' not in data['summary']['base'][
+      'validation_hard']
+  assert data['summary']['ntp']['train']['nll_change']['mean'] == pytest.approx(-0.01)
+  _assert_png(tmp_path / 'out' / 'rpt.png')
+  with pytest.raises(figures.MissingData, match='seed 0 given twice'):
+    figures.extract_rpt(dirs + ',' + dirs.split(',')[0])

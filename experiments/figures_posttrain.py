@@ -346,5 +346,7 @@ def draw_rpt(data: dict, path: str) -> str:
     ax.set_ylabel(ylabel, fontsize=8)
   axes[0].set_title(f'Next-token accuracy after {data["steps"]} steps from the base', fontsize=8)
   axes[1].set_title('NLL of the true next token', fontsize=8)
-  axes[0].legend(fontsize=7)
+  for ax in axes:  # room above the bars for the legend
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.2)
+  axes[0].legend(fontsize=7, loc='upper center', ncol=3)
   return _finish(fig, data, path)

@@ -334,7 +334,7 @@ def extract_prorl(run_dirs: str, commit: str | None = None) -> dict:
   return out
 
 
-RPT_MODELS = ('base', 'rpt', 'rpt_random', 'ntp')
+RPT_MODELS = ('base', 'rpt', 'rpt_random', 'ntp', 'sft_hard')
 RPT_SETS = ('validation_hard', 'validation_random', 'train')
 
 
@@ -343,14 +343,16 @@ def extract_rpt(run_dirs: str, commit: str | None = None) -> dict:
   next-token accuracy and true-token NLL per prompt set, each arm's change from the base (paired
   by seed), the training curves and wall times."""
   seeds, first, wall = {}, None, 0.0
-  for run_dir in [d for d in run_dirs.split(',') if d]:
-    res = _load_results(run_dir)
+  runs = [_load_results(d) for d in run_dirs.split(',') if d]
+  # the models every seed scored (the sft_hard arm came later), in RPT_MODELS' order
+  models = [m for m in RPT_MODELS if all(m in res['scores'] for res in runs)]
+  for run_dir, res in zip([d for d in run_dirs.split(',') if d], runs):
     first = first or (res, run_dir)
     seed = str(res['seed'])
     if seed in seeds:
       raise MissingData(f'rpt: seed {seed} given twice ({run_dir})')
     seeds[seed] = {'scores': {m: {s: {k: _r(v) for k, v in res['scores'][m][s].items()}
-                                  for s in RPT_SETS} for m in RPT_MODELS},
+                                  for s in RPT_SETS} for m in models},
                    'counts': {k: v for k, v in res['counts'].items() if k != 'mean_entropy'},
                    'mean_entropy': {k: _r(v) for k, v in res['counts']['mean_entropy'].items()},
                    'curves': {a: {k: [[s, _r(v)] for s, v in c] for k, c in curves.items()}
@@ -361,9 +363,11 @@ def extract_rpt(run_dirs: str, commit: str | None = None) -> dict:
     raise MissingData('rpt: no run directory given')
   res, run_dir = first
   summary = {}
-  for m in RPT_MODELS:
+  for m in models:
     for s in RPT_SETS:
-      for k in ('accuracy', 'nll'):
+      for k in ('accuracy', 'exact', 'nll'):
+        if not all(k in v['scores'][m][s] for v in seeds.values()):
+          continue  # 'exact' came later
         vals = [v['scores'][m][s][k] for v in seeds.values()]
         summary.setdefault(m, {}).setdefault(s, {})[k] = _mean_sd(vals)
         if m != 'base':
@@ -371,7 +375,7 @@ def extract_rpt(run_dirs: str, commit: str | None = None) -> dict:
           summary[m][s][f'{k}_change'] = _mean_sd(delta)
   out = _meta('rpt', res, run_dir, commit, wall)
   e = (res.get('config') or {}).get('rpt_exp') or {}
-  out.update(seed=sorted(seeds), seeds=seeds, summary=summary,
+  out.update(seed=sorted(seeds), seeds=seeds, models=models, summary=summary,
              base_steps=e.get('base_steps'), steps=e.get('steps'), lr=e.get('lr'),
              prompts=e.get('prompts'),
              generations=((res.get('config') or {}).get('rl') or {}).get('num_generations'))

@@ -325,7 +325,7 @@ def draw_prorl(data: dict, path: str) -> str:
 
 
 RPT_LABELS = {'base': 'base', 'rpt': 'RPT\n(next-token reward)', 'rpt_random': 'coin reward',
-              'ntp': 'continued\npretraining'}
+              'ntp': 'continued\npretraining', 'sft_hard': 'supervised on\nthe same tokens'}
 
 
 def draw_rpt(data: dict, path: str) -> str:
@@ -333,16 +333,17 @@ def draw_rpt(data: dict, path: str) -> str:
   hard tokens, held-out ordinary tokens and the training prompts: seed means, seeds as dots."""
   plt = _plt()
   seeds = list(data['seeds'].values())
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+  fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
   sets = (('validation_hard', 'held-out hard tokens'),
           ('validation_random', 'held-out ordinary tokens'), ('train', 'training prompts'))
   for ax, key, ylabel in ((axes[0], 'accuracy', 'greedy next-token accuracy'),
                           (axes[1], 'nll', "true token's NLL (nats)")):
+    models = data['models']
     for i, (name, label) in enumerate(sets):
-      xs = [j + (i - 1) * 0.27 for j in range(len(RPT_MODELS))]
-      _seed_bars(ax, xs, [[s['scores'][m][name][key] for s in seeds] for m in RPT_MODELS],
+      xs = [j + (i - 1) * 0.27 for j in range(len(models))]
+      _seed_bars(ax, xs, [[s['scores'][m][name][key] for s in seeds] for m in models],
                  0.27, f'C{i}', label)
-    ax.set_xticks(range(len(RPT_MODELS)), [RPT_LABELS[m] for m in RPT_MODELS], fontsize=7)
+    ax.set_xticks(range(len(models)), [RPT_LABELS[m] for m in models], fontsize=7)
     ax.set_ylabel(ylabel, fontsize=8)
   axes[0].set_title(f'Next-token accuracy after {data["steps"]} steps from the base', fontsize=8)
   axes[1].set_title('NLL of the true next token', fontsize=8)

@@ -24,9 +24,15 @@ Stages (each skipped once finished, so the same command resumes):
      rpt_random  the same with a fair coin as reward (updates that ignore the answer)
      ntp         the same steps spent on ordinary pretraining (next-token loss on every token of
                  the training documents, `rpt_exp.prompts` rows a step)
+     sft_hard    the same decisions supervised: task 'sft' on the training prompts as raw-text
+                 examples whose completion is the true next token (data/chat.py's RawText;
+                 WORKDIR/prompts/train_sft.jsonl), `rpt_exp.prompts` examples a step: the label
+                 where RPT has a reward
 4. Each arm and the base are scored on the three prompt sets (training prompts: as many as
-   validation_hard, evenly spaced): greedy next-token accuracy (the argmax token earns the
-   training reward) and the true token's NLL (rl.rpt.next_token_scores).
+   validation_hard, evenly spaced) by its greedy next-token decision, two ways: `accuracy`, the
+   argmax token earns the training reward (which sets leading whitespace aside, so skipping a
+   whitespace token to the word after it counts), and `exact`, the argmax is the true token;
+   and by the true token's NLL (rl.rpt.next_token_scores).
 
 WORKDIR/results.json: the counts, each model's scores per set, each arm's training curve and
 wall time, date, device, config. `--config.seed` changes the training seeds only (initialisation,
@@ -49,7 +55,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 ar_tiny = config_files.load_config_module(os.path.join(_HERE, 'ar_tiny.py'))
 dpo_instructions = config_files.load_config_module(os.path.join(_HERE, 'dpo_instructions.py'))
 
-ARMS = ('rpt', 'rpt_random', 'ntp')
+ARMS = ('rpt', 'rpt_random', 'ntp', 'sft_hard')
 SETS = ('validation_hard', 'validation_random', 'train')
 
 
@@ -102,6 +108,13 @@ def arm_config_of(cfg, arm: str, prompts_dir: str, base_dir: str):
   c.name = f'{cfg.name}-{arm}'
   if arm == 'ntp':
     c.data.batch_size = e.prompts
+  elif arm == 'sft_hard':
+    c.task = 'sft'
+    c.data.corpus = 'chat'
+    c.data.path = os.path.join(prompts_dir, 'train_sft.jsonl')
+    c.data.chat.pack = False  # one decision a row: `rpt_exp.prompts` of them a step
+    c.data.seq_len = e.context + 8
+    c.data.batch_size = e.prompts
   else:
     c.task = 'grpo'
     c.rl.rewards = 'next_token' if arm == 'rpt' else 'random'
@@ -149,6 +162,24 @@ def write_prompts(cfg, base_dir: str, out_dir: str) -> dict:
   return counts
 
 
+def write_sft_examples(prompts_dir: str, base_dir: str) -> int:
+  """WORKDIR/prompts/train_sft.jsonl: each training prompt as {"text", "completion": its true
+  next token, decoded} (kept if written); returns the number of examples."""
+  path = os.path.join(prompts_dir, 'train_sft.jsonl')
+  if not os.path.isfile(path):
+    from pathways_jax.sample import load_run  # pylint: disable=g-import-not-at-top
+    tok = load_run(base_dir)[3]
+    with open(os.path.join(prompts_dir, 'train.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(json.dumps({'text': r['text'],
+                               'completion': tok.decode(r['continuation_ids'][:1])}) + '\n'
+                   for r in records)
+    os.replace(path + '.tmp', path)
+  with open(path) as f:
+    return sum(1 for _ in f)
+
+
 def read_sets(prompts_dir: str) -> dict[str, list[dict]]:
   """The evaluation sets: both validation sets whole, and as many training prompts as
   validation_hard, evenly spaced."""
@@ -162,15 +193,16 @@ def read_sets(prompts_dir: str) -> dict[str, list[dict]]:
 
 
 def score(run_dir: str, sets: dict[str, list[dict]]) -> dict:
-  """{set: {accuracy, nll, n}} of the run's newest checkpoint."""
+  """{set: {accuracy (the reward's rule), exact (the true token), nll, n}} of the run's newest
+  checkpoint (rl.rpt.next_token_scores)."""
   from pathways_jax.rl import rpt  # pylint: disable=g-import-not-at-top
   from pathways_jax.sample import load_run  # pylint: disable=g-import-not-at-top
   _, model, params, tok = load_run(run_dir)
   out = {}
   for name, records in sets.items():
     s = rpt.next_token_scores(model, params, tok, records, width=model.cfg.max_len)
-    out[name] = {'accuracy': float(s['correct'].mean()), 'nll': float(s['nll'].mean()),
-                 'n': len(records)}
+    out[name] = {'accuracy': float(s['correct'].mean()), 'exact': float(s['exact'].mean()),
+                 'nll': float(s['nll'].mean()), 'n': len(records)}
   return out
 
 
@@ -185,19 +217,22 @@ def run(cfg, workdir: str) -> dict:
   t0 = time.perf_counter()
   counts = write_prompts(cfg, dirs['base'], prompts_dir)
   wall['prompts_s'] = time.perf_counter() - t0
+  if 'sft_hard' in arms:
+    counts = {**counts, 'train_sft': write_sft_examples(prompts_dir, dirs['base'])}
   curves = {}
   for arm in arms:
     dirs[arm] = os.path.join(workdir, arm)
     res = loop.train_stage(arm_config_of(cfg, arm, prompts_dir, dirs['base']), dirs[arm])
     wall[f'{arm}_train_s'] = res.get('wall_s')
-    keys = (('loss',) if arm == 'ntp' else
+    keys = (('loss',) if arm in ('ntp', 'sft_hard') else
             ('reward', 'reward/next_token', 'val_next_token', 'entropy', 'zero_std_groups'))
     curves[arm] = {k: metrics.logged(dirs[arm], k) for k in keys}
   sets = read_sets(prompts_dir)
   scores = {}
   for name, run_dir in dirs.items():
     scores[name] = score(run_dir, sets)
-    print(f'{name}: ' + ', '.join(f'{s} {v["accuracy"]:.3f} (nll {v["nll"]:.2f})'
+    print(f'{name}: ' + ', '.join(f'{s} {v["accuracy"]:.3f} / exact {v["exact"]:.3f} (nll '
+                                  f'{v["nll"]:.2f})'
                                   for s, v in scores[name].items()))
   wall['total_s'] = time.perf_counter() - start
   results = {'status': 'completed', 'seed': cfg.seed, 'arms': list(arms), 'counts': counts,

@@ -278,6 +278,7 @@ def test_rpt_from_run_dirs(tmp_path):
                        str(tmp_path / 'out'), '--only', 'rpt']) == 0
   data = figures.load_data('rpt', str(tmp_path / 'data'))
   assert data['seed'] == ['0', '1', '2'] and data['steps'] == 300 and data['generations'] == 8
+  assert data['models'] == ['base', 'rpt', 'rpt_random', 'ntp']  # no seed ran sft_hard
   assert data['seeds']['2']['scores']['rpt']['validation_hard']['accuracy'] == 0.36
   change = data['summary']['rpt']['validation_hard']['accuracy_change']
   assert change['mean'] == pytest.approx(0.04) and change['sd'] == pytest.approx(0.02)

@@ -163,11 +163,19 @@ def test_next_token_scores_are_the_greedy_decision_and_the_true_tokens_nll(base)
     for target, want in ((best, 1.0), (other, 0.0)):
       piece = tok.decode([target])
       records.append({'text': text, 'continuation': piece, 'continuation_ids': [target],
-                      'boundaries': [len(piece)], 'want_nll': -logp[target], 'want': want})
-  assert len(records) >= 8, 'too few prompts whose greedy token is printable'
+                      'boundaries': [len(piece)], 'want_nll': -logp[target], 'want': want,
+                      'want_exact': want})
+    # The true token a newline, the argmax the word after it: the reward's rule (leading
+    # whitespace set aside) counts it, the exact match does not.
+    newline = int(tok.encode('\n')[0])
+    records.append({'text': text, 'continuation': '\n' + pieces[0], 'continuation_ids':
+                    [newline, best], 'boundaries': [1, 1 + len(pieces[0])],
+                    'want_nll': -logp[newline], 'want': 1.0, 'want_exact': 0.0})
+  assert len(records) >= 12, 'too few prompts whose greedy token is printable'
   got = rpt.next_token_scores(model, params, tok, records, width=96, batch_size=3)
   np.testing.assert_allclose(got['nll'], [r['want_nll'] for r in records], rtol=1e-5)
   assert list(got['correct']) == [r['want'] for r in records]
+  assert list(got['exact']) == [r['want_exact'] for r in records]
   with pytest.raises(ValueError, match='prompt is'):
     rpt.next_token_scores(model, params, tok, records[-1:], width=4)
 
@@ -187,11 +195,11 @@ def test_the_rpt_experiment_trains_its_three_arms_from_one_base_and_scores_them(
   cfg.data.update(tokenizer='byte', cache_dir=str(tmp_path / 'cache'))
   cfg.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=2, mlp_dim=64)
   res = exp.run(cfg, str(tmp_path / 'w'))
-  assert res['status'] == 'completed' and res['arms'] == ['rpt', 'rpt_random', 'ntp']
+  assert res['status'] == 'completed' and res['arms'] == ['rpt', 'rpt_random', 'ntp', 'sft_hard']
   counts = res['counts']
   # as many positions drawn per window; those whose continuation is blank are skipped in both
   assert min(counts['validation_hard'], counts['validation_random'], counts['train']) > 0
-  for name in ('base', 'rpt', 'rpt_random', 'ntp'):
+  for name in ('base', 'rpt', 'rpt_random', 'ntp', 'sft_hard'):
     for s in ('validation_hard', 'validation_random', 'train'):
       v = res['scores'][name][s]
       assert 0 <= v['accuracy'] <= 1 and v['nll'] > 0
@@ -203,6 +211,19 @@ def test_the_rpt_experiment_trains_its_three_arms_from_one_base_and_scores_them(
     assert run_cfg['rl']['rewards'] == ('next_token' if arm == 'rpt' else 'random')
     assert _metrics(tmp_path / 'w' / arm)[0]['completion_length'] == 1
   assert res['curves']['rpt']['reward/next_token'] and res['curves']['ntp']['loss']
+  # sft_hard: the training prompts as raw-text examples whose completion is the true next token
+  assert counts['train_sft'] == counts['train'] and res['curves']['sft_hard']['loss']
+  run_cfg = json.load(open(tmp_path / 'w' / 'sft_hard' / 'config.json'))
+  assert run_cfg['task'] == 'sft' and run_cfg['data']['path'].endswith('train_sft.jsonl')
+  from pathways_jax.sample import load_run
+  tok = load_run(str(tmp_path / 'w' / 'base'))[3]
+  with open(tmp_path / 'w' / 'prompts' / 'train.jsonl') as f:
+    prompts = [json.loads(line) for line in f]
+  with open(tmp_path / 'w' / 'prompts' / 'train_sft.jsonl') as f:
+    examples = [json.loads(line) for line in f]
+  for p, e in zip(prompts, examples):
+    assert e == {'text': p['text'], 'completion': tok.decode(p['continuation_ids'][:1])}
+    assert p['continuation'].startswith(e['completion'])
   with open(tmp_path / 'w' / 'prompts' / 'validation_hard.jsonl') as f:
     hard = [json.loads(line) for line in f]
   with open(tmp_path / 'w' / 'prompts' / 'validation_random.jsonl') as f:

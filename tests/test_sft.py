@@ -35,6 +35,36 @@ def test_the_built_in_template_trains_assistant_content_and_its_eos():
   assert prompt.tolist() == want[:len(prompt)]  # what generation is given: up to "<assistant>\n"
 
 
+def test_raw_text_examples_train_the_completion_after_the_text_untemplated(tmp_path):
+  """{"text", "completion"}: bos + the text's tokens, untrained, then the completion's, trained,
+  with no template and no eos; through read_jsonl and build_rows beside a conversation."""
+  tok = tokenizers.ByteTokenizer()
+  enc = lambda s: list(tok.encode(s))
+  raw = chat.from_record({'text': 'def f(x):\n    return', 'completion': ' x'})
+  assert raw == chat.RawText('def f(x):\n    return', ' x')
+  ids, mask = chat.render(tok, raw)
+  assert ids.tolist() == [tok.bos_id] + enc('def f(x):\n    return') + enc(' x')
+  assert mask.tolist() == [0] * (1 + len(enc('def f(x):\n    return'))) + [1, 1]
+  assert chat.render(tok, raw, train_on='all')[1].all()
+  path = tmp_path / 'mixed.jsonl'
+  path.write_text(json.dumps({'text': 'ab', 'completion': 'c'}) + '\n' +
+                  json.dumps({'prompt': 'q', 'completion': 'a'}) + '\n')
+  (_, first), (_, second) = sft.read_jsonl(str(path))
+  assert first == chat.RawText('ab', 'c') and second[1] == {'role': 'assistant', 'content': 'a'}
+  fields, stats = sft.build_rows(sft.encode(tok, [first, second]), 32, pad_id=tok.pad_id,
+                                 eos_id=tok.eos_id)
+  assert stats['trained_tokens'] == 1 + len(enc('a')) + 1  # 'c'; the answer and its eos
+  row = fields['tokens'][0]
+  assert row[:4].tolist() == [tok.bos_id] + enc('abc') and fields['loss_mask'][0, :4].tolist() == [
+      0, 0, 0, 1]
+  assert chat.from_record({'text': 'ab', 'completion': '\n'}) == chat.RawText('ab', '\n')
+  for record, match in (({'text': 'ab', 'completion': ''}, 'raw-text example'),
+                        ({'text': 3, 'completion': 'x'}, 'raw-text example'),
+                        ({'text': 'ab'}, 'raw-text example')):
+    with pytest.raises(DataError, match=match):
+      chat.from_record(record, 'f.jsonl:1')
+
+
 def _chatml_tokenizer(template=None):
   import tokenizers as hf_tokenizers
   from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -159,7 +189,9 @@ def test_chat_data_trains_through_the_trainer(tmp_path, task_name):
       name, job = people[i % 4]
       record = ({'messages': [{'role': 'user', 'content': f'Who is {name}? #{i}'},
                               {'role': 'assistant', 'content': f'{name} is {job}.'}]}
-                if i % 2 else {'prompt': f'Who is {name}? #{i}', 'completion': f'{name} is {job}.'})
+                if i % 3 == 1 else
+                {'prompt': f'Who is {name}? #{i}', 'completion': f'{name} is {job}.'} if i % 3
+                else {'text': f'Who is {name}? #{i} ', 'completion': f'{name} is {job}.'})
       f.write(json.dumps(record) + '\n')
   llada = task_name == 'llada_sft'
   cfg = tiny_config(str(tmp_path / 'cache'), **{

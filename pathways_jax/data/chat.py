@@ -16,10 +16,15 @@ own tokenizers (sentencepiece, bytes) have no template: a built-in one writes
     <bos><system>\n{content}\n<user>\n{content}\n<assistant>\n{content}<eos>...
 
 with the roles as plain text and eos as the end of an assistant turn.
+
+Raw text. A record `{"text": ..., "completion": ...}` (`RawText`) is no conversation: bos + the
+tokens of `text` (given), then those of `completion` (trained), no template and no eos: the
+completion continues the text as pretraining would. It is how RPT's prompts (rl/rpt.py) become
+supervised examples of the same next-token decisions.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -51,15 +56,29 @@ def check_messages(messages, where: str = 'conversation', *, require_assistant: 
   return out
 
 
-def from_record(record: dict, where: str = 'record') -> list[dict]:
-  """`{"messages": [...]}` or `{"prompt": ..., "completion": ...}` as messages."""
+class RawText(NamedTuple):
+  """A raw-text example (module docstring): `text` given, `completion` trained."""
+  text: str
+  completion: str
+
+
+def from_record(record: dict, where: str = 'record') -> list[dict] | RawText:
+  """`{"messages": [...]}` or `{"prompt": ..., "completion": ...}` as messages;
+  `{"text": ..., "completion": ...}` as RawText."""
+  if 'text' in record and 'messages' not in record and 'prompt' not in record:
+    text, completion = record['text'], record.get('completion')
+    # A completion of whitespace alone is a real target in raw text (a newline in code).
+    if not isinstance(text, str) or not isinstance(completion, str) or not completion:
+      raise DataError(f'{where}: a raw-text example needs "text" (a string) and "completion" (a '
+                      'non-empty string)')
+    return RawText(text, completion)
   if 'messages' in record:
     return check_messages(record['messages'], where)
   if 'prompt' in record and 'completion' in record:
     return check_messages([{'role': 'user', 'content': record['prompt']},
                            {'role': 'assistant', 'content': record['completion']}], where)
-  raise DataError(f'{where}: expected {{"messages": [...]}} or {{"prompt", "completion"}}, got '
-                  f'keys {sorted(record)}')
+  raise DataError(f'{where}: expected {{"messages": [...]}}, {{"prompt", "completion"}} or '
+                  f'{{"text", "completion"}}, got keys {sorted(record)}')
 
 
 def has_template(tokenizer) -> bool:
@@ -97,11 +116,18 @@ def _pieces(tokenizer, messages: list[dict]) -> list[tuple[str | int, bool]]:
   return [(t, a) for t, a in out if t != '']
 
 
-def render(tokenizer, messages: Sequence[dict], *, train_on: str = 'assistant'
+def render(tokenizer, messages: Sequence[dict] | RawText, *, train_on: str = 'assistant'
            ) -> tuple[np.ndarray, np.ndarray]:
-  """(ids int32 [T], loss_mask int32 [T]) of a conversation (see the module docstring)."""
+  """(ids int32 [T], loss_mask int32 [T]) of a conversation or a RawText example (see the
+  module docstring)."""
   if train_on not in TRAIN_ON:
     raise ValueError(f'train_on={train_on!r} is not one of {TRAIN_ON}')
+  if isinstance(messages, RawText):
+    given = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + list(
+        tokenizer.encode(messages.text))
+    trained = list(tokenizer.encode(messages.completion))
+    mask = [int(train_on == 'all')] * len(given) + [1] * len(trained)
+    return np.asarray(given + trained, np.int32), np.asarray(mask, np.int32)
   messages = check_messages(list(messages))
   ids, mask = [], []
   for piece, trained in _pieces(tokenizer, messages):

@@ -2,6 +2,7 @@
 
     config.data.corpus = 'chat'
     config.data.path = 'train.jsonl'  # {"messages": [...]} or {"prompt": ..., "completion": ...}
+                                      # or raw text {"text": ..., "completion": ...} (data.chat)
     config.data.chat.train_on = 'assistant'  # or 'all'
     config.data.chat.pack = True  # several conversations per row (segment ids keep them apart)
     config.data.chat.truncation = 'cut'  # a conversation longer than a row: 'cut' or 'drop'
@@ -53,8 +54,9 @@ def jsonl_records(path: str):
       yield f'{path}:{n}', line, record
 
 
-def read_jsonl(path: str) -> list[tuple[str, list[dict]]]:
-  """[(the line, its messages)] of a JSONL file of conversations; errors name path and line."""
+def read_jsonl(path: str) -> list[tuple[str, list[dict] | chat.RawText]]:
+  """[(the line, its messages or RawText)] of a JSONL file of conversations (or raw-text
+  examples); errors name path and line."""
   out = [(line, chat.from_record(record, where)) for where, line, record in jsonl_records(path)]
   if not out:
     raise DataError(f'{path} holds no conversations')
@@ -89,8 +91,8 @@ def read_adapter_jsonl(paths: Sequence[str], num_adapters: int
   return out
 
 
-def encode(tokenizer, conversations: Sequence[list[dict]], *, train_on: str = 'assistant'
-           ) -> list[tuple[np.ndarray, np.ndarray]]:
+def encode(tokenizer, conversations: Sequence[list[dict] | chat.RawText], *,
+           train_on: str = 'assistant') -> list[tuple[np.ndarray, np.ndarray]]:
   return [chat.render(tokenizer, c, train_on=train_on) for c in conversations]
 
 

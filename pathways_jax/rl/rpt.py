@@ -139,14 +139,16 @@ def make_records(model, params, tokenizer, documents: Sequence[str], *, per_docu
 
 def next_token_scores(model, params, tokenizer, records: Sequence[dict], *, width: int,
                       batch_size: int = 64) -> dict[str, np.ndarray]:
-  """The greedy next-token decision at each record's position, as RPT's evaluation reads it:
-  {'correct': 1.0 where the argmax token, decoded, earns rl.rewards.next_token (the training
-  reward with one new token), 'nll': -log p(continuation_ids[0]) (nats)}, float64 [N] each.
-  Each prompt is bos + the record's text (as the RL prompts), right-padded to `width`."""
+  """The greedy next-token decision at each record's position: {'correct': 1.0 where the
+  argmax token, decoded, earns rl.rewards.next_token (the training reward with one new token,
+  which sets leading whitespace aside, so a guess that skips a whitespace token to the word
+  after it also earns it), 'exact': 1.0 where the argmax is the true token continuation_ids[0],
+  'nll': -log p(continuation_ids[0]) (nats)}, float64 [N] each. Each prompt is bos + the
+  record's text (as the RL prompts), right-padded to `width`."""
   from pathways_jax.rl import rewards  # pylint: disable=g-import-not-at-top
   fn = jax.jit(lambda p, t, s: jax.nn.log_softmax(
       model.apply({'params': p}, t, segment_ids_BL=s).astype(jnp.float32), axis=-1))
-  correct, nll = np.zeros(len(records)), np.zeros(len(records))
+  correct, exact, nll = (np.zeros(len(records)) for _ in range(3))
   for s in range(0, len(records), batch_size):
     chunk = records[s:s + batch_size]
     tokens = np.full((batch_size, width), tokenizer.pad_id, np.int32)
@@ -160,10 +162,11 @@ def next_token_scores(model, params, tokenizer, records: Sequence[dict], *, widt
       tokens[i, :len(ids)], segments[i, :len(ids)], last[i] = ids, 1, len(ids) - 1
     lsm_BV = np.asarray(fn(params, tokens, segments))[np.arange(batch_size), last]
     for i, r in enumerate(chunk):
-      guess = tokenizer.decode([int(np.argmax(lsm_BV[i]))])
-      correct[s + i] = rewards.next_token(r, guess)
-      nll[s + i] = -float(lsm_BV[i, r['continuation_ids'][0]])
-  return {'correct': correct, 'nll': nll}
+      best, true = int(np.argmax(lsm_BV[i])), r['continuation_ids'][0]
+      correct[s + i] = rewards.next_token(r, tokenizer.decode([best]))
+      exact[s + i] = float(best == true)
+      nll[s + i] = -float(lsm_BV[i, true])
+  return {'correct': correct, 'exact': exact, 'nll': nll}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

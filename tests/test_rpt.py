@@ -33,6 +33,13 @@ def test_rpt_next_token_reward_is_a_prefix_match_on_token_boundaries():
          for t in ('the', ' the', 'the cat', 'the c', 'the dog', '', 'the cat sat', 'cat')}
   assert got == {'the': 1, ' the': 1, 'the cat': 1, 'the c': 0, 'the dog': 0, '': 0,
                  'the cat sat': 1, 'cat': 0}
+  # Whitespace that is a token of its own is part of the decision: predicting it earns the
+  # reward, skipping it to the word after does not (that is no prefix of the continuation).
+  code = {'continuation': '\n    return x', 'boundaries': [1, 5, 11, 13]}
+  got = {t: rewards_lib.next_token(code, t)
+         for t in ('\n', '\n    ', '\n    return', 'return', '    return', '\n  ', ' ')}
+  assert got == {'\n': 1, '\n    ': 1, '\n    return': 1, 'return': 0, '    return': 0,
+                 '\n  ': 0, ' ': 0}
 
 
 def test_rpt_prompts_are_the_proxys_hardest_positions_and_train(base, tmp_path):
@@ -165,12 +172,12 @@ def test_next_token_scores_are_the_greedy_decision_and_the_true_tokens_nll(base)
       records.append({'text': text, 'continuation': piece, 'continuation_ids': [target],
                       'boundaries': [len(piece)], 'want_nll': -logp[target], 'want': want,
                       'want_exact': want})
-    # The true token a newline, the argmax the word after it: the reward's rule (leading
-    # whitespace set aside) counts it, the exact match does not.
+    # The true token a newline, the argmax the word after it: neither rule counts it; the
+    # newline as the truth for a record of the argmax itself: both do.
     newline = int(tok.encode('\n')[0])
     records.append({'text': text, 'continuation': '\n' + pieces[0], 'continuation_ids':
                     [newline, best], 'boundaries': [1, 1 + len(pieces[0])],
-                    'want_nll': -logp[newline], 'want': 1.0, 'want_exact': 0.0})
+                    'want_nll': -logp[newline], 'want': 0.0, 'want_exact': 0.0})
   assert len(records) >= 12, 'too few prompts whose greedy token is printable'
   got = rpt.next_token_scores(model, params, tok, records, width=96, batch_size=3)
   np.testing.assert_allclose(got['nll'], [r['want_nll'] for r in records], rtol=1e-5)

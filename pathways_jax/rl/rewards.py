@@ -12,8 +12,9 @@ Built in (`REWARDS`):
            reward-independent updates do (seeded by run seed, rollout and row).
   next_token  RPT's prefix match (Reinforcement Pre-Training): 1 if the completion is a prefix
            of the record's `continuation` (the text that followed the prompt) ending on one of
-           its token boundaries (`boundaries`: character lengths), leading whitespace aside;
-           records from `pathways_jax.rl.rpt`.
+           its token boundaries (`boundaries`: character lengths; the space a word-initial
+           first token carries aside, whitespace tokens of their own not); records from
+           `pathways_jax.rl.rpt`.
   reward_model  a trained reward model's score (task 'reward_model', `rl.reward_model` names its
            run directory) of the prompt's messages followed by the completion as the assistant's
            turn. The texts are re-tokenised with the reward model's own tokenizer and chat
@@ -92,13 +93,21 @@ def format_ok(record: dict, text: str) -> float:
 
 
 def next_token(record: dict, text: str) -> float:
-  """RPT's reward (module docstring). Leading whitespace is set aside on both sides, as decoding
-  a lone token may drop the space a word-initial piece carries."""
+  """RPT's reward (module docstring): 1 when `text` is a prefix of the continuation that ends on
+  a token boundary. Decoding a lone word-initial piece may drop the space it carries, so when
+  the continuation's leading whitespace lies inside its first token, that whitespace is set
+  aside on both sides; whitespace that is a token of its own must be predicted (a guess that
+  skips it to the word after is no prefix, and earns nothing)."""
   continuation = record['continuation']
+  bounds = [int(b) for b in record['boundaries']]
+  if text and continuation.startswith(text) and len(text) in bounds:
+    return 1.0
   lead = len(continuation) - len(continuation.lstrip())
+  if not lead or not bounds or lead >= bounds[0]:
+    return 0.0
   target, guess = continuation.lstrip(), text.lstrip()
-  boundaries = {int(b) - lead for b in record['boundaries']}
-  return float(bool(guess) and target.startswith(guess) and len(guess) in boundaries)
+  return float(bool(guess) and target.startswith(guess) and len(guess) in {b - lead
+                                                                          for b in bounds})
 
 
 REWARDS: dict[str, Reward] = {

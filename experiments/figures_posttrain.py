@@ -336,7 +336,10 @@ def draw_rpt(data: dict, path: str) -> str:
   fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
   sets = (('validation_hard', 'held-out hard tokens'),
           ('validation_random', 'held-out ordinary tokens'), ('train', 'training prompts'))
-  for ax, key, ylabel in ((axes[0], 'accuracy', 'greedy next-token accuracy'),
+  # the exact match (the argmax is the true token) where the runs scored it
+  exact = all('exact' in s['scores']['base']['validation_hard'] for s in seeds)
+  for ax, key, ylabel in ((axes[0], 'exact' if exact else 'accuracy',
+                           'greedy next-token accuracy' + (' (exact)' if exact else '')),
                           (axes[1], 'nll', "true token's NLL (nats)")):
     models = data['models']
     for i, (name, label) in enumerate(sets):

@@ -265,16 +265,16 @@ def test_the_rpt_experiment_refuses_bad_settings_before_any_stage(tmp_path, over
 
 
 @pytest.mark.slow
-def test_rpt_raises_hard_token_accuracy_less_than_continued_pretraining_three_seeds(tmp_path):
+def test_rpt_does_not_beat_the_label_on_the_same_hard_tokens_three_seeds(tmp_path):
   """experiments/rpt.py at its defaults, seeds 0-2 (1000-step base, 300 steps per arm).
 
-  Asserts the claims at the level docs/rl.md and the README state them (measured 2026-12-08:
-  held-out hard-token accuracy +2.2 / +2.2 / +1.8 points with RPT, +5.1 / +2.9 / +2.9 with
-  continued pretraining, -14 with a coin reward; RPT's true-token NLL +0.9 to +1.2 nats;
-  ordinary tokens -4.3 / -0.4 / -4.3 against +1.8 / +0.3 / +1.1): on every seed RPT gains on
-  the hard tokens, continued pretraining gains at least as much while lowering the NLL that
-  RPT raises by half a nat or more, RPT ends below continued pretraining on the ordinary
-  tokens, and the coin reward loses 8 points or more.
+  Asserts the claims at the level docs/rl.md and the README state them (measured 2026-12-08,
+  exact accuracy on held-out hard tokens: RPT 0 / -2.5 / -1.8 points, supervised on the same
+  tokens +6.5 / +8.3 / +2.2, continued pretraining +4.3 / +3.3 / +3.2, the coin -17 to -21;
+  RPT's true-token NLL +0.8 to +1.1 nats; its training prompts +2.2 to +4.3): on every seed RPT
+  gains less than a point on the hard tokens (if anything), both label-trained arms gain 2
+  points or more and lower the NLL that RPT raises by half a nat or more, RPT learns its
+  training prompts, and the coin loses 10 points or more.
   """
   from pathways_jax import config_files
   exp = config_files.load_config_module(os.path.join(_HERE, '..', 'experiments', 'rpt.py'))
@@ -282,9 +282,11 @@ def test_rpt_raises_hard_token_accuracy_less_than_continued_pretraining_three_se
     cfg = exp.get_config()
     cfg.seed = seed
     sc = exp.run(cfg, str(tmp_path / f's{seed}'))['scores']
-    change = lambda m, s, k='accuracy': sc[m][s][k] - sc['base'][s][k]  # pylint: disable=cell-var-from-loop
-    assert 0 < change('rpt', 'validation_hard') <= change('ntp', 'validation_hard'), sc
+    change = lambda m, s, k='exact': sc[m][s][k] - sc['base'][s][k]  # pylint: disable=cell-var-from-loop
+    assert change('rpt', 'validation_hard') < 0.01, sc
+    for arm in ('ntp', 'sft_hard'):
+      assert change(arm, 'validation_hard') >= 0.02, (arm, sc)
+      assert change(arm, 'validation_hard', 'nll') < 0, (arm, sc)
     assert change('rpt', 'validation_hard', 'nll') >= 0.5, sc
-    assert change('ntp', 'validation_hard', 'nll') < 0, sc
-    assert sc['rpt']['validation_random']['accuracy'] < sc['ntp']['validation_random']['accuracy']
-    assert change('rpt_random', 'validation_hard') <= -0.08, sc
+    assert change('rpt', 'train') > 0, sc
+    assert change('rpt_random', 'validation_hard') <= -0.10, sc

@@ -187,10 +187,10 @@ def test_next_token_scores_are_the_greedy_decision_and_the_true_tokens_nll(base)
     rpt.next_token_scores(model, params, tok, records[-1:], width=4)
 
 
-def test_the_rpt_experiment_trains_its_three_arms_from_one_base_and_scores_them(tmp_path):
-  """experiments/rpt.py end to end at toy size: the prompt sets from the base as proxy, each arm
-  started from the base (step 0 of each equals the base), the scores per set, and a second call
-  that trains nothing."""
+def test_the_rpt_experiment_trains_its_four_arms_from_one_base_and_scores_them(tmp_path):
+  """experiments/rpt.py end to end at toy size: the prompt sets from the base as proxy, each RL
+  arm started from the base with its reward, the supervised arm's examples the prompts' true
+  next tokens, the scores per set, and a second call that trains nothing."""
   from pathways_jax import config_files
   from pathways_jax.train import loop
   exp = config_files.load_config_module(os.path.join(_HERE, '..', 'experiments', 'rpt.py'))

@@ -115,6 +115,9 @@ def test_long_documents_are_read_in_windows_each_scored_on_its_own(base):
   first, counts1 = rpt.make_records(model, params, tok, [doc], per_document=2, context=16,
                                     continuation=3, min_context=4, width=width)
   assert counts1['windows'] == 1 and all(r['position'] < width for r in first)
+  for bad in ('--windows=-1', '--select=easiest'):
+    with pytest.raises(SystemExit):  # argparse's one-line error
+      rpt.main([f'--proxy={base / "pre"}', '--out=/nonexistent/x.jsonl', bad])
 
 
 def test_random_positions_are_uniform_over_each_window_and_seeded(base):

@@ -10,7 +10,7 @@ Stages (each skipped once finished, so the same command resumes):
 1. base: experiments/ar_tiny.py (0.9M parameters, the Python standard library, a sentencepiece
    tokenizer), pretrained for `rpt_exp.base_steps`, in WORKDIR/base.
 2. prompts: the base, as RPT's proxy, scores every position of each document, in windows of its
-   128-token context, by the entropy of its next-token prediction (pathways_jax.rl.rpt).
+   model.max_len tokens (512 here; its training rows are data.seq_len = 128), by the entropy of its next-token prediction (pathways_jax.rl.rpt).
    WORKDIR/prompts/ holds `train.jsonl` (the `rpt_exp.per_window` hardest positions of each
    window of the first `rpt_exp.train_windows` windows of every training document),
    `validation_hard.jsonl` (the same of every window of the validation documents: held-out hard
@@ -71,7 +71,7 @@ def get_config():
   e.steps = 300
   e.lr = 2e-4
   e.prompts = 16  # prompts (rpt arms) or pretraining rows (ntp) per step
-  e.per_window = 2  # positions per 128-token window, in every prompt set
+  e.per_window = 2  # positions per window of model.max_len tokens, in every prompt set
   e.train_windows = 8  # windows read per training document (the validation documents: all)
   e.context = 64  # tokens of context before each position
   e.eval_every = 50

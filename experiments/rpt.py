@@ -9,8 +9,9 @@ Stages (each skipped once finished, so the same command resumes):
 
 1. base: experiments/ar_tiny.py (0.9M parameters, the Python standard library, a sentencepiece
    tokenizer), pretrained for `rpt_exp.base_steps`, in WORKDIR/base.
-2. prompts: the base, as RPT's proxy, scores every position of each document, in windows of its
-   model.max_len tokens (512 here; its training rows are data.seq_len = 128), by the entropy of its next-token prediction (pathways_jax.rl.rpt).
+2. prompts: the base, as RPT's proxy, scores every position of each document, in windows of
+   its model.max_len tokens (512 here; its training rows are data.seq_len = 128), by the
+   entropy of its next-token prediction (pathways_jax.rl.rpt).
    WORKDIR/prompts/ holds `train.jsonl` (the `rpt_exp.per_window` hardest positions of each
    window of the first `rpt_exp.train_windows` windows of every training document),
    `validation_hard.jsonl` (the same of every window of the validation documents: held-out hard
